@@ -1,0 +1,34 @@
+"""The exceptions probe raises. Every message says what was expected, what was
+received and how to fix it, so the command line can print it as one line."""
+
+
+class ProbeError(Exception):
+    """Base class of every error probe raises on purpose."""
+
+
+class BackboneError(ProbeError):
+    """An unknown backbone name or settings the backbone can not take."""
+
+
+class WeightsError(ProbeError):
+    """Backbone weights that can not be downloaded or loaded."""
+
+
+class DatasetError(ProbeError):
+    """A dataset directory, CSV or list file that can not be used."""
+
+
+class CacheError(ProbeError):
+    """A feature cache that is missing, corrupt, locked or built with other settings."""
+
+
+class CacheMismatchError(CacheError):
+    """A cache whose settings or source files differ from what was asked for."""
+
+
+class NotFittedError(ProbeError, AttributeError):
+    """A head used before `fit` (or `load`)."""
+
+
+class RunError(ProbeError):
+    """A run directory that is missing or incomplete."""
