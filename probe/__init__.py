@@ -1,0 +1,28 @@
+"""probe: transfer learning on small image datasets with frozen ImageNet backbones,
+an HDF5 feature cache and heads that train in seconds."""
+
+from .backbones import BackboneSpec, get as get_backbone, list_backbones
+from .cache import FeatureCache, Split, list_caches
+from .data import Dataset, Sample, discover, load_image
+from .errors import (
+    BackboneError,
+    CacheError,
+    CacheMismatchError,
+    DatasetError,
+    NotFittedError,
+    ProbeError,
+    RunError,
+    WeightsError,
+)
+from .extract import extract
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackboneSpec", "get_backbone", "list_backbones",
+    "FeatureCache", "Split", "list_caches",
+    "Dataset", "Sample", "discover", "load_image",
+    "ProbeError", "BackboneError", "WeightsError", "DatasetError", "CacheError",
+    "CacheMismatchError", "NotFittedError", "RunError",
+    "extract",
+]

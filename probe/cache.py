@@ -1,0 +1,550 @@
+"""The feature cache: one HDF5 file per (dataset, backbone, extraction settings).
+
+Layout (documented in the README so anyone with h5py can read it):
+
+    /                 attributes: format, format_version, feature_key, source_fingerprint,
+                      backbone, weights, image_size, pooling, preprocessing, feature_shape,
+                      classes (JSON), dataset_root, labels_file, seed, val_fraction,
+                      test_fraction, ignored_files, created, versions (JSON)
+    /<split>/features float32 (N, *feature_shape)     split in train, val, test
+    /<split>/labels   int32 (N,)                      index into classes
+    /<split>/paths    UTF-8 strings (N,)              relative to dataset_root
+    /<split>/sizes    int64 (N,)  /<split>/mtimes int64 (N,) nanoseconds
+    /skipped/{paths, reasons, sizes, mtimes, labels, splits}
+
+Writes are crash safe: the finished file is written under a temporary name and renamed
+over the old one, and work in progress lives in `.parts-<key>/` as one atomically renamed
+file per batch, so a kill at any instant loses at most the batch being computed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .errors import CacheError, CacheMismatchError
+
+FORMAT = "probe-feature-cache"
+FORMAT_VERSION = 1
+SPLIT_NAMES = ("train", "val", "test")
+SETTINGS = ("backbone", "weights", "image_size", "pooling", "preprocessing")
+ASSEMBLE_ROWS = 512  # rows copied at a time when writing a cache: bounds memory
+
+
+def default_cache_dir() -> Path:
+    """`$PROBE_CACHE_DIR`, else `./.probe`."""
+    return Path(os.environ.get("PROBE_CACHE_DIR") or ".probe")
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+
+
+def fingerprint(payload: object) -> str:
+    """A sha256 of a JSON-serialisable value (keys sorted)."""
+    text = json.dumps(payload, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@dataclass
+class Split:
+    """One split read back from a cache; row i of each array is the same image."""
+
+    name: str
+    features: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Row:
+    """Where a computed feature vector lives: a cache file's split and row, or a part."""
+
+    source: str  # path of an .h5 cache or a part .npz
+    group: str  # split name in a cache; "" in a part
+    index: int
+
+
+class FeatureCache:
+    """Read access to a finished cache file. Use `FeatureCache.open(path)`."""
+
+    def __init__(self, path: Path, attrs: dict, counts: dict[str, int]):
+        self.path = Path(path)
+        self.attrs = attrs
+        self.counts = counts
+        self.report: dict = {}  # filled by extraction: what this run did
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "FeatureCache":
+        """Open and validate a cache file; a clear `CacheError` if it is not one."""
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise CacheError(
+                f"expected a feature cache file; it does not exist. Run `probe extract` "
+                f"first or pass an existing file. Received: path='{path}'"
+            )
+        h5py = _h5py()
+        try:
+            with h5py.File(path, "r") as handle:
+                attrs = {key: _plain(value) for key, value in handle.attrs.items()}
+                if attrs.get("format") != FORMAT:
+                    raise CacheError(
+                        f"expected a probe feature cache (HDF5 written by `probe extract`); "
+                        f"this file has no probe header. Received: path='{path}'"
+                    )
+                if int(attrs.get("format_version", 0)) > FORMAT_VERSION:
+                    raise CacheError(
+                        f"this cache was written by a newer probe (format "
+                        f"{attrs['format_version']}); upgrade probe or rebuild it with "
+                        f"`probe extract --rebuild`. Received: path='{path}'"
+                    )
+                counts = {}
+                for split in SPLIT_NAMES:
+                    if split in handle:
+                        group = handle[split]
+                        n = group["labels"].shape[0]
+                        if group["features"].shape[0] != n or group["paths"].shape[0] != n:
+                            raise CacheError(
+                                f"cache '{path}' is inconsistent: split '{split}' has "
+                                f"{group['features'].shape[0]} feature rows but {n} labels. "
+                                "Delete it and run `probe extract` again."
+                            )
+                        counts[split] = n
+        except CacheError:
+            raise
+        except (OSError, KeyError, ValueError) as error:
+            raise CacheError(
+                f"cache file '{path}' is corrupt or truncated ({error}); delete it and run "
+                "`probe extract` again to rebuild it."
+            ) from None
+        return cls(path, attrs, counts)
+
+    # --- what it holds ---------------------------------------------------------------
+    @property
+    def classes(self) -> list[str]:
+        return list(self.attrs["classes"])
+
+    @property
+    def splits(self) -> list[str]:
+        return [split for split in SPLIT_NAMES if self.counts.get(split)]
+
+    @property
+    def backbone(self) -> str:
+        return self.attrs["backbone"]
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(self.attrs["feature_shape"])
+
+    @property
+    def settings(self) -> dict:
+        """The extraction settings that define the features."""
+        return {key: self.attrs[key] for key in SETTINGS}
+
+    def split(self, name: str) -> Split:
+        """Features, labels and relative paths of one split, row-aligned."""
+        if name not in self.counts:
+            raise CacheError(
+                f"expected one of the cache's splits {self.splits}. Received: split='{name}'"
+            )
+        with self._read() as handle:
+            group = handle[name]
+            return Split(
+                name,
+                group["features"][()],
+                group["labels"][()].astype(np.int64),
+                _read_strings(group["paths"]),
+            )
+
+    def features(self, split: str) -> np.ndarray:
+        return self.split(split).features
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.split(split).labels
+
+    def paths(self, split: str) -> list[str]:
+        return self.split(split).paths
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """(relative path, reason) of every file that could not be decoded."""
+        with self._read() as handle:
+            if "skipped" not in handle:
+                return []
+            group = handle["skipped"]
+            return list(zip(_read_strings(group["paths"]), _read_strings(group["reasons"])))
+
+    def source_table(self) -> dict[str, tuple[int, int]]:
+        """{relative path: (size, mtime_ns)} of every source file, skipped ones included."""
+        table = {}
+        with self._read() as handle:
+            for name in [*self.splits, "skipped"]:
+                if name in handle:
+                    group = handle[name]
+                    for path, size, mtime in zip(
+                        _read_strings(group["paths"]), group["sizes"][()], group["mtimes"][()]
+                    ):
+                        table[path] = (int(size), int(mtime))
+        return table
+
+    def info(self) -> dict:
+        """A JSON-serialisable summary: settings, splits, counts, skipped files, size."""
+        return {
+            "path": str(self.path),
+            "backbone": self.backbone,
+            "weights": self.attrs["weights"],
+            "image_size": self.attrs["image_size"],
+            "pooling": self.attrs["pooling"],
+            "preprocessing": self.attrs["preprocessing"],
+            "feature_shape": list(self.feature_shape),
+            "dataset_root": self.attrs["dataset_root"],
+            "classes": self.classes,
+            "splits": {split: self.counts[split] for split in self.splits},
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+            "ignored_files": self.attrs.get("ignored_files", 0),
+            "created": self.attrs.get("created"),
+            "versions": self.attrs.get("versions"),
+            "size_bytes": self.path.stat().st_size,
+        }
+
+    def check_settings(self, **expected) -> None:
+        """Raise `CacheMismatchError` naming every setting that differs."""
+        changed = [
+            f"{key}: cache has {self.attrs.get(key)!r}, asked for {value!r}"
+            for key, value in expected.items()
+            if value is not None and self.attrs.get(key) != value
+        ]
+        if changed:
+            raise CacheMismatchError(
+                f"cache '{self.path}' was built with other settings ({'; '.join(changed)}). "
+                "Run `probe extract` with these settings to build a matching cache."
+            )
+
+    def rows(self) -> Iterator[tuple[str, Row, int, int]]:
+        """(relative path, row, size, mtime) of every stored feature row."""
+        with self._read() as handle:
+            for split in self.splits:
+                group = handle[split]
+                paths = _read_strings(group["paths"])
+                for i, (path, size, mtime) in enumerate(
+                    zip(paths, group["sizes"][()], group["mtimes"][()])
+                ):
+                    yield path, Row(str(self.path), split, i), int(size), int(mtime)
+
+    def skip_records(self) -> Iterator[tuple[str, str, int, int]]:
+        """(relative path, reason, size, mtime) of every skipped file."""
+        with self._read() as handle:
+            if "skipped" in handle:
+                group = handle["skipped"]
+                yield from zip(
+                    _read_strings(group["paths"]),
+                    _read_strings(group["reasons"]),
+                    (int(v) for v in group["sizes"][()]),
+                    (int(v) for v in group["mtimes"][()]),
+                )
+
+    def _read(self):
+        try:
+            return _h5py().File(self.path, "r")
+        except OSError as error:
+            raise CacheError(
+                f"cache file '{self.path}' can not be read ({error}); delete it and run "
+                "`probe extract` again to rebuild it."
+            ) from None
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{k}={v}" for k, v in self.counts.items())
+        return f"FeatureCache('{self.path}', backbone={self.backbone!r}, {counts})"
+
+
+def list_caches(cache_dir: str | os.PathLike | None = None) -> list[FeatureCache]:
+    """Every readable cache in the directory, most recently written first."""
+    directory = resolve_cache_dir(cache_dir)
+    if not directory.is_dir():
+        return []
+    caches = []
+    for path in sorted(directory.glob("*.h5"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            caches.append(FeatureCache.open(path))
+        except CacheError:
+            continue
+    return caches
+
+
+# --- writing ------------------------------------------------------------------------
+
+
+class CacheLock:
+    """An exclusive lock on one cache key, held by one extraction at a time."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._handle = None
+
+    def __enter__(self) -> "CacheLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise CacheError(
+                f"another probe extract (pid {holder}) is writing this cache; wait for it to "
+                f"finish and run again. Received: lock='{self.path}'"
+            ) from None
+        except OSError as error:
+            handle.close()
+            if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise CacheError(
+                    f"file locking is not available on this file system ({error.strerror}); "
+                    "put the cache on a local disk with --cache-dir or PROBE_CACHE_DIR. "
+                    f"Received: lock='{self.path}'"
+                ) from None
+            raise
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+
+class PartStore:
+    """Batches of finished work, one atomically written .npz each, so an interrupted
+    extraction resumes where it stopped. Holds only numbers and byte strings: loaded with
+    allow_pickle=False."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def write(
+        self,
+        features: np.ndarray,
+        paths: list[str],
+        sizes: list[int],
+        mtimes: list[int],
+        skipped: list[tuple[str, str, int, int]],
+    ) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        number = len(list(self.directory.glob("part-*.npz")))
+        while (self.directory / f"part-{number:06d}.npz").exists():
+            number += 1
+        final = self.directory / f"part-{number:06d}.npz"
+        temporary = final.with_suffix(".tmp")
+        with open(temporary, "wb") as handle:
+            np.savez(
+                handle,
+                features=features.astype(np.float32, copy=False),
+                paths=_encode(paths),
+                sizes=np.asarray(sizes, dtype=np.int64),
+                mtimes=np.asarray(mtimes, dtype=np.int64),
+                skipped_paths=_encode([s[0] for s in skipped]),
+                skipped_reasons=_encode([s[1] for s in skipped]),
+                skipped_sizes=np.asarray([s[2] for s in skipped], dtype=np.int64),
+                skipped_mtimes=np.asarray([s[3] for s in skipped], dtype=np.int64),
+            )
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, final)
+        return final
+
+    def parts(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(self.directory.glob("part-*.npz"))
+
+    def rows(self) -> Iterator[tuple[str, Row, int, int]]:
+        for part in self.parts():
+            with np.load(part, allow_pickle=False) as data:
+                for i, (path, size, mtime) in enumerate(
+                    zip(_decode(data["paths"]), data["sizes"], data["mtimes"])
+                ):
+                    yield path, Row(str(part), "", i), int(size), int(mtime)
+
+    def skip_records(self) -> Iterator[tuple[str, str, int, int]]:
+        for part in self.parts():
+            with np.load(part, allow_pickle=False) as data:
+                yield from zip(
+                    _decode(data["skipped_paths"]),
+                    _decode(data["skipped_reasons"]),
+                    (int(v) for v in data["skipped_sizes"]),
+                    (int(v) for v in data["skipped_mtimes"]),
+                )
+
+    def clear(self) -> None:
+        if self.directory.is_dir():
+            for path in self.directory.iterdir():
+                path.unlink()
+            self.directory.rmdir()
+
+
+@dataclass
+class Entry:
+    """One row of the cache to be written: a sample and where its features are."""
+
+    path: str
+    label: int
+    split: str
+    size: int
+    mtime: int
+    row: Row
+
+
+def write_cache(
+    target: Path,
+    attrs: dict,
+    entries: list[Entry],
+    skipped: list[tuple[str, str, int, int, int, str]],
+    feature_shape: tuple[int, ...],
+) -> None:
+    """Write a complete cache file under a temporary name, then rename it into place."""
+    h5py = _h5py()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(temporary, "w") as handle:
+            for key, value in attrs.items():
+                handle.attrs[key] = _attr(value)
+            for split in SPLIT_NAMES:
+                rows = [entry for entry in entries if entry.split == split]
+                if rows:
+                    _write_split(handle, split, rows, feature_shape)
+            group = handle.create_group("skipped")
+            _strings(group, "paths", [s[0] for s in skipped])
+            _strings(group, "reasons", [s[1] for s in skipped])
+            group.create_dataset("sizes", data=np.asarray([s[2] for s in skipped], np.int64))
+            group.create_dataset("mtimes", data=np.asarray([s[3] for s in skipped], np.int64))
+            group.create_dataset("labels", data=np.asarray([s[4] for s in skipped], np.int32))
+            _strings(group, "splits", [s[5] for s in skipped])
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def _write_split(handle, split: str, rows: list[Entry], feature_shape: tuple[int, ...]) -> None:
+    group = handle.create_group(split)
+    n = len(rows)
+    chunk_rows = max(1, min(n, (1 << 20) // max(1, 4 * int(np.prod(feature_shape)))))
+    features = group.create_dataset(
+        "features", shape=(n, *feature_shape), dtype=np.float32,
+        chunks=(chunk_rows, *feature_shape), maxshape=(None, *feature_shape),
+    )
+    group.create_dataset("labels", data=np.asarray([r.label for r in rows], np.int32))
+    _strings(group, "paths", [r.path for r in rows])
+    group.create_dataset("sizes", data=np.asarray([r.size for r in rows], np.int64))
+    group.create_dataset("mtimes", data=np.asarray([r.mtime for r in rows], np.int64))
+    readers = _RowReader()
+    try:
+        for start in range(0, n, ASSEMBLE_ROWS):
+            block = rows[start:start + ASSEMBLE_ROWS]
+            features[start:start + len(block)] = readers.read([r.row for r in block], feature_shape)
+    finally:
+        readers.close()
+
+
+class _RowReader:
+    """Reads feature rows from cache files and parts, keeping files open across blocks."""
+
+    def __init__(self):
+        self._h5: dict[str, object] = {}
+        self._parts: dict[str, np.ndarray] = {}
+
+    def read(self, rows: list[Row], feature_shape: tuple[int, ...]) -> np.ndarray:
+        out = np.empty((len(rows), *feature_shape), dtype=np.float32)
+        by_source: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        for position, row in enumerate(rows):
+            by_source.setdefault((row.source, row.group), []).append((row.index, position))
+        for (source, group), pairs in by_source.items():
+            pairs.sort()
+            indices = [index for index, _ in pairs]
+            positions = [position for _, position in pairs]
+            if group:
+                if source not in self._h5:
+                    self._h5[source] = _h5py().File(source, "r")
+                out[positions] = self._h5[source][group]["features"][indices]
+            else:
+                if source not in self._parts:
+                    if len(self._parts) > 8:
+                        self._parts.clear()
+                    with np.load(source, allow_pickle=False) as data:
+                        self._parts[source] = data["features"]
+                out[positions] = self._parts[source][indices]
+        return out
+
+    def close(self) -> None:
+        for handle in self._h5.values():
+            handle.close()
+        self._h5.clear()
+        self._parts.clear()
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+def _h5py():
+    import h5py
+
+    return h5py
+
+
+def _encode(strings: Iterable[str]) -> np.ndarray:
+    """Paths as bytes: file names that are not valid UTF-8 survive the round trip."""
+    encoded = [os.fsencode(s) for s in strings]
+    return np.array(encoded, dtype=bytes) if encoded else np.zeros(0, dtype="S1")
+
+
+def _decode(array: np.ndarray) -> list[str]:
+    return [os.fsdecode(bytes(value)) for value in array]
+
+
+def _strings(group, name: str, values: list[str]) -> None:
+    dtype = _h5py().string_dtype("utf-8")
+    data = np.array([os.fsencode(v) for v in values], dtype=object)
+    group.create_dataset(name, shape=(len(values),), dtype=dtype, data=data if values else None)
+
+
+def _read_strings(dataset) -> list[str]:
+    return [os.fsdecode(value) for value in dataset[()]] if dataset.shape[0] else []
+
+
+def _attr(value):
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value)
+    if value is None:
+        return ""
+    return value
+
+
+def _plain(value):
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value

@@ -1,0 +1,239 @@
+"""The command line: a thin click layer over the Python API. Library errors become one
+line on stderr and exit code 1."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+
+import click
+
+from . import backbones, cache as cache_mod
+from .errors import ProbeError
+
+
+def _fail_cleanly(command):
+    """Turn a ProbeError into `Error: <message>` and exit code 1, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except ProbeError as error:
+            raise click.ClickException(str(error)) from None
+        except KeyboardInterrupt:
+            click.echo("Interrupted; finished batches are kept and the next run resumes.", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="probe")
+def main() -> None:
+    """probe: transfer learning on small image datasets.
+
+    Frozen ImageNet backbones read the images once into an HDF5 feature cache; heads
+    then train on the cached features in seconds.
+
+    Example: probe extract --backbone vgg16 cats_vs_dogs/
+    """
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip()
+             for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+@main.command("backbones")
+def backbones_command() -> None:
+    """List the registered backbones.
+
+    Example: probe backbones
+    """
+    rows = []
+    for name in backbones.list_backbones():
+        spec = backbones.get(name)
+        rows.append([name, str(spec.native_size), str(spec.min_size), str(spec.feature_size),
+                     spec.preprocessing])
+    click.echo(_table(rows, ["backbone", "native size", "min size", "features", "preprocessing"]))
+
+
+def dataset_options(command):
+    """Options shared by every command that reads a dataset."""
+    options = [
+        click.option("--labels", "labels", type=click.Path(dir_okay=False),
+                     help="CSV path,label[,split] or a 'name label' list with 1/-1 labels."),
+        click.option("--val-fraction", type=float, default=0.15, show_default=True,
+                     help="Validation share when the dataset has no split folders."),
+        click.option("--test-fraction", type=float, default=0.15, show_default=True,
+                     help="Test share when the dataset has no split folders."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the split and of random weights."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def extraction_options(command):
+    """Options that define the features."""
+    options = [
+        click.option("--backbone", "-b", default="vgg16", show_default=True,
+                     help="Backbone name (see `probe backbones`)."),
+        click.option("--weights", default="imagenet", show_default=True,
+                     help="'imagenet' (downloaded once), 'none' (random) or a weights file."),
+        click.option("--image-size", type=int, default=None,
+                     help="Input size in pixels [default: the backbone's native size]."),
+        click.option("--pooling", type=click.Choice(backbones.POOLINGS), default="avg",
+                     show_default=True, help="'none' keeps the spatial feature map."),
+        click.option("--batch-size", type=int, default=32, show_default=True),
+        click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                     envvar="PROBE_CACHE_DIR", help="Cache directory [default: ./.probe]."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+class _Progress:
+    """A progress bar on stderr with images/s and ETA."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+        self.started = 0.0
+        self.last = 0
+
+    def start(self, info: dict) -> None:
+        if self.quiet:
+            return
+        changes = info["changes"]
+        if changes and any(changes.values()):
+            click.echo("Source changed since the cache was written: "
+                       + ", ".join(f"{v} {k}" for k, v in changes.items()), err=True)
+        if info["resumed_parts"]:
+            click.echo(f"Resuming an interrupted extraction ({info['resumed_parts']} batches done).",
+                       err=True)
+        if info["todo"]:
+            click.echo(f"Extracting {info['todo']} of {info['total']} images", err=True)
+            self.bar = click.progressbar(length=info["todo"], file=sys.stderr,
+                                         label="extract", show_eta=True,
+                                         item_show_func=lambda _: self._rate())
+            self.bar.__enter__()
+            self.started = time.monotonic()
+
+    def _rate(self) -> str:
+        elapsed = time.monotonic() - self.started
+        return f"{self.last / elapsed:.1f} img/s" if elapsed > 0 and self.last else ""
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.last, current_item=done)
+            self.last = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+@main.command("extract")
+@click.argument("dataset", type=click.Path())
+@extraction_options
+@dataset_options
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--strict", is_flag=True, help="Exit non-zero if any file was skipped.")
+@_fail_cleanly
+def extract_command(dataset, backbone, weights, image_size, pooling, batch_size, cache_dir,
+                    labels, val_fraction, test_fraction, seed, quiet, strict) -> None:
+    """Extract the features of every image of DATASET into an HDF5 cache.
+
+    DATASET holds class folders (DIR/CLASS/*.jpg), optionally under train/, val/
+    (or validation/) and test/. A second identical run does no backbone work.
+
+    Example: probe extract --backbone vgg16 cats_vs_dogs/
+    """
+    from .extract import extract
+
+    progress = _Progress(quiet)
+    try:
+        result = extract(dataset, backbone, weights=weights, image_size=image_size,
+                         pooling=pooling, labels=labels, val_fraction=val_fraction,
+                         test_fraction=test_fraction, seed=seed, batch_size=batch_size,
+                         cache_dir=cache_dir, progress=progress.update, on_start=progress.start)
+    finally:
+        progress.close()
+    report = result.report
+    counts = ", ".join(f"{split} {n}" for split, n in result.counts.items())
+    if report["status"] == "up to date":
+        click.echo(f"Cache up to date: {result.path} ({counts})")
+    else:
+        click.echo(f"Wrote {result.path} ({counts}): {report['extracted']} extracted, "
+                   f"{report['reused']} reused")
+    if report["skipped"]:
+        click.echo(f"Skipped {report['skipped']} files that could not be decoded "
+                   f"(see `probe cache info {result.path}`)", err=True)
+    if report["ignored"]:
+        click.echo(f"Ignored {report['ignored']} non-image files", err=True)
+    if strict and report["skipped"]:
+        raise click.ClickException(f"--strict: {report['skipped']} files were skipped")
+
+
+@main.group("cache")
+def cache_group() -> None:
+    """Inspect feature caches."""
+
+
+@cache_group.command("ls")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              envvar="PROBE_CACHE_DIR", help="Cache directory [default: ./.probe].")
+@_fail_cleanly
+def cache_ls(cache_dir) -> None:
+    """List the caches in the cache directory, newest first.
+
+    Example: probe cache ls
+    """
+    caches = cache_mod.list_caches(cache_dir)
+    if not caches:
+        click.echo(f"No caches in {cache_mod.resolve_cache_dir(cache_dir)}")
+        return
+    rows = []
+    for cache in caches:
+        rows.append([str(cache.path), cache.backbone, str(cache.attrs["image_size"]),
+                     cache.attrs["pooling"], cache.attrs["weights"],
+                     " ".join(f"{s}={n}" for s, n in cache.counts.items()),
+                     f"{cache.path.stat().st_size / 1e6:.1f} MB"])
+    click.echo(_table(rows, ["cache", "backbone", "size", "pooling", "weights", "rows", "file"]))
+
+
+@cache_group.command("info")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_fail_cleanly
+def cache_info(path, as_json) -> None:
+    """Show what a cache holds: settings, splits, counts, skipped files.
+
+    Example: probe cache info .probe/cats_vs_dogs-vgg16-224-avg-1a2b3c4d5e.h5
+    """
+    info = cache_mod.FeatureCache.open(path).info()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for key in ("path", "dataset_root", "backbone", "weights", "image_size", "pooling",
+                "preprocessing", "feature_shape", "classes", "created"):
+        click.echo(f"{key + ':':15} {info[key]}")
+    click.echo(f"{'splits:':15} " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
+    click.echo(f"{'size:':15} {info['size_bytes'] / 1e6:.2f} MB")
+    click.echo(f"{'ignored files:':15} {info['ignored_files']}")
+    click.echo(f"{'skipped:':15} {len(info['skipped'])}")
+    for item in info["skipped"]:
+        click.echo(f"  {item['path']}: {item['reason']}")
+
+
+if __name__ == "__main__":
+    main()

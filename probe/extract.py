@@ -1,0 +1,315 @@
+"""Backbone + samples -> feature cache, streaming in batches.
+
+Decoding runs in a thread pool one batch ahead of the model, so the backbone's forward pass
+is the only thing the user waits for. Each batch carries its own samples from decoding to
+the written part, so features and labels can not get out of order.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from . import backbones, cache as cache_mod, data
+from .cache import Entry, FeatureCache, PartStore, Row
+from .errors import CacheError, ProbeError
+
+ProgressCallback = Callable[[int, int], None]  # (images done, images to do)
+PREFETCH_BATCHES = 2
+
+
+@dataclass
+class _Source:
+    """A sample with its file's size and modification time."""
+
+    sample: data.Sample
+    size: int
+    mtime: int
+
+
+def extract(
+    dataset: str | os.PathLike,
+    backbone: str = "vgg16",
+    *,
+    weights: str | os.PathLike | None = "imagenet",
+    image_size: int | None = None,
+    pooling: str = "avg",
+    labels: str | os.PathLike | None = None,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+    batch_size: int = 32,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int | None = None,
+    progress: ProgressCallback | None = None,
+    on_start: Callable[[dict], None] | None = None,
+) -> FeatureCache:
+    """Extract the features of every image of `dataset` into an HDF5 cache and return it.
+
+    Features already computed with the same settings (in this cache, in a cache of the same
+    dataset with other splits, or by an interrupted run) are reused, so an identical second
+    run does no backbone work. `FeatureCache.report` says what this run did.
+
+    >>> cache = probe.extract("cats_vs_dogs/", "vgg16", weights="none", image_size=64)
+    """
+    spec = backbones.get(backbone)
+    size = spec.check_image_size(image_size)
+    backbones.check_pooling(pooling)
+    if batch_size < 1:
+        raise ProbeError(f"expected a batch size of at least 1. Received: batch_size={batch_size}")
+    found = data.discover(dataset, labels, val_fraction, test_fraction, seed)
+    weights_id = backbones.weights_identity(weights, seed)
+    settings = {
+        "backbone": spec.name,
+        "weights": weights_id,
+        "image_size": size,
+        "pooling": pooling,
+        "preprocessing": spec.preprocessing,
+    }
+    feature_key = cache_mod.fingerprint({"dataset_root": str(found.root), **settings})
+    split_settings = {
+        "labels_file": str(Path(labels).expanduser().resolve()) if labels else "",
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+    }
+    directory = cache_mod.resolve_cache_dir(cache_dir)
+    name = f"{_safe(found.root.name)}-{spec.name}-{size}-{pooling}"
+    target = directory / f"{name}-{cache_mod.fingerprint([feature_key, split_settings])[:10]}.h5"
+
+    sources, unreadable = _stat_sources(found)
+    source_fingerprint = cache_mod.fingerprint(
+        [found.classes, [(s.sample.path, s.sample.label, s.sample.split, s.size, s.mtime)
+                         for s in sources], unreadable]
+    )
+    previous = _open_if_valid(target)
+    if previous is not None and previous.attrs.get("source_fingerprint") == source_fingerprint:
+        previous.report = {"status": "up to date", "extracted": 0, "reused": sum(previous.counts.values()),
+                           "skipped": len(previous.skipped), "ignored": found.ignored, "changes": {}}
+        return previous
+
+    with cache_mod.CacheLock(directory / f".lock-{feature_key[:16]}"):
+        parts = PartStore(directory / f".parts-{feature_key[:16]}")
+        known_rows, known_skips = _reusable(directory, feature_key, parts)
+        todo = [s for s in sources if (s.sample.path, s.size, s.mtime) not in known_rows
+                and (s.sample.path, s.size, s.mtime) not in known_skips]
+        changes = _changes(previous, sources, unreadable)
+        info = {"target": target, "total": len(sources), "todo": len(todo),
+                "changes": changes, "resumed_parts": len(parts.parts())}
+        if on_start:
+            on_start(info)
+        feature_shape = _feature_shape(spec, size, pooling, known_rows)
+        if todo:
+            model = spec.build(weights=weights, image_size=size, pooling=pooling, seed=seed)
+            feature_shape = tuple(int(d) for d in model.output_shape[1:])
+            for features, done, skipped in _run_batches(
+                model, spec, found.root, todo, size, batch_size, workers, progress
+            ):
+                part = parts.write(features, [s.sample.path for s in done],
+                                   [s.size for s in done], [s.mtime for s in done], skipped)
+                for i, s in enumerate(done):
+                    known_rows[(s.sample.path, s.size, s.mtime)] = Row(str(part), "", i)
+                for path, reason, fsize, mtime in skipped:
+                    known_skips[(path, fsize, mtime)] = reason
+        entries, skipped = [], []
+        for s in sources:
+            key = (s.sample.path, s.size, s.mtime)
+            if key in known_rows:
+                entries.append(Entry(s.sample.path, s.sample.label, s.sample.split,
+                                     s.size, s.mtime, known_rows[key]))
+            else:
+                skipped.append((s.sample.path, known_skips[key], s.size, s.mtime,
+                                s.sample.label, s.sample.split))
+        skipped += [(s.path, reason, -1, -1, s.label, s.split) for s, reason in unreadable]
+        attrs = {
+            "format": cache_mod.FORMAT,
+            "format_version": cache_mod.FORMAT_VERSION,
+            "feature_key": feature_key,
+            "source_fingerprint": source_fingerprint,
+            **settings,
+            "feature_shape": list(feature_shape),
+            "classes": found.classes,
+            "dataset_root": str(found.root),
+            **split_settings,
+            "ignored_files": found.ignored,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": _versions(),
+        }
+        if not entries:
+            raise ProbeError(
+                f"no image of '{found.root}' could be decoded ({len(skipped)} skipped, e.g. "
+                f"'{skipped[0][0]}': {skipped[0][1]}); check the files."
+            )
+        cache_mod.write_cache(target, attrs, entries, skipped, feature_shape)
+        parts.clear()
+    extracted = sum(1 for s in todo if (s.sample.path, s.size, s.mtime) in known_rows)
+    result = FeatureCache.open(target)
+    result.report = {"status": "extracted", "extracted": extracted,
+                     "reused": len(entries) - extracted, "skipped": len(skipped),
+                     "ignored": found.ignored, "changes": changes}
+    return result
+
+
+def _run_batches(
+    model, spec: backbones.BackboneSpec, root: Path, todo: list[_Source], size: int,
+    batch_size: int, workers: int | None, progress: ProgressCallback | None,
+) -> Iterator[tuple[np.ndarray, list[_Source], list[tuple[str, str, int, int]]]]:
+    """Yield (features, decoded sources, skipped) per batch, in order. Decoding of the next
+    batches runs in threads while the model works on the current one."""
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    results: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2)))
+
+    def decode(source: _Source):
+        try:
+            return data.load_image(root / source.sample.path, size), None
+        except data.BadImage as error:
+            return None, str(error)
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if stop.is_set():
+                    return
+                decoded = list(pool.map(decode, batch))
+                results.put((batch, decoded))
+            results.put(None)
+        except BaseException as error:  # hand any failure to the consuming thread
+            results.put(error)
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    done_count = 0
+    try:
+        while True:
+            item = results.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            batch, decoded = item
+            good = [s for s, (pixels, _) in zip(batch, decoded) if pixels is not None]
+            skipped = [(s.sample.path, reason, s.size, s.mtime)
+                       for s, (pixels, reason) in zip(batch, decoded) if pixels is None]
+            if good:
+                pixels = np.stack([p for p, _ in decoded if p is not None])
+                features = _forward(model, spec, pixels, batch_size)
+            else:
+                features = np.zeros((0, *model.output_shape[1:]), dtype=np.float32)
+            yield features, good, skipped
+            done_count += len(batch)
+            if progress:
+                progress(done_count, len(todo))
+    finally:
+        stop.set()
+        while producer.is_alive():
+            try:
+                results.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _forward(model, spec: backbones.BackboneSpec, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+    """Features of one batch of RGB pixels. A short last batch is padded to the batch size
+    so the compiled model is not traced again."""
+    count = len(pixels)
+    inputs = spec.preprocess_input(pixels)
+    if count < batch_size:
+        padding = np.zeros((batch_size - count, *inputs.shape[1:]), dtype=inputs.dtype)
+        inputs = np.concatenate([inputs, padding])
+    return np.asarray(model.predict_on_batch(inputs), dtype=np.float32)[:count]
+
+
+def _stat_sources(found: data.Dataset) -> tuple[list[_Source], list[tuple[data.Sample, str]]]:
+    sources, unreadable = [], []
+    for sample in found.samples:
+        try:
+            stat = os.stat(found.root / sample.path)
+        except OSError as error:
+            unreadable.append((sample, f"can not be read: {error.strerror}"))
+            continue
+        sources.append(_Source(sample, int(stat.st_size), int(stat.st_mtime_ns)))
+    return sources, unreadable
+
+
+def _open_if_valid(path: Path) -> FeatureCache | None:
+    if not path.exists():
+        return None
+    try:
+        return FeatureCache.open(path)
+    except CacheError:
+        return None  # corrupt: rebuilt from scratch, it is replaced atomically
+
+
+def _reusable(directory: Path, feature_key: str, parts: PartStore):
+    """Feature rows and skip records already computed with the same settings: in any
+    cache of this dataset and backbone settings, and in parts of an interrupted run."""
+    rows: dict[tuple[str, int, int], Row] = {}
+    skips: dict[tuple[str, int, int], str] = {}
+    for existing in cache_mod.list_caches(directory):
+        if existing.attrs.get("feature_key") != feature_key:
+            continue
+        for path, row, size, mtime in existing.rows():
+            rows.setdefault((path, size, mtime), row)
+        for path, reason, size, mtime in existing.skip_records():
+            skips.setdefault((path, size, mtime), reason)
+    for path, row, size, mtime in parts.rows():
+        rows[(path, size, mtime)] = row
+    for path, reason, size, mtime in parts.skip_records():
+        skips[(path, size, mtime)] = reason
+    return rows, skips
+
+
+def _feature_shape(spec, size: int, pooling: str, known_rows) -> tuple[int, ...]:
+    if pooling != "none":
+        return (spec.feature_size,)
+    for row in known_rows.values():
+        if row.group:
+            import h5py
+
+            with h5py.File(row.source, "r") as handle:
+                return tuple(handle[row.group]["features"].shape[1:])
+        with np.load(row.source, allow_pickle=False) as part:
+            return tuple(part["features"].shape[1:])
+    return spec.feature_shape(size, pooling)
+
+
+def _changes(previous: FeatureCache | None, sources: list[_Source], unreadable) -> dict[str, int]:
+    """Counts of added, removed and modified source files against the previous cache."""
+    if previous is None:
+        return {}
+    old = previous.source_table()
+    new = {s.sample.path: (s.size, s.mtime) for s in sources}
+    new.update({sample.path: (-1, -1) for sample, _ in unreadable})
+    return {
+        "added": sum(1 for p in new if p not in old),
+        "removed": sum(1 for p in old if p not in new),
+        "modified": sum(1 for p in new if p in old and old[p] != new[p]),
+    }
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
+    versions = {}
+    for package in ("probe", "keras", "tensorflow", "tensorflow-cpu", "h5py", "numpy", "pillow"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _safe(name: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+    return cleaned.strip("_") or "dataset"
