@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny image trees in tmp_path and a cache directory there."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = ("cat", "dog", "fox")
+
+
+def make_image(path: Path, seed: int, size=(40, 30), mode="RGB", fmt=None) -> Path:
+    """A small random image; the class-dependent tint makes classes separable."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=fmt)
+    return path
+
+
+def make_tree(root: Path, classes=CLASSES, per_class: int = 6, splits: bool = False) -> Path:
+    """Class folders of small images in varied sizes and modes."""
+    formats = [("jpg", "RGB"), ("png", "L"), ("png", "RGBA"), ("gif", "P"), ("bmp", "RGB"),
+               ("JPEG", "RGB")]
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            ext, mode = formats[i % len(formats)]
+            split = ("train", "train", "train", "train", "val", "test")[i % 6] if splits else ""
+            folder = root / split / name if split else root / name
+            make_image(folder / f"{name}_{i}.{ext}", seed=100 * c + i,
+                       size=(24 + 3 * i, 20 + 2 * c), mode=mode)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    directory = tmp_path / "cache"
+    monkeypatch.setenv("PROBE_CACHE_DIR", str(directory))
+    return directory
+
+
+@pytest.fixture
+def image_tree(tmp_path) -> Path:
+    """Three classes of six images each, plus broken and non-image files."""
+    root = make_tree(tmp_path / "images")
+    (root / "cat" / "empty.jpg").write_bytes(b"")
+    (root / "dog" / "text.jpg").write_text("this is not a picture")
+    (root / "dog" / "notes.txt").write_text("ignored")
+    (root / "fox" / ".hidden.jpg").write_bytes(b"hidden")
+    return root

@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+
+import probe
+from probe import backbones
+from probe.errors import BackboneError, WeightsError
+
+EXPECTED = {
+    "vgg16": ("caffe", 224, 32, 512),
+    "resnet50": ("caffe", 224, 32, 2048),
+    "densenet121": ("torch", 224, 32, 1024),
+    "xception": ("tf", 299, 71, 2048),
+    "inceptionv3": ("tf", 299, 75, 2048),
+}
+
+
+def test_registry_lists_every_backbone():
+    assert probe.list_backbones() == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_spec_values(name):
+    spec = backbones.get(name)
+    assert (spec.preprocessing, spec.native_size, spec.min_size, spec.feature_size) == EXPECTED[name]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_preprocess_input_is_the_backbones_own(name):
+    import keras
+
+    spec = backbones.get(name)
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3)).astype(np.float32)
+    module = getattr(keras.applications, spec.module)
+    expected = module.preprocess_input(pixels.copy())
+    np.testing.assert_allclose(spec.preprocess_input(pixels), expected, rtol=1e-6)
+    # and it is not the naive /255 scaling
+    assert not np.allclose(spec.preprocess_input(pixels), pixels / 255.0)
+
+
+def test_unknown_backbone_names_the_choices():
+    with pytest.raises(BackboneError, match="expected one of: densenet121.*Received: backbone='alexnet'"):
+        backbones.get("alexnet")
+
+
+def test_image_size_below_minimum_is_refused():
+    with pytest.raises(BackboneError, match="at least 71.*Received: image_size=64"):
+        backbones.get("xception").check_image_size(64)
+
+
+def test_pooling_none_keeps_the_spatial_map():
+    assert backbones.get("vgg16").feature_shape(64, "none") == (2, 2, 512)
+    assert backbones.get("vgg16").feature_shape(64, "avg") == (512,)
+
+
+def test_random_weights_are_seeded():
+    spec = backbones.get("vgg16")
+    first = spec.build("none", 32, seed=3).get_weights()[0]
+    again = spec.build("none", 32, seed=3).get_weights()[0]
+    other = spec.build("none", 32, seed=4).get_weights()[0]
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_failed_imagenet_download_names_all_three_options(monkeypatch):
+    from keras.src.utils import file_utils
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://example.invalid: no network")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    with pytest.raises(WeightsError) as info:
+        backbones.get("vgg16").build("imagenet", 32)
+    message = str(info.value)
+    assert "--weights imagenet" in message and "--weights PATH" in message
+    assert "--weights none" in message and "~/.keras/models" in message
+
+
+def test_weights_file_is_loaded(tmp_path):
+    spec = backbones.get("vgg16")
+    source = spec.build("none", 32, seed=7)
+    path = tmp_path / "vgg16_notop.weights.h5"
+    source.save_weights(path)
+    loaded = spec.build(str(path), 32, seed=0)
+    for a, b in zip(source.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert backbones.weights_identity(str(path)).startswith("file:vgg16_notop.weights.h5:sha256=")
+
+
+def test_missing_or_wrong_weights_file(tmp_path):
+    with pytest.raises(WeightsError, match="no such file"):
+        backbones.parse_weights(tmp_path / "missing.h5")
+    wrong = tmp_path / "resnet.weights.h5"
+    backbones.get("resnet50").build("none", 32).save_weights(wrong)
+    with pytest.raises(WeightsError, match="could not load the weights file"):
+        backbones.get("vgg16").build(str(wrong), 32)

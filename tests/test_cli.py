@@ -1,0 +1,79 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import make_tree
+from probe.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_help_has_examples():
+    for command in (["extract"], ["backbones"], ["cache", "ls"], ["cache", "info"]):
+        result = run(*command, "--help")
+        assert result.exit_code == 0
+        assert "Example: probe" in result.output
+
+
+def test_backbones_table():
+    result = run("backbones")
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert lines[0].split()[0] == "backbone"
+    assert any(line.split()[:5] == ["xception", "299", "71", "2048", "tf"] for line in lines)
+
+
+def test_extract_then_up_to_date_then_info(image_tree, cache_dir):
+    args = ("extract", image_tree, "--weights", "none", "--image-size", 32, "--quiet")
+    first = run(*args)
+    assert first.exit_code == 0, first.output
+    assert "18 extracted" in first.output
+    second = run(*args)
+    assert second.exit_code == 0
+    assert "Cache up to date" in second.output
+    listing = run("cache", "ls")
+    assert "vgg16" in listing.output and "train=" in listing.output
+    path = next(cache_dir.glob("*.h5"))
+    info = run("cache", "info", path, "--json")
+    data = json.loads(info.output)
+    assert data["backbone"] == "vgg16" and data["feature_shape"] == [512]
+    assert {item["path"] for item in data["skipped"]} == {"cat/empty.jpg", "dog/text.jpg"}
+
+
+def test_strict_fails_after_skips(image_tree):
+    result = run("extract", image_tree, "--weights", "none", "--image-size", 32, "-q", "--strict")
+    assert result.exit_code == 1
+    assert "2 files were skipped" in result.output
+
+
+@pytest.mark.parametrize("setup,args,message", [
+    (None, ["--backbone", "alexnet"], "unknown backbone; expected one of"),
+    (None, ["--image-size", "16"], "at least 32 pixels"),
+    ("missing", [], "does not exist"),
+    ("empty", [], "found no images"),
+    ("single", [], "only one class: 'cat'"),
+])
+def test_bad_command_lines_give_one_line(tmp_path, setup, args, message):
+    root = tmp_path / "ds"
+    if setup is None:
+        make_tree(root)
+    elif setup == "empty":
+        root.mkdir()
+    elif setup == "single":
+        make_tree(root, classes=("cat",))
+    result = run("extract", root, "--weights", "none", *args)
+    assert result.exit_code == 1
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_cache_info_on_a_file_that_is_not_a_cache(tmp_path):
+    bogus = tmp_path / "bogus.h5"
+    bogus.write_bytes(b"not hdf5 at all")
+    result = run("cache", "info", bogus)
+    assert result.exit_code == 1
+    assert "corrupt or truncated" in result.output and "probe extract" in result.output

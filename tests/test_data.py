@@ -1,0 +1,153 @@
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_image, make_tree
+from probe import data
+from probe.errors import DatasetError
+
+
+def test_discover_class_folders(image_tree):
+    found = data.discover(image_tree)
+    assert found.classes == ["cat", "dog", "fox"]
+    # 18 images + 2 broken files with image names; notes.txt ignored, hidden file skipped
+    assert len(found.samples) == 20
+    assert found.ignored == 1
+    for sample in found.samples:
+        assert sample.path.split("/")[0] == found.classes[sample.label]
+
+
+def test_split_folders_are_used_as_given(tmp_path):
+    root = make_tree(tmp_path / "ds", splits=True)
+    (root / "val").rename(root / "validation")
+    found = data.discover(root)
+    assert found.counts() == {"train": 12, "val": 3, "test": 3}
+    assert all(s.path.startswith("validation/") for s in found.split("val"))
+
+
+def test_seeded_split_is_deterministic_and_stratified(tmp_path):
+    root = make_tree(tmp_path / "ds", per_class=20)
+    first = data.discover(root, seed=1)
+    again = data.discover(root, seed=1)
+    other = data.discover(root, seed=2)
+    assert first.samples == again.samples
+    assert first.samples != other.samples
+    for label in range(3):
+        per_split = {s: sum(1 for x in first.split(s) if x.label == label) for s in data.SPLITS}
+        assert per_split == {"train": 14, "val": 3, "test": 3}
+
+
+def test_adding_images_keeps_existing_splits(tmp_path):
+    root = make_tree(tmp_path / "ds", per_class=20)
+    before = {s.path: s.split for s in data.discover(root).samples}
+    make_image(root / "cat" / "new.jpg", seed=999)
+    after = {s.path: s.split for s in data.discover(root).samples}
+    moved = [p for p in before if before[p] != after[p]]
+    assert len(moved) <= 2
+
+
+def test_fractions_are_checked(tmp_path):
+    root = make_tree(tmp_path / "ds")
+    with pytest.raises(DatasetError, match="Received: val_fraction=0.6, test_fraction=0.5"):
+        data.discover(root, val_fraction=0.6, test_fraction=0.5)
+
+
+def test_missing_empty_and_single_class(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        data.discover(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="found no images"):
+        data.discover(tmp_path / "empty")
+    make_tree(tmp_path / "one", classes=("cat",))
+    with pytest.raises(DatasetError, match="only one class: 'cat'"):
+        data.discover(tmp_path / "one")
+
+
+def test_csv_labels(tmp_path):
+    root = make_tree(tmp_path / "ds")
+    rows = ["path,label,split"]
+    for i, name in enumerate(sorted(p.relative_to(root).as_posix() for p in root.rglob("*.*"))):
+        rows.append(f"{name},{'even' if i % 2 == 0 else 'odd'},{'train' if i % 3 else 'test'}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows))
+    found = data.discover(root, labels_file=tmp_path / "labels.csv")
+    assert found.classes == ["even", "odd"]
+    assert found.counts() == {"train": 12, "test": 6}
+
+
+def test_csv_errors(tmp_path):
+    root = make_tree(tmp_path / "ds")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,class\ncat/cat_0.jpg,cat\n")
+    with pytest.raises(DatasetError, match="columns path,label"):
+        data.discover(root, labels_file=bad)
+    bad.write_text("path,label\ncat/cat_0.jpg,cat\ncat/missing.jpg,cat\n")
+    with pytest.raises(DatasetError, match="1 do not, e.g. 'cat/missing.jpg'"):
+        data.discover(root, labels_file=bad)
+    bad.write_text("path,label,split\ncat/cat_0.jpg,cat,holdout\n")
+    with pytest.raises(DatasetError, match="Received: split='holdout'"):
+        data.discover(root, labels_file=bad)
+
+
+def test_voc_style_list(tmp_path):
+    root = tmp_path / "voc"
+    for i in range(12):
+        make_image(root / "JPEGImages" / f"2008_{i:06d}.jpg", seed=i)
+    lines = [f"2008_{i:06d} {'1' if i % 3 == 0 else '-1'}" for i in range(11)] + ["2008_000011  0"]
+    (tmp_path / "aeroplane_trainval.txt").write_text("\n".join(lines) + "\n")
+    found = data.discover(root, labels_file=tmp_path / "aeroplane_trainval.txt")
+    assert found.classes == ["aeroplane", "not_aeroplane"]
+    assert len(found.samples) == 11 and found.ignored == 1
+    positives = {s.path for s in found.samples if s.label == 0}
+    assert positives == {f"JPEGImages/2008_{i:06d}.jpg" for i in (0, 3, 6, 9)}
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "LA", "1", "I;16", "RGB"])
+def test_every_mode_decodes_to_rgb(tmp_path, mode):
+    path = tmp_path / f"image.{'tif' if mode in ('CMYK', 'I;16') else 'png'}"
+    if mode == "I;16":
+        Image.fromarray(np.full((10, 12), 65535, dtype=np.uint16)).save(path)
+    else:
+        make_image(path, seed=1, size=(12, 10), mode=mode)
+    pixels = data.load_image(path, 16)
+    assert pixels.shape == (16, 16, 3) and pixels.dtype == np.uint8
+    if mode == "I;16":
+        assert pixels.min() == 255  # scaled from 16 bits, not clipped garbage
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    path = tmp_path / "clear.png"
+    Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(path)
+    assert (data.load_image(path, 4) == 255).all()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :20] = 255  # left half white
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif, quality=95)
+    decoded = data.load_image(path, 40).astype(int)
+    # after a clockwise turn the white half is on top
+    assert decoded[:20].mean() > 200 and decoded[20:].mean() < 50
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"", "empty file"),
+    (b"plain text, not an image", "not an image"),
+])
+def test_broken_files_raise_bad_image(tmp_path, content, reason):
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(content)
+    with pytest.raises(data.BadImage, match=reason):
+        data.load_image(path, 8)
+
+
+def test_truncated_jpeg_is_a_bad_image(tmp_path):
+    path = make_image(tmp_path / "full.jpg", seed=3, size=(64, 64))
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(data.BadImage):
+        data.load_image(path, 8)

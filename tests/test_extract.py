@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+
+import probe
+from conftest import make_image
+from probe import backbones, data
+from probe.cache import FeatureCache
+
+SMALL = {"vgg16": 32, "resnet50": 32, "densenet121": 32, "xception": 71, "inceptionv3": 75}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_features_equal_plain_keras(name, tmp_path):
+    """Cache rows equal the plain Keras model with the backbone's own preprocess_input on
+    the same decoded pixels, row by row, with labels and paths aligned."""
+    import keras
+
+    root = tmp_path / "ds"
+    for c, cls in enumerate(["a", "b"]):
+        for i in range(3):
+            make_image(root / "train" / cls / f"{i}.png", seed=10 * c + i, size=(30 + i, 20))
+    size = SMALL[name]
+    cache = probe.extract(root, name, weights="none", image_size=size, batch_size=4)
+    train = cache.split("train")
+    spec = backbones.get(name)
+    keras.utils.set_random_seed(0)  # what --weights none --seed 0 means
+    model = getattr(keras.applications, spec.constructor)(
+        weights=None, include_top=False, input_shape=(size, size, 3), pooling="avg")
+    pixels = np.stack([data.load_image(root / p, size) for p in train.paths]).astype("float32")
+    module = getattr(keras.applications, spec.module)
+    expected = model.predict(module.preprocess_input(pixels), verbose=0)
+    assert train.features.shape == (6, spec.feature_size)
+    np.testing.assert_allclose(train.features, expected, rtol=1e-4, atol=1e-4)
+    assert [cache.classes[label] for label in train.labels] == [p.split("/")[1] for p in train.paths]
+
+
+def test_extract_writes_every_split_and_records_skips(image_tree, cache_dir):
+    cache = probe.extract(image_tree, "vgg16", weights="none", image_size=32)
+    assert cache.path.parent == cache_dir
+    assert sum(cache.counts.values()) == 18
+    assert set(cache.splits) == {"train", "val", "test"}
+    assert sorted(p for p, _ in cache.skipped) == ["cat/empty.jpg", "dog/text.jpg"]
+    assert dict(cache.skipped)["cat/empty.jpg"].startswith("empty file")
+    assert cache.report["extracted"] == 18 and cache.report["skipped"] == 2
+    assert cache.attrs["weights"] == "random(seed=0)"
+    assert cache.attrs["preprocessing"] == "caffe"
+    reopened = FeatureCache.open(cache.path)
+    assert reopened.classes == ["cat", "dog", "fox"]
+    for split in reopened.splits:
+        part = reopened.split(split)
+        assert part.features.shape == (len(part.paths), 512)
+        assert np.isfinite(part.features).all()
+        assert [reopened.classes[label] for label in part.labels] == [p.split("/")[0] for p in part.paths]
+
+
+def test_second_identical_run_does_no_backbone_work(image_tree, monkeypatch):
+    first = probe.extract(image_tree, "vgg16", weights="none", image_size=32)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the backbone was built again")
+
+    monkeypatch.setattr(backbones.BackboneSpec, "build", no_model)
+    second = probe.extract(image_tree, "vgg16", weights="none", image_size=32)
+    assert second.report["status"] == "up to date"
+    assert second.path == first.path
+    np.testing.assert_array_equal(second.features("train"), first.features("train"))
+
+
+def test_other_split_seed_reuses_features(image_tree, monkeypatch):
+    first = probe.extract(image_tree, "vgg16", weights="none", image_size=32, seed=0)
+    monkeypatch.setattr(backbones.BackboneSpec, "build",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("rebuilt")))
+    other = probe.extract(image_tree, "vgg16", weights="none", image_size=32, seed=0,
+                          val_fraction=0.3)
+    assert other.path != first.path
+    assert other.report["extracted"] == 0 and other.report["reused"] == 18
+
+
+def test_pooling_none_and_other_settings_get_their_own_cache(image_tree):
+    pooled = probe.extract(image_tree, "vgg16", weights="none", image_size=64)
+    spatial = probe.extract(image_tree, "vgg16", weights="none", image_size=64, pooling="none")
+    assert spatial.path != pooled.path
+    assert spatial.feature_shape == (2, 2, 512)
+    assert spatial.features("train").shape[1:] == (2, 2, 512)
+    np.testing.assert_allclose(spatial.features("train").mean(axis=(1, 2)),
+                               pooled.features("train"), rtol=1e-4, atol=1e-5)
+
+
+def test_batch_size_does_not_change_features(image_tree):
+    one = probe.extract(image_tree, "vgg16", weights="none", image_size=32, batch_size=1,
+                        cache_dir=image_tree.parent / "c1")
+    many = probe.extract(image_tree, "vgg16", weights="none", image_size=32, batch_size=7,
+                         cache_dir=image_tree.parent / "c2")
+    assert one.paths("train") == many.paths("train")
+    np.testing.assert_allclose(one.features("train"), many.features("train"), rtol=1e-4, atol=1e-5)
+
+
+def test_progress_is_reported(image_tree):
+    calls = []
+    probe.extract(image_tree, "vgg16", weights="none", image_size=32, batch_size=8,
+                  progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (20, 20)
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
