@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 HEAD_JSON = "head.json"
+_PREDICT_CHUNK = 1024
 FORMAT_VERSION = 1
 
 
@@ -733,9 +734,16 @@ class DenseHead(_Head):
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities, shape ``(N, K)``, float64 (computed in float32)."""
         self._check_fitted("predict_proba")
+        import keras
+
         X = self._check_X(X).astype(np.float32)
-        proba = self.model_.predict(X, batch_size=max(int(self.batch_size), 256), verbose=0)
-        return np.asarray(proba, dtype=np.float64)
+        # Direct (eager) calls in fixed-size chunks: no tf.function is traced per
+        # model, which keeps many small heads in one process quiet and fast.
+        chunks = [
+            keras.ops.convert_to_numpy(self.model_(X[i : i + _PREDICT_CHUNK], training=False))
+            for i in range(0, X.shape[0], _PREDICT_CHUNK)
+        ]
+        return np.concatenate(chunks).astype(np.float64)
 
     # -- persistence ----------------------------------------------------- #
     def save(self, directory: str | os.PathLike) -> Path:
