@@ -139,30 +139,32 @@ def _resolve_classes(classes: Any, y: np.ndarray, y_val: np.ndarray | None) -> n
 def _check_training_labels(
     y: np.ndarray, y_val: np.ndarray | None, classes: np.ndarray
 ) -> None:
+    names = [str(c) for c in classes]  # plain str: repr() gives 'cat', not np.str_('cat')
     present = np.unique(y)
     if present.size < 2:
         raise DatasetError(
             "a classifier needs samples of at least 2 classes; "
-            f"got only one class: {classes[present[0]]!r}. Add images of another class. "
-            f"Received: {y.size} training samples, all of class {classes[present[0]]!r}"
+            f"got only one class: {names[present[0]]!r}. Add images of another class. "
+            f"Received: {y.size} training samples, all of class {names[present[0]]!r}"
         )
-    missing = [str(classes[k]) for k in range(len(classes)) if k not in set(present.tolist())]
+    seen = set(present.tolist())
+    missing = [names[k] for k in range(len(names)) if k not in seen]
     if missing:
         raise DatasetError(
             f"every class needs training samples; class(es) {missing} have none in the training "
             "split. Add images to those classes or use a different split seed. "
-            f"Received: training classes {[str(classes[k]) for k in present]}"
+            f"Received: training classes {[names[k] for k in present]}"
         )
     if y_val is not None:
         in_val = set(np.unique(y_val).tolist())
-        absent = [str(classes[k]) for k in present if int(k) not in in_val]
+        absent = [names[k] for k in present if int(k) not in in_val]
         if absent:
             names = ", ".join(repr(a) for a in absent)
             raise DatasetError(
                 f"class {names} has training samples but none in the validation split, so "
                 "validation can not measure it. Add more images of that class or use a different "
                 f"split seed (or validation fraction). Received: {y_val.size} validation samples "
-                f"of classes {[str(classes[k]) for k in sorted(in_val)]}"
+                f"of classes {[names[k] for k in sorted(in_val)]}"
             )
 
 
