@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import numbers
 import os
 import tempfile
 import warnings
@@ -168,6 +169,14 @@ def _check_training_labels(
             )
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def _check_class_weight(class_weight: Any) -> None:
     if class_weight not in (None, "balanced"):
         raise ProbeError(f"`class_weight` must be None or 'balanced'. Received: class_weight={class_weight!r}")
@@ -205,6 +214,15 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     np.exp(z, out=z)
     z /= z.sum(axis=1, keepdims=True)
     return z
+
+
+def _json_default(value: Any) -> Any:
+    """Numpy scalars and arrays in parameters become plain JSON values."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -391,7 +409,7 @@ class LogisticHead(_Head):
     # -- fitting --------------------------------------------------------- #
     def _check_params(self) -> list[float]:
         _check_class_weight(self.class_weight)
-        if self.C is not None and not (isinstance(self.C, (int, float)) and math.isfinite(self.C) and self.C > 0):
+        if self.C is not None and not (_is_real(self.C) and math.isfinite(self.C) and self.C > 0):
             raise ProbeError(f"`C` must be a positive number or None. Received: C={self.C!r}")
         try:
             Cs = [float(c) for c in np.ravel(np.asarray(self.Cs, dtype=float))]
@@ -399,7 +417,7 @@ class LogisticHead(_Head):
             raise ProbeError(f"`Cs` must be a sequence of positive numbers. Received: Cs={self.Cs!r}") from None
         if self.C is None and (not Cs or any(not (math.isfinite(c) and c > 0) for c in Cs)):
             raise ProbeError(f"`Cs` must be a non-empty sequence of positive numbers. Received: Cs={self.Cs!r}")
-        if not (isinstance(self.max_iter, int) and self.max_iter >= 1):
+        if not (_is_int(self.max_iter) and self.max_iter >= 1):
             raise ProbeError(f"`max_iter` must be a positive integer. Received: max_iter={self.max_iter!r}")
         return Cs
 
@@ -532,7 +550,7 @@ class LogisticHead(_Head):
             n_iter=self.n_iter_,
             converged=bool(self.converged_),
         )
-        _atomic_write_text(directory / HEAD_JSON, json.dumps(meta, indent=2))
+        _atomic_write_text(directory / HEAD_JSON, json.dumps(meta, indent=2, default=_json_default))
         return directory
 
     @classmethod
@@ -638,17 +656,14 @@ class DenseHead(_Head):
 
     def _check_params(self) -> None:
         _check_class_weight(self.class_weight)
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
+        is_int = _is_int
         checks = [
             ("hidden_units", is_int(self.hidden_units) and self.hidden_units >= 0, "an integer >= 0"),
-            ("dropout", isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "a number in [0, 1)"),
+            ("dropout", _is_real(self.dropout) and 0 <= self.dropout < 1, "a number in [0, 1)"),
             ("epochs", is_int(self.epochs) and self.epochs >= 1, "an integer >= 1"),
             (
                 "learning_rate",
-                isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0,
+                _is_real(self.learning_rate) and math.isfinite(self.learning_rate) and self.learning_rate > 0,
                 "a positive number",
             ),
             ("batch_size", is_int(self.batch_size) and self.batch_size >= 1, "an integer >= 1"),
@@ -762,7 +777,7 @@ class DenseHead(_Head):
             tmp.unlink(missing_ok=True)
         meta = self._base_meta()
         meta.update(params=self.get_params(), history=self.history_, best_epoch=self.best_epoch_)
-        _atomic_write_text(directory / HEAD_JSON, json.dumps(meta, indent=2))
+        _atomic_write_text(directory / HEAD_JSON, json.dumps(meta, indent=2, default=_json_default))
         return directory
 
     @classmethod

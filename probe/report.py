@@ -196,6 +196,10 @@ def plot_curves(history: dict[str, list[float]], path: str | os.PathLike) -> Pat
             ax.plot(xs, [float(v) for v in values], marker="o", markersize=3, label=label)
         if sweep:
             ax.set_xscale("log")
+        else:
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.grid(True, alpha=0.3)

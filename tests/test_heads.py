@@ -320,3 +320,12 @@ def test_constructor_only_stores_arguments():
     head = DenseHead(dropout=7, epochs=-1)  # invalid values are reported by fit, not here
     assert head.dropout == 7 and head.epochs == -1
     assert "DenseHead(" in repr(head)
+
+
+def test_numpy_parameters_are_saved_as_json(data, tmp_path):
+    Xtr, ytr, _, _, Xte, _ = data
+    head = LogisticHead(C=np.float32(0.5), max_iter=np.int64(500)).fit(Xtr, ytr)
+    head.save(tmp_path)
+    loaded = load_head(tmp_path)
+    assert loaded.C == 0.5 and loaded.max_iter == 500
+    np.testing.assert_array_equal(loaded.predict_proba(Xte), head.predict_proba(Xte))
