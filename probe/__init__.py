@@ -15,6 +15,9 @@ from .errors import (
     WeightsError,
 )
 from .extract import extract
+from .heads import DenseHead, LogisticHead, load_head, make_head
+from .inference import Prediction, export, predict
+from .runs import Run, fit
 
 __version__ = "0.1.0"
 
@@ -24,5 +27,6 @@ __all__ = [
     "Dataset", "Sample", "discover", "load_image",
     "ProbeError", "BackboneError", "WeightsError", "DatasetError", "CacheError",
     "CacheMismatchError", "NotFittedError", "RunError",
-    "extract",
+    "extract", "fit", "predict", "export", "Run", "Prediction",
+    "LogisticHead", "DenseHead", "make_head", "load_head",
 ]

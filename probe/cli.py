@@ -5,13 +5,42 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 
 import click
 
+# TensorFlow's C++ start-up chatter would bury probe's one-line messages.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
 from . import backbones, cache as cache_mod
 from .errors import ProbeError
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with stderr closed at the file-descriptor level: its C++ start-up
+    lines are written before any log setting applies."""
+    if "tensorflow" in sys.modules:
+        return
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        sys.stderr.flush()
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _needs_tensorflow(command):
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        _import_tensorflow_quietly()
+        return command(*args, **kwargs)
+
+    return wrapper
 
 
 def _fail_cleanly(command):
@@ -149,6 +178,7 @@ class _Progress:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any file was skipped.")
 @_fail_cleanly
+@_needs_tensorflow
 def extract_command(dataset, backbone, weights, image_size, pooling, batch_size, cache_dir,
                     labels, val_fraction, test_fraction, seed, quiet, strict) -> None:
     """Extract the features of every image of DATASET into an HDF5 cache.
@@ -182,6 +212,132 @@ def extract_command(dataset, backbone, weights, image_size, pooling, batch_size,
         click.echo(f"Ignored {report['ignored']} non-image files", err=True)
     if strict and report["skipped"]:
         raise click.ClickException(f"--strict: {report['skipped']} files were skipped")
+
+
+def head_options(command):
+    """Options of the heads (each applies to the head that has it)."""
+    options = [
+        click.option("--head", type=click.Choice(["logreg", "dense"]), default="logreg",
+                     show_default=True, help="Logistic regression or a small dense network."),
+        click.option("--C", "C", type=float, default=None,
+                     help="logreg: fix the regularisation strength [default: chosen on val]."),
+        click.option("--hidden-units", type=int, default=256, show_default=True,
+                     help="dense: hidden layer width (0: none)."),
+        click.option("--dropout", type=float, default=0.5, show_default=True, help="dense"),
+        click.option("--epochs", type=int, default=50, show_default=True, help="dense"),
+        click.option("--learning-rate", type=float, default=1e-3, show_default=True, help="dense"),
+        click.option("--head-batch-size", type=int, default=32, show_default=True,
+                     help="dense: training batch size."),
+        click.option("--patience", type=int, default=5, show_default=True,
+                     help="dense: early-stopping patience on validation loss."),
+        click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none",
+                     show_default=True, help="'balanced' for imbalanced classes."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def head_params(head, C, hidden_units, dropout, epochs, learning_rate, head_batch_size,
+                patience, class_weight, seed) -> dict:
+    """Constructor parameters of the chosen head from the command-line options."""
+    weight = None if class_weight == "none" else class_weight
+    if head == "logreg":
+        return {"C": C, "class_weight": weight, "seed": seed}
+    return {"hidden_units": hidden_units, "dropout": dropout, "epochs": epochs,
+            "learning_rate": learning_rate, "batch_size": head_batch_size,
+            "patience": patience, "class_weight": weight, "seed": seed}
+
+
+@main.command("fit")
+@click.option("--cache", "cache_path", type=click.Path(dir_okay=False), default=None,
+              help="The cache file [default: the one in the cache directory, or the newest].")
+@click.option("--backbone", "-b", default=None, help="Use the newest cache of this backbone.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              envvar="PROBE_CACHE_DIR", help="Cache directory [default: ./.probe].")
+@head_options
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--strict", is_flag=True, help="Fail if the cache's source images changed.")
+@_fail_cleanly
+@_needs_tensorflow
+def fit_command(cache_path, backbone, cache_dir, head, C, hidden_units, dropout, epochs,
+                learning_rate, head_batch_size, patience, class_weight, seed, strict) -> None:
+    """Train a head on cached features and report test metrics.
+
+    Writes a run directory (.probe/runs/<time>-<backbone>-<head>/) with metrics.json,
+    confusion_matrix.png, curves.png (dense), config.json and the head.
+
+    Example: probe fit --head dense
+    """
+    from .report import format_table
+    from .runs import fit, summary_rows
+
+    params = head_params(head, C, hidden_units, dropout, epochs, learning_rate,
+                         head_batch_size, patience, class_weight, seed)
+    run = fit(cache_path, head, backbone=backbone, cache_dir=cache_dir, strict=strict, **params)
+    for note in run.notes:
+        click.echo(note, err=True)
+    metrics = run.metrics
+    split = metrics["split"]
+    click.echo(f"{run.config['backbone']} + {head} on {run.config['cache']}")
+    if "C" in metrics:
+        click.echo(f"C chosen on validation: {metrics['C']:g}" if C is None else f"C: {C:g}")
+    click.echo(format_table(summary_rows(metrics), ["metric", split]))
+    click.echo(f"Run: {run.path}")
+
+
+@main.command("predict")
+@click.argument("run", type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
+              help="Also write the predictions as CSV.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@_fail_cleanly
+@_needs_tensorflow
+def predict_command(run, images, output, batch_size) -> None:
+    """Predict the class of new images with a run's backbone and head.
+
+    IMAGES are files or directories. Files that can not be decoded get a row saying why.
+
+    Example: probe predict .probe/runs/20260101-120000-vgg16-dense new_photos/ -o predictions.csv
+    """
+    from .inference import predict
+    from .runs import Run
+
+    loaded = Run.load(run)
+    results = predict(loaded, images, batch_size=batch_size, output=output)
+    classes = loaded.classes
+    rows = []
+    for r in results:
+        if r.error:
+            rows.append([r.path, "-", *["" for _ in classes], r.error])
+        else:
+            rows.append([r.path, r.predicted, *(f"{r.probabilities[c]:.4f}" for c in classes), ""])
+    click.echo(_table(rows, ["path", "class", *classes, "error"]))
+    failed = sum(1 for r in results if r.error)
+    if failed:
+        click.echo(f"{failed} of {len(results)} files could not be decoded", err=True)
+    if output:
+        click.echo(f"Wrote {output}", err=True)
+
+
+@main.command("export")
+@click.argument("run", type=click.Path())
+@click.argument("out", type=click.Path(dir_okay=False))
+@_fail_cleanly
+@_needs_tensorflow
+def export_command(run, out) -> None:
+    """Export a run as one Keras model: RGB image (0-255) in, probabilities out.
+
+    Preprocessing, backbone and head in one .keras file; load it with
+    keras.saving.load_model(OUT).
+
+    Example: probe export .probe/runs/20260101-120000-vgg16-logreg cats_dogs.keras
+    """
+    from .inference import export
+
+    path = export(run, out)
+    click.echo(f"Wrote {path}")
 
 
 @main.group("cache")

@@ -151,7 +151,7 @@ def _walk_class_folders(root: Path) -> tuple[list[tuple[str, str, str | None]], 
             if not class_dir.is_dir():
                 ignored += 1
                 continue
-            images, skipped = _images_under(Path(class_dir.path))
+            images, skipped = find_images(Path(class_dir.path))
             ignored += skipped
             for path in images:
                 entries.append((path.relative_to(root).as_posix(), class_dir.name, split))
@@ -168,7 +168,7 @@ def _list_dir(path: Path) -> list[os.DirEntry]:
         ) from None
 
 
-def _images_under(directory: Path) -> tuple[list[Path], int]:
+def find_images(directory: Path) -> tuple[list[Path], int]:
     """Image files below a class folder (recursively), and how many files were ignored.
     Symlinked directories are followed once: a symlink loop can not recurse forever."""
     images: list[Path] = []

@@ -135,6 +135,7 @@ def extract(
             "feature_key": feature_key,
             "source_fingerprint": source_fingerprint,
             **settings,
+            "weights_source": _weights_source(weights),
             "feature_shape": list(feature_shape),
             "classes": found.classes,
             "dataset_root": str(found.root),
@@ -308,6 +309,12 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def _weights_source(weights) -> str:
+    """What `BackboneSpec.build` needs to rebuild the same backbone for prediction."""
+    kind, path = backbones.parse_weights(weights)
+    return str(path) if kind == "file" else kind
 
 
 def _safe(name: str) -> str:

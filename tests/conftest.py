@@ -54,3 +54,26 @@ def image_tree(tmp_path) -> Path:
     (root / "dog" / "notes.txt").write_text("ignored")
     (root / "fox" / ".hidden.jpg").write_bytes(b"hidden")
     return root
+
+
+def make_separable_tree(root: Path, per_class: int = 10, classes=("blue", "red")) -> Path:
+    """Classes of clearly different colours, so that even random-weight features separate
+    them: heads trained on them must score high."""
+    colours = {"blue": (20, 40, 220), "red": (220, 30, 20), "green": (30, 200, 40)}
+    for name in classes:
+        for i in range(per_class):
+            rng = np.random.default_rng(hash((name, i)) % 2**32)
+            pixels = np.clip(np.array(colours[name]) + rng.normal(0, 25, (28, 28, 3)), 0, 255)
+            path = root / name / f"{name}_{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels.astype(np.uint8)).save(path)
+    return root
+
+
+@pytest.fixture
+def separable_cache(tmp_path):
+    """A vgg16 cache (random weights, 32 px) of a three-colour dataset."""
+    import probe
+
+    root = make_separable_tree(tmp_path / "colours", classes=("blue", "green", "red"))
+    return probe.extract(root, "vgg16", weights="none", image_size=32)

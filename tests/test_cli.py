@@ -77,3 +77,36 @@ def test_cache_info_on_a_file_that_is_not_a_cache(tmp_path):
     result = run("cache", "info", bogus)
     assert result.exit_code == 1
     assert "corrupt or truncated" in result.output and "probe extract" in result.output
+
+
+def test_fit_predict_export_from_the_command_line(tmp_path, cache_dir):
+    from conftest import make_separable_tree
+
+    root = make_separable_tree(tmp_path / "colours")
+    assert run("extract", root, "--weights", "none", "--image-size", 32, "-q").exit_code == 0
+    fitted = run("fit", "--head", "logreg")
+    assert fitted.exit_code == 0, fitted.output
+    assert "C chosen on validation" in fitted.output
+    assert any(line.split()[:1] == ["accuracy"] for line in fitted.output.splitlines())
+    run_dir = fitted.output.strip().splitlines()[-1].removeprefix("Run: ")
+    dense = run("fit", "--head", "dense", "--epochs", 3, "--hidden-units", 8)
+    assert dense.exit_code == 0, dense.output
+    predicted = run("predict", run_dir, root / "red", "-o", tmp_path / "p.csv")
+    assert predicted.exit_code == 0, predicted.output
+    assert predicted.output.splitlines()[0].split() == ["path", "class", "blue", "red", "error"]
+    assert (tmp_path / "p.csv").is_file()
+    exported = run("export", run_dir, tmp_path / "m.keras")
+    assert exported.exit_code == 0 and (tmp_path / "m.keras").is_file()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["fit"], "found none. Run `probe extract"),
+    (["fit", "--head", "svm"], "Invalid value for '--head'"),
+    (["predict", "not-a-run", "x.jpg"], "expected a run directory"),
+    (["export", "not-a-run", "m.keras"], "expected a run directory"),
+])
+def test_fit_predict_export_errors(args, message):
+    result = run(*args)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
