@@ -663,13 +663,15 @@ def _h5open(path, mode: str):
     return _h5py().File(path, mode, locking="best-effort")
 
 
-def _is_lock_error(error: BaseException) -> bool:
+def _is_lock_error(error) -> bool:
     text = str(error).lower()
-    return "lock" in text and ("unable" in text or "errno" in text)
+    return any(phrase in text for phrase in
+               ("unable to lock file", "file locking", "no locks available"))
 
 
 def _read_error(path, error: BaseException) -> CacheError:
     """The one-line error for a cache file that can not be read."""
+    error = " ".join(str(error).split())
     if _is_lock_error(error):
         return CacheError(
             f"HDF5 could not lock the cache file '{display(path)}' ({error}); file locking is "
