@@ -12,6 +12,7 @@ Layout (documented in the README so anyone with h5py can read it):
     /<split>/sizes    int64 (N,)  /<split>/mtimes int64 (N,) nanoseconds
     /skipped/{paths, reasons, sizes, mtimes, labels, splits}
 
+Numeric datasets carry Fletcher-32 checksums, so damage is a read error, not wrong data.
 Writes are crash safe: the finished file is written under a temporary name and renamed
 over the old one, and work in progress lives in `.parts-<key>/` as one atomically renamed
 file per batch, so a kill at any instant loses at most the batch being computed.

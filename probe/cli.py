@@ -218,6 +218,12 @@ def cache_ls(cache_dir) -> None:
     Example: probe cache ls
     """
     caches = cache_mod.list_caches(cache_dir)
+    directory = cache_mod.resolve_cache_dir(cache_dir)
+    listed = {cache.path for cache in caches}
+    for path in sorted(directory.glob("*.h5")) if directory.is_dir() else []:
+        if path not in listed:
+            click.echo(f"Not a readable cache (see `probe cache info {cache_mod.display(path)}`): "
+                       f"{cache_mod.display(path)}", err=True)
     if not caches:
         click.echo(f"No caches in {cache_mod.resolve_cache_dir(cache_dir)}")
         return
