@@ -439,6 +439,7 @@ class PartStore:
 
     def __init__(self, directory: Path):
         self.directory = directory
+        self._indexes: dict[Path, dict] = {}  # parts already read and checked
 
     def write(
         self,
@@ -493,12 +494,13 @@ class PartStore:
         again instead of being trusted."""
         scanned = []
         for part in self.parts():
-            try:
-                index = _read_part_index(part)
-            except Exception:  # any damage: zip, npy header, lengths
-                part.unlink(missing_ok=True)
-                continue
-            scanned.append((part, index))
+            if part not in self._indexes:
+                try:
+                    self._indexes[part] = _read_part_index(part)
+                except Exception:  # any damage: zip, npy header, lengths
+                    part.unlink(missing_ok=True)
+                    continue
+            scanned.append((part, self._indexes[part]))
         return scanned
 
     def remove_temporary(self) -> None:
