@@ -2,7 +2,7 @@
 an HDF5 feature cache and heads that train in seconds."""
 
 from .backbones import BackboneSpec, get as get_backbone, list_backbones
-from .cache import FeatureCache, Split, list_caches
+from .cache import FeatureCache, SourceChanges, Split, list_caches
 from .data import Dataset, Sample, discover, load_image
 from .errors import (
     BackboneError,
@@ -12,6 +12,7 @@ from .errors import (
     NotFittedError,
     ProbeError,
     RunError,
+    SourceChangedError,
     WeightsError,
 )
 from .extract import extract
@@ -23,10 +24,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackboneSpec", "get_backbone", "list_backbones",
-    "FeatureCache", "Split", "list_caches",
+    "FeatureCache", "SourceChanges", "Split", "list_caches",
     "Dataset", "Sample", "discover", "load_image",
     "ProbeError", "BackboneError", "WeightsError", "DatasetError", "CacheError",
-    "CacheMismatchError", "NotFittedError", "RunError",
+    "CacheMismatchError", "SourceChangedError", "NotFittedError", "RunError",
     "extract", "fit", "predict", "export", "Run", "Prediction",
     "LogisticHead", "DenseHead", "make_head", "load_head",
 ]

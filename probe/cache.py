@@ -12,6 +12,7 @@ Layout (documented in the README so anyone with h5py can read it):
     /<split>/sizes    int64 (N,)  /<split>/mtimes int64 (N,) nanoseconds
     /skipped/{paths, reasons, sizes, mtimes, labels, splits}
 
+Numeric datasets carry Fletcher-32 checksums, so damage is a read error, not wrong data.
 Writes are crash safe: the finished file is written under a temporary name and renamed
 over the old one, and work in progress lives in `.parts-<key>/` as one atomically renamed
 file per batch, so a kill at any instant loses at most the batch being computed.
@@ -19,6 +20,7 @@ file per batch, so a kill at any instant loses at most the batch being computed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -30,13 +32,14 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .errors import CacheError, CacheMismatchError
+from .errors import CacheError, CacheMismatchError, SourceChangedError
 
 FORMAT = "probe-feature-cache"
 FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "val", "test")
 SETTINGS = ("backbone", "weights", "image_size", "pooling", "preprocessing")
 ASSEMBLE_ROWS = 512  # rows copied at a time when writing a cache: bounds memory
+TEMP_PREFIX = "."  # a cache being written is ".<name>.tmp-<pid>": never listed, never read
 
 
 def default_cache_dir() -> Path:
@@ -76,6 +79,40 @@ class Row:
     index: int
 
 
+@dataclass
+class SourceChanges:
+    """How a cache's source files differ from the dataset on disk now. True when anything
+    changed; `counts()` and `message()` summarise it."""
+
+    cache: str
+    added: list[str]
+    removed: list[str]
+    modified: list[str]  # size or modification time differs
+    relabelled: list[str]  # same file, other class or split
+    problem: str = ""  # the dataset could not be read at all (e.g. its folder is gone)
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.modified or self.relabelled or self.problem)
+
+    def counts(self) -> dict[str, int]:
+        return {"added": len(self.added), "removed": len(self.removed),
+                "modified": len(self.modified), "relabelled": len(self.relabelled)}
+
+    def message(self) -> str:
+        """One line: what changed and how to bring the cache up to date."""
+        if not self:
+            return f"the source files of cache '{display(self.cache)}' are unchanged"
+        counts = ", ".join(f"{n} {kind}" for kind, n in self.counts().items() if n)
+        example = (self.added + self.modified + self.removed + self.relabelled)[:1]
+        detail = f" (e.g. '{display(example[0])}')" if example else ""
+        reason = f"; {self.problem}" if self.problem else ""
+        return (
+            f"the dataset changed since cache '{display(self.cache)}' was written: "
+            f"{counts or 'dataset unreadable'}{detail}{reason}. Run `probe extract` again to "
+            "update the cache (only new and changed files are extracted)"
+        )
+
+
 class FeatureCache:
     """Read access to a finished cache file. Use `FeatureCache.open(path)`."""
 
@@ -94,9 +131,8 @@ class FeatureCache:
                 f"expected a feature cache file; it does not exist. Run `probe extract` "
                 f"first or pass an existing file. Received: path='{path}'"
             )
-        h5py = _h5py()
         try:
-            with h5py.File(path, "r") as handle:
+            with _h5open(path, "r") as handle:
                 attrs = {key: _plain(value) for key, value in handle.attrs.items()}
                 if attrs.get("format") != FORMAT:
                     raise CacheError(
@@ -123,11 +159,8 @@ class FeatureCache:
                         counts[split] = n
         except CacheError:
             raise
-        except (OSError, KeyError, ValueError) as error:
-            raise CacheError(
-                f"cache file '{path}' is corrupt or truncated ({error}); delete it and run "
-                "`probe extract` again to rebuild it."
-            ) from None
+        except (OSError, KeyError, ValueError, TypeError) as error:
+            raise _read_error(path, error) from None
         return cls(path, attrs, counts)
 
     # --- what it holds ---------------------------------------------------------------
@@ -218,6 +251,74 @@ class FeatureCache:
             "size_bytes": self.path.stat().st_size,
         }
 
+    def source_records(self) -> dict[str, tuple[str, str, int, int]]:
+        """{relative path: (class name, split, size, mtime_ns)} of every source file the
+        cache was built from, skipped files included."""
+        classes = self.classes
+        records = {}
+        with self._read() as handle:
+            for name in [*self.splits, "skipped"]:
+                if name not in handle:
+                    continue
+                group = handle[name]
+                paths = _read_strings(group["paths"])
+                labels = group["labels"][()]
+                splits = _read_strings(group["splits"]) if name == "skipped" else [name] * len(paths)
+                for path, label, split, size, mtime in zip(
+                    paths, labels, splits, group["sizes"][()], group["mtimes"][()]
+                ):
+                    label = int(label)
+                    records[path] = (classes[label] if 0 <= label < len(classes) else "",
+                                     split, int(size), int(mtime))
+        return records
+
+    def check_source(self, strict: bool = False) -> "SourceChanges":
+        """Compare the cache with its dataset as it is now on disk.
+
+        Finds the samples again with the settings the cache was built with (dataset root,
+        labels file, seed, fractions) and returns the files added, removed and modified
+        (size or modification time) since, and those whose class or split changed. With
+        `strict=True` any change raises `SourceChangedError` instead.
+
+        >>> changes = cache.check_source()
+        >>> if changes: print(changes.message())
+        """
+        from . import data
+        from .errors import DatasetError
+
+        old = self.source_records()
+        problem = ""
+        try:
+            found = data.discover(
+                self.attrs["dataset_root"], self.attrs.get("labels_file") or None,
+                float(self.attrs.get("val_fraction", 0.15)),
+                float(self.attrs.get("test_fraction", 0.15)), int(self.attrs.get("seed", 0)),
+            )
+        except DatasetError as error:
+            new: dict[str, tuple[str, str, int, int]] = {}
+            problem = str(error)
+        else:
+            new = {}
+            for sample in found.samples:
+                try:
+                    stat = os.stat(found.root / sample.path)
+                    size, mtime = int(stat.st_size), int(stat.st_mtime_ns)
+                except OSError:
+                    size, mtime = -1, -1
+                new[sample.path] = (found.classes[sample.label], sample.split, size, mtime)
+        changes = SourceChanges(
+            cache=str(self.path),
+            added=sorted(p for p in new if p not in old),
+            removed=sorted(p for p in old if p not in new),
+            modified=sorted(p for p in new if p in old and new[p][2:] != old[p][2:]),
+            relabelled=sorted(p for p in new if p in old and new[p][2:] == old[p][2:]
+                              and new[p][:2] != old[p][:2]),
+            problem=problem,
+        )
+        if strict and changes:
+            raise SourceChangedError(changes.message() + " (--strict)", changes)
+        return changes
+
     def check_settings(self, **expected) -> None:
         """Raise `CacheMismatchError` naming every setting that differs."""
         changed = [
@@ -254,14 +355,17 @@ class FeatureCache:
                     (int(v) for v in group["mtimes"][()]),
                 )
 
+    @contextlib.contextmanager
     def _read(self):
+        """The open HDF5 file; a read error anywhere inside (a truncated file, a checksum
+        that does not match) becomes a `CacheError` naming the file and the fix."""
         try:
-            return _h5py().File(self.path, "r")
-        except OSError as error:
-            raise CacheError(
-                f"cache file '{self.path}' can not be read ({error}); delete it and run "
-                "`probe extract` again to rebuild it."
-            ) from None
+            with _h5open(self.path, "r") as handle:
+                yield handle
+        except CacheError:
+            raise
+        except (OSError, KeyError, ValueError, TypeError) as error:
+            raise _read_error(self.path, error) from None
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{k}={v}" for k, v in self.counts.items())
@@ -335,6 +439,7 @@ class PartStore:
 
     def __init__(self, directory: Path):
         self.directory = directory
+        self._indexes: dict[Path, dict] = {}  # parts already read and checked
 
     def write(
         self,
@@ -373,28 +478,70 @@ class PartStore:
         return sorted(self.directory.glob("part-*.npz"))
 
     def rows(self) -> Iterator[tuple[str, Row, int, int]]:
-        for part in self.parts():
-            with np.load(part, allow_pickle=False) as data:
-                for i, (path, size, mtime) in enumerate(
-                    zip(_decode(data["paths"]), data["sizes"], data["mtimes"])
-                ):
-                    yield path, Row(str(part), "", i), int(size), int(mtime)
+        for part, index in self._scan():
+            for i, (path, size, mtime) in enumerate(
+                zip(index["paths"], index["sizes"], index["mtimes"])
+            ):
+                yield path, Row(str(part), "", i), size, mtime
 
     def skip_records(self) -> Iterator[tuple[str, str, int, int]]:
+        for _, index in self._scan():
+            yield from index["skipped"]
+
+    def _scan(self) -> list[tuple[Path, dict]]:
+        """The readable parts with their paths, sizes, mtimes and skip records. A part that
+        can not be read completely (damaged on disk) is deleted: its images are extracted
+        again instead of being trusted."""
+        scanned = []
         for part in self.parts():
-            with np.load(part, allow_pickle=False) as data:
-                yield from zip(
-                    _decode(data["skipped_paths"]),
-                    _decode(data["skipped_reasons"]),
-                    (int(v) for v in data["skipped_sizes"]),
-                    (int(v) for v in data["skipped_mtimes"]),
-                )
+            if part not in self._indexes:
+                try:
+                    self._indexes[part] = _read_part_index(part)
+                except Exception:  # any damage: zip, npy header, lengths
+                    part.unlink(missing_ok=True)
+                    continue
+            scanned.append((part, self._indexes[part]))
+        return scanned
+
+    def remove_temporary(self) -> None:
+        """Delete half-written parts left by a killed run."""
+        if self.directory.is_dir():
+            for path in self.directory.glob("part-*.tmp"):
+                path.unlink(missing_ok=True)
 
     def clear(self) -> None:
         if self.directory.is_dir():
             for path in self.directory.iterdir():
                 path.unlink()
             self.directory.rmdir()
+
+
+def _read_part_index(part: Path) -> dict:
+    import zipfile
+
+    with np.load(part, allow_pickle=False) as data:
+        index = {
+            "paths": _decode(data["paths"]),
+            "sizes": [int(v) for v in data["sizes"]],
+            "mtimes": [int(v) for v in data["mtimes"]],
+            "skipped": list(zip(
+                _decode(data["skipped_paths"]), _decode(data["skipped_reasons"]),
+                (int(v) for v in data["skipped_sizes"]), (int(v) for v in data["skipped_mtimes"]),
+            )),
+        }
+    with zipfile.ZipFile(part) as archive:
+        if archive.testzip() is not None:
+            raise ValueError("checksum mismatch")
+        with archive.open("features.npy") as member:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape = np.lib.format.read_array_header_1_0(member)[0]
+            else:
+                shape = np.lib.format.read_array_header_2_0(member)[0]
+    n = len(index["paths"])
+    if shape[0] != n or len(index["sizes"]) != n or len(index["mtimes"]) != n:
+        raise ValueError("inconsistent part")
+    return index
 
 
 @dataclass
@@ -417,11 +564,10 @@ def write_cache(
     feature_shape: tuple[int, ...],
 ) -> None:
     """Write a complete cache file under a temporary name, then rename it into place."""
-    h5py = _h5py()
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    temporary = target.with_name(f"{TEMP_PREFIX}{target.name}.tmp-{os.getpid()}")
     try:
-        with h5py.File(temporary, "w") as handle:
+        with _h5open(temporary, "w") as handle:
             for key, value in attrs.items():
                 handle.attrs[key] = _attr(value)
             for split in SPLIT_NAMES:
@@ -431,13 +577,14 @@ def write_cache(
             group = handle.create_group("skipped")
             _strings(group, "paths", [s[0] for s in skipped])
             _strings(group, "reasons", [s[1] for s in skipped])
-            group.create_dataset("sizes", data=np.asarray([s[2] for s in skipped], np.int64))
-            group.create_dataset("mtimes", data=np.asarray([s[3] for s in skipped], np.int64))
-            group.create_dataset("labels", data=np.asarray([s[4] for s in skipped], np.int32))
+            _numbers(group, "sizes", [s[2] for s in skipped], np.int64)
+            _numbers(group, "mtimes", [s[3] for s in skipped], np.int64)
+            _numbers(group, "labels", [s[4] for s in skipped], np.int32)
             _strings(group, "splits", [s[5] for s in skipped])
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, target)
+        _fsync_directory(target.parent)
     finally:
         if temporary.exists():
             temporary.unlink()
@@ -449,12 +596,12 @@ def _write_split(handle, split: str, rows: list[Entry], feature_shape: tuple[int
     chunk_rows = max(1, min(n, (1 << 20) // max(1, 4 * int(np.prod(feature_shape)))))
     features = group.create_dataset(
         "features", shape=(n, *feature_shape), dtype=np.float32,
-        chunks=(chunk_rows, *feature_shape), maxshape=(None, *feature_shape),
+        chunks=(chunk_rows, *feature_shape), maxshape=(None, *feature_shape), fletcher32=True,
     )
-    group.create_dataset("labels", data=np.asarray([r.label for r in rows], np.int32))
+    _numbers(group, "labels", [r.label for r in rows], np.int32)
     _strings(group, "paths", [r.path for r in rows])
-    group.create_dataset("sizes", data=np.asarray([r.size for r in rows], np.int64))
-    group.create_dataset("mtimes", data=np.asarray([r.mtime for r in rows], np.int64))
+    _numbers(group, "sizes", [r.size for r in rows], np.int64)
+    _numbers(group, "mtimes", [r.mtime for r in rows], np.int64)
     readers = _RowReader()
     try:
         for start in range(0, n, ASSEMBLE_ROWS):
@@ -481,9 +628,12 @@ class _RowReader:
             indices = [index for index, _ in pairs]
             positions = [position for _, position in pairs]
             if group:
-                if source not in self._h5:
-                    self._h5[source] = _h5py().File(source, "r")
-                out[positions] = self._h5[source][group]["features"][indices]
+                try:
+                    if source not in self._h5:
+                        self._h5[source] = _h5open(source, "r")
+                    out[positions] = self._h5[source][group]["features"][indices]
+                except (OSError, KeyError, ValueError) as error:
+                    raise _read_error(source, error) from None
             else:
                 if source not in self._parts:
                     if len(self._parts) > 8:
@@ -509,6 +659,42 @@ def _h5py():
     return h5py
 
 
+def _h5open(path, mode: str):
+    """h5py.File with HDF5's own file locking used where the file system has it. probe
+    never writes a finished cache in place (it renames a new file over it), so a reader does
+    not need the lock, and a file system without locks only loses that safety net."""
+    return _h5py().File(path, mode, locking="best-effort")
+
+
+def _is_lock_error(error) -> bool:
+    text = str(error).lower()
+    return any(phrase in text for phrase in
+               ("unable to lock file", "file locking", "no locks available"))
+
+
+def _read_error(path, error: BaseException) -> CacheError:
+    """The one-line error for a cache file that can not be read."""
+    error = " ".join(str(error).split())
+    if _is_lock_error(error):
+        return CacheError(
+            f"HDF5 could not lock the cache file '{display(path)}' ({error}); file locking is "
+            "not available on this file system (often a network file system). Set "
+            "HDF5_USE_FILE_LOCKING=FALSE, or put the cache on a local disk with --cache-dir "
+            "or PROBE_CACHE_DIR."
+        )
+    return CacheError(
+        f"cache file '{display(path)}' is corrupt or truncated ({error}); delete it and run "
+        "`probe extract` again to rebuild it (it is rebuilt from the images, reusing nothing "
+        "from the damaged file)."
+    )
+
+
+def display(path) -> str:
+    """A path for messages: bytes that are not UTF-8 are shown escaped (\\xff) instead of
+    failing to print."""
+    return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
+
+
 def _encode(strings: Iterable[str]) -> np.ndarray:
     """Paths as bytes: file names that are not valid UTF-8 survive the round trip."""
     encoded = [os.fsencode(s) for s in strings]
@@ -517,6 +703,30 @@ def _encode(strings: Iterable[str]) -> np.ndarray:
 
 def _decode(array: np.ndarray) -> list[str]:
     return [os.fsdecode(bytes(value)) for value in array]
+
+
+def _numbers(group, name: str, values: list[int], dtype) -> None:
+    """An integer dataset with a Fletcher-32 checksum per chunk, so a damaged file is an
+    error when read instead of wrong labels."""
+    data = np.asarray(values, dtype=dtype)
+    if len(data):
+        group.create_dataset(name, data=data, chunks=True, fletcher32=True)
+    else:
+        group.create_dataset(name, data=data)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable (best effort: not every platform allows it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _strings(group, name: str, values: list[str]) -> None:

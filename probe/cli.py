@@ -53,7 +53,8 @@ def _fail_cleanly(command):
         except ProbeError as error:
             raise click.ClickException(str(error)) from None
         except KeyboardInterrupt:
-            click.echo("Interrupted; finished batches are kept and the next run resumes.", err=True)
+            click.echo("\nInterrupted; finished batches are kept and the next run resumes.",
+                       err=True)
             sys.exit(130)
 
     return wrapper
@@ -139,15 +140,20 @@ class _Progress:
         self.last = 0
 
     def start(self, info: dict) -> None:
-        if self.quiet:
-            return
+        """What this run is about to do, on stderr (also with --quiet, which only hides
+        the progress bar)."""
+        if info.get("damaged"):
+            click.echo(f"Rebuilding a damaged cache: {info['damaged']}", err=True)
         changes = info["changes"]
         if changes and any(changes.values()):
             click.echo("Source changed since the cache was written: "
-                       + ", ".join(f"{v} {k}" for k, v in changes.items()), err=True)
+                       + ", ".join(f"{v} {k}" for k, v in changes.items())
+                       + "; extracting only new and modified files", err=True)
         if info["resumed_parts"]:
             click.echo(f"Resuming an interrupted extraction ({info['resumed_parts']} batches done).",
                        err=True)
+        if self.quiet:
+            return
         if info["todo"]:
             click.echo(f"Extracting {info['todo']} of {info['total']} images", err=True)
             self.bar = click.progressbar(length=info["todo"], file=sys.stderr,
@@ -190,6 +196,7 @@ def extract_command(dataset, backbone, weights, image_size, pooling, batch_size,
     """
     from .extract import extract
 
+    _stop_on_sigterm()
     progress = _Progress(quiet)
     try:
         result = extract(dataset, backbone, weights=weights, image_size=image_size,
@@ -338,6 +345,16 @@ def export_command(run, out) -> None:
 
     path = export(run, out)
     click.echo(f"Wrote {path}")
+def _stop_on_sigterm() -> None:
+    """Let `kill` stop an extraction the way Ctrl-C does: cleanly, keeping finished batches."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 @main.group("cache")
@@ -355,6 +372,12 @@ def cache_ls(cache_dir) -> None:
     Example: probe cache ls
     """
     caches = cache_mod.list_caches(cache_dir)
+    directory = cache_mod.resolve_cache_dir(cache_dir)
+    listed = {cache.path for cache in caches}
+    for path in sorted(directory.glob("*.h5")) if directory.is_dir() else []:
+        if path not in listed:
+            click.echo(f"Not a readable cache (see `probe cache info {cache_mod.display(path)}`): "
+                       f"{cache_mod.display(path)}", err=True)
     if not caches:
         click.echo(f"No caches in {cache_mod.resolve_cache_dir(cache_dir)}")
         return
@@ -388,7 +411,32 @@ def cache_info(path, as_json) -> None:
     click.echo(f"{'ignored files:':15} {info['ignored_files']}")
     click.echo(f"{'skipped:':15} {len(info['skipped'])}")
     for item in info["skipped"]:
-        click.echo(f"  {item['path']}: {item['reason']}")
+        click.echo(f"  {cache_mod.display(item['path'])}: {item['reason']}")
+
+
+@cache_group.command("verify")
+@click.argument("path", type=click.Path())
+@click.option("--strict", is_flag=True, help="Exit non-zero if the dataset changed since.")
+@_fail_cleanly
+def cache_verify(path, strict) -> None:
+    """Read every row of a cache (checking its checksums) and compare it with its dataset.
+
+    Prints what was added, removed or modified since the cache was written; damage is an
+    error, a changed dataset only with --strict.
+
+    Example: probe cache verify .probe/cats_vs_dogs-vgg16-224-avg-1a2b3c4d5e.h5 --strict
+    """
+    cache = cache_mod.FeatureCache.open(path)
+    for split in cache.splits:
+        cache.split(split)
+    cache.skipped
+    changes = cache.check_source(strict=strict)
+    counts = ", ".join(f"{k} {v}" for k, v in cache.counts.items())
+    click.echo(f"Cache intact: {cache_mod.display(cache.path)} ({counts})")
+    if changes:
+        click.echo(f"Warning: {changes.message()}", err=True)
+    else:
+        click.echo("Source files unchanged")
 
 
 if __name__ == "__main__":

@@ -297,7 +297,8 @@ def _stratified_split(entries, val_fraction: float, test_fraction: float, seed: 
         by_class.setdefault(label, []).append(i)
     splits = ["train"] * len(entries)
     for indices in by_class.values():
-        indices.sort(key=lambda i: hashlib.sha1(f"{seed}:{entries[i][0]}".encode()).digest())
+        indices.sort(key=lambda i: hashlib.sha1(
+            f"{seed}:{entries[i][0]}".encode("utf-8", "surrogateescape")).digest())
         n = len(indices)
         n_test = _split_count(n, test_fraction)
         n_val = _split_count(n - n_test, val_fraction / (1 - test_fraction))

@@ -26,6 +26,15 @@ class CacheMismatchError(CacheError):
     """A cache whose settings or source files differ from what was asked for."""
 
 
+class SourceChangedError(CacheMismatchError):
+    """The images a cache was built from changed since (`FeatureCache.check_source`).
+    `changes` holds the `SourceChanges`; a command with --strict stops on it."""
+
+    def __init__(self, message: str, changes=None):
+        super().__init__(message)
+        self.changes = changes
+
+
 class NotFittedError(ProbeError, AttributeError):
     """A head used before `fit` (or `load`)."""
 

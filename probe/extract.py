@@ -20,7 +20,7 @@ import numpy as np
 
 from . import backbones, cache as cache_mod, data
 from .cache import Entry, FeatureCache, PartStore, Row
-from .errors import CacheError, ProbeError
+from .errors import CacheError, CacheMismatchError, ProbeError
 
 ProgressCallback = Callable[[int, int], None]  # (images done, images to do)
 PREFETCH_BATCHES = 2
@@ -90,20 +90,38 @@ def extract(
         [found.classes, [(s.sample.path, s.sample.label, s.sample.split, s.size, s.mtime)
                          for s in sources], unreadable]
     )
-    previous = _open_if_valid(target)
+    previous, damage = _open_if_valid(target)
+    if previous is not None and previous.attrs.get("feature_key") != feature_key:
+        raise CacheMismatchError(
+            f"cache file '{cache_mod.display(target)}' holds features of other settings "
+            f"(backbone {previous.attrs.get('backbone')!r}, weights "
+            f"{previous.attrs.get('weights')!r}, size {previous.attrs.get('image_size')!r}, "
+            f"pooling {previous.attrs.get('pooling')!r}) than asked for ({spec.name!r}, "
+            f"{weights_id!r}, {size}, {pooling!r}); it was renamed or copied there. Move it "
+            "away or use another --cache-dir; probe will not overwrite it."
+        )
     if previous is not None and previous.attrs.get("source_fingerprint") == source_fingerprint:
         previous.report = {"status": "up to date", "extracted": 0, "reused": sum(previous.counts.values()),
                            "skipped": len(previous.skipped), "ignored": found.ignored, "changes": {}}
         return previous
 
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CacheError(
+            f"expected a cache directory that can be created and written; {error.strerror}. "
+            f"Pass a writable --cache-dir or set PROBE_CACHE_DIR. "
+            f"Received: cache_dir='{cache_mod.display(directory)}'"
+        ) from None
     with cache_mod.CacheLock(directory / f".lock-{feature_key[:16]}"):
         parts = PartStore(directory / f".parts-{feature_key[:16]}")
+        _remove_leftovers(directory, target, parts)
         known_rows, known_skips = _reusable(directory, feature_key, parts)
         todo = [s for s in sources if (s.sample.path, s.size, s.mtime) not in known_rows
                 and (s.sample.path, s.size, s.mtime) not in known_skips]
         changes = _changes(previous, sources, unreadable)
         info = {"target": target, "total": len(sources), "todo": len(todo),
-                "changes": changes, "resumed_parts": len(parts.parts())}
+                "changes": changes, "resumed_parts": len(parts.parts()), "damaged": damage}
         if on_start:
             on_start(info)
         feature_shape = _feature_shape(spec, size, pooling, known_rows)
@@ -155,7 +173,7 @@ def extract(
     result = FeatureCache.open(target)
     result.report = {"status": "extracted", "extracted": extracted,
                      "reused": len(entries) - extracted, "skipped": len(skipped),
-                     "ignored": found.ignored, "changes": changes}
+                     "ignored": found.ignored, "changes": changes, "damaged": damage}
     return result
 
 
@@ -243,13 +261,22 @@ def _stat_sources(found: data.Dataset) -> tuple[list[_Source], list[tuple[data.S
     return sources, unreadable
 
 
-def _open_if_valid(path: Path) -> FeatureCache | None:
+def _open_if_valid(path: Path) -> tuple[FeatureCache | None, str]:
+    """The existing cache file, or None and why it can not be used (empty if missing)."""
     if not path.exists():
-        return None
+        return None, ""
     try:
-        return FeatureCache.open(path)
-    except CacheError:
-        return None  # corrupt: rebuilt from scratch, it is replaced atomically
+        return FeatureCache.open(path), ""
+    except CacheError as error:
+        return None, str(error)  # corrupt: rebuilt from scratch, it is replaced atomically
+
+
+def _remove_leftovers(directory: Path, target: Path, parts: PartStore) -> None:
+    """Half-written files of a killed run of this cache (the lock is held, so no live
+    process is writing them)."""
+    parts.remove_temporary()
+    for path in directory.glob(f"{cache_mod.TEMP_PREFIX}{target.name}.tmp-*"):
+        path.unlink(missing_ok=True)
 
 
 def _reusable(directory: Path, feature_key: str, parts: PartStore):
@@ -260,9 +287,14 @@ def _reusable(directory: Path, feature_key: str, parts: PartStore):
     for existing in cache_mod.list_caches(directory):
         if existing.attrs.get("feature_key") != feature_key:
             continue
-        for path, row, size, mtime in existing.rows():
+        try:
+            found_rows = list(existing.rows())
+            found_skips = list(existing.skip_records())
+        except CacheError:
+            continue  # damaged: nothing in it is trusted
+        for path, row, size, mtime in found_rows:
             rows.setdefault((path, size, mtime), row)
-        for path, reason, size, mtime in existing.skip_records():
+        for path, reason, size, mtime in found_skips:
             skips.setdefault((path, size, mtime), reason)
     for path, row, size, mtime in parts.rows():
         rows[(path, size, mtime)] = row
@@ -276,10 +308,7 @@ def _feature_shape(spec, size: int, pooling: str, known_rows) -> tuple[int, ...]
         return (spec.feature_size,)
     for row in known_rows.values():
         if row.group:
-            import h5py
-
-            with h5py.File(row.source, "r") as handle:
-                return tuple(handle[row.group]["features"].shape[1:])
+            return tuple(FeatureCache.open(row.source).feature_shape)
         with np.load(row.source, allow_pickle=False) as part:
             return tuple(part["features"].shape[1:])
     return spec.feature_shape(size, pooling)

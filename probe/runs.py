@@ -117,14 +117,22 @@ def fit(
 
     `head` is "logreg" or "dense"; `head_params` go to its constructor (e.g. `C=1.0`,
     `epochs=20`, `class_weight="balanced"`, `seed=0`). The test split is used for the
-    metrics (the validation split when there is no test split).
+    metrics (the validation split when there is no test split). When the cache's source
+    images changed since extraction, `Run.notes` warns with the counts; `strict=True`
+    raises `SourceChangedError` instead.
 
     >>> run = probe.fit(head="logreg")
     >>> run.metrics["accuracy"], run.path
     """
     chosen, note = resolve_cache(cache, backbone, cache_dir)
     notes = [note] if note else []
-    notes += _stale_notes(chosen, strict)
+    changes = chosen.check_source(strict=strict)
+    if changes:
+        notes.append(f"warning: {changes.message()} (--strict makes this an error)")
+    skipped = [{"path": path, "reason": reason} for path, reason in chosen.skipped]
+    if skipped:
+        notes.append(f"{len(skipped)} files of the dataset were skipped at extraction "
+                     "(listed in metrics.json)")
     model = heads.make_head(head, **head_params)
     train = chosen.split("train")
     val = chosen.split("val") if "val" in chosen.counts else None
@@ -148,6 +156,7 @@ def fit(
     proba = model.predict_proba(evaluated.features)
     metrics = {"split": evaluation, **report.compute_metrics(evaluated.labels, proba, chosen.classes)}
     metrics["fit_seconds"] = round(fit_seconds, 3)
+    metrics["skipped_files"] = skipped
     if head == "logreg":
         metrics["C"] = float(model.C_)
 
@@ -214,13 +223,6 @@ def summary_rows(metrics: dict) -> list[dict]:
     """The headline figures of a run as table rows."""
     keys = ["accuracy", "balanced_accuracy", "macro_f1", "log_loss", "top5_accuracy"]
     return [{"metric": key, metrics.get("split", "test"): metrics[key]} for key in keys if key in metrics]
-
-
-def _stale_notes(cache: FeatureCache, strict: bool) -> list[str]:
-    check = getattr(cache, "check_source", None)
-    if check is None:
-        return []
-    return check(strict=strict)
 
 
 def _write_predictions(path: Path, paths: list[str], labels: np.ndarray, proba: np.ndarray,

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 import os
 import time
 
@@ -79,3 +80,22 @@ def test_run_load_errors(tmp_path):
     (tmp_path / "notarun").mkdir()
     with pytest.raises(RunError, match="found no config.json"):
         Run.load(tmp_path / "notarun")
+
+
+def test_fit_warns_on_changed_source_and_strict_refuses(separable_cache):
+    from conftest import make_image
+    from probe.errors import SourceChangedError
+
+    root = separable_cache.attrs["dataset_root"]
+    make_image(Path(root) / "red" / "added.png", seed=5)
+    run = probe.fit(head="logreg", C=1.0)
+    assert any("1 added" in note and "--strict" in note for note in run.notes)
+    with pytest.raises(SourceChangedError, match="1 added"):
+        probe.fit(head="logreg", C=1.0, strict=True)
+
+
+def test_skipped_files_are_listed_in_the_run_metrics(image_tree):
+    probe.extract(image_tree, "vgg16", weights="none", image_size=32)
+    run = probe.fit(head="logreg", C=1.0)
+    assert {item["path"] for item in run.metrics["skipped_files"]} == {"cat/empty.jpg", "dog/text.jpg"}
+    assert any("2 files" in note for note in run.notes)
