@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +171,19 @@ class BackboneSpec:
                 return index
         return None
 
+    def check_unfreeze(self, n: int) -> int:
+        """`n` if it is a number of top blocks this backbone has, else a clear error."""
+        count = len(self.top_blocks)
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= count:
+            zero = (" (0 would train nothing: `probe fit` trains the head alone)"
+                    if n == 0 else "")
+            raise BackboneError(
+                f"{self.name} has {count} blocks that can be unfrozen ({self.top_blocks[0]} ... "
+                f"{self.top_blocks[-1]}; 1 = {self.top_blocks[-1]}); expected unfreeze between 1 "
+                f"and {count}{zero}. Received: unfreeze={n!r}"
+            )
+        return int(n)
+
     def unfreeze(self, model: "keras.Model", n: int) -> list[str]:
         """Make the last `n` top blocks of `model` trainable, everything below frozen.
 
@@ -179,15 +193,8 @@ class BackboneSpec:
         names of the unfrozen blocks, lowest first.
         """
         keras = _keras()
+        self.check_unfreeze(n)
         count = len(self.top_blocks)
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= count:
-            zero = (" (0 would train nothing: `probe fit` trains the head alone)"
-                    if n == 0 else "")
-            raise BackboneError(
-                f"{self.name} has {count} blocks that can be unfrozen ({self.top_blocks[0]} ... "
-                f"{self.top_blocks[-1]}; 1 = {self.top_blocks[-1]}); expected unfreeze between 1 "
-                f"and {count}{zero}. Received: unfreeze={n!r}"
-            )
         blocks = self.block_layers(model)
         model.trainable = True  # in Keras 3 this sets every layer; then freeze per layer
         for layer in model.layers:

@@ -68,6 +68,7 @@ def finetune(
         )
     config = source.config
     spec = backbones.get(config["backbone"])
+    unfreeze = spec.check_unfreeze(unfreeze)
     report_to = _reporter(progress)
 
     cache = _open_cache(source)
@@ -83,7 +84,6 @@ def finetune(
 
     head = source.load_head()
     backbone_model = inference.rebuild_backbone(config)
-    # the block check (and a bad `unfreeze`) comes before any image is read
     unfrozen = spec.unfreeze(backbone_model, unfreeze)
     keras.utils.set_random_seed(int(seed))
     model = inference.end_to_end(config, head, backbone_model)

@@ -21,6 +21,17 @@ def _is_bn(layer):
     return isinstance(layer, keras.layers.BatchNormalization)
 
 
+_BUILT = {}
+
+
+def _built(name):
+    """Each backbone built once (random weights, minimum size) for the block tests."""
+    if name not in _BUILT:
+        spec = backbones.get(name)
+        _BUILT[name] = spec.build("none", spec.min_size)
+    return _BUILT[name]
+
+
 def _trainable_count(layers):
     return sum(len(layer.trainable_weights) for layer in layers)
 
@@ -28,7 +39,7 @@ def _trainable_count(layers):
 @pytest.mark.parametrize("name", backbones.list_backbones())
 def test_blocks_and_unfreeze_per_backbone(name):
     spec = backbones.get(name)
-    model = spec.build("none", spec.min_size)
+    model = _built(name)
     blocks = spec.block_layers(model)
     assert len(blocks) == len(spec.top_blocks)
     in_blocks = {id(layer) for block in blocks for layer in block}
@@ -62,18 +73,18 @@ def test_top_blocks_where_names_mislead():
     """mixed1 is not mixed10; InceptionV3's blocks hold the unnamed layers before each
     mixedN; DenseNet's final bn/relu and Xception's last add and residual belong to blocks."""
     inception = backbones.get("inceptionv3")
-    blocks = inception.block_layers(inception.build("none", 75))
+    blocks = inception.block_layers(_built("inceptionv3"))
     assert blocks[1][-1].name == "mixed1" and blocks[-1][-2].name == "mixed10"
     assert "mixed9_1" in [layer.name for layer in blocks[-1]]
     assert "mixed9_0" in [layer.name for layer in blocks[-2]]
     assert sum(1 for layer in blocks[-1] if "Conv2D" in type(layer).__name__) == 9
 
     densenet = backbones.get("densenet121")
-    top = [layer.name for layer in densenet.block_layers(densenet.build("none", 32))[-1]]
+    top = [layer.name for layer in densenet.block_layers(_built("densenet121"))[-1]]
     assert top[-3:-1] == ["bn", "relu"] and not any(n.startswith("pool4") for n in top)
 
     xception = backbones.get("xception")
-    blocks = xception.block_layers(xception.build("none", 71))
+    blocks = xception.block_layers(_built("xception"))
     assert type(blocks[-2][-1]).__name__ == "Add"  # block13 ends with its residual add
     assert sum(1 for layer in blocks[-2] if type(layer).__name__ == "Conv2D") == 1
     assert blocks[-1][0].name == "block14_sepconv1"
@@ -195,6 +206,13 @@ def test_cli_finetune_a_logistic_run(tmp_path):
     assert probe.Run.load(new_run).config["finetune"]["augment"] is False
     predicted = runner.invoke(main, ["predict", new_run, str(root / "red")])
     assert predicted.exit_code == 0 and "red_0.png" in predicted.output
+
+    cache = probe.FeatureCache.open(probe.Run.load(run_dir).config["cache"])
+    gone = root / cache.split("train").paths[0]
+    gone.unlink()
+    refused = runner.invoke(main, ["finetune", run_dir, "--quiet"])
+    assert refused.exit_code == 1 and "train images are gone" in refused.output
+    assert str(gone) in refused.output
 
 
 def test_bad_settings_are_refused(tmp_path):
