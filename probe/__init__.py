@@ -16,6 +16,7 @@ from .errors import (
     WeightsError,
 )
 from .extract import extract
+from .finetune import finetune
 from .heads import DenseHead, LogisticHead, load_head, make_head
 from .inference import Prediction, export, predict
 from .runs import Run, fit
@@ -30,4 +31,5 @@ __all__ = [
     "CacheMismatchError", "SourceChangedError", "NotFittedError", "RunError",
     "extract", "fit", "predict", "export", "Run", "Prediction",
     "LogisticHead", "DenseHead", "make_head", "load_head",
+    "finetune",
 ]

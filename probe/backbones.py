@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,11 @@ class BackboneSpec:
     native_size: int
     min_size: int
     feature_size: int  # channels of the last feature map = pooled feature length
-    top_blocks: tuple[str, ...]  # layer-name prefixes of the top blocks, lowest first
+    # The blocks that fine-tuning can unfreeze, lowest first, each named by a marker: a
+    # layer belongs to the block when its name is the marker or starts with marker + "_".
+    # Layers Keras names automatically (add_3, conv2d_7, ...) get their block from the
+    # graph, see `block_layers`.
+    top_blocks: tuple[str, ...]
 
     def preprocess_input(self, images: "np.ndarray") -> "np.ndarray":
         """The backbone's own Keras `preprocess_input` on RGB pixels in 0..255."""
@@ -107,6 +112,126 @@ class BackboneSpec:
         model.trainable = False
         return model
 
+    def block_layers(self, model: "keras.Model") -> list[list["keras.Layer"]]:
+        """The layers of each top block of `model` (built by `build`), lowest block first.
+
+        The model is cut into segments at the layers every later layer depends on (a block's
+        output, e.g. `block5_pool`, `conv4_block6_out`, `mixed7` or Xception's residual
+        `add`). A segment belongs to the block that its last layer names, else to the one
+        block its other layers name; a segment naming none (VGG's and ResNet's global
+        pooling, DenseNet's transition `pool4_*` and its final `bn` / `relu`) joins the
+        block before it. Segments before the first block (the stem: `conv1_*`, `pool1_*`,
+        InceptionV3's first convolutions) belong to no block and always stay frozen.
+        """
+        layers = [layer for layer in model.layers if not _is_input_layer(layer)]
+        position = {id(layer): i for i, layer in enumerate(layers)}
+        inbound = _inbound_positions(model, position)
+        # position i is a cut when no layer after it reads a layer before it
+        cuts, lowest = [], len(layers)
+        for i in range(len(layers) - 1, -1, -1):
+            if lowest >= i:
+                cuts.append(i)
+            lowest = min([lowest, *inbound.get(i, ())])
+        cuts.reverse()
+        blocks: list[list] = [[] for _ in self.top_blocks]
+        current, start = -1, 0
+        for end in cuts:
+            segment = layers[start:end + 1]
+            start = end + 1
+            found = self._block_of(segment[-1].name)
+            if found is None:
+                named = {self._block_of(layer.name) for layer in segment} - {None}
+                if len(named) > 1:
+                    raise BackboneError(
+                        f"{self.name}: layers {[layer.name for layer in segment]} mix the blocks "
+                        f"{sorted(self.top_blocks[i] for i in named)}; the registry's top_blocks "
+                        f"do not fit this model. Received: top_blocks={self.top_blocks}"
+                    )
+                found = named.pop() if named else None
+            if found is not None and found < current:
+                raise BackboneError(
+                    f"{self.name}: block {self.top_blocks[found]} comes after "
+                    f"{self.top_blocks[current]} in the model; the registry's top_blocks do not "
+                    f"fit this model. Received: top_blocks={self.top_blocks}"
+                )
+            current = current if found is None else found
+            if current >= 0:
+                blocks[current].extend(segment)
+        empty = [self.top_blocks[i] for i, block in enumerate(blocks) if not block]
+        if empty:
+            raise BackboneError(
+                f"{self.name}: no layers found for the blocks {empty}; the registry's top_blocks "
+                f"do not fit this model. Received: top_blocks={self.top_blocks}"
+            )
+        return blocks
+
+    def _block_of(self, layer_name: str) -> int | None:
+        for index, marker in enumerate(self.top_blocks):
+            if layer_name == marker or layer_name.startswith(marker + "_"):
+                return index
+        return None
+
+    def check_unfreeze(self, n: int) -> int:
+        """`n` if it is a number of top blocks this backbone has, else a clear error."""
+        count = len(self.top_blocks)
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= count:
+            zero = (" (0 would train nothing: `probe fit` trains the head alone)"
+                    if n == 0 else "")
+            raise BackboneError(
+                f"{self.name} has {count} blocks that can be unfrozen ({self.top_blocks[0]} ... "
+                f"{self.top_blocks[-1]}; 1 = {self.top_blocks[-1]}); expected unfreeze between 1 "
+                f"and {count}{zero}. Received: unfreeze={n!r}"
+            )
+        return int(n)
+
+    def unfreeze(self, model: "keras.Model", n: int) -> list[str]:
+        """Make the last `n` top blocks of `model` trainable, everything below frozen.
+
+        BatchNormalization layers stay frozen everywhere, also inside the unfrozen blocks:
+        a frozen BatchNormalization runs in inference mode in Keras 3, so its moving mean
+        and variance (and its scale and offset) are never changed by training. Returns the
+        names of the unfrozen blocks, lowest first.
+        """
+        keras = _keras()
+        self.check_unfreeze(n)
+        count = len(self.top_blocks)
+        blocks = self.block_layers(model)
+        model.trainable = True  # in Keras 3 this sets every layer; then freeze per layer
+        for layer in model.layers:
+            layer.trainable = False
+        for block in blocks[count - n:]:
+            for layer in block:
+                if not isinstance(layer, keras.layers.BatchNormalization):
+                    layer.trainable = True
+        return list(self.top_blocks[count - n:])
+
+
+def _is_input_layer(layer) -> bool:
+    return type(layer).__name__ == "InputLayer"
+
+
+def _inbound_positions(model, position: dict[int, int]) -> dict[int, list[int]]:
+    """For each layer position, the positions of the layers it reads, following the
+    model's own graph back from its outputs (a layer also used in another model has nodes
+    of that model too, which are not followed)."""
+    inbound: dict[int, list[int]] = {}
+    seen: set[int] = set()
+    stack = list(model.outputs)
+    while stack:
+        tensor = stack.pop()
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        operation, node_index, _ = tensor._keras_history
+        node = operation._inbound_nodes[node_index]
+        parents = list(node.input_tensors)
+        if id(operation) in position:
+            inbound.setdefault(position[id(operation)], []).extend(
+                position[id(p._keras_history[0])] for p in parents
+                if id(p._keras_history[0]) in position)
+        stack.extend(parents)
+    return inbound
+
 
 def parse_weights(weights: str | os.PathLike | None) -> tuple[str, Path | None]:
     """Split a weights argument into ("imagenet" | "none" | "file", path)."""
@@ -179,22 +304,22 @@ def _keras():
 register(BackboneSpec(
     name="vgg16", constructor="VGG16", module="vgg16", preprocessing="caffe",
     native_size=224, min_size=32, feature_size=512,
-    top_blocks=("block1_", "block2_", "block3_", "block4_", "block5_"),
+    top_blocks=("block1", "block2", "block3", "block4", "block5"),
 ))
 register(BackboneSpec(
     name="resnet50", constructor="ResNet50", module="resnet50", preprocessing="caffe",
     native_size=224, min_size=32, feature_size=2048,
-    top_blocks=("conv2_", "conv3_", "conv4_", "conv5_"),
+    top_blocks=("conv2", "conv3", "conv4", "conv5"),
 ))
 register(BackboneSpec(
     name="densenet121", constructor="DenseNet121", module="densenet", preprocessing="torch",
     native_size=224, min_size=32, feature_size=1024,
-    top_blocks=("conv2_", "conv3_", "conv4_", "conv5_"),
+    top_blocks=("conv2", "conv3", "conv4", "conv5"),
 ))
 register(BackboneSpec(
     name="xception", constructor="Xception", module="xception", preprocessing="tf",
     native_size=299, min_size=71, feature_size=2048,
-    top_blocks=tuple(f"block{i}_" for i in range(1, 15)),
+    top_blocks=tuple(f"block{i}" for i in range(1, 15)),
 ))
 register(BackboneSpec(
     name="inceptionv3", constructor="InceptionV3", module="inception_v3", preprocessing="tf",

@@ -357,6 +357,77 @@ def _stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, interrupt)
 
 
+@main.command("finetune")
+@click.argument("run", type=click.Path())
+@click.option("--unfreeze", type=int, default=1, show_default=True,
+              help="How many top blocks of the backbone train (1 = the last block).")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--learning-rate", type=float, default=1e-5, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--no-augment", is_flag=True, help="No random flips, rotations and zooms.")
+@click.option("--patience", type=int, default=3, show_default=True,
+              help="Early-stopping patience on validation loss.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the new run goes [default: next to RUN].")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+@_fail_cleanly
+@_needs_tensorflow
+def finetune_command(run, unfreeze, epochs, learning_rate, batch_size, no_augment, patience,
+                     seed, runs_dir, quiet) -> None:
+    """Fine-tune a run end to end on its images, with the backbone's top blocks unfrozen.
+
+    RUN is a run of `probe fit` (a dense or logistic head). Backbone and head become one
+    model; the last --unfreeze blocks of the backbone train with a low learning rate (every
+    BatchNormalization layer stays frozen), on the run's own train / validation / test
+    images, with augmentation and early stopping on validation loss. Writes a new run
+    directory with the report of `probe fit`, the before / after comparison on the test
+    split and model.keras, which `probe predict` and `probe export` use.
+
+    Example: probe finetune .probe/runs/20260101-120000-vgg16-dense --unfreeze 1
+    """
+    from .finetune import comparison_rows, epoch_line, estimate_line, finetune, start_line
+    from .report import format_table
+
+    bar = None
+
+    def show(event: str, info: dict) -> None:
+        nonlocal bar
+        if event in ("start", "estimate"):
+            if bar is not None:
+                click.echo("", err=True)
+            line = start_line if event == "start" else estimate_line
+            click.echo(line(info), err=True)
+        elif event == "batch":
+            if bar is None:
+                bar = click.progressbar(length=info["steps"], file=sys.stderr,
+                                        label=f"epoch {info['epoch']}/{info['epochs']}")
+                bar.__enter__()
+            bar.update(1)
+        elif event == "epoch":
+            if bar is not None:
+                bar.__exit__(None, None, None)
+                bar = None
+            click.echo(epoch_line(info), err=True)
+
+    try:
+        result = finetune(
+            run, unfreeze, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
+            augment=not no_augment, patience=patience, seed=seed, runs_dir=runs_dir,
+            progress=False if quiet else show)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    metrics = result.metrics
+    settings = result.config["finetune"]
+    click.echo(f"{result.config['backbone']} + {result.config['head']}, fine-tuned with "
+               f"{', '.join(settings['blocks'])} unfrozen: best epoch {metrics['best_epoch']} "
+               f"of {metrics['epochs_run']}")
+    click.echo(format_table(comparison_rows(metrics), ["metric", "before", "after"]))
+    click.echo(f"({metrics['split']} split; before: the source run's head on the same images)")
+    click.echo(f"Run: {result.path}")
+
+
 @main.group("cache")
 def cache_group() -> None:
     """Inspect feature caches."""

@@ -41,3 +41,7 @@ class NotFittedError(ProbeError, AttributeError):
 
 class RunError(ProbeError):
     """A run directory that is missing or incomplete."""
+
+
+class FinetuneError(ProbeError):
+    """Fine-tuning settings or a run that fine-tuning can not use."""

@@ -1,0 +1,222 @@
+"""Fine-tuning: the blocks of every backbone, unfreezing, BatchNorm kept frozen, the run
+directory, prediction and export of the fine-tuned model, refused settings."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import probe
+from probe import backbones, data
+from probe.cli import main
+from probe.errors import BackboneError, FinetuneError, ProbeError
+
+from conftest import make_separable_tree
+
+
+def _is_bn(layer):
+    import keras
+
+    return isinstance(layer, keras.layers.BatchNormalization)
+
+
+_BUILT = {}
+
+
+def _built(name):
+    """Each backbone built once (random weights, minimum size) for the block tests."""
+    if name not in _BUILT:
+        spec = backbones.get(name)
+        _BUILT[name] = spec.build("none", spec.min_size)
+    return _BUILT[name]
+
+
+def _trainable_count(layers):
+    return sum(len(layer.trainable_weights) for layer in layers)
+
+
+@pytest.mark.parametrize("name", backbones.list_backbones())
+def test_blocks_and_unfreeze_per_backbone(name):
+    spec = backbones.get(name)
+    model = _built(name)
+    blocks = spec.block_layers(model)
+    assert len(blocks) == len(spec.top_blocks)
+    in_blocks = {id(layer) for block in blocks for layer in block}
+    assert len(in_blocks) == sum(len(block) for block in blocks)  # no layer in two blocks
+    for marker, block in zip(spec.top_blocks, blocks):
+        assert any(layer.weights for layer in block), marker
+        # every layer named after a block is in that block (InceptionV3: the mixedN
+        # concatenation only; mixed9_1 is inside mixed10, see the next test)
+        named = {layer.name for layer in model.layers
+                 if layer.name == marker
+                 or (name != "inceptionv3" and layer.name.startswith(marker + "_"))}
+        assert named <= {layer.name for layer in block}, marker
+    # the layers outside every block are the stem, below the first block
+    first = model.layers.index(blocks[0][0])
+    outside = [layer for layer in model.layers if id(layer) not in in_blocks]
+    assert all(model.layers.index(layer) < first for layer in outside)
+
+    n = 2
+    assert spec.unfreeze(model, n) == list(spec.top_blocks[-n:])
+    for block in blocks[:-n]:
+        assert _trainable_count(block) == 0
+    for block in blocks[-n:]:
+        expected = sum(len(layer.weights) for layer in block if not _is_bn(layer))
+        assert _trainable_count(block) == expected > 0
+        assert all(not layer.trainable for layer in block if _is_bn(layer))
+    assert _trainable_count(outside) == 0
+    assert len(model.trainable_weights) == sum(_trainable_count(b) for b in blocks[-n:])
+
+
+def test_top_blocks_where_names_mislead():
+    """mixed1 is not mixed10; InceptionV3's blocks hold the unnamed layers before each
+    mixedN; DenseNet's final bn/relu and Xception's last add and residual belong to blocks."""
+    inception = backbones.get("inceptionv3")
+    blocks = inception.block_layers(_built("inceptionv3"))
+    assert blocks[1][-1].name == "mixed1" and blocks[-1][-2].name == "mixed10"
+    assert "mixed9_1" in [layer.name for layer in blocks[-1]]
+    assert "mixed9_0" in [layer.name for layer in blocks[-2]]
+    assert sum(1 for layer in blocks[-1] if "Conv2D" in type(layer).__name__) == 9
+
+    densenet = backbones.get("densenet121")
+    top = [layer.name for layer in densenet.block_layers(_built("densenet121"))[-1]]
+    assert top[-3:-1] == ["bn", "relu"] and not any(n.startswith("pool4") for n in top)
+
+    xception = backbones.get("xception")
+    blocks = xception.block_layers(_built("xception"))
+    assert type(blocks[-2][-1]).__name__ == "Add"  # block13 ends with its residual add
+    assert sum(1 for layer in blocks[-2] if type(layer).__name__ == "Conv2D") == 1
+    assert blocks[-1][0].name == "block14_sepconv1"
+
+
+@pytest.mark.parametrize("n", [0, 6, -1])
+def test_unfreeze_out_of_range_is_refused(n):
+    spec = backbones.get("vgg16")
+    with pytest.raises(BackboneError, match=rf"vgg16 has 5 blocks.*between 1 and 5.*Received: unfreeze={n}"):
+        spec.unfreeze(spec.build("none", 32), n)
+
+
+def _dense_run(tmp_path, backbone="vgg16"):
+    root = make_separable_tree(tmp_path / "colours", per_class=8, classes=("blue", "green", "red"))
+    probe.extract(root, backbone, weights="none", image_size=32)
+    return probe.fit(head="dense", epochs=3, hidden_units=16)
+
+
+def test_finetune_vgg16_run_predict_and_export(tmp_path):
+    import keras
+
+    source = _dense_run(tmp_path)
+    events = []
+    run = probe.finetune(source, unfreeze=1, epochs=2, learning_rate=1e-4, batch_size=8,
+                         progress=lambda event, info: events.append((event, info)))
+
+    # the run directory is complete and says what was done
+    for name in ("config.json", "metrics.json", "confusion_matrix.png", "curves.png",
+                 "test_predictions.csv", "model.keras"):
+        assert (run.path / name).is_file(), name
+    loaded = probe.Run.load(run.path)
+    assert loaded.is_finetuned
+    config = json.loads((run.path / "config.json").read_text())
+    for key in ("head", "backbone", "classes", "image_size", "preprocessing", "pooling", "cache"):
+        assert config[key] == source.config[key], key
+    assert config["finetune"]["blocks"] == ["block5"]
+    assert config["finetune"]["source_run"] == str(source.path.resolve())
+
+    # the validation metric is computed each epoch; before / after on the test split
+    names = [event for event, _ in events]
+    assert names[0] == "start" and "estimate" in names and names[-1] == "end"
+    epochs = [info for event, info in events if event == "epoch"]
+    assert 1 <= len(epochs) <= 2 and {"val_loss", "val_accuracy"} <= set(epochs[0]["logs"])
+    estimate = next(info for event, info in events if event == "estimate")
+    assert estimate["seconds_per_epoch"] > 0 and estimate["device"] == "CPU"
+    metrics = run.metrics
+    assert metrics["split"] == "test" and 0 <= metrics["accuracy"] <= 1
+    assert metrics["before"]["accuracy"] == pytest.approx(source.metrics["accuracy"])
+    assert metrics["before"]["log_loss"] == pytest.approx(source.metrics["log_loss"], abs=1e-3)
+    assert metrics["comparison"]["accuracy"]["after"] == metrics["accuracy"]
+
+    # the trainable weights were exactly block5's and the head's
+    model = keras.saving.load_model(run.path / "model.keras", safe_mode=True)
+    rebuilt = backbones.get("vgg16").build("none", 32)
+    changed = {layer.name for layer in model.get_layer(rebuilt.name).layers
+               if layer.weights and not all(
+                   np.array_equal(a, b) for a, b in zip(layer.get_weights(),
+                                                        rebuilt.get_layer(layer.name).get_weights()))}
+    assert changed and all(name.startswith("block5_") for name in changed)
+
+    # predict and export use the fine-tuned model
+    cache = probe.FeatureCache.open(source.config["cache"])
+    root = cache.attrs["dataset_root"]
+    images = [f"{root}/{p}" for p in cache.split("test").paths]
+    results = probe.predict(run.path, images)
+    proba = np.array([[r.probabilities[c] for c in run.classes] for r in results])
+    pixels = np.stack([data.load_image(p, 32) for p in images]).astype("float32")
+    np.testing.assert_allclose(model.predict(pixels, verbose=0), proba, atol=1e-5)
+    exported = keras.saving.load_model(probe.export(run.path, tmp_path / "ft.keras"))
+    np.testing.assert_allclose(exported.predict(pixels, verbose=0), proba, atol=1e-5)
+    assert len(exported.layers) == len(model.layers)  # no augmentation layers inside
+
+    with pytest.raises(FinetuneError, match="already fine-tuned"):
+        probe.finetune(run, unfreeze=1)
+
+
+def test_batchnorm_statistics_unchanged_resnet50(tmp_path):
+    import keras
+
+    source = _dense_run(tmp_path, "resnet50")
+    run = probe.finetune(source, unfreeze=1, epochs=1, learning_rate=1e-3, batch_size=8,
+                         progress=False)
+    model = keras.saving.load_model(run.path / "model.keras", safe_mode=True)
+    rebuilt = backbones.get("resnet50").build("none", 32)
+    tuned = model.get_layer(rebuilt.name)
+    bn = [layer for layer in tuned.layers if _is_bn(layer)]
+    assert any(layer.name.startswith("conv5_") for layer in bn)
+    for layer in bn:
+        for before, after in zip(rebuilt.get_layer(layer.name).get_weights(), layer.get_weights()):
+            np.testing.assert_array_equal(before, after, err_msg=layer.name)
+    kernel = tuned.get_layer("conv5_block3_3_conv").get_weights()[0]
+    assert not np.array_equal(kernel, rebuilt.get_layer("conv5_block3_3_conv").get_weights()[0])
+    np.testing.assert_array_equal(tuned.get_layer("conv4_block6_3_conv").get_weights()[0],
+                                  rebuilt.get_layer("conv4_block6_3_conv").get_weights()[0])
+
+
+def test_cli_finetune_a_logistic_run(tmp_path):
+    root = make_separable_tree(tmp_path / "colours", per_class=8)
+    runner = CliRunner()
+    assert runner.invoke(main, ["extract", "--weights", "none", "--image-size", "32", "-q",
+                                str(root)]).exit_code == 0
+    result = runner.invoke(main, ["fit", "--head", "logreg", "--C", "1"])
+    assert result.exit_code == 0, result.output
+    run_dir = result.output.strip().splitlines()[-1].removeprefix("Run: ")
+
+    for value, message in [("0", "0 would train nothing"), ("6", "between 1 and 5")]:
+        refused = runner.invoke(main, ["finetune", run_dir, "--unfreeze", value])
+        assert refused.exit_code == 1
+        assert message in refused.output and "Traceback" not in refused.output
+        assert len(refused.output.strip().splitlines()) == 1
+
+    result = runner.invoke(main, ["finetune", run_dir, "--unfreeze", "2", "--epochs", "1",
+                                  "--no-augment", "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    assert "block4, block5 unfrozen" in result.output
+    assert "per epoch on this machine (CPU): about" in result.output  # stderr, mixed in
+    assert "metric" in result.output and "before" in result.output and "after" in result.output
+    new_run = result.output.strip().splitlines()[-1].removeprefix("Run: ")
+    assert probe.Run.load(new_run).config["finetune"]["augment"] is False
+    predicted = runner.invoke(main, ["predict", new_run, str(root / "red")])
+    assert predicted.exit_code == 0 and "red_0.png" in predicted.output
+
+    cache = probe.FeatureCache.open(probe.Run.load(run_dir).config["cache"])
+    gone = root / cache.split("train").paths[0]
+    gone.unlink()
+    refused = runner.invoke(main, ["finetune", run_dir, "--quiet"])
+    assert refused.exit_code == 1 and "train images are gone" in refused.output
+    assert str(gone) in refused.output
+
+
+def test_bad_settings_are_refused(tmp_path):
+    with pytest.raises(ProbeError, match="config.json"):
+        probe.finetune(tmp_path, unfreeze=1)
+    help_text = CliRunner().invoke(main, ["finetune", "--help"]).output
+    assert "Example: probe finetune" in help_text and "--no-augment" in help_text
