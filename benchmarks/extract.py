@@ -156,7 +156,8 @@ def measure_keras_recipe(spec, size: int, root: Path, batch_size: int) -> float:
     return time.perf_counter() - start
 
 
-def fit_heads(cache, scope: str, extract_seconds: float, runs_dir: Path) -> dict[str, float]:
+def fit_heads(cache, scope: str, extract_seconds: float, runs_dir: Path,
+              kinds: list[str]) -> dict[str, float]:
     """Seconds of what `probe fit --head logreg` (with its C sweep) and `--head dense` run
     on the cache (fit, evaluate, write the run directory), and their test accuracy."""
     try:
@@ -164,7 +165,7 @@ def fit_heads(cache, scope: str, extract_seconds: float, runs_dir: Path) -> dict
     except ImportError:
         fit = None
     results = {}
-    for kind in ("logreg", "dense"):
+    for kind in kinds:
         start = time.perf_counter()
         if fit is not None:
             run = fit(cache, kind, runs_dir=runs_dir)
@@ -288,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", default="float32,bf16",
                         help="comma-separated; bf16 is skipped where it is not supported")
     parser.add_argument("--no-keras", action="store_true", help="skip the plain Keras recipe")
-    parser.add_argument("--no-fit", action="store_true", help="skip fitting the heads")
+    parser.add_argument("--heads", default="logreg,dense",
+                        help="heads to time with `probe fit` ('' to skip)")
     parser.add_argument("--memory-sizes", default="500,2000",
                         help="dataset sizes for the peak-memory runs ('' to skip)")
     parser.add_argument("--memory-backbone", default="vgg16")
@@ -303,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="probe-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    precisions = [p for p in args.precisions.split(",") if p]
+    precisions = ["float32"] + [p for p in args.precisions.split(",") if p and p != "float32"]
+    heads = [h for h in args.heads.split(",") if h]
     bf16_reason = bf16_support()
     if "bf16" in precisions and bf16_reason is not None:
         precisions.remove("bf16")
@@ -351,15 +354,13 @@ def main(argv: list[str] | None = None) -> int:
                 if args.image_size is None:
                     native_rates[name] = rate["extract"]
                 emit(name, "extract_s", extract_seconds)
-                if not args.no_fit:
-                    fit_heads(caches["float32"], name, extract_seconds,
-                                         work / "runs")
+                fit_heads(caches["float32"], name, extract_seconds, work / "runs", heads)
             else:
                 emit(name, f"speedup{tag}", rate["extract"] / figures_fp32["extract"])
                 paths_a, a = all_features(caches["float32"])
                 paths_b, b = all_features(caches[precision])
                 assert paths_a == paths_b
-                emit(name, f"cosine{tag}_vs_float32", mean_cosine(a, b))
+                emit(name, f"cosine{tag}_vs_float32", f"{mean_cosine(a, b):.5f}")
                 emit(name, "logreg_test_accuracy_float32",
                      logreg_accuracy(caches["float32"]))
                 emit(name, f"logreg_test_accuracy{tag}", logreg_accuracy(caches[precision]))
@@ -377,12 +378,13 @@ def main(argv: list[str] | None = None) -> int:
         emit(f"memory_{n}", "seconds", seconds)
     if len(peaks) >= 2:
         emit("memory", "growth", peaks[-1] / peaks[0])
-    if sizes and not args.no_fit and args.memory_backbone in native_rates:
+    if sizes and heads and args.memory_backbone in native_rates:
         # Fitting time hardly depends on the image size, extraction time does: compare the
         # fits on the largest cache with extracting it at native size (the measured rate).
         n = sizes[-1]
         cache = probe.list_caches(work / f"cache-memory-{n}")[0]
-        fit_heads(cache, f"fit_{n}", n / native_rates[args.memory_backbone], work / "runs")
+        fit_heads(cache, f"fit_{n}", n / native_rates[args.memory_backbone], work / "runs",
+                  heads)
     emit("total", "seconds", time.perf_counter() - start)
     return 0
 
