@@ -326,8 +326,10 @@ class BadImage(Exception):
 def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
     """Decode an image file to RGB uint8 pixels of shape (size, size, 3).
 
-    EXIF orientation is applied; every Pillow mode (L, P, RGBA, CMYK, I;16, ...) becomes
-    RGB, with transparency composited onto white; animated files give their first frame.
+    A JPEG at least twice the target size is decoded at reduced scale (Pillow's `draft`)
+    before the resize. EXIF orientation is applied; every Pillow mode (L, P, RGBA, CMYK,
+    I;16, ...) becomes RGB, with transparency composited onto white; animated files give
+    their first frame.
     Raises `BadImage` with a readable reason for anything that can not be decoded.
     """
     from PIL import Image, ImageOps
@@ -338,6 +340,10 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
+                if image.format == "JPEG":
+                    # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below the target
+                    # size: much faster for large photos, nearly the same pixels.
+                    image.draft(image.mode, (size, size))
                 image.load()
                 image = ImageOps.exif_transpose(image)
                 image = to_rgb(image)

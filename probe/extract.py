@@ -51,12 +51,16 @@ def extract(
     workers: int | None = None,
     progress: ProgressCallback | None = None,
     on_start: Callable[[dict], None] | None = None,
+    precision: str = "float32",
 ) -> FeatureCache:
     """Extract the features of every image of `dataset` into an HDF5 cache and return it.
 
     Features already computed with the same settings (in this cache, in a cache of the same
     dataset with other splits, or by an interrupted run) are reused, so an identical second
     run does no backbone work. `FeatureCache.report` says what this run did.
+    `precision="bf16"` runs the backbone in Keras' mixed bfloat16 where the CPU or GPU
+    supports it (faster, features agree closely but not exactly; stored as float32 in a
+    cache of their own).
 
     >>> cache = probe.extract("cats_vs_dogs/", "vgg16", weights="none", image_size=64)
     """
@@ -65,6 +69,7 @@ def extract(
     backbones.check_pooling(pooling)
     if batch_size < 1:
         raise ProbeError(f"expected a batch size of at least 1. Received: batch_size={batch_size}")
+    check_precision(precision)
     found = data.discover(dataset, labels, val_fraction, test_fraction, seed)
     weights_id = backbones.weights_identity(weights, seed)
     settings = {
@@ -74,6 +79,8 @@ def extract(
         "pooling": pooling,
         "preprocessing": spec.preprocessing,
     }
+    if precision != "float32":  # float32 caches keep the key they always had
+        settings["precision"] = precision
     feature_key = cache_mod.fingerprint({"dataset_root": str(found.root), **settings})
     split_settings = {
         "labels_file": str(Path(labels).expanduser().resolve()) if labels else "",
@@ -83,6 +90,8 @@ def extract(
     }
     directory = cache_mod.resolve_cache_dir(cache_dir)
     name = f"{_safe(found.root.name)}-{spec.name}-{size}-{pooling}"
+    if precision != "float32":
+        name += f"-{precision}"
     target = directory / f"{name}-{cache_mod.fingerprint([feature_key, split_settings])[:10]}.h5"
 
     sources, unreadable = _stat_sources(found)
@@ -126,7 +135,7 @@ def extract(
             on_start(info)
         feature_shape = _feature_shape(spec, size, pooling, known_rows)
         if todo:
-            model = spec.build(weights=weights, image_size=size, pooling=pooling, seed=seed)
+            model = build_model(spec, weights, size, pooling, seed, precision)
             feature_shape = tuple(int(d) for d in model.output_shape[1:])
             for features, done, skipped in _run_batches(
                 model, spec, found.root, todo, size, batch_size, workers, progress
@@ -181,8 +190,12 @@ def _run_batches(
     model, spec: backbones.BackboneSpec, root: Path, todo: list[_Source], size: int,
     batch_size: int, workers: int | None, progress: ProgressCallback | None,
 ) -> Iterator[tuple[np.ndarray, list[_Source], list[tuple[str, str, int, int]]]]:
-    """Yield (features, decoded sources, skipped) per batch, in order. Decoding of the next
-    batches runs in threads while the model works on the current one."""
+    """Yield (features, decoded sources, skipped) per batch, in order.
+
+    A producer thread decodes the next batches (in a small thread pool), applies the
+    backbone's preprocessing and pads a short batch, so that the model, in this thread,
+    never waits for anything but its own forward pass. At most PREFETCH_BATCHES batches
+    wait in memory, whatever the number of images."""
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     results: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
     stop = threading.Event()
@@ -200,7 +213,14 @@ def _run_batches(
                 if stop.is_set():
                     return
                 decoded = list(pool.map(decode, batch))
-                results.put((batch, decoded))
+                good = [s for s, (pixels, _) in zip(batch, decoded) if pixels is not None]
+                skipped = [(s.sample.path, reason, s.size, s.mtime)
+                           for s, (pixels, reason) in zip(batch, decoded) if pixels is None]
+                inputs = None
+                if good:
+                    inputs = _prepare(spec, [p for p, _ in decoded if p is not None], batch_size)
+                del decoded
+                results.put((batch, good, skipped, inputs))
             results.put(None)
         except BaseException as error:  # hand any failure to the consuming thread
             results.put(error)
@@ -215,13 +235,9 @@ def _run_batches(
                 break
             if isinstance(item, BaseException):
                 raise item
-            batch, decoded = item
-            good = [s for s, (pixels, _) in zip(batch, decoded) if pixels is not None]
-            skipped = [(s.sample.path, reason, s.size, s.mtime)
-                       for s, (pixels, reason) in zip(batch, decoded) if pixels is None]
+            batch, good, skipped, inputs = item
             if good:
-                pixels = np.stack([p for p, _ in decoded if p is not None])
-                features = _forward(model, spec, pixels, batch_size)
+                features = _forward(model, inputs, len(good))
             else:
                 features = np.zeros((0, *model.output_shape[1:]), dtype=np.float32)
             yield features, good, skipped
@@ -238,15 +254,77 @@ def _run_batches(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _forward(model, spec: backbones.BackboneSpec, pixels: np.ndarray, batch_size: int) -> np.ndarray:
-    """Features of one batch of RGB pixels. A short last batch is padded to the batch size
-    so the compiled model is not traced again."""
-    count = len(pixels)
-    inputs = spec.preprocess_input(pixels)
-    if count < batch_size:
-        padding = np.zeros((batch_size - count, *inputs.shape[1:]), dtype=inputs.dtype)
+def _prepare(spec: backbones.BackboneSpec, pixels: list[np.ndarray], batch_size: int) -> np.ndarray:
+    """Model inputs of one batch: the backbone's own preprocessing of the RGB pixels, a
+    short batch padded with zeros to the batch size so the compiled model is not traced
+    again."""
+    inputs = spec.preprocess_input(np.stack(pixels))
+    if len(inputs) < batch_size:
+        padding = np.zeros((batch_size - len(inputs), *inputs.shape[1:]), dtype=inputs.dtype)
         inputs = np.concatenate([inputs, padding])
+    return inputs
+
+
+def _forward(model, inputs: np.ndarray, count: int) -> np.ndarray:
+    """Features (float32, whatever the compute precision) of the first `count` rows."""
     return np.asarray(model.predict_on_batch(inputs), dtype=np.float32)[:count]
+
+
+PRECISIONS = ("float32", "bf16")
+
+
+def bf16_support() -> str | None:
+    """None where bfloat16 runs fast (a GPU of compute capability 8.0+, or a CPU with
+    AVX512_BF16 / AMX_BF16 / Arm BF16), else the reason it is not offered."""
+    try:
+        import tensorflow as tf
+
+        for gpu in tf.config.list_physical_devices("GPU"):
+            capability = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+            if capability and tuple(capability) >= (8, 0):
+                return None
+    except Exception:  # no TensorFlow GPU support: only the CPU counts
+        pass
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.lower().startswith(("flags", "features")):
+                    flags.update(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    if flags & {"avx512_bf16", "amx_bf16", "bf16"}:
+        return None
+    return ("neither the CPU (no AVX512_BF16, AMX_BF16 or BF16 instructions) nor a GPU "
+            "(compute capability 8.0+) runs bfloat16 natively")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ProbeError(f"expected precision to be one of {', '.join(PRECISIONS)}. "
+                         f"Received: precision='{precision}'")
+    if precision == "bf16":
+        reason = bf16_support()
+        if reason is not None:
+            raise ProbeError(f"bf16 is not available here: {reason}; use float32. "
+                             f"Received: precision='{precision}'")
+    return precision
+
+
+def build_model(spec: backbones.BackboneSpec, weights, size: int, pooling: str, seed: int,
+                precision: str = "float32"):
+    """The frozen backbone; with precision "bf16" under Keras' "mixed_bfloat16" policy
+    (variables stay float32, so the weights are the same). The global policy is restored."""
+    if precision == "float32":
+        return spec.build(weights=weights, image_size=size, pooling=pooling, seed=seed)
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        return spec.build(weights=weights, image_size=size, pooling=pooling, seed=seed)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def _stat_sources(found: data.Dataset) -> tuple[list[_Source], list[tuple[data.Sample, str]]]:

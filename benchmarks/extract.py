@@ -1,0 +1,393 @@
+"""Extraction speed, memory and head-fitting time of probe against the backbone's limit and
+the plain Keras recipe.
+
+For each backbone, at its native size (or --image-size), on N generated photo-like JPEGs:
+
+1. limit: the Keras model alone on decoded, preprocessed tensors in memory;
+2. extract: `probe.extract` end to end, from the files to a finished cache;
+3. keras: `keras.utils.image_dataset_from_directory` mapped through the backbone's
+   `preprocess_input`, then `model.predict`, features kept in memory;
+
+then the ratios extract/limit and extract/keras, the bfloat16 speed-up and agreement
+(where the machine supports it), and the time to fit the heads on the cache. Finally the
+peak memory of `probe.extract` in a fresh process for two dataset sizes.
+
+Every figure is printed on its own line: `<scope> <figure> <value>`, e.g.
+`vgg16 limit_img_per_s 7.1`. Weights are random (`--weights none`): the speed is the same
+as with ImageNet weights and nothing needs downloading.
+
+    python benchmarks/extract.py --n 96
+    python benchmarks/extract.py --n 6 --backbones vgg16 --image-size 32 --memory-sizes ''
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import probe  # noqa: E402
+from probe import data  # noqa: E402
+
+CLASSES = ("meadow", "sunset", "harbour")
+
+
+# --- data ------------------------------------------------------------------------------
+
+
+def make_photo(rng: np.random.Generator, label: int, width: int, height: int) -> np.ndarray:
+    """Pixels that compress like a photo: a smooth colour gradient (sky, ground), soft
+    blobs and shapes, and sensor noise; the class sets the palette and the shapes."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    x /= width
+    y /= height
+    palettes = (((90, 140, 210), (60, 150, 50)), ((250, 150, 60), (120, 50, 90)),
+                ((150, 180, 210), (30, 60, 110)))
+    top, bottom = (np.array(c, np.float32) + rng.normal(0, 25, 3) for c in palettes[label])
+    horizon = rng.uniform(0.3, 0.7)
+    t = np.clip((y - horizon) * 4 + 0.5, 0, 1)[..., None]
+    image = top * (1 - t) + bottom * t + (x[..., None] - 0.5) * rng.normal(0, 40, 3)
+    for _ in range(rng.integers(4, 9)):
+        cx, cy = rng.uniform(0, 1, 2)
+        r = rng.uniform(0.03, 0.25)
+        colour = rng.uniform(0, 255, 3)
+        if (label + rng.integers(0, 3)) % 3 == 0:  # soft round blob
+            d = ((x - cx) ** 2 + ((y - cy) * height / width) ** 2) / (r * r)
+            alpha = np.exp(-d)[..., None]
+        else:  # hard-edged box
+            alpha = ((abs(x - cx) < r) & (abs(y - cy) < r * 0.6))[..., None] * 0.8
+        image = image * (1 - alpha) + colour * alpha
+    image += rng.normal(0, 6, image.shape).astype(np.float32)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def make_dataset(root: Path, n: int, seed: int = 0) -> Path:
+    """n JPEGs of about 500x375 (landscape and portrait, varied) in class folders.
+    An existing folder with the same count is reused."""
+    from PIL import Image
+
+    marker = root / ".complete"
+    if marker.exists() and marker.read_text() == str(n):
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        label = i % len(CLASSES)
+        width, height = int(rng.integers(440, 561)), int(rng.integers(330, 421))
+        if rng.random() < 0.2:
+            width, height = height, width
+        path = root / CLASSES[label] / f"{i:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(make_photo(rng, label, width, height)).save(path, quality=90)
+    marker.write_text(str(n))
+    return root
+
+
+def samples_in_order(root: Path) -> list[Path]:
+    return sorted(root.glob("*/*.jpg"))
+
+
+# --- measurements ----------------------------------------------------------------------
+
+
+def emit(scope: str, figure: str, value) -> None:
+    if isinstance(value, float):
+        value = f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    print(f"{scope} {figure} {value}", flush=True)
+
+
+def measure_limit(spec, size: int, root: Path, batch_size: int, precision: str) -> float:
+    """Images/s of the model alone on preprocessed tensors in memory (after one warm-up
+    batch, so tracing is not counted)."""
+    from probe.extract import build_model
+
+    pixels = np.stack([data.load_image(p, size) for p in samples_in_order(root)])
+    inputs = spec.preprocess_input(pixels)
+    del pixels
+    model = build_model(spec, "none", size, "avg", 0, precision)
+    model.predict_on_batch(inputs[:batch_size])
+    start = time.perf_counter()
+    for i in range(0, len(inputs), batch_size):
+        model.predict_on_batch(inputs[i:i + batch_size])
+    return len(inputs) / (time.perf_counter() - start)
+
+
+def measure_extract(name: str, size: int, root: Path, cache_dir: Path, batch_size: int,
+                    precision: str):
+    """Seconds of `probe.extract` from files to a finished cache, and the cache."""
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    start = time.perf_counter()
+    cache = probe.extract(root, name, weights="none", image_size=size, cache_dir=cache_dir,
+                          batch_size=batch_size, precision=precision)
+    return time.perf_counter() - start, cache
+
+
+def measure_keras_recipe(spec, size: int, root: Path, batch_size: int) -> float:
+    """Seconds of the plain Keras recipe: image_dataset_from_directory, preprocess_input,
+    model.predict (features kept in memory)."""
+    import keras
+    import tensorflow as tf
+
+    start = time.perf_counter()
+    module = getattr(keras.applications, spec.module)
+    model = getattr(keras.applications, spec.constructor)(
+        weights=None, include_top=False, input_shape=(size, size, 3), pooling="avg")
+    dataset = keras.utils.image_dataset_from_directory(
+        root, labels="inferred", image_size=(size, size), batch_size=batch_size,
+        shuffle=False, verbose=False)
+    dataset = dataset.map(lambda x, y: module.preprocess_input(x)).prefetch(tf.data.AUTOTUNE)
+    features = model.predict(dataset, verbose=0)
+    assert len(features) == len(samples_in_order(root))
+    return time.perf_counter() - start
+
+
+def fit_heads(cache, scope: str, extract_seconds: float, runs_dir: Path,
+              kinds: list[str]) -> dict[str, float]:
+    """Seconds of what `probe fit --head logreg` (with its C sweep) and `--head dense` run
+    on the cache (fit, evaluate, write the run directory), and their test accuracy."""
+    try:
+        from probe.runs import fit
+    except ImportError:
+        fit = None
+    results = {}
+    for kind in kinds:
+        start = time.perf_counter()
+        if fit is not None:
+            run = fit(cache, kind, runs_dir=runs_dir)
+            accuracy = float(run.metrics["accuracy"])
+            source = "probe fit (probe.runs.fit)"
+        elif kind == "logreg":
+            accuracy = sklearn_logreg_sweep(cache.split("train"), cache.split("val"),
+                                            cache.split("test"))
+            source = "scikit-learn C sweep (probe fit not available)"
+        else:
+            emit(scope, f"fit_{kind}_s", "unavailable (probe fit not available)")
+            continue
+        seconds = time.perf_counter() - start
+        results[kind] = accuracy
+        emit(scope, f"fit_{kind}_source", source)
+        emit(scope, f"fit_{kind}_s", seconds)
+        emit(scope, f"fit_{kind}_test_accuracy", accuracy)
+        emit(scope, f"extract_over_fit_{kind}", extract_seconds / seconds)
+    return results
+
+
+def sklearn_logreg_sweep(train, val, test) -> float:
+    """StandardScaler + lbfgs LogisticRegression over 12 values of C (1e-6..1e5), picked on
+    validation accuracy, refitted on train+val; returns the test accuracy."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def model(c):
+        return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        scores = [(model(c).fit(train.features, train.labels).score(val.features, val.labels), -c)
+                  for c in np.logspace(-6, 5, 12)]
+        best = -max(scores)[1]
+        final = model(best).fit(np.concatenate([train.features, val.features]),
+                                np.concatenate([train.labels, val.labels]))
+        return float(final.score(test.features, test.labels))
+
+
+def logreg_accuracy(cache) -> float:
+    train, val, test = cache.split("train"), cache.split("val"), cache.split("test")
+    try:
+        from probe.heads import LogisticHead
+    except ImportError:
+        return sklearn_logreg_sweep(train, val, test)
+    head = LogisticHead().fit(train.features, train.labels, X_val=val.features,
+                              y_val=val.labels, classes=cache.classes)
+    return float(np.mean(head.predict(test.features) == test.labels))
+
+
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.mean(np.sum(a * b, axis=1) / np.maximum(norms, 1e-30)))
+
+
+def all_features(cache) -> tuple[list[str], np.ndarray]:
+    paths, rows = [], []
+    for split in cache.splits:
+        part = cache.split(split)
+        paths += list(part.paths)
+        rows.append(part.features)
+    order = np.argsort(paths)
+    return [paths[i] for i in order], np.concatenate(rows)[order]
+
+
+MEMORY_CHILD = """
+import resource, sys, time
+import probe
+start = time.perf_counter()
+probe.extract(sys.argv[1], sys.argv[2], weights="none", image_size=int(sys.argv[3]),
+              cache_dir=sys.argv[4], batch_size=int(sys.argv[5]))
+print("SECONDS", time.perf_counter() - start)
+print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def measure_memory(root: Path, name: str, size: int, cache_dir: Path, batch_size: int):
+    """Peak resident memory (MB) and seconds of one `probe.extract` in a fresh process."""
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHILD, str(root), name, str(size), str(cache_dir),
+         str(batch_size)], capture_output=True, text=True, env=env, check=True)
+    values = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+    return int(values["MAXRSS_KB"]) / 1024, float(values["SECONDS"])
+
+
+# --- main ------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=96, help="images of the speed dataset")
+    parser.add_argument("--backbones", default=",".join(probe.list_backbones()),
+                        help="comma-separated backbone names")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="input size for every backbone [default: each one's native size]")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of limit/extract/keras per backbone; medians are printed")
+    parser.add_argument("--precisions", default="float32,bf16",
+                        help="comma-separated; bf16 is skipped where it is not supported")
+    parser.add_argument("--no-keras", action="store_true", help="skip the plain Keras recipe")
+    parser.add_argument("--heads", default="logreg,dense",
+                        help="heads to time with `probe fit` ('' to skip)")
+    parser.add_argument("--memory-sizes", default="500,2000",
+                        help="dataset sizes for the peak-memory runs ('' to skip)")
+    parser.add_argument("--memory-backbone", default="vgg16")
+    parser.add_argument("--memory-image-size", type=int, default=64,
+                        help="input size of the memory runs (small, so they finish quickly)")
+    parser.add_argument("--workdir", default=None,
+                        help="where datasets and caches go [default: a temporary folder]; "
+                             "generated datasets there are reused")
+    args = parser.parse_args(argv)
+
+    from probe.extract import bf16_support
+
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="probe-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    precisions = ["float32"] + [p for p in args.precisions.split(",") if p and p != "float32"]
+    heads = [h for h in args.heads.split(",") if h]
+    bf16_reason = bf16_support()
+    if "bf16" in precisions and bf16_reason is not None:
+        precisions.remove("bf16")
+    import keras
+    import tensorflow as tf
+
+    emit("machine", "cpu", machine())
+    emit("machine", "versions", f"python {platform.python_version()}, tensorflow "
+         f"{tf.__version__}, keras {keras.__version__}")
+    emit("machine", "bf16", "supported" if bf16_reason is None else f"unsupported: {bf16_reason}")
+    emit("setting", "command", " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])))
+    start = time.perf_counter()
+    root = make_dataset(work / f"photos-{args.n}", args.n)
+    emit("setting", "images", f"{args.n} JPEGs ~500x375 in {len(CLASSES)} classes, "
+         f"{sum(p.stat().st_size for p in samples_in_order(root)) / args.n / 1e3:.0f} kB "
+         f"average (made in {time.perf_counter() - start:.1f} s)")
+
+    native_rates: dict[str, float] = {}
+    for name in [b.strip() for b in args.backbones.split(",") if b.strip()]:
+        spec = probe.get_backbone(name)
+        size = args.image_size or spec.native_size
+        emit(name, "image_size", size)
+        caches = {}
+        for precision in precisions:
+            tag = "" if precision == "float32" else f"_{precision}"
+            figures: dict[str, list[float]] = {"limit": [], "extract": [], "keras": []}
+            for _ in range(args.repeats):
+                figures["limit"].append(measure_limit(spec, size, root, args.batch_size, precision))
+                seconds, caches[precision] = measure_extract(
+                    name, size, root, work / f"cache-{name}-{precision}", args.batch_size,
+                    precision)
+                figures["extract"].append(args.n / seconds)
+                if precision == "float32" and not args.no_keras:
+                    figures["keras"].append(args.n / measure_keras_recipe(spec, size, root,
+                                                                          args.batch_size))
+            rate = {k: statistics.median(v) for k, v in figures.items() if v}
+            emit(name, f"limit{tag}_img_per_s", rate["limit"])
+            emit(name, f"extract{tag}_img_per_s", rate["extract"])
+            emit(name, f"extract{tag}_over_limit", rate["extract"] / rate["limit"])
+            if "keras" in rate:
+                emit(name, "keras_img_per_s", rate["keras"])
+                emit(name, "extract_over_keras", rate["extract"] / rate["keras"])
+            if precision == "float32":
+                extract_seconds = args.n / rate["extract"]
+                if args.image_size is None:
+                    native_rates[name] = rate["extract"]
+                emit(name, "extract_s", extract_seconds)
+                fit_heads(caches["float32"], name, extract_seconds, work / "runs", heads)
+            else:
+                emit(name, f"speedup{tag}", rate["extract"] / figures_fp32["extract"])
+                paths_a, a = all_features(caches["float32"])
+                paths_b, b = all_features(caches[precision])
+                assert paths_a == paths_b
+                emit(name, f"cosine{tag}_vs_float32", f"{mean_cosine(a, b):.5f}")
+                emit(name, "logreg_test_accuracy_float32",
+                     logreg_accuracy(caches["float32"]))
+                emit(name, f"logreg_test_accuracy{tag}", logreg_accuracy(caches[precision]))
+            if precision == "float32":
+                figures_fp32 = rate
+
+    sizes = [int(s) for s in args.memory_sizes.split(",") if s.strip()]
+    peaks = []
+    for n in sizes:
+        mem_root = make_dataset(work / f"photos-{n}", n, seed=1)
+        peak, seconds = measure_memory(mem_root, args.memory_backbone, args.memory_image_size,
+                                       work / f"cache-memory-{n}", args.batch_size)
+        peaks.append(peak)
+        emit(f"memory_{n}", "peak_rss_mb", peak)
+        emit(f"memory_{n}", "seconds", seconds)
+    if len(peaks) >= 2:
+        emit("memory", "growth", peaks[-1] / peaks[0])
+    if sizes and heads and args.memory_backbone in native_rates:
+        # Fitting time hardly depends on the image size, extraction time does: compare the
+        # fits on the largest cache with extracting it at native size (the measured rate).
+        n = sizes[-1]
+        cache = probe.list_caches(work / f"cache-memory-{n}")[0]
+        fit_heads(cache, f"fit_{n}", n / native_rates[args.memory_backbone], work / "runs",
+                  heads)
+    emit("total", "seconds", time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
