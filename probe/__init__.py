@@ -18,6 +18,7 @@ from .extract import extract
 from .heads import DenseHead, LogisticHead, load_head, make_head
 from .inference import Prediction, export, predict
 from .runs import Run, fit
+from .compare import Comparison, compare; from .demo import run_demo, write_digits  # noqa: E702
 
 __version__ = "0.1.0"
 
@@ -29,4 +30,5 @@ __all__ = [
     "CacheMismatchError", "NotFittedError", "RunError",
     "extract", "fit", "predict", "export", "Run", "Prediction",
     "LogisticHead", "DenseHead", "make_head", "load_head",
+    "compare", "Comparison", "run_demo", "write_digits",
 ]
