@@ -414,7 +414,8 @@ def _show_comparison(result) -> None:
         raise click.ClickException("no backbone and head finished; see the errors above")
     click.echo(f"Best: {best['backbone']} + {best['head']} ({best['split']} accuracy "
                f"{best['accuracy']:.4f}): {best['run']}")
-    click.echo(f"  probe predict {best['run']} IMAGES...  |  probe export {best['run']} OUT.keras")
+    click.echo(f"  probe predict {best['run']} IMAGES...")
+    click.echo(f"  probe export {best['run']} OUT.keras")
 
 
 @main.command("compare")
