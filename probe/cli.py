@@ -358,9 +358,11 @@ def _options_except(decorator, *names):
 
 def _compare_head_params(heads, C, hidden_units, dropout, epochs, learning_rate,
                          head_batch_size, patience, class_weight, seed) -> dict:
+    from .compare import parse_names
+
     return {head: head_params(head, C, hidden_units, dropout, epochs, learning_rate,
                               head_batch_size, patience, class_weight, seed)
-            for head in heads.split(",") if head.strip() in ("logreg", "dense")}
+            for head in parse_names(heads, ()) if head in ("logreg", "dense")}
 
 
 class _CompareProgress:

@@ -18,6 +18,7 @@ import csv
 import datetime as _dt
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -51,6 +52,8 @@ CSV_COLUMNS = [key for key, _ in TABLE_COLUMNS] + [
 TEXT_COLUMNS = ("backbone", "head", "status")
 DECIMALS = {"accuracy": 4, "balanced_accuracy": 4, "macro_f1": 4, "images_per_second": 1,
             "fit_seconds": 2}
+
+MESSAGE_LIMIT = 400
 
 EventCallback = Callable[[str, dict], None]
 
@@ -182,10 +185,14 @@ def compare(
         base = {"backbone": spec.name, "image_size": size, "weights": None, "cache": None,
                 "feature_size": None, "images_per_second": None, "extraction": None}
         try:
-            cache = extract(found.root, spec.name, weights=weights, image_size=size,
-                            pooling=pooling, labels=labels, val_fraction=val_fraction,
-                            test_fraction=test_fraction, seed=seed, batch_size=batch_size,
-                            cache_dir=directory, progress=progress, on_start=on_start)
+            with warnings.catch_warnings():
+                # Keras warns per layer when a weights file does not fit, then fails: the
+                # row says why in one line instead
+                warnings.simplefilter("ignore", UserWarning)
+                cache = extract(found.root, spec.name, weights=weights, image_size=size,
+                                pooling=pooling, labels=labels, val_fraction=val_fraction,
+                                test_fraction=test_fraction, seed=seed, batch_size=batch_size,
+                                cache_dir=directory, progress=progress, on_start=on_start)
         except Exception as error:  # noqa: BLE001 - one backbone must not stop the others
             message = _message(error)
             emit("extracted", {"backbone": spec.name, "error": message})
@@ -387,10 +394,15 @@ def _failed(base: dict, message: str) -> dict:
             "split": None, "n_samples": None}
 
 
-def _message(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    text = " ".join(text.split())
-    return text if isinstance(error, ProbeError) else f"{type(error).__name__}: {text}"
+def _message(error: BaseException, limit: int = MESSAGE_LIMIT) -> str:
+    """The error in one line; a very long one (Keras quotes whole weight tensors) keeps
+    its beginning and its end, where probe's advice is."""
+    text = " ".join((str(error).strip() or type(error).__name__).split())
+    if not isinstance(error, ProbeError):
+        text = f"{type(error).__name__}: {text}"
+    if len(text) > limit:
+        text = f"{text[:limit // 2]} [...] {text[-limit // 2:]}"
+    return text
 
 
 def _text(key: str, value) -> str:

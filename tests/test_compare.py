@@ -204,3 +204,14 @@ def test_imagenet_check_fails_fast_offline(monkeypatch):
 
     monkeypatch.setattr(backbones.BackboneSpec, "build", no_download)
     assert demo.imagenet_available("vgg16", 32) is False
+
+
+def test_a_long_error_keeps_its_start_and_its_advice():
+    from probe.compare import _message
+
+    error = WeightsError("could not load the weights file w.h5 into resnet50: "
+                         + "tensor " * 2000 + "Use a resnet50 'notop' weights file.")
+    text = _message(error)
+    assert len(text) < 450 and "\n" not in text
+    assert text.startswith("could not load the weights file") and text.endswith("weights file.")
+    assert _message(ValueError("bad\nshape")) == "ValueError: bad shape"
