@@ -215,3 +215,15 @@ def test_a_long_error_keeps_its_start_and_its_advice():
     assert len(text) < 450 and "\n" not in text
     assert text.startswith("could not load the weights file") and text.endswith("weights file.")
     assert _message(ValueError("bad\nshape")) == "ValueError: bad shape"
+
+
+def test_help_and_dataframe_without_pandas(tmp_path, monkeypatch):
+    for command in ("compare", "demo"):
+        result = cli(command, "--help")
+        assert result.exit_code == 0 and "Example: probe" in result.output
+    table = probe.Comparison([{"backbone": "vgg16", "head": "logreg", "status": "failed"}],
+                             tmp_path, {})
+    assert table.best is None and table.best_run is None and len(table.failed) == 1
+    monkeypatch.setitem(__import__("sys").modules, "pandas", None)
+    with pytest.raises(ProbeError, match="needs pandas"):
+        table.to_dataframe()
