@@ -20,6 +20,7 @@ from .finetune import finetune
 from .heads import DenseHead, LogisticHead, load_head, make_head
 from .inference import Prediction, export, predict
 from .runs import Run, fit
+from .compare import Comparison, compare; from .demo import run_demo, write_digits  # noqa: E702
 
 __version__ = "0.1.0"
 
@@ -32,4 +33,5 @@ __all__ = [
     "extract", "fit", "predict", "export", "Run", "Prediction",
     "LogisticHead", "DenseHead", "make_head", "load_head",
     "finetune",
+    "compare", "Comparison", "run_demo", "write_digits",
 ]

@@ -433,6 +433,173 @@ def finetune_command(run, unfreeze, epochs, learning_rate, batch_size, no_augmen
     click.echo(f"Run: {result.path}")
 
 
+# --- compare and demo -------------------------------------------------------------------
+
+
+def _options_except(decorator, *names):
+    """The options a shared option decorator adds, without those named (compare takes
+    --backbones and --heads instead of --backbone and --head)."""
+
+    def apply(command):
+        template = decorator(lambda: None)
+        params = [p for p in template.__click_params__ if p.name not in names]
+        command.__click_params__ = getattr(command, "__click_params__", []) + params
+        return command
+
+    return apply
+
+
+def _compare_head_params(heads, C, hidden_units, dropout, epochs, learning_rate,
+                         head_batch_size, patience, class_weight, seed) -> dict:
+    from .compare import parse_names
+
+    return {head: head_params(head, C, hidden_units, dropout, epochs, learning_rate,
+                              head_batch_size, patience, class_weight, seed)
+            for head in parse_names(heads, ()) if head in ("logreg", "dense")}
+
+
+class _CompareProgress:
+    """Progress of a comparison on stderr: one line per backbone and fit, and an
+    extraction progress bar."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = _Progress(quiet)
+
+    def on_start(self, info: dict) -> None:
+        self.bar.start(info)
+
+    def progress(self, done: int, total: int) -> None:
+        self.bar.update(done, total)
+
+    def event(self, kind: str, info: dict) -> None:
+        if kind == "extract":
+            self.bar.close()
+            self.bar = _Progress(self.quiet)
+            self._say(f"[{info['index'] + 1}/{info['total']}] {info['backbone']}")
+        elif kind == "extracted":
+            self.bar.close()
+            if info["error"]:
+                self._say(f"  {info['backbone']} failed: {info['error']}")
+            elif info["cache"].report["status"] == "up to date":
+                self._say(f"  cache up to date: {info['cache'].path}")
+        elif kind == "fitted":
+            if info["error"]:
+                self._say(f"  {info['head']} failed: {info['error']}")
+            else:
+                metrics = info["run"].metrics
+                self._say(f"  {info['head']}: {metrics['split']} accuracy "
+                          f"{metrics['accuracy']:.4f} ({metrics['fit_seconds']:.1f} s)")
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def _say(self, message: str) -> None:
+        if not self.quiet:
+            click.echo(message, err=True)
+
+
+def _show_comparison(result) -> None:
+    click.echo(result.table())
+    for record in result.failed:
+        click.echo(f"{record['backbone']} + {record['head']} failed: {record['error']}", err=True)
+    click.echo(f"Wrote {result.path}/compare.csv, compare.md, compare.png")
+    best = result.best
+    if best is None:
+        raise click.ClickException("no backbone and head finished; see the errors above")
+    click.echo(f"Best: {best['backbone']} + {best['head']} ({best['split']} accuracy "
+               f"{best['accuracy']:.4f}): {best['run']}")
+    click.echo(f"  probe predict {best['run']} IMAGES...")
+    click.echo(f"  probe export {best['run']} OUT.keras")
+
+
+@main.command("compare")
+@click.argument("dataset", type=click.Path())
+@click.option("--backbones", default="vgg16,resnet50", show_default=True,
+              help="Comma-separated backbone names (see `probe backbones`).")
+@click.option("--heads", default="logreg,dense", show_default=True,
+              help="Comma-separated heads: logreg, dense.")
+@_options_except(extraction_options, "backbone")
+@dataset_options
+@_options_except(head_options, "head")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines or bars.")
+@_fail_cleanly
+@_needs_tensorflow
+def compare_command(dataset, backbones, heads, weights, image_size, pooling, batch_size,
+                    cache_dir, labels, val_fraction, test_fraction, seed, C, hidden_units,
+                    dropout, epochs, learning_rate, head_batch_size, patience, class_weight,
+                    quiet) -> None:
+    """Compare backbones and heads on DATASET and rank them.
+
+    Extracts what is not cached yet (every existing cache is reused), fits every head on
+    every backbone's features with identical splits and prints a ranked table. Writes
+    compare.csv, compare.md and compare.png into .probe/runs/<time>-compare/, with one
+    run directory per backbone and head; the best run is ready for `probe predict` and
+    `probe export`. A backbone that fails gets a row saying why; the others still run.
+
+    Example: probe compare cats_vs_dogs/ --backbones vgg16,resnet50,densenet121 --heads logreg,dense
+    """
+    from .compare import compare
+
+    params = _compare_head_params(heads, C, hidden_units, dropout, epochs, learning_rate,
+                                  head_batch_size, patience, class_weight, seed)
+    shown = _CompareProgress(quiet)
+    try:
+        result = compare(dataset, backbones, heads, weights=weights, image_size=image_size,
+                         pooling=pooling, labels=labels, val_fraction=val_fraction,
+                         test_fraction=test_fraction, seed=seed, batch_size=batch_size,
+                         cache_dir=cache_dir, head_params=params, progress=shown.progress,
+                         on_start=shown.on_start, on_event=shown.event)
+    finally:
+        shown.close()
+    _show_comparison(result)
+
+
+from .demo import DEMO_BACKBONES, DEMO_IMAGE_SIZE, DEMO_PER_CLASS  # noqa: E402
+
+
+@main.command("demo")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Where to write the digits dataset [default: <cache dir>/demo/digits-N].")
+@click.option("--per-class", type=int, default=DEMO_PER_CLASS, show_default=True,
+              help="Digits per class (4 to 174).")
+@click.option("--backbones", default=",".join(DEMO_BACKBONES), show_default=True,
+              help="Comma-separated backbone names.")
+@click.option("--heads", default="logreg,dense", show_default=True, help="logreg, dense")
+@click.option("--image-size", type=int, default=DEMO_IMAGE_SIZE, show_default=True,
+              help="Input size of the backbones in pixels.")
+@click.option("--weights", default="auto", show_default=True,
+              help="'auto' (ImageNet when available, else random), 'imagenet', 'none' or a file.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              envvar="PROBE_CACHE_DIR", help="Cache directory [default: ./.probe].")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines or bars.")
+@_fail_cleanly
+@_needs_tensorflow
+def demo_command(out, per_class, backbones, heads, image_size, weights, seed, cache_dir,
+                 quiet) -> None:
+    """Run the whole flow on a built-in dataset: nothing to prepare.
+
+    Writes scikit-learn's handwritten digits as PNG files in class folders (digit_0/ ...
+    digit_9/), extracts features with each backbone, fits both heads and prints the
+    ranked table of `probe compare`. Without ImageNet weights (offline) it says so and
+    uses random weights.
+
+    Example: probe demo --per-class 30 --backbones vgg16
+    """
+    from .demo import run_demo
+
+    shown = _CompareProgress(quiet)
+    try:
+        result = run_demo(out, per_class=per_class, backbones=backbones, heads=heads,
+                          image_size=image_size, weights=weights, seed=seed,
+                          cache_dir=cache_dir, log=lambda message: click.echo(message, err=True),
+                          progress=shown.progress, on_start=shown.on_start, on_event=shown.event)
+    finally:
+        shown.close()
+    _show_comparison(result)
+
+
 @main.group("cache")
 def cache_group() -> None:
     """Inspect feature caches."""

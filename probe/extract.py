@@ -11,6 +11,7 @@ import datetime as _dt
 import os
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from .errors import CacheError, CacheMismatchError, ProbeError
 
 ProgressCallback = Callable[[int, int], None]  # (images done, images to do)
 PREFETCH_BATCHES = 2
+SPEED_ATTRS = ("extract_seconds", "extract_images_per_second")  # of the last backbone work
 
 
 @dataclass
@@ -134,9 +136,12 @@ def extract(
         if on_start:
             on_start(info)
         feature_shape = _feature_shape(spec, size, pooling, known_rows)
+        speed = {k: previous.attrs[k] for k in SPEED_ATTRS
+                 if previous is not None and k in previous.attrs}
         if todo:
             model = build_model(spec, weights, size, pooling, seed, precision)
             feature_shape = tuple(int(d) for d in model.output_shape[1:])
+            started = time.perf_counter()
             for features, done, skipped in _run_batches(
                 model, spec, found.root, todo, size, batch_size, workers, progress
             ):
@@ -146,6 +151,9 @@ def extract(
                     known_rows[(s.sample.path, s.size, s.mtime)] = Row(str(part), "", i)
                 for path, reason, fsize, mtime in skipped:
                     known_skips[(path, fsize, mtime)] = reason
+            seconds = time.perf_counter() - started
+            speed = {"extract_seconds": round(seconds, 3),
+                     "extract_images_per_second": round(len(todo) / max(seconds, 1e-9), 2)}
         entries, skipped = [], []
         for s in sources:
             key = (s.sample.path, s.size, s.mtime)
@@ -170,6 +178,7 @@ def extract(
             "ignored_files": found.ignored,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(),
+            **speed,
         }
         if not entries:
             raise ProbeError(

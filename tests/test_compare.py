@@ -1,0 +1,229 @@
+import csv
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import probe
+from conftest import make_separable_tree
+from probe import backbones, demo
+from probe.cli import main
+from probe.compare import CSV_COLUMNS
+from probe.errors import BackboneError, DatasetError, ProbeError, WeightsError
+from probe.runs import Run
+
+FAST = {"dense": {"epochs": 3, "hidden_units": 16}, "logreg": {"C": 1.0}}
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture
+def colours(tmp_path):
+    return make_separable_tree(tmp_path / "colours", per_class=8, classes=("blue", "green", "red"))
+
+
+@pytest.fixture
+def broken_resnet(monkeypatch):
+    """resnet50 whose weights can not be loaded; every other backbone builds as usual."""
+    build = backbones.BackboneSpec.build
+
+    def fake(self, *args, **kwargs):
+        if self.name == "resnet50":
+            raise WeightsError("could not load the weights file w.h5 into resnet50")
+        return build(self, *args, **kwargs)
+
+    monkeypatch.setattr(backbones.BackboneSpec, "build", fake)
+
+
+def test_compare_two_backbones_both_heads(colours, cache_dir):
+    table = probe.compare(colours, "vgg16,resnet50", "logreg,dense", weights="none",
+                          image_size=32, head_params=FAST)
+    assert isinstance(table, list) and len(table) == 4
+    assert {(r["backbone"], r["head"]) for r in table} == {
+        (b, h) for b in ("vgg16", "resnet50") for h in ("logreg", "dense")}
+    assert [r["rank"] for r in table] == [1, 2, 3, 4]
+    keys = [(-r["accuracy"], -r["macro_f1"]) for r in table]
+    assert keys == sorted(keys)
+    for record in table:
+        assert record["status"] == "ok" and record["error"] is None
+        assert 0 <= record["balanced_accuracy"] <= 1 and 0 <= record["macro_f1"] <= 1
+        assert record["feature_size"] == {"vgg16": 512, "resnet50": 2048}[record["backbone"]]
+        assert record["images_per_second"] > 0 and record["fit_seconds"] >= 0
+        assert record["split"] == "test" and record["n_samples"] == 3
+    # every fit is a normal run directory inside the comparison directory
+    assert table.path.parent == cache_dir / "runs" and table.path.name.endswith("-compare")
+    assert table.best is table[0] and table.best_run.parent == table.path
+    best = Run.load(table.best_run)
+    assert (best.config["backbone"], best.config["head"]) == (table[0]["backbone"], table[0]["head"])
+    # identical splits for every backbone
+    tests = {tuple(probe.FeatureCache.open(r["cache"]).paths("test")) for r in table}
+    assert len(tests) == 1
+    # the files
+    with open(table.path / "compare.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == CSV_COLUMNS and len(rows) == 4
+    assert [row["backbone"] for row in rows] == [r["backbone"] for r in table]
+    md = (table.path / "compare.md").read_text()
+    assert "| rank | backbone | head | accuracy |" in md and f"`{table[0]['run']}`" in md
+    png = table.path / "compare.png"
+    assert png.stat().st_size > 5000 and Image.open(png).format == "PNG"
+    assert "extract_img/s" in table.table().splitlines()[0]
+
+    # a second comparison reuses every cache and reports the stored extraction speed
+    again = probe.compare(colours, ["resnet50", "vgg16"], ["logreg"], weights="none",
+                          image_size=32, head_params=FAST)
+    assert {r["extraction"] for r in again} == {"cached"}
+    speeds = {r["backbone"]: r["images_per_second"] for r in table}
+    assert {r["backbone"]: r["images_per_second"] for r in again} == speeds
+    assert again.path != table.path
+
+
+def test_a_broken_backbone_gives_failed_rows_not_a_crash(colours, cache_dir, broken_resnet):
+    table = probe.compare(colours, "resnet50,vgg16", "logreg,dense", weights="none",
+                          image_size=32, head_params=FAST)
+    assert len(table) == 4
+    assert [r["backbone"] for r in table] == ["vgg16", "vgg16", "resnet50", "resnet50"]
+    failed = table.failed
+    assert len(failed) == 2 and all(r["status"] == "failed" and r["rank"] is None for r in failed)
+    assert all("could not load the weights file" in r["error"] for r in failed)
+    assert table.best["backbone"] == "vgg16"
+    md = (table.path / "compare.md").read_text()
+    assert "## Failed" in md and "resnet50 + dense: extraction failed" in md
+
+    result = cli("compare", colours, "--backbones", "vgg16,resnet50", "--weights", "none",
+                 "--image-size", 32, "--epochs", 3, "--C", 1, "--quiet")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split() == ["rank", "backbone", "head", "accuracy", "balanced_acc",
+                                "macro_f1", "features", "extract_img/s", "fit_s", "status"]
+    assert sum(1 for line in lines[2:6] if line.split()[-1] == "failed") == 2
+    assert "resnet50 + logreg failed: extraction failed: could not load" in result.output
+    assert any(line.startswith("Best: vgg16 + ") for line in lines)
+
+
+def test_settings_wrong_for_every_row_are_refused_up_front(colours, cache_dir):
+    with pytest.raises(BackboneError, match="unknown backbone.*resnet5'"):
+        probe.compare(colours, "vgg16,resnet5", weights="none", image_size=32)
+    with pytest.raises(BackboneError, match="xception needs an image size of at least 71"):
+        probe.compare(colours, "vgg16,xception", weights="none", image_size=32)
+    with pytest.raises(ProbeError, match="unknown head"):
+        probe.compare(colours, "vgg16", "logreg,svm", weights="none", image_size=32)
+    with pytest.raises(ProbeError, match="takes the parameters"):
+        probe.compare(colours, "vgg16", weights="none", image_size=32,
+                      head_params={"dense": {"epoch": 3}})
+    with pytest.raises(DatasetError, match="does not exist"):
+        probe.compare(colours / "missing", "vgg16", weights="none", image_size=32)
+    assert not (cache_dir / "runs").exists()
+    result = cli("compare", colours, "--backbones", "vgg16,nope", "--weights", "none")
+    assert result.exit_code == 1 and "Error: unknown backbone" in result.output
+
+
+def test_every_fit_failing_is_an_error_exit(colours, cache_dir, monkeypatch):
+    def fail(self, *args, **kwargs):
+        raise WeightsError("no weights here")
+
+    monkeypatch.setattr(backbones.BackboneSpec, "build", fail)
+    result = cli("compare", colours, "--backbones", "vgg16", "--heads", "logreg",
+                 "--weights", "none", "--image-size", 32, "--quiet")
+    assert result.exit_code == 1
+    assert "vgg16 + logreg failed: extraction failed: no weights here" in result.output
+    assert "no backbone and head finished" in result.output
+
+
+def test_write_digits(tmp_path):
+    root = probe.write_digits(tmp_path / "digits", per_class=5)
+    folders = sorted(p.name for p in root.iterdir())
+    assert folders == [f"digit_{k}" for k in range(10)]
+    files = sorted(root.rglob("*.png"))
+    assert len(files) == 50
+    image = Image.open(files[0])
+    assert image.mode == "RGB" and image.size == (demo.DIGIT_PIXELS, demo.DIGIT_PIXELS)
+    assert np.asarray(image).std() > 10  # a real picture, not a blank
+    found = probe.discover(root)
+    assert found.classes == folders and {s.split for s in found.samples} == {"train", "val", "test"}
+    # a second call leaves the files alone, so caches of the directory stay valid
+    mtimes = [os.stat(p).st_mtime_ns for p in files]
+    probe.write_digits(root, per_class=5)
+    assert [os.stat(p).st_mtime_ns for p in files] == mtimes
+    with pytest.raises(DatasetError, match="per-class count between 4 and"):
+        probe.write_digits(tmp_path / "d2", per_class=1000)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(DatasetError, match="holds other files"):
+        probe.write_digits(tmp_path / "mine", per_class=5)
+
+
+def test_demo_offline_runs_with_random_weights_and_shows_every_row(tmp_path, cache_dir,
+                                                                      monkeypatch):
+    asked = []
+
+    def offline(backbone, image_size=None):
+        asked.append((backbone, image_size))
+        return False
+
+    monkeypatch.setattr(demo, "imagenet_available", offline)
+    result = cli("demo", "--per-class", 5, "--backbones", "vgg16", "--image-size", 32,
+                 "--out", tmp_path / "digits")
+    assert result.exit_code == 0, result.output
+    assert asked == [("vgg16", 32)]
+    assert result.output.count("ImageNet weights are not available offline") == 1
+    lines = result.output.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("rank"))
+    rows = [line.split() for line in lines[header + 2:header + 4]]
+    assert {(r[1], r[2], r[-1]) for r in rows} == {("vgg16", "logreg", "ok"), ("vgg16", "dense", "ok")}
+    assert len(list((tmp_path / "digits").rglob("*.png"))) == 50
+    cache = probe.list_caches(cache_dir)[0]
+    assert cache.attrs["weights"] == "random(seed=0)" and cache.attrs["image_size"] == 32
+
+
+def test_demo_uses_imagenet_when_available_and_defaults_under_the_cache_dir(cache_dir,
+                                                                              monkeypatch):
+    monkeypatch.setattr(demo, "imagenet_available", lambda backbone, image_size=None: True)
+    seen = {}
+
+    def fake_compare(root, names, heads, **kwargs):
+        seen.update(root=root, names=names, **kwargs)
+        return "table"
+
+    monkeypatch.setattr(demo, "compare", fake_compare)
+    assert probe.run_demo(per_class=4) == "table"
+    assert seen["weights"] == "imagenet" and seen["names"] == list(demo.DEMO_BACKBONES)
+    assert seen["image_size"] == demo.DEMO_IMAGE_SIZE
+    assert seen["root"] == cache_dir / "demo" / "digits-4"
+    probe.run_demo(per_class=4, weights="none", backbones="densenet121")
+    assert seen["weights"] == "none" and seen["names"] == ["densenet121"]
+
+
+def test_imagenet_check_fails_fast_offline(monkeypatch):
+    def no_download(self, *args, weights="imagenet", **kwargs):
+        raise WeightsError("could not load the ImageNet weights of vgg16")
+
+    monkeypatch.setattr(backbones.BackboneSpec, "build", no_download)
+    assert demo.imagenet_available("vgg16", 32) is False
+
+
+def test_a_long_error_keeps_its_start_and_its_advice():
+    from probe.compare import _message
+
+    error = WeightsError("could not load the weights file w.h5 into resnet50: "
+                         + "tensor " * 2000 + "Use a resnet50 'notop' weights file.")
+    text = _message(error)
+    assert len(text) < 450 and "\n" not in text
+    assert text.startswith("could not load the weights file") and text.endswith("weights file.")
+    assert _message(ValueError("bad\nshape")) == "ValueError: bad shape"
+
+
+def test_help_and_dataframe_without_pandas(tmp_path, monkeypatch):
+    for command in ("compare", "demo"):
+        result = cli(command, "--help")
+        assert result.exit_code == 0 and "Example: probe" in result.output
+    table = probe.Comparison([{"backbone": "vgg16", "head": "logreg", "status": "failed"}],
+                             tmp_path, {})
+    assert table.best is None and table.best_run is None and len(table.failed) == 1
+    monkeypatch.setitem(__import__("sys").modules, "pandas", None)
+    with pytest.raises(ProbeError, match="needs pandas"):
+        table.to_dataframe()
