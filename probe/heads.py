@@ -421,23 +421,31 @@ class LogisticHead(_Head):
             raise ProbeError(f"`max_iter` must be a positive integer. Received: max_iter={self.max_iter!r}")
         return Cs
 
-    def _fit_sklearn(self, X: np.ndarray, y: np.ndarray, C: float):
-        from sklearn.exceptions import ConvergenceWarning
+    def _fit_sklearn(self, X: np.ndarray, y: np.ndarray, C: float | None):
+        """A scaler fitted on X and a logistic model; fitted too when C is given."""
         from sklearn.linear_model import LogisticRegression
         from sklearn.preprocessing import StandardScaler
 
         scaler = StandardScaler().fit(X)
         model = LogisticRegression(
-            C=C,
+            C=1.0 if C is None else C,
             solver="lbfgs",
             class_weight=self.class_weight,
             max_iter=self.max_iter,
             random_state=self.seed,
+            warm_start=C is None,
         )
+        if C is not None:
+            self._fit_model(model, scaler.transform(X), y)
+        return scaler, model
+
+    @staticmethod
+    def _fit_model(model, Z: np.ndarray, y: np.ndarray) -> None:
+        from sklearn.exceptions import ConvergenceWarning
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            model.fit(scaler.transform(X), y)
-        return scaler, model
+            model.fit(Z, y)
 
     def fit(
         self,
@@ -458,9 +466,14 @@ class LogisticHead(_Head):
 
         sweep: list[dict[str, float]] = []
         if self.C is None and Xv is not None:
-            for C in Cs:
-                scaler, model = self._fit_sklearn(X, y, C)
-                proba = model.predict_proba(scaler.transform(Xv))
+            scaler, model = self._fit_sklearn(X, y, None)
+            Z, Zv = scaler.transform(X), scaler.transform(Xv)
+            # From strong to weak regularisation, each fit starting from the previous
+            # solution: the weakly regularised fits, the slow ones, start close to theirs.
+            for C in sorted(Cs):
+                model.set_params(C=C)
+                self._fit_model(model, Z, y)
+                proba = model.predict_proba(Zv)
                 sweep.append(
                     {
                         "C": float(C),
@@ -602,8 +615,11 @@ class LogisticHead(_Head):
 # --------------------------------------------------------------------------- #
 
 
+_VARIANCE_FLOOR = 0.1  # relative to the mean variance over the feature dimensions
+
+
 class DenseHead(_Head):
-    """A small Keras classifier: Dense(relu) -> Dropout -> Dense(softmax).
+    """A small Keras classifier: standardise -> Dense(relu) -> Dropout -> Dense(softmax).
 
     Parameters
     ----------
@@ -673,11 +689,19 @@ class DenseHead(_Head):
             if not ok:
                 raise ProbeError(f"`{name}` must be {expected}. Received: {name}={getattr(self, name)!r}")
 
-    def _build(self, n_features: int, n_classes: int):
+    def _build(self, X: np.ndarray, n_classes: int):
         import keras
 
-        inputs = keras.Input(shape=(n_features,), name="features")
-        x = inputs
+        inputs = keras.Input(shape=(X.shape[1],), name="features")
+        # Standardise with the training statistics, inside the model so that it travels
+        # with the saved head and the exported model: backbone features can have tiny or
+        # wildly different scales per dimension, which Adam with one learning rate handles
+        # badly. The variance floor keeps nearly constant dimensions (units that hardly
+        # fire on a small training set) from being blown up into noise.
+        variance = X.var(axis=0)
+        variance = np.maximum(variance, _VARIANCE_FLOOR * variance.mean() + 1e-12)
+        x = keras.layers.Normalization(
+            mean=X.mean(axis=0), variance=variance, name="standardize")(inputs)
         if self.hidden_units:
             x = keras.layers.Dense(int(self.hidden_units), activation="relu", name="hidden")(x)
             if self.dropout:
@@ -708,7 +732,7 @@ class DenseHead(_Head):
         K = len(names)
 
         keras.utils.set_random_seed(int(self.seed))
-        model = self._build(X.shape[1], K)
+        model = self._build(X, K)
 
         weights = None
         if self.class_weight == "balanced":
