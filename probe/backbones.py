@@ -4,10 +4,11 @@ where its top blocks start). Keras is imported lazily so `probe --help` stays in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import importlib
 import numbers
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,7 +90,9 @@ class BackboneSpec:
         if kind == "none":
             keras.utils.set_random_seed(seed)
         try:
-            model = constructor(weights="imagenet" if kind == "imagenet" else None, **kwargs)
+            # Keras prints its download progress on stdout, which holds probe's results.
+            with contextlib.redirect_stdout(sys.stderr):
+                model = constructor(weights="imagenet" if kind == "imagenet" else None, **kwargs)
         except Exception as error:  # Keras raises plain Exception on a failed download
             if kind != "imagenet":
                 raise
@@ -297,8 +300,9 @@ def list_backbones() -> list[str]:
 
 
 def _keras():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    return importlib.import_module("keras")
+    from ._keras import keras
+
+    return keras
 
 
 register(BackboneSpec(

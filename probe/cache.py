@@ -127,8 +127,10 @@ class FeatureCache:
         """Open and validate a cache file; a clear `CacheError` if it is not one."""
         path = Path(path).expanduser()
         if not path.is_file():
+            what = "it is a directory (caches are its *.h5 files; see `probe cache ls`)" \
+                if path.is_dir() else "it does not exist"
             raise CacheError(
-                f"expected a feature cache file; it does not exist. Run `probe extract` "
+                f"expected a feature cache file; {what}. Run `probe extract` "
                 f"first or pass an existing file. Received: path='{path}'"
             )
         try:

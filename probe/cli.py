@@ -5,42 +5,14 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 import time
 
 import click
 
-# TensorFlow's C++ start-up chatter would bury probe's one-line messages.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from . import backbones, cache as cache_mod
 from .errors import ProbeError
-
-
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow with stderr closed at the file-descriptor level: its C++ start-up
-    lines are written before any log setting applies."""
-    if "tensorflow" in sys.modules:
-        return
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        sys.stderr.flush()
-        os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def _needs_tensorflow(command):
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        _import_tensorflow_quietly()
-        return command(*args, **kwargs)
-
-    return wrapper
 
 
 def _fail_cleanly(command):
@@ -156,6 +128,7 @@ class _Progress:
             return
         if info["todo"]:
             click.echo(f"Extracting {info['todo']} of {info['total']} images", err=True)
+        if info["todo"] and sys.stderr.isatty():  # a bar in a log file is noise
             self.bar = click.progressbar(length=info["todo"], file=sys.stderr,
                                          label="extract", show_eta=True,
                                          item_show_func=lambda _: self._rate())
@@ -188,7 +161,6 @@ class _Progress:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any file was skipped.")
 @_fail_cleanly
-@_needs_tensorflow
 def extract_command(dataset, backbone, weights, image_size, pooling, batch_size, cache_dir,
                     labels, val_fraction, test_fraction, seed, precision, quiet, strict) -> None:
     """Extract the features of every image of DATASET into an HDF5 cache.
@@ -271,13 +243,12 @@ def head_params(head, C, hidden_units, dropout, epochs, learning_rate, head_batc
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--strict", is_flag=True, help="Fail if the cache's source images changed.")
 @_fail_cleanly
-@_needs_tensorflow
 def fit_command(cache_path, backbone, cache_dir, head, C, hidden_units, dropout, epochs,
                 learning_rate, head_batch_size, patience, class_weight, seed, strict) -> None:
     """Train a head on cached features and report test metrics.
 
     Writes a run directory (.probe/runs/<time>-<backbone>-<head>/) with metrics.json,
-    confusion_matrix.png, curves.png (dense), config.json and the head.
+    confusion_matrix.png, curves.png (dense: per epoch; logreg: the C sweep), config.json and the head.
 
     Example: probe fit --head dense
     """
@@ -305,7 +276,6 @@ def fit_command(cache_path, backbone, cache_dir, head, C, hidden_units, dropout,
               help="Also write the predictions as CSV.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @_fail_cleanly
-@_needs_tensorflow
 def predict_command(run, images, output, batch_size) -> None:
     """Predict the class of new images with a run's backbone and head.
 
@@ -325,7 +295,7 @@ def predict_command(run, images, output, batch_size) -> None:
             rows.append([r.path, "-", *["" for _ in classes], r.error])
         else:
             rows.append([r.path, r.predicted, *(f"{r.probabilities[c]:.4f}" for c in classes), ""])
-    click.echo(_table(rows, ["path", "class", *classes, "error"]))
+    click.echo(_table(rows, ["path", "predicted", *classes, "error"]))
     failed = sum(1 for r in results if r.error)
     if failed:
         click.echo(f"{failed} of {len(results)} files could not be decoded", err=True)
@@ -337,7 +307,6 @@ def predict_command(run, images, output, batch_size) -> None:
 @click.argument("run", type=click.Path())
 @click.argument("out", type=click.Path(dir_okay=False))
 @_fail_cleanly
-@_needs_tensorflow
 def export_command(run, out) -> None:
     """Export a run as one Keras model: RGB image (0-255) in, probabilities out.
 
@@ -377,7 +346,6 @@ def _stop_on_sigterm() -> None:
               help="Where the new run goes [default: next to RUN].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @_fail_cleanly
-@_needs_tensorflow
 def finetune_command(run, unfreeze, epochs, learning_rate, batch_size, no_augment, patience,
                      seed, runs_dir, quiet) -> None:
     """Fine-tune a run end to end on its images, with the backbone's top blocks unfrozen.
@@ -524,7 +492,6 @@ def _show_comparison(result) -> None:
 @_options_except(head_options, "head")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines or bars.")
 @_fail_cleanly
-@_needs_tensorflow
 def compare_command(dataset, backbones, heads, weights, image_size, pooling, batch_size,
                     cache_dir, labels, val_fraction, test_fraction, seed, C, hidden_units,
                     dropout, epochs, learning_rate, head_batch_size, patience, class_weight,
@@ -575,7 +542,6 @@ from .demo import DEMO_BACKBONES, DEMO_IMAGE_SIZE, DEMO_PER_CLASS  # noqa: E402
               envvar="PROBE_CACHE_DIR", help="Cache directory [default: ./.probe].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines or bars.")
 @_fail_cleanly
-@_needs_tensorflow
 def demo_command(out, per_class, backbones, heads, image_size, weights, seed, cache_dir,
                  quiet) -> None:
     """Run the whole flow on a built-in dataset: nothing to prepare.

@@ -9,10 +9,11 @@ per-class lists). Decoding never raises: a file that can not be read becomes a r
 from __future__ import annotations
 
 import csv
+from collections import Counter
 import hashlib
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +42,8 @@ class Dataset:
     root: Path
     classes: list[str]
     samples: list[Sample]
-    ignored: int = 0  # hidden files, non-image files and unreadable directory entries
-    notes: list[str] = field(default_factory=list)
+    ignored: int = 0  # non-image files and unreadable directory entries
+    splits_given: bool = False  # by split folders or a split column, not by fractions
 
     def split(self, name: str) -> list[Sample]:
         """The samples of one split, in a stable order."""
@@ -85,10 +86,20 @@ def discover(
     else:
         entries, ignored = _walk_class_folders(root_path)
     if not entries:
+        loose = sum(1 for entry in _list_dir(root_path) if entry.is_file() and is_image_name(entry.name))
+        found = (f"found {loose} images directly in it; move them into one subfolder per class"
+                 if loose else f"found no images ({ignored} other files ignored)")
         raise DatasetError(
             f"expected images in class folders (DIR/CLASS/*.jpg) or split folders "
-            f"(DIR/train/CLASS/*.jpg); found no images ({ignored} other files ignored). "
-            f"Received: path='{root}'"
+            f"(DIR/train/CLASS/*.jpg); {found}. Received: path='{root}'"
+        )
+    counts = Counter(path for path, _, _ in entries)
+    repeated = [path for path, n in counts.items() if n > 1]
+    if repeated:
+        raise DatasetError(
+            f"expected each image once; {len(repeated)} are listed more than once (e.g. "
+            f"'{repeated[0]}', {counts[repeated[0]]} times), which would put one image under "
+            f"two labels or in two splits. Remove the repeated rows from '{labels_file}'."
         )
     classes = sorted({label for _, label, _ in entries})
     if len(classes) < 2:
@@ -103,7 +114,8 @@ def discover(
             "expected either every image or none to have a split; some have one and "
             f"{len(entries) - len(given)} do not. Received: path='{root}'"
         )
-    if given:
+    splits_given = bool(given)
+    if splits_given:
         splits = [split for _, _, split in entries]
     else:
         splits = _stratified_split(entries, val_fraction, test_fraction, seed)
@@ -116,7 +128,7 @@ def discover(
             f"expected a train split with images; found none. Received: splits="
             f"{sorted({s.split for s in samples})}"
         )
-    return Dataset(root_path, classes, samples, ignored)
+    return Dataset(root_path, classes, samples, ignored, splits_given=splits_given)
 
 
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:

@@ -25,7 +25,9 @@ from .errors import CacheError, CacheMismatchError, ProbeError
 
 ProgressCallback = Callable[[int, int], None]  # (images done, images to do)
 PREFETCH_BATCHES = 2
-SPEED_ATTRS = ("extract_seconds", "extract_images_per_second")  # of the last backbone work
+# Speed of the largest backbone work that went into the cache: an incremental update of a
+# few images would mostly measure start-up.
+SPEED_ATTRS = ("extract_images", "extract_seconds", "extract_images_per_second")
 
 
 @dataclass
@@ -94,7 +96,10 @@ def extract(
     name = f"{_safe(found.root.name)}-{spec.name}-{size}-{pooling}"
     if precision != "float32":
         name += f"-{precision}"
-    target = directory / f"{name}-{cache_mod.fingerprint([feature_key, split_settings])[:10]}.h5"
+    # Split folders or a split column decide the splits; seed and fractions then change
+    # nothing and must not make another cache.
+    split_key = {"labels_file": split_settings["labels_file"]} if found.splits_given else split_settings
+    target = directory / f"{name}-{cache_mod.fingerprint([feature_key, split_key])[:10]}.h5"
 
     sources, unreadable = _stat_sources(found)
     source_fingerprint = cache_mod.fingerprint(
@@ -133,13 +138,15 @@ def extract(
         changes = _changes(previous, sources, unreadable)
         info = {"target": target, "total": len(sources), "todo": len(todo),
                 "changes": changes, "resumed_parts": len(parts.parts()), "damaged": damage}
+        # The model (and its weights) first: a download or a bad weights file fails
+        # before anything announces an extraction.
+        model = build_model(spec, weights, size, pooling, seed, precision) if todo else None
         if on_start:
             on_start(info)
         feature_shape = _feature_shape(spec, size, pooling, known_rows)
         speed = {k: previous.attrs[k] for k in SPEED_ATTRS
                  if previous is not None and k in previous.attrs}
         if todo:
-            model = build_model(spec, weights, size, pooling, seed, precision)
             feature_shape = tuple(int(d) for d in model.output_shape[1:])
             started = time.perf_counter()
             for features, done, skipped in _run_batches(
@@ -152,8 +159,9 @@ def extract(
                 for path, reason, fsize, mtime in skipped:
                     known_skips[(path, fsize, mtime)] = reason
             seconds = time.perf_counter() - started
-            speed = {"extract_seconds": round(seconds, 3),
-                     "extract_images_per_second": round(len(todo) / max(seconds, 1e-9), 2)}
+            if len(todo) >= int(speed.get("extract_images", 0)):
+                speed = {"extract_images": len(todo), "extract_seconds": round(seconds, 3),
+                         "extract_images_per_second": round(len(todo) / max(seconds, 1e-9), 2)}
         entries, skipped = [], []
         for s in sources:
             key = (s.sample.path, s.size, s.mtime)
@@ -286,6 +294,7 @@ def bf16_support() -> str | None:
     """None where bfloat16 runs fast (a GPU of compute capability 8.0+, or a CPU with
     AVX512_BF16 / AMX_BF16 / Arm BF16), else the reason it is not offered."""
     try:
+        from ._keras import keras  # noqa: F401  (imports TensorFlow quietly)
         import tensorflow as tf
 
         for gpu in tf.config.list_physical_devices("GPU"):
@@ -326,7 +335,7 @@ def build_model(spec: backbones.BackboneSpec, weights, size: int, pooling: str, 
     (variables stay float32, so the weights are the same). The global policy is restored."""
     if precision == "float32":
         return spec.build(weights=weights, image_size=size, pooling=pooling, seed=seed)
-    import keras
+    from ._keras import keras
 
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_bfloat16")

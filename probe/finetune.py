@@ -56,7 +56,7 @@ def finetune(
     >>> run = probe.finetune(".probe/runs/20260101-120000-vgg16-dense", unfreeze=1)
     >>> run.metrics["before"]["accuracy"], run.metrics["accuracy"]
     """
-    import keras
+    from ._keras import keras
 
     source = run if isinstance(run, Run) else Run.load(run)
     _check_settings(epochs, learning_rate, batch_size, patience)
@@ -229,7 +229,7 @@ class _PixelCache:
 
 
 def _image_sequence_class():
-    import keras
+    from ._keras import keras
 
     class ImageSequence(keras.utils.PyDataset):
         """Batches of (pixels 0-255 float32, labels) in a seeded order per epoch."""
@@ -262,7 +262,7 @@ def _ImageSequence(*args, **kwargs):
 
 
 def _predict(model, sequence) -> np.ndarray:
-    import keras
+    from ._keras import keras
 
     chunks = [keras.ops.convert_to_numpy(model(sequence[i][0], training=False))
               for i in range(len(sequence))]
@@ -306,6 +306,7 @@ def _class_weight(config: dict, labels: np.ndarray, n_classes: int) -> dict | No
 
 
 def _device() -> str:
+    from ._keras import keras  # noqa: F401  (imports TensorFlow quietly)
     import tensorflow as tf
 
     return "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
@@ -324,14 +325,18 @@ def estimate_line(info: dict) -> str:
     """The time estimate as one sentence."""
     return (f"about {format_duration(info['seconds_per_epoch'])} per epoch on this machine "
             f"({info['device']}): about {format_duration(info['seconds_total'])} for "
-            f"{info['epochs']} epochs")
+            f"{_epochs(info['epochs'])}")
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
 
 
 def start_line(info: dict) -> str:
     slow = " On a CPU this is slow." if info["device"] == "CPU" else ""
     return (f"Fine-tuning {info['backbone']} with {', '.join(info['blocks'])} unfrozen "
             f"({info['trainable_parameters']:,} trainable parameters) on {info['train']} "
-            f"training images, up to {info['epochs']} epochs.{slow}")
+            f"training images, up to {_epochs(info['epochs'])}.{slow}")
 
 
 def epoch_line(info: dict) -> str:
@@ -356,7 +361,7 @@ def _reporter(progress: Progress | bool | None) -> Progress:
 
 
 def _progress_callback_class():
-    import keras
+    from ._keras import keras
 
     class ProgressCallback(keras.callbacks.Callback):
         """Reports batches and epochs, and after the first few batches an estimate of the

@@ -160,12 +160,15 @@ def _check_training_labels(
         in_val = set(np.unique(y_val).tolist())
         absent = [names[k] for k in present if int(k) not in in_val]
         if absent:
-            names = ", ".join(repr(a) for a in absent)
+            listed = ", ".join(repr(a) for a in absent)
             raise DatasetError(
-                f"class {names} has training samples but none in the validation split, so "
-                "validation can not measure it. Add more images of that class or use a different "
-                f"split seed (or validation fraction). Received: {y_val.size} validation samples "
-                f"of classes {[names[k] for k in sorted(in_val)]}"
+                f"every class needs validation samples; {listed} "
+                f"{'has' if len(absent) == 1 else 'have'} training samples but none in the "
+                "validation split, so validation can not measure "
+                f"{'it' if len(absent) == 1 else 'them'}. Add images (a class needs at least 3 "
+                "for a seeded split), remove the class, or change the split seed or validation "
+                f"fraction. Received: {y_val.size} validation samples of classes "
+                f"{[names[k] for k in sorted(in_val)]}"
             )
 
 
@@ -690,7 +693,7 @@ class DenseHead(_Head):
                 raise ProbeError(f"`{name}` must be {expected}. Received: {name}={getattr(self, name)!r}")
 
     def _build(self, X: np.ndarray, n_classes: int):
-        import keras
+        from ._keras import keras
 
         inputs = keras.Input(shape=(X.shape[1],), name="features")
         # Standardise with the training statistics, inside the model so that it travels
@@ -725,7 +728,7 @@ class DenseHead(_Head):
         classes: list[str] | None = None,
     ) -> "DenseHead":
         """Train the network; returns ``self``. Validation data enables early stopping."""
-        import keras
+        from ._keras import keras
 
         self._check_params()
         X, y, Xv, yv, names, input_shape = _prepare_fit(X, y, X_val, y_val, classes)
@@ -775,7 +778,7 @@ class DenseHead(_Head):
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities, shape ``(N, K)``, float64 (computed in float32)."""
         self._check_fitted("predict_proba")
-        import keras
+        from ._keras import keras
 
         X = self._check_X(X).astype(np.float32)
         # Direct (eager) calls in fixed-size chunks: no tf.function is traced per
@@ -812,7 +815,7 @@ class DenseHead(_Head):
         state (``compile=False``): it is ready for prediction; compile it again
         to continue training.
         """
-        import keras
+        from ._keras import keras
 
         directory, meta = _read_head_json(directory)
         json_path = directory / HEAD_JSON

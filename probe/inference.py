@@ -54,7 +54,7 @@ def preprocessing_weights(mode: str) -> tuple[np.ndarray, np.ndarray]:
 def preprocessing_layer(mode: str):
     """A frozen 1x1 convolution doing the backbone's `preprocess_input`: a built-in layer,
     so the exported model loads with plain `keras.saving.load_model`."""
-    import keras
+    from ._keras import keras
 
     kernel, bias = preprocessing_weights(mode)
     layer = keras.layers.Conv2D(3, 1, name=f"preprocess_input_{mode}", trainable=False)
@@ -85,7 +85,7 @@ def rebuild_backbone(config: dict):
 def end_to_end(config: dict, head, backbone_model=None):
     """RGB image (0-255, the run's input size) -> class probabilities, as one Keras model:
     preprocessing, backbone, and the head (a logistic head folded into one Dense layer)."""
-    import keras
+    from ._keras import keras
 
     from .heads import DenseHead, LogisticHead
 
@@ -111,7 +111,7 @@ def end_to_end(config: dict, head, backbone_model=None):
 def load_model(run: Run):
     """The run's end-to-end model: the fine-tuned model, or backbone + head."""
     if run.is_finetuned:
-        import keras
+        from ._keras import keras
 
         try:
             return keras.saving.load_model(run.path / MODEL_FILE, safe_mode=True, compile=False)

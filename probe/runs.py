@@ -163,7 +163,8 @@ def fit(
     directory = new_run_dir(runs_dir or (chosen.path.parent / "runs"), chosen.backbone, head)
     model.save(directory / HEAD_DIR)
     config = run_config(chosen, head=head, head_params=model.get_params(), fit_seconds=fit_seconds)
-    write_run_files(directory, config, metrics, model.history_ if head == "dense" else None)
+    # dense: loss and accuracy per epoch; logreg: validation accuracy and loss over the C sweep
+    write_run_files(directory, config, metrics, model.history_ if any(model.history_.values()) else None)
     _write_predictions(directory / "test_predictions.csv", evaluated.paths, evaluated.labels, proba,
                        chosen.classes)
     return Run(directory, config, metrics, notes)

@@ -93,7 +93,7 @@ def test_fit_predict_export_from_the_command_line(tmp_path, cache_dir):
     assert dense.exit_code == 0, dense.output
     predicted = run("predict", run_dir, root / "red", "-o", tmp_path / "p.csv")
     assert predicted.exit_code == 0, predicted.output
-    assert predicted.output.splitlines()[0].split() == ["path", "class", "blue", "red", "error"]
+    assert predicted.output.splitlines()[0].split() == ["path", "predicted", "blue", "red", "error"]
     assert (tmp_path / "p.csv").is_file()
     exported = run("export", run_dir, tmp_path / "m.keras")
     assert exported.exit_code == 0 and (tmp_path / "m.keras").is_file()
@@ -110,3 +110,20 @@ def test_fit_predict_export_errors(args, message):
     assert result.exit_code != 0
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_commands_print_no_tensorflow_start_up_lines(tmp_path):
+    """A fresh interpreter, as a user's shell would run it: only probe's own lines."""
+    import subprocess
+    import sys
+
+    from conftest import make_separable_tree
+
+    root = make_separable_tree(tmp_path / "colours", per_class=4)
+    env = {"PROBE_CACHE_DIR": str(tmp_path / "c"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-m", "probe.cli", "extract", str(root), "--weights", "none",
+         "--image-size", "32"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["Extracting 8 of 8 images"]
+    assert result.stdout.startswith("Wrote ")

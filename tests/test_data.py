@@ -151,3 +151,23 @@ def test_truncated_jpeg_is_a_bad_image(tmp_path):
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(data.BadImage):
         data.load_image(path, 8)
+
+
+def test_a_path_listed_twice_is_refused(tmp_path):
+    root = make_tree(tmp_path / "ds")
+    labels = tmp_path / "dup.csv"
+    labels.write_text("path,label\ncat/cat_0.jpg,cat\ncat/cat_0.jpg,dog\ndog/dog_0.jpg,dog\n")
+    with pytest.raises(DatasetError, match="listed more than once.*'cat/cat_0.jpg', 2 times"):
+        data.discover(root, labels_file=labels)
+
+
+def test_images_without_class_folders_are_explained(tmp_path):
+    for i in range(3):
+        make_image(tmp_path / "flat" / f"{i}.jpg", seed=i)
+    with pytest.raises(DatasetError, match="found 3 images directly in it; move them into one subfolder per class"):
+        data.discover(tmp_path / "flat")
+
+
+def test_split_folders_are_marked_as_given(tmp_path):
+    assert data.discover(make_tree(tmp_path / "s", splits=True)).splits_given
+    assert not data.discover(make_tree(tmp_path / "f")).splits_given

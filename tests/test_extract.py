@@ -101,3 +101,23 @@ def test_progress_is_reported(image_tree):
                   progress=lambda done, total: calls.append((done, total)))
     assert calls[-1] == (20, 20)
     assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+
+
+def test_fractions_do_not_split_a_dataset_with_split_folders_into_two_caches(tmp_path):
+    from conftest import make_tree
+
+    root = make_tree(tmp_path / "ds", splits=True)
+    first = probe.extract(root, "vgg16", weights="none", image_size=32)
+    again = probe.extract(root, "vgg16", weights="none", image_size=32, val_fraction=0.3,
+                          test_fraction=0.3)
+    assert again.path == first.path and again.report["status"] == "up to date"
+
+
+def test_extraction_speed_of_the_largest_work_is_kept(image_tree):
+    first = probe.extract(image_tree, "vgg16", weights="none", image_size=32)
+    assert first.attrs["extract_images"] == 20
+    make_image(image_tree / "cat" / "added.png", seed=77)
+    updated = probe.extract(image_tree, "vgg16", weights="none", image_size=32)
+    assert updated.report["extracted"] == 1
+    assert updated.attrs["extract_images"] == 20
+    assert updated.attrs["extract_images_per_second"] == first.attrs["extract_images_per_second"]

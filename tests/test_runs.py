@@ -25,6 +25,7 @@ def test_fit_logreg_writes_a_complete_run(separable_cache):
     assert run.config["backbone"] == "vgg16" and run.config["head"] == "logreg"
     assert run.path.parent == separable_cache.path.parent / "runs"
     assert run.path.name.endswith("-vgg16-logreg")
+    assert (run.path / "curves.png").stat().st_size > 1000  # the C sweep
 
 
 def test_fit_dense_writes_curves_and_reloads_identically(separable_cache):
