@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from . import backbones as backbones_mod, cache as cache_mod, data, heads as heads_mod, report
-from .errors import ProbeError, RunError
+from .errors import ProbeError
 
 __all__ = ["Comparison", "compare", "parse_names", "DEFAULT_BACKBONES", "DEFAULT_HEADS"]
 
@@ -159,7 +159,7 @@ def compare(
     >>> table.best_run, table.path
     """
     from .extract import extract
-    from .runs import fit
+    from .runs import fit, new_run_dir
 
     names = parse_names(backbones, DEFAULT_BACKBONES)
     head_names = parse_names(heads, DEFAULT_HEADS)
@@ -177,7 +177,7 @@ def compare(
     emit = on_event or (lambda kind, info: None)
 
     directory = cache_mod.resolve_cache_dir(cache_dir)
-    out = _new_compare_dir(Path(runs_dir) if runs_dir else directory / "runs")
+    out = new_run_dir(Path(runs_dir) if runs_dir else directory / "runs", "compare")
     records: list[dict] = []
     for index, spec in enumerate(specs):
         emit("extract", {"backbone": spec.name, "index": index, "total": len(specs)})
@@ -374,18 +374,6 @@ def _images_per_second(cache, directory: Path) -> float | None:
         if other.attrs.get("feature_key") == key and other.attrs.get("extract_images_per_second"):
             return float(other.attrs["extract_images_per_second"])
     return None
-
-
-def _new_compare_dir(runs_dir: Path) -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    for attempt in range(1000):
-        candidate = runs_dir / (f"{stamp}-compare" if attempt == 0 else f"{stamp}-compare-{attempt + 1}")
-        try:
-            candidate.mkdir(parents=True)
-            return candidate
-        except FileExistsError:
-            continue
-    raise RunError(f"could not create a comparison directory under '{runs_dir}'")
 
 
 def _failed(base: dict, message: str) -> dict:

@@ -13,14 +13,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
 from . import backbones, data, report
 from .cache import FeatureCache
 from .errors import DatasetError, FinetuneError, RunError
-from .runs import MODEL_FILE, Run, _write_predictions, new_run_dir, run_config, write_run_files
+from .runs import MODEL_FILE, Run, write_split_predictions, new_run_dir, run_config, write_run_files
 
 Progress = Callable[[str, dict], None]
 
@@ -158,7 +158,7 @@ def finetune(
                             finetune=settings, fit_seconds=fit_seconds)
     model.save(directory / MODEL_FILE)
     write_run_files(directory, new_config, metrics, history)
-    _write_predictions(directory / "test_predictions.csv", [str(p) for p in cache.paths(evaluation)],
+    write_split_predictions(directory / "test_predictions.csv", [str(p) for p in cache.paths(evaluation)],
                        labels, proba, classes)
     return Run(directory, new_config, metrics)
 

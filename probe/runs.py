@@ -165,7 +165,7 @@ def fit(
     config = run_config(chosen, head=head, head_params=model.get_params(), fit_seconds=fit_seconds)
     # dense: loss and accuracy per epoch; logreg: validation accuracy and loss over the C sweep
     write_run_files(directory, config, metrics, model.history_ if any(model.history_.values()) else None)
-    _write_predictions(directory / "test_predictions.csv", evaluated.paths, evaluated.labels, proba,
+    write_split_predictions(directory / "test_predictions.csv", evaluated.paths, evaluated.labels, proba,
                        chosen.classes)
     return Run(directory, config, metrics, notes)
 
@@ -195,11 +195,11 @@ def run_config(cache: FeatureCache, **extra: Any) -> dict:
     }
 
 
-def new_run_dir(runs_dir: str | os.PathLike, backbone: str, head: str) -> Path:
-    """A fresh, empty run directory named by time, backbone and head."""
+def new_run_dir(runs_dir: str | os.PathLike, *labels: str) -> Path:
+    """A fresh, empty directory named by the time and the labels, e.g.
+    `20260101-120000-vgg16-logreg`."""
     runs = Path(runs_dir)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = f"{stamp}-{backbone}-{head}"
+    base = "-".join([_dt.datetime.now().strftime("%Y%m%d-%H%M%S"), *labels])
     for attempt in range(1000):
         candidate = runs / (base if attempt == 0 else f"{base}-{attempt + 1}")
         try:
@@ -226,7 +226,7 @@ def summary_rows(metrics: dict) -> list[dict]:
     return [{"metric": key, metrics.get("split", "test"): metrics[key]} for key in keys if key in metrics]
 
 
-def _write_predictions(path: Path, paths: list[str], labels: np.ndarray, proba: np.ndarray,
+def write_split_predictions(path: Path, paths: list[str], labels: np.ndarray, proba: np.ndarray,
                        classes: list[str]) -> None:
     import csv
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 import probe
 from conftest import make_image, make_tree
-from probe import cache as cache_mod, data, extract as extract_mod
+from probe import cache as cache_mod, data
 from probe.cli import main
 
 OPTS = ("--weights", "none", "--image-size", "32", "--quiet")
@@ -60,7 +60,7 @@ def test_truncated_cache_is_one_line_error_and_extract_rebuilds_it(image_tree, c
     with pytest.raises(probe.CacheError, match="corrupt or truncated"):
         probe.FeatureCache.open(path)
     listing = run("cache", "ls")  # a damaged file is pointed out, not a crash
-    assert listing.exit_code == 0 and f"Not a readable cache" in listing.output
+    assert listing.exit_code == 0 and "Not a readable cache" in listing.output
 
     rebuilt = run("extract", image_tree, *OPTS)
     assert rebuilt.exit_code == 0, rebuilt.output
@@ -370,8 +370,8 @@ def test_hdf5_lock_failure_says_what_to_do(image_tree, monkeypatch):
     cache = probe.extract(image_tree, "vgg16", weights="none", image_size=32)
 
     def cannot_lock(path, mode):
-        raise OSError(f"Unable to synchronously open file (unable to lock file, errno = 37, "
-                      f"error message = 'No locks available')")
+        raise OSError("Unable to synchronously open file (unable to lock file, errno = 37, "
+                      "error message = 'No locks available')")
 
     monkeypatch.setattr(cache_mod, "_h5open", cannot_lock)
     result = run("cache", "info", cache.path)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import probe
-from conftest import make_separable_tree, make_tree
+from conftest import make_separable_tree
 from probe.errors import CacheError, DatasetError, RunError
 from probe.runs import Run
 
