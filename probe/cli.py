@@ -469,8 +469,11 @@ class _CompareProgress:
 
 def _show_comparison(result) -> None:
     click.echo(result.table())
-    for record in result.failed:
-        click.echo(f"{record['backbone']} + {record['head']} failed: {record['error']}", err=True)
+    by_error: dict[str, list[str]] = {}
+    for record in result.failed:  # one line per reason: a backbone fails for all its heads
+        by_error.setdefault(record["error"], []).append(f"{record['backbone']} + {record['head']}")
+    for error, rows in by_error.items():
+        click.echo(f"{', '.join(rows)} failed: {error}", err=True)
     click.echo(f"Wrote {result.path}/compare.csv, compare.md, compare.png")
     best = result.best
     if best is None:
