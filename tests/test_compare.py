@@ -101,7 +101,8 @@ def test_a_broken_backbone_gives_failed_rows_not_a_crash(colours, cache_dir, bro
     assert lines[0].split() == ["rank", "backbone", "head", "accuracy", "balanced_acc",
                                 "macro_f1", "features", "extract_img/s", "fit_s", "status"]
     assert sum(1 for line in lines[2:6] if line.split()[-1] == "failed") == 2
-    assert "resnet50 + logreg failed: extraction failed: could not load" in result.output
+    assert "resnet50 + logreg, resnet50 + dense failed: extraction failed: could not load" in result.output
+    assert result.output.count("extraction failed: could not load") == 1  # once per reason
     assert any(line.startswith("Best: vgg16 + ") for line in lines)
 
 
