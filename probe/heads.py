@@ -355,6 +355,10 @@ class _Head:
 # --------------------------------------------------------------------------- #
 
 
+# The linear-probe grid: 1e-6 ... 1e5, one value per decade (exact decimal values).
+DEFAULT_CS = tuple(10.0 ** exponent for exponent in range(-6, 6))
+
+
 class LogisticHead(_Head):
     """Standardised multinomial logistic regression (scikit-learn, lbfgs).
 
@@ -393,7 +397,7 @@ class LogisticHead(_Head):
     def __init__(
         self,
         C: float | None = None,
-        Cs: Any = np.logspace(-6, 5, 12),
+        Cs: Any = DEFAULT_CS,
         class_weight: str | None = None,
         max_iter: int = 1000,
         seed: int = 0,
