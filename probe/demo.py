@@ -24,7 +24,7 @@ __all__ = ["run_demo", "write_digits", "imagenet_available", "DEMO_BACKBONES", "
 
 # Chosen so that the default `probe demo` finishes in well under 3 minutes on a 2-core CPU,
 # TensorFlow start-up included (see README).
-DEMO_BACKBONES = ("vgg16", "resnet50")
+DEMO_BACKBONES = ("vgg16", "resnet50", "densenet121")
 DEMO_PER_CLASS = 60
 DEMO_IMAGE_SIZE = 64
 DIGIT_PIXELS = 32  # side of the written PNG files (the 8x8 digits upscaled, bilinear)
