@@ -127,3 +127,19 @@ def test_commands_print_no_tensorflow_start_up_lines(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == ["Extracting 8 of 8 images"]
     assert result.stdout.startswith("Wrote ")
+
+
+def test_fit_with_a_class_absent_from_validation_is_one_line(tmp_path):
+    from conftest import make_image
+
+    root = tmp_path / "ds"
+    for name in ("blue", "red"):
+        for i in range(4):
+            make_image(root / "train" / name / f"{i}.png", seed=i + (10 if name == "red" else 0))
+        make_image(root / "test" / name / "t.png", seed=50 + len(name))
+    make_image(root / "val" / "blue" / "v.png", seed=60)
+    assert run("extract", root, "--weights", "none", "--image-size", 32, "-q").exit_code == 0
+    result = run("fit", "--head", "logreg")
+    assert result.exit_code == 1
+    assert "'red' has training samples but none in the validation split" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
