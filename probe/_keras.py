@@ -20,7 +20,11 @@ def _import_tensorflow_quietly() -> None:
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
+        import tensorflow
+
+        # probe builds many small models in one process (compare, tests): TensorFlow's
+        # retracing warnings about that are not the user's concern
+        tensorflow.get_logger().setLevel("ERROR")
     except ImportError:
         pass  # another Keras backend; keras itself reports what is missing
     finally:

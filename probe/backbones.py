@@ -9,6 +9,8 @@ import hashlib
 import numbers
 import os
 import sys
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,12 +107,16 @@ class BackboneSpec:
             ) from None
         if kind == "file":
             try:
-                model.load_weights(str(path))
+                _load_weights_file(model, path)
             except Exception as error:
+                reason = " ".join(str(error).split())
+                reason = reason if len(reason) <= 200 else reason[:200] + " ..."
                 raise WeightsError(
                     f"could not load the weights file {path} into {self.name} "
-                    f"(include_top=False): {error}. Use a {self.name} 'notop' weights file, "
-                    f"--weights imagenet or --weights none. Received: weights='{path}'"
+                    f"(include_top=False): {reason.rstrip('.')}. Use a {self.name} 'notop' "
+                    "weights file (one written by Keras 3 `save_weights` is named "
+                    "*.weights.h5), --weights imagenet or --weights none. "
+                    f"Received: weights='{path}'"
                 ) from None
         model.trainable = False
         return model
@@ -234,6 +240,29 @@ def _inbound_positions(model, position: dict[int, int]) -> dict[int, list[int]]:
                 if id(p._keras_history[0]) in position)
         stack.extend(parents)
     return inbound
+
+
+def _load_weights_file(model: "keras.Model", path: Path) -> None:
+    """Load a weights file into the model, quietly: Keras warns once per layer that does
+    not fit before it fails, and the one-line error says it better."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model.load_weights(str(path))
+        except Exception:
+            if path.name.endswith(".weights.h5") or path.suffix not in (".h5", ".hdf5"):
+                raise
+            # Keras reads a plain .h5 name in the legacy layout; a Keras 3 `save_weights`
+            # file renamed to .h5 is read correctly under a .weights.h5 name.
+            with tempfile.TemporaryDirectory() as directory:
+                alias = Path(directory) / "model.weights.h5"
+                alias.symlink_to(path)
+                try:
+                    model.load_weights(str(alias))
+                    return
+                except Exception:
+                    pass
+            raise
 
 
 def parse_weights(weights: str | os.PathLike | None) -> tuple[str, Path | None]:

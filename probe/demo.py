@@ -128,7 +128,8 @@ def imagenet_available(backbone: str, image_size: int | None = None) -> bool:
     """Whether the ImageNet weights of `backbone` can be loaded (from Keras' cache, or
     downloaded once). Offline, the download fails within a second or two."""
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # Keras prints "Downloading data from"
+        # Keras prints "Downloading data from ..." (which build() sends to stderr)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             backbones_mod.get(backbone).build(weights="imagenet", image_size=image_size)
     except WeightsError:
         return False

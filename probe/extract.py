@@ -118,7 +118,8 @@ def extract(
         )
     if previous is not None and previous.attrs.get("source_fingerprint") == source_fingerprint:
         previous.report = {"status": "up to date", "extracted": 0, "reused": sum(previous.counts.values()),
-                           "skipped": len(previous.skipped), "ignored": found.ignored, "changes": {}}
+                           "skipped": len(previous.skipped), "ignored": found.ignored, "changes": {},
+                           "damaged": ""}
         return previous
 
     try:
