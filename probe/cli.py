@@ -10,9 +10,9 @@ import time
 
 import click
 
-
 from . import backbones, cache as cache_mod
 from .errors import ProbeError
+from .report import format_table
 
 
 def _fail_cleanly(command):
@@ -45,10 +45,7 @@ def main() -> None:
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip()
-             for row in [header, *rows]]
-    return "\n".join(lines)
+    return format_table([dict(zip(header, row)) for row in rows], header)
 
 
 @main.command("backbones")
@@ -252,7 +249,6 @@ def fit_command(cache_path, backbone, cache_dir, head, C, hidden_units, dropout,
 
     Example: probe fit --head dense
     """
-    from .report import format_table
     from .runs import fit, summary_rows
 
     params = head_params(head, C, hidden_units, dropout, epochs, learning_rate,
@@ -360,7 +356,6 @@ def finetune_command(run, unfreeze, epochs, learning_rate, batch_size, no_augmen
     Example: probe finetune .probe/runs/20260101-120000-vgg16-dense --unfreeze 1
     """
     from .finetune import comparison_rows, epoch_line, estimate_line, finetune, start_line
-    from .report import format_table
 
     bar = None
 
