@@ -64,7 +64,7 @@ class BackboneSpec:
         if pooling != "none":
             return (self.feature_size,)
         size = self.check_image_size(image_size)
-        model = self.build(weights="none", image_size=size, pooling="none")
+        model = self.build(weights="none", image_size=size, pooling="none", seed=None)
         return tuple(int(d) for d in model.output_shape[1:])
 
     def build(
@@ -72,7 +72,7 @@ class BackboneSpec:
         weights: str | os.PathLike | None = "imagenet",
         image_size: int | None = None,
         pooling: str = "avg",
-        seed: int = 0,
+        seed: int | None = 0,
     ) -> "keras.Model":
         """The headless Keras model, frozen, with the given weights.
 
@@ -89,7 +89,7 @@ class BackboneSpec:
             input_shape=(size, size, 3),
             pooling=None if pooling == "none" else pooling,
         )
-        if kind == "none":
+        if kind == "none" and seed is not None:  # None: leave the global generators alone
             keras.utils.set_random_seed(seed)
         try:
             # Keras prints its download progress on stdout, which holds probe's results.

@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -188,28 +189,38 @@ class FeatureCache:
         return {key: self.attrs[key] for key in SETTINGS}
 
     def split(self, name: str) -> Split:
-        """Features, labels and relative paths of one split, row-aligned."""
-        if name not in self.counts:
-            raise CacheError(
-                f"expected one of the cache's splits {self.splits}. Received: split='{name}'"
-            )
-        with self._read() as handle:
-            group = handle[name]
-            return Split(
-                name,
-                group["features"][()],
-                group["labels"][()].astype(np.int64),
-                _read_strings(group["paths"]),
-            )
+        """Features, labels and relative paths of one split, row-aligned (read through one
+        open file: a cache replaced meanwhile can not mix two versions)."""
+        features, labels, paths = self._datasets(name, "features", "labels", "paths")
+        return Split(name, features, labels, paths)
 
     def features(self, split: str) -> np.ndarray:
-        return self.split(split).features
+        """The features of one split (N, *feature_shape)."""
+        return self._datasets(split, "features")[0]
 
     def labels(self, split: str) -> np.ndarray:
-        return self.split(split).labels
+        """The class indices of one split (N,), without reading the features."""
+        return self._datasets(split, "labels")[0]
 
     def paths(self, split: str) -> list[str]:
-        return self.split(split).paths
+        """The relative paths of one split, without reading the features."""
+        return self._datasets(split, "paths")[0]
+
+    def index(self, split: str) -> tuple[list[str], np.ndarray]:
+        """Relative paths and class indices of one split, row-aligned, without features."""
+        paths, labels = self._datasets(split, "paths", "labels")
+        return paths, labels
+
+    def _datasets(self, split: str, *names: str) -> list:
+        if split not in self.counts:
+            raise CacheError(
+                f"expected one of the cache's splits {self.splits}. Received: split='{split}'"
+            )
+        with self._read() as handle:
+            group = handle[split]
+            return [_read_strings(group[name]) if name == "paths"
+                    else group[name][()].astype(np.int64) if name == "labels"
+                    else group[name][()] for name in names]
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
@@ -379,8 +390,14 @@ def list_caches(cache_dir: str | os.PathLike | None = None) -> list[FeatureCache
     directory = resolve_cache_dir(cache_dir)
     if not directory.is_dir():
         return []
+    found = []
+    for path in directory.glob("*.h5"):
+        try:
+            found.append((path.stat().st_mtime, path))
+        except OSError:  # removed since the listing
+            continue
     caches = []
-    for path in sorted(directory.glob("*.h5"), key=lambda p: p.stat().st_mtime, reverse=True):
+    for _, path in sorted(found, reverse=True):
         try:
             caches.append(FeatureCache.open(path))
         except CacheError:
@@ -399,8 +416,14 @@ class CacheLock:
         self._handle = None
 
     def __enter__(self) -> "CacheLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a+")
+        except OSError as error:
+            raise CacheError(
+                f"expected a writable cache directory; {error.strerror}. Pass a writable "
+                f"--cache-dir or set PROBE_CACHE_DIR. Received: lock='{display(self.path)}'"
+            ) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -499,9 +522,14 @@ class PartStore:
             if part not in self._indexes:
                 try:
                     self._indexes[part] = _read_part_index(part)
-                except Exception:  # any damage: zip, npy header, lengths
-                    part.unlink(missing_ok=True)
+                except (zipfile.BadZipFile, ValueError, KeyError, EOFError):
+                    part.unlink(missing_ok=True)  # damaged: zip, npy header, lengths
                     continue
+                except OSError as error:  # unreadable now, maybe not damaged: keep it
+                    raise CacheError(
+                        f"could not read the finished batch '{display(part)}' "
+                        f"({error.strerror}); fix the cause and run again."
+                    ) from None
             scanned.append((part, self._indexes[part]))
         return scanned
 
@@ -746,12 +774,17 @@ def _attr(value):
         return json.dumps(value)
     if value is None:
         return ""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a path with bytes that are not UTF-8
+            return np.bytes_(os.fsencode(value))
     return value
 
 
 def _plain(value):
     if isinstance(value, bytes):
-        value = value.decode("utf-8")
+        value = os.fsdecode(value)
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, str) and value[:1] in "[{":

@@ -7,6 +7,7 @@ the written part, so features and labels can not get out of order.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import queue
@@ -130,7 +131,8 @@ def extract(
             f"Pass a writable --cache-dir or set PROBE_CACHE_DIR. "
             f"Received: cache_dir='{cache_mod.display(directory)}'"
         ) from None
-    with cache_mod.CacheLock(directory / f".lock-{feature_key[:16]}"):
+    with _write_errors_as_cache_error(directory), \
+            cache_mod.CacheLock(directory / f".lock-{feature_key[:16]}"):
         parts = PartStore(directory / f".parts-{feature_key[:16]}")
         _remove_leftovers(directory, target, parts)
         known_rows, known_skips = _reusable(directory, feature_key, parts)
@@ -144,11 +146,11 @@ def extract(
         model = build_model(spec, weights, size, pooling, seed, precision) if todo else None
         if on_start:
             on_start(info)
-        feature_shape = _feature_shape(spec, size, pooling, known_rows)
+        feature_shape = (tuple(int(d) for d in model.output_shape[1:]) if todo
+                         else _stored_feature_shape(spec, pooling, known_rows))
         speed = {k: previous.attrs[k] for k in SPEED_ATTRS
                  if previous is not None and k in previous.attrs}
         if todo:
-            feature_shape = tuple(int(d) for d in model.output_shape[1:])
             started = time.perf_counter()
             for features, done, skipped in _run_batches(
                 model, spec, found.root, todo, size, batch_size, workers, progress
@@ -202,6 +204,20 @@ def extract(
                      "reused": len(entries) - extracted, "skipped": len(skipped),
                      "ignored": found.ignored, "changes": changes, "damaged": damage}
     return result
+
+
+@contextlib.contextmanager
+def _write_errors_as_cache_error(directory: Path):
+    """A full disk or a directory that turned read-only is one line, not a traceback;
+    the finished batches stay for the next run."""
+    try:
+        yield
+    except OSError as error:
+        raise CacheError(
+            f"could not write the cache in '{cache_mod.display(directory)}' "
+            f"({error.strerror or error}); finished batches are kept. Free space or fix "
+            "the permissions and run again, or pass another --cache-dir."
+        ) from None
 
 
 def _run_batches(
@@ -400,7 +416,8 @@ def _reusable(directory: Path, feature_key: str, parts: PartStore):
     return rows, skips
 
 
-def _feature_shape(spec, size: int, pooling: str, known_rows) -> tuple[int, ...]:
+def _stored_feature_shape(spec, pooling: str, known_rows) -> tuple[int, ...]:
+    """The feature shape when every row is reused (nothing to extract, no model built)."""
     if pooling != "none":
         return (spec.feature_size,)
     for row in known_rows.values():
@@ -408,7 +425,7 @@ def _feature_shape(spec, size: int, pooling: str, known_rows) -> tuple[int, ...]
             return tuple(FeatureCache.open(row.source).feature_shape)
         with np.load(row.source, allow_pickle=False) as part:
             return tuple(part["features"].shape[1:])
-    return spec.feature_shape(size, pooling)
+    return (spec.feature_size,)  # no row at all: the run stops before writing
 
 
 def _changes(previous: FeatureCache | None, sources: list[_Source], unreadable) -> dict[str, int]:

@@ -158,8 +158,8 @@ def finetune(
                             finetune=settings, fit_seconds=fit_seconds)
     model.save(directory / MODEL_FILE)
     write_run_files(directory, new_config, metrics, history)
-    write_split_predictions(directory / "test_predictions.csv", [str(p) for p in cache.paths(evaluation)],
-                       labels, proba, classes)
+    write_split_predictions(directory / "test_predictions.csv",
+                            [str(p) for p in cache.paths(evaluation)], labels, proba, classes)
     return Run(directory, new_config, metrics)
 
 
@@ -190,8 +190,8 @@ def _open_cache(source: Run) -> FeatureCache:
 def _images(cache: FeatureCache, split: str) -> tuple[list[Path], np.ndarray]:
     """Absolute paths and labels of one split, as the cache recorded them."""
     root = Path(cache.attrs["dataset_root"])
-    split_data = cache.split(split)
-    paths = [root / p for p in split_data.paths]
+    relative, labels = cache.index(split)
+    paths = [root / p for p in relative]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise DatasetError(
@@ -199,7 +199,7 @@ def _images(cache: FeatureCache, split: str) -> tuple[list[Path], np.ndarray]:
             f"{split} images are gone (first: '{missing[0]}'). Put them back under "
             f"'{root}' or extract again. Received: cache='{cache.path}'"
         )
-    return paths, split_data.labels.astype(np.int64)
+    return paths, labels
 
 
 class _PixelCache:

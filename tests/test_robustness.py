@@ -439,3 +439,28 @@ def test_cache_commands_on_missing_files(tmp_path):
     with h5py.File(other, "w") as handle:
         handle["x"] = np.arange(3)
     one_line_error(run("cache", "info", other), "no probe header")
+
+
+def test_dataset_directory_named_with_non_utf8_bytes(tmp_path):
+    from conftest import make_tree
+
+    root = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9-photos"))
+    make_tree(root)
+    cache = probe.extract(root, "vgg16", weights="none", image_size=32)
+    reopened = probe.FeatureCache.open(cache.path)
+    assert reopened.attrs["dataset_root"] == str(root)
+    assert not reopened.check_source()
+
+
+def test_unwritable_parts_directory_is_one_line(image_tree, cache_dir, monkeypatch):
+    from probe import cache as cache_module
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache_module.PartStore, "write", disk_full)
+    result = CliRunner().invoke(main, ["extract", str(image_tree), "--weights", "none",
+                                       "--image-size", "32", "-q"])
+    assert result.exit_code == 1
+    assert "No space left on device" in result.output and "finished batches are kept" in result.output
+    assert "Traceback" not in result.output
