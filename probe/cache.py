@@ -114,6 +114,24 @@ class SourceChanges:
         )
 
 
+SourceRecords = dict[str, tuple[str, str, int, int]]  # path: (class, split, size, mtime_ns)
+
+
+def diff_sources(cache: str, old: SourceRecords, new: SourceRecords,
+                 problem: str = "") -> SourceChanges:
+    """What was added, removed, modified (size or mtime) and relabelled (class or split)
+    between the source records a cache was built from and those of the dataset now."""
+    return SourceChanges(
+        cache=cache,
+        added=sorted(p for p in new if p not in old),
+        removed=sorted(p for p in old if p not in new),
+        modified=sorted(p for p in new if p in old and new[p][2:] != old[p][2:]),
+        relabelled=sorted(p for p in new if p in old and new[p][2:] == old[p][2:]
+                          and new[p][:2] != old[p][:2]),
+        problem=problem,
+    )
+
+
 class FeatureCache:
     """Read access to a finished cache file. Use `FeatureCache.open(path)`."""
 
@@ -231,19 +249,6 @@ class FeatureCache:
             group = handle["skipped"]
             return list(zip(_read_strings(group["paths"]), _read_strings(group["reasons"])))
 
-    def source_table(self) -> dict[str, tuple[int, int]]:
-        """{relative path: (size, mtime_ns)} of every source file, skipped ones included."""
-        table = {}
-        with self._read() as handle:
-            for name in [*self.splits, "skipped"]:
-                if name in handle:
-                    group = handle[name]
-                    for path, size, mtime in zip(
-                        _read_strings(group["paths"]), group["sizes"][()], group["mtimes"][()]
-                    ):
-                        table[path] = (int(size), int(mtime))
-        return table
-
     def info(self) -> dict:
         """A JSON-serialisable summary: settings, splits, counts, skipped files, size."""
         return {
@@ -264,7 +269,7 @@ class FeatureCache:
             "size_bytes": self.path.stat().st_size,
         }
 
-    def source_records(self) -> dict[str, tuple[str, str, int, int]]:
+    def source_records(self) -> SourceRecords:
         """{relative path: (class name, split, size, mtime_ns)} of every source file the
         cache was built from, skipped files included."""
         classes = self.classes
@@ -308,7 +313,7 @@ class FeatureCache:
                 float(self.attrs.get("test_fraction", 0.15)), int(self.attrs.get("seed", 0)),
             )
         except DatasetError as error:
-            new: dict[str, tuple[str, str, int, int]] = {}
+            new: SourceRecords = {}
             problem = str(error)
         else:
             new = {}
@@ -319,15 +324,7 @@ class FeatureCache:
                 except OSError:
                     size, mtime = -1, -1
                 new[sample.path] = (found.classes[sample.label], sample.split, size, mtime)
-        changes = SourceChanges(
-            cache=str(self.path),
-            added=sorted(p for p in new if p not in old),
-            removed=sorted(p for p in old if p not in new),
-            modified=sorted(p for p in new if p in old and new[p][2:] != old[p][2:]),
-            relabelled=sorted(p for p in new if p in old and new[p][2:] == old[p][2:]
-                              and new[p][:2] != old[p][:2]),
-            problem=problem,
-        )
+        changes = diff_sources(str(self.path), old, new, problem)
         if strict and changes:
             raise SourceChangedError(changes.message() + " (--strict)", changes)
         return changes

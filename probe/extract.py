@@ -138,7 +138,7 @@ def extract(
         known_rows, known_skips = _reusable(directory, feature_key, parts)
         todo = [s for s in sources if (s.sample.path, s.size, s.mtime) not in known_rows
                 and (s.sample.path, s.size, s.mtime) not in known_skips]
-        changes = _changes(previous, sources, unreadable)
+        changes = _changes(previous, found, sources, unreadable)
         info = {"target": target, "total": len(sources), "todo": len(todo),
                 "changes": changes, "resumed_parts": len(parts.parts()), "damaged": damage}
         # The model (and its weights) first: a download or a bad weights file fails
@@ -428,18 +428,18 @@ def _stored_feature_shape(spec, pooling: str, known_rows) -> tuple[int, ...]:
     return (spec.feature_size,)  # no row at all: the run stops before writing
 
 
-def _changes(previous: FeatureCache | None, sources: list[_Source], unreadable) -> dict[str, int]:
-    """Counts of added, removed and modified source files against the previous cache."""
+def _changes(previous: FeatureCache | None, found: data.Dataset, sources: list[_Source],
+             unreadable) -> dict[str, int]:
+    """Counts of added, removed and modified source files against the previous cache (a
+    new class or split alone needs no extraction, so it is not counted here)."""
     if previous is None:
         return {}
-    old = previous.source_table()
-    new = {s.sample.path: (s.size, s.mtime) for s in sources}
-    new.update({sample.path: (-1, -1) for sample, _ in unreadable})
-    return {
-        "added": sum(1 for p in new if p not in old),
-        "removed": sum(1 for p in old if p not in new),
-        "modified": sum(1 for p in new if p in old and old[p] != new[p]),
-    }
+    new = {s.sample.path: (found.classes[s.sample.label], s.sample.split, s.size, s.mtime)
+           for s in sources}
+    new.update({sample.path: (found.classes[sample.label], sample.split, -1, -1)
+                for sample, _ in unreadable})
+    counts = cache_mod.diff_sources(str(previous.path), previous.source_records(), new).counts()
+    return {key: counts[key] for key in ("added", "removed", "modified")}
 
 
 def _versions() -> dict[str, str]:

@@ -20,6 +20,7 @@ import numpy as np
 from . import backbones, data, report
 from .cache import FeatureCache
 from .errors import DatasetError, FinetuneError, RunError
+from .heads import check_params, keras_class_weight
 from .runs import MODEL_FILE, Run, write_split_predictions, new_run_dir, run_config, write_run_files
 
 Progress = Callable[[str, dict], None]
@@ -59,7 +60,8 @@ def finetune(
     from ._keras import keras
 
     source = run if isinstance(run, Run) else Run.load(run)
-    _check_settings(epochs, learning_rate, batch_size, patience)
+    check_params(FinetuneError, epochs=epochs, learning_rate=learning_rate,
+                 batch_size=batch_size, patience=patience)
     if source.is_finetuned:
         raise FinetuneError(
             f"expected a run written by `probe fit`; '{source.path}' is already fine-tuned. "
@@ -108,21 +110,21 @@ def finetune(
                     loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     trainable = int(sum(np.prod(w.shape) for w in trainer.trainable_weights))
 
-    train_sequence = sequence("train", True)
+    train_sequence, val_sequence, device = sequence("train", True), sequence("val", False), _device()
     report_to("start", {
         "backbone": spec.name, "blocks": unfrozen, "trainable_parameters": trainable,
         "train": len(splits["train"][0]), "val": len(splits["val"][0]), "epochs": int(epochs),
-        "steps": len(train_sequence), "device": _device(),
+        "steps": len(train_sequence), "device": device,
     })
-    class_weight = _class_weight(config, splits["train"][1], len(classes))
+    class_weight = keras_class_weight((config.get("head_params") or {}).get("class_weight"),
+                                      splits["train"][1], len(classes))
     callbacks = [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(patience),
                                       restore_best_weights=True),
-        _ProgressCallback(report_to, int(epochs), len(train_sequence),
-                          len(sequence("val", False)), _device()),
+        _ProgressCallback(report_to, int(epochs), len(train_sequence), len(val_sequence), device),
     ]
     started = time.perf_counter()
-    history = trainer.fit(train_sequence, validation_data=sequence("val", False),
+    history = trainer.fit(train_sequence, validation_data=val_sequence,
                           epochs=int(epochs), class_weight=class_weight, callbacks=callbacks,
                           verbose=0)
     fit_seconds = time.perf_counter() - started
@@ -276,33 +278,6 @@ def _evaluate(model, sequence, labels, classes) -> dict:
 # --------------------------------------------------------------------------- #
 # Settings, progress and the time estimate
 # --------------------------------------------------------------------------- #
-
-
-def _check_settings(epochs, learning_rate, batch_size, patience) -> None:
-    def integer(value):
-        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-    checks = [
-        ("epochs", integer(epochs) and epochs >= 1, "an integer >= 1"),
-        ("learning_rate", isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool)
-         and np.isfinite(learning_rate) and learning_rate > 0, "a positive number"),
-        ("batch_size", integer(batch_size) and batch_size >= 1, "an integer >= 1"),
-        ("patience", integer(patience) and patience >= 0, "an integer >= 0"),
-    ]
-    for name, ok, expected in checks:
-        if not ok:
-            value = {"epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size,
-                     "patience": patience}[name]
-            raise FinetuneError(f"`{name}` must be {expected}. Received: {name}={value!r}")
-
-
-def _class_weight(config: dict, labels: np.ndarray, n_classes: int) -> dict | None:
-    if (config.get("head_params") or {}).get("class_weight") != "balanced":
-        return None
-    from sklearn.utils.class_weight import compute_class_weight
-
-    weights = compute_class_weight("balanced", classes=np.arange(n_classes), y=labels)
-    return {int(k): float(v) for k, v in enumerate(weights)}
 
 
 def _device() -> str:

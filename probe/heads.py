@@ -180,6 +180,35 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
+# Training settings shared by the dense head and fine-tuning: (valid?, what is expected)
+_PARAM_RULES = {
+    "hidden_units": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "dropout": (lambda v: _is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "epochs": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "learning_rate": (lambda v: _is_real(v) and math.isfinite(v) and v > 0, "a positive number"),
+    "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "patience": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+}
+
+
+def check_params(error: type[ProbeError] = ProbeError, **values: Any) -> None:
+    """Raise `error` for the first training setting out of range (see _PARAM_RULES)."""
+    for name, value in values.items():
+        valid, expected = _PARAM_RULES[name]
+        if not valid(value):
+            raise error(f"`{name}` must be {expected}. Received: {name}={value!r}")
+
+
+def keras_class_weight(class_weight: str | None, y: np.ndarray, n_classes: int) -> dict | None:
+    """Keras' `class_weight` dict for "balanced" (None otherwise)."""
+    if class_weight != "balanced":
+        return None
+    from sklearn.utils.class_weight import compute_class_weight
+
+    weights = compute_class_weight("balanced", classes=np.arange(n_classes), y=y)
+    return {int(k): float(v) for k, v in enumerate(weights)}
+
+
 def _check_class_weight(class_weight: Any) -> None:
     if class_weight not in (None, "balanced"):
         raise ProbeError(f"`class_weight` must be None or 'balanced'. Received: class_weight={class_weight!r}")
@@ -679,22 +708,9 @@ class DenseHead(_Head):
 
     def _check_params(self) -> None:
         _check_class_weight(self.class_weight)
-        is_int = _is_int
-        checks = [
-            ("hidden_units", is_int(self.hidden_units) and self.hidden_units >= 0, "an integer >= 0"),
-            ("dropout", _is_real(self.dropout) and 0 <= self.dropout < 1, "a number in [0, 1)"),
-            ("epochs", is_int(self.epochs) and self.epochs >= 1, "an integer >= 1"),
-            (
-                "learning_rate",
-                _is_real(self.learning_rate) and math.isfinite(self.learning_rate) and self.learning_rate > 0,
-                "a positive number",
-            ),
-            ("batch_size", is_int(self.batch_size) and self.batch_size >= 1, "an integer >= 1"),
-            ("patience", is_int(self.patience) and self.patience >= 0, "an integer >= 0"),
-        ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ProbeError(f"`{name}` must be {expected}. Received: {name}={getattr(self, name)!r}")
+        check_params(hidden_units=self.hidden_units, dropout=self.dropout, epochs=self.epochs,
+                     learning_rate=self.learning_rate, batch_size=self.batch_size,
+                     patience=self.patience)
 
     def _build(self, X: np.ndarray, n_classes: int):
         from ._keras import keras
@@ -741,12 +757,7 @@ class DenseHead(_Head):
         keras.utils.set_random_seed(int(self.seed))
         model = self._build(X, K)
 
-        weights = None
-        if self.class_weight == "balanced":
-            from sklearn.utils.class_weight import compute_class_weight
-
-            w = compute_class_weight("balanced", classes=np.arange(K), y=y)
-            weights = {int(k): float(v) for k, v in enumerate(w)}
+        weights = keras_class_weight(self.class_weight, y, K)
 
         callbacks = []
         validation = None
