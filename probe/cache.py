@@ -462,6 +462,7 @@ class PartStore:
     def __init__(self, directory: Path):
         self.directory = directory
         self._indexes: dict[Path, dict] = {}  # parts already read and checked
+        self._next: int | None = None  # number of the next part to write
 
     def write(
         self,
@@ -472,10 +473,12 @@ class PartStore:
         skipped: list[tuple[str, str, int, int]],
     ) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
-        number = len(list(self.directory.glob("part-*.npz")))
-        while (self.directory / f"part-{number:06d}.npz").exists():
-            number += 1
-        final = self.directory / f"part-{number:06d}.npz"
+        if self._next is None:  # once per run, not per batch
+            self._next = len(list(self.directory.glob("part-*.npz")))
+        while (self.directory / f"part-{self._next:06d}.npz").exists():
+            self._next += 1
+        final = self.directory / f"part-{self._next:06d}.npz"
+        self._next += 1
         temporary = final.with_suffix(".tmp")
         with open(temporary, "wb") as handle:
             np.savez(
@@ -597,10 +600,14 @@ def write_cache(
         with _h5open(temporary, "w") as handle:
             for key, value in attrs.items():
                 handle.attrs[key] = _attr(value)
-            for split in SPLIT_NAMES:
-                rows = [entry for entry in entries if entry.split == split]
-                if rows:
-                    _write_split(handle, split, rows, feature_shape)
+            readers = _RowReader()  # one for every split: parts and caches opened once
+            try:
+                for split in SPLIT_NAMES:
+                    rows = [entry for entry in entries if entry.split == split]
+                    if rows:
+                        _write_split(handle, split, rows, feature_shape, readers)
+            finally:
+                readers.close()
             group = handle.create_group("skipped")
             _strings(group, "paths", [s[0] for s in skipped])
             _strings(group, "reasons", [s[1] for s in skipped])
@@ -617,7 +624,8 @@ def write_cache(
             temporary.unlink()
 
 
-def _write_split(handle, split: str, rows: list[Entry], feature_shape: tuple[int, ...]) -> None:
+def _write_split(handle, split: str, rows: list[Entry], feature_shape: tuple[int, ...],
+                 readers: "_RowReader") -> None:
     group = handle.create_group(split)
     n = len(rows)
     chunk_rows = max(1, min(n, (1 << 20) // max(1, 4 * int(np.prod(feature_shape)))))
@@ -629,13 +637,9 @@ def _write_split(handle, split: str, rows: list[Entry], feature_shape: tuple[int
     _strings(group, "paths", [r.path for r in rows])
     _numbers(group, "sizes", [r.size for r in rows], np.int64)
     _numbers(group, "mtimes", [r.mtime for r in rows], np.int64)
-    readers = _RowReader()
-    try:
-        for start in range(0, n, ASSEMBLE_ROWS):
-            block = rows[start:start + ASSEMBLE_ROWS]
-            features[start:start + len(block)] = readers.read([r.row for r in block], feature_shape)
-    finally:
-        readers.close()
+    for start in range(0, n, ASSEMBLE_ROWS):
+        block = rows[start:start + ASSEMBLE_ROWS]
+        features[start:start + len(block)] = readers.read([r.row for r in block], feature_shape)
 
 
 class _RowReader:
