@@ -43,6 +43,7 @@ if str(ROOT) not in sys.path:
 
 import probe  # noqa: E402
 from probe import data  # noqa: E402
+from probe.progress import Advanced  # noqa: E402
 
 CLASSES = ("meadow", "sunset", "harbour")
 
@@ -138,7 +139,8 @@ def measure_extract(name: str, size: int, root: Path, cache_dir: Path, batch_siz
     start = time.perf_counter()
     cache = probe.extract(root, name, weights="none", image_size=size, cache_dir=cache_dir,
                           batch_size=batch_size, precision=precision,
-                          progress=lambda done, total: marks.append((time.perf_counter(), done)))
+                          progress=lambda event: isinstance(event, Advanced)
+                          and marks.append((time.perf_counter(), event.done)))
     seconds = time.perf_counter() - start
     (first_time, first_done), (last_time, last_done) = marks[0], marks[-1]
     steady = (last_done - first_done) / (last_time - first_time) if len(marks) > 1 else float("nan")

@@ -15,7 +15,8 @@ from .errors import (
     SourceChangedError,
     WeightsError,
 )
-from .extract import extract
+from .extract import ExtractionReport, extract, extract_with_report
+from .settings import ExtractionSettings, SplitSettings, Weights
 from .finetune import finetune
 from .heads import DenseHead, LogisticHead, load_head, make_head
 from .inference import Prediction, export, predict
@@ -30,7 +31,8 @@ __all__ = [
     "Dataset", "Sample", "discover", "load_image",
     "ProbeError", "BackboneError", "WeightsError", "DatasetError", "CacheError",
     "CacheMismatchError", "SourceChangedError", "NotFittedError", "RunError",
-    "extract", "fit", "predict", "export", "Run", "Prediction",
+    "extract", "extract_with_report", "ExtractionReport",
+    "ExtractionSettings", "SplitSettings", "Weights", "fit", "predict", "export", "Run", "Prediction",
     "LogisticHead", "DenseHead", "make_head", "load_head",
     "finetune",
     "compare", "Comparison", "run_demo", "write_digits",

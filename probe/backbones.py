@@ -5,7 +5,6 @@ where its top blocks start). Keras is imported lazily so `probe --help` stays in
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import numbers
 import os
 import sys
@@ -22,6 +21,55 @@ if TYPE_CHECKING:
     import numpy as np
 
 POOLINGS = ("avg", "max", "none")
+# The largest input size probe accepts: the pixels of one 32-image batch at this size take
+# 400 MB, and the backbones' activations many times more.
+MAX_IMAGE_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Keras' `preprocess_input` of one mode as data: on RGB pixels in 0..255, channel c
+    of the output is `(x[..., channel_order[c]] / divisor - mean[c]) / std[c]`, in that
+    order of float32 operations (the order Keras uses, so the results are identical)."""
+
+    mode: str
+    channel_order: tuple[int, int, int]
+    divisor: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def apply(self, images: "np.ndarray") -> "np.ndarray":
+        """The preprocessed float32 copy of RGB `images` (..., 3)."""
+        import numpy as np
+
+        x = np.asarray(images, dtype=np.float32)[..., list(self.channel_order)]
+        if self.divisor != 1:
+            x /= np.float32(self.divisor)
+        x -= np.asarray(self.mean, dtype=np.float32)
+        if self.std != (1.0, 1.0, 1.0):
+            x /= np.asarray(self.std, dtype=np.float32)
+        return x
+
+    def affine(self) -> tuple["np.ndarray", "np.ndarray"]:
+        """Kernel (3, 3) and bias (3,) of the same map as one affine map, out[c] =
+        sum_k x[k] * kernel[k, c] + bias[c] (the export's frozen 1x1 convolution)."""
+        import numpy as np
+
+        kernel = np.zeros((3, 3))
+        for c, k in enumerate(self.channel_order):
+            kernel[k, c] = 1.0 / (self.divisor * self.std[c])
+        bias = -np.asarray(self.mean) / np.asarray(self.std)
+        return kernel.astype(np.float32), bias.astype(np.float32)
+
+
+PREPROCESSING = {
+    # RGB -> BGR, then subtract the ImageNet means (BGR order)
+    "caffe": Preprocessing("caffe", (2, 1, 0), 1.0, (103.939, 116.779, 123.68), (1.0, 1.0, 1.0)),
+    # to [-1, 1]
+    "tf": Preprocessing("tf", (0, 1, 2), 127.5, (1.0, 1.0, 1.0), (1.0, 1.0, 1.0)),
+    # to [0, 1], then standardise with the ImageNet mean and std
+    "torch": Preprocessing("torch", (0, 1, 2), 255.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
 
 
 @dataclass(frozen=True)
@@ -41,15 +89,30 @@ class BackboneSpec:
     # graph, see `block_layers`.
     top_blocks: tuple[str, ...]
 
+    @property
+    def normalization(self) -> Preprocessing:
+        """The backbone's `preprocess_input` as data (see `Preprocessing`)."""
+        return PREPROCESSING[self.preprocessing]
+
     def preprocess_input(self, images: "np.ndarray") -> "np.ndarray":
-        """The backbone's own Keras `preprocess_input` on RGB pixels in 0..255."""
-        keras = _keras()
-        module = getattr(keras.applications, self.module)
-        return module.preprocess_input(images.astype("float32", copy=True))
+        """The backbone's own Keras `preprocess_input` on RGB pixels in 0..255 (the same
+        float32 operations, without importing Keras)."""
+        return self.normalization.apply(images)
 
     def check_image_size(self, image_size: int | None) -> int:
-        """Return the input size to use; raise if it is below the backbone's minimum."""
-        size = self.native_size if image_size is None else int(image_size)
+        """Return the input size to use; raise if it is below the backbone's minimum or
+        above MAX_IMAGE_SIZE."""
+        size = self.native_size if image_size is None else image_size
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+            raise BackboneError(f"expected an image size in pixels (an integer). "
+                                f"Received: image_size={image_size!r}")
+        size = int(size)
+        if size > MAX_IMAGE_SIZE:
+            raise BackboneError(
+                f"{self.name} takes images of at most {MAX_IMAGE_SIZE} pixels in probe; use "
+                f"--image-size {MAX_IMAGE_SIZE} or less (native: {self.native_size}). "
+                f"Received: image_size={size}"
+            )
         if size < self.min_size:
             raise BackboneError(
                 f"{self.name} needs an image size of at least {self.min_size} pixels; "
@@ -278,21 +341,6 @@ def parse_weights(weights: str | os.PathLike | None) -> tuple[str, Path | None]:
             f"no such file. Received: weights='{weights}'"
         )
     return "file", path.resolve()
-
-
-def weights_identity(weights: str | os.PathLike | None, seed: int = 0) -> str:
-    """A string that identifies the weights, recorded in the cache: a different string
-    means different features."""
-    kind, path = parse_weights(weights)
-    if kind == "imagenet":
-        return "imagenet"
-    if kind == "none":
-        return f"random(seed={seed})"
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return f"file:{path.name}:sha256={digest.hexdigest()[:16]}"
 
 
 def check_pooling(pooling: str) -> str:

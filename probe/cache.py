@@ -13,23 +13,18 @@ Layout (documented in the README so anyone with h5py can read it):
     /skipped/{paths, reasons, sizes, mtimes, labels, splits}
 
 Numeric datasets carry Fletcher-32 checksums, so damage is a read error, not wrong data.
-Writes are crash safe: the finished file is written under a temporary name and renamed
-over the old one, and work in progress lives in `.parts-<key>/` as one atomically renamed
-file per batch, so a kill at any instant loses at most the batch being computed.
+This module only reads; `store.py` writes (parts, the final file, the lock).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -39,8 +34,6 @@ FORMAT = "probe-feature-cache"
 FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "val", "test")
 SETTINGS = ("backbone", "weights", "image_size", "pooling", "preprocessing")
-ASSEMBLE_ROWS = 512  # rows copied at a time when writing a cache: bounds memory
-TEMP_PREFIX = "."  # a cache being written is ".<name>.tmp-<pid>": never listed, never read
 
 
 def default_cache_dir() -> Path:
@@ -139,7 +132,6 @@ class FeatureCache:
         self.path = Path(path)
         self.attrs = attrs
         self.counts = counts
-        self.report: dict = {}  # filled by extraction: what this run did
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "FeatureCache":
@@ -163,8 +155,8 @@ class FeatureCache:
                 if int(attrs.get("format_version", 0)) > FORMAT_VERSION:
                     raise CacheError(
                         f"this cache was written by a newer probe (format "
-                        f"{attrs['format_version']}); upgrade probe or rebuild it with "
-                        f"`probe extract --rebuild`. Received: path='{path}'"
+                        f"{attrs['format_version']}); upgrade probe, or run `probe extract` "
+                        f"with its dataset to rebuild it. Received: path='{path}'"
                     )
                 counts = {}
                 for split in SPLIT_NAMES:
@@ -402,285 +394,6 @@ def list_caches(cache_dir: str | os.PathLike | None = None) -> list[FeatureCache
     return caches
 
 
-# --- writing ------------------------------------------------------------------------
-
-
-class CacheLock:
-    """An exclusive lock on one cache key, held by one extraction at a time."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._handle = None
-
-    def __enter__(self) -> "CacheLock":
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(self.path, "a+")
-        except OSError as error:
-            raise CacheError(
-                f"expected a writable cache directory; {error.strerror}. Pass a writable "
-                f"--cache-dir or set PROBE_CACHE_DIR. Received: lock='{display(self.path)}'"
-            ) from None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise CacheError(
-                f"another probe extract (pid {holder}) is writing this cache; wait for it to "
-                f"finish and run again. Received: lock='{self.path}'"
-            ) from None
-        except OSError as error:
-            handle.close()
-            if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise CacheError(
-                    f"file locking is not available on this file system ({error.strerror}); "
-                    "put the cache on a local disk with --cache-dir or PROBE_CACHE_DIR. "
-                    f"Received: lock='{self.path}'"
-                ) from None
-            raise
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        self._handle = handle
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            fcntl.flock(self._handle, fcntl.LOCK_UN)
-            self._handle.close()
-            self._handle = None
-
-
-class PartStore:
-    """Batches of finished work, one atomically written .npz each, so an interrupted
-    extraction resumes where it stopped. Holds only numbers and byte strings: loaded with
-    allow_pickle=False."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-        self._indexes: dict[Path, dict] = {}  # parts already read and checked
-        self._next: int | None = None  # number of the next part to write
-
-    def write(
-        self,
-        features: np.ndarray,
-        paths: list[str],
-        sizes: list[int],
-        mtimes: list[int],
-        skipped: list[tuple[str, str, int, int]],
-    ) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        if self._next is None:  # once per run, not per batch
-            self._next = len(list(self.directory.glob("part-*.npz")))
-        while (self.directory / f"part-{self._next:06d}.npz").exists():
-            self._next += 1
-        final = self.directory / f"part-{self._next:06d}.npz"
-        self._next += 1
-        temporary = final.with_suffix(".tmp")
-        with open(temporary, "wb") as handle:
-            np.savez(
-                handle,
-                features=features.astype(np.float32, copy=False),
-                paths=_encode(paths),
-                sizes=np.asarray(sizes, dtype=np.int64),
-                mtimes=np.asarray(mtimes, dtype=np.int64),
-                skipped_paths=_encode([s[0] for s in skipped]),
-                skipped_reasons=_encode([s[1] for s in skipped]),
-                skipped_sizes=np.asarray([s[2] for s in skipped], dtype=np.int64),
-                skipped_mtimes=np.asarray([s[3] for s in skipped], dtype=np.int64),
-            )
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, final)
-        return final
-
-    def parts(self) -> list[Path]:
-        if not self.directory.is_dir():
-            return []
-        return sorted(self.directory.glob("part-*.npz"))
-
-    def rows(self) -> Iterator[tuple[str, Row, int, int]]:
-        for part, index in self._scan():
-            for i, (path, size, mtime) in enumerate(
-                zip(index["paths"], index["sizes"], index["mtimes"])
-            ):
-                yield path, Row(str(part), "", i), size, mtime
-
-    def skip_records(self) -> Iterator[tuple[str, str, int, int]]:
-        for _, index in self._scan():
-            yield from index["skipped"]
-
-    def _scan(self) -> list[tuple[Path, dict]]:
-        """The readable parts with their paths, sizes, mtimes and skip records. A part that
-        can not be read completely (damaged on disk) is deleted: its images are extracted
-        again instead of being trusted."""
-        scanned = []
-        for part in self.parts():
-            if part not in self._indexes:
-                try:
-                    self._indexes[part] = _read_part_index(part)
-                except (zipfile.BadZipFile, ValueError, KeyError, EOFError):
-                    part.unlink(missing_ok=True)  # damaged: zip, npy header, lengths
-                    continue
-                except OSError as error:  # unreadable now, maybe not damaged: keep it
-                    raise CacheError(
-                        f"could not read the finished batch '{display(part)}' "
-                        f"({error.strerror}); fix the cause and run again."
-                    ) from None
-            scanned.append((part, self._indexes[part]))
-        return scanned
-
-    def remove_temporary(self) -> None:
-        """Delete half-written parts left by a killed run."""
-        if self.directory.is_dir():
-            for path in self.directory.glob("part-*.tmp"):
-                path.unlink(missing_ok=True)
-
-    def clear(self) -> None:
-        if self.directory.is_dir():
-            for path in self.directory.iterdir():
-                path.unlink()
-            self.directory.rmdir()
-
-
-def _read_part_index(part: Path) -> dict:
-    import zipfile
-
-    with np.load(part, allow_pickle=False) as data:
-        index = {
-            "paths": _decode(data["paths"]),
-            "sizes": [int(v) for v in data["sizes"]],
-            "mtimes": [int(v) for v in data["mtimes"]],
-            "skipped": list(zip(
-                _decode(data["skipped_paths"]), _decode(data["skipped_reasons"]),
-                (int(v) for v in data["skipped_sizes"]), (int(v) for v in data["skipped_mtimes"]),
-            )),
-        }
-    with zipfile.ZipFile(part) as archive:
-        if archive.testzip() is not None:
-            raise ValueError("checksum mismatch")
-        with archive.open("features.npy") as member:
-            version = np.lib.format.read_magic(member)
-            if version == (1, 0):
-                shape = np.lib.format.read_array_header_1_0(member)[0]
-            else:
-                shape = np.lib.format.read_array_header_2_0(member)[0]
-    n = len(index["paths"])
-    if shape[0] != n or len(index["sizes"]) != n or len(index["mtimes"]) != n:
-        raise ValueError("inconsistent part")
-    return index
-
-
-@dataclass
-class Entry:
-    """One row of the cache to be written: a sample and where its features are."""
-
-    path: str
-    label: int
-    split: str
-    size: int
-    mtime: int
-    row: Row
-
-
-def write_cache(
-    target: Path,
-    attrs: dict,
-    entries: list[Entry],
-    skipped: list[tuple[str, str, int, int, int, str]],
-    feature_shape: tuple[int, ...],
-) -> None:
-    """Write a complete cache file under a temporary name, then rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f"{TEMP_PREFIX}{target.name}.tmp-{os.getpid()}")
-    try:
-        with _h5open(temporary, "w") as handle:
-            for key, value in attrs.items():
-                handle.attrs[key] = _attr(value)
-            readers = _RowReader()  # one for every split: parts and caches opened once
-            try:
-                for split in SPLIT_NAMES:
-                    rows = [entry for entry in entries if entry.split == split]
-                    if rows:
-                        _write_split(handle, split, rows, feature_shape, readers)
-            finally:
-                readers.close()
-            group = handle.create_group("skipped")
-            _strings(group, "paths", [s[0] for s in skipped])
-            _strings(group, "reasons", [s[1] for s in skipped])
-            _numbers(group, "sizes", [s[2] for s in skipped], np.int64)
-            _numbers(group, "mtimes", [s[3] for s in skipped], np.int64)
-            _numbers(group, "labels", [s[4] for s in skipped], np.int32)
-            _strings(group, "splits", [s[5] for s in skipped])
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-        _fsync_directory(target.parent)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
-def _write_split(handle, split: str, rows: list[Entry], feature_shape: tuple[int, ...],
-                 readers: "_RowReader") -> None:
-    group = handle.create_group(split)
-    n = len(rows)
-    chunk_rows = max(1, min(n, (1 << 20) // max(1, 4 * int(np.prod(feature_shape)))))
-    features = group.create_dataset(
-        "features", shape=(n, *feature_shape), dtype=np.float32,
-        chunks=(chunk_rows, *feature_shape), maxshape=(None, *feature_shape), fletcher32=True,
-    )
-    _numbers(group, "labels", [r.label for r in rows], np.int32)
-    _strings(group, "paths", [r.path for r in rows])
-    _numbers(group, "sizes", [r.size for r in rows], np.int64)
-    _numbers(group, "mtimes", [r.mtime for r in rows], np.int64)
-    for start in range(0, n, ASSEMBLE_ROWS):
-        block = rows[start:start + ASSEMBLE_ROWS]
-        features[start:start + len(block)] = readers.read([r.row for r in block], feature_shape)
-
-
-class _RowReader:
-    """Reads feature rows from cache files and parts, keeping files open across blocks."""
-
-    def __init__(self):
-        self._h5: dict[str, object] = {}
-        self._parts: dict[str, np.ndarray] = {}
-
-    def read(self, rows: list[Row], feature_shape: tuple[int, ...]) -> np.ndarray:
-        out = np.empty((len(rows), *feature_shape), dtype=np.float32)
-        by_source: dict[tuple[str, str], list[tuple[int, int]]] = {}
-        for position, row in enumerate(rows):
-            by_source.setdefault((row.source, row.group), []).append((row.index, position))
-        for (source, group), pairs in by_source.items():
-            pairs.sort()
-            indices = [index for index, _ in pairs]
-            positions = [position for _, position in pairs]
-            if group:
-                try:
-                    if source not in self._h5:
-                        self._h5[source] = _h5open(source, "r")
-                    out[positions] = self._h5[source][group]["features"][indices]
-                except (OSError, KeyError, ValueError) as error:
-                    raise _read_error(source, error) from None
-            else:
-                if source not in self._parts:
-                    if len(self._parts) > 8:
-                        self._parts.clear()
-                    with np.load(source, allow_pickle=False) as data:
-                        self._parts[source] = data["features"]
-                out[positions] = self._parts[source][indices]
-        return out
-
-    def close(self) -> None:
-        for handle in self._h5.values():
-            handle.close()
-        self._h5.clear()
-        self._parts.clear()
-
-
 # --- helpers ------------------------------------------------------------------------
 
 
@@ -726,61 +439,8 @@ def display(path) -> str:
     return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
 
 
-def _encode(strings: Iterable[str]) -> np.ndarray:
-    """Paths as bytes: file names that are not valid UTF-8 survive the round trip."""
-    encoded = [os.fsencode(s) for s in strings]
-    return np.array(encoded, dtype=bytes) if encoded else np.zeros(0, dtype="S1")
-
-
-def _decode(array: np.ndarray) -> list[str]:
-    return [os.fsdecode(bytes(value)) for value in array]
-
-
-def _numbers(group, name: str, values: list[int], dtype) -> None:
-    """An integer dataset with a Fletcher-32 checksum per chunk, so a damaged file is an
-    error when read instead of wrong labels."""
-    data = np.asarray(values, dtype=dtype)
-    if len(data):
-        group.create_dataset(name, data=data, chunks=True, fletcher32=True)
-    else:
-        group.create_dataset(name, data=data)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in `directory` durable (best effort: not every platform allows it)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _strings(group, name: str, values: list[str]) -> None:
-    dtype = _h5py().string_dtype("utf-8")
-    data = np.array([os.fsencode(v) for v in values], dtype=object)
-    group.create_dataset(name, shape=(len(values),), dtype=dtype, data=data if values else None)
-
-
 def _read_strings(dataset) -> list[str]:
     return [os.fsdecode(value) for value in dataset[()]] if dataset.shape[0] else []
-
-
-def _attr(value):
-    if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value)
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:  # a path with bytes that are not UTF-8
-            return np.bytes_(os.fsencode(value))
-    return value
 
 
 def _plain(value):

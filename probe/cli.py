@@ -5,14 +5,26 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
+import threading
 import time
 
 import click
 
-from . import backbones, cache as cache_mod
+from . import backbones, cache as cache_mod, settings
+from .compare import compare, parse_names
+from .demo import DEMO_BACKBONES, DEMO_IMAGE_SIZE, DEMO_PER_CLASS, run_demo
 from .errors import ProbeError
+from .extract import extract_with_report
+from .finetune import comparison_rows, epoch_line, estimate_line, finetune, start_line
+from .inference import export, predict
+from .progress import Advanced, Event, Finished, Note, Started
 from .report import format_table
+from .runs import Run, fit, summary_rows
+
+# A seed any part of probe accepts (NumPy's and Keras' seeds are 32-bit).
+SEED = click.IntRange(0, settings.MAX_SEED)
 
 
 def _fail_cleanly(command):
@@ -62,45 +74,56 @@ def backbones_command() -> None:
     click.echo(_table(rows, ["backbone", "native size", "min size", "features", "preprocessing"]))
 
 
-def dataset_options(command):
-    """Options shared by every command that reads a dataset."""
-    options = [
-        click.option("--labels", "labels", type=click.Path(dir_okay=False),
-                     help="CSV path,label[,split] or a 'name label' list with 1/-1 labels."),
-        click.option("--val-fraction", type=float, default=0.15, show_default=True,
-                     help="Validation share when the dataset has no split folders."),
-        click.option("--test-fraction", type=float, default=0.15, show_default=True,
-                     help="Test share when the dataset has no split folders."),
-        click.option("--seed", type=int, default=0, show_default=True,
-                     help="Seed of the split and of random weights."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def _apply(*decorators):
+    """One decorator applying several, in the order listed (the first is the first option
+    in --help)."""
+
+    def apply(command):
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return apply
 
 
-def extraction_options(command):
-    """Options that define the features."""
-    options = [
-        click.option("--backbone", "-b", default="vgg16", show_default=True,
-                     help="Backbone name (see `probe backbones`)."),
-        click.option("--weights", default="imagenet", show_default=True,
-                     help="'imagenet' (downloaded once), 'none' (random) or a weights file."),
-        click.option("--image-size", type=int, default=None,
-                     help="Input size in pixels [default: the backbone's native size]."),
-        click.option("--pooling", type=click.Choice(backbones.POOLINGS), default="avg",
-                     show_default=True, help="'none' keeps the spatial feature map."),
-        click.option("--batch-size", type=int, default=32, show_default=True),
-        click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-                     envvar="PROBE_CACHE_DIR", help="Cache directory [default: ./.probe]."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+# Option groups are plain tuples of click decorators, composed by concatenation.
+DATASET_OPTIONS = (
+    click.option("--labels", "labels", multiple=True, metavar="[SPLIT=]FILE",
+                 help="CSV path,label[,split] or a 'name label' list with 1/-1 labels; "
+                      "SPLIT=FILE (train, val, test, trainval) gives one file per split "
+                      "(repeat the option)."),
+    click.option("--val-fraction", type=float, default=settings.VAL_FRACTION,
+                 show_default=True, help="Validation share when the dataset has no split folders."),
+    click.option("--test-fraction", type=float, default=settings.TEST_FRACTION,
+                 show_default=True, help="Test share when the dataset has no split folders."),
+    click.option("--seed", type=SEED, default=settings.DEFAULT_SEED, show_default=True,
+                 help="Seed of the split, of random weights and of the heads."),
+)
+BACKBONE_OPTION = click.option("--backbone", "-b", default="vgg16", show_default=True,
+                               help="Backbone name (see `probe backbones`).")
+CACHE_DIR_OPTION = click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                                envvar="PROBE_CACHE_DIR", help="Cache directory [default: ./.probe].")
+EXTRACTION_OPTIONS = (
+    click.option("--weights", default="imagenet", show_default=True,
+                 help="'imagenet' (downloaded once), 'none' (random) or a weights file."),
+    click.option("--image-size", type=int, default=None,
+                 help=f"Input size in pixels, at most {backbones.MAX_IMAGE_SIZE} "
+                      "[default: the backbone's native size]."),
+    click.option("--pooling", type=click.Choice(backbones.POOLINGS), default="avg",
+                 show_default=True, help="'none' keeps the spatial feature map."),
+    click.option("--batch-size", type=int, default=settings.DEFAULT_BATCH_SIZE,
+                 show_default=True, help=f"Images per batch (1 to {settings.MAX_BATCH_SIZE})."),
+    CACHE_DIR_OPTION,
+)
+
+
+def _say(message: str) -> None:
+    click.echo(message, err=True)
 
 
 class _Progress:
-    """A progress bar on stderr with images/s and ETA."""
+    """Renders the events of extractions on stderr: what a run is about to do, a progress
+    bar with images/s and ETA (on a terminal, without --quiet), and demo notes."""
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
@@ -108,24 +131,35 @@ class _Progress:
         self.started = 0.0
         self.last = 0
 
-    def start(self, info: dict) -> None:
-        """What this run is about to do, on stderr (also with --quiet, which only hides
-        the progress bar)."""
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Started) and event.stage == "extract":
+            self.start(event.details)
+        elif isinstance(event, Advanced) and event.stage == "extract":
+            self.update(event.done)
+        elif isinstance(event, Finished) and event.stage == "extract":
+            self.close()
+        elif isinstance(event, Note) and event.stage == "demo":
+            if event.kind == "dataset":
+                _say(f"Digits dataset: {event.details['path']} ({event.details['classes']} "
+                     f"classes, {event.details['per_class']} images each)")
+            else:
+                _say(event.details["message"])
+
+    def start(self, info) -> None:
+        """What this run is about to do (also with --quiet, which only hides the bar)."""
         if info.get("damaged"):
-            click.echo(f"Rebuilding a damaged cache: {info['damaged']}", err=True)
+            _say(f"Rebuilding a damaged cache: {info['damaged']}")
         changes = info["changes"]
         if changes and any(changes.values()):
-            click.echo("Source changed since the cache was written: "
-                       + ", ".join(f"{v} {k}" for k, v in changes.items())
-                       + "; extracting only new and modified files", err=True)
+            _say("Source changed since the cache was written: "
+                 + ", ".join(f"{v} {k}" for k, v in changes.items())
+                 + "; extracting only new and modified files")
         if info["resumed_parts"]:
-            click.echo(f"Resuming an interrupted extraction ({info['resumed_parts']} batches done).",
-                       err=True)
-        if self.quiet:
+            _say(f"Resuming an interrupted extraction ({info['resumed_parts']} batches done).")
+        if self.quiet or not info["todo"]:
             return
-        if info["todo"]:
-            click.echo(f"Extracting {info['todo']} of {info['total']} images", err=True)
-        if info["todo"] and sys.stderr.isatty():  # a bar in a log file is noise
+        _say(f"Extracting {info['todo']} of {info['total']} images")
+        if sys.stderr.isatty():  # a bar in a log file is noise
             self.bar = click.progressbar(length=info["todo"], file=sys.stderr,
                                          label="extract", show_eta=True,
                                          item_show_func=lambda _: self._rate())
@@ -136,7 +170,7 @@ class _Progress:
         elapsed = time.monotonic() - self.started
         return f"{self.last / elapsed:.1f} img/s" if elapsed > 0 and self.last else ""
 
-    def update(self, done: int, total: int) -> None:
+    def update(self, done: int) -> None:
         if self.bar is not None:
             self.bar.update(done - self.last, current_item=done)
             self.last = done
@@ -145,12 +179,12 @@ class _Progress:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
             self.bar = None
+        self.last = 0
 
 
 @main.command("extract")
 @click.argument("dataset", type=click.Path())
-@extraction_options
-@dataset_options
+@_apply(BACKBONE_OPTION, *EXTRACTION_OPTIONS, *DATASET_OPTIONS)
 @click.option("--precision", type=click.Choice(["float32", "bf16"]), default="float32",
               show_default=True,
               help="bf16: mixed bfloat16, much faster where the CPU/GPU supports it; "
@@ -167,56 +201,48 @@ def extract_command(dataset, backbone, weights, image_size, pooling, batch_size,
 
     Example: probe extract --backbone vgg16 cats_vs_dogs/
     """
-    from .extract import extract
-
     _stop_on_sigterm()
     progress = _Progress(quiet)
     try:
-        result = extract(dataset, backbone, weights=weights, image_size=image_size,
-                         pooling=pooling, labels=labels, val_fraction=val_fraction,
-                         test_fraction=test_fraction, seed=seed, batch_size=batch_size,
-                         cache_dir=cache_dir, progress=progress.update, on_start=progress.start,
-                         precision=precision)
+        result, report = extract_with_report(
+            dataset, backbone, weights=weights, image_size=image_size, pooling=pooling,
+            labels=labels or None, val_fraction=val_fraction, test_fraction=test_fraction,
+            seed=seed, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
+            precision=precision)
     finally:
         progress.close()
-    report = result.report
     counts = ", ".join(f"{split} {n}" for split, n in result.counts.items())
-    if report["status"] == "up to date":
+    if report.status == "up to date":
         click.echo(f"Cache up to date: {result.path} ({counts})")
     else:
-        click.echo(f"Wrote {result.path} ({counts}): {report['extracted']} extracted, "
-                   f"{report['reused']} reused")
-    if report["skipped"]:
-        click.echo(f"Skipped {report['skipped']} files that could not be decoded "
-                   f"(see `probe cache info {result.path}`)", err=True)
-    if report["ignored"]:
-        click.echo(f"Ignored {report['ignored']} non-image files", err=True)
-    if strict and report["skipped"]:
-        raise click.ClickException(f"--strict: {report['skipped']} files were skipped")
+        click.echo(f"Wrote {result.path} ({counts}): {report.extracted} extracted, "
+                   f"{report.reused} reused")
+    if report.skipped:
+        _say(f"Skipped {report.skipped} files that could not be decoded "
+             f"(see `probe cache info {result.path}`)")
+    if report.ignored:
+        _say(f"Ignored {report.ignored} non-image files")
+    if strict and report.skipped:
+        raise click.ClickException(f"--strict: {report.skipped} files were skipped")
 
 
-def head_options(command):
-    """Options of the heads (each applies to the head that has it)."""
-    options = [
-        click.option("--head", type=click.Choice(["logreg", "dense"]), default="logreg",
-                     show_default=True, help="Logistic regression or a small dense network."),
-        click.option("--C", "C", type=float, default=None,
-                     help="logreg: fix the regularisation strength [default: chosen on val]."),
-        click.option("--hidden-units", type=int, default=256, show_default=True,
-                     help="dense: hidden layer width (0: none)."),
-        click.option("--dropout", type=float, default=0.5, show_default=True, help="dense"),
-        click.option("--epochs", type=int, default=50, show_default=True, help="dense"),
-        click.option("--learning-rate", type=float, default=1e-3, show_default=True, help="dense"),
-        click.option("--head-batch-size", type=int, default=32, show_default=True,
-                     help="dense: training batch size."),
-        click.option("--patience", type=int, default=5, show_default=True,
-                     help="dense: early-stopping patience on validation loss."),
-        click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none",
-                     show_default=True, help="'balanced' for imbalanced classes."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+HEAD_OPTION = click.option("--head", type=click.Choice(["logreg", "dense"]), default="logreg",
+                           show_default=True, help="Logistic regression or a small dense network.")
+HEAD_PARAMETER_OPTIONS = (
+    click.option("--C", "C", type=float, default=None,
+                 help="logreg: fix the regularisation strength [default: chosen on val]."),
+    click.option("--hidden-units", type=int, default=256, show_default=True,
+                 help="dense: hidden layer width (0: none)."),
+    click.option("--dropout", type=float, default=0.5, show_default=True, help="dense"),
+    click.option("--epochs", type=int, default=50, show_default=True, help="dense"),
+    click.option("--learning-rate", type=float, default=1e-3, show_default=True, help="dense"),
+    click.option("--head-batch-size", type=int, default=32, show_default=True,
+                 help="dense: training batch size."),
+    click.option("--patience", type=int, default=5, show_default=True,
+                 help="dense: early-stopping patience on validation loss."),
+    click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none",
+                 show_default=True, help="'balanced' for imbalanced classes."),
+)
 
 
 def head_params(head, C, hidden_units, dropout, epochs, learning_rate, head_batch_size,
@@ -234,10 +260,9 @@ def head_params(head, C, hidden_units, dropout, epochs, learning_rate, head_batc
 @click.option("--cache", "cache_path", type=click.Path(dir_okay=False), default=None,
               help="The cache file [default: the one in the cache directory, or the newest].")
 @click.option("--backbone", "-b", default=None, help="Use the newest cache of this backbone.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              envvar="PROBE_CACHE_DIR", help="Cache directory [default: ./.probe].")
-@head_options
-@click.option("--seed", type=int, default=0, show_default=True)
+@CACHE_DIR_OPTION
+@_apply(HEAD_OPTION, *HEAD_PARAMETER_OPTIONS)
+@click.option("--seed", type=SEED, default=settings.DEFAULT_SEED, show_default=True)
 @click.option("--strict", is_flag=True, help="Fail if the cache's source images changed.")
 @_fail_cleanly
 def fit_command(cache_path, backbone, cache_dir, head, C, hidden_units, dropout, epochs,
@@ -249,8 +274,6 @@ def fit_command(cache_path, backbone, cache_dir, head, C, hidden_units, dropout,
 
     Example: probe fit --head dense
     """
-    from .runs import fit, summary_rows
-
     params = head_params(head, C, hidden_units, dropout, epochs, learning_rate,
                          head_batch_size, patience, class_weight, seed)
     run = fit(cache_path, head, backbone=backbone, cache_dir=cache_dir, strict=strict, **params)
@@ -279,9 +302,6 @@ def predict_command(run, images, output, batch_size) -> None:
 
     Example: probe predict .probe/runs/20260101-120000-vgg16-dense new_photos/ -o predictions.csv
     """
-    from .inference import predict
-    from .runs import Run
-
     loaded = Run.load(run)
     results = predict(loaded, images, batch_size=batch_size, output=output)
     classes = loaded.classes
@@ -311,14 +331,12 @@ def export_command(run, out) -> None:
 
     Example: probe export .probe/runs/20260101-120000-vgg16-logreg cats_dogs.keras
     """
-    from .inference import export
-
     path = export(run, out)
     click.echo(f"Wrote {path}")
+
+
 def _stop_on_sigterm() -> None:
     """Let `kill` stop an extraction the way Ctrl-C does: cleanly, keeping finished batches."""
-    import signal
-    import threading
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -337,7 +355,7 @@ def _stop_on_sigterm() -> None:
 @click.option("--no-augment", is_flag=True, help="No random flips, rotations and zooms.")
 @click.option("--patience", type=int, default=3, show_default=True,
               help="Early-stopping patience on validation loss.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=settings.DEFAULT_SEED, show_default=True)
 @click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
               help="Where the new run goes [default: next to RUN].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
@@ -355,8 +373,6 @@ def finetune_command(run, unfreeze, epochs, learning_rate, batch_size, no_augmen
 
     Example: probe finetune .probe/runs/20260101-120000-vgg16-dense --unfreeze 1
     """
-    from .finetune import comparison_rows, epoch_line, estimate_line, finetune, start_line
-
     bar = None
 
     def show(event: str, info: dict) -> None:
@@ -399,67 +415,38 @@ def finetune_command(run, unfreeze, epochs, learning_rate, batch_size, no_augmen
 # --- compare and demo -------------------------------------------------------------------
 
 
-def _options_except(decorator, *names):
-    """The options a shared option decorator adds, without those named (compare takes
-    --backbones and --heads instead of --backbone and --head)."""
-
-    def apply(command):
-        template = decorator(lambda: None)
-        params = [p for p in template.__click_params__ if p.name not in names]
-        command.__click_params__ = getattr(command, "__click_params__", []) + params
-        return command
-
-    return apply
-
-
 def _compare_head_params(heads, C, hidden_units, dropout, epochs, learning_rate,
                          head_batch_size, patience, class_weight, seed) -> dict:
-    from .compare import parse_names
-
     return {head: head_params(head, C, hidden_units, dropout, epochs, learning_rate,
                               head_batch_size, patience, class_weight, seed)
             for head in parse_names(heads, ()) if head in ("logreg", "dense")}
 
 
-class _CompareProgress:
-    """Progress of a comparison on stderr: one line per backbone and fit, and an
-    extraction progress bar."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.bar = _Progress(quiet)
-
-    def on_start(self, info: dict) -> None:
-        self.bar.start(info)
-
-    def progress(self, done: int, total: int) -> None:
-        self.bar.update(done, total)
+class _CompareProgress(_Progress):
+    """Progress of a comparison on stderr: one line per backbone and fit, and the
+    extraction events of `_Progress`."""
 
     def event(self, kind: str, info: dict) -> None:
         if kind == "extract":
-            self.bar.close()
-            self.bar = _Progress(self.quiet)
-            self._say(f"[{info['index'] + 1}/{info['total']}] {info['backbone']}")
+            self.close()
+            self._line(f"[{info['index'] + 1}/{info['total']}] {info['backbone']}")
         elif kind == "extracted":
-            self.bar.close()
+            self.close()
             if info["error"]:
-                self._say(f"  {info['backbone']} failed: {info['error']}")
-            elif info["cache"].report["status"] == "up to date":
-                self._say(f"  cache up to date: {info['cache'].path}")
+                self._line(f"  {info['backbone']} failed: {info['error']}")
+            elif info["report"].status == "up to date":
+                self._line(f"  cache up to date: {info['cache'].path}")
         elif kind == "fitted":
             if info["error"]:
-                self._say(f"  {info['head']} failed: {info['error']}")
+                self._line(f"  {info['head']} failed: {info['error']}")
             else:
                 metrics = info["run"].metrics
-                self._say(f"  {info['head']}: {metrics['split']} accuracy "
-                          f"{metrics['accuracy']:.4f} ({metrics['fit_seconds']:.1f} s)")
+                self._line(f"  {info['head']}: {metrics['split']} accuracy "
+                           f"{metrics['accuracy']:.4f} ({metrics['fit_seconds']:.1f} s)")
 
-    def close(self) -> None:
-        self.bar.close()
-
-    def _say(self, message: str) -> None:
+    def _line(self, message: str) -> None:
         if not self.quiet:
-            click.echo(message, err=True)
+            _say(message)
 
 
 def _show_comparison(result) -> None:
@@ -485,9 +472,7 @@ def _show_comparison(result) -> None:
               help="Comma-separated backbone names (see `probe backbones`).")
 @click.option("--heads", default="logreg,dense", show_default=True,
               help="Comma-separated heads: logreg, dense.")
-@_options_except(extraction_options, "backbone")
-@dataset_options
-@_options_except(head_options, "head")
+@_apply(*EXTRACTION_OPTIONS, *DATASET_OPTIONS, *HEAD_PARAMETER_OPTIONS)
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines or bars.")
 @_fail_cleanly
 def compare_command(dataset, backbones, heads, weights, image_size, pooling, batch_size,
@@ -504,23 +489,18 @@ def compare_command(dataset, backbones, heads, weights, image_size, pooling, bat
 
     Example: probe compare cats_vs_dogs/ --backbones vgg16,resnet50,densenet121 --heads logreg,dense
     """
-    from .compare import compare
-
     params = _compare_head_params(heads, C, hidden_units, dropout, epochs, learning_rate,
                                   head_batch_size, patience, class_weight, seed)
     shown = _CompareProgress(quiet)
     try:
         result = compare(dataset, backbones, heads, weights=weights, image_size=image_size,
-                         pooling=pooling, labels=labels, val_fraction=val_fraction,
+                         pooling=pooling, labels=labels or None, val_fraction=val_fraction,
                          test_fraction=test_fraction, seed=seed, batch_size=batch_size,
-                         cache_dir=cache_dir, head_params=params, progress=shown.progress,
-                         on_start=shown.on_start, on_event=shown.event)
+                         cache_dir=cache_dir, head_params=params, progress=shown,
+                         on_event=shown.event)
     finally:
         shown.close()
     _show_comparison(result)
-
-
-from .demo import DEMO_BACKBONES, DEMO_IMAGE_SIZE, DEMO_PER_CLASS  # noqa: E402
 
 
 @main.command("demo")
@@ -535,9 +515,8 @@ from .demo import DEMO_BACKBONES, DEMO_IMAGE_SIZE, DEMO_PER_CLASS  # noqa: E402
               help="Input size of the backbones in pixels.")
 @click.option("--weights", default="auto", show_default=True,
               help="'auto' (ImageNet when available, else random), 'imagenet', 'none' or a file.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              envvar="PROBE_CACHE_DIR", help="Cache directory [default: ./.probe].")
+@click.option("--seed", type=SEED, default=settings.DEFAULT_SEED, show_default=True)
+@CACHE_DIR_OPTION
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines or bars.")
 @_fail_cleanly
 def demo_command(out, per_class, backbones, heads, image_size, weights, seed, cache_dir,
@@ -551,14 +530,11 @@ def demo_command(out, per_class, backbones, heads, image_size, weights, seed, ca
 
     Example: probe demo --per-class 30 --backbones vgg16
     """
-    from .demo import run_demo
-
     shown = _CompareProgress(quiet)
     try:
         result = run_demo(out, per_class=per_class, backbones=backbones, heads=heads,
                           image_size=image_size, weights=weights, seed=seed,
-                          cache_dir=cache_dir, log=lambda message: click.echo(message, err=True),
-                          progress=shown.progress, on_start=shown.on_start, on_event=shown.event)
+                          cache_dir=cache_dir, progress=shown, on_event=shown.event)
     finally:
         shown.close()
     _show_comparison(result)
@@ -570,8 +546,7 @@ def cache_group() -> None:
 
 
 @cache_group.command("ls")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              envvar="PROBE_CACHE_DIR", help="Cache directory [default: ./.probe].")
+@CACHE_DIR_OPTION
 @_fail_cleanly
 def cache_ls(cache_dir) -> None:
     """List the caches in the cache directory, newest first.

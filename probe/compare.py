@@ -24,7 +24,9 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from . import backbones as backbones_mod, cache as cache_mod, data, heads as heads_mod, report
+from . import backbones as backbones_mod, cache as cache_mod, data, heads as heads_mod, report, store
+from .progress import ProgressCallback
+from .settings import TEST_FRACTION, VAL_FRACTION, SplitSettings, Weights, dataset_path
 from .errors import ProbeError
 
 __all__ = ["Comparison", "compare", "parse_names", "DEFAULT_BACKBONES", "DEFAULT_HEADS"]
@@ -132,15 +134,14 @@ def compare(
     image_size: int | None = None,
     pooling: str = "avg",
     labels: str | os.PathLike | None = None,
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.15,
+    val_fraction: float = VAL_FRACTION,
+    test_fraction: float = TEST_FRACTION,
     seed: int = 0,
     batch_size: int = 32,
     cache_dir: str | os.PathLike | None = None,
     runs_dir: str | os.PathLike | None = None,
     head_params: dict[str, dict[str, Any]] | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    on_start: Callable[[dict], None] | None = None,
+    progress: ProgressCallback | None = None,
     on_event: EventCallback | None = None,
 ) -> Comparison:
     """Fit every head on every backbone's features of `dataset` and rank the results.
@@ -149,7 +150,7 @@ def compare(
     and logreg,dense). The extraction settings are those of `probe.extract`; `image_size`
     None means each backbone's native size. `head_params` maps a head name to its
     parameters (e.g. `{"dense": {"epochs": 20}}`); `seed` is the default head seed.
-    `progress` and `on_start` go to each extraction; `on_event(kind, info)` is told
+    `progress` receives each extraction's events; `on_event(kind, info)` is told
     "extract", "extracted", "fit" and "fitted" as the work goes.
 
     Returns a `Comparison`: the ranked records (backbone, head, accuracy, balanced_accuracy,
@@ -158,7 +159,7 @@ def compare(
     >>> table = probe.compare("digits/", "vgg16,resnet50", weights="none", image_size=64)
     >>> table.best_run, table.path
     """
-    from .extract import extract
+    from .extract import extract_with_report
     from .runs import fit, new_run_dir
 
     names = parse_names(backbones, DEFAULT_BACKBONES)
@@ -171,9 +172,11 @@ def compare(
     for spec in specs:
         spec.check_image_size(image_size)
     backbones_mod.check_pooling(pooling)
-    backbones_mod.parse_weights(weights)
+    weights = Weights.parse(weights, seed)  # a weights file is hashed once, not per backbone
     params = _head_params(head_names, head_params, seed)
-    found = data.discover(dataset, labels, val_fraction, test_fraction, seed)
+    split = SplitSettings.create(labels, val_fraction, test_fraction, seed)
+    labels = split.labels  # one file or {split: file}, resolved
+    found = data.discover(dataset_path(dataset), labels, val_fraction, test_fraction, seed)
     emit = on_event or (lambda kind, info: None)
 
     directory = cache_mod.resolve_cache_dir(cache_dir)
@@ -189,10 +192,10 @@ def compare(
                 # Keras warns per layer when a weights file does not fit, then fails: the
                 # row says why in one line instead
                 warnings.simplefilter("ignore", UserWarning)
-                cache = extract(found.root, spec.name, weights=weights, image_size=size,
-                                pooling=pooling, labels=labels, val_fraction=val_fraction,
-                                test_fraction=test_fraction, seed=seed, batch_size=batch_size,
-                                cache_dir=directory, progress=progress, on_start=on_start)
+                cache, extraction = extract_with_report(
+                    found.root, spec.name, weights=weights, image_size=size, pooling=pooling,
+                    labels=labels, val_fraction=val_fraction, test_fraction=test_fraction,
+                    seed=seed, batch_size=batch_size, cache_dir=directory, progress=progress)
         except Exception as error:  # noqa: BLE001 - one backbone must not stop the others
             message = _message(error)
             emit("extracted", {"backbone": spec.name, "error": message})
@@ -204,10 +207,11 @@ def compare(
             cache=str(cache.path),
             feature_size=int(np.prod(cache.feature_shape)),
             images_per_second=_images_per_second(cache, directory),
-            extraction=("cached" if cache.report["status"] == "up to date"
-                        else f"extracted {cache.report['extracted']}, reused {cache.report['reused']}"),
+            extraction=("cached" if extraction.status == "up to date"
+                        else f"extracted {extraction.extracted}, reused {extraction.reused}"),
         )
-        emit("extracted", {"backbone": spec.name, "cache": cache, "error": None})
+        emit("extracted", {"backbone": spec.name, "cache": cache, "report": extraction,
+                           "error": None})
         for head in head_names:
             emit("fit", {"backbone": spec.name, "head": head})
             try:
@@ -231,7 +235,7 @@ def compare(
 
     ranked = rank(records)
     settings = {
-        "dataset": str(found.root), "classes": found.classes, "weights": str(weights),
+        "dataset": str(found.root), "classes": found.classes, "weights": weights.source,
         "image_size": image_size, "pooling": pooling, "labels": str(labels) if labels else None,
         "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -259,13 +263,13 @@ def rank(records: list[dict]) -> list[dict]:
 
 def write_files(result: Comparison) -> None:
     """compare.csv, compare.md and compare.png in the comparison directory."""
-    with open(result.path / CSV_FILE, "w", newline="", encoding="utf-8") as handle:
+    with store.atomic_write(result.path / CSV_FILE, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(CSV_COLUMNS)
         for record in result:
             writer.writerow(["" if record.get(k) is None else _csv_value(record[k])
                              for k in CSV_COLUMNS])
-    (result.path / MARKDOWN_FILE).write_text(markdown(result), encoding="utf-8")
+    store.write_text(result.path / MARKDOWN_FILE, markdown(result))
     plot_comparison(result, result.path / CHART_FILE)
 
 

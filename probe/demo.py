@@ -16,9 +16,10 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from . import backbones as backbones_mod, cache as cache_mod
+from . import backbones as backbones_mod, cache as cache_mod, store
 from .compare import Comparison, compare, parse_names
 from .errors import DatasetError, WeightsError
+from .progress import Note, ProgressCallback, emit
 
 __all__ = ["run_demo", "write_digits", "imagenet_available", "DEMO_BACKBONES", "DEMO_PER_CLASS", "DEMO_IMAGE_SIZE"]
 
@@ -75,9 +76,8 @@ def write_digits(out: str | os.PathLike, per_class: int = DEMO_PER_CLASS,
                 continue
             grey = np.round(digits.images[index] * (255 / 16)).astype(np.uint8)
             image = Image.fromarray(grey, mode="L").resize((pixels, pixels), Image.BILINEAR)
-            partial = path.with_name(f".{path.name}.tmp")
-            image.convert("RGB").save(partial, format="PNG")
-            os.replace(partial, path)
+            with store.atomic_path(path, durable=False) as partial:  # rewritten if lost
+                image.convert("RGB").save(partial, format="PNG")
     return root
 
 
@@ -97,31 +97,29 @@ def run_demo(
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
     head_params: dict | None = None,
-    log: Callable[[str], None] | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    on_start: Callable[[dict], None] | None = None,
+    progress: ProgressCallback | None = None,
     on_event: Callable[[str, dict], None] | None = None,
 ) -> Comparison:
     """Write the digits dataset, extract, fit both heads on every backbone and compare.
 
     `weights="auto"` tries the ImageNet weights of the first backbone once and falls back
-    to random weights when they can not be loaded, saying so through `log`. Any other
+    to random weights when they can not be loaded, saying so with a Note event (stage
+    "demo", kind "offline-weights"; kind "dataset" names the digits' folder). Any other
     value ("imagenet", "none", a weights file) is used as given.
 
     >>> table = probe.run_demo(per_class=20)
     >>> print(table.table())
     """
-    say = log or (lambda message: None)
     names = parse_names(backbones, DEMO_BACKBONES)
     root = write_digits(out if out is not None else default_out(cache_dir, per_class), per_class)
-    say(f"Digits dataset: {root} (10 classes, {per_class} images each)")
+    emit(progress, Note("demo", "dataset", {"path": root, "classes": 10, "per_class": per_class}))
     if str(weights).lower() == "auto":
         weights = "imagenet" if names and imagenet_available(names[0], image_size) else "none"
         if weights == "none":
-            say(OFFLINE_NOTE)
+            emit(progress, Note("demo", "offline-weights", {"message": OFFLINE_NOTE}))
     return compare(root, names, heads, weights=weights, image_size=image_size, seed=seed,
                    cache_dir=cache_dir, head_params=head_params, progress=progress,
-                   on_start=on_start, on_event=on_event)
+                   on_event=on_event)
 
 
 def imagenet_available(backbone: str, image_size: int | None = None) -> bool:

@@ -14,14 +14,9 @@ from typing import Iterable
 
 import numpy as np
 
-from . import backbones, data
-from .errors import ProbeError, RunError, WeightsError
+from . import backbones, data, settings, store
+from .errors import ProbeError, RunError
 from .runs import MODEL_FILE, Run
-
-# Keras' preprocess_input as an affine map per channel: out[c] = sum_k x[k] * W[k, c] + b[c]
-_MEANS_CAFFE_BGR = (103.939, 116.779, 123.68)
-_MEANS_TORCH = (0.485, 0.456, 0.406)
-_STDS_TORCH = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -36,19 +31,11 @@ class Prediction:
 
 def preprocessing_weights(mode: str) -> tuple[np.ndarray, np.ndarray]:
     """Kernel (3, 3) and bias (3,) of Keras' `preprocess_input` for a mode, as one affine
-    map on RGB pixels in 0..255."""
-    if mode == "caffe":  # RGB -> BGR, then subtract the ImageNet means
-        kernel = np.eye(3)[:, ::-1]
-        bias = -np.asarray(_MEANS_CAFFE_BGR)
-    elif mode == "torch":  # /255, then standardise with the ImageNet mean and std
-        kernel = np.diag(1.0 / (255.0 * np.asarray(_STDS_TORCH)))
-        bias = -np.asarray(_MEANS_TORCH) / np.asarray(_STDS_TORCH)
-    elif mode == "tf":  # to [-1, 1]
-        kernel = np.eye(3) / 127.5
-        bias = -np.ones(3)
-    else:
-        raise ProbeError(f"expected preprocessing 'caffe', 'torch' or 'tf'. Received: mode='{mode}'")
-    return kernel.astype(np.float32), bias.astype(np.float32)
+    map on RGB pixels in 0..255 (derived from `backbones.PREPROCESSING`)."""
+    if mode not in backbones.PREPROCESSING:
+        raise ProbeError(f"expected preprocessing {', '.join(map(repr, backbones.PREPROCESSING))}. "
+                         f"Received: mode='{mode}'")
+    return backbones.PREPROCESSING[mode].affine()
 
 
 def preprocessing_layer(mode: str):
@@ -64,22 +51,12 @@ def preprocessing_layer(mode: str):
 
 
 def rebuild_backbone(config: dict):
-    """The run's backbone with the weights its cache was extracted with."""
-    spec = backbones.get(config["backbone"])
-    identity = str(config.get("weights") or "imagenet")
-    seed = int(config.get("split_seed") or 0)
-    if identity.startswith("file:"):
-        weights = config.get("weights_source") or ""
-        if not Path(weights).is_file() or backbones.weights_identity(weights, seed) != identity:
-            raise WeightsError(
-                f"the run's backbone needs the weights file it was extracted with ({identity}); "
-                f"put it back at '{weights}' or extract again with other weights. "
-                f"Received: weights='{weights}'"
-            )
-    else:
-        weights = "none" if identity.startswith("random") else "imagenet"
-    return spec.build(weights=weights, image_size=config["image_size"],
-                      pooling=config["pooling"], seed=seed)
+    """The run's backbone with exactly the settings its cache was extracted with (read by
+    `ExtractionSettings.from_attrs`: weights, their seed or file checksum, size, pooling)."""
+    extraction = settings.ExtractionSettings.from_attrs(config)
+    weights = extraction.weights
+    return extraction.spec.build(weights=weights.source, image_size=extraction.image_size,
+                                 pooling=extraction.pooling, seed=weights.seed)
 
 
 def end_to_end(config: dict, head, backbone_model=None):
@@ -153,6 +130,7 @@ def predict(
 
     >>> probe.predict(".probe/runs/20260101-120000-vgg16-logreg", ["new_photos/"])
     """
+    settings.check_batch_size(batch_size)
     run = run if isinstance(run, Run) else Run.load(run)
     images = collect_images(inputs)
     model = load_model(run)
@@ -184,13 +162,16 @@ def predict(
 def write_predictions(results: list[Prediction], classes: list[str], output: str | os.PathLike) -> Path:
     """CSV: path, predicted class, one probability column per class, error."""
     path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "predicted", *classes, "error"])
-        for r in results:
-            probabilities = [f"{r.probabilities[c]:.6f}" for c in classes] if r.probabilities else [""] * len(classes)
-            writer.writerow([r.path, r.predicted or "", *probabilities, r.error or ""])
+    try:
+        with store.atomic_write(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "predicted", *classes, "error"])
+            for r in results:
+                probabilities = [f"{r.probabilities[c]:.6f}" for c in classes] if r.probabilities else [""] * len(classes)
+                writer.writerow([r.path, r.predicted or "", *probabilities, r.error or ""])
+    except OSError as error:
+        raise ProbeError(f"could not write the predictions ({error.strerror or error}); pass "
+                         f"an --output in a writable directory. Received: output='{output}'") from None
     return path
 
 
@@ -204,11 +185,6 @@ def export(run: str | os.PathLike | Run, out: str | os.PathLike) -> Path:
     if out.suffix != ".keras":
         raise ProbeError(f"expected an output file ending in .keras. Received: out='{out}'")
     model = load_model(run)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.tmp.keras")
-    try:
+    with store.atomic_path(out, suffix=".keras") as temporary:
         model.save(temporary)
-        os.replace(temporary, out)
-    finally:
-        temporary.unlink(missing_ok=True)
     return out

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import cache as cache_mod, heads, report
+from . import cache as cache_mod, heads, report, store
 from .cache import FeatureCache
 from .errors import CacheError, RunError
 
@@ -181,6 +181,8 @@ def run_config(cache: FeatureCache, **extra: Any) -> dict:
         "backbone": cache.backbone,
         "weights": attrs.get("weights"),
         "weights_source": attrs.get("weights_source"),
+        "weights_seed": attrs.get("weights_seed"),
+        "weights_sha256": attrs.get("weights_sha256"),
         "image_size": int(attrs["image_size"]),
         "pooling": attrs.get("pooling"),
         "preprocessing": attrs.get("preprocessing"),
@@ -212,8 +214,8 @@ def new_run_dir(runs_dir: str | os.PathLike, *labels: str) -> Path:
 
 def write_run_files(directory: Path, config: dict, metrics: dict, history: dict | None) -> None:
     """config.json, metrics.json, confusion_matrix.png and (with a history) curves.png."""
-    (directory / CONFIG).write_text(json.dumps(config, indent=2, default=_json), encoding="utf-8")
-    (directory / METRICS).write_text(json.dumps(metrics, indent=2, default=_json), encoding="utf-8")
+    store.write_text(directory / CONFIG, json.dumps(config, indent=2, default=_json))
+    store.write_text(directory / METRICS, json.dumps(metrics, indent=2, default=_json))
     report.plot_confusion_matrix(metrics["confusion_matrix"], config["classes"],
                                  directory / "confusion_matrix.png")
     if history:
@@ -230,7 +232,7 @@ def write_split_predictions(path: Path, paths: list[str], labels: np.ndarray, pr
                        classes: list[str]) -> None:
     import csv
 
-    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+    with store.atomic_write(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "true", "predicted", *classes])
         for p, label, row in zip(paths, labels, proba):

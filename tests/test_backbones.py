@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 import probe
+import probe.settings
 from probe import backbones
 from probe.errors import BackboneError, WeightsError
 
@@ -32,9 +33,20 @@ def test_preprocess_input_is_the_backbones_own(name):
     pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3)).astype(np.float32)
     module = getattr(keras.applications, spec.module)
     expected = module.preprocess_input(pixels.copy())
-    np.testing.assert_allclose(spec.preprocess_input(pixels), expected, rtol=1e-6)
+    # the data on the spec gives exactly Keras' float32 results (same operations, same order)
+    np.testing.assert_array_equal(spec.preprocess_input(pixels), expected)
+    assert spec.preprocess_input(pixels).dtype == np.float32
     # and it is not the naive /255 scaling
     assert not np.allclose(spec.preprocess_input(pixels), pixels / 255.0)
+    # the export's affine form (kernel, bias) is derived from the same data
+    kernel, bias = spec.normalization.affine()
+    np.testing.assert_allclose(pixels @ kernel + bias, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_image_size_has_an_upper_bound():
+    with pytest.raises(BackboneError, match="at most 1024 pixels"):
+        backbones.get("vgg16").check_image_size(100000)
+    assert backbones.get("vgg16").check_image_size(1024) == 1024
 
 
 def test_unknown_backbone_names_the_choices():
@@ -83,7 +95,9 @@ def test_weights_file_is_loaded(tmp_path):
     loaded = spec.build(str(path), 32, seed=0)
     for a, b in zip(source.get_weights(), loaded.get_weights()):
         np.testing.assert_array_equal(a, b)
-    assert backbones.weights_identity(str(path)).startswith("file:vgg16_notop.weights.h5:sha256=")
+    weights = probe.settings.Weights.parse(str(path))
+    assert weights.identity.startswith("file:vgg16_notop.weights.h5:sha256=")
+    assert weights.identity.endswith(weights.sha256[:16]) and len(weights.sha256) == 64
 
 
 def test_missing_or_wrong_weights_file(tmp_path):

@@ -35,14 +35,15 @@ def test_features_equal_plain_keras(name, tmp_path):
 
 
 def test_extract_writes_every_split_and_records_skips(image_tree, cache_dir):
-    cache = probe.extract(image_tree, "vgg16", weights="none", image_size=32)
+    cache, report = probe.extract_with_report(image_tree, "vgg16", weights="none", image_size=32)
     assert cache.path.parent == cache_dir
     assert sum(cache.counts.values()) == 18
     assert set(cache.splits) == {"train", "val", "test"}
     assert sorted(p for p, _ in cache.skipped) == ["cat/empty.jpg", "dog/text.jpg"]
     assert dict(cache.skipped)["cat/empty.jpg"].startswith("empty file")
-    assert cache.report["extracted"] == 18 and cache.report["skipped"] == 2
-    assert cache.attrs["weights"] == "random(seed=0)"
+    assert report.extracted == 18 and report.skipped == 2 and report.status == "extracted"
+    assert not hasattr(cache, "report")  # the cache only reads; the report is returned
+    assert cache.attrs["weights"] == "random(seed=0)" and cache.attrs["weights_seed"] == 0
     assert cache.attrs["preprocessing"] == "caffe"
     reopened = FeatureCache.open(cache.path)
     assert reopened.classes == ["cat", "dog", "fox"]
@@ -60,8 +61,8 @@ def test_second_identical_run_does_no_backbone_work(image_tree, monkeypatch):
         raise AssertionError("the backbone was built again")
 
     monkeypatch.setattr(backbones.BackboneSpec, "build", no_model)
-    second = probe.extract(image_tree, "vgg16", weights="none", image_size=32)
-    assert second.report["status"] == "up to date"
+    second, report = probe.extract_with_report(image_tree, "vgg16", weights="none", image_size=32)
+    assert report.status == "up to date"
     assert second.path == first.path
     np.testing.assert_array_equal(second.features("train"), first.features("train"))
 
@@ -70,10 +71,10 @@ def test_other_split_seed_reuses_features(image_tree, monkeypatch):
     first = probe.extract(image_tree, "vgg16", weights="none", image_size=32, seed=0)
     monkeypatch.setattr(backbones.BackboneSpec, "build",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("rebuilt")))
-    other = probe.extract(image_tree, "vgg16", weights="none", image_size=32, seed=0,
-                          val_fraction=0.3)
+    other, report = probe.extract_with_report(image_tree, "vgg16", weights="none", image_size=32,
+                                              seed=0, val_fraction=0.3)
     assert other.path != first.path
-    assert other.report["extracted"] == 0 and other.report["reused"] == 18
+    assert report.extracted == 0 and report.reused == 18
 
 
 def test_pooling_none_and_other_settings_get_their_own_cache(image_tree):
@@ -95,12 +96,23 @@ def test_batch_size_does_not_change_features(image_tree):
     np.testing.assert_allclose(one.features("train"), many.features("train"), rtol=1e-4, atol=1e-5)
 
 
-def test_progress_is_reported(image_tree):
-    calls = []
-    probe.extract(image_tree, "vgg16", weights="none", image_size=32, batch_size=8,
-                  progress=lambda done, total: calls.append((done, total)))
-    assert calls[-1] == (20, 20)
-    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+def test_progress_is_reported_as_events(image_tree):
+    from probe.progress import Advanced, Finished, Started
+
+    events = []
+    cache = probe.extract(image_tree, "vgg16", weights="none", image_size=32, batch_size=8,
+                          progress=events.append)
+    assert {event.stage for event in events} == {"extract"}
+    assert isinstance(events[0], Started) and isinstance(events[-1], Finished)
+    assert events[0].total == 20 and events[0].details["todo"] == 20
+    assert events[0].details["target"] == cache.path and events[0].details["changes"] == {}
+    steps = [(e.done, e.total) for e in events if isinstance(e, Advanced)]
+    assert steps == [(8, 20), (16, 20), (20, 20)]
+    assert events[-1].details["extracted"] == 18 and events[-1].details["path"] == cache.path
+    again = []
+    probe.extract(image_tree, "vgg16", weights="none", image_size=32, progress=again.append)
+    assert [type(e) for e in again] == [Finished]
+    assert again[0].details["status"] == "up to date"
 
 
 def test_fractions_do_not_split_a_dataset_with_split_folders_into_two_caches(tmp_path):
@@ -108,16 +120,16 @@ def test_fractions_do_not_split_a_dataset_with_split_folders_into_two_caches(tmp
 
     root = make_tree(tmp_path / "ds", splits=True)
     first = probe.extract(root, "vgg16", weights="none", image_size=32)
-    again = probe.extract(root, "vgg16", weights="none", image_size=32, val_fraction=0.3,
-                          test_fraction=0.3)
-    assert again.path == first.path and again.report["status"] == "up to date"
+    again, report = probe.extract_with_report(root, "vgg16", weights="none", image_size=32,
+                                              val_fraction=0.3, test_fraction=0.3)
+    assert again.path == first.path and report.status == "up to date"
 
 
 def test_extraction_speed_of_the_largest_work_is_kept(image_tree):
     first = probe.extract(image_tree, "vgg16", weights="none", image_size=32)
     assert first.attrs["extract_images"] == 20
     make_image(image_tree / "cat" / "added.png", seed=77)
-    updated = probe.extract(image_tree, "vgg16", weights="none", image_size=32)
-    assert updated.report["extracted"] == 1
+    updated, report = probe.extract_with_report(image_tree, "vgg16", weights="none", image_size=32)
+    assert report.extracted == 1
     assert updated.attrs["extract_images"] == 20
     assert updated.attrs["extract_images_per_second"] == first.attrs["extract_images_per_second"]

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 import probe
 from conftest import make_tree
-from probe import cache as cache_mod
+from probe import store
 from probe.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DRIVER = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    from probe import cache
+    from probe import store as cache
 
     pause, marker = os.environ["PAUSE"], Path(os.environ["MARKER"])
 
@@ -133,7 +133,7 @@ def test_killed_and_interrupted_runs_resume_to_the_uninterrupted_features(tmp_pa
         for key in rows:
             np.testing.assert_array_equal(rows[key], old_rows[key])
         for part in parts.glob("part-*.npz"):
-            cache_mod._read_part_index(part)
+            store._read_part_index(part)
         return sorted(parts.glob("part-*.npz"))
 
     # 1. SIGKILL at an arbitrary moment once the first batch is on disk
@@ -161,7 +161,7 @@ def test_killed_and_interrupted_runs_resume_to_the_uninterrupted_features(tmp_pa
     assert "Traceback" not in log
     done = assert_intact()
     assert len(done) >= 3
-    with cache_mod.CacheLock(next(cache_dir.glob(".lock-*"))):
+    with store.CacheLock(next(cache_dir.glob(".lock-*"))):
         pass  # the interrupted run let go of the lock
 
     # the remaining batches, stopped just before the cache file is written
@@ -169,7 +169,7 @@ def test_killed_and_interrupted_runs_resume_to_the_uninterrupted_features(tmp_pa
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(cache_mod, "write_cache", stop)
+        patch.setattr(store, "write_cache", stop)
         probe.extract(root, "vgg16", cache_dir=cache_dir, **settings)
     assert len(assert_intact()) == 6
 

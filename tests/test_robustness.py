@@ -18,7 +18,7 @@ from PIL import Image
 
 import probe
 from conftest import make_image, make_tree
-from probe import cache as cache_mod, data
+from probe import cache as cache_mod, data, store
 from probe.cli import main
 
 OPTS = ("--weights", "none", "--image-size", "32", "--quiet")
@@ -95,7 +95,7 @@ def test_a_damaged_part_file_is_extracted_again(image_tree, cache_dir, monkeypat
     reference = probe.extract(image_tree, "vgg16", weights="none", image_size=32,
                               cache_dir=cache_dir / "reference")
     written = []
-    real_write = cache_mod.PartStore.write
+    real_write = store.PartStore.write
 
     def write_then_stop(self, *args, **kwargs):
         written.append(real_write(self, *args, **kwargs))
@@ -103,10 +103,10 @@ def test_a_damaged_part_file_is_extracted_again(image_tree, cache_dir, monkeypat
             raise KeyboardInterrupt
         return written[-1]
 
-    monkeypatch.setattr(cache_mod.PartStore, "write", write_then_stop)
+    monkeypatch.setattr(store.PartStore, "write", write_then_stop)
     stopped = run("extract", image_tree, *OPTS, "--batch-size", "4")
     assert stopped.exit_code == 130 and "Interrupted" in stopped.output
-    monkeypatch.setattr(cache_mod.PartStore, "write", real_write)
+    monkeypatch.setattr(store.PartStore, "write", real_write)
     assert not list(cache_dir.glob("*.h5"))
     damaged = written[1]
     damaged.write_bytes(damaged.read_bytes()[:200])
@@ -194,9 +194,10 @@ def test_other_settings_never_mix_features(image_tree, cache_dir):
                 "weights": dict(seed=1)}
     others = {}
     for name, variant in variants.items():
-        other = probe.extract(image_tree, "vgg16", **(dict(weights="none", image_size=32) | variant))
+        other, report = probe.extract_with_report(
+            image_tree, "vgg16", **(dict(weights="none", image_size=32) | variant))
         assert other.path != base.path and other.path not in [o.path for o in others.values()]
-        assert other.report["extracted"] == 18 and other.report["reused"] == 0, name
+        assert report.extracted == 18 and report.reused == 0, name
         assert other.attrs["feature_key"] != base.attrs["feature_key"]
         others[name] = other
     reseeded, original = by_path(others["weights"]), by_path(base)
@@ -360,7 +361,7 @@ def test_no_file_locking_says_what_to_do(image_tree, cache_dir, monkeypatch):
     def no_locks(handle, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(cache_mod.fcntl, "flock", no_locks)
+    monkeypatch.setattr(store.fcntl, "flock", no_locks)
     result = run("extract", image_tree, *OPTS)
     one_line_error(result, "file locking is not available", "--cache-dir", "PROBE_CACHE_DIR")
     assert not list(cache_dir.glob("*.h5"))
@@ -383,7 +384,7 @@ def test_a_held_lock_stops_a_second_extraction(image_tree, cache_dir):
     lock = next(cache_dir.glob(".lock-*"))
     before = snapshot(cache_dir)
     (image_tree / "cat" / "cat_0.jpg").unlink()  # so the second run has work to do
-    with cache_mod.CacheLock(lock):
+    with store.CacheLock(lock):
         result = run("extract", image_tree, *OPTS)
     one_line_error(result, f"another probe extract (pid {os.getpid()})", "wait for it")
     assert {p: c for p, c in snapshot(cache_dir).items() if p != lock} == \
@@ -453,12 +454,11 @@ def test_dataset_directory_named_with_non_utf8_bytes(tmp_path):
 
 
 def test_unwritable_parts_directory_is_one_line(image_tree, cache_dir, monkeypatch):
-    from probe import cache as cache_module
 
     def disk_full(self, *args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cache_module.PartStore, "write", disk_full)
+    monkeypatch.setattr(store.PartStore, "write", disk_full)
     result = CliRunner().invoke(main, ["extract", str(image_tree), "--weights", "none",
                                        "--image-size", "32", "-q"])
     assert result.exit_code == 1

@@ -1,0 +1,415 @@
+"""Typed settings, parsed and validated once where a call enters probe (the command line or
+the Python API), then passed along as frozen values.
+
+- `Weights`: where a backbone's weights come from (ImageNet, a seeded random initialisation,
+  or a file identified by its sha256, computed once).
+- `ExtractionSettings`: everything that defines the features (backbone, weights, input size,
+  pooling, precision) plus the batch size; written to and read from a cache's attributes by
+  `to_attrs` / `from_attrs`, so prediction, export and fine-tuning rebuild exactly the
+  backbone that wrote the cache.
+- `SplitSettings`: how samples get their split (label files per split, fractions, seed).
+
+The random-weights seed (`Weights.seed`), the split seed (`SplitSettings.seed`) and a head's
+seed are separate values; the command line's one `--seed` sets them all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from . import backbones
+from .errors import BackboneError, CacheError, DatasetError, ProbeError, WeightsError
+
+VAL_FRACTION = 0.15  # the one place the split defaults are written
+TEST_FRACTION = 0.15
+DEFAULT_SEED = 0
+MAX_SEED = 2**32 - 1  # NumPy's and Keras' seeds are 32-bit
+DEFAULT_BATCH_SIZE = 32
+MAX_BATCH_SIZE = 4096
+PRECISIONS = ("float32", "bf16")
+LABEL_SPLITS = ("train", "val", "test", "trainval")
+# Batches held in memory at once while extracting: the one in the model, the ones decoded
+# ahead (engines.local.PREFETCH_BATCHES) and the one being decoded.
+BATCHES_IN_MEMORY = 4
+
+
+# --- weights ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Where the backbone's weights come from. Build with `Weights.parse`."""
+
+    kind: str  # "imagenet", "none" (seeded random initialisation) or "file"
+    path: Path | None = None  # the weights file (kind "file")
+    sha256: str = ""  # of the file, computed once by `parse`
+    seed: int = DEFAULT_SEED  # of the random initialisation (kind "none")
+
+    @classmethod
+    def parse(cls, value: "str | os.PathLike | Weights | None", seed: int = DEFAULT_SEED) -> "Weights":
+        """'imagenet', 'none' (or None) or the path of a weights file; a file is hashed here,
+        once."""
+        if isinstance(value, Weights):
+            return value
+        kind, path = backbones.parse_weights(value)
+        if kind == "none":
+            return cls("none", seed=check_seed(seed))
+        if kind == "imagenet":
+            return cls("imagenet")
+        return cls("file", path=path, sha256=file_sha256(path))
+
+    @property
+    def identity(self) -> str:
+        """What the cache records as `weights`: a different string means different
+        features (the format every cache has used, so existing cache keys stay valid)."""
+        if self.kind == "none":
+            return f"random(seed={self.seed})"
+        if self.kind == "file":
+            return f"file:{self.path.name}:sha256={self.sha256[:16]}"
+        return "imagenet"
+
+    @property
+    def source(self) -> str:
+        """What `BackboneSpec.build` takes: "imagenet", "none" or the file's path."""
+        return str(self.path) if self.kind == "file" else self.kind
+
+    def to_attrs(self) -> dict[str, Any]:
+        attrs: dict[str, Any] = {"weights": self.identity, "weights_source": self.source}
+        if self.kind == "none":
+            attrs["weights_seed"] = self.seed
+        if self.kind == "file":
+            attrs["weights_sha256"] = self.sha256
+        return attrs
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> "Weights":
+        """The weights a cache (or a run's config) records. A file must still be there with
+        the same content; anything else is an error saying how to get it back."""
+        identity = str(attrs.get("weights") or "imagenet")
+        source = str(attrs.get("weights_source") or "")
+        if source == "none":
+            weights = cls("none", seed=_recorded_weights_seed(attrs))
+        elif source == "imagenet" or (not source and identity == "imagenet"):
+            weights = cls("imagenet")
+        else:
+            weights = _recorded_file(identity, source)
+        if weights.identity != identity:
+            raise CacheError(
+                f"the recorded weights ({identity!r}) do not match their source "
+                f"({source!r}); the cache or run was edited. Extract again with `probe extract`."
+            )
+        return weights
+
+
+def _recorded_weights_seed(attrs: Mapping[str, Any]) -> int:
+    """The random-weights seed. Caches and runs written before `weights_seed` existed used
+    the one seed for both the split and the weights, recorded as `seed` / `split_seed`."""
+    for key in ("weights_seed", "seed", "split_seed"):
+        if attrs.get(key) not in (None, ""):
+            try:
+                return check_seed(int(attrs[key]))
+            except (TypeError, ValueError, ProbeError):
+                break
+    raise CacheError(
+        f"expected a random-weights seed (0..{MAX_SEED}) in the cache or run; found "
+        f"{attrs.get('weights_seed', attrs.get('seed'))!r}. Extract again with `probe extract`."
+    )
+
+
+def _recorded_file(identity: str, source: str) -> Weights:
+    path = Path(source)
+    if not source or not path.is_file():
+        raise WeightsError(
+            f"the backbone needs the weights file it was extracted with ({identity}); put it "
+            f"back at '{source}' or extract again with other weights. Received: weights='{source}'"
+        )
+    return Weights("file", path=path, sha256=file_sha256(path))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- bounds -----------------------------------------------------------------------------
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """A seed in 0 .. 2**32-1 (what NumPy and Keras accept)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ProbeError(f"expected {name} to be an integer from 0 to {MAX_SEED}. "
+                         f"Received: {name}={seed!r}")
+    return seed
+
+
+def check_batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) \
+            or not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise ProbeError(f"expected a batch size from 1 to {MAX_BATCH_SIZE}. "
+                         f"Received: batch_size={batch_size!r}")
+    return batch_size
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (MemAvailable), or None where it can not be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def batch_bytes(batch_size: int, image_size: int) -> int:
+    """Bytes of one batch of float32 RGB pixels."""
+    return batch_size * image_size * image_size * 3 * 4
+
+
+def check_batch_memory(batch_size: int, image_size: int) -> None:
+    """Refuse a batch whose pixels (BATCHES_IN_MEMORY of them are in memory at once) do not
+    fit in the memory available, before anything is allocated."""
+    available = available_memory()
+    needed = BATCHES_IN_MEMORY * batch_bytes(batch_size, image_size)
+    if available is None or needed <= available:
+        return
+    fits = max(1, available // (BATCHES_IN_MEMORY * batch_bytes(1, image_size)))
+    raise ProbeError(
+        f"a batch of {batch_size} images of {image_size} px needs {needed / 2**30:.1f} GiB of "
+        f"float32 pixels ({BATCHES_IN_MEMORY} batches in flight), more than the "
+        f"{available / 2**30:.1f} GiB available; use --batch-size {min(fits, MAX_BATCH_SIZE)} "
+        f"or less. Received: batch_size={batch_size}"
+    )
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ProbeError(f"expected precision to be one of {', '.join(PRECISIONS)}. "
+                         f"Received: precision='{precision}'")
+    if precision == "bf16":
+        from .engines.local import bf16_support  # probes TensorFlow: only when asked for
+
+        reason = bf16_support()
+        if reason is not None:
+            raise ProbeError(f"bf16 is not available here: {reason}; use float32. "
+                             f"Received: precision='{precision}'")
+    return precision
+
+
+def dataset_path(dataset: str | os.PathLike) -> Path:
+    """The dataset directory; an empty argument is an error, not the current directory."""
+    if not str(os.fspath(dataset)).strip():
+        raise DatasetError("expected a dataset directory; got an empty path. Pass the folder "
+                           "of class folders, e.g. `probe extract cats_vs_dogs/`. Received: ''")
+    return Path(dataset).expanduser()
+
+
+# --- extraction -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """What defines the features, validated. Build with `ExtractionSettings.create`.
+
+    New choices that change the features (augmented views, another layer) become fields
+    here and enter `feature_settings` only when they differ from their default, so the
+    keys of existing caches stay valid."""
+
+    backbone: str
+    weights: Weights
+    image_size: int
+    pooling: str = "avg"
+    precision: str = "float32"
+    batch_size: int = DEFAULT_BATCH_SIZE  # how, not what: not part of the features
+
+    @classmethod
+    def create(
+        cls,
+        backbone: str = "vgg16",
+        weights: "str | os.PathLike | Weights | None" = "imagenet",
+        image_size: int | None = None,
+        pooling: str = "avg",
+        precision: str = "float32",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        seed: int = DEFAULT_SEED,
+    ) -> "ExtractionSettings":
+        """Validate every value once; `seed` seeds random weights (`weights="none"`)."""
+        spec = backbones.get(backbone)
+        size = spec.check_image_size(image_size)
+        backbones.check_pooling(pooling)
+        check_batch_size(batch_size)
+        check_precision(precision)
+        return cls(spec.name, Weights.parse(weights, seed), size, pooling, precision, batch_size)
+
+    @property
+    def spec(self) -> backbones.BackboneSpec:
+        return backbones.get(self.backbone)
+
+    def with_backbone(self, backbone: str, image_size: int | None = None) -> "ExtractionSettings":
+        """The same settings for another backbone (weights are not hashed again)."""
+        spec = backbones.get(backbone)
+        return replace(self, backbone=spec.name, image_size=spec.check_image_size(image_size))
+
+    def feature_settings(self) -> dict[str, Any]:
+        """The values that define the features (and the cache key)."""
+        settings = {"backbone": self.backbone, "weights": self.weights.identity,
+                    "image_size": self.image_size, "pooling": self.pooling,
+                    "preprocessing": self.spec.preprocessing}
+        if self.precision != "float32":  # float32 caches keep the key they always had
+            settings["precision"] = self.precision
+        return settings
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The cache attributes these settings write."""
+        return {**self.feature_settings(), **self.weights.to_attrs()}
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any], batch_size: int = DEFAULT_BATCH_SIZE) -> "ExtractionSettings":
+        """The settings a cache (or a run's config, which copies them) was written with;
+        bounds are checked again (the file may have been edited)."""
+        try:
+            spec = backbones.get(str(attrs["backbone"]))
+            size = spec.check_image_size(int(attrs["image_size"]))
+            pooling = backbones.check_pooling(str(attrs.get("pooling") or "avg"))
+        except (KeyError, TypeError, ValueError, BackboneError) as error:
+            raise CacheError(
+                f"expected the extraction settings of a cache (backbone, image_size, pooling); "
+                f"found unusable values ({error}). Extract again with `probe extract`."
+            ) from None
+        precision = str(attrs.get("precision") or "float32")
+        if precision not in PRECISIONS:
+            raise CacheError(f"expected precision to be one of {', '.join(PRECISIONS)}; the "
+                             f"cache says {precision!r}. Extract again with `probe extract`.")
+        return cls(spec.name, Weights.from_attrs(attrs), size, pooling, precision,
+                   check_batch_size(batch_size))
+
+    def cache_stem(self, dataset_name: str) -> str:
+        """`<dataset>-<backbone>-<size>-<pooling>[-<precision>]` of the cache file name."""
+        cleaned = "".join(c if c.isalnum() or c in "-_" else "_" for c in dataset_name)
+        name = f"{cleaned.strip('_') or 'dataset'}-{self.backbone}-{self.image_size}-{self.pooling}"
+        return name if self.precision == "float32" else f"{name}-{self.precision}"
+
+
+# --- splits -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """How samples get their split. `label_sources` pairs a split name ("" for a file that
+    labels every split, optionally with a split column) with a labels file path."""
+
+    label_sources: tuple[tuple[str, str], ...] = ()
+    val_fraction: float = VAL_FRACTION
+    test_fraction: float = TEST_FRACTION
+    seed: int = DEFAULT_SEED
+
+    def __post_init__(self) -> None:
+        check_fractions(self.val_fraction, self.test_fraction)
+        check_seed(self.seed)
+
+    @classmethod
+    def create(cls, labels: "str | os.PathLike | Iterable | Mapping | None" = None,
+               val_fraction: float = VAL_FRACTION, test_fraction: float = TEST_FRACTION,
+               seed: int = DEFAULT_SEED) -> "SplitSettings":
+        """`labels`: None, one file, a {split: file} mapping, or `--labels` values."""
+        # fractions are kept as given (0 stays 0): they enter the cache key as JSON
+        return cls(parse_label_sources(labels), val_fraction, test_fraction, check_seed(seed))
+
+    @property
+    def labels(self) -> "str | dict[str, str] | None":
+        """What `data.discover` takes: one path, a {split: path} mapping, or None."""
+        if not self.label_sources:
+            return None
+        if self.label_sources[0][0] == "":
+            return self.label_sources[0][1]
+        return dict(self.label_sources)
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The cache attributes these settings write (`label_sources` only when named)."""
+        single = self.labels if isinstance(self.labels, str) else ""
+        attrs: dict[str, Any] = {"labels_file": single, "seed": self.seed,
+                                 "val_fraction": self.val_fraction,
+                                 "test_fraction": self.test_fraction}
+        if self.label_sources and not single:
+            attrs["label_sources"] = [list(pair) for pair in self.label_sources]
+        return attrs
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> "SplitSettings":
+        try:
+            named = attrs.get("label_sources") or []
+            sources = tuple((str(s), str(p)) for s, p in named) if named else \
+                ((("", str(attrs["labels_file"])),) if attrs.get("labels_file") else ())
+            return cls(sources, float(attrs.get("val_fraction", VAL_FRACTION)),
+                       float(attrs.get("test_fraction", TEST_FRACTION)),
+                       int(attrs.get("seed", DEFAULT_SEED)))
+        except (TypeError, ValueError, ProbeError) as error:
+            raise CacheError(f"expected the split settings of a cache (labels, fractions, "
+                             f"seed); found unusable values ({error}). Extract again with "
+                             "`probe extract`.") from None
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    numbers = all(isinstance(f, (int, float)) and not isinstance(f, bool)
+                  for f in (val_fraction, test_fraction))
+    if not numbers or not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise DatasetError(
+            "expected val and test fractions in [0, 1) that sum to less than 1. Received: "
+            f"val_fraction={val_fraction}, test_fraction={test_fraction}"
+        )
+
+
+def parse_label_sources(values: "str | os.PathLike | Iterable | Mapping | None") -> tuple[tuple[str, str], ...]:
+    """`--labels` values (`FILE` or `SPLIT=FILE`, repeatable), one path, or a {split: path}
+    mapping -> ((split, absolute path), ...), "" naming a file for every split.
+
+    Two files for the same split (two unnamed files included) are an error, never one
+    silently dropped; so is a file for every split next to per-split files."""
+    if values is None:
+        return ()
+    if isinstance(values, Mapping):
+        items = [(str(split), value) for split, value in values.items()]
+    elif isinstance(values, (str, os.PathLike)):
+        items = [_split_and_path(values)]
+    else:
+        items = [_split_and_path(value) for value in values]
+    sources: dict[str, str] = {}
+    for split, path in items:
+        if split not in ("", *LABEL_SPLITS):
+            raise DatasetError(f"expected --labels FILE or SPLIT=FILE with SPLIT one of "
+                               f"{', '.join(LABEL_SPLITS)}. Received: '{split}={path}'")
+        if split in sources:
+            which = f"the {split} split" if split else "every split (no SPLIT= prefix)"
+            raise DatasetError(
+                f"expected one labels file for {which}; got two: '{sources[split]}' and "
+                f"'{path}'. Name the split of each, e.g. --labels train=a.csv --labels "
+                "test=b.csv."
+            )
+        sources[split] = str(Path(path).expanduser().resolve())
+    if "" in sources and len(sources) > 1:
+        raise DatasetError(
+            "expected either one labels file for every split or one per split "
+            f"(SPLIT=FILE); got both. Received: {['='.join(p).lstrip('=') for p in sources.items()]}"
+        )
+    return tuple(sources.items())
+
+
+def _split_and_path(value: "str | os.PathLike") -> tuple[str, str]:
+    text = os.fspath(value)
+    if not str(text).strip():
+        raise DatasetError("expected a labels file path; got an empty one. Received: --labels ''")
+    split, equals, path = str(text).partition("=")
+    if equals and split.strip().lower() in LABEL_SPLITS and path:
+        return split.strip().lower(), path
+    return "", str(text)  # a file name may contain "=" itself

@@ -1,0 +1,499 @@
+"""Writing, in one place: atomic file writes, the lock of a cache key, the parts of work in
+progress, and the final cache file.
+
+Every file probe writes goes through `atomic_path` / `atomic_write`: written under a
+temporary name next to its target, flushed to disk, then renamed over it, so a reader (or a
+kill at any instant) sees the old file or the new one, never half of one. Work in progress
+lives in `.parts-<key>/` as one atomically written file per batch, so a kill loses at most
+the batch being computed; the finished cache is assembled from parts and existing caches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import IO, Iterable, Iterator
+
+import numpy as np
+
+from . import cache as cache_mod
+from .cache import SPLIT_NAMES, FeatureCache, Row, _h5open, _h5py, _read_error, display
+from .errors import CacheError
+from .plan import Entry
+
+ASSEMBLE_ROWS = 512  # rows copied at a time when writing a cache: bounds memory
+TEMP_PREFIX = "."  # a file being written is ".<name>.tmp-<pid>": never listed, never read
+
+
+# --- atomic writes ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, suffix: str = "", durable: bool = True) -> Iterator[Path]:
+    """A temporary path next to `target` to write the whole file to (by any library);
+    on success it is flushed to disk (unless `durable` is False: files that can simply be
+    written again) and renamed over `target`; on failure it is deleted. `suffix` keeps an
+    extension a writer insists on (Keras: ".keras")."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f"{TEMP_PREFIX}{target.name}.tmp-{os.getpid()}{suffix}")
+    try:
+        yield temporary
+        if durable and temporary.is_file():
+            with open(temporary, "rb+") as handle:
+                os.fsync(handle.fileno())
+        os.replace(temporary, target)
+        if durable:
+            _fsync_directory(target.parent)
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_write(target: str | os.PathLike, mode: str = "wb", encoding: str | None = None,
+                 newline: str | None = None, errors: str | None = None) -> Iterator[IO]:
+    """`open(target, mode)` that replaces `target` only once everything is written."""
+    with atomic_path(target) as temporary:
+        with open(temporary, mode, encoding=encoding, newline=newline, errors=errors) as handle:
+            yield handle
+
+
+def write_text(target: str | os.PathLike, text: str) -> Path:
+    """Replace `target` with `text` (UTF-8) atomically."""
+    with atomic_write(target, "w", encoding="utf-8", errors="surrogateescape") as handle:
+        handle.write(text)
+    return Path(target)
+
+
+@contextlib.contextmanager
+def write_errors_as_cache_error(directory: Path) -> Iterator[None]:
+    """A full disk or a directory that turned read-only is one line, not a traceback;
+    the finished batches stay for the next run."""
+    try:
+        yield
+    except OSError as error:
+        failure = _write_failure(directory, error)
+    else:
+        return
+    raise failure  # outside the except block: no chained traceback holding HDF5 objects
+
+
+def _write_failure(directory: Path, error: Exception) -> CacheError:
+    reason = " ".join(str(getattr(error, "strerror", None) or error).split())
+    if len(reason) > 200:  # HDF5 may put its whole error stack in the message
+        reason = reason[:200] + " ..."
+    error.__traceback__ = None  # drop the frames (and HDF5 objects) the error still holds
+    return CacheError(
+        f"could not write the cache in '{display(directory)}' ({reason}); finished batches "
+        "are kept. Free space or fix the permissions and run again, or pass another "
+        "--cache-dir."
+    )
+
+
+# --- the lock and the parts ---------------------------------------------------------------
+
+
+class CacheLock:
+    """An exclusive lock on one cache key, held by one extraction at a time."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._handle = None
+
+    def __enter__(self) -> "CacheLock":
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a+")
+        except OSError as error:
+            raise CacheError(
+                f"expected a writable cache directory; {error.strerror}. Pass a writable "
+                f"--cache-dir or set PROBE_CACHE_DIR. Received: lock='{display(self.path)}'"
+            ) from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise CacheError(
+                f"another probe extract (pid {holder}) is writing this cache; wait for it to "
+                f"finish and run again. Received: lock='{self.path}'"
+            ) from None
+        except OSError as error:
+            handle.close()
+            if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise CacheError(
+                    f"file locking is not available on this file system ({error.strerror}); "
+                    "put the cache on a local disk with --cache-dir or PROBE_CACHE_DIR. "
+                    f"Received: lock='{self.path}'"
+                ) from None
+            raise
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+
+class PartStore:
+    """Batches of finished work, one atomically written .npz each, so an interrupted
+    extraction resumes where it stopped. Holds only numbers and byte strings: loaded with
+    allow_pickle=False."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self._indexes: dict[Path, dict] = {}  # parts already read and checked
+        self._next: int | None = None  # number of the next part to write
+
+    def write(
+        self,
+        features: np.ndarray,
+        paths: list[str],
+        sizes: list[int],
+        mtimes: list[int],
+        skipped: list[tuple[str, str, int, int]],
+    ) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self._next is None:  # once per run, not per batch
+            self._next = len(list(self.directory.glob("part-*.npz")))
+        while (self.directory / f"part-{self._next:06d}.npz").exists():
+            self._next += 1
+        final = self.directory / f"part-{self._next:06d}.npz"
+        self._next += 1
+        with atomic_write(final) as handle:
+            np.savez(
+                handle,
+                features=features.astype(np.float32, copy=False),
+                paths=_encode(paths),
+                sizes=np.asarray(sizes, dtype=np.int64),
+                mtimes=np.asarray(mtimes, dtype=np.int64),
+                skipped_paths=_encode([s[0] for s in skipped]),
+                skipped_reasons=_encode([s[1] for s in skipped]),
+                skipped_sizes=np.asarray([s[2] for s in skipped], dtype=np.int64),
+                skipped_mtimes=np.asarray([s[3] for s in skipped], dtype=np.int64),
+            )
+        return final
+
+    def parts(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(self.directory.glob("part-*.npz"))
+
+    def rows(self) -> Iterator[tuple[str, Row, int, int]]:
+        for part, index in self._scan():
+            for i, (path, size, mtime) in enumerate(
+                zip(index["paths"], index["sizes"], index["mtimes"])
+            ):
+                yield path, Row(str(part), "", i), size, mtime
+
+    def skip_records(self) -> Iterator[tuple[str, str, int, int]]:
+        for _, index in self._scan():
+            yield from index["skipped"]
+
+    def _scan(self) -> list[tuple[Path, dict]]:
+        """The readable parts with their paths, sizes, mtimes and skip records. A part that
+        can not be read completely (damaged on disk) is deleted: its images are extracted
+        again instead of being trusted."""
+        scanned = []
+        for part in self.parts():
+            if part not in self._indexes:
+                try:
+                    self._indexes[part] = _read_part_index(part)
+                except (zipfile.BadZipFile, ValueError, KeyError, EOFError):
+                    part.unlink(missing_ok=True)  # damaged: zip, npy header, lengths
+                    continue
+                except OSError as error:  # unreadable now, maybe not damaged: keep it
+                    raise CacheError(
+                        f"could not read the finished batch '{display(part)}' "
+                        f"({error.strerror}); fix the cause and run again."
+                    ) from None
+            scanned.append((part, self._indexes[part]))
+        return scanned
+
+    def remove_temporary(self) -> None:
+        """Delete half-written parts left by a killed run (and the older part-*.tmp names)."""
+        if self.directory.is_dir():
+            for pattern in (f"{TEMP_PREFIX}part-*.tmp-*", "part-*.tmp"):
+                for path in self.directory.glob(pattern):
+                    path.unlink(missing_ok=True)
+
+    def remove_covered(self, saved: set[tuple[str, int, int]]) -> None:
+        """Delete the parts whose every row and skip record is in `saved` (what a finished
+        cache holds): left by a kill while a finished run was cleaning up. Parts with other
+        work (an interrupted extraction of other splits) stay for it to resume."""
+        for part, index in self._scan():
+            keys = set(zip(index["paths"], index["sizes"], index["mtimes"]))
+            keys |= {(path, size, mtime) for path, _, size, mtime in index["skipped"]}
+            if keys <= saved:
+                part.unlink(missing_ok=True)
+        if self.directory.is_dir() and not any(self.directory.iterdir()):
+            self.directory.rmdir()
+
+    def clear(self) -> None:
+        if self.directory.is_dir():
+            for path in self.directory.iterdir():
+                path.unlink()
+            self.directory.rmdir()
+
+
+def _read_part_index(part: Path) -> dict:
+    with np.load(part, allow_pickle=False) as data:
+        index = {
+            "paths": _decode(data["paths"]),
+            "sizes": [int(v) for v in data["sizes"]],
+            "mtimes": [int(v) for v in data["mtimes"]],
+            "skipped": list(zip(
+                _decode(data["skipped_paths"]), _decode(data["skipped_reasons"]),
+                (int(v) for v in data["skipped_sizes"]), (int(v) for v in data["skipped_mtimes"]),
+            )),
+        }
+    with zipfile.ZipFile(part) as archive:
+        if archive.testzip() is not None:
+            raise ValueError("checksum mismatch")
+        with archive.open("features.npy") as member:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape = np.lib.format.read_array_header_1_0(member)[0]
+            else:
+                shape = np.lib.format.read_array_header_2_0(member)[0]
+    n = len(index["paths"])
+    if shape[0] != n or len(index["sizes"]) != n or len(index["mtimes"]) != n:
+        raise ValueError("inconsistent part")
+    return index
+
+
+def remove_leftovers(directory: Path, target: Path, parts: PartStore) -> None:
+    """Half-written files of a killed run of this cache (the lock is held, so no live
+    process is writing them)."""
+    parts.remove_temporary()
+    for path in directory.glob(f"{TEMP_PREFIX}{target.name}.tmp-*"):
+        path.unlink(missing_ok=True)
+
+
+def tidy_up_to_date(directory: Path, lock: Path, parts: PartStore, cache: FeatureCache) -> None:
+    """For an up-to-date cache: remove parts whose work it already holds (a kill during the
+    clean-up of a finished run leaves them). Skipped while another extraction holds the
+    lock; a failure here never stops the run that found the cache up to date."""
+    if not parts.directory.is_dir():
+        return
+    saved = {(path, size, mtime) for path, _, size, mtime in cache.rows()}
+    saved |= {(path, size, mtime) for path, _, size, mtime in cache.skip_records()}
+    try:
+        with CacheLock(lock):
+            remove_leftovers(directory, cache.path, parts)
+            parts.remove_covered(saved)
+    except (CacheError, OSError):
+        pass
+
+
+def open_existing(path: Path) -> tuple[FeatureCache | None, str]:
+    """The existing cache file, or None and why it can not be used (empty if missing)."""
+    if not path.exists():
+        return None, ""
+    try:
+        return FeatureCache.open(path), ""
+    except CacheError as error:
+        return None, str(error)  # corrupt: rebuilt from scratch, it is replaced atomically
+
+
+def reusable_rows(directory: Path, feature_key: str, parts: PartStore):
+    """Feature rows and skip records already computed with the same settings: in any
+    cache of this dataset and backbone settings, and in parts of an interrupted run."""
+    rows: dict[tuple[str, int, int], Row] = {}
+    skips: dict[tuple[str, int, int], str] = {}
+    for existing in cache_mod.list_caches(directory):
+        if existing.attrs.get("feature_key") != feature_key:
+            continue
+        try:
+            found_rows = list(existing.rows())
+            found_skips = list(existing.skip_records())
+        except CacheError:
+            continue  # damaged: nothing in it is trusted
+        for path, row, size, mtime in found_rows:
+            rows.setdefault((path, size, mtime), row)
+        for path, reason, size, mtime in found_skips:
+            skips.setdefault((path, size, mtime), reason)
+    for path, row, size, mtime in parts.rows():
+        rows[(path, size, mtime)] = row
+    for path, reason, size, mtime in parts.skip_records():
+        skips[(path, size, mtime)] = reason
+    return rows, skips
+
+
+# --- the final cache file ---------------------------------------------------------------
+
+
+def write_cache(
+    target: Path,
+    attrs: dict,
+    entries: list[Entry],
+    skipped: list[tuple[str, str, int, int, int, str]],
+    feature_shape: tuple[int, ...],
+) -> None:
+    """Write a complete cache file under a temporary name, then rename it into place.
+    The attributes carry their checksum (`cache.attrs_checksum`) where the reader checks
+    one. A write error (full disk, read-only directory) is one `CacheError`, raised after
+    every HDF5 object is closed."""
+    checksum = getattr(cache_mod, "attrs_checksum", None)
+    if checksum is not None:
+        attrs = {**attrs, "attrs_checksum": checksum(attrs)}
+    try:
+        with atomic_path(target) as temporary:
+            _write_file(temporary, attrs, entries, skipped, feature_shape)
+    except (OSError, RuntimeError) as error:  # HDF5 reports some write failures as RuntimeError
+        failure = _write_failure(target.parent, error)
+    else:
+        return
+    raise failure  # outside the except block: no chained traceback holding HDF5 objects
+
+
+def _write_file(path: Path, attrs: dict, entries: list[Entry], skipped: list,
+                feature_shape: tuple[int, ...]) -> None:
+    """The HDF5 file itself; every HDF5 object it opens is closed when it returns or
+    raises."""
+    readers = _RowReader()  # one for every split: parts and caches opened once
+    try:
+        with _h5open(path, "w") as handle:
+            for key, value in attrs.items():
+                handle.attrs[key] = _attr(value)
+            for split in SPLIT_NAMES:
+                rows = [entry for entry in entries if entry.split == split]
+                if rows:
+                    _write_split(handle, split, rows, feature_shape, readers)
+            group = handle.create_group("skipped")
+            _strings(group, "paths", [s[0] for s in skipped])
+            _strings(group, "reasons", [s[1] for s in skipped])
+            _numbers(group, "sizes", [s[2] for s in skipped], np.int64)
+            _numbers(group, "mtimes", [s[3] for s in skipped], np.int64)
+            _numbers(group, "labels", [s[4] for s in skipped], np.int32)
+            _strings(group, "splits", [s[5] for s in skipped])
+            del group
+    finally:
+        readers.close()
+
+
+def _write_split(handle, split: str, rows: list[Entry], feature_shape: tuple[int, ...],
+                 readers: "_RowReader") -> None:
+    group = handle.create_group(split)
+    n = len(rows)
+    chunk_rows = max(1, min(n, (1 << 20) // max(1, 4 * int(np.prod(feature_shape)))))
+    features = group.create_dataset(
+        "features", shape=(n, *feature_shape), dtype=np.float32,
+        chunks=(chunk_rows, *feature_shape), maxshape=(None, *feature_shape), fletcher32=True,
+    )
+    _numbers(group, "labels", [r.label for r in rows], np.int32)
+    _strings(group, "paths", [r.path for r in rows])
+    _numbers(group, "sizes", [r.size for r in rows], np.int64)
+    _numbers(group, "mtimes", [r.mtime for r in rows], np.int64)
+    for start in range(0, n, ASSEMBLE_ROWS):
+        block = rows[start:start + ASSEMBLE_ROWS]
+        features[start:start + len(block)] = readers.read([r.row for r in block], feature_shape)
+    del features, group  # no HDF5 object outlives the file, even in a traceback
+
+
+class _RowReader:
+    """Reads feature rows from cache files and parts, keeping files open across blocks."""
+
+    def __init__(self):
+        self._h5: dict[str, object] = {}
+        self._parts: dict[str, np.ndarray] = {}
+
+    def read(self, rows: list[Row], feature_shape: tuple[int, ...]) -> np.ndarray:
+        out = np.empty((len(rows), *feature_shape), dtype=np.float32)
+        by_source: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        for position, row in enumerate(rows):
+            by_source.setdefault((row.source, row.group), []).append((row.index, position))
+        for (source, group), pairs in by_source.items():
+            pairs.sort()
+            indices = [index for index, _ in pairs]
+            positions = [position for _, position in pairs]
+            if group:
+                try:
+                    if source not in self._h5:
+                        self._h5[source] = _h5open(source, "r")
+                    out[positions] = self._h5[source][group]["features"][indices]
+                except (OSError, KeyError, ValueError) as error:
+                    raise _read_error(source, error) from None
+            else:
+                if source not in self._parts:
+                    if len(self._parts) > 8:
+                        self._parts.clear()
+                    with np.load(source, allow_pickle=False) as data:
+                        self._parts[source] = data["features"]
+                out[positions] = self._parts[source][indices]
+        return out
+
+    def close(self) -> None:
+        for handle in self._h5.values():
+            handle.close()
+        self._h5.clear()
+        self._parts.clear()
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def _encode(strings: Iterable[str]) -> np.ndarray:
+    """Paths as bytes: file names that are not valid UTF-8 survive the round trip."""
+    encoded = [os.fsencode(s) for s in strings]
+    return np.array(encoded, dtype=bytes) if encoded else np.zeros(0, dtype="S1")
+
+
+def _decode(array: np.ndarray) -> list[str]:
+    return [os.fsdecode(bytes(value)) for value in array]
+
+
+def _numbers(group, name: str, values: list[int], dtype) -> None:
+    """An integer dataset with a Fletcher-32 checksum per chunk, so a damaged file is an
+    error when read instead of wrong labels."""
+    data = np.asarray(values, dtype=dtype)
+    if len(data):
+        group.create_dataset(name, data=data, chunks=True, fletcher32=True)
+    else:
+        group.create_dataset(name, data=data)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable (best effort: not every platform allows it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _strings(group, name: str, values: list[str]) -> None:
+    dtype = _h5py().string_dtype("utf-8")
+    data = np.array([os.fsencode(v) for v in values], dtype=object)
+    group.create_dataset(name, shape=(len(values),), dtype=dtype, data=data if values else None)
+
+
+def _attr(value):
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value)
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a path with bytes that are not UTF-8
+            return np.bytes_(os.fsencode(value))
+    return value
