@@ -294,16 +294,15 @@ class FeatureCache:
         >>> if changes: print(changes.message())
         """
         from . import data
+        from .settings import SplitSettings
         from .errors import DatasetError
 
         old = self.source_records()
         problem = ""
         try:
-            found = data.discover(
-                self.attrs["dataset_root"], self.attrs.get("labels_file") or None,
-                float(self.attrs.get("val_fraction", 0.15)),
-                float(self.attrs.get("test_fraction", 0.15)), int(self.attrs.get("seed", 0)),
-            )
+            split = SplitSettings.from_attrs(self.attrs)  # label files per split, too
+            found = data.discover(self.attrs["dataset_root"], split.labels, split.val_fraction,
+                                  split.test_fraction, split.seed)
         except DatasetError as error:
             new: SourceRecords = {}
             problem = str(error)
