@@ -15,6 +15,7 @@ import click
 from . import backbones, cache as cache_mod, settings
 from .compare import compare, parse_names
 from .demo import DEMO_BACKBONES, DEMO_IMAGE_SIZE, DEMO_PER_CLASS, run_demo
+from .engines.ray import RayOptions
 from .errors import ProbeError
 from .extract import extract_with_report
 from .finetune import comparison_rows, epoch_line, estimate_line, finetune, start_line
@@ -117,6 +118,22 @@ EXTRACTION_OPTIONS = (
 )
 
 
+ENGINE_OPTIONS = (
+    click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
+                 show_default=True,
+                 help="'ray': run the backbone on a Ray cluster (pip install 'probe[ray]')."),
+    click.option("--ray-address", default=None,
+                 help="ray: the cluster to join ('auto' after `ray start --head`) "
+                      "[default: a local Ray on this machine]."),
+    click.option("--workers", type=click.IntRange(1, 4096), default=1, show_default=True,
+                 help="ray: actors, each holding one backbone."),
+    click.option("--gpus-per-worker", type=click.FloatRange(0), default=0.0, show_default=True,
+                 help="ray: GPUs per actor (1: one actor per GPU)."),
+    click.option("--shard-size", type=click.IntRange(1), default=256, show_default=True,
+                 help="ray: images per shard (one part file each)."),
+)
+
+
 def _say(message: str) -> None:
     click.echo(message, err=True)
 
@@ -184,7 +201,7 @@ class _Progress:
 
 @main.command("extract")
 @click.argument("dataset", type=click.Path())
-@_apply(BACKBONE_OPTION, *EXTRACTION_OPTIONS, *DATASET_OPTIONS)
+@_apply(BACKBONE_OPTION, *EXTRACTION_OPTIONS, *DATASET_OPTIONS, *ENGINE_OPTIONS)
 @click.option("--precision", type=click.Choice(["float32", "bf16"]), default="float32",
               show_default=True,
               help="bf16: mixed bfloat16, much faster where the CPU/GPU supports it; "
@@ -193,22 +210,25 @@ class _Progress:
 @click.option("--strict", is_flag=True, help="Exit non-zero if any file was skipped.")
 @_fail_cleanly
 def extract_command(dataset, backbone, weights, image_size, pooling, batch_size, cache_dir,
-                    labels, val_fraction, test_fraction, seed, precision, quiet, strict) -> None:
+                    labels, val_fraction, test_fraction, seed, engine, ray_address, workers,
+                    gpus_per_worker, shard_size, precision, quiet, strict) -> None:
     """Extract the features of every image of DATASET into an HDF5 cache.
 
     DATASET holds class folders (DIR/CLASS/*.jpg), optionally under train/, val/
     (or validation/) and test/. A second identical run does no backbone work.
+    --engine ray runs the backbone on a Ray cluster and writes the same cache.
 
     Example: probe extract --backbone vgg16 cats_vs_dogs/
     """
     _stop_on_sigterm()
+    ray = RayOptions(ray_address, workers, gpus_per_worker, shard_size) if engine == "ray" else None
     progress = _Progress(quiet)
     try:
         result, report = extract_with_report(
             dataset, backbone, weights=weights, image_size=image_size, pooling=pooling,
             labels=labels or None, val_fraction=val_fraction, test_fraction=test_fraction,
             seed=seed, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
-            precision=precision)
+            precision=precision, engine=engine, ray=ray)
     finally:
         progress.close()
     counts = ", ".join(f"{split} {n}" for split, n in result.counts.items())

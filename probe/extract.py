@@ -21,8 +21,10 @@ import numpy as np
 
 from . import cache as cache_mod, data, plan as plan_mod, store
 from .cache import FeatureCache
+from .engines import ray as ray_engine
 from .engines.local import bf16_support, build_model, run_batches  # noqa: F401 (API)
-from .errors import CacheError
+from .engines.ray import RayOptions
+from .errors import CacheError, ProbeError
 from .plan import ExtractionPlan, Source
 from .progress import Advanced, Finished, ProgressCallback, Started, emit
 from .settings import (DEFAULT_BATCH_SIZE, DEFAULT_SEED, TEST_FRACTION, VAL_FRACTION,
@@ -32,6 +34,9 @@ __all__ = ["extract", "extract_with_report", "run_extraction", "ExtractionReport
            "bf16_support", "build_model", "check_precision"]
 
 STAGE = "extract"
+# The local engine with its number of decoding threads (None: one per core, at most 8), or
+# the Ray engine with its options.
+Engine = "int | None | RayOptions"
 # Speed of the largest backbone work that went into the cache: an incremental update of a
 # few images would mostly measure start-up.
 SPEED_ATTRS = ("extract_images", "extract_seconds", "extract_images_per_second")
@@ -69,6 +74,8 @@ def extract(
     workers: int | None = None,
     progress: ProgressCallback | None = None,
     precision: str = "float32",
+    engine: str = "local",
+    ray: RayOptions | None = None,
 ) -> FeatureCache:
     """Extract the features of every image of `dataset` into an HDF5 cache and return it.
 
@@ -80,6 +87,8 @@ def extract(
     `precision="bf16"` runs the backbone in Keras' mixed bfloat16 where the CPU or GPU
     supports it (faster, features agree closely but not exactly; a cache of their own).
     `progress` receives Started / Advanced / Finished events (stage "extract").
+    `engine="ray"` runs the backbone on a Ray cluster (`ray`: `RayOptions`; needs
+    `pip install 'probe[ray]'`) and writes the same cache.
 
     >>> cache = probe.extract("cats_vs_dogs/", "vgg16", weights="none", image_size=64)
     """
@@ -87,7 +96,7 @@ def extract(
         dataset, backbone, weights=weights, image_size=image_size, pooling=pooling,
         labels=labels, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
         batch_size=batch_size, cache_dir=cache_dir, workers=workers, progress=progress,
-        precision=precision)[0]
+        precision=precision, engine=engine, ray=ray)[0]
 
 
 def extract_with_report(dataset: str | os.PathLike, backbone: str = "vgg16", *,
@@ -96,8 +105,9 @@ def extract_with_report(dataset: str | os.PathLike, backbone: str = "vgg16", *,
                         val_fraction: float = VAL_FRACTION, test_fraction: float = TEST_FRACTION,
                         seed: int = DEFAULT_SEED, batch_size: int = DEFAULT_BATCH_SIZE,
                         cache_dir: str | os.PathLike | None = None, workers: int | None = None,
-                        progress: ProgressCallback | None = None,
-                        precision: str = "float32") -> tuple[FeatureCache, ExtractionReport]:
+                        progress: ProgressCallback | None = None, precision: str = "float32",
+                        engine: str = "local", ray: RayOptions | None = None,
+                        ) -> tuple[FeatureCache, ExtractionReport]:
     """`extract`, returning the cache and the `ExtractionReport` of this run.
 
     >>> cache, report = probe.extract_with_report("cats_vs_dogs/", "vgg16", weights="none")
@@ -107,13 +117,13 @@ def extract_with_report(dataset: str | os.PathLike, backbone: str = "vgg16", *,
     extraction = ExtractionSettings.create(backbone, weights, image_size, pooling, precision,
                                            batch_size, seed)
     split = SplitSettings.create(labels, val_fraction, test_fraction, seed)
-    return run_extraction(root, extraction, split, cache_dir=cache_dir, workers=workers,
-                          progress=progress)
+    return run_extraction(root, extraction, split, cache_dir=cache_dir,
+                          engine=_engine(engine, workers, ray), progress=progress)
 
 
 def run_extraction(dataset: str | os.PathLike, extraction: ExtractionSettings,
                    split: SplitSettings, *, cache_dir: str | os.PathLike | None = None,
-                   workers: int | None = None, progress: ProgressCallback | None = None,
+                   engine: Engine = None, progress: ProgressCallback | None = None,
                    ) -> tuple[FeatureCache, ExtractionReport]:
     """Extract with validated settings: find, plan, run, store."""
     found = data.discover(dataset_path(dataset), split.labels, split.val_fraction,
@@ -136,12 +146,12 @@ def run_extraction(dataset: str | os.PathLike, extraction: ExtractionSettings,
     with store.write_errors_as_cache_error(directory), \
             store.CacheLock(_lock_path(directory, target)):
         return _extract_locked(found, extraction, split, target, fingerprint, sources,
-                               unreadable, previous, damaged, workers, progress)
+                               unreadable, previous, damaged, engine, progress)
 
 
 def _extract_locked(found: data.Dataset, extraction: ExtractionSettings, split: SplitSettings,
                     target: plan_mod.CacheTarget, fingerprint: str, sources, unreadable,
-                    previous: FeatureCache | None, damaged: str, workers: int | None,
+                    previous: FeatureCache | None, damaged: str, engine: Engine,
                     progress: ProgressCallback | None) -> tuple[FeatureCache, ExtractionReport]:
     """Plan against what is on disk, run the backbone over the rest, write the cache."""
     parts = _parts(target.path.parent, target)
@@ -151,12 +161,12 @@ def _extract_locked(found: data.Dataset, extraction: ExtractionSettings, split: 
                               previous.source_records() if previous is not None else None,
                               rows, skips, len(parts.parts()), damaged)
     # The model (and its weights) first: a download or a bad weights file fails before
-    # anything announces an extraction.
-    model = _build(extraction) if plan.todo else None
+    # anything announces an extraction (the Ray engine's workers build their own).
+    model = _build(extraction) if plan.todo and not isinstance(engine, RayOptions) else None
     emit(progress, Started(STAGE, total=len(plan.todo), details=_start_details(plan)))
     speed = {k: previous.attrs[k] for k in SPEED_ATTRS if previous is not None and k in previous.attrs}
     if plan.todo:
-        speed = _run(model, extraction, found.root, plan, parts, rows, skips, workers,
+        speed = _run(model, extraction, found.root, plan, parts, rows, skips, engine,
                      progress, speed)
     entries, skipped = plan_mod.assemble(plan, rows, skips, found.root)
     feature_shape = _feature_shape(model, extraction, rows)
@@ -171,11 +181,31 @@ def _extract_locked(found: data.Dataset, extraction: ExtractionSettings, split: 
 
 
 def _run(model, extraction: ExtractionSettings, root: Path, plan: ExtractionPlan,
-         parts: store.PartStore, rows: dict, skips: dict, workers: int | None,
+         parts: store.PartStore, rows: dict, skips: dict, engine: Engine,
          progress: ProgressCallback | None, speed: dict) -> dict:
-    """Run the backbone over the plan's to-do list, one part per batch; returns the speed
-    attributes to record (this run's, when it did the most work so far)."""
+    """Run the backbone over the plan's to-do list, one part per batch (local) or per shard
+    (Ray); returns the speed attributes to record (this run's, when it did the most work)."""
     started, done = time.perf_counter(), 0
+    if isinstance(engine, RayOptions):
+        steps = ray_engine.run_shards(extraction.to_attrs(), extraction.batch_size, root,
+                                      plan.todo, parts.directory, engine)
+    else:
+        steps = _run_local(model, extraction, root, plan, parts, rows, skips, engine)
+    for count in steps:
+        done += count
+        emit(progress, Advanced(STAGE, done=done, total=len(plan.todo)))
+    if isinstance(engine, RayOptions):  # the workers wrote the parts
+        _read_parts(parts, rows, skips)
+    seconds = time.perf_counter() - started
+    if len(plan.todo) < int(speed.get("extract_images", 0)):
+        return speed
+    return {"extract_images": len(plan.todo), "extract_seconds": round(seconds, 3),
+            "extract_images_per_second": round(len(plan.todo) / max(seconds, 1e-9), 2)}
+
+
+def _run_local(model, extraction: ExtractionSettings, root: Path, plan: ExtractionPlan,
+               parts: store.PartStore, rows: dict, skips: dict, workers: int | None):
+    """The local engine: one part per batch; yields each batch's number of images."""
     for batch in run_batches(model, extraction.spec, root, plan.todo, extraction.image_size,
                              extraction.batch_size, workers):
         part = parts.write(batch.features, [s.sample.path for s in batch.done],
@@ -185,13 +215,15 @@ def _run(model, extraction: ExtractionSettings, root: Path, plan: ExtractionPlan
             rows[s.key] = cache_mod.Row(str(part), "", i)
         for path, reason, size, mtime in batch.skipped:
             skips[(path, size, mtime)] = reason
-        done += len(batch)
-        emit(progress, Advanced(STAGE, done=done, total=len(plan.todo)))
-    seconds = time.perf_counter() - started
-    if len(plan.todo) < int(speed.get("extract_images", 0)):
-        return speed
-    return {"extract_images": len(plan.todo), "extract_seconds": round(seconds, 3),
-            "extract_images_per_second": round(len(plan.todo) / max(seconds, 1e-9), 2)}
+        yield len(batch)
+
+
+def _read_parts(parts: store.PartStore, rows: dict, skips: dict) -> None:
+    """The rows and skip records of the parts written meanwhile (by other processes)."""
+    for path, row, size, mtime in parts.rows():
+        rows.setdefault((path, size, mtime), row)
+    for path, reason, size, mtime in parts.skip_records():
+        skips.setdefault((path, size, mtime), reason)
 
 
 def stat_sources(found: data.Dataset) -> tuple[list[Source], list[tuple[data.Sample, str]]]:
@@ -205,6 +237,15 @@ def stat_sources(found: data.Dataset) -> tuple[list[Source], list[tuple[data.Sam
             continue
         sources.append(Source(sample, int(stat.st_size), int(stat.st_mtime_ns)))
     return sources, unreadable
+
+
+def _engine(engine: str, workers: int | None, ray: RayOptions | None) -> Engine:
+    if engine == "local":
+        return workers
+    if engine == "ray":
+        ray_engine.require_ray()
+        return ray or RayOptions()
+    raise ProbeError(f"expected engine 'local' or 'ray'. Received: engine='{engine}'")
 
 
 def _build(extraction: ExtractionSettings):

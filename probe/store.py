@@ -165,14 +165,15 @@ class PartStore:
         sizes: list[int],
         mtimes: list[int],
         skipped: list[tuple[str, str, int, int]],
+        name: str | None = None,
     ) -> Path:
+        """Write one batch as `part-NNNNNN.npz`, or `part-<name>.npz` when several
+        processes write into the directory at once (the Ray engine's shards)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        if self._next is None:  # once per run, not per batch
-            self._next = len(list(self.directory.glob("part-*.npz")))
-        while (self.directory / f"part-{self._next:06d}.npz").exists():
-            self._next += 1
-        final = self.directory / f"part-{self._next:06d}.npz"
-        self._next += 1
+        if name is not None:
+            final = self.directory / f"part-{name}.npz"
+        else:
+            final = self._next_numbered()
         with atomic_write(final) as handle:
             np.savez(
                 handle,
@@ -186,6 +187,14 @@ class PartStore:
                 skipped_mtimes=np.asarray([s[3] for s in skipped], dtype=np.int64),
             )
         return final
+
+    def _next_numbered(self) -> Path:
+        if self._next is None:  # once per run, not per batch
+            self._next = len(list(self.directory.glob("part-*.npz")))
+        while (self.directory / f"part-{self._next:06d}.npz").exists():
+            self._next += 1
+        self._next += 1
+        return self.directory / f"part-{self._next - 1:06d}.npz"
 
     def parts(self) -> list[Path]:
         if not self.directory.is_dir():

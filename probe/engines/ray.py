@@ -1,0 +1,168 @@
+"""Extraction on a Ray cluster (or every GPU of one machine): the same plan, the same
+parts, the same cache as a local run.
+
+The driver cuts the to-do list of the plan into fixed shards (boundaries depend only on
+the sorted list and the shard size). A pool of actors, each holding the backbone built
+once from the cache's settings (a weights file path, never a pickled model), runs the local
+batch loop (`engines.local.run_batches`) on one shard at a time and writes it as one part
+file (atomically renamed) into the shared parts directory; actors return only the shard's
+name and count, so no feature array passes through Ray's object store. The driver then
+assembles the cache from the parts exactly as after a local run. A killed driver or a lost
+worker leaves finished shards: the next run redoes only the missing ones, and a worker
+that dies mid-shard is restarted by Ray and its shard retried.
+
+Needs the optional extra: `pip install 'probe[ray]'`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from ..errors import ProbeError
+from ..plan import Source
+
+# Set to a file path, makes the first shard's worker exit once (to test restarts).
+FAIL_ONCE_VARIABLE = "PROBE_RAY_FAIL_ONCE"
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How the Ray engine runs: `address` None starts a local Ray on this machine ("auto"
+    joins a running cluster); one actor per `workers`, each with `gpus_per_worker` GPUs;
+    `shard_size` images per shard (and per part file)."""
+
+    address: str | None = None
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    shard_size: int = 256
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.workers <= 4096 or not 1 <= self.shard_size <= 1_000_000 \
+                or self.gpus_per_worker < 0:
+            raise ProbeError(
+                "expected --workers 1 or more, --shard-size 1 or more and --gpus-per-worker "
+                f"0 or more. Received: workers={self.workers}, shard_size={self.shard_size}, "
+                f"gpus_per_worker={self.gpus_per_worker}")
+
+
+def require_ray():
+    """The ray module, or one error line saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ProbeError("the Ray engine needs ray, which is not installed; "
+                         "`pip install 'probe[ray]'`, or use --engine local.") from None
+    return ray
+
+
+def shards(todo: Sequence[Source], shard_size: int) -> list[tuple[str, list[tuple]]]:
+    """(name, [(path, size, mtime), ...]) of each shard of the sorted to-do list. The name
+    is a hash of the shard's rows: a retried shard rewrites the same part file."""
+    rows = sorted((s.sample.path, s.size, s.mtime) for s in todo)
+    found = []
+    for start in range(0, len(rows), shard_size):
+        chunk = rows[start:start + shard_size]
+        digest = hashlib.sha256(repr(chunk).encode("utf-8", "surrogateescape")).hexdigest()
+        found.append((f"shard-{digest[:16]}", chunk))
+    return found
+
+
+class ShardWorker:
+    """One actor: the backbone, built once, run over shard after shard."""
+
+    def __init__(self, attrs: dict[str, Any], batch_size: int, root: str, parts_dir: str):
+        from .. import store
+        from ..settings import ExtractionSettings
+        from .local import build_model
+
+        _gpu_memory_growth()
+        self.extraction = ExtractionSettings.from_attrs(attrs, batch_size)
+        weights = self.extraction.weights
+        self.model = build_model(self.extraction.spec, weights.source, self.extraction.image_size,
+                                 self.extraction.pooling, weights.seed, self.extraction.precision)
+        self.root, self.parts = Path(root), store.PartStore(Path(parts_dir))
+
+    def run(self, name: str, rows: list[tuple]) -> tuple[str, int]:
+        """Extract one shard into the part file `part-<name>.npz`; returns (name, images)."""
+        import numpy as np
+
+        from .. import data
+        from .local import run_batches
+
+        _maybe_fail_once()
+        todo = [Source(data.Sample(path, 0, ""), size, mtime) for path, size, mtime in rows]
+        features, done, skipped = [], [], []
+        for batch in run_batches(self.model, self.extraction.spec, self.root, todo,
+                                 self.extraction.image_size, self.extraction.batch_size, 1):
+            features.append(batch.features)
+            done += batch.done
+            skipped += batch.skipped
+        self.parts.write(np.concatenate(features), [s.sample.path for s in done],
+                         [s.size for s in done], [s.mtime for s in done], skipped, name=name)
+        return name, len(rows)
+
+
+def run_shards(attrs: dict[str, Any], batch_size: int, root: Path, todo: Sequence[Source],
+               parts_dir: Path, options: RayOptions) -> Iterator[int]:
+    """Run every shard of `todo` on a Ray actor pool; yields each finished shard's number
+    of images (its part file is on disk by then)."""
+    ray = require_ray()
+    started_here = not ray.is_initialized()
+    if started_here:
+        _init(ray, options)
+    try:
+        worker = ray.remote(num_cpus=1, num_gpus=options.gpus_per_worker, max_restarts=3,
+                            max_task_retries=3)(ShardWorker)
+        env = {FAIL_ONCE_VARIABLE: os.environ[FAIL_ONCE_VARIABLE]} \
+            if os.environ.get(FAIL_ONCE_VARIABLE) else {}
+        if env:
+            worker = worker.options(runtime_env={"env_vars": env})
+        work = shards(todo, options.shard_size)
+        actors = [worker.remote(attrs, batch_size, str(root), str(parts_dir))
+                  for _ in range(min(options.workers, len(work)))]
+        pool = ray.util.ActorPool(actors)
+        for _, count in pool.map_unordered(lambda actor, shard: actor.run.remote(*shard), work):
+            yield count
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _init(ray, options: RayOptions) -> None:
+    """Join the cluster at `options.address`, or start a local one bound to 127.0.0.1
+    without a dashboard."""
+    try:
+        if options.address:
+            ray.init(address=options.address, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(num_cpus=max(1, options.workers), include_dashboard=False,
+                     log_to_driver=False, _node_ip_address="127.0.0.1")
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise ProbeError(f"could not start or join Ray ({' '.join(str(error).split())[:200]}); "
+                         "check --ray-address (e.g. auto after `ray start --head`). "
+                         f"Received: ray_address={options.address!r}") from None
+
+
+def _gpu_memory_growth() -> None:
+    """Let several actors share a GPU's memory instead of the first taking all of it."""
+    try:
+        from .._keras import keras  # noqa: F401  (imports TensorFlow quietly)
+        import tensorflow as tf
+
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+    except Exception:  # no GPU support: nothing to set
+        pass
+
+
+def _maybe_fail_once() -> None:
+    from .. import store
+
+    marker = os.environ.get(FAIL_ONCE_VARIABLE)
+    if marker and not os.path.exists(marker):
+        store.write_text(marker, str(os.getpid()))
+        os._exit(1)  # a lost worker: Ray restarts the actor and retries the shard

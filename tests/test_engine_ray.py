@@ -1,0 +1,97 @@
+"""The Ray engine on a local Ray (2 CPUs, bound to 127.0.0.1, no dashboard): the same cache
+as the local engine, a resume that redoes only a missing shard, and a worker that dies once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import probe
+from conftest import make_tree
+from probe.engines.ray import FAIL_ONCE_VARIABLE, RayOptions, shards
+from probe.plan import Source
+
+ray = pytest.importorskip("ray", reason="the Ray engine needs `pip install 'probe[ray]'`")
+pytestmark = pytest.mark.slow
+OPTS = dict(weights="none", image_size=32, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
+def same_cache(a, b) -> None:
+    assert a.counts == b.counts and a.classes == b.classes
+    for split in a.splits:
+        assert a.paths(split) == b.paths(split)
+        np.testing.assert_array_equal(a.labels(split), b.labels(split))
+        np.testing.assert_allclose(a.features(split), b.features(split), rtol=1e-5, atol=1e-5)
+
+
+def test_shards_depend_only_on_the_sorted_list_and_the_size():
+    todo = [Source(probe.Sample(f"c/{i}.png", 0, "train"), i, i) for i in range(7)]
+    first = shards(todo, 3)
+    assert [len(rows) for _, rows in first] == [3, 3, 1]
+    assert shards(list(reversed(todo)), 3) == first
+    assert len({name for name, _ in first}) == 3
+
+
+def test_ray_engine_writes_the_local_engines_cache(tmp_path, local_ray, monkeypatch):
+    root = make_tree(tmp_path / "ds")
+    local = probe.extract(root, "vgg16", cache_dir=tmp_path / "local", **OPTS)
+    options = RayOptions(workers=2, shard_size=5)
+    distributed, report = probe.extract_with_report(
+        root, "vgg16", cache_dir=tmp_path / "ray", engine="ray", ray=options, **OPTS)
+    assert report.extracted == 18 and distributed.path.name == local.path.name
+    same_cache(local, distributed)
+    # a worker that dies during its shard is restarted and the shard retried
+    monkeypatch.setenv(FAIL_ONCE_VARIABLE, str(tmp_path / "failed-once"))
+    retried = probe.extract(root, "vgg16", cache_dir=tmp_path / "retry", engine="ray",
+                            ray=options, **OPTS)
+    assert (tmp_path / "failed-once").exists()
+    same_cache(local, retried)
+
+
+def test_a_missing_shard_is_the_only_work_of_the_next_run(tmp_path, local_ray, monkeypatch):
+    from probe import store
+
+    root = make_tree(tmp_path / "ds")
+    options = RayOptions(workers=1, shard_size=6)
+    with monkeypatch.context() as patch:  # stop before the cache is written
+        patch.setattr(store, "write_cache", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            probe.extract(root, "vgg16", engine="ray", ray=options, **OPTS)
+    parts = sorted((tmp_path / "cache").glob(".parts-*/part-shard-*.npz"))
+    assert len(parts) == 3
+    parts[1].unlink()
+    cache, report = probe.extract_with_report(root, "vgg16", engine="ray", ray=options, **OPTS)
+    assert report.extracted == 6 and report.reused == 12
+    same_cache(probe.extract(root, "vgg16", cache_dir=tmp_path / "local", **OPTS), cache)
+
+
+def test_without_ray_the_engine_is_one_line(monkeypatch, image_tree):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(probe.ProbeError, match=r"pip install 'probe\[ray\]'"):
+        probe.extract(image_tree, "vgg16", engine="ray", **OPTS)
+
+
+def test_command_line_without_ray_is_one_line(monkeypatch, image_tree):
+    import sys
+
+    from click.testing import CliRunner
+
+    from probe.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    result = CliRunner().invoke(main, ["extract", str(image_tree), "--weights", "none",
+                                       "--image-size", "32", "--engine", "ray", "-q"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [
+        "Error: the Ray engine needs ray, which is not installed; `pip install 'probe[ray]'`, "
+        "or use --engine local."]
