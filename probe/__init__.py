@@ -15,6 +15,7 @@ from .errors import (
     SourceChangedError,
     WeightsError,
 )
+from .engines.ray import RayOptions
 from .extract import ExtractionReport, extract, extract_with_report
 from .settings import ExtractionSettings, SplitSettings, Weights
 from .finetune import finetune
@@ -31,7 +32,7 @@ __all__ = [
     "Dataset", "Sample", "discover", "load_image",
     "ProbeError", "BackboneError", "WeightsError", "DatasetError", "CacheError",
     "CacheMismatchError", "SourceChangedError", "NotFittedError", "RunError",
-    "extract", "extract_with_report", "ExtractionReport",
+    "extract", "extract_with_report", "ExtractionReport", "RayOptions",
     "ExtractionSettings", "SplitSettings", "Weights", "fit", "predict", "export", "Run", "Prediction",
     "LogisticHead", "DenseHead", "make_head", "load_head",
     "finetune",
