@@ -308,7 +308,7 @@ class FeatureCache:
         problem = ""
         try:
             found = data.discover(
-                self.attrs["dataset_root"], self.attrs.get("labels_file") or None,
+                self.attrs["dataset_root"], data.labels_from_description(self.attrs.get("labels_file")),
                 float(self.attrs.get("val_fraction", 0.15)),
                 float(self.attrs.get("test_fraction", 0.15)), int(self.attrs.get("seed", 0)),
             )

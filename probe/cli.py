@@ -62,13 +62,31 @@ def backbones_command() -> None:
     click.echo(_table(rows, ["backbone", "native size", "min size", "features", "preprocessing"]))
 
 
+def _labels_option(ctx, param, values: tuple[str, ...]):
+    """`--labels FILE` once, or `--labels SPLIT=FILE` per split, as `data.discover` takes
+    them: None, a path, or {split: path}."""
+    from .data import SOURCE_SPLITS
+
+    pairs = [value.split("=", 1) if value.split("=", 1)[0].lower() in SOURCE_SPLITS
+             else ("", value) for value in values]
+    if len(pairs) > 1 and any(not split for split, _ in pairs):
+        raise click.BadParameter("give one --labels FILE, or --labels SPLIT=FILE for each "
+                                 "split (train, val, test, trainval); a repeated --labels "
+                                 "needs its split name.", ctx, param)
+    if len(pairs) == 1 and not pairs[0][0]:
+        return pairs[0][1]
+    return tuple((split, path) for split, path in pairs) or None
+
+
 def dataset_options(command):
     """Options shared by every command that reads a dataset."""
     options = [
-        click.option("--labels", "labels", type=click.Path(dir_okay=False),
-                     help="CSV path,label[,split] or a 'name label' list with 1/-1 labels."),
+        click.option("--labels", "labels", multiple=True, callback=_labels_option,
+                     help="CSV path,label[,split] or a 'name label' list with 1/-1/0 labels; "
+                          "SPLIT=FILE (train, val, test, trainval) repeated for one per split."),
         click.option("--val-fraction", type=float, default=0.15, show_default=True,
-                     help="Validation share when the dataset has no split folders."),
+                     help="Validation share when the dataset has no split folders; also "
+                          "carved from train when no val split is given (0: none)."),
         click.option("--test-fraction", type=float, default=0.15, show_default=True,
                      help="Test share when the dataset has no split folders."),
         click.option("--seed", type=int, default=0, show_default=True,
@@ -191,6 +209,8 @@ def extract_command(dataset, backbone, weights, image_size, pooling, batch_size,
                    f"(see `probe cache info {result.path}`)", err=True)
     if report["ignored"]:
         click.echo(f"Ignored {report['ignored']} non-image files", err=True)
+    for note in report.get("notes", []):
+        click.echo(note, err=True)
     if strict and report["skipped"]:
         raise click.ClickException(f"--strict: {report['skipped']} files were skipped")
 

@@ -47,7 +47,7 @@ def extract(
     weights: str | os.PathLike | None = "imagenet",
     image_size: int | None = None,
     pooling: str = "avg",
-    labels: str | os.PathLike | None = None,
+    labels: data.LabelsArg = None,
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
     seed: int = 0,
@@ -88,7 +88,7 @@ def extract(
         settings["precision"] = precision
     feature_key = cache_mod.fingerprint({"dataset_root": str(found.root), **settings})
     split_settings = {
-        "labels_file": str(Path(labels).expanduser().resolve()) if labels else "",
+        "labels_file": data.describe_labels(labels),
         "seed": seed,
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
@@ -97,9 +97,9 @@ def extract(
     name = f"{_safe(found.root.name)}-{spec.name}-{size}-{pooling}"
     if precision != "float32":
         name += f"-{precision}"
-    # Split folders or a split column decide the splits; seed and fractions then change
-    # nothing and must not make another cache.
-    split_key = {"labels_file": split_settings["labels_file"]} if found.splits_given else split_settings
+    # Only what decides the splits (seed and fractions only where they were used) keys
+    # the cache, so a setting that changes nothing does not make another cache.
+    split_key = found.split_identity()
     target = directory / f"{name}-{cache_mod.fingerprint([feature_key, split_key])[:10]}.h5"
 
     sources, unreadable = _stat_sources(found)
@@ -120,6 +120,7 @@ def extract(
     if previous is not None and previous.attrs.get("source_fingerprint") == source_fingerprint:
         previous.report = {"status": "up to date", "extracted": 0, "reused": sum(previous.counts.values()),
                            "skipped": len(previous.skipped), "ignored": found.ignored, "changes": {},
+                           "notes": found.notes(),
                            "damaged": ""}
         return previous
 
@@ -202,7 +203,8 @@ def extract(
     result = FeatureCache.open(target)
     result.report = {"status": "extracted", "extracted": extracted,
                      "reused": len(entries) - extracted, "skipped": len(skipped),
-                     "ignored": found.ignored, "changes": changes, "damaged": damage}
+                     "ignored": found.ignored, "changes": changes, "damaged": damage,
+                     "notes": found.notes()}
     return result
 
 
