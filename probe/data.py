@@ -110,7 +110,8 @@ class Dataset:
 
 
 def _shown(path: str) -> str:
-    return path.encode("utf-8", "backslashreplace").decode("utf-8")
+    """A file name fit for a message: bytes that are not UTF-8 shown as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def is_image_name(name: str) -> bool:
@@ -536,6 +537,8 @@ def labels_from_description(text: str | None) -> LabelsArg:
     """The `labels` argument of `discover` that `describe_labels` described."""
     if not text:
         return None
+    if isinstance(text, Mapping):  # attributes that look like JSON may come back parsed
+        return dict(text)
     if text.startswith("{"):
         return json.loads(text)
     return text
@@ -702,14 +705,15 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
     A JPEG at least twice the target size is decoded at reduced scale (Pillow's `draft`)
     before the resize. EXIF orientation is applied; every Pillow mode (L, P, RGBA, CMYK,
     I;16, ...) becomes RGB, with transparency composited onto white; animated files give
-    their first frame. Pillow's warnings (corrupt EXIF, truncated reads) are silenced.
+    their first frame.
     Raises `BadImage` with a readable reason for anything that can not be decoded or
     oriented, whatever Pillow raised (a malformed EXIF block can raise `struct.error`
-    or `AttributeError`): one bad file is a skip, never the end of a run.
+    or `AttributeError`): one bad file is a skip, never the end of a run. Pillow's
+    warnings and libtiff's messages are silenced (`_quiet_decoders`).
     """
     from PIL import Image
 
-    _silence_pillow_warnings()
+    _quiet_decoders()
     try:
         if os.path.getsize(path) == 0:
             raise BadImage("empty file (0 bytes)")
@@ -748,21 +752,48 @@ def _decode(image, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-_PILLOW_WARNINGS_SILENCED = False
+_DECODERS_QUIET = False
 
 
-def _silence_pillow_warnings() -> None:
+def _quiet_decoders() -> None:
     """Pillow warns (corrupt EXIF, truncated file read, palette transparency, bomb size)
-    through Python's warnings, which would print on stderr in the middle of a progress bar.
-    A file that decodes is used as decoded; one that does not becomes a skip with its
-    reason; the bomb limit is checked in `_decode`. Filters are process-wide (a
+    through Python's warnings, and the libtiff it bundles writes its warnings and errors
+    straight to stderr: both would land in the middle of a progress bar. A file that
+    decodes is used as decoded; one that does not becomes a skip with the reason Pillow
+    raised; the bomb limit is checked in `_decode`. The filters are process-wide (a
     `catch_warnings` block is not thread-safe and decoding runs in threads), so they are
-    installed once and only match warnings raised in Pillow or attributed to this module."""
-    global _PILLOW_WARNINGS_SILENCED
-    if not _PILLOW_WARNINGS_SILENCED:
-        warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
-        warnings.filterwarnings("ignore", module=r"probe\.data$")
-        _PILLOW_WARNINGS_SILENCED = True
+    installed once and match only warnings raised in Pillow or attributed to this module;
+    libtiff's handlers are set to none (its failures still reach Pillow as errors)."""
+    global _DECODERS_QUIET
+    if _DECODERS_QUIET:
+        return
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+    warnings.filterwarnings("ignore", module=r"probe\.data$")
+    _quiet_libtiff()
+    _DECODERS_QUIET = True
+
+
+def _quiet_libtiff() -> None:
+    import ctypes
+
+    from PIL import _imaging  # noqa: F401 - loads the libtiff Pillow uses
+
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {line.split()[-1] for line in maps if "/libtiff" in line}
+    except OSError:  # not Linux: libtiff keeps its default handlers
+        return
+    for path in paths:
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("TIFFSetWarningHandler", "TIFFSetErrorHandler"):
+            setter = getattr(library, name, None)
+            if setter is not None:
+                setter.restype = ctypes.c_void_p
+                setter.argtypes = [ctypes.c_void_p]
+                setter(None)
 
 
 def to_rgb(image):
