@@ -405,7 +405,16 @@ def _walk_images(directory: Path, tree: Path, walk: _Walk) -> None:
     outside `tree` that is not an ancestor of it, and each linked directory once."""
     tree_real = os.path.realpath(tree)
     followed = {tree_real}
-    pending = [(str(directory), str(directory))]  # (real place to walk, path it is shown as)
+    pending = [(str(directory), str(directory))]  # (place to walk, path it is shown as)
+    if os.path.islink(directory) and Path(directory) != Path(tree):  # a linked class folder
+        target = os.path.realpath(directory)
+        if _leads_back(target, tree_real):
+            walk.links_skipped.append(str(directory))
+            return
+        followed.add(target)
+        pending = [(target, str(directory))]
+    elif os.path.islink(directory):  # the tree itself given as a link: walk where it leads
+        pending = [(tree_real, str(directory))]
     while pending:
         place, shown = pending.pop()
         for current, dirs, files, dir_fd in os.fwalk(place, follow_symlinks=False,

@@ -441,3 +441,20 @@ def test_labels_per_split_from_the_command_line(tmp_path, cache_dir):
     again = run("extract", root, "--labels", f"train={tmp_path / 'car_train.txt'}",
                 "--labels", f"test={tmp_path / 'car_test.txt'}", *options)
     assert "Cache up to date" in again.output
+
+
+def test_a_class_folder_that_is_a_link_elsewhere_is_read(tmp_path):
+    root = make_tree(tmp_path / "ds")
+    pool = tmp_path / "pool" / "owls"
+    for i in range(3):
+        make_image(pool / f"owl_{i}.png", seed=50 + i)
+    (root / "owl").symlink_to(pool)
+    (root / "cats_again").symlink_to(root / "cat")  # a second name for a class folder
+    found = data.discover(root)
+    assert found.classes == ["cat", "dog", "fox", "owl"]
+    assert sorted(s.path for s in found.samples if found.classes[s.label] == "owl") == [
+        f"owl/owl_{i}.png" for i in range(3)]
+    assert found.links_skipped == [str(root / "cats_again")]
+    linked_dir = tmp_path / "linked"
+    linked_dir.symlink_to(pool)
+    assert len(data.find_images(linked_dir)[0]) == 3  # predict on a linked folder
