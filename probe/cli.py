@@ -90,11 +90,12 @@ def _apply(*decorators):
 # Option groups are plain tuples of click decorators, composed by concatenation.
 DATASET_OPTIONS = (
     click.option("--labels", "labels", multiple=True, metavar="[SPLIT=]FILE",
-                 help="CSV path,label[,split] or a 'name label' list with 1/-1 labels; "
+                 help="CSV path,label[,split] or a 'name label' list with 1/-1/0 labels; "
                       "SPLIT=FILE (train, val, test, trainval) gives one file per split "
                       "(repeat the option)."),
     click.option("--val-fraction", type=float, default=settings.VAL_FRACTION,
-                 show_default=True, help="Validation share when the dataset has no split folders."),
+                 show_default=True, help="Validation share when the dataset has no split folders; also "
+                                    "carved from train when no val split is given (0: none)."),
     click.option("--test-fraction", type=float, default=settings.TEST_FRACTION,
                  show_default=True, help="Test share when the dataset has no split folders."),
     click.option("--seed", type=SEED, default=settings.DEFAULT_SEED, show_default=True,
@@ -242,6 +243,8 @@ def extract_command(dataset, backbone, weights, image_size, pooling, batch_size,
              f"(see `probe cache info {result.path}`)")
     if report.ignored:
         _say(f"Ignored {report.ignored} non-image files")
+    for note in report.notes:
+        _say(note)
     if strict and report.skipped:
         raise click.ClickException(f"--strict: {report.skipped} files were skipped")
 

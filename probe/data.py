@@ -1,9 +1,13 @@
 """Finding the samples of a dataset, splitting them, and decoding images.
 
 A dataset is class folders (`DIR/CLASS/*`), optionally under split folders
-(`DIR/train/`, `DIR/validation/` or `DIR/val/`, `DIR/test/`), or a labels file: a CSV
-`path,label[,split]` or a whitespace list `name label` with labels 1/-1 (Pascal VOC's
-per-class lists). Decoding never raises: a file that can not be read becomes a recorded skip.
+(`DIR/train/`, `DIR/validation/` or `DIR/val/`, `DIR/test/`), or labels files: a CSV
+`path,label[,split]` or a whitespace list `name label` with labels 1/-1/0 (Pascal VOC's
+per-class lists), one for the whole dataset or one per split (train, val, test, trainval).
+Split roles: train fits, val selects, test reports. Without any split, a seeded stratified
+split by fractions; with splits but no val, val is carved from train (or trainval).
+Decoding never raises anything but `BadImage`: a file that can not be read or oriented
+becomes a recorded skip.
 """
 
 from __future__ import annotations
@@ -11,10 +15,13 @@ from __future__ import annotations
 import csv
 from collections import Counter
 import hashlib
+import json
 import os
+import stat as stat_mod
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
 
@@ -23,7 +30,13 @@ from .errors import DatasetError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
 SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+# Names a labels source may be given for; trainval is train from which val is carved.
+SOURCE_SPLITS = {**SPLIT_FOLDERS, "trainval": "trainval"}
 LIST_LABELS = {"1": True, "-1": False, "0": None}  # VOC: 0 marks a "difficult" object
+PATH_MAX = 4096  # Linux: longer paths can not be opened by name
+
+LabelsArg = Union[str, os.PathLike, Mapping[str, Union[str, os.PathLike]],
+                  Sequence[tuple[str, Union[str, os.PathLike]]], None]
 
 
 @dataclass(frozen=True)
@@ -42,8 +55,17 @@ class Dataset:
     root: Path
     classes: list[str]
     samples: list[Sample]
-    ignored: int = 0  # non-image files and unreadable directory entries
-    splits_given: bool = False  # by split folders or a split column, not by fractions
+    ignored: int = 0  # non-image files
+    splits_given: bool = False  # by split folders, a split column or per-split labels files
+    difficult: int = 0  # VOC list lines marked 0 ("difficult"), left out
+    val_carved: bool = False  # val was carved from train (or trainval) by val_fraction
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    links_skipped: list[str] = field(default_factory=list)  # links back into the tree
+    missing_classes: dict[str, list[str]] = field(default_factory=dict)  # split -> absent
+    label_sources: tuple[tuple[str, str], ...] = ()  # ((split or "", absolute path), ...)
+    seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
 
     def split(self, name: str) -> list[Sample]:
         """The samples of one split, in a stable order."""
@@ -53,23 +75,113 @@ class Dataset:
         """Number of samples per split."""
         return {name: len(self.split(name)) for name in SPLITS if self.split(name)}
 
+    def split_identity(self) -> dict:
+        """Exactly the values that decide which image lands in which split: the labels
+        files, plus seed and fractions only where they were used (fractions splitting
+        an unsplit dataset, or val carved from train). A cache key built from it changes
+        only when the split can change."""
+        identity: dict = {"labels_file": describe_labels(self.label_sources)}
+        if not self.splits_given:
+            identity.update(seed=self.seed, val_fraction=self.val_fraction,
+                            test_fraction=self.test_fraction)
+        elif self.val_carved:
+            identity.update(seed=self.seed, val_fraction=self.val_fraction)
+        return identity
+
+    def notes(self) -> list[str]:
+        """Sentences about what discovery left out or noticed, for the user."""
+        notes = []
+        if self.difficult:
+            notes.append(f"Left out {self.difficult} images marked difficult (0) in the labels lists")
+        if self.unreadable:
+            path, reason = self.unreadable[0]
+            notes.append(f"Could not read {len(self.unreadable)} files or folders, e.g. "
+                         f"'{_shown(path)}': {reason}")
+        if self.links_skipped:
+            notes.append(f"Did not follow {len(self.links_skipped)} symbolic links that lead "
+                         f"back into the dataset, e.g. '{_shown(self.links_skipped[0])}'")
+        for split, absent in self.missing_classes.items():
+            notes.append(f"The {split} split has no images of {len(absent)} classes: "
+                         + ", ".join(f"'{c}'" for c in absent[:5]))
+        if self.val_carved:
+            notes.append(f"No validation split given: carved {len(self.split('val'))} images "
+                         f"from train (--val-fraction {self.val_fraction}, --seed {self.seed})")
+        return notes
+
+
+def _shown(path: str) -> str:
+    """A file name fit for a message: bytes that are not UTF-8 shown as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
 
 def is_image_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+class _Entry(NamedTuple):
+    path: str  # relative to the dataset root, as it will be recorded
+    label: str
+    split: str | None
+    identity: str  # the file itself (real path), to find one file under two names
+    given: str  # as the user wrote it (labels files) or found it
+
+
 def discover(
     root: str | os.PathLike,
-    labels_file: str | os.PathLike | None = None,
+    labels: LabelsArg = None,
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
     seed: int = 0,
 ) -> Dataset:
     """Find every sample of the dataset at `root`, with a label and a split.
 
-    Without split folders (or a split column), the split is seeded and stratified: the same
-    seed always gives the same split, and adding images leaves existing ones where they were.
+    `labels` is None (class folders), one labels file, or a mapping {split: file} with
+    splits train / val / test / trainval. Without any split given, the split is seeded and
+    stratified by `val_fraction` and `test_fraction`; with splits but no val, val is carved
+    from train (or trainval) by `val_fraction` (0 opts out). The same seed always gives the
+    same split; adding images to a class moves at most a few images of that class.
     """
+    root_path = _check_root(root)
+    _check_fractions(val_fraction, test_fraction)
+    sources = label_sources(labels)
+    if sources:
+        entries, ignored, difficult = _read_label_sources(root_path, sources)
+        unreadable: list[tuple[str, str]] = []
+        links: list[str] = []
+    else:
+        walk = _walk_class_folders(root_path)
+        entries, ignored, difficult = walk.entries, walk.ignored, 0
+        unreadable, links = walk.unreadable, walk.links_skipped
+        if not entries:
+            _raise_no_images(root, root_path, ignored, unreadable)
+    _check_once(entries, sources)
+    classes = sorted({entry.label for entry in entries})
+    if len(classes) < 2:
+        raise DatasetError(
+            f"needs images of at least 2 classes; got only one class: '{_shown(classes[0])}'. "
+            f"Put each class in its own folder. Received: path='{root}'"
+        )
+    splits, splits_given, carved = _assign_splits(entries, val_fraction, test_fraction, seed, root)
+    index = {name: i for i, name in enumerate(classes)}
+    samples = [Sample(e.path, index[e.label], split) for e, split in zip(entries, splits)]
+    samples.sort(key=lambda s: (SPLITS.index(s.split), s.path))
+    if not any(s.split == "train" for s in samples):
+        raise DatasetError(
+            f"expected a train split with images; found none. Received: splits="
+            f"{sorted({s.split for s in samples})}"
+        )
+    missing = _check_class_sets(samples, classes) if splits_given else {}
+    return Dataset(root_path, classes, samples, ignored, splits_given, difficult, carved,
+                   unreadable, links, missing, tuple((s, str(p)) for s, p in sources),
+                   seed, val_fraction, test_fraction)
+
+
+def _check_root(root) -> Path:
+    if not str(root).strip():
+        raise DatasetError(
+            "expected a dataset directory; received an empty path. Name the directory, "
+            "e.g. `probe extract cats_vs_dogs/` (or `.` for the current one)."
+        )
     root_path = Path(root).expanduser()
     if not root_path.exists():
         raise DatasetError(
@@ -79,56 +191,7 @@ def discover(
         raise DatasetError(
             f"expected a dataset directory of class folders. Received: path='{root}' (a file)"
         )
-    root_path = root_path.resolve()
-    _check_fractions(val_fraction, test_fraction)
-    if labels_file is not None:
-        entries, ignored = _read_labels_file(root_path, Path(labels_file).expanduser())
-    else:
-        entries, ignored = _walk_class_folders(root_path)
-    if not entries:
-        loose = sum(1 for entry in _list_dir(root_path) if entry.is_file() and is_image_name(entry.name))
-        found = (f"found {loose} images directly in it; move them into one subfolder per class"
-                 if loose else f"found no images ({ignored} other files ignored)")
-        raise DatasetError(
-            f"expected images in class folders (DIR/CLASS/*.jpg) or split folders "
-            f"(DIR/train/CLASS/*.jpg); {found}. Received: path='{root}'"
-        )
-    counts = Counter(path for path, _, _ in entries)
-    repeated = [path for path, n in counts.items() if n > 1]
-    if repeated:
-        raise DatasetError(
-            f"expected each image once; {len(repeated)} are listed more than once (e.g. "
-            f"'{repeated[0]}', {counts[repeated[0]]} times), which would put one image under "
-            f"two labels or in two splits. Remove the repeated rows from '{labels_file}'."
-        )
-    classes = sorted({label for _, label, _ in entries})
-    if len(classes) < 2:
-        raise DatasetError(
-            f"needs images of at least 2 classes; got only one class: '{classes[0]}'. "
-            f"Put each class in its own folder. Received: path='{root}'"
-        )
-    index = {name: i for i, name in enumerate(classes)}
-    given = [split for _, _, split in entries if split is not None]
-    if given and len(given) != len(entries):
-        raise DatasetError(
-            "expected either every image or none to have a split; some have one and "
-            f"{len(entries) - len(given)} do not. Received: path='{root}'"
-        )
-    splits_given = bool(given)
-    if splits_given:
-        splits = [split for _, _, split in entries]
-    else:
-        splits = _stratified_split(entries, val_fraction, test_fraction, seed)
-    samples = [
-        Sample(path, index[label], split) for (path, label, _), split in zip(entries, splits)
-    ]
-    samples.sort(key=lambda s: (SPLITS.index(s.split), s.path))
-    if not any(s.split == "train" for s in samples):
-        raise DatasetError(
-            f"expected a train split with images; found none. Received: splits="
-            f"{sorted({s.split for s in samples})}"
-        )
-    return Dataset(root_path, classes, samples, ignored, splits_given=splits_given)
+    return root_path.resolve()
 
 
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:
@@ -139,178 +202,97 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
         )
 
 
-def _walk_class_folders(root: Path) -> tuple[list[tuple[str, str, str | None]], int]:
-    """(relative path, class name, split or None) for every image under root."""
-    top = _list_dir(root)
-    split_dirs = {
-        entry.name: SPLIT_FOLDERS[entry.name.lower()]
-        for entry in top
-        if entry.is_dir() and entry.name.lower() in SPLIT_FOLDERS
-    }
-    entries: list[tuple[str, str, str | None]] = []
-    ignored = 0
-    if split_dirs:
-        for entry in top:
-            if entry.name not in split_dirs:
-                ignored += 1 if not entry.name.startswith(".") else 0
-        bases = [(root / name, split) for name, split in sorted(split_dirs.items())]
+def _raise_no_images(root, root_path: Path, ignored: int, unreadable) -> None:
+    loose = sum(1 for entry in _list_dir(root_path) if entry.is_file() and is_image_name(entry.name))
+    if loose:
+        found = f"found {loose} images directly in it; move them into one subfolder per class"
     else:
-        bases = [(root, None)]
-    for base, split in bases:
-        for class_dir in _list_dir(base):
-            if class_dir.name.startswith("."):
-                continue
-            if not class_dir.is_dir():
-                ignored += 1
-                continue
-            images, skipped = find_images(Path(class_dir.path))
-            ignored += skipped
-            for path in images:
-                entries.append((path.relative_to(root).as_posix(), class_dir.name, split))
-    return entries, ignored
+        found = f"found no images ({ignored} other files ignored"
+        found += f", {len(unreadable)} unreadable)" if unreadable else ")"
+    raise DatasetError(
+        f"expected images in class folders (DIR/CLASS/*.jpg) or split folders "
+        f"(DIR/train/CLASS/*.jpg); {found}. Received: path='{root}'"
+    )
 
 
-def _list_dir(path: Path) -> list[os.DirEntry]:
-    try:
-        with os.scandir(path) as iterator:
-            return sorted(iterator, key=lambda entry: entry.name)
-    except OSError as error:
+def _check_once(entries: list[_Entry], sources) -> None:
+    """One file, one label, one split: a file reached under two names (`x`, `d/../x`, an
+    absolute path, a link) would leak between splits or carry two labels."""
+    counts = Counter(entry.identity for entry in entries)
+    repeated = [identity for identity, n in counts.items() if n > 1]
+    if not repeated:
+        return
+    names = [e.given for e in entries if e.identity == repeated[0]]
+    where = (" Remove the repeated rows from " + ", ".join(f"'{p}'" for _, p in sources)
+             if sources else " Remove the extra links or copies.")
+    raise DatasetError(
+        f"expected each image once; {len(repeated)} are listed more than once (e.g. "
+        f"'{_shown(names[0])}', {len(names)} times, as "
+        + ", ".join(f"'{_shown(n)}'" for n in names[:3])
+        + "), which would put one image under two labels or in two splits." + where
+    )
+
+
+# --- splits ---------------------------------------------------------------------------
+
+
+def _assign_splits(entries: list[_Entry], val_fraction: float, test_fraction: float,
+                   seed: int, root) -> tuple[list[str], bool, bool]:
+    """(split per entry, whether splits were given, whether val was carved from train)."""
+    given = [entry.split for entry in entries if entry.split is not None]
+    if given and len(given) != len(entries):
         raise DatasetError(
-            f"expected a readable directory; {error.strerror}. Received: path='{path}'"
-        ) from None
-
-
-def find_images(directory: Path) -> tuple[list[Path], int]:
-    """Image files below a class folder (recursively), and how many files were ignored.
-    Symlinked directories are followed once: a symlink loop can not recurse forever."""
-    images: list[Path] = []
-    ignored = 0
-    seen: set[tuple[int, int]] = set()
-    for current, dirs, files in os.walk(directory, followlinks=True, onerror=lambda e: None):
-        try:
-            stat = os.stat(current)
-        except OSError:
-            dirs[:] = []
-            continue
-        key = (stat.st_dev, stat.st_ino)
-        if key in seen:
-            dirs[:] = []
-            continue
-        seen.add(key)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if is_image_name(name):
-                images.append(Path(current) / name)
-            elif not name.startswith("."):
-                ignored += 1
-    return images, ignored
-
-
-def _read_labels_file(root: Path, labels_file: Path) -> tuple[list[tuple[str, str, str | None]], int]:
-    if not labels_file.is_file():
-        raise DatasetError(
-            f"expected a labels file (CSV path,label[,split] or a 'name label' list); "
-            f"it does not exist. Received: labels='{labels_file}'"
+            "expected either every image or none to have a split; some have one and "
+            f"{len(entries) - len(given)} do not. Received: path='{root}'"
         )
-    text = labels_file.read_text(encoding="utf-8-sig")
-    first = text.lstrip().split("\n", 1)[0]
-    if labels_file.suffix.lower() == ".csv" or "," in first:
-        return _read_csv(root, labels_file, text)
-    return _read_list(root, labels_file, text)
+    if not given:
+        return _stratified_split(entries, val_fraction, test_fraction, seed), False, False
+    splits = [entry.split for entry in entries]
+    has_val = "val" in splits
+    pool = "trainval" if "trainval" in splits else "train"
+    if has_val or val_fraction == 0:
+        return ["train" if s == "trainval" else s for s in splits], True, False
+    positions = [i for i, s in enumerate(splits) if s == pool]
+    carved = _stratified_split([entries[i] for i in positions], val_fraction, 0.0, seed)
+    for i, split in zip(positions, carved):
+        splits[i] = split
+    splits = ["train" if s == "trainval" else s for s in splits]
+    return splits, True, "val" in carved
 
 
-def _read_csv(root: Path, labels_file: Path, text: str):
-    reader = csv.DictReader(text.splitlines())
-    columns = [c.strip().lower() for c in (reader.fieldnames or [])]
-    known = {"path", "label", "split"}
-    if "path" not in columns or "label" not in columns or set(columns) - known:
-        raise DatasetError(
-            "expected a CSV header with the columns path,label and optionally split. "
-            f"Received: columns={columns} in '{labels_file}'"
-        )
-    entries = []
-    missing = []
-    for row in reader:
-        row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
-        if not row.get("path"):
+def _check_class_sets(samples: list[Sample], classes: list[str]) -> dict[str, list[str]]:
+    """A class with val or test images but none in train can not be learnt: an error.
+    A class absent from val or test is allowed (a subset) and returned, to be noted."""
+    present = {split: {s.label for s in samples if s.split == split} for split in SPLITS}
+    missing: dict[str, list[str]] = {}
+    for split in ("val", "test"):
+        if not present[split]:
             continue
-        split = row.get("split") or None
-        if split is not None:
-            if split.lower() not in SPLIT_FOLDERS:
-                raise DatasetError(
-                    f"expected split to be one of train, val, validation, test. "
-                    f"Received: split='{split}' for '{row['path']}' in '{labels_file}'"
-                )
-            split = SPLIT_FOLDERS[split.lower()]
-        path = _resolve_listed(root, row["path"])
-        if path is None:
-            missing.append(row["path"])
-            continue
-        entries.append((path, row["label"], split))
-    _raise_missing(missing, root, labels_file)
-    return entries, 0
-
-
-def _read_list(root: Path, labels_file: Path, text: str):
-    positive = labels_file.stem.split("_")[0] or "positive"
-    negative = f"not_{positive}"
-    entries = []
-    missing = []
-    ignored = 0
-    for number, line in enumerate(text.splitlines(), start=1):
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) != 2 or parts[1] not in LIST_LABELS:
+        unknown = sorted(classes[i] for i in present[split] - present["train"])
+        if unknown:
             raise DatasetError(
-                f"expected lines 'name label' with label 1, -1 or 0 (difficult, ignored). "
-                f"Received: line {number} '{line.strip()}' in '{labels_file}'"
+                f"expected every class of the {split} split to have train images; "
+                f"{len(unknown)} have none in train: " + ", ".join(f"'{_shown(c)}'" for c in unknown[:5])
+                + f". Add train images of them, or remove them from {split}."
             )
-        flag = LIST_LABELS[parts[1]]
-        if flag is None:
-            ignored += 1
-            continue
-        path = _resolve_listed(root, parts[0])
-        if path is None:
-            missing.append(parts[0])
-            continue
-        entries.append((path, positive if flag else negative, None))
-    _raise_missing(missing, root, labels_file)
-    return entries, ignored
-
-
-def _resolve_listed(root: Path, name: str) -> str | None:
-    """The relative path of a listed image; list files may leave out the extension and
-    the JPEGImages folder, as Pascal VOC's do."""
-    candidates = [name] + [name + ext for ext in (".jpg", ".jpeg", ".png")]
-    candidates += ["JPEGImages/" + c for c in candidates]
-    for candidate in candidates:
-        if (root / candidate).is_file():
-            return Path(candidate).as_posix()
-    return None
-
-
-def _raise_missing(missing: list[str], root: Path, labels_file: Path) -> None:
-    if missing:
-        shown = ", ".join(f"'{m}'" for m in missing[:3])
-        raise DatasetError(
-            f"expected every file named in '{labels_file}' to exist under '{root}'; "
-            f"{len(missing)} do not, e.g. {shown}. Fix the paths (relative to the dataset "
-            f"directory) or remove those rows."
-        )
+        absent = sorted(classes[i] for i in present["train"] - present[split])
+        if absent:
+            missing[split] = absent
+    return missing
 
 
 def _stratified_split(entries, val_fraction: float, test_fraction: float, seed: int) -> list[str]:
     """Per class, order images by a seeded hash of their path and cut the order into
-    test, validation and train. The hash makes the split independent of listing order and
-    stable when images are added."""
+    test, validation and train. The hash makes the split independent of listing order;
+    adding an image to a class shifts the cuts of that class by at most one place each,
+    so a few of its images may change split and other classes never do."""
     by_class: dict[str, list[int]] = {}
-    for i, (_, label, _) in enumerate(entries):
-        by_class.setdefault(label, []).append(i)
+    for i, entry in enumerate(entries):
+        by_class.setdefault(entry.label, []).append(i)
     splits = ["train"] * len(entries)
     for indices in by_class.values():
         indices.sort(key=lambda i: hashlib.sha1(
-            f"{seed}:{entries[i][0]}".encode("utf-8", "surrogateescape")).digest())
+            f"{seed}:{entries[i].path}".encode("utf-8", "surrogateescape")).digest())
         n = len(indices)
         n_test = _split_count(n, test_fraction)
         n_val = _split_count(n - n_test, val_fraction / (1 - test_fraction))
@@ -328,6 +310,386 @@ def _split_count(n: int, fraction: float) -> int:
     return min(max(1, round(n * fraction)), n - 1)
 
 
+# --- class folders --------------------------------------------------------------------
+
+
+@dataclass
+class _Walk:
+    """What walking a tree found: images (as (display path, identity)), and what not."""
+
+    images: list[tuple[str, str]] = field(default_factory=list)
+    ignored: int = 0
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    links_skipped: list[str] = field(default_factory=list)
+    entries: list[_Entry] = field(default_factory=list)
+
+
+def _walk_class_folders(root: Path) -> _Walk:
+    """Every image under root as an entry (relative path, class name, split or None)."""
+    top = _list_dir(root)
+    split_dirs = {
+        entry.name: SPLIT_FOLDERS[entry.name.lower()]
+        for entry in top
+        if entry.is_dir() and entry.name.lower() in SPLIT_FOLDERS
+    }
+    walk = _Walk()
+    if split_dirs:
+        walk.ignored += sum(1 for e in top if e.name not in split_dirs and not e.name.startswith("."))
+        bases = [(root / name, split) for name, split in sorted(split_dirs.items())]
+    else:
+        bases = [(root, None)]
+    for base, split in bases:
+        listing = _list_dir(base)
+        if split is not None:
+            _refuse_loose_images(base, listing)
+        for class_dir in listing:
+            if class_dir.name.startswith("."):
+                continue
+            if not class_dir.is_dir():
+                walk.ignored += 1
+                continue
+            _check_class_name(class_dir.name, base)
+            start = len(walk.images)
+            _walk_images(Path(class_dir.path), root, walk)
+            for path, identity in walk.images[start:]:
+                relative = os.path.relpath(path, root).replace(os.sep, "/")
+                walk.entries.append(_Entry(relative, class_dir.name, split, identity, relative))
+    return walk
+
+
+def _refuse_loose_images(base: Path, listing: list[os.DirEntry]) -> None:
+    loose = [e.name for e in listing if is_image_name(e.name) and not e.is_dir()]
+    if loose:
+        raise DatasetError(
+            f"expected class folders in the split folder '{base.name}/' ({base.name}/CLASS/"
+            f"*.jpg); found {len(loose)} images directly in it, e.g. '{_shown(loose[0])}'. "
+            f"Move them into one subfolder per class. Received: path='{base}'"
+        )
+
+
+def _check_class_name(name: str, base: Path) -> None:
+    """Class names travel into caches, JSON and plots: they must be text."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DatasetError(
+            f"expected class folder names in UTF-8; '{_shown(name)}' in '{_shown(str(base))}' "
+            "is not (bytes shown as \\x..). Rename the folder, e.g. with `convmv -f latin1 "
+            "-t utf-8`."
+        ) from None
+
+
+def _list_dir(path: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(path) as iterator:
+            return sorted(iterator, key=lambda entry: entry.name)
+    except OSError as error:
+        raise DatasetError(
+            f"expected a readable directory; {error.strerror}. Received: path='{path}'"
+        ) from None
+
+
+def find_images(directory: Path) -> tuple[list[Path], int]:
+    """Image files below `directory` (recursively, sorted), and how many other files were
+    ignored. Symbolic links are followed only where they lead outside `directory` and not
+    to one of its ancestors, so no image is found twice and a link loop ends."""
+    walk = _Walk()
+    _walk_images(Path(directory), Path(directory), walk)
+    return [Path(path) for path, _ in walk.images], walk.ignored
+
+
+def _walk_images(directory: Path, tree: Path, walk: _Walk) -> None:
+    """Add the images below `directory` to `walk`. Directories are opened relative to
+    their parent (os.fwalk), so files whose full path is over PATH_MAX are found and
+    counted as unreadable instead of vanishing. A link is followed only to a place
+    outside `tree` that is not an ancestor of it, and each linked directory once."""
+    tree_real = os.path.realpath(tree)
+    followed = {tree_real}
+    pending = [(str(directory), str(directory))]  # (place to walk, path it is shown as)
+    if os.path.islink(directory) and Path(directory) != Path(tree):  # a linked class folder
+        target = os.path.realpath(directory)
+        if _leads_back(target, tree_real):
+            walk.links_skipped.append(str(directory))
+            return
+        followed.add(target)
+        pending = [(target, str(directory))]
+    elif os.path.islink(directory):  # the tree itself given as a link: walk where it leads
+        pending = [(tree_real, str(directory))]
+    while pending:
+        place, shown = pending.pop()
+        for current, dirs, files, dir_fd in os.fwalk(place, follow_symlinks=False,
+                                                     onerror=_collect_error(walk, place, shown)):
+            current_shown = shown + current[len(place):]
+            dirs.sort()
+            for name in list(dirs):
+                if name.startswith("."):
+                    dirs.remove(name)
+                elif _is_link(name, dir_fd):
+                    dirs.remove(name)
+                    target = os.path.realpath(os.path.join(current, name))
+                    if _leads_back(target, tree_real) or target in followed:
+                        walk.links_skipped.append(os.path.join(current_shown, name))
+                    else:
+                        followed.add(target)
+                        pending.append((target, os.path.join(current_shown, name)))
+            for name in sorted(files):
+                _add_file(walk, current, current_shown, name, dir_fd, tree_real, place != str(directory))
+
+
+def _add_file(walk: _Walk, current: str, current_shown: str, name: str, dir_fd: int,
+              tree_real: str, through_link: bool) -> None:
+    if name.startswith("."):
+        return
+    if not is_image_name(name):
+        walk.ignored += 1
+        return
+    shown = os.path.join(current_shown, name)
+    identity = shown
+    if through_link or _is_link(name, dir_fd):
+        identity = os.path.realpath(os.path.join(current, name))
+        if _is_link(name, dir_fd) and _leads_back(identity, tree_real):
+            walk.links_skipped.append(shown)
+            return
+    if len(os.fsencode(shown)) >= PATH_MAX:
+        walk.unreadable.append((shown, f"path longer than PATH_MAX ({PATH_MAX} bytes)"))
+        return
+    walk.images.append((shown, identity))
+
+
+def _is_link(name: str, dir_fd: int) -> bool:
+    try:
+        return stat_mod.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _leads_back(target: str, tree_real: str) -> bool:
+    """Whether a link target is inside the tree or is the tree or one of its ancestors."""
+    inside = target == tree_real or target.startswith(tree_real.rstrip(os.sep) + os.sep)
+    ancestor = tree_real.startswith(target.rstrip(os.sep) + os.sep)
+    return inside or ancestor
+
+
+def _collect_error(walk: _Walk, place: str, shown: str):
+    def record(error: OSError) -> None:
+        path = str(error.filename or place)
+        walk.unreadable.append((shown + path[len(place):] if path.startswith(place) else path,
+                                error.strerror or type(error).__name__))
+    return record
+
+
+# --- labels files ---------------------------------------------------------------------
+
+
+def label_sources(labels: LabelsArg) -> tuple[tuple[str, Path], ...]:
+    """Normalise `labels` (None, one file, {split: file} or ((split, file), ...)) to
+    ((split or "", absolute path), ...). Split names: train, val (validation), test,
+    trainval; "" is a file for the whole dataset."""
+    if labels is None:
+        return ()
+    if isinstance(labels, (str, os.PathLike)):
+        pairs = [("", labels)]
+    elif isinstance(labels, Mapping):
+        pairs = list(labels.items())
+    else:
+        pairs = [tuple(pair) for pair in labels]
+    sources: list[tuple[str, Path]] = []
+    for split, path in pairs:
+        name = SOURCE_SPLITS.get(str(split).strip().lower(), None) if split else ""
+        if name is None:
+            raise DatasetError(
+                f"expected labels split names train, val, test or trainval. Received: "
+                f"'{split}={path}'. Use e.g. --labels train=car_train.txt --labels val=car_val.txt"
+            )
+        if not str(path).strip():
+            raise DatasetError(f"expected a labels file path. Received: an empty path for "
+                               f"split '{split or 'all'}'")
+        sources.append((name, Path(path).expanduser().resolve()))
+    _check_source_splits(sources)
+    return tuple(sources)
+
+
+def _check_source_splits(sources: list[tuple[str, Path]]) -> None:
+    names = [split for split, _ in sources]
+    if "" in names and len(names) > 1:
+        raise DatasetError(
+            "expected one labels file for the whole dataset or one per split (SPLIT=FILE), "
+            f"not both. Received: {len(names)} labels files, "
+            f"{names.count('')} without a split name. Write each as SPLIT=FILE."
+        )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DatasetError(
+            f"expected one labels file per split; got several for '{repeated[0]}'. "
+            "Give each split once (merge the files)."
+        )
+    if "trainval" in names and ({"train", "val"} & set(names)):
+        raise DatasetError(
+            "expected either trainval= (val is then carved from it) or train= and val=, "
+            f"not both. Received: splits {sorted(names)}"
+        )
+
+
+def describe_labels(sources) -> str:
+    """The labels setting as one string for cache attributes: "" for none, the absolute
+    path of one file, or a JSON object {split: absolute path}: the cache key's part that
+    names the labels files."""
+    sources = label_sources(sources)
+    if not sources:
+        return ""
+    if len(sources) == 1 and sources[0][0] == "":
+        return str(sources[0][1])
+    return json.dumps({split: str(path) for split, path in sources}, sort_keys=True)
+
+
+def _read_label_sources(root: Path, sources) -> tuple[list[_Entry], int, int]:
+    """Entries of every labels file, each file's split applied; (entries, ignored,
+    difficult)."""
+    entries: list[_Entry] = []
+    ignored = difficult = 0
+    for split, path in sources:
+        found, skipped, hard = _read_labels_file(root, path)
+        for entry in found:
+            if split and entry.split not in (None, SPLIT_FOLDERS.get(split, split)):
+                raise DatasetError(
+                    f"expected the split column of '{path}' to agree with its split "
+                    f"'{split}'; '{entry.given}' says '{entry.split}'. Drop the column or the "
+                    f"SPLIT= name."
+                )
+            entries.append(entry._replace(split=split) if split else entry)
+        ignored += skipped
+        difficult += hard
+    return entries, ignored, difficult
+
+
+def _read_labels_file(root: Path, labels_file: Path) -> tuple[list[_Entry], int, int]:
+    if not labels_file.is_file():
+        raise DatasetError(
+            f"expected a labels file (CSV path,label[,split] or a 'name label' list); "
+            f"it does not exist. Received: labels='{labels_file}'"
+        )
+    raw = labels_file.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DatasetError(
+            f"expected a UTF-8 labels file; byte 0x{raw[error.start]:02x} at offset "
+            f"{error.start} is not UTF-8. Received: labels='{labels_file}'. Re-save it as "
+            "UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+        ) from None
+    first = text.lstrip().split("\n", 1)[0]
+    if labels_file.suffix.lower() == ".csv" or "," in first:
+        entries, ignored, difficult = _read_csv(root, labels_file, text), 0, 0
+    else:
+        entries, ignored, difficult = _read_list(root, labels_file, text)
+    if not entries:
+        raise DatasetError(
+            f"expected at least one labelled image in the labels file; it has none"
+            f"{' (header only)' if labels_file.suffix.lower() == '.csv' or ',' in first else ''}"
+            f"{f', {difficult} marked difficult' if difficult else ''}. Received: "
+            f"labels='{labels_file}'"
+        )
+    return entries, ignored, difficult
+
+
+def _read_csv(root: Path, labels_file: Path, text: str) -> list[_Entry]:
+    reader = csv.DictReader(text.splitlines())
+    columns = [c.strip().lower() for c in (reader.fieldnames or [])]
+    known = {"path", "label", "split"}
+    if "path" not in columns or "label" not in columns or set(columns) - known:
+        raise DatasetError(
+            "expected a CSV header with the columns path,label and optionally split. "
+            f"Received: columns={columns} in '{labels_file}'"
+        )
+    rows = []
+    for row in reader:
+        row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+        if not row.get("path"):
+            continue
+        if not row.get("label"):
+            raise DatasetError(
+                f"expected a label on every row; line {reader.line_num} ('{row['path']}') has "
+                f"none. Give it a label or remove the row. Received: labels='{labels_file}'"
+            )
+        split = row.get("split") or None
+        if split is not None:
+            if split.lower() not in SPLIT_FOLDERS:
+                raise DatasetError(
+                    f"expected split to be one of train, val, validation, test. "
+                    f"Received: split='{split}' for '{row['path']}' in '{labels_file}'"
+                )
+            split = SPLIT_FOLDERS[split.lower()]
+        rows.append((row["path"], row["label"], split))
+    return _locate(root, labels_file, rows)
+
+
+def _read_list(root: Path, labels_file: Path, text: str) -> tuple[list[_Entry], int, int]:
+    positive = labels_file.stem.split("_")[0] or "positive"
+    negative = f"not_{positive}"
+    rows = []
+    difficult = 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or parts[1] not in LIST_LABELS:
+            raise DatasetError(
+                f"expected lines 'name label' with label 1, -1 or 0 (difficult, left out). "
+                f"Received: line {number} '{line.strip()}' in '{labels_file}'"
+            )
+        flag = LIST_LABELS[parts[1]]
+        if flag is None:
+            difficult += 1
+            continue
+        rows.append((parts[0], positive if flag else negative, None))
+    return _locate(root, labels_file, rows), 0, difficult
+
+
+def _locate(root: Path, labels_file: Path, rows) -> list[_Entry]:
+    """Entries for (name as listed, label, split) rows: every file must exist inside root."""
+    entries, missing, outside = [], [], []
+    for name, label, split in rows:
+        relative = _resolve_listed(root, name)
+        if relative is None:
+            missing.append(name)
+        elif relative.startswith("../") or relative == "..":
+            outside.append(name)
+        else:
+            identity = os.path.realpath(root / relative)
+            entries.append(_Entry(relative, label, split, identity, name))
+    if outside:
+        raise DatasetError(
+            f"expected every file named in '{labels_file}' inside the dataset directory "
+            f"'{root}'; {len(outside)} are outside it, e.g. '{outside[0]}'. Give the common "
+            f"parent directory as the dataset, with paths relative to it."
+        )
+    _raise_missing(missing, root, labels_file)
+    return entries
+
+
+def _resolve_listed(root: Path, name: str) -> str | None:
+    """The normalised path, relative to root, of a listed image (`d/../x` and absolute
+    paths are spelled as their plain relative path; outside root it starts with `..`).
+    List files may leave out the extension and the JPEGImages folder, as Pascal VOC's do."""
+    candidates = [name] + [name + ext for ext in (".jpg", ".jpeg", ".png")]
+    candidates += ["JPEGImages/" + c for c in candidates]
+    for candidate in candidates:
+        full = os.path.normpath(os.path.join(root, candidate))
+        if os.path.isfile(full):
+            return os.path.relpath(full, root).replace(os.sep, "/")
+    return None
+
+
+def _raise_missing(missing: list[str], root: Path, labels_file: Path) -> None:
+    if missing:
+        shown = ", ".join(f"'{m}'" for m in missing[:3])
+        raise DatasetError(
+            f"expected every file named in '{labels_file}' to exist under '{root}'; "
+            f"{len(missing)} do not, e.g. {shown}. Fix the paths (relative to the dataset "
+            f"directory) or remove those rows."
+        )
+
+
 # --- decoding -------------------------------------------------------------------------
 
 
@@ -342,31 +704,22 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
     before the resize. EXIF orientation is applied; every Pillow mode (L, P, RGBA, CMYK,
     I;16, ...) becomes RGB, with transparency composited onto white; animated files give
     their first frame.
-    Raises `BadImage` with a readable reason for anything that can not be decoded.
+    Raises `BadImage` with a readable reason for anything that can not be decoded or
+    oriented, whatever Pillow raised (a malformed EXIF block can raise `struct.error`
+    or `AttributeError`): one bad file is a skip, never the end of a run. Pillow's
+    warnings and libtiff's messages are silenced (`_quiet_decoders`).
     """
-    from PIL import Image, ImageOps
+    from PIL import Image
 
+    _quiet_decoders()
     try:
         if os.path.getsize(path) == 0:
             raise BadImage("empty file (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if image.format == "JPEG":
-                    # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below the target
-                    # size: much faster for large photos, nearly the same pixels.
-                    image.draft(image.mode, (size, size))
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                image = to_rgb(image)
-                if image.size != (size, size):
-                    image = image.resize((size, size), Image.Resampling.BILINEAR)
-                return np.asarray(image, dtype=np.uint8)
+        with Image.open(path) as image:
+            return _decode(image, size)
     except BadImage:
         raise
     except Image.DecompressionBombError as error:
-        raise BadImage(f"over Pillow's decompression bomb limit: {error}") from None
-    except Image.DecompressionBombWarning as error:
         raise BadImage(f"over Pillow's decompression bomb limit: {error}") from None
     except Image.UnidentifiedImageError:
         raise BadImage("not an image Pillow can identify") from None
@@ -374,6 +727,71 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
         raise BadImage("permission denied") from None
     except (OSError, ValueError, SyntaxError, MemoryError, IndexError, TypeError) as error:
         raise BadImage(f"could not decode: {error}") from None
+    except Exception as error:  # noqa: BLE001 - any decoder failure is this file's problem
+        raise BadImage(f"could not decode or orient ({type(error).__name__}: {error})") from None
+
+
+def _decode(image, size: int) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image.width * image.height > limit:
+        raise BadImage(f"over Pillow's decompression bomb limit: {image.width}x{image.height} "
+                       f"pixels is more than {limit}")
+    if image.format == "JPEG":
+        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below the target size: much
+        # faster for large photos, nearly the same pixels.
+        image.draft(image.mode, (size, size))
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    image = to_rgb(image)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+_DECODERS_QUIET = False
+
+
+def _quiet_decoders() -> None:
+    """Pillow warns (corrupt EXIF, truncated file read, palette transparency, bomb size)
+    through Python's warnings, and the libtiff it bundles writes its warnings and errors
+    straight to stderr: both would land in the middle of a progress bar. A file that
+    decodes is used as decoded; one that does not becomes a skip with the reason Pillow
+    raised; the bomb limit is checked in `_decode`. The filters are process-wide (a
+    `catch_warnings` block is not thread-safe and decoding runs in threads), so they are
+    installed once and match only warnings raised in Pillow or attributed to this module;
+    libtiff's handlers are set to none (its failures still reach Pillow as errors)."""
+    global _DECODERS_QUIET
+    if _DECODERS_QUIET:
+        return
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+    warnings.filterwarnings("ignore", module=r"probe\.data$")
+    _quiet_libtiff()
+    _DECODERS_QUIET = True
+
+
+def _quiet_libtiff() -> None:
+    import ctypes
+
+    from PIL import _imaging  # noqa: F401 - loads the libtiff Pillow uses
+
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {line.split()[-1] for line in maps if "/libtiff" in line}
+    except OSError:  # not Linux: libtiff keeps its default handlers
+        return
+    for path in paths:
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("TIFFSetWarningHandler", "TIFFSetErrorHandler"):
+            setter = getattr(library, name, None)
+            if setter is not None:
+                setter.restype = ctypes.c_void_p
+                setter.argtypes = [ctypes.c_void_p]
+                setter(None)
 
 
 def to_rgb(image):

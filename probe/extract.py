@@ -53,6 +53,7 @@ class ExtractionReport:
     ignored: int  # non-image files found
     changes: dict[str, int] = field(default_factory=dict)  # added / removed / modified
     damaged: str = ""  # why the previous cache was rebuilt
+    notes: list[str] = field(default_factory=list)  # what discovery noticed (data.Dataset.notes)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,7 +140,7 @@ def run_extraction(dataset: str | os.PathLike, extraction: ExtractionSettings,
         store.tidy_up_to_date(directory, _lock_path(directory, target), _parts(directory, target),
                               previous)
         report = ExtractionReport("up to date", 0, sum(previous.counts.values()),
-                                  len(previous.skipped), found.ignored)
+                                  len(previous.skipped), found.ignored, notes=found.notes())
         emit(progress, Finished(STAGE, details={"path": previous.path, **report.as_dict()}))
         return previous, report
     _make_directory(directory)
@@ -175,7 +176,7 @@ def _extract_locked(found: data.Dataset, extraction: ExtractionSettings, split: 
     parts.clear()
     extracted = sum(1 for s in plan.todo if s.key in rows)
     report = ExtractionReport("extracted", extracted, len(entries) - extracted, len(skipped),
-                              found.ignored, plan.changes, damaged)
+                              found.ignored, plan.changes, damaged, found.notes())
     emit(progress, Finished(STAGE, details={"path": target.path, **report.as_dict()}))
     return FeatureCache.open(target.path), report
 

@@ -72,29 +72,12 @@ class ExtractionPlan:
     damaged: str  # why the previous cache could not be used ("" when it could or was none)
 
 
-def split_identity(found: data.Dataset, split: SplitSettings) -> dict[str, Any]:
-    """The values that decide the splits, for the cache key: the dataset's own
-    `split_identity()` where it has one, else the rule it replaces (split folders or a
-    split column decide the splits, so seed and fractions then make no other cache)."""
-    own = getattr(found, "split_identity", None)
-    if callable(own):
-        return own()
-    return _legacy_split_identity(found, split)
-
-
-def _legacy_split_identity(found: data.Dataset, split: SplitSettings) -> dict[str, Any]:
-    attrs = split.to_attrs()
-    keys = ("labels_file",) if found.splits_given else ("labels_file", "seed", "val_fraction",
-                                                        "test_fraction")
-    return {key: attrs[key] for key in keys}
-
-
 def cache_target(extraction: ExtractionSettings, split: SplitSettings, found: data.Dataset,
                  directory: Path) -> CacheTarget:
     """`<dir>/<dataset>-<backbone>-<size>-<pooling>[-<precision>]-<key>.h5`."""
     feature_key = cache_mod.fingerprint({"dataset_root": str(found.root),
                                          **extraction.feature_settings()})
-    key = cache_mod.fingerprint([feature_key, split_identity(found, split)])[:10]
+    key = cache_mod.fingerprint([feature_key, found.split_identity()])[:10]
     return CacheTarget(directory / f"{extraction.cache_stem(found.root.name)}-{key}.h5",
                        feature_key)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -14,10 +15,18 @@ from PIL import Image
 CLASSES = ("cat", "dog", "fox")
 
 
-def make_image(path: Path, seed: int, size=(40, 30), mode="RGB", fmt=None) -> Path:
-    """A small random image; the class-dependent tint makes classes separable."""
+TINTS = ((200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40), (40, 200, 200))
+
+
+def make_image(path: Path, seed: int, size=(40, 30), mode="RGB", fmt=None,
+               tint: int | None = None) -> Path:
+    """A small random image; with `tint` (a class index) it is blended half and half with
+    that class's colour, which makes classes separable."""
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    if tint is not None:
+        colour = np.array(TINTS[tint % len(TINTS)], dtype=np.uint16)
+        pixels = ((pixels.astype(np.uint16) + colour) // 2).astype(np.uint8)
     image = Image.fromarray(pixels).convert(mode)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format=fmt)
@@ -34,7 +43,7 @@ def make_tree(root: Path, classes=CLASSES, per_class: int = 6, splits: bool = Fa
             split = ("train", "train", "train", "train", "val", "test")[i % 6] if splits else ""
             folder = root / split / name if split else root / name
             make_image(folder / f"{name}_{i}.{ext}", seed=100 * c + i,
-                       size=(24 + 3 * i, 20 + 2 * c), mode=mode)
+                       size=(24 + 3 * i, 20 + 2 * c), mode=mode, tint=c)
     return root
 
 
@@ -62,7 +71,8 @@ def make_separable_tree(root: Path, per_class: int = 10, classes=("blue", "red")
     colours = {"blue": (20, 40, 220), "red": (220, 30, 20), "green": (30, 200, 40)}
     for name in classes:
         for i in range(per_class):
-            rng = np.random.default_rng(hash((name, i)) % 2**32)
+            # a stable seed: hash() of a str is salted per process
+            rng = np.random.default_rng(zlib.crc32(f"{name}:{i}".encode()))
             pixels = np.clip(np.array(colours[name]) + rng.normal(0, 25, (28, 28, 3)), 0, 255)
             path = root / name / f"{name}_{i}.png"
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -37,13 +37,18 @@ def test_seeded_split_is_deterministic_and_stratified(tmp_path):
         assert per_split == {"train": 14, "val": 3, "test": 3}
 
 
-def test_adding_images_keeps_existing_splits(tmp_path):
+def test_adding_images_moves_at_most_two_others_of_that_class(tmp_path):
+    """What the README promises: per class the order is a seeded hash of the path and the
+    cuts move by at most one place each, so adding one image of a class moves at most two
+    others of that class between splits, and no image of another class."""
     root = make_tree(tmp_path / "ds", per_class=20)
     before = {s.path: s.split for s in data.discover(root).samples}
-    make_image(root / "cat" / "new.jpg", seed=999)
-    after = {s.path: s.split for s in data.discover(root).samples}
-    moved = [p for p in before if before[p] != after[p]]
-    assert len(moved) <= 2
+    for i in range(12):
+        make_image(root / "cat" / f"new_{i}.jpg", seed=999 + i)
+        after = {s.path: s.split for s in data.discover(root).samples}
+        moved = [p for p in before if before[p] != after[p]]
+        assert len(moved) <= 2 and all(p.startswith("cat/") for p in moved), moved
+        before = after
 
 
 def test_fractions_are_checked(tmp_path):
@@ -69,9 +74,12 @@ def test_csv_labels(tmp_path):
     for i, name in enumerate(sorted(p.relative_to(root).as_posix() for p in root.rglob("*.*"))):
         rows.append(f"{name},{'even' if i % 2 == 0 else 'odd'},{'train' if i % 3 else 'test'}")
     (tmp_path / "labels.csv").write_text("\n".join(rows))
-    found = data.discover(root, labels_file=tmp_path / "labels.csv")
+    found = data.discover(root, labels=tmp_path / "labels.csv")
     assert found.classes == ["even", "odd"]
-    assert found.counts() == {"train": 12, "test": 6}
+    # no val rows: val is carved from train, per class
+    assert found.counts() == {"train": 10, "val": 2, "test": 6} and found.val_carved
+    unsplit = data.discover(root, labels=tmp_path / "labels.csv", val_fraction=0)
+    assert unsplit.counts() == {"train": 12, "test": 6} and not unsplit.val_carved
 
 
 def test_csv_errors(tmp_path):
@@ -79,13 +87,13 @@ def test_csv_errors(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("file,class\ncat/cat_0.jpg,cat\n")
     with pytest.raises(DatasetError, match="columns path,label"):
-        data.discover(root, labels_file=bad)
+        data.discover(root, labels=bad)
     bad.write_text("path,label\ncat/cat_0.jpg,cat\ncat/missing.jpg,cat\n")
     with pytest.raises(DatasetError, match="1 do not, e.g. 'cat/missing.jpg'"):
-        data.discover(root, labels_file=bad)
+        data.discover(root, labels=bad)
     bad.write_text("path,label,split\ncat/cat_0.jpg,cat,holdout\n")
     with pytest.raises(DatasetError, match="Received: split='holdout'"):
-        data.discover(root, labels_file=bad)
+        data.discover(root, labels=bad)
 
 
 def test_voc_style_list(tmp_path):
@@ -94,9 +102,9 @@ def test_voc_style_list(tmp_path):
         make_image(root / "JPEGImages" / f"2008_{i:06d}.jpg", seed=i)
     lines = [f"2008_{i:06d} {'1' if i % 3 == 0 else '-1'}" for i in range(11)] + ["2008_000011  0"]
     (tmp_path / "aeroplane_trainval.txt").write_text("\n".join(lines) + "\n")
-    found = data.discover(root, labels_file=tmp_path / "aeroplane_trainval.txt")
+    found = data.discover(root, labels=tmp_path / "aeroplane_trainval.txt")
     assert found.classes == ["aeroplane", "not_aeroplane"]
-    assert len(found.samples) == 11 and found.ignored == 1
+    assert len(found.samples) == 11 and found.ignored == 0 and found.difficult == 1
     positives = {s.path for s in found.samples if s.label == 0}
     assert positives == {f"JPEGImages/2008_{i:06d}.jpg" for i in (0, 3, 6, 9)}
 
@@ -156,7 +164,7 @@ def test_a_path_listed_twice_is_refused(tmp_path):
     labels = tmp_path / "dup.csv"
     labels.write_text("path,label\ncat/cat_0.jpg,cat\ncat/cat_0.jpg,dog\ndog/dog_0.jpg,dog\n")
     with pytest.raises(DatasetError, match="listed more than once.*'cat/cat_0.jpg', 2 times"):
-        data.discover(root, labels_file=labels)
+        data.discover(root, labels=labels)
 
 
 def test_images_without_class_folders_are_explained(tmp_path):

@@ -20,7 +20,8 @@ def test_features_equal_plain_keras(name, tmp_path):
         for i in range(3):
             make_image(root / "train" / cls / f"{i}.png", seed=10 * c + i, size=(30 + i, 20))
     size = SMALL[name]
-    cache = probe.extract(root, name, weights="none", image_size=size, batch_size=4)
+    cache = probe.extract(root, name, weights="none", image_size=size, batch_size=4,
+                          val_fraction=0)  # train only: no val carved
     train = cache.split("train")
     spec = backbones.get(name)
     keras.utils.set_random_seed(0)  # what --weights none --seed 0 means
