@@ -418,9 +418,6 @@ def test_split_identity_holds_only_what_decides_the_split(tmp_path):
     assert data.discover(root, {"train": tmp_path / "car_train.txt"}, seed=1).split_identity() == identity
     assert data.discover(root, {"train": tmp_path / "car_train.txt"},
                          val_fraction=0).split_identity() == {"labels_file": identity["labels_file"]}
-    described = identity["labels_file"]
-    assert data.label_sources(data.labels_from_description(described)) == data.label_sources(
-        {"train": tmp_path / "car_train.txt"})
 
 
 def test_labels_per_split_from_the_command_line(tmp_path, cache_dir):
