@@ -425,7 +425,7 @@ def test_labels_per_split_from_the_command_line(tmp_path, cache_dir):
     options = ["--weights", "none", "--image-size", 32, "-q"]
     repeated = run("extract", root, "--labels", tmp_path / "car_train.txt",
                    "--labels", tmp_path / "car_val.txt", *options)
-    assert repeated.exit_code == 2 and "needs its split name" in repeated.output
+    assert repeated.exit_code == 1 and "Name the split of each" in repeated.output
     result = run("extract", root, "--labels", f"train={tmp_path / 'car_train.txt'}",
                  "--labels", f"test={tmp_path / 'car_test.txt'}", *options)
     assert result.exit_code == 0, result.output
