@@ -379,9 +379,11 @@ def _open_if_valid(path: Path) -> tuple[FeatureCache | None, str]:
     if not path.exists():
         return None, ""
     try:
-        return FeatureCache.open(path), ""
+        cache = FeatureCache.open(path)
+        damage = cache.damage()  # reads it all: a flipped byte or a NaN is not "up to date"
     except CacheError as error:
         return None, str(error)  # corrupt: rebuilt from scratch, it is replaced atomically
+    return (None, damage) if damage else (cache, "")
 
 
 def _remove_leftovers(directory: Path, target: Path, parts: PartStore) -> None:
