@@ -5,14 +5,16 @@ Layout (documented in the README so anyone with h5py can read it):
     /                 attributes: format, format_version, feature_key, source_fingerprint,
                       backbone, weights, image_size, pooling, preprocessing, feature_shape,
                       classes (JSON), dataset_root, labels_file, seed, val_fraction,
-                      test_fraction, ignored_files, created, versions (JSON)
+                      test_fraction, ignored_files, created, versions (JSON), attrs_checksum
     /<split>/features float32 (N, *feature_shape)     split in train, val, test
     /<split>/labels   int32 (N,)                      index into classes
     /<split>/paths    UTF-8 strings (N,)              relative to dataset_root
     /<split>/sizes    int64 (N,)  /<split>/mtimes int64 (N,) nanoseconds
     /skipped/{paths, reasons, sizes, mtimes, labels, splits}
 
-Numeric datasets carry Fletcher-32 checksums, so damage is a read error, not wrong data.
+A header in the HDF5 user block carries a sha256 of the whole file, checked before HDF5
+reads a byte; the datasets and attributes are checked against this layout on open, and
+numeric datasets carry Fletcher-32 checksums: damage is an error, never other numbers.
 Writes are crash safe: the finished file is written under a temporary name and renamed
 over the old one, and work in progress lives in `.parts-<key>/` as one atomically renamed
 file per batch, so a kill at any instant loses at most the batch being computed.

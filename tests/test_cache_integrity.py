@@ -52,10 +52,11 @@ def same_contents(a: dict, b: dict) -> bool:
                in ((a[k], b[k]) for k in a if k != "classes"))
 
 
-def unsealed_copy(source: Path, target: Path, edit=None, libver="earliest") -> Path:
+def unsealed_copy(source: Path, target: Path, edit=None, opener=None) -> Path:
     """The cache rewritten as an older probe wrote it (no header, no whole-file checksum),
     optionally edited: the format checks on open are then the only line of defence."""
-    with h5py.File(source, "r") as old, h5py.File(target, "w", libver=libver) as new:
+    opener = opener or (lambda path: h5py.File(path, "w"))
+    with h5py.File(source, "r") as old, opener(target) as new:
         for key, value in old.attrs.items():
             new.attrs[key] = value
         for name in old:
@@ -172,9 +173,11 @@ def test_an_unsealed_cache_is_read_and_rewritten_with_a_checksum(cache, colours)
 
 def test_hdf5_1_10_format_catches_every_flip_of_the_feature_datatype(cache, tmp_path):
     """Without the header, a flipped byte in the datatype message of train/features read
-    the features back as float64 or big-endian; HDF5 1.10 object headers carry checksums."""
+    the features back as float64, big-endian or other float32 numbers with the HDF5 1.8
+    format; the writer's format (1.10 object headers) carries checksums."""
     expected = contents(cache)
-    source = unsealed_copy(cache.path, tmp_path / "v110.h5", libver=("v110", "latest"))
+    source = unsealed_copy(cache.path, tmp_path / "v110.h5",
+                           opener=lambda path: cache_mod._h5open(path, "w"))
     data = source.read_bytes()
     float32_message = b"\x11\x20\x1f\x00\x04\x00\x00\x00"
     assert data.count(float32_message) == 3  # features of train, val and test
@@ -195,7 +198,8 @@ def test_hdf5_1_10_format_catches_every_flip_of_the_feature_datatype(cache, tmp_
 # --- extract rebuilds what it finds damaged ---------------------------------------------
 
 
-@pytest.mark.parametrize("damage", ["flipped-feature", "nan-feature", "deleted-split"])
+@pytest.mark.parametrize("damage", ["flipped-feature", "nan-feature", "deleted-split",
+                                    "nan-feature-without-header"])
 def test_extract_rebuilds_a_damaged_cache(cache, colours, damage):
     expected = contents(cache)
     with h5py.File(cache.path, "r") as handle:
@@ -204,6 +208,10 @@ def test_extract_rebuilds_a_damaged_cache(cache, colours, damage):
         data = bytearray(cache.path.read_bytes())
         data[features_at + 9] ^= 0x10
         cache.path.write_bytes(bytes(data))
+    elif damage == "nan-feature-without-header":  # only a full read finds it
+        unsealed_copy(cache.path, cache.path.with_name("old.h5"),
+                      lambda f: f["val/features"].__setitem__((1, 3), np.nan))
+        os.replace(cache.path.with_name("old.h5"), cache.path)
     else:
         with h5py.File(cache.path, "r+") as handle:
             if damage == "nan-feature":
@@ -213,6 +221,7 @@ def test_extract_rebuilds_a_damaged_cache(cache, colours, damage):
     result = run("extract", colours, *OPTS[:-1])
     assert result.exit_code == 0, result.output
     assert "Rebuilding a damaged cache" in result.output, result.output
+    assert ("NaN or infinite" if damage.endswith("without-header") else "corrupt") in result.output
     rebuilt = probe.FeatureCache.open(cache.path)
     assert rebuilt.damage() == ""
     assert contents(rebuilt).keys() == expected.keys()
