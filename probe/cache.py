@@ -646,9 +646,10 @@ def _check_features(path: Path, dataset, split: str) -> np.ndarray:
     """All features of a split, read in blocks that bound memory; NaN or infinity is
     damage (a backbone never produces it)."""
     rows = max(1, VERIFY_BYTES // max(1, dataset.dtype.itemsize * int(np.prod(dataset.shape[1:]))))
-    out = np.empty(dataset.shape, dtype=np.float32)
+    out = dataset[()] if dataset.shape[0] <= rows else np.empty(dataset.shape, np.float32)
     for start in range(0, dataset.shape[0], rows):
-        out[start:start + rows] = dataset[start:start + rows]
+        if dataset.shape[0] > rows:
+            out[start:start + rows] = dataset[start:start + rows]
         if not np.isfinite(out[start:start + rows]).all():
             raise _damaged(path, f"'{split}/features' holds NaN or infinite values")
     return out
