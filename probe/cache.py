@@ -26,6 +26,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import zipfile
@@ -532,12 +533,7 @@ def _read_header(path: Path, check_body: bool) -> tuple[tuple, dict | None]:
         if first.startswith(HDF5_SIGNATURE):
             return _identity(stat), None
         if not first.startswith(SEAL_MAGIC):
-            if _differs_little(first, SEAL_MAGIC) or _differs_little(first, HDF5_SIGNATURE):
-                raise _damaged(path, "its header is damaged")
-            raise CacheError(
-                "expected a probe feature cache (HDF5 written by `probe extract`); this "
-                f"file has no probe header. Received: path='{display(path)}'"
-            )
+            raise _damaged(path, "it starts with neither a probe header nor an HDF5 signature")
         header = _parse_header(path, fd, first, stat.st_size)
         if header["file_size"] != stat.st_size:
             raise _damaged(path, f"{stat.st_size} bytes, its header says {header['file_size']}")
@@ -550,10 +546,6 @@ def _read_header(path: Path, check_body: bool) -> tuple[tuple, dict | None]:
         return _identity(stat), header
     finally:
         os.close(fd)
-
-
-def _differs_little(data: bytes, prefix: bytes) -> bool:
-    return sum(a != b for a, b in zip(data, prefix)) <= 2 and len(data) >= len(prefix)
 
 
 def _parse_header(path: Path, fd: int, first: bytes, file_size: int) -> dict:
@@ -639,6 +631,13 @@ def _check_dataset(path: Path, dataset, name: str, kind, tail: tuple, file_size:
         raise _damaged(path, f"'{name}' has shape {shape}; expected (N, {', '.join(map(str, tail))})")
     if shape[0] * int(np.prod(tail, dtype=np.int64)) * itemsize > file_size:
         raise _damaged(path, f"'{name}' claims {shape[0]} rows, more than the file holds")
+    if dataset.chunks and shape[0]:  # every row was written: a lost chunk would read as zeros
+        stored: list[tuple] = []
+        dataset.id.chunk_iter(lambda info: stored.append(tuple(info.chunk_offset)))
+        grid = itertools.product(*(range(0, size, chunk)
+                                   for size, chunk in zip(shape, dataset.chunks)))
+        if sorted(stored) != sorted(grid):
+            raise _damaged(path, f"'{name}' has lost some of its stored rows")
     return int(shape[0])
 
 
