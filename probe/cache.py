@@ -5,21 +5,25 @@ Layout (documented in the README so anyone with h5py can read it):
     /                 attributes: format, format_version, feature_key, source_fingerprint,
                       backbone, weights, image_size, pooling, preprocessing, feature_shape,
                       classes (JSON), dataset_root, labels_file, seed, val_fraction,
-                      test_fraction, ignored_files, created, versions (JSON)
+                      test_fraction, ignored_files, created, versions (JSON), attrs_checksum
     /<split>/features float32 (N, *feature_shape)     split in train, val, test
     /<split>/labels   int32 (N,)                      index into classes
     /<split>/paths    UTF-8 strings (N,)              relative to dataset_root
     /<split>/sizes    int64 (N,)  /<split>/mtimes int64 (N,) nanoseconds
     /skipped/{paths, reasons, sizes, mtimes, labels, splits}
 
-Numeric datasets carry Fletcher-32 checksums, so damage is a read error, not wrong data.
-This module only reads; `store.py` writes (parts, the final file, the lock).
+A header in the HDF5 user block carries a sha256 of the whole file, checked before HDF5
+reads a byte; the datasets and attributes are checked against this layout on open, and
+numeric datasets carry Fletcher-32 checksums: damage is an error, never other numbers.
+This module only reads (and seals what `store.py` writes); `store.py` writes (parts, the
+final file, the lock).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -126,16 +130,27 @@ def diff_sources(cache: str, old: SourceRecords, new: SourceRecords,
 
 
 class FeatureCache:
-    """Read access to a finished cache file. Use `FeatureCache.open(path)`."""
+    """Read access to a finished cache file. Use `FeatureCache.open(path)`.
 
-    def __init__(self, path: Path, attrs: dict, counts: dict[str, int]):
+    Every read goes to the file that was checked when the cache was opened (same inode,
+    size and times): a cache replaced by another `probe extract` meanwhile is a
+    `CacheError`, never a mix of two versions."""
+
+    def __init__(self, path: Path, attrs: dict, counts: dict[str, int],
+                 identity: tuple | None = None, sealed: bool = False, checked: bool = True):
         self.path = Path(path)
         self.attrs = attrs
         self.counts = counts
+        self.sealed = sealed  # carries the whole-file checksum (see `seal`)
+        self._identity = identity
+        self._checked = checked  # False when only the header was read (`list_caches`)
+        self._verified = False
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "FeatureCache":
-        """Open and validate a cache file; a clear `CacheError` if it is not one."""
+        """Open and check a cache file: its checksums, and the type and shape of every
+        dataset and attribute against the format. A clear `CacheError` if it is not a
+        cache, is damaged or changes while it is checked."""
         path = Path(path).expanduser()
         if not path.is_file():
             what = "it is a directory (caches are its *.h5 files; see `probe cache ls`)" \
@@ -144,37 +159,67 @@ class FeatureCache:
                 f"expected a feature cache file; {what}. Run `probe extract` "
                 f"first or pass an existing file. Received: path='{path}'"
             )
-        try:
+        with _guard(path):
+            identity, header = _read_header(path, check_body=True)
+            cache = cls(path, {}, {}, identity, sealed=header is not None, checked=False)
             with _h5open(path, "r") as handle:
-                attrs = {key: _plain(value) for key, value in handle.attrs.items()}
-                if attrs.get("format") != FORMAT:
-                    raise CacheError(
-                        f"expected a probe feature cache (HDF5 written by `probe extract`); "
-                        f"this file has no probe header. Received: path='{path}'"
-                    )
-                if int(attrs.get("format_version", 0)) > FORMAT_VERSION:
-                    raise CacheError(
-                        f"this cache was written by a newer probe (format "
-                        f"{attrs['format_version']}); upgrade probe, or run `probe extract` "
-                        f"with its dataset to rebuild it. Received: path='{path}'"
-                    )
-                counts = {}
-                for split in SPLIT_NAMES:
-                    if split in handle:
-                        group = handle[split]
-                        n = group["labels"].shape[0]
-                        if group["features"].shape[0] != n or group["paths"].shape[0] != n:
-                            raise CacheError(
-                                f"cache '{path}' is inconsistent: split '{split}' has "
-                                f"{group['features'].shape[0]} feature rows but {n} labels. "
-                                "Delete it and run `probe extract` again."
-                            )
-                        counts[split] = n
-        except CacheError:
-            raise
-        except (OSError, KeyError, ValueError, TypeError) as error:
-            raise _read_error(path, error) from None
-        return cls(path, attrs, counts)
+                cache._same_file(handle)
+                cache.attrs, cache.counts = _check_layout(path, handle, identity[2])
+            if header is not None and (header["attrs"], header["counts"]) != \
+                    (cache.attrs, cache.counts):
+                raise _damaged(path, "its header does not match its contents")
+            cache._checked = True
+        return cache
+
+    @classmethod
+    def _listed(cls, path: Path) -> "FeatureCache":
+        """A cache known from its header alone (no HDF5, no full read): enough to list it.
+        Its contents are checked on first read. A cache without header is opened fully."""
+        with _guard(path):
+            identity, header = _read_header(path, check_body=False)
+        if header is None:
+            return cls.open(path)
+        return cls(path, header["attrs"], header["counts"], identity, sealed=True, checked=False)
+
+    def verify(self) -> None:
+        """Read every byte: the whole-file checksum, every dataset through its Fletcher-32
+        checksums, features finite, labels within the classes. `CacheError` on damage."""
+        if self._verified:
+            return
+        with self._read() as handle:
+            for name in [*self.splits, "skipped"]:
+                if name not in handle:
+                    continue
+                group = handle[name]
+                for key in group:
+                    if key == "features":
+                        _check_features(self.path, group[key], name)
+                    else:
+                        group[key][()]
+        self._verified = True
+
+    def damage(self) -> str:
+        """Why this cache can not be trusted as it is ("" when it can): damage found by
+        `verify()`, or no checksum at all (a cache written by an older probe; `probe
+        extract` writes it again, reusing its features)."""
+        try:
+            self.verify()
+        except CacheError as error:
+            return str(error)
+        if not self.sealed:
+            return (f"cache file '{display(self.path)}' carries no checksum (written by an "
+                    "older probe); it is written again with one, reusing its features")
+        return ""
+
+    def _same_file(self, handle) -> None:
+        """The open HDF5 file is the one checked at open (an extraction replaces a cache
+        by renaming a new file over it, which changes the inode)."""
+        current = _identity(os.fstat(handle.id.get_vfd_handle()))
+        if self._identity is not None and current != self._identity:
+            raise CacheError(
+                f"cache file '{display(self.path)}' changed while it was read (another "
+                "`probe extract` replaced it); run the command again."
+            )
 
     # --- what it holds ---------------------------------------------------------------
     @property
@@ -230,7 +275,7 @@ class FeatureCache:
             group = handle[split]
             return [_read_strings(group[name]) if name == "paths"
                     else group[name][()].astype(np.int64) if name == "labels"
-                    else group[name][()] for name in names]
+                    else _check_features(self.path, group[name], split) for name in names]
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
@@ -258,7 +303,7 @@ class FeatureCache:
             "ignored_files": self.attrs.get("ignored_files", 0),
             "created": self.attrs.get("created"),
             "versions": self.attrs.get("versions"),
-            "size_bytes": self.path.stat().st_size,
+            "size_bytes": self._identity[2] if self._identity else self.path.stat().st_size,
         }
 
     def source_records(self) -> SourceRecords:
@@ -294,15 +339,16 @@ class FeatureCache:
         >>> if changes: print(changes.message())
         """
         from . import data
-        from .settings import SplitSettings
         from .errors import DatasetError
 
         old = self.source_records()
         problem = ""
         try:
-            split = SplitSettings.from_attrs(self.attrs)  # label files per split, too
-            found = data.discover(self.attrs["dataset_root"], split.labels, split.val_fraction,
-                                  split.test_fraction, split.seed)
+            found = data.discover(
+                self.attrs["dataset_root"], self.attrs.get("labels_file") or None,
+                float(self.attrs.get("val_fraction", 0.15)),
+                float(self.attrs.get("test_fraction", 0.15)), int(self.attrs.get("seed", 0)),
+            )
         except DatasetError as error:
             new: SourceRecords = {}
             problem = str(error)
@@ -334,7 +380,9 @@ class FeatureCache:
             )
 
     def rows(self) -> Iterator[tuple[str, Row, int, int]]:
-        """(relative path, row, size, mtime) of every stored feature row."""
+        """(relative path, row, size, mtime) of every stored feature row, after reading
+        the whole cache (`verify`): rows of a damaged cache are never reused."""
+        self.verify()
         with self._read() as handle:
             for split in self.splits:
                 group = handle[split]
@@ -358,15 +406,21 @@ class FeatureCache:
 
     @contextlib.contextmanager
     def _read(self):
-        """The open HDF5 file; a read error anywhere inside (a truncated file, a checksum
-        that does not match) becomes a `CacheError` naming the file and the fix."""
-        try:
+        """The open HDF5 file, checked first when only its header was read; a read error
+        anywhere inside (a truncated file, a checksum that does not match) becomes a
+        `CacheError` naming the file and the fix."""
+        if not self._checked:
+            opened = FeatureCache.open(self.path)
+            if opened._identity != self._identity:
+                raise CacheError(
+                    f"cache file '{display(self.path)}' changed while it was read (another "
+                    "`probe extract` replaced it); run the command again."
+                )
+            self.attrs, self.counts, self._checked = opened.attrs, opened.counts, True
+        with _guard(self.path):
             with _h5open(self.path, "r") as handle:
+                self._same_file(handle)
                 yield handle
-        except CacheError:
-            raise
-        except (OSError, KeyError, ValueError, TypeError) as error:
-            raise _read_error(self.path, error) from None
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{k}={v}" for k, v in self.counts.items())
@@ -386,11 +440,304 @@ def list_caches(cache_dir: str | os.PathLike | None = None) -> list[FeatureCache
             continue
     caches = []
     for _, path in sorted(found, reverse=True):
-        try:
-            caches.append(FeatureCache.open(path))
+        try:  # the header only: a damaged or unrelated file costs nothing and breaks nothing
+            caches.append(FeatureCache._listed(path))
         except CacheError:
             continue
     return caches
+
+
+# --- integrity: the seal, the format's promises, the guard ------------------------------
+#
+# A finished cache starts with a header in the HDF5 user block (bytes HDF5 itself never
+# reads): the attributes and row counts for listing, and a sha256 of everything after the
+# header. `FeatureCache.open` checks that digest before HDF5 parses a single byte, so one
+# damaged byte anywhere can not crash HDF5, hang it or change a number: it is an error.
+# HDF5's own metadata checksums (object header v2, libver >= v110) and Fletcher-32 on the
+# data chunks are the second line, and the only one for caches written before the header.
+
+SEAL_MAGIC = b"probe-feature-cache-seal 1 "
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+MIN_HEADER, MAX_HEADER = 4096, 1 << 24
+HASH_BLOCK = 1 << 20
+MAX_IMAGE_SIZE = 16384
+VERIFY_BYTES = 64 << 20  # features read at a time by `verify`: bounds memory
+SPLIT_DATASETS = {"features": "<f4", "labels": "<i4", "paths": str, "sizes": "<i8",
+                  "mtimes": "<i8"}
+SKIPPED_DATASETS = {"paths": str, "reasons": str, "sizes": "<i8", "mtimes": "<i8",
+                    "labels": "<i4", "splits": str}
+
+
+def attrs_checksum(attrs: dict) -> str:
+    """A sha256 of the attributes as a reader gets them back (JSON values decoded, the
+    checksum itself left out), stored by the writer as the attribute `attrs_checksum`."""
+    canonical = {key: _plain(_attr(value)) for key, value in attrs.items()
+                 if key != "attrs_checksum"}
+    text = json.dumps(canonical, sort_keys=True, ensure_ascii=True, default=str)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def header_size(attrs: dict) -> int:
+    """Bytes to reserve for the header (HDF5 user block: a power of two, >= 512): room for
+    the attributes as JSON, the counts and the digests."""
+    need = len(json.dumps({key: _plain(_attr(value)) for key, value in attrs.items()},
+                          ensure_ascii=True, default=str)) + 1024
+    size = MIN_HEADER
+    while size < need:
+        size *= 2
+    return size
+
+
+def seal(path: Path) -> None:
+    """Write the header into the user block reserved by `_h5open(..., userblock=...)`,
+    then fsync: the last step before a finished cache is renamed into place."""
+    with _h5open(path, "r") as handle:
+        size = int(handle.userblock_size)
+        attrs = {key: _plain(value) for key, value in handle.attrs.items()}
+        counts = {split: int(handle[split]["labels"].shape[0])
+                  for split in SPLIT_NAMES if split in handle}
+    with open(path, "r+b") as handle:
+        total = os.fstat(handle.fileno()).st_size
+        payload = {"file_size": total, "body_sha256": _body_digest(handle.fileno(), size, total),
+                   "attrs": attrs, "counts": counts}
+        magic = SEAL_MAGIC + str(size).encode() + b"\n"
+        body = json.dumps(payload, sort_keys=True, ensure_ascii=True).encode("ascii") + b"\n"
+        if size < len(magic) + 65 + len(body):
+            raise CacheError(f"internal error: the cache header needs more than {size} bytes")
+        rest = body + b"\0" * (size - len(magic) - 65 - len(body))
+        handle.write(magic + hashlib.sha256(magic + rest).hexdigest().encode() + b"\n" + rest)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _identity(stat: os.stat_result) -> tuple:
+    """What changes when a file is replaced (inode) or written in place (size, times)."""
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def _read_header(path: Path, check_body: bool) -> tuple[tuple, dict | None]:
+    """The file's identity and its checked header (None for a cache written before
+    headers existed); with `check_body`, every byte after it is checked against its
+    digest too."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        stat = os.fstat(fd)
+        first = os.pread(fd, 64, 0)
+        if first.startswith(HDF5_SIGNATURE):
+            return _identity(stat), None
+        if not first.startswith(SEAL_MAGIC):
+            raise _damaged(path, "it starts with neither a probe header nor an HDF5 signature")
+        header = _parse_header(path, fd, first, stat.st_size)
+        if header["file_size"] != stat.st_size:
+            raise _damaged(path, f"{stat.st_size} bytes, its header says {header['file_size']}")
+        if check_body:
+            digest = _body_digest(fd, header["size"], stat.st_size)
+            if digest != header["body_sha256"]:
+                raise _damaged(path, "its contents do not match their checksum")
+            if _identity(os.fstat(fd)) != _identity(stat):
+                raise _damaged(path, "it was written to while it was checked")
+        return _identity(stat), header
+    finally:
+        os.close(fd)
+
+
+def _parse_header(path: Path, fd: int, first: bytes, file_size: int) -> dict:
+    end = first.find(b"\n")
+    digits = first[len(SEAL_MAGIC):end] if end > 0 else b""
+    size = int(digits) if digits.isdigit() and len(digits) < 10 else 0
+    if not MIN_HEADER <= size <= MAX_HEADER or size & (size - 1) or size >= file_size:
+        raise _damaged(path, "its header is damaged")
+    block = os.pread(fd, size, 0)
+    magic, digest, rest = block[:end + 1], block[end + 1:end + 66], block[end + 66:]
+    if len(block) != size or hashlib.sha256(magic + rest).hexdigest().encode() + b"\n" != digest:
+        raise _damaged(path, "its header does not match its checksum")
+    payload = json.loads(rest[:rest.index(b"\n")])
+    if not (isinstance(payload, dict) and isinstance(payload.get("attrs"), dict)
+            and isinstance(payload.get("counts"), dict) and _is_count(payload.get("file_size"))
+            and isinstance(payload.get("body_sha256"), str)):
+        raise _damaged(path, "its header is damaged")
+    _check_attrs(path, payload["attrs"])
+    return {**payload, "size": size}
+
+
+def _body_digest(fd: int, start: int, end: int) -> str:
+    digest = hashlib.sha256()
+    while start < end:
+        block = os.pread(fd, min(HASH_BLOCK, end - start), start)
+        if not block:
+            break
+        digest.update(block)
+        start += len(block)
+    return digest.hexdigest()
+
+
+def _check_layout(path: Path, handle, file_size: int) -> tuple[dict, dict[str, int]]:
+    """The attributes and row counts, after checking every attribute, group and dataset
+    against the format: names, dtypes, shapes (before anything is allocated: no size may
+    exceed the file's), labels within the classes, skipped files in known splits."""
+    h5py = _h5py()
+    attrs = {key: _plain(value) for key, value in handle.attrs.items()}
+    _check_attrs(path, attrs)
+    names = set(handle.keys())
+    unknown = names - {*SPLIT_NAMES, "skipped"}
+    splits = [split for split in SPLIT_NAMES if split in names]
+    if unknown or not splits:
+        raise _damaged(path, f"it holds the groups {sorted(names)}; expected some of "
+                             f"{[*SPLIT_NAMES, 'skipped']}")
+    counts = {}
+    n_classes = len(attrs["classes"])
+    for name in [*splits, *(["skipped"] if "skipped" in names else [])]:
+        group = handle[name]
+        spec = SKIPPED_DATASETS if name == "skipped" else SPLIT_DATASETS
+        if not isinstance(group, h5py.Group) or set(group.keys()) != set(spec):
+            raise _damaged(path, f"'{name}' does not hold the datasets {sorted(spec)}")
+        rows = {key: _check_dataset(path, group[key], f"{name}/{key}", kind,
+                                    tuple(attrs["feature_shape"]) if key == "features" else (),
+                                    file_size) for key, kind in spec.items()}
+        if len(set(rows.values())) != 1 or (name != "skipped" and not rows["labels"]):
+            raise _damaged(path, f"the datasets of '{name}' have {rows} rows")
+        labels = group["labels"][()]
+        if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+            raise _damaged(path, f"'{name}/labels' holds class indices outside 0..{n_classes - 1}")
+        if name == "skipped":
+            if not set(_read_strings(group["splits"])) <= set(SPLIT_NAMES):
+                raise _damaged(path, "'skipped/splits' holds an unknown split name")
+        else:
+            counts[name] = rows["labels"]
+    return attrs, counts
+
+
+def _check_dataset(path: Path, dataset, name: str, kind, tail: tuple, file_size: int) -> int:
+    """The number of rows of a dataset whose dtype and shape are what the format says."""
+    h5py = _h5py()
+    if not isinstance(dataset, h5py.Dataset):
+        raise _damaged(path, f"'{name}' is not a dataset")
+    if kind is str:
+        info = h5py.check_string_dtype(dataset.dtype)
+        ok, itemsize = info is not None and info.encoding == "utf-8" and info.length is None, 16
+    else:
+        ok, itemsize = dataset.dtype == np.dtype(kind), np.dtype(kind).itemsize
+    if not ok:
+        raise _damaged(path, f"'{name}' has dtype {dataset.dtype}; expected {kind}")
+    shape = dataset.shape
+    if shape is None or len(shape) != 1 + len(tail) or tuple(shape[1:]) != tail:
+        raise _damaged(path, f"'{name}' has shape {shape}; expected (N, {', '.join(map(str, tail))})")
+    if shape[0] * int(np.prod(tail, dtype=np.int64)) * itemsize > file_size:
+        raise _damaged(path, f"'{name}' claims {shape[0]} rows, more than the file holds")
+    if dataset.chunks and shape[0]:  # every row was written: a lost chunk would read as zeros
+        stored: list[tuple] = []
+        dataset.id.chunk_iter(lambda info: stored.append(tuple(info.chunk_offset)))
+        grid = itertools.product(*(range(0, size, chunk)
+                                   for size, chunk in zip(shape, dataset.chunks)))
+        if sorted(stored) != sorted(grid):
+            raise _damaged(path, f"'{name}' has lost some of its stored rows")
+    return int(shape[0])
+
+
+def _check_features(path: Path, dataset, split: str) -> np.ndarray:
+    """All features of a split, read in blocks that bound memory; NaN or infinity is
+    damage (a backbone never produces it)."""
+    rows = max(1, VERIFY_BYTES // max(1, dataset.dtype.itemsize * int(np.prod(dataset.shape[1:]))))
+    out = dataset[()] if dataset.shape[0] <= rows else np.empty(dataset.shape, np.float32)
+    for start in range(0, dataset.shape[0], rows):
+        if dataset.shape[0] > rows:
+            out[start:start + rows] = dataset[start:start + rows]
+        if not np.isfinite(out[start:start + rows]).all():
+            raise _damaged(path, f"'{split}/features' holds NaN or infinite values")
+    return out
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_count(value) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def _is_text(value) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def _is_hex(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _is_fraction(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+
+
+def _is_classes(value) -> bool:
+    return (isinstance(value, list) and len(value) >= 1 and all(_is_text(c) for c in value)
+            and len(set(value)) == len(value))
+
+
+ATTR_RULES = {  # attribute: (required, rule, what the format promises)
+    "format_version": (True, lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "feature_key": (True, _is_hex, "a sha256"),
+    "source_fingerprint": (True, _is_hex, "a sha256"),
+    "backbone": (True, _is_text, "a backbone name"),
+    "weights": (True, _is_text, "a weights name"),
+    "image_size": (True, lambda v: _is_int(v) and 1 <= v <= MAX_IMAGE_SIZE,
+                   f"an integer in 1..{MAX_IMAGE_SIZE}"),
+    "pooling": (True, lambda v: v in ("avg", "max", "none"), "avg, max or none"),
+    "preprocessing": (True, _is_text, "a preprocessing name"),
+    "feature_shape": (True, lambda v: isinstance(v, list) and 1 <= len(v) <= 3 and all(
+        _is_int(d) and 1 <= d <= 1 << 20 for d in v), "a list of 1 to 3 positive integers"),
+    "classes": (True, _is_classes, "a JSON list of distinct non-empty names"),
+    "dataset_root": (True, _is_text, "a folder"),
+    "labels_file": (False, lambda v: isinstance(v, str), "a path or empty"),
+    "seed": (False, _is_int, "an integer"),
+    "val_fraction": (False, _is_fraction, "a fraction in [0, 1)"),
+    "test_fraction": (False, _is_fraction, "a fraction in [0, 1)"),
+    "ignored_files": (False, _is_count, "a count"),
+    "weights_source": (False, _is_text, "a weights source"),
+    "created": (False, lambda v: isinstance(v, str), "a date"),
+    "versions": (False, lambda v: isinstance(v, dict), "a JSON object"),
+    "attrs_checksum": (False, _is_hex, "a sha256"),
+    **{key: (False, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+             and 0 <= v < float("inf"), "a non-negative number")
+       for key in ("extract_images", "extract_seconds", "extract_images_per_second")},
+}
+
+
+def _check_attrs(path: Path, attrs: dict) -> None:
+    """The root attributes are what the format promises, and match their checksum."""
+    if attrs.get("format") != FORMAT:
+        raise CacheError(
+            "expected a probe feature cache (HDF5 written by `probe extract`); this file "
+            f"has no probe header. Received: path='{display(path)}'"
+        )
+    version = attrs.get("format_version")
+    if _is_int(version) and version > FORMAT_VERSION:
+        raise CacheError(
+            f"this cache was written by a newer probe (format {version}); upgrade probe or "
+            f"rebuild it with `probe extract --rebuild`. Received: path='{display(path)}'"
+        )
+    for key, (required, rule, promise) in ATTR_RULES.items():
+        if (key in attrs or required) and not rule(attrs.get(key)):
+            shown = repr(attrs.get(key))
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise _damaged(path, f"attribute {key} is {shown}; expected {promise}")
+    if "attrs_checksum" in attrs and attrs["attrs_checksum"] != attrs_checksum(attrs):
+        raise _damaged(path, "its attributes do not match their checksum")
+
+
+@contextlib.contextmanager
+def _guard(path: Path):
+    """Whatever HDF5, h5py or a damaged header raise while a cache is read becomes one
+    `CacheError` naming the file and the fix, never a traceback."""
+    try:
+        yield
+    except CacheError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError,
+            IndexError, OverflowError, MemoryError) as error:
+        raise _read_error(path, error) from None
+
+
+def _damaged(path, detail: str) -> CacheError:
+    return _read_error(path, detail)
 
 
 # --- helpers ------------------------------------------------------------------------
@@ -402,11 +749,17 @@ def _h5py():
     return h5py
 
 
-def _h5open(path, mode: str):
+def _h5open(path, mode: str, userblock: int = 0):
     """h5py.File with HDF5's own file locking used where the file system has it. probe
     never writes a finished cache in place (it renames a new file over it), so a reader does
-    not need the lock, and a file system without locks only loses that safety net."""
-    return _h5py().File(path, mode, locking="best-effort")
+    not need the lock, and a file system without locks only loses that safety net.
+    A new file reserves `userblock` bytes for the header (`seal`) and uses the HDF5 1.10
+    format, whose object headers carry checksums (measured: with the 1.8 format a flipped
+    byte in a datatype message reads features back as float64 or big-endian without error)."""
+    if mode == "r":
+        return _h5py().File(path, mode, locking="best-effort")
+    return _h5py().File(path, mode, locking="best-effort", libver=("v110", "latest"),
+                        userblock_size=userblock or None)
 
 
 def _is_lock_error(error) -> bool:
@@ -415,8 +768,9 @@ def _is_lock_error(error) -> bool:
                ("unable to lock file", "file locking", "no locks available"))
 
 
-def _read_error(path, error: BaseException) -> CacheError:
-    """The one-line error for a cache file that can not be read."""
+def _read_error(path, error: BaseException | str) -> CacheError:
+    """The one-line error for a cache file that can not be read (or a description of
+    the damage found)."""
     error = " ".join(str(error).split())
     if _is_lock_error(error):
         return CacheError(
@@ -438,8 +792,27 @@ def display(path) -> str:
     return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
 
 
+
+
+
+
+
 def _read_strings(dataset) -> list[str]:
     return [os.fsdecode(value) for value in dataset[()]] if dataset.shape[0] else []
+
+
+
+def _attr(value):
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value)
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a path with bytes that are not UTF-8
+            return np.bytes_(os.fsencode(value))
+    return value
 
 
 def _plain(value):

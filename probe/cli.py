@@ -632,9 +632,7 @@ def cache_verify(path, strict) -> None:
     Example: probe cache verify .probe/cats_vs_dogs-vgg16-224-avg-1a2b3c4d5e.h5 --strict
     """
     cache = cache_mod.FeatureCache.open(path)
-    for split in cache.splits:
-        cache.split(split)
-    cache.skipped
+    cache.verify()
     changes = cache.check_source(strict=strict)
     counts = ", ".join(f"{k} {v}" for k, v in cache.counts.items())
     click.echo(f"Cache intact: {cache_mod.display(cache.path)} ({counts})")

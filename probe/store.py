@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import zipfile
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import IO, Iterable, Iterator
 import numpy as np
 
 from . import cache as cache_mod
-from .cache import SPLIT_NAMES, FeatureCache, Row, _h5open, _h5py, _read_error, display
+from .cache import (SPLIT_NAMES, FeatureCache, Row, _attr, _h5open, _h5py, _read_error,
+                    attrs_checksum, display, header_size, seal)
 from .errors import CacheError
 from .plan import Entry
 
@@ -313,9 +313,11 @@ def open_existing(path: Path) -> tuple[FeatureCache | None, str]:
     if not path.exists():
         return None, ""
     try:
-        return FeatureCache.open(path), ""
+        cache = FeatureCache.open(path)
+        damage = cache.damage()  # reads it all: a flipped byte or a NaN is not "up to date"
     except CacheError as error:
         return None, str(error)  # corrupt: rebuilt from scratch, it is replaced atomically
+    return (None, damage) if damage else (cache, "")
 
 
 def reusable_rows(directory: Path, feature_key: str, parts: PartStore):
@@ -356,12 +358,11 @@ def write_cache(
     The attributes carry their checksum (`cache.attrs_checksum`) where the reader checks
     one. A write error (full disk, read-only directory) is one `CacheError`, raised after
     every HDF5 object is closed."""
-    checksum = getattr(cache_mod, "attrs_checksum", None)
-    if checksum is not None:
-        attrs = {**attrs, "attrs_checksum": checksum(attrs)}
+    attrs = {**attrs, "attrs_checksum": attrs_checksum(attrs)}
     try:
         with atomic_path(target) as temporary:
             _write_file(temporary, attrs, entries, skipped, feature_shape)
+            seal(temporary)  # the whole-file checksum header, checked before HDF5 reads
     except (OSError, RuntimeError) as error:  # HDF5 reports some write failures as RuntimeError
         failure = _write_failure(target.parent, error)
     else:
@@ -375,7 +376,7 @@ def _write_file(path: Path, attrs: dict, entries: list[Entry], skipped: list,
     raises."""
     readers = _RowReader()  # one for every split: parts and caches opened once
     try:
-        with _h5open(path, "w") as handle:
+        with _h5open(path, "w", userblock=header_size(attrs)) as handle:
             for key, value in attrs.items():
                 handle.attrs[key] = _attr(value)
             for split in SPLIT_NAMES:
@@ -495,14 +496,3 @@ def _strings(group, name: str, values: list[str]) -> None:
     group.create_dataset(name, shape=(len(values),), dtype=dtype, data=data if values else None)
 
 
-def _attr(value):
-    if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value)
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:  # a path with bytes that are not UTF-8
-            return np.bytes_(os.fsencode(value))
-    return value
