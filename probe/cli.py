@@ -601,8 +601,10 @@ def report_command(directory, output) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print every group and pair as JSON.")
 @click.option("--limit", type=int, default=50, show_default=True,
               help="Pairs and groups listed (all with --json).")
+@click.option("--exact", is_flag=True,
+              help="Compare every pair on the full features, also for a large cache.")
 @_fail_cleanly
-def duplicates_command(cache, threshold, strict, as_json, limit) -> None:
+def duplicates_command(cache, threshold, strict, as_json, limit, exact) -> None:
     """Find exact (same file content) and near (similar features) duplicate images.
 
     Pairs whose images sit in different splits (train and test, train and val) come
@@ -613,7 +615,8 @@ def duplicates_command(cache, threshold, strict, as_json, limit) -> None:
     """
     from .duplicates import DEFAULT_THRESHOLD, find_duplicates
 
-    found = find_duplicates(cache, DEFAULT_THRESHOLD if threshold is None else threshold)
+    found = find_duplicates(cache, DEFAULT_THRESHOLD if threshold is None else threshold,
+                            exact=True if exact else None)
     if as_json:
         click.echo(json.dumps(found.to_dict(), indent=2, default=cache_mod.display))
     else:

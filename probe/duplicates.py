@@ -9,10 +9,11 @@ the later split: those pairs are listed first.
 Similarities are computed blockwise in float32 (a block of rows against a block of
 columns, upper triangle only), so memory stays bounded whatever the number of images.
 Beyond `EXACT_BUDGET` multiply-adds, a first pass compares `PROJECTED_DIMS`-dimensional
-projections (the leading principal directions of a seeded sample) with a safety margin
-below the threshold, and every candidate pair is then verified on the full features: the
-reported similarities are always exact, and the first pass makes 100,000 x 2,048 features
-a matter of seconds (benchmarks/duplicates.py measures its speed and its recall).
+seeded Gaussian projections with a margin below the threshold that a pair at the
+threshold falls under with probability about 1e-12, and every candidate pair is then
+verified on the full features: the reported similarities are always exact, and the first
+pass makes 100,000 x 2,048 features a matter of seconds (benchmarks/duplicates.py
+measures its speed and its recall). `exact=True` (`--exact`) skips the first pass.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ BLOCK_ROWS = 2048  # rows per block: a 2,048 x 8,192 float32 block is 64 MB
 BLOCK_COLUMNS = 8192
 EXACT_BUDGET = 4e10  # n * n * d below this: one exact pass (a second or two)
 PROJECTED_DIMS = 64
-SAMPLE_ROWS = 4096  # rows whose principal directions define the projection
 MAX_PAIRS = 2_000_000  # beyond this the threshold is far too low to mean "duplicate"
 SIDECAR_SUFFIX = ".duplicates.json"
 
@@ -139,6 +139,7 @@ def find_duplicates(
     threshold: float = DEFAULT_THRESHOLD,
     *,
     hash_all_files: bool = True,
+    exact: bool | None = None,
     progress: ProgressCallback | None = None,
 ) -> Duplicates:
     """Exact and near duplicates among every image of a cache, cross-split pairs first.
@@ -147,7 +148,8 @@ def find_duplicates(
     which two images count as near duplicates. With `hash_all_files` every image file is
     read and hashed, so identical files are found even where their features differ;
     without it only the files of near pairs are hashed (identical files have identical
-    features, so they are near pairs too) and no image is read otherwise.
+    features, so they are near pairs too) and no image is read otherwise. `exact=True`
+    compares every pair on the full features even for a large cache (see `similar_pairs`).
 
     >>> found = probe.find_duplicates(".probe/flowers-vgg16-224-avg-1a2b3c4d5e.h5")
     >>> [(p.first.path, p.second.path, p.splits) for p in found.cross_split_pairs]
@@ -158,7 +160,7 @@ def find_duplicates(
     images, features = _read_all(chosen)
     emit(progress, Started("duplicates", total=len(images), details={"cache": str(chosen.path)}))
     first, second, similarity, method = similar_pairs(centre(features), threshold,
-                                                      progress=progress)
+                                                      exact=exact, progress=progress)
     root = Path(chosen.attrs.get("dataset_root") or ".")
     wanted = range(len(images)) if hash_all_files else sorted(set(first) | set(second))
     digests, unreadable = _hash_files(root, images, wanted)
@@ -210,41 +212,42 @@ def similar_pairs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """Every pair (i < j) of unit rows of `X` with `X[i] @ X[j] >= threshold`.
 
-    Returns (first, second, similarity, method). `exact=None` chooses: one exact pass
-    when `n * n * d <= EXACT_BUDGET`, else candidates from a `dims`-dimensional projection
-    verified on the full rows ("projected").
+    Returns (first, second, similarity, method); similarities are always the exact ones.
+    `exact=None` chooses: one exact pass when `n * n * d <= EXACT_BUDGET`, else candidates
+    from a seeded Gaussian projection to `dims` dimensions, verified on the full rows
+    ("projected"); a block where candidates are not rare is computed exactly instead.
     """
     n, d = X.shape
     if exact is None:
         exact = n * n * d <= EXACT_BUDGET or d <= 2 * dims
     if exact:
-        i, j, s = _blockwise_pairs(X, threshold, progress)
-        return i, j, s, "exact"
+        return (*_blockwise_pairs(X, threshold, progress), "exact")
     Y = project(X, dims, seed)
-    i, j, _ = _blockwise_pairs(Y, threshold - projection_margin(threshold, dims), progress)
-    s = _row_dots(X, i, j)
-    keep = s >= threshold
-    return i[keep], j[keep], s[keep], f"projected to {dims} dimensions, verified exactly"
+    found = _blockwise_pairs(Y, candidate_threshold(threshold, dims), progress, full=X,
+                             threshold=threshold)
+    return (*found, f"projected to {dims} dimensions, verified exactly")
 
 
-def projection_margin(threshold: float, dims: int) -> float:
-    """How far below the threshold a projected similarity may fall and still be checked:
-    eight standard deviations of the projection's error for a pair at the threshold
-    ((1 - t^2) / sqrt(dims) for a random projection), at least 0.05."""
-    return max(0.05, 8.0 * (1.0 - threshold ** 2) / math.sqrt(dims))
+def candidate_threshold(threshold: float, dims: int, sigmas: float = 7.0) -> float:
+    """The projected similarity from which a pair is verified. Under a Gaussian random
+    projection the projected cosine of two unit vectors of cosine c behaves like a sample
+    correlation of `dims` pairs with correlation c: Fisher's z = atanh(r) is close to
+    normal with standard deviation 1 / sqrt(dims - 3). Seven of them below the threshold's
+    z: a pair at the threshold is missed with probability about 1e-12."""
+    z = math.atanh(min(threshold, 0.999999)) - sigmas / math.sqrt(max(dims - 3, 1))
+    return math.tanh(z)
 
 
 def project(X: np.ndarray, dims: int, seed: int = 0) -> np.ndarray:
-    """Rows projected on the `dims` leading principal directions of a seeded sample of
-    rows, then scaled to unit length."""
+    """Rows multiplied by a seeded Gaussian (d x dims) matrix, then scaled to unit length."""
     rng = np.random.default_rng(seed)
-    sample = X[np.sort(rng.choice(len(X), size=min(len(X), SAMPLE_ROWS), replace=False))]
-    _, _, vt = np.linalg.svd(sample.astype(np.float32), full_matrices=False)
-    return normalise(X @ vt[:dims].T)
+    return normalise(X @ rng.standard_normal((X.shape[1], dims), dtype=np.float32))
 
 
-def _blockwise_pairs(X: np.ndarray, threshold: float, progress: ProgressCallback | None):
-    """(i, j, similarity) with i < j of every row pair at or above `threshold`."""
+def _blockwise_pairs(X: np.ndarray, cut: float, progress: ProgressCallback | None,
+                     full: np.ndarray | None = None, threshold: float | None = None):
+    """(i, j, similarity) with i < j of every row pair of X at or above `cut`; with
+    `full`, those pairs are then verified on `full` against `threshold`."""
     n = len(X)
     found_i, found_j, found_s = [], [], []
     total = 0
@@ -252,18 +255,21 @@ def _blockwise_pairs(X: np.ndarray, threshold: float, progress: ProgressCallback
         rows = X[a:a + BLOCK_ROWS]
         for b in range(a, n, BLOCK_COLUMNS):
             block = rows @ X[b:b + BLOCK_COLUMNS].T
-            i, j = np.nonzero(block >= threshold)
+            i, j = np.nonzero(block >= cut)
+            if full is not None:
+                i, j, s = _verify(full, a, b, i, j, block.shape, threshold)
+            else:
+                s = block[i, j]
             i, j = i + a, j + b
             keep = i < j
-            i, j = i[keep], j[keep]
-            found_i.append(i.astype(np.int64))
-            found_j.append(j.astype(np.int64))
-            found_s.append(block[i - a, j - b])
-            total += len(i)
+            found_i.append(i[keep].astype(np.int64))
+            found_j.append(j[keep].astype(np.int64))
+            found_s.append(s[keep].astype(np.float32))
+            total += int(keep.sum())
             if total > MAX_PAIRS:
                 raise ProbeError(
                     f"expected duplicates to be rare; more than {MAX_PAIRS:,} pairs of "
-                    f"images are at least {threshold:.3f} similar. Raise --threshold "
+                    f"images are at least {threshold or cut:.3f} similar. Raise --threshold "
                     f"(default {DEFAULT_THRESHOLD})."
                 )
         emit(progress, Advanced("duplicates", done=min(n, a + BLOCK_ROWS), total=n))
@@ -271,6 +277,18 @@ def _blockwise_pairs(X: np.ndarray, threshold: float, progress: ProgressCallback
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, np.zeros(0, dtype=np.float32)
     return np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s)
+
+
+def _verify(full: np.ndarray, a: int, b: int, i: np.ndarray, j: np.ndarray, shape, threshold):
+    """The candidates of one block checked on the full rows; when they are not rare
+    (more than 2 % of the block), the whole block is computed exactly instead."""
+    if len(i) > 0.02 * shape[0] * shape[1]:
+        block = full[a:a + shape[0]] @ full[b:b + shape[1]].T
+        i, j = np.nonzero(block >= threshold)
+        return i, j, block[i, j]
+    s = _row_dots(full, i + a, j + b)
+    keep = s >= threshold
+    return i[keep], j[keep], s[keep]
 
 
 def _row_dots(X: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 65536) -> np.ndarray:

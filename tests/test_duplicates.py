@@ -50,11 +50,25 @@ def test_blockwise_pairs_equal_brute_force_across_block_edges(monkeypatch):
 
 
 def test_projected_search_finds_every_pair_and_reports_exact_similarities():
-    X, expected = planted(n=1200, d=512, pairs=40, low=0.951, high=0.96)
+    X, expected = planted(n=1200, d=512, pairs=60, low=0.9505, high=0.952)
     i, j, s, method = duplicates.similar_pairs(X, 0.95, exact=False, dims=64)
     assert method.startswith("projected")
     assert set(zip(i.tolist(), j.tolist())) == expected
     np.testing.assert_allclose(s, np.einsum("ij,ij->i", X[i], X[j]), atol=1e-5)
+
+
+def test_projected_search_computes_a_crowded_block_exactly(monkeypatch):
+    monkeypatch.setattr(duplicates, "BLOCK_ROWS", 64)
+    monkeypatch.setattr(duplicates, "BLOCK_COLUMNS", 64)
+    X, expected = planted(n=400, d=256, pairs=10)
+    X[:40] = duplicates.normalise(X[:1] + 0.05 * X[:40])  # 40 near-identical rows
+    verified = []
+    row_dots = duplicates._row_dots
+    monkeypatch.setattr(duplicates, "_row_dots",
+                        lambda full, i, j: verified.append(len(i)) or row_dots(full, i, j))
+    i, j, s, _ = duplicates.similar_pairs(X, 0.95, exact=False, dims=64)
+    assert set(zip(i.tolist(), j.tolist())) == brute_force(X, 0.95)
+    assert len(i) > 780 and sum(verified) < 400  # the crowded block was not verified pair by pair
 
 
 def test_threshold_is_checked():
