@@ -42,6 +42,8 @@ def test_blockwise_pairs_equal_brute_force_across_block_edges(monkeypatch):
     monkeypatch.setattr(duplicates, "BLOCK_ROWS", 64)
     monkeypatch.setattr(duplicates, "BLOCK_COLUMNS", 96)
     X, expected = planted()
+    X[5] = X[3]  # a pair inside one block
+    expected.add((3, 5))
     i, j, s, method = duplicates.similar_pairs(X, 0.95, exact=True)
     assert method == "exact"
     assert set(zip(i.tolist(), j.tolist())) == brute_force(X, 0.95) == expected
