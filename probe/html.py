@@ -272,8 +272,7 @@ def render_run(directory: Path, caps: Caps = Caps(), progress: ProgressCallback 
     inputs = load_run_inputs(directory)
     embedding = _embedding_inputs(inputs, caps)
     sections = [
-        _settings_section(inputs),
-        _metrics_section(inputs),
+        f'<div class="row">{_settings_section(inputs)}{_metrics_section(inputs)}</div>',
         _plots_section(inputs),
         _mistakes_section(inputs, caps),
         _map_section(inputs, embedding, caps),
@@ -651,7 +650,9 @@ tr.failed td{color:#a33}tr.error td{font-size:12px;color:#a33}
 .thumb{width:96px;height:96px;object-fit:contain;background:#eee;display:block}
 .thumb.missing{font-size:10px;color:#a33;overflow:hidden;padding:2px;box-sizing:border-box}
 .path{white-space:nowrap;overflow:hidden;text-overflow:ellipsis}.sim{align-self:center;font-size:12px}
-img.plot{max-width:100%}figure{margin:8px 0}
+img.plot{max-width:100%}figure{margin:8px 0}.row{display:flex;flex-wrap:wrap;gap:0 32px}
+#plots figure{display:inline-block;vertical-align:top;max-width:49%;margin-right:8px}
+table.kv td{max-width:420px;overflow-wrap:anywhere}
 #map-wrap{position:relative}#map-svg{width:100%;max-width:800px;border:1px solid #ddd}
 circle.pt{opacity:.8}circle.wrong{stroke:#000;stroke-width:2}
 #map-tip{position:absolute;background:#fff;border:1px solid #999;padding:4px;font-size:11px;
