@@ -23,6 +23,7 @@ import argparse
 import io
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -190,7 +191,8 @@ def main() -> None:
                         help="Rows of the exact baseline (0: none).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--calibrate", action="store_true")
-    parser.add_argument("--workdir", type=Path, default=Path("probe-duplicates-calibration"))
+    parser.add_argument("--workdir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "probe-duplicates-calibration")
     parser.add_argument("--backbones", default="vgg16,resnet50,densenet121")
     parser.add_argument("--image-size", type=int, default=96)
     args = parser.parse_args()
