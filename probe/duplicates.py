@@ -255,6 +255,10 @@ def _blockwise_pairs(X: np.ndarray, cut: float, progress: ProgressCallback | Non
         rows = X[a:a + BLOCK_ROWS]
         for b in range(a, n, BLOCK_COLUMNS):
             block = rows @ X[b:b + BLOCK_COLUMNS].T
+            if b == a:
+                np.fill_diagonal(block, -np.inf)  # a row is not its own duplicate
+            if block.max() < cut:  # most blocks: a max is ten times cheaper than nonzero
+                continue
             i, j = np.nonzero(block >= cut)
             if full is not None:
                 i, j, s = _verify(full, a, b, i, j, block.shape, threshold)
