@@ -702,13 +702,13 @@ def after_fit(cache: Any, directory: Path, report: bool = True) -> list[str]:
     False). Returns the notes for the user; a report that fails is a note, never a lost run.
     """
     from .duplicates import leakage_warning
-    from .errors import ProbeError
 
     notes = []
     try:
         warning = leakage_warning(cache)
-    except (ProbeError, OSError) as error:
-        warning = f"warning: the duplicate check failed ({error})"
+    except Exception as error:  # noqa: BLE001 - a check must not fail a saved run
+        warning = (f"warning: the duplicate check failed ({type(error).__name__}: {error}); "
+                   f"run `probe duplicates {_display(cache.path)}`")
     if warning:
         notes.append(warning)
     if report:
