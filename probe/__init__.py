@@ -23,6 +23,8 @@ from .heads import DenseHead, LogisticHead, load_head, make_head
 from .inference import Prediction, export, predict
 from .runs import Run, fit
 from .compare import Comparison, compare; from .demo import run_demo, write_digits  # noqa: E702
+from .duplicates import DuplicateGroup, DuplicateImage, DuplicatePair, Duplicates, find_duplicates
+from .html import write_report
 
 __version__ = "0.1.0"
 
@@ -37,4 +39,6 @@ __all__ = [
     "LogisticHead", "DenseHead", "make_head", "load_head",
     "finetune",
     "compare", "Comparison", "run_demo", "write_digits",
+    "write_report", "find_duplicates", "Duplicates", "DuplicatePair", "DuplicateGroup",
+    "DuplicateImage",
 ]

@@ -287,19 +287,23 @@ def head_params(head, C, hidden_units, dropout, epochs, learning_rate, head_batc
 @_apply(HEAD_OPTION, *HEAD_PARAMETER_OPTIONS)
 @click.option("--seed", type=SEED, default=settings.DEFAULT_SEED, show_default=True)
 @click.option("--strict", is_flag=True, help="Fail if the cache's source images changed.")
+@click.option("--no-report", is_flag=True, help="Do not write report.html.")
 @_fail_cleanly
 def fit_command(cache_path, backbone, cache_dir, head, C, hidden_units, dropout, epochs,
-                learning_rate, head_batch_size, patience, class_weight, seed, strict) -> None:
+                learning_rate, head_batch_size, patience, class_weight, seed, strict,
+                no_report) -> None:
     """Train a head on cached features and report test metrics.
 
     Writes a run directory (.probe/runs/<time>-<backbone>-<head>/) with metrics.json,
-    confusion_matrix.png, curves.png (dense: per epoch; logreg: the C sweep), config.json and the head.
+    confusion_matrix.png, curves.png (dense: per epoch; logreg: the C sweep), config.json, the head
+    and report.html (see `probe report`). Warns when images are duplicated across splits.
 
     Example: probe fit --head dense
     """
     params = head_params(head, C, hidden_units, dropout, epochs, learning_rate,
                          head_batch_size, patience, class_weight, seed)
-    run = fit(cache_path, head, backbone=backbone, cache_dir=cache_dir, strict=strict, **params)
+    run = fit(cache_path, head, backbone=backbone, cache_dir=cache_dir, strict=strict,
+              html_report=not no_report, **params)
     for note in run.notes:
         click.echo(note, err=True)
     metrics = run.metrics
@@ -479,7 +483,8 @@ def _show_comparison(result) -> None:
         by_error.setdefault(record["error"], []).append(f"{record['backbone']} + {record['head']}")
     for error, rows in by_error.items():
         click.echo(f"{', '.join(rows)} failed: {error}", err=True)
-    click.echo(f"Wrote {result.path}/compare.csv, compare.md, compare.png")
+    report = ", report.html" if (result.path / "report.html").is_file() else ""
+    click.echo(f"Wrote {result.path}/compare.csv, compare.md, compare.png{report}")
     best = result.best
     if best is None:
         raise click.ClickException("no backbone and head finished; see the errors above")
@@ -497,17 +502,18 @@ def _show_comparison(result) -> None:
               help="Comma-separated heads: logreg, dense.")
 @_apply(*EXTRACTION_OPTIONS, *DATASET_OPTIONS, *HEAD_PARAMETER_OPTIONS)
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines or bars.")
+@click.option("--no-report", is_flag=True, help="Do not write report.html files.")
 @_fail_cleanly
 def compare_command(dataset, backbones, heads, weights, image_size, pooling, batch_size,
                     cache_dir, labels, val_fraction, test_fraction, seed, C, hidden_units,
                     dropout, epochs, learning_rate, head_batch_size, patience, class_weight,
-                    quiet) -> None:
+                    quiet, no_report) -> None:
     """Compare backbones and heads on DATASET and rank them.
 
     Extracts what is not cached yet (every existing cache is reused), fits every head on
     every backbone's features with identical splits and prints a ranked table. Writes
-    compare.csv, compare.md and compare.png into .probe/runs/<time>-compare/, with one
-    run directory per backbone and head; the best run is ready for `probe predict` and
+    compare.csv, compare.md, compare.png and report.html into .probe/runs/<time>-compare/,
+    with one run directory per backbone and head; the best run is ready for `probe predict` and
     `probe export`. A backbone that fails gets a row saying why; the others still run.
 
     Example: probe compare cats_vs_dogs/ --backbones vgg16,resnet50,densenet121 --heads logreg,dense
@@ -520,7 +526,8 @@ def compare_command(dataset, backbones, heads, weights, image_size, pooling, bat
                          pooling=pooling, labels=labels or None, val_fraction=val_fraction,
                          test_fraction=test_fraction, seed=seed, batch_size=batch_size,
                          cache_dir=cache_dir, head_params=params, progress=shown,
-                         on_event=shown.event)
+                         on_event=shown.event,
+                         html_report=not no_report)
     finally:
         shown.close()
     _show_comparison(result)
@@ -561,6 +568,84 @@ def demo_command(out, per_class, backbones, heads, image_size, weights, seed, ca
     finally:
         shown.close()
     _show_comparison(result)
+
+
+@main.command("report")
+@click.argument("directory", type=click.Path())
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
+              help="Where to write it [default: DIRECTORY/report.html].")
+@_fail_cleanly
+def report_command(directory, output) -> None:
+    """Write report.html for a run or a comparison directory (again).
+
+    One self-contained file that opens offline: settings, metrics with their intervals,
+    the plots, the misclassified images, an embedding map, nearest training images, the
+    duplicates across splits and the skipped files; for a comparison, the ranked table
+    with a link to each run's report.
+
+    Example: probe report .probe/runs/20260101-120000-vgg16-logreg
+    """
+    from .html import write_report
+
+    path = write_report(directory, out=output)
+    click.echo(f"Wrote {path} ({path.stat().st_size / 1e3:.0f} kB)")
+
+
+@main.command("duplicates")
+@click.argument("cache", type=click.Path())
+@click.option("--threshold", type=float, default=None,
+              help="Cosine similarity (of centred features) from which two images are near "
+                   "duplicates [default: 0.95, see the README].")
+@click.option("--strict", is_flag=True, help="Exit non-zero when a pair crosses splits.")
+@click.option("--json", "as_json", is_flag=True, help="Print every group and pair as JSON.")
+@click.option("--limit", type=int, default=50, show_default=True,
+              help="Pairs and groups listed (all with --json).")
+@click.option("--exact", is_flag=True,
+              help="Compare every pair on the full features, also for a large cache.")
+@_fail_cleanly
+def duplicates_command(cache, threshold, strict, as_json, limit, exact) -> None:
+    """Find exact (same file content) and near (similar features) duplicate images.
+
+    Pairs whose images sit in different splits (train and test, train and val) come
+    first: they inflate every score. Every image file is hashed; near duplicates come
+    from the cached features, so no image is decoded.
+
+    Example: probe duplicates .probe/flowers-vgg16-224-avg-1a2b3c4d5e.h5 --strict
+    """
+    from .duplicates import DEFAULT_THRESHOLD, find_duplicates
+
+    found = find_duplicates(cache, DEFAULT_THRESHOLD if threshold is None else threshold,
+                            exact=True if exact else None)
+    if as_json:
+        click.echo(json.dumps(found.to_dict(), indent=2, default=cache_mod.display))
+    else:
+        _show_duplicates(found, limit)
+    cross = found.cross_split_pairs
+    if strict and cross:
+        raise click.ClickException(f"--strict: {len(cross)} duplicate pairs cross splits")
+
+
+def _show_duplicates(found, limit: int) -> None:
+    counts = found.counts()
+    click.echo(f"{found.n_images} images, threshold {found.threshold:g} ({found.method}, "
+               f"{found.seconds:.1f} s): {counts['exact_pairs']} identical-file pairs, "
+               f"{counts['near_pairs']} near pairs in {counts['groups']} groups; "
+               f"{counts['cross_split_pairs']} pairs cross splits")
+    show = cache_mod.display
+    rows = [[p.splits, "identical" if p.exact else "near", f"{p.similarity:.4f}",
+             f"{p.first.split}:{show(p.first.path)}", f"{p.second.split}:{show(p.second.path)}"]
+            for p in found.pairs[:limit]]
+    if rows:
+        click.echo(_table(rows, ["splits", "kind", "similarity", "first", "second"]))
+    if len(found.pairs) > limit:
+        click.echo(f"... {len(found.pairs) - limit} more pairs (--limit, --json)")
+    for number, group in enumerate(found.groups[:limit], start=1):
+        kind = "identical files" if group.exact else f"similarity >= {group.min_similarity:.4f}"
+        members = ", ".join(f"{image.split}:{show(image.path)}" for image in group.images[:8])
+        more = f" and {len(group.images) - 8} more" if len(group.images) > 8 else ""
+        click.echo(f"group {number} ({len(group.images)} images, {kind}): {members}{more}")
+    for path, reason in found.unreadable:
+        click.echo(f"Could not hash {show(path)}: {reason}", err=True)
 
 
 @main.group("cache")

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from . import backbones as backbones_mod, cache as cache_mod, data, heads as heads_mod, report, store
+from . import backbones as backbones_mod, cache as cache_mod, data, heads as heads_mod, html, report, store
 from .progress import ProgressCallback
 from .settings import TEST_FRACTION, VAL_FRACTION, SplitSettings, Weights, dataset_path
 from .errors import ProbeError
@@ -143,6 +143,7 @@ def compare(
     head_params: dict[str, dict[str, Any]] | None = None,
     progress: ProgressCallback | None = None,
     on_event: EventCallback | None = None,
+    html_report: bool = True,
 ) -> Comparison:
     """Fit every head on every backbone's features of `dataset` and rank the results.
 
@@ -151,7 +152,8 @@ def compare(
     None means each backbone's native size. `head_params` maps a head name to its
     parameters (e.g. `{"dense": {"epochs": 20}}`); `seed` is the default head seed.
     `progress` receives each extraction's events; `on_event(kind, info)` is told
-    "extract", "extracted", "fit" and "fitted" as the work goes.
+    "extract", "extracted", "fit" and "fitted" as the work goes. `html_report=True` writes
+    report.html into the comparison directory and every run directory.
 
     Returns a `Comparison`: the ranked records (backbone, head, accuracy, balanced_accuracy,
     macro_f1, feature_size, images_per_second, fit_seconds, status, error, run, ...).
@@ -215,7 +217,7 @@ def compare(
         for head in head_names:
             emit("fit", {"backbone": spec.name, "head": head})
             try:
-                run = fit(cache, head, runs_dir=out, **params[head])
+                run = fit(cache, head, runs_dir=out, html_report=html_report, **params[head])
             except Exception as error:  # noqa: BLE001 - one fit must not stop the others
                 message = _message(error)
                 emit("fitted", {"backbone": spec.name, "head": head, "error": message})
@@ -242,6 +244,8 @@ def compare(
     }
     result = Comparison(ranked, out, settings)
     write_files(result)
+    if html_report:
+        html.write_report(result)
     return result
 
 

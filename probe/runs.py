@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import cache as cache_mod, heads, report, store
+from . import cache as cache_mod, heads, html, report, store
 from .cache import FeatureCache
 from .errors import CacheError, RunError
 
@@ -111,6 +111,7 @@ def fit(
     cache_dir: str | os.PathLike | None = None,
     runs_dir: str | os.PathLike | None = None,
     strict: bool = False,
+    html_report: bool = True,
     **head_params: Any,
 ) -> Run:
     """Train a head on a feature cache, evaluate it and write a run directory.
@@ -119,7 +120,8 @@ def fit(
     `epochs=20`, `class_weight="balanced"`, `seed=0`). The test split is used for the
     metrics (the validation split when there is no test split). When the cache's source
     images changed since extraction, `Run.notes` warns with the counts; `strict=True`
-    raises `SourceChangedError` instead.
+    raises `SourceChangedError` instead. `html_report=True` writes report.html (probe.html);
+    cross-split duplicates in the cache add a warning to `Run.notes`.
 
     >>> run = probe.fit(head="logreg")
     >>> run.metrics["accuracy"], run.path
@@ -167,6 +169,7 @@ def fit(
     write_run_files(directory, config, metrics, model.history_ if any(model.history_.values()) else None)
     write_split_predictions(directory / "test_predictions.csv", evaluated.paths, evaluated.labels, proba,
                        chosen.classes)
+    notes += html.after_fit(chosen, directory, report=html_report)
     return Run(directory, config, metrics, notes)
 
 

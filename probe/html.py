@@ -1,0 +1,720 @@
+"""The self-contained HTML report of a run or a comparison: `report.html`.
+
+One file that opens from a `file://` URL offline and can be mailed: plots and thumbnails
+are inlined as `data:` URIs, the embedding map is inline SVG, the little interaction
+there is (thumbnails on hover) is inline JavaScript, and nothing is requested from any
+server. Its size is bounded: thumbnails are small JPEGs and the number of images of each
+section is capped (the caps are stated in the page).
+
+A run's report reads only what the run directory and its cache hold: config.json,
+metrics.json, test_predictions.csv, the plots, the cached features (for the map, the
+nearest neighbours and the duplicates) and the image files under the dataset root (for
+the thumbnails; a missing or undecodable file gets a note instead of a picture). Every
+string that comes from data (paths, class names, messages) is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import RunError
+from .progress import Finished, Note, ProgressCallback, Started, emit
+
+__all__ = ["write_report", "REPORT_FILE", "Caps"]
+
+REPORT_FILE = "report.html"
+PREDICTIONS_FILE = "test_predictions.csv"
+COMPARE_CSV = "compare.csv"
+METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "top5_accuracy")
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+           "#7f7f7f", "#bcbd22", "#17becf")
+BLANK_GIF = ("data:image/gif;base64,"
+             "R0lGODlhAQABAIAAAP///wAAACH5BAEAAAAALAAAAAABAAEAAAICRAEAOw==")
+
+
+@dataclass(frozen=True)
+class Caps:
+    """How much of the data a report shows (so its size stays bounded)."""
+
+    thumbnail_px: int = 96
+    mistakes: int = 48
+    neighbour_queries: int = 12
+    neighbours: int = 5
+    map_points: int = 1000
+    map_thumbnails: int = 300
+    duplicate_pairs: int = 30
+    skipped: int = 200
+
+    def sentence(self) -> str:
+        return (f"To keep this file small it shows at most {self.mistakes} misclassified "
+                f"images, {self.neighbour_queries} nearest-neighbour queries of "
+                f"{self.neighbours} images, {self.map_points:,} map points (thumbnails for "
+                f"{self.map_thumbnails} of them), {self.duplicate_pairs} duplicate pairs and "
+                f"{self.skipped} skipped files; thumbnails are {self.thumbnail_px}-pixel JPEGs.")
+
+
+def write_report(
+    run_or_dir: Any,
+    *,
+    out: str | os.PathLike | None = None,
+    caps: Caps = Caps(),
+    progress: ProgressCallback | None = None,
+) -> Path:
+    """Write `report.html` for a run directory (of `probe fit`) or a comparison directory
+    (of `probe compare`) and return its path (`out`, default inside the directory).
+
+    `run_or_dir` is a path, a `Run` or a `Comparison`.
+
+    >>> probe.write_report(".probe/runs/20260101-120000-vgg16-logreg")
+    PosixPath('.probe/runs/20260101-120000-vgg16-logreg/report.html')
+    """
+    directory = Path(getattr(run_or_dir, "path", run_or_dir)).expanduser()
+    emit(progress, Started("report", details={"directory": str(directory)}))
+    if (directory / "config.json").is_file():
+        page = render_run(directory, caps, progress)
+    elif (directory / COMPARE_CSV).is_file():
+        page = render_comparison(directory)
+    else:
+        raise RunError(
+            "expected a run directory (with config.json, written by `probe fit`) or a "
+            f"comparison directory (with {COMPARE_CSV}, written by `probe compare`). "
+            f"Received: '{_display(directory)}'"
+        )
+    target = Path(out) if out else directory / REPORT_FILE
+    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    temporary.write_text(page, encoding="utf-8")
+    os.replace(temporary, target)
+    emit(progress, Finished("report", details={"path": str(target),
+                                               "bytes": target.stat().st_size}))
+    return target
+
+
+# --- what a run report reads ----------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    path: str
+    true: str
+    predicted: str
+    proba: dict[str, float]
+
+    @property
+    def confidence(self) -> float:
+        return self.proba.get(self.predicted, float("nan"))
+
+
+@dataclass
+class RunInputs:
+    directory: Path
+    config: dict
+    metrics: dict
+    predictions: list[Prediction]
+    root: Path | None
+    cache: Any = None  # FeatureCache or None
+    cache_problem: str = ""
+    thumbnails: dict[str, tuple[str | None, str]] = field(default_factory=dict)
+
+    def thumbnail(self, path: str, size: int) -> tuple[str | None, str]:
+        """(data URI or None, problem) of one image, decoded once per report."""
+        if path not in self.thumbnails:
+            if self.root is None:
+                self.thumbnails[path] = (None, "dataset root unknown")
+            else:
+                self.thumbnails[path] = thumbnail_uri(self.root / path, size)
+        return self.thumbnails[path]
+
+
+def load_run_inputs(directory: Path) -> RunInputs:
+    from .cache import FeatureCache
+    from .errors import ProbeError
+
+    config = _read_json(directory / "config.json")
+    metrics = _read_json(directory / "metrics.json") if (directory / "metrics.json").is_file() else {}
+    predictions = read_predictions(directory / PREDICTIONS_FILE, config.get("classes", []))
+    cache, problem = None, ""
+    if config.get("cache"):
+        try:
+            cache = FeatureCache.open(config["cache"])
+        except ProbeError as error:
+            problem = str(error)
+    else:
+        problem = "the run names no cache"
+    root = config.get("dataset_root") or (cache.attrs.get("dataset_root") if cache else None)
+    return RunInputs(directory, config, metrics, predictions, Path(root) if root else None,
+                     cache, problem)
+
+
+def read_predictions(path: Path, classes: list[str]) -> list[Prediction]:
+    """The rows of test_predictions.csv (path, true, predicted, one column per class)."""
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, [])
+        names = header[3:] or list(classes)
+        for row in reader:
+            if len(row) < 3:
+                continue
+            proba = {}
+            for name, value in zip(names, row[3:]):
+                try:
+                    proba[name] = float(value)
+                except ValueError:
+                    proba[name] = float("nan")
+            rows.append(Prediction(row[0], row[1], row[2], proba))
+    return rows
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise RunError(f"'{_display(path)}' can not be read ({error}); re-run `probe fit`.") from None
+
+
+# --- images ---------------------------------------------------------------------------
+
+
+def thumbnail_uri(path: Path, size: int = 96) -> tuple[str | None, str]:
+    """A JPEG thumbnail (longest side `size`) as a data URI, or (None, why not)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                image.draft("RGB", (size, size))
+                image.thumbnail((size, size))
+                picture = _rgb(image)
+        buffer = io.BytesIO()
+        picture.save(buffer, format="JPEG", quality=75)
+    except FileNotFoundError:
+        return None, "file not found"
+    except Exception as error:  # noqa: BLE001 - any undecodable file is a note, not a failure
+        return None, f"not decodable ({type(error).__name__})"
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), ""
+
+
+def _rgb(image):
+    """RGB pixels; transparent images on white."""
+    from PIL import Image
+
+    if image.mode in ("RGBA", "LA", "P", "PA"):
+        image = image.convert("RGBA")
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def png_uri(path: Path) -> str | None:
+    """A PNG file as a data URI, or None when it is missing."""
+    try:
+        return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    except OSError:
+        return None
+
+
+# --- escaping -------------------------------------------------------------------------
+
+
+def _display(value: Any) -> str:
+    """Text safe to encode as UTF-8: undecodable bytes of a path are shown as \\xff."""
+    text = str(value)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def esc(value: Any) -> str:
+    """HTML-escaped text of any value (quotes included, for attributes too)."""
+    return html.escape(_display(value), quote=True)
+
+
+def script_json(value: Any) -> str:
+    """JSON that can sit inside a <script> element: no '<' can close it."""
+    text = json.dumps(value, ensure_ascii=True, default=_display)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _img(uri: str | None, alt: str, problem: str = "", cls: str = "thumb") -> str:
+    if uri is None:
+        return f'<div class="{cls} missing" title="{esc(problem)}">{esc(problem or "no image")}</div>'
+    return f'<img class="{cls}" src="{uri}" alt="{esc(alt)}">'
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if isinstance(value, float):
+        return "-" if value != value else f"{value:.{digits}f}"
+    return "-" if value is None else str(value)
+
+
+# --- run report -----------------------------------------------------------------------
+
+
+def render_run(directory: Path, caps: Caps = Caps(), progress: ProgressCallback | None = None) -> str:
+    """The HTML page of a run directory."""
+    inputs = load_run_inputs(directory)
+    embedding = _embedding_inputs(inputs, caps)
+    sections = [
+        f'<div class="row">{_settings_section(inputs)}{_metrics_section(inputs)}</div>',
+        _plots_section(inputs),
+        _mistakes_section(inputs, caps),
+        _map_section(inputs, embedding, caps),
+        _neighbours_section(inputs, embedding, caps),
+        _duplicates_section(inputs, caps),
+        _skipped_section(inputs, caps),
+    ]
+    if inputs.cache_problem:
+        emit(progress, Note("report", kind="no-cache", details={"problem": inputs.cache_problem}))
+    config = inputs.config
+    title = f"probe run: {config.get('backbone', '?')} + {config.get('head', '?')}"
+    intro = (f"<p>{esc(directory.name)} &middot; created {esc(config.get('created', '?'))}</p>"
+             f'<p class="caps">{esc(caps.sentence())}</p>')
+    return page(title, intro + "".join(sections))
+
+
+def _settings_section(inputs: RunInputs) -> str:
+    config = inputs.config
+    keys = ["backbone", "weights", "weights_source", "image_size", "pooling", "preprocessing",
+            "feature_shape", "head", "classes", "dataset_root", "split_seed", "splits", "cache",
+            "fit_seconds"]
+    rows = [(key, config[key]) for key in keys if key in config]
+    params = config.get("head_params") or {}
+    rows += [(f"head: {key}", value) for key, value in sorted(params.items())]
+    body = "".join(f"<tr><th>{esc(k)}</th><td>{esc(_plain(v))}</td></tr>" for k, v in rows)
+    return _section("settings", "Settings", f"<table class='kv'>{body}</table>")
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return _fmt(value)
+
+
+def _interval(metrics: dict, key: str) -> str:
+    """'[low, high]' from `<key>_ci` given as a pair or a dict, or ''."""
+    value = metrics.get(f"{key}_ci")
+    if isinstance(value, dict):
+        value = [value.get("low", value.get("lower")), value.get("high", value.get("upper"))]
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, (int, float)) for v in value):
+        return f"[{value[0]:.4f}, {value[1]:.4f}]"
+    return ""
+
+
+def _metrics_section(inputs: RunInputs) -> str:
+    metrics = inputs.metrics
+    if not metrics:
+        return _section("metrics", "Metrics", "<p>No metrics.json in this run.</p>")
+    split = metrics.get("split", "test")
+    role = metrics.get("split_role")
+    caption = f"on the {esc(split)} split" + (f" ({esc(role)})" if role else "")
+    caption += f", {esc(metrics['n_samples'])} images" if "n_samples" in metrics else ""
+    rows = "".join(
+        f"<tr><th>{esc(key)}</th><td>{_fmt(metrics[key])}</td><td>{esc(_interval(metrics, key))}</td></tr>"
+        for key in METRIC_KEYS if key in metrics)
+    table = f"<table><tr><th>metric</th><th>value</th><th>95% interval</th></tr>{rows}</table>"
+    per_class = metrics.get("per_class") or {}
+    class_rows = "".join(
+        f"<tr><td>{esc(name)}</td><td>{_fmt(v.get('precision'))}</td><td>{_fmt(v.get('recall'))}"
+        f"</td><td>{_fmt(v.get('f1'))}</td><td>{esc(v.get('support', '-'))}</td></tr>"
+        for name, v in per_class.items())
+    classes = (f"<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>"
+               f"<th>support</th></tr>{class_rows}</table>") if class_rows else ""
+    return _section("metrics", "Metrics", f"<p>{caption}</p>{table}{classes}")
+
+
+def _plots_section(inputs: RunInputs) -> str:
+    parts = []
+    for name, label in (("confusion_matrix.png", "Confusion matrix"), ("curves.png", "Training curves")):
+        uri = png_uri(inputs.directory / name)
+        if uri:
+            parts.append(f'<figure><img class="plot" src="{uri}" alt="{label}"></figure>')
+    body = "".join(parts) or "<p>No plots in this run.</p>"
+    return _section("plots", "Confusion matrix and training curves", body)
+
+
+def mistakes(predictions: list[Prediction]) -> list[Prediction]:
+    """The wrong predictions, most confident first."""
+    wrong = [p for p in predictions if p.true != p.predicted]
+    return sorted(wrong, key=lambda p: (-(p.confidence if p.confidence == p.confidence else 0.0), p.path))
+
+
+def _mistakes_section(inputs: RunInputs, caps: Caps) -> str:
+    wrong = mistakes(inputs.predictions)
+    total = len(inputs.predictions)
+    if not total:
+        return _section("mistakes", "Misclassified images", f"<p>No {PREDICTIONS_FILE} in this run.</p>")
+    cards = []
+    for p in wrong[:caps.mistakes]:
+        uri, problem = inputs.thumbnail(p.path, caps.thumbnail_px)
+        cards.append(
+            f'<div class="card mistake">{_img(uri, p.path, problem)}'
+            f'<div class="path" title="{esc(p.path)}">{esc(p.path)}</div>'
+            f"<div>true <b>{esc(p.true)}</b> ({_fmt(p.proba.get(p.true), 3)})</div>"
+            f"<div>predicted <b>{esc(p.predicted)}</b> ({_fmt(p.confidence, 3)})</div></div>")
+    shown = f" (the {min(len(wrong), caps.mistakes)} most confident shown)" if len(wrong) > caps.mistakes else ""
+    head = f"<p>{len(wrong)} of {total} images misclassified{shown}, most confident mistakes first.</p>"
+    return _section("mistakes", "Misclassified images", head + f'<div class="cards">{"".join(cards)}</div>')
+
+
+# --- embedding map and neighbours -----------------------------------------------------
+
+
+@dataclass
+class Embedding:
+    """The cached images the map and the neighbours use (centred, unit-length features)."""
+
+    features: np.ndarray
+    paths: list[str]
+    labels: list[str]
+    splits: list[str]
+
+
+def _embedding_inputs(inputs: RunInputs, caps: Caps) -> Embedding | None:
+    if inputs.cache is None:
+        return None
+    from .duplicates import centre
+
+    cache = inputs.cache
+    classes = cache.classes
+    features, paths, labels, splits = [], [], [], []
+    for split in cache.splits:
+        part = cache.split(split)
+        features.append(np.asarray(part.features, dtype=np.float32).reshape(len(part), -1))
+        paths += part.paths
+        labels += [classes[int(v)] for v in part.labels]
+        splits += [split] * len(part)
+    if not features:
+        return None
+    return Embedding(centre(np.concatenate(features)), paths, labels, splits)
+
+
+def map_coordinates(X: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
+    """2-D coordinates of the rows of X: UMAP when umap-learn is installed (it is not a
+    dependency of probe), else PCA. Both seeded. (t-SNE was tried: over a minute for a
+    few hundred points on two busy cores, too slow for a report written by every fit.)"""
+    n = len(X)
+    if n < 3:
+        return np.zeros((n, 2)) + np.arange(n)[:, None], "PCA"
+    try:
+        import umap  # noqa: F401
+    except ImportError:
+        return pca_2d(X), "PCA"
+    import umap
+
+    reducer = umap.UMAP(n_components=2, random_state=seed, n_neighbors=min(15, n - 1))
+    return np.asarray(reducer.fit_transform(X)), "UMAP"
+
+
+def pca_2d(X: np.ndarray) -> np.ndarray:
+    """The first two principal components (signs fixed so the result is deterministic)."""
+    centred = X - X.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    axes = vt[:2]
+    axes = axes * np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(axis=1)])[:, None]
+    coords = centred @ axes.T
+    return np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
+
+
+def _map_selection(inputs: RunInputs, embedding: Embedding, caps: Caps) -> np.ndarray:
+    """Indices of the points drawn: every shown mistake, then a seeded sample."""
+    index = {(s, p): i for i, (s, p) in enumerate(zip(embedding.splits, embedding.paths))}
+    split = inputs.metrics.get("split", "test")
+    wanted = [index[(split, p.path)] for p in mistakes(inputs.predictions)[:caps.mistakes]
+              if (split, p.path) in index]
+    rest = np.setdiff1d(np.arange(len(embedding.paths)), wanted)
+    rng = np.random.default_rng(0)
+    room = max(0, caps.map_points - len(wanted))
+    sample = rng.choice(rest, size=min(room, len(rest)), replace=False) if len(rest) else rest
+    return np.array(sorted(set(wanted) | set(sample.tolist())), dtype=np.int64)
+
+
+def _map_section(inputs: RunInputs, embedding: Embedding | None, caps: Caps) -> str:
+    if embedding is None:
+        return _section("map", "Embedding map", f"<p>Unavailable: {esc(inputs.cache_problem)}</p>")
+    chosen = _map_selection(inputs, embedding, caps)
+    coords, method = map_coordinates(embedding.features[chosen])
+    split = inputs.metrics.get("split", "test")
+    wrong = {p.path: p.predicted for p in inputs.predictions if p.true != p.predicted}
+    classes = list(dict.fromkeys(inputs.config.get("classes") or embedding.labels))
+    colour = {name: _colour(k) for k, name in enumerate(classes)}
+    points, circles = [], []
+    lo, hi = coords.min(axis=0), coords.max(axis=0)
+    scaled = (coords - lo) / np.where(hi > lo, hi - lo, 1.0) * [760, 520] + [20, 20]
+    with_thumbs = 0
+    for k, (i, (x, y)) in enumerate(zip(chosen.tolist(), scaled.tolist())):
+        path, label, where = embedding.paths[i], embedding.labels[i], embedding.splits[i]
+        predicted = wrong.get(path) if where == split else None
+        thumb = None
+        if with_thumbs < caps.map_thumbnails or predicted is not None:
+            thumb, _ = inputs.thumbnail(path, caps.thumbnail_px)
+            with_thumbs += thumb is not None
+        points.append({"p": _display(path), "c": _display(label), "s": where,
+                       "w": _display(predicted) if predicted else "", "t": thumb or ""})
+        mark = ' class="pt wrong" r="6"' if predicted else ' class="pt" r="4"'
+        circles.append(f'<circle{mark} cx="{x:.1f}" cy="{y:.1f}" fill="{colour.get(label, "#999")}" '
+                       f'data-i="{k}"><title>{esc(path)}</title></circle>')
+    legend = "".join(f'<span class="key"><i style="background:{colour[c]}"></i>{esc(c)}</span>'
+                     for c in classes)
+    svg = (f'<svg id="map-svg" viewBox="0 0 800 560" role="img" aria-label="embedding map">'
+           f'{"".join(circles)}</svg>')
+    text = (f"<p>{len(chosen)} of {len(embedding.paths)} cached images, {method} of the centred "
+            f"features (seed 0); rings mark misclassified {esc(split)} images. Hover a point for "
+            f"its thumbnail.</p><div class='legend'>{legend}</div>")
+    tip = (f'<div id="map-tip" hidden><img id="map-tip-img" src="{BLANK_GIF}" alt="">'
+           f'<div id="map-tip-text"></div></div>')
+    data = f'<script type="application/json" id="map-data">{script_json(points)}</script>'
+    return _section("map", "Embedding map", text + f'<div id="map-wrap">{svg}{tip}</div>' + data)
+
+
+def _colour(k: int) -> str:
+    if k < len(PALETTE):
+        return PALETTE[k]
+    return f"hsl({(k * 137) % 360}, 60%, 45%)"
+
+
+def _neighbours_section(inputs: RunInputs, embedding: Embedding | None, caps: Caps) -> str:
+    title = "Nearest training images"
+    if embedding is None:
+        return _section("neighbours", title, f"<p>Unavailable: {esc(inputs.cache_problem)}</p>")
+    split = inputs.metrics.get("split", "test")
+    splits = np.array(embedding.splits)
+    train = np.nonzero(splits == "train")[0]
+    queries = _neighbour_queries(inputs, embedding, split, caps)
+    if not len(train) or not queries:
+        return _section("neighbours", title, "<p>No train or evaluated images in the cache.</p>")
+    wrong = {p.path: p.predicted for p in inputs.predictions if p.true != p.predicted}
+    rows = []
+    for q in queries:
+        sims = embedding.features[train] @ embedding.features[q]
+        order = np.argsort(-sims, kind="stable")[:caps.neighbours]
+        cells = [_neighbour_card(inputs, embedding, q, caps, "query", wrong.get(embedding.paths[q]))]
+        cells += [_neighbour_card(inputs, embedding, int(train[j]), caps, f"{sims[j]:.3f}")
+                  for j in order]
+        rows.append(f'<div class="nrow">{"".join(cells)}</div>')
+    text = (f"<p>For {len(queries)} {esc(split)} images (the most confident mistakes, then a "
+            f"seeded sample), the {caps.neighbours} most similar training images by cosine "
+            "similarity of the centred cached features.</p>")
+    return _section("neighbours", title, text + "".join(rows))
+
+
+def _neighbour_queries(inputs: RunInputs, embedding: Embedding, split: str, caps: Caps) -> list[int]:
+    index = {p: i for i, (s, p) in enumerate(zip(embedding.splits, embedding.paths)) if s == split}
+    half = caps.neighbour_queries // 2
+    chosen = [index[p.path] for p in mistakes(inputs.predictions) if p.path in index][:half]
+    others = sorted(set(index.values()) - set(chosen))
+    rng = np.random.default_rng(0)
+    room = caps.neighbour_queries - len(chosen)
+    if others and room > 0:
+        chosen += sorted(rng.choice(others, size=min(room, len(others)), replace=False).tolist())
+    return chosen
+
+
+def _neighbour_card(inputs: RunInputs, embedding: Embedding, i: int, caps: Caps, note: str,
+                    predicted: str | None = None) -> str:
+    path = embedding.paths[i]
+    uri, problem = inputs.thumbnail(path, caps.thumbnail_px)
+    extra = f" &rarr; {esc(predicted)}" if predicted else ""
+    css = "card query" if note == "query" else "card"
+    return (f'<div class="{css}">{_img(uri, path, problem)}<div class="path" title="{esc(path)}">'
+            f"{esc(path)}</div><div>{esc(embedding.labels[i])}{extra} &middot; {esc(note)}</div></div>")
+
+
+# --- duplicates and skipped files -----------------------------------------------------
+
+
+def _duplicates_section(inputs: RunInputs, caps: Caps) -> str:
+    title = "Duplicates across splits"
+    if inputs.cache is None:
+        return _section("duplicates", title, f"<p>Unavailable: {esc(inputs.cache_problem)}</p>")
+    from .duplicates import cached_duplicates
+
+    found = cached_duplicates(inputs.cache)
+    pairs = found["pairs"]
+    counts = found["counts"]
+    summary = (f"<p>{counts['pairs']} duplicate pairs among {found['n_images']} cached images "
+               f"(cosine similarity of centred features &ge; {found['threshold']}), "
+               f"{counts['cross_split_pairs']} of them across splits. Run "
+               f"<code>probe duplicates {esc(inputs.cache.path)}</code> to hash every file too.</p>")
+    rows = []
+    for pair in pairs[:caps.duplicate_pairs]:
+        a, b = pair["first"], pair["second"]
+        cells = []
+        for image in (a, b):
+            uri, problem = inputs.thumbnail(image["path"], caps.thumbnail_px)
+            cells.append(f'<div class="card">{_img(uri, image["path"], problem)}<div class="path" '
+                         f'title="{esc(image["path"])}">{esc(image["path"])}</div>'
+                         f'<div>{esc(image["split"])} &middot; {esc(image["label"])}</div></div>')
+        kind = "identical files" if pair["exact"] else "near"
+        rows.append(f'<div class="nrow{" cross" if pair["first"]["split"] != pair["second"]["split"] else ""}">'
+                    f'{"".join(cells)}<div class="sim">{esc(kind)}<br>{pair["similarity"]:.4f}</div></div>')
+    return _section("duplicates", title, summary + "".join(rows))
+
+
+def _skipped_section(inputs: RunInputs, caps: Caps) -> str:
+    skipped = inputs.metrics.get("skipped_files")
+    if skipped is None and inputs.cache is not None:
+        skipped = [{"path": p, "reason": r} for p, r in inputs.cache.skipped]
+    skipped = skipped or []
+    if not skipped:
+        return _section("skipped", "Skipped files", "<p>No file was skipped at extraction.</p>")
+    rows = "".join(f"<tr><td>{esc(s.get('path'))}</td><td>{esc(s.get('reason'))}</td></tr>"
+                   for s in skipped[:caps.skipped])
+    more = f"<p>{len(skipped) - caps.skipped} more not shown.</p>" if len(skipped) > caps.skipped else ""
+    return _section("skipped", "Skipped files",
+                    f"<p>{len(skipped)} files could not be decoded at extraction.</p>"
+                    f"<table><tr><th>path</th><th>reason</th></tr>{rows}</table>{more}")
+
+
+# --- comparison report ----------------------------------------------------------------
+
+
+def render_comparison(directory: Path) -> str:
+    """The HTML page of a comparison directory: the ranked table, the chart and a link to
+    each run's report."""
+    with open(directory / COMPARE_CSV, newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        records = list(csv.DictReader(handle))
+    columns = ["rank", "backbone", "head", "accuracy", "balanced_accuracy", "macro_f1",
+               "feature_size", "images_per_second", "fit_seconds", "status", "report"]
+    head = "".join(f"<th>{esc(c)}</th>" for c in columns)
+    body = []
+    for record in records:
+        cells = [f"<td>{esc(record.get(c) or '-')}</td>" for c in columns[:-1]]
+        cells.append(f"<td>{_run_link(directory, record)}</td>")
+        row_class = ' class="failed"' if record.get("status") != "ok" else ""
+        error = (f'<tr class="error"><td colspan="{len(columns)}">{esc(record["error"])}</td></tr>'
+                 if record.get("error") else "")
+        body.append(f"<tr{row_class}>{''.join(cells)}</tr>{error}")
+    table = f"<table><tr>{head}</tr>{''.join(body)}</table>"
+    chart = png_uri(directory / "compare.png")
+    figure = f'<figure><img class="plot" src="{chart}" alt="comparison chart"></figure>' if chart else ""
+    split = next((r.get("split") for r in records if r.get("split")), "test")
+    text = f"<p>Ranked by {esc(split)} accuracy, then macro F1; failed rows last.</p>"
+    sections = _section("ranking", "Ranked backbones and heads", text + table + figure)
+    return page(f"probe comparison: {directory.name}", sections)
+
+
+def _run_link(directory: Path, record: dict) -> str:
+    run = record.get("run")
+    if not run:
+        return "-"
+    report = Path(run) / REPORT_FILE
+    if not report.is_file():
+        return f"no report (<code>probe report {esc(run)}</code>)"
+    try:
+        href = os.path.relpath(report, directory)
+    except ValueError:
+        href = report.resolve().as_uri()
+    href = "/".join(_url_quote(part) for part in Path(href).parts)
+    return f'<a href="{esc(href)}">{esc(Path(run).name)}</a>'
+
+
+def _url_quote(part: str) -> str:
+    from urllib.parse import quote
+
+    return quote(os.fsencode(part), safe="")
+
+
+# --- the page -------------------------------------------------------------------------
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{esc(title)}</h2>{body}</section>'
+
+
+STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:0 auto;max-width:1100px;padding:0 16px;color:#222}
+h1{font-size:22px}h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
+table.kv th{background:#f6f6f6;font-weight:600}.caps{color:#666;font-size:12px}
+tr.failed td{color:#a33}tr.error td{font-size:12px;color:#a33}
+.cards,.nrow{display:flex;flex-wrap:wrap;gap:8px;margin:8px 0}.nrow.cross{background:#fff3f0}
+.card{width:112px;font-size:11px;overflow:hidden}.card.query{border-right:3px solid #888;padding-right:6px}
+.thumb{width:96px;height:96px;object-fit:contain;background:#eee;display:block}
+.thumb.missing{font-size:10px;color:#a33;overflow:hidden;padding:2px;box-sizing:border-box}
+.path{white-space:nowrap;overflow:hidden;text-overflow:ellipsis}.sim{align-self:center;font-size:12px}
+img.plot{max-width:100%}figure{margin:8px 0}.row{display:flex;flex-wrap:wrap;gap:0 32px}
+#plots figure{display:inline-block;vertical-align:top;max-width:49%;margin-right:8px}
+table.kv td{max-width:420px;overflow-wrap:anywhere}
+#map-wrap{position:relative}#map-svg{width:100%;max-width:800px;border:1px solid #ddd}
+circle.pt{opacity:.8}circle.wrong{stroke:#000;stroke-width:2}
+#map-tip{position:absolute;background:#fff;border:1px solid #999;padding:4px;font-size:11px;
+pointer-events:none;max-width:200px}#map-tip img{max-width:96px;max-height:96px;display:block}
+.legend .key{margin-right:12px}.legend i{display:inline-block;width:10px;height:10px;margin-right:4px}
+nav a{margin-right:10px}
+"""
+
+SCRIPT = """
+(function(){
+  var node=document.getElementById('map-data'); if(!node) return;
+  var points=JSON.parse(node.textContent), svg=document.getElementById('map-svg');
+  var tip=document.getElementById('map-tip'), img=document.getElementById('map-tip-img');
+  var text=document.getElementById('map-tip-text'), wrap=document.getElementById('map-wrap');
+  svg.addEventListener('mouseover',function(e){
+    var i=e.target.getAttribute&&e.target.getAttribute('data-i'); if(i===null) return;
+    var p=points[+i]; if(p.t){img.src=p.t;img.hidden=false;}else{img.hidden=true;}
+    text.textContent=p.p+' \\u00b7 '+p.s+' \\u00b7 '+p.c+(p.w?' \\u2192 predicted '+p.w:'');
+    var box=wrap.getBoundingClientRect();
+    tip.style.left=(e.clientX-box.left+12)+'px'; tip.style.top=(e.clientY-box.top+12)+'px';
+    tip.hidden=false;
+  });
+  svg.addEventListener('mouseout',function(){tip.hidden=true;});
+})();
+"""
+
+
+def page(title: str, body: str) -> str:
+    """A complete HTML document: inline style and script, no external resource."""
+    anchors = [a for a in ("settings", "metrics", "plots", "mistakes", "map", "neighbours",
+                           "duplicates", "skipped", "ranking") if f'id="{a}"' in body]
+    nav = "".join(f'<a href="#{a}">{a}</a>' for a in anchors)
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "
+        "img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'\">"
+        f"<link rel=\"icon\" href=\"data:,\"><title>{esc(title)}</title><style>{STYLE}</style>"
+        f"</head><body><h1>{esc(title)}</h1><nav>{nav}</nav>{body}"
+        f"<script>{SCRIPT}</script></body></html>\n"
+    )
+
+
+def after_fit(cache: Any, directory: Path, report: bool = True) -> list[str]:
+    """What `probe fit` adds once its run files are written: a one-line warning when the
+    cache has near-duplicate pairs across splits, and report.html (unless `report` is
+    False). Returns the notes for the user; a report that fails is a note, never a lost run.
+    """
+    from .duplicates import leakage_warning
+
+    notes = []
+    try:
+        warning = leakage_warning(cache)
+    except Exception as error:  # noqa: BLE001 - a check must not fail a saved run
+        warning = (f"warning: the duplicate check failed ({type(error).__name__}: {error}); "
+                   f"run `probe duplicates {_display(cache.path)}`")
+    if warning:
+        notes.append(warning)
+    if report:
+        try:
+            write_report(directory)
+        except Exception as error:  # noqa: BLE001 - the run itself is already saved
+            notes.append(f"warning: report.html could not be written ({type(error).__name__}: "
+                         f"{error}); retry with `probe report {_display(directory)}`")
+    return notes
