@@ -340,15 +340,14 @@ class FeatureCache:
         """
         from . import data
         from .errors import DatasetError
+        from .settings import SplitSettings
 
         old = self.source_records()
         problem = ""
         try:
-            found = data.discover(
-                self.attrs["dataset_root"], self.attrs.get("labels_file") or None,
-                float(self.attrs.get("val_fraction", 0.15)),
-                float(self.attrs.get("test_fraction", 0.15)), int(self.attrs.get("seed", 0)),
-            )
+            split = SplitSettings.from_attrs(self.attrs)  # label files per split, too
+            found = data.discover(self.attrs["dataset_root"], split.labels, split.val_fraction,
+                                  split.test_fraction, split.seed)
         except DatasetError as error:
             new: SourceRecords = {}
             problem = str(error)
@@ -711,8 +710,8 @@ def _check_attrs(path: Path, attrs: dict) -> None:
     version = attrs.get("format_version")
     if _is_int(version) and version > FORMAT_VERSION:
         raise CacheError(
-            f"this cache was written by a newer probe (format {version}); upgrade probe or "
-            f"rebuild it with `probe extract --rebuild`. Received: path='{display(path)}'"
+            f"this cache was written by a newer probe (format {version}); upgrade probe, or "
+            f"run `probe extract` with its dataset to rebuild it. Received: path='{display(path)}'"
         )
     for key, (required, rule, promise) in ATTR_RULES.items():
         if (key in attrs or required) and not rule(attrs.get(key)):

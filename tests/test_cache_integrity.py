@@ -174,8 +174,8 @@ def test_an_unsealed_cache_is_read_and_rewritten_with_a_checksum(cache, colours)
     assert not old.sealed and same_contents(contents(old), expected)
     assert "carries no checksum" in old.damage()
 
-    again = probe.extract(colours, "vgg16", weights="none", image_size=32)
-    assert again.report["status"] == "extracted" and again.report["extracted"] == 0
+    again, report = probe.extract_with_report(colours, "vgg16", weights="none", image_size=32)
+    assert report.status == "extracted" and report.extracted == 0
     assert again.sealed and again.damage() == ""
     assert same_contents(contents(again), expected)
 
@@ -236,8 +236,8 @@ def test_extract_rebuilds_a_damaged_cache(cache, colours, damage):
     assert contents(rebuilt).keys() == expected.keys()
     for split in rebuilt.splits:
         np.testing.assert_allclose(rebuilt.features(split), expected[split][0], rtol=1e-5, atol=1e-6)
-    again = probe.extract(colours, "vgg16", weights="none", image_size=32)
-    assert again.report["status"] == "up to date"
+    again, report = probe.extract_with_report(colours, "vgg16", weights="none", image_size=32)
+    assert report.status == "up to date"
 
 
 def test_verify_finds_a_nan_in_a_cache_without_header(cache, tmp_path):
