@@ -110,7 +110,8 @@ def samples_in_order(root: Path) -> list[Path]:
 
 def emit(scope: str, figure: str, value) -> None:
     if isinstance(value, float):
-        value = f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+        # four significant digits, so a printed ratio can be checked against its rates
+        value = f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
     print(f"{scope} {figure} {value}", flush=True)
 
 
