@@ -1,14 +1,14 @@
 """Process-wide settings and start-up overlap, each against its baseline in the same run.
 
-1. Thread layout and oneDNN: `probe.extract` end to end (folded model, decoding threads)
+1. Start-up: the time from "build the model" to the first batch's features, when the
+   first call is traced after the first batch is decoded (what extraction does) and when it
+   is traced in a background thread while the first batch is decoded. Rounds alternate.
+2. Thread layout and oneDNN: `probe.extract` end to end (folded model, decoding threads)
    in a fresh process per setting, settings applied before TensorFlow starts:
    TensorFlow's defaults; one intra-op thread (the other core left to decoding); one
    decoding worker; oneDNN graph rewrites off (TF_ENABLE_ONEDNN_OPTS=0). The settings are
    run round-robin, --rounds times, and the median is printed with its ratio to the
    defaults.
-2. Start-up: the time from "build the model" to the first batch's features, when the first
-   call is traced after the first batch is decoded (what extraction does) and when it is
-   traced in a background thread while the first batch is decoded. Rounds alternate.
 
 Every figure is one line `<scope> <figure> <value>`.
 
@@ -137,13 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--no-layouts", action="store_true",
+                        help="measure the start-up overlap only")
     args = parser.parse_args(argv)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="probe-levers-"))
     work.mkdir(parents=True, exist_ok=True)
     root = make_dataset(work / f"photos-{args.n}", args.n)
     emit("machine", "load_average_1min", os.getloadavg()[0])
-    thread_layouts(root, args.backbone, work, args.rounds)
     startup_overlap(root, args.backbone, args.batch_size, max(args.rounds, 2))
+    if not args.no_layouts:
+        thread_layouts(root, args.backbone, work, args.rounds)
     emit("machine", "load_average_1min_end", os.getloadavg()[0])
     return 0
 
