@@ -3,7 +3,10 @@ the plain Keras recipe.
 
 For each backbone, at its native size (or --image-size), on N generated photo-like JPEGs:
 
-1. limit: the Keras model alone on decoded, preprocessed tensors in memory;
+1. limit: the Keras model alone on decoded, preprocessed tensors in memory, unfolded and
+   with its BatchNormalizations folded into the convolutions (what extraction runs), in
+   turns, with the speed-up, the largest relative feature difference and the start-up
+   pieces (build, fold, trace); then one core's decoding rate (Pillow + preprocessing);
 2. extract: `probe.extract` end to end, from the files to a finished cache;
 3. keras: `keras.utils.image_dataset_from_directory` mapped through the backbone's
    `preprocess_input`, then `model.predict`, features kept in memory;
@@ -108,24 +111,66 @@ def samples_in_order(root: Path) -> list[Path]:
 
 def emit(scope: str, figure: str, value) -> None:
     if isinstance(value, float):
-        value = f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+        # four significant digits, so a printed ratio can be checked against its rates
+        value = f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
     print(f"{scope} {figure} {value}", flush=True)
 
 
-def measure_limit(spec, size: int, root: Path, batch_size: int, precision: str) -> float:
-    """Images/s of the model alone on preprocessed tensors in memory (after one warm-up
-    batch, so tracing is not counted)."""
+def measure_model(spec, size: int, root: Path, batch_size: int, precision: str) -> dict:
+    """The Keras model alone on preprocessed tensors in memory, unfolded and with its
+    BatchNormalizations folded (`probe.fold`, what extraction runs), batch by batch in
+    turns so that outside load hits both alike; each after one warm-up batch, so tracing
+    is not counted. Also the start-up pieces: building the model, folding it, and the
+    first call (tracing plus one batch) less one steady batch; and the largest difference
+    between the two models' features relative to the largest feature."""
+    from probe import fold
     from probe.extract import build_model
 
     pixels = np.stack([data.load_image(p, size) for p in samples_in_order(root)])
     inputs = spec.preprocess_input(pixels)
     del pixels
-    model = build_model(spec, "none", size, "avg", 0, precision)
-    model.predict_on_batch(inputs[:batch_size])
-    start = time.perf_counter()
-    for i in range(0, len(inputs), batch_size):
-        model.predict_on_batch(inputs[i:i + batch_size])
-    return len(inputs) / (time.perf_counter() - start)
+    batches = [inputs[i:i + batch_size] for i in range(0, len(inputs), batch_size)]
+    os.environ[fold.FOLD_ENV] = "0"
+    try:
+        started = time.perf_counter()
+        unfolded = build_model(spec, "none", size, "avg", 0, precision)
+        build_seconds = time.perf_counter() - started
+    finally:
+        del os.environ[fold.FOLD_ENV]
+    started = time.perf_counter()
+    folded = fold.fold_batchnorm(unfolded)
+    fold_seconds = time.perf_counter() - started
+    models = {"unfolded": unfolded, "folded": folded}
+    first_call, seconds, outputs = {}, {k: 0.0 for k in models}, {k: [] for k in models}
+    for key, model in models.items():
+        started = time.perf_counter()
+        model.predict_on_batch(batches[0])
+        first_call[key] = time.perf_counter() - started
+    for batch in batches:
+        for key, model in models.items():
+            started = time.perf_counter()
+            outputs[key].append(np.asarray(model.predict_on_batch(batch), dtype=np.float32))
+            seconds[key] += time.perf_counter() - started
+    a, b = np.concatenate(outputs["unfolded"]), np.concatenate(outputs["folded"])
+    per_batch = {k: seconds[k] / len(batches) for k in models}
+    return {"unfolded": len(inputs) / seconds["unfolded"],
+            "folded": len(inputs) / seconds["folded"],
+            "build_s": build_seconds, "fold_s": fold_seconds,
+            "trace_unfolded_s": first_call["unfolded"] - per_batch["unfolded"],
+            "trace_folded_s": first_call["folded"] - per_batch["folded"],
+            "max_rel_diff": float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-30))}
+
+
+def measure_decoding(spec, size: int, root: Path) -> float:
+    """Milliseconds of one core to decode one image and apply the backbone's
+    preprocessing (what the decoding threads do per image). Counted in this thread's CPU
+    time (Pillow and numpy do this work in the calling thread), so that other processes
+    sharing the cores do not inflate it."""
+    paths = samples_in_order(root)
+    started = time.thread_time()
+    for path in paths:
+        spec.preprocess_input(data.load_image(path, size)[None])
+    return (time.thread_time() - started) / len(paths) * 1e3
 
 
 def measure_extract(name: str, size: int, root: Path, cache_dir: Path, batch_size: int,
@@ -334,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
          f"{tf.__version__}, keras {keras.__version__}")
     emit("machine", "bf16", "supported" if bf16_reason is None else f"unsupported: {bf16_reason}")
     emit("setting", "command", " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])))
+    emit("machine", "load_average_1min", os.getloadavg()[0])
     start = time.perf_counter()
     root = make_dataset(work / f"photos-{args.n}", args.n)
     emit("setting", "images", f"{args.n} JPEGs ~500x375 in {len(CLASSES)} classes, "
@@ -350,8 +396,12 @@ def main(argv: list[str] | None = None) -> int:
             tag = "" if precision == "float32" else f"_{precision}"
             figures: dict[str, list[float]] = {"limit": [], "extract": [], "keras": [],
                                                "steady": [], "startup": []}
+            model_figures: dict[str, list[float]] = {}
             for _ in range(args.repeats):
-                figures["limit"].append(measure_limit(spec, size, root, args.batch_size, precision))
+                measured = measure_model(spec, size, root, args.batch_size, precision)
+                for key, value in measured.items():
+                    model_figures.setdefault(key, []).append(value)
+                figures["limit"].append(measured["folded"])
                 seconds, steady, startup, caches[precision] = measure_extract(
                     name, size, root, work / f"cache-{name}-{precision}", args.batch_size,
                     precision)
@@ -362,7 +412,13 @@ def main(argv: list[str] | None = None) -> int:
                     figures["keras"].append(args.n / measure_keras_recipe(spec, size, root,
                                                                           args.batch_size))
             rate = {k: statistics.median(v) for k, v in figures.items() if v}
-            emit(name, f"limit{tag}_img_per_s", rate["limit"])
+            model = {k: statistics.median(v) for k, v in model_figures.items()}
+            emit(name, f"limit_unfolded{tag}_img_per_s", model["unfolded"])
+            emit(name, f"limit{tag}_img_per_s", model["folded"])
+            emit(name, f"fold{tag}_speedup", model["folded"] / model["unfolded"])
+            emit(name, f"fold{tag}_max_rel_diff", f"{max(model_figures['max_rel_diff']):.2e}")
+            for key in ("build_s", "fold_s", "trace_unfolded_s", "trace_folded_s"):
+                emit(name, f"{key[:-2]}{tag}_s", model[key])
             emit(name, f"extract{tag}_img_per_s", rate["extract"])
             emit(name, f"extract{tag}_over_limit", rate["extract"] / rate["limit"])
             emit(name, f"extract{tag}_steady_img_per_s", rate["steady"])
@@ -375,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
                 emit(name, "keras_img_per_s", rate["keras"])
                 emit(name, "extract_over_keras", rate["extract"] / rate["keras"])
             if precision == "float32":
+                decode_ms = measure_decoding(spec, size, root)
+                emit(name, "decode_ms_per_image_one_core", decode_ms)
+                emit(name, "decode_img_per_s_per_core", 1e3 / decode_ms)
+                emit(name, "load_average_1min", os.getloadavg()[0])
                 extract_seconds = args.n / rate["extract"]
                 if args.image_size is None:
                     native_rates[name] = rate["extract"]

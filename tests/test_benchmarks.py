@@ -1,32 +1,74 @@
-"""The extraction benchmark runs, on a tiny setting, and prints every figure."""
+"""The extraction benchmark runs on a tiny setting and prints well-formed, consistent
+figures: one `<scope> <figure> <value>` line each, ratios that match the rates they are
+made of, and folded features equal to the unfolded ones within 1e-4 relative."""
 
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+LINE = re.compile(r"^(\w+) (\w+) (\S.*)$")
 
 
-def test_extract_benchmark_runs_on_a_tiny_setting(tmp_path):
+def run_benchmark(tmp_path) -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "extract.py"), "--n", "15",
-         "--backbones", "vgg16", "--image-size", "32", "--heads", "logreg",
+         "--backbones", "resnet50", "--image-size", "32", "--heads", "logreg",
          "--memory-sizes", "15", "--memory-image-size", "32", "--workdir", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    figures = {}
+    figures: dict[str, str] = {}
     for line in result.stdout.splitlines():
-        scope, figure, value = (line.split(" ", 2) + ["", ""])[:3]
-        figures[f"{scope} {figure}"] = value
-    for key in ("vgg16 limit_img_per_s", "vgg16 extract_img_per_s", "vgg16 keras_img_per_s",
-                "vgg16 extract_over_limit", "vgg16 extract_over_keras", "vgg16 fit_logreg_s",
-                "vgg16 extract_over_fit_logreg", "memory_15 peak_rss_mb"):
-        assert float(figures[key]) > 0, key
+        match = LINE.match(line)
+        assert match, f"not a '<scope> <figure> <value>' line: {line!r}"
+        key = f"{match[1]} {match[2]}"
+        assert key not in figures, f"{key} printed twice"
+        figures[key] = match[3]
+    return figures
+
+
+def number(figures: dict[str, str], key: str) -> float:
+    value = float(figures[key])
+    assert math.isfinite(value), key
+    return value
+
+
+def close(a: float, b: float, rel: float = 0.01) -> bool:
+    return abs(a - b) <= rel * max(abs(a), abs(b))
+
+
+def test_extract_benchmark_prints_consistent_figures(tmp_path):
+    figures = run_benchmark(tmp_path)
+    scope = "resnet50"
+    rates = {key: number(figures, f"{scope} {key}") for key in (
+        "limit_unfolded_img_per_s", "limit_img_per_s", "extract_img_per_s", "keras_img_per_s",
+        "decode_img_per_s_per_core")}
+    assert all(rate > 0 for rate in rates.values()), rates
+    # every ratio is the quotient of the rates printed with it
+    assert close(number(figures, f"{scope} fold_speedup"),
+                 rates["limit_img_per_s"] / rates["limit_unfolded_img_per_s"])
+    assert close(number(figures, f"{scope} extract_over_keras"),
+                 rates["extract_img_per_s"] / rates["keras_img_per_s"])
+    assert close(number(figures, f"{scope} extract_over_limit"),
+                 rates["extract_img_per_s"] / rates["limit_img_per_s"])
+    assert close(number(figures, f"{scope} decode_img_per_s_per_core"),
+                 1e3 / number(figures, f"{scope} decode_ms_per_image_one_core"))
+    # resnet50 has BatchNormalizations to fold: the same features up to float rounding
+    difference = number(figures, f"{scope} fold_max_rel_diff")
+    assert 0 < difference <= 1e-4
+    for key in ("build_s", "fold_s", "fit_logreg_s"):
+        assert number(figures, f"{scope} {key}") > 0, key
+    assert number(figures, "memory_15 peak_rss_mb") > 100
+    assert number(figures, "machine load_average_1min") >= 0
     if figures["machine bf16"] == "supported":
-        assert float(figures["vgg16 speedup_bf16"]) > 0
-        assert 0.9 < float(figures["vgg16 cosine_bf16_vs_float32"]) <= 1.0 + 1e-6
-        assert "vgg16 logreg_test_accuracy_bf16" in figures
+        assert number(figures, f"{scope} speedup_bf16") > 0
+        assert 0.9 < number(figures, f"{scope} cosine_bf16_vs_float32") <= 1.0 + 1e-6
+    else:
+        assert figures["machine bf16"].startswith("unsupported: ")
+        assert f"{scope} speedup_bf16" not in figures
     assert len(list((tmp_path / "photos-15").glob("*/*.jpg"))) == 15

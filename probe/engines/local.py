@@ -121,15 +121,21 @@ def _forward(model, inputs: np.ndarray | None, count: int) -> np.ndarray:
 def build_model(spec: backbones.BackboneSpec, weights, size: int, pooling: str, seed: int | None,
                 precision: str = "float32"):
     """The frozen backbone; with precision "bf16" under Keras' "mixed_bfloat16" policy
-    (variables stay float32, so the weights are the same). The global policy is restored."""
+    (variables stay float32, so the weights are the same). The global policy is restored.
+    BatchNormalizations after convolutions are folded into them (`probe.fold`; the same
+    features up to float rounding, PROBE_FOLD_BATCHNORM=0 turns it off)."""
+    from ..fold import for_inference
+
     if precision == "float32":
-        return spec.build(weights=weights, image_size=size, pooling=pooling, seed=seed)
+        return for_inference(spec.build(weights=weights, image_size=size, pooling=pooling,
+                                        seed=seed))
     from .._keras import keras
 
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
-        return spec.build(weights=weights, image_size=size, pooling=pooling, seed=seed)
+        return for_inference(spec.build(weights=weights, image_size=size, pooling=pooling,
+                                        seed=seed))
     finally:
         keras.mixed_precision.set_global_policy(previous)
 
