@@ -18,7 +18,7 @@ from .errors import (
 from .extract import extract
 from .finetune import finetune
 from .heads import DenseHead, LogisticHead, load_head, make_head
-from .inference import Prediction, export, predict
+from .inference import Prediction, export, load_images, predict
 from .runs import Run, fit
 from .compare import Comparison, compare; from .demo import run_demo, write_digits  # noqa: E702
 
@@ -30,7 +30,7 @@ __all__ = [
     "Dataset", "Sample", "discover", "load_image",
     "ProbeError", "BackboneError", "WeightsError", "DatasetError", "CacheError",
     "CacheMismatchError", "SourceChangedError", "NotFittedError", "RunError",
-    "extract", "fit", "predict", "export", "Run", "Prediction",
+    "extract", "fit", "predict", "export", "load_images", "Run", "Prediction",
     "LogisticHead", "DenseHead", "make_head", "load_head",
     "finetune",
     "compare", "Comparison", "run_demo", "write_digits",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 
@@ -12,7 +13,8 @@ import click
 
 from . import backbones, cache as cache_mod
 from .errors import ProbeError
-from .report import format_table
+from .progress import Advanced, Note, Started
+from .report import format_interval, format_table
 
 
 def _fail_cleanly(command):
@@ -231,38 +233,67 @@ def head_params(head, C, hidden_units, dropout, epochs, learning_rate, head_batc
 
 
 @main.command("fit")
+@click.argument("cache_file", required=False, type=click.Path(), metavar="[CACHE]")
 @click.option("--cache", "cache_path", type=click.Path(dir_okay=False), default=None,
               help="The cache file [default: the one in the cache directory, or the newest].")
 @click.option("--backbone", "-b", default=None, help="Use the newest cache of this backbone.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               envvar="PROBE_CACHE_DIR", help="Cache directory [default: ./.probe].")
+@click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the run directory goes [default: <cache dir>/runs].")
 @head_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--strict", is_flag=True, help="Fail if the cache's source images changed.")
 @_fail_cleanly
-def fit_command(cache_path, backbone, cache_dir, head, C, hidden_units, dropout, epochs,
-                learning_rate, head_batch_size, patience, class_weight, seed, strict) -> None:
-    """Train a head on cached features and report test metrics.
+def fit_command(cache_file, cache_path, backbone, cache_dir, runs_dir, head, C, hidden_units,
+                dropout, epochs, learning_rate, head_batch_size, patience, class_weight, seed,
+                strict) -> None:
+    """Train a head on cached features and report its scores with 95% intervals.
 
-    Writes a run directory (.probe/runs/<time>-<backbone>-<head>/) with metrics.json,
-    confusion_matrix.png, curves.png (dense: per epoch; logreg: the C sweep), config.json and the head.
+    fit reads a feature cache written by `probe extract` (CACHE or --cache: a cache file;
+    default: the newest cache). Train fits, validation chooses (C, early stopping), test
+    reports; without a test split the scores are on validation, labelled as such. Writes a
+    run directory (.probe/runs/<time>-<backbone>-<head>/) with metrics.json,
+    confusion_matrix.png, curves.png (dense: per epoch; logreg: the C sweep, so none
+    without a validation split), config.json and the head.
 
     Example: probe fit --head dense
     """
-    from .runs import fit, summary_rows
+    from .runs import fit, summary_columns, summary_rows
 
+    cache_path = _fit_cache_argument(cache_file, cache_path)
     params = head_params(head, C, hidden_units, dropout, epochs, learning_rate,
                          head_batch_size, patience, class_weight, seed)
-    run = fit(cache_path, head, backbone=backbone, cache_dir=cache_dir, strict=strict, **params)
+    run = fit(cache_path, head, backbone=backbone, cache_dir=cache_dir, runs_dir=runs_dir,
+              strict=strict, **params)
     for note in run.notes:
         click.echo(note, err=True)
     metrics = run.metrics
-    split = metrics["split"]
     click.echo(f"{run.config['backbone']} + {head} on {run.config['cache']}")
     if "C" in metrics:
-        click.echo(f"C chosen on validation: {metrics['C']:g}" if C is None else f"C: {C:g}")
-    click.echo(format_table(summary_rows(metrics), ["metric", split]))
+        if C is not None:
+            click.echo(f"C: {C:g}")
+        elif metrics.get("selected_on"):
+            click.echo(f"C chosen on validation: {metrics['C']:g}")
+        else:
+            click.echo(f"C: {metrics['C']:g} (the default: no validation split to choose it on)")
+    click.echo(format_table(summary_rows(metrics), summary_columns(metrics)))
     click.echo(f"Run: {run.path}")
+
+
+def _fit_cache_argument(cache_file, cache_path):
+    """The cache named by `probe fit CACHE` or --cache; a dataset directory gets a hint."""
+    if cache_file is None:
+        return cache_path
+    if cache_path is not None:
+        raise click.UsageError("give the cache once: as CACHE or with --cache, not both")
+    if os.path.isdir(cache_file):
+        raise ProbeError(
+            f"`probe fit` reads a feature cache, not a dataset: '{cache_file}' is a directory. "
+            f"Extract it first with `probe extract {cache_file}`, then run `probe fit` (a "
+            "directory of caches goes with --cache-dir)."
+        )
+    return cache_file
 
 
 @main.command("predict")
@@ -293,10 +324,12 @@ def predict_command(run, images, output, batch_size) -> None:
             rows.append([r.path, r.predicted, *(f"{r.probabilities[c]:.4f}" for c in classes), ""])
     click.echo(_table(rows, ["path", "predicted", *classes, "error"]))
     failed = sum(1 for r in results if r.error)
-    if failed:
-        click.echo(f"{failed} of {len(results)} files could not be decoded", err=True)
     if output:
         click.echo(f"Wrote {output}", err=True)
+    if failed == len(results):
+        raise click.ClickException(f"none of the {failed} files could be decoded (see the error column)")
+    if failed:
+        click.echo(f"{failed} of {len(results)} files could not be decoded", err=True)
 
 
 @main.command("export")
@@ -340,60 +373,180 @@ def _stop_on_sigterm() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
               help="Where the new run goes [default: next to RUN].")
+@click.option("--strict", is_flag=True, help="Fail if the cache's source images changed.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @_fail_cleanly
 def finetune_command(run, unfreeze, epochs, learning_rate, batch_size, no_augment, patience,
-                     seed, runs_dir, quiet) -> None:
+                     seed, runs_dir, strict, quiet) -> None:
     """Fine-tune a run end to end on its images, with the backbone's top blocks unfrozen.
 
     RUN is a run of `probe fit` (a dense or logistic head). Backbone and head become one
     model; the last --unfreeze blocks of the backbone train with a low learning rate (every
     BatchNormalization layer stays frozen), on the run's own train / validation / test
-    images, with augmentation and early stopping on validation loss. Writes a new run
-    directory with the report of `probe fit`, the before / after comparison on the test
-    split and model.keras, which `probe predict` and `probe export` use.
+    images, with augmentation and early stopping on validation loss. Epoch 0 (the run's
+    head before any training) is the baseline: when no epoch beats it, the new model is
+    that baseline and the command says so. Writes a new run directory with the report of
+    `probe fit`, the before / after comparison on the test split and model.keras, which
+    `probe predict` and `probe export` use.
 
     Example: probe finetune .probe/runs/20260101-120000-vgg16-dense --unfreeze 1
     """
-    from .finetune import comparison_rows, epoch_line, estimate_line, finetune, start_line
+    from .finetune import comparison_rows, finetune
+    from .runs import score_label
 
-    bar = None
-
-    def show(event: str, info: dict) -> None:
-        nonlocal bar
-        if event in ("start", "estimate"):
-            if bar is not None:
-                click.echo("", err=True)
-            line = start_line if event == "start" else estimate_line
-            click.echo(line(info), err=True)
-        elif event == "batch":
-            if bar is None:
-                bar = click.progressbar(length=info["steps"], file=sys.stderr,
-                                        label=f"epoch {info['epoch']}/{info['epochs']}")
-                bar.__enter__()
-            bar.update(1)
-        elif event == "epoch":
-            if bar is not None:
-                bar.__exit__(None, None, None)
-                bar = None
-            click.echo(epoch_line(info), err=True)
-
+    shown = _Events(quiet)
     try:
         result = finetune(
             run, unfreeze, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
             augment=not no_augment, patience=patience, seed=seed, runs_dir=runs_dir,
-            progress=False if quiet else show)
+            strict=strict, progress=shown)
     finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
+        shown.close()
     metrics = result.metrics
     settings = result.config["finetune"]
     click.echo(f"{result.config['backbone']} + {result.config['head']}, fine-tuned with "
                f"{', '.join(settings['blocks'])} unfrozen: best epoch {metrics['best_epoch']} "
-               f"of {metrics['epochs_run']}")
+               f"of {metrics['epochs_run']} (0: before training)")
     click.echo(format_table(comparison_rows(metrics), ["metric", "before", "after"]))
-    click.echo(f"({metrics['split']} split; before: the source run's head on the same images)")
+    click.echo(f"({score_label(metrics)} split, 95% interval of the accuracy after: "
+               f"{format_interval(metrics.get('accuracy_ci'))}; before: the source run's head "
+               "on the same images)")
     click.echo(f"Run: {result.path}")
+
+
+# --- sentences of progress events ---------------------------------------------------------
+
+
+def format_duration(seconds: float) -> str:
+    """12 s, 3 min, 1.5 h."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
+def estimate_line(info) -> str:
+    """The time estimate of a fine-tuning as one sentence."""
+    return (f"about {format_duration(info['seconds_per_epoch'])} per epoch on this machine "
+            f"({info['device']}): about {format_duration(info['seconds_total'])} for "
+            f"{_epochs(info['epochs'])}")
+
+
+def start_line(info) -> str:
+    """What a fine-tuning is about to do."""
+    slow = " On a CPU this is slow." if info["device"] == "CPU" else ""
+    return (f"Fine-tuning {info['backbone']} with {', '.join(info['blocks'])} unfrozen "
+            f"({info['trainable_parameters']:,} trainable parameters) on {info['train']} "
+            f"training images, up to {_epochs(info['epochs'])}.{slow}")
+
+
+def epoch_line(done: int, total: int, logs) -> str:
+    """One fine-tuning epoch's losses and accuracies."""
+    parts = [f"{key} {logs[key]:.4f}" for key in ("loss", "accuracy", "val_loss", "val_accuracy")
+             if key in logs]
+    return f"epoch {done}/{total}: " + ", ".join(parts)
+
+
+def note_line(event) -> str | None:
+    """The sentence of a Note event that the user must see even with --quiet."""
+    details = event.details
+    if event.kind == "source-changed":
+        return f"warning: {details['message']} (--strict makes this an error)"
+    if event.kind == "validation-scores":
+        return ("no test split: the scores are on the validation split that chose the epoch "
+                "(optimistic); add a test split for an unbiased score")
+    if event.kind == "no-improvement":
+        return (f"no epoch beat epoch 0 (the source run's head before any training, validation "
+                f"loss {details['baseline_val_loss']:.4f}) in {_epochs(details['epochs_run'])}: "
+                "the new run keeps that model")
+    return None
+
+
+class _Events:
+    """Renders the library's progress events on stderr: extraction bars, a line per
+    backbone and fit of a comparison, fine-tuning lines and a bar per epoch. With quiet,
+    only the notes that change what the results mean."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.extraction = _Progress(quiet)
+        self.bar = None
+
+    def __call__(self, event) -> None:
+        handler = {"extract": self._extract, "compare": self._compare,
+                   "finetune": self._finetune}.get(event.stage)
+        if handler is not None:
+            handler(event)
+
+    def _extract(self, event) -> None:
+        if isinstance(event, Started):
+            self.extraction.close()
+            self.extraction = _Progress(self.quiet)
+            self.extraction.start(dict(event.details))
+        elif isinstance(event, Advanced):
+            self.extraction.update(event.done, event.total)
+
+    def _compare(self, event) -> None:
+        details = event.details
+        if isinstance(event, Note):
+            self.extraction.close()
+            if event.kind == "backbone":
+                self._say(f"[{details['index'] + 1}/{details['total']}] {details['backbone']}")
+            elif event.kind == "extraction-failed":
+                self._say(f"  {details['backbone']} failed: {details['error']}")
+            elif event.kind == "extracted" and details["up_to_date"]:
+                self._say(f"  cache up to date: {details['path']}")
+        elif isinstance(event, Advanced):
+            error = details.get("error")
+            if error and not error.startswith("extraction failed"):
+                self._say(f"  {details['head']} failed: {error}")
+            elif not error:
+                self._say(f"  {details['head']}: {details['split_role']} accuracy "
+                          f"{details['accuracy']:.4f} {format_interval(details['accuracy_ci'])} "
+                          f"({details['fit_seconds']:.1f} s)")
+
+    def _finetune(self, event) -> None:
+        if isinstance(event, Note):
+            line = note_line(event)
+            if line is not None:
+                self._end_bar()
+                click.echo(line, err=True)
+            elif event.kind == "estimate":
+                self._end_bar()
+                self._say(estimate_line(event.details))
+        elif isinstance(event, Started):
+            self._say(start_line(event.details))
+        elif isinstance(event, Advanced) and event.details.get("unit") == "batch":
+            if self.bar is None and not self.quiet:
+                self.bar = click.progressbar(length=event.total, file=sys.stderr,
+                                             label=f"epoch {event.details['epoch']}/"
+                                                   f"{event.details['epochs']}")
+                self.bar.__enter__()
+            if self.bar is not None:
+                self.bar.update(1)
+        elif isinstance(event, Advanced):
+            self._end_bar()
+            self._say(epoch_line(event.done, event.total, event.details.get("logs", {})))
+
+    def _end_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+    def close(self) -> None:
+        self.extraction.close()
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+    def _say(self, message: str) -> None:
+        if not self.quiet:
+            click.echo(message, err=True)
 
 
 # --- compare and demo -------------------------------------------------------------------
@@ -421,49 +574,13 @@ def _compare_head_params(heads, C, hidden_units, dropout, epochs, learning_rate,
             for head in parse_names(heads, ()) if head in ("logreg", "dense")}
 
 
-class _CompareProgress:
-    """Progress of a comparison on stderr: one line per backbone and fit, and an
-    extraction progress bar."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.bar = _Progress(quiet)
-
-    def on_start(self, info: dict) -> None:
-        self.bar.start(info)
-
-    def progress(self, done: int, total: int) -> None:
-        self.bar.update(done, total)
-
-    def event(self, kind: str, info: dict) -> None:
-        if kind == "extract":
-            self.bar.close()
-            self.bar = _Progress(self.quiet)
-            self._say(f"[{info['index'] + 1}/{info['total']}] {info['backbone']}")
-        elif kind == "extracted":
-            self.bar.close()
-            if info["error"]:
-                self._say(f"  {info['backbone']} failed: {info['error']}")
-            elif info["cache"].report["status"] == "up to date":
-                self._say(f"  cache up to date: {info['cache'].path}")
-        elif kind == "fitted":
-            if info["error"]:
-                self._say(f"  {info['head']} failed: {info['error']}")
-            else:
-                metrics = info["run"].metrics
-                self._say(f"  {info['head']}: {metrics['split']} accuracy "
-                          f"{metrics['accuracy']:.4f} ({metrics['fit_seconds']:.1f} s)")
-
-    def close(self) -> None:
-        self.bar.close()
-
-    def _say(self, message: str) -> None:
-        if not self.quiet:
-            click.echo(message, err=True)
-
-
 def _show_comparison(result) -> None:
+    from .compare import score_note
+
     click.echo(result.table())
+    note = score_note(result)
+    if note:
+        click.echo(note)
     by_error: dict[str, list[str]] = {}
     for record in result.failed:  # one line per reason: a backbone fails for all its heads
         by_error.setdefault(record["error"], []).append(f"{record['backbone']} + {record['head']}")
@@ -473,8 +590,11 @@ def _show_comparison(result) -> None:
     best = result.best
     if best is None:
         raise click.ClickException("no backbone and head finished; see the errors above")
-    click.echo(f"Best: {best['backbone']} + {best['head']} ({best['split']} accuracy "
-               f"{best['accuracy']:.4f}): {best['run']}")
+    tied = [f"{r['backbone']} + {r['head']}" for r in result if r.get("tied") == "yes"]
+    click.echo(f"Best: {best['backbone']} + {best['head']} ({best['split_role']} accuracy "
+               f"{best['accuracy']:.4f} {format_interval(best.get('accuracy_ci'))}): {best['run']}")
+    if tied:
+        click.echo(f"Tied with the best (overlapping 95% intervals): {', '.join(tied)}")
     click.echo(f"  probe predict {best['run']} IMAGES...")
     click.echo(f"  probe export {best['run']} OUT.keras")
 
@@ -482,25 +602,32 @@ def _show_comparison(result) -> None:
 @main.command("compare")
 @click.argument("dataset", type=click.Path())
 @click.option("--backbones", default="vgg16,resnet50", show_default=True,
-              help="Comma-separated backbone names (see `probe backbones`).")
+              help="Comma-separated backbone names (see `probe backbones`), or 'all'.")
 @click.option("--heads", default="logreg,dense", show_default=True,
               help="Comma-separated heads: logreg, dense.")
-@_options_except(extraction_options, "backbone")
+@_options_except(extraction_options, "backbone", "image_size")
+@click.option("--image-size", default=None,
+              help="Pixels, 'auto' (each backbone's minimum) or 'auto:N' (N, raised to each "
+                   "backbone's minimum) [default: each backbone's native size].")
+@click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the comparison directory goes [default: <cache dir>/runs].")
 @dataset_options
 @_options_except(head_options, "head")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines or bars.")
 @_fail_cleanly
-def compare_command(dataset, backbones, heads, weights, image_size, pooling, batch_size,
-                    cache_dir, labels, val_fraction, test_fraction, seed, C, hidden_units,
-                    dropout, epochs, learning_rate, head_batch_size, patience, class_weight,
-                    quiet) -> None:
+def compare_command(dataset, backbones, heads, weights, image_size, runs_dir, pooling,
+                    batch_size, cache_dir, labels, val_fraction, test_fraction, seed, C,
+                    hidden_units, dropout, epochs, learning_rate, head_batch_size, patience,
+                    class_weight, quiet) -> None:
     """Compare backbones and heads on DATASET and rank them.
 
     Extracts what is not cached yet (every existing cache is reused), fits every head on
     every backbone's features with identical splits and prints a ranked table. Writes
     compare.csv, compare.md and compare.png into .probe/runs/<time>-compare/, with one
     run directory per backbone and head; the best run is ready for `probe predict` and
-    `probe export`. A backbone that fails gets a row saying why; the others still run.
+    `probe export`. Each accuracy comes with its 95% interval; rows whose interval overlaps
+    the best one's are marked tied. A backbone that fails gets a row saying why; the others
+    still run.
 
     Example: probe compare cats_vs_dogs/ --backbones vgg16,resnet50,densenet121 --heads logreg,dense
     """
@@ -508,13 +635,13 @@ def compare_command(dataset, backbones, heads, weights, image_size, pooling, bat
 
     params = _compare_head_params(heads, C, hidden_units, dropout, epochs, learning_rate,
                                   head_batch_size, patience, class_weight, seed)
-    shown = _CompareProgress(quiet)
+    shown = _Events(quiet)
     try:
         result = compare(dataset, backbones, heads, weights=weights, image_size=image_size,
                          pooling=pooling, labels=labels, val_fraction=val_fraction,
                          test_fraction=test_fraction, seed=seed, batch_size=batch_size,
-                         cache_dir=cache_dir, head_params=params, progress=shown.progress,
-                         on_start=shown.on_start, on_event=shown.event)
+                         cache_dir=cache_dir, runs_dir=runs_dir, head_params=params,
+                         progress=shown)
     finally:
         shown.close()
     _show_comparison(result)
@@ -553,12 +680,12 @@ def demo_command(out, per_class, backbones, heads, image_size, weights, seed, ca
     """
     from .demo import run_demo
 
-    shown = _CompareProgress(quiet)
+    shown = _Events(quiet)
     try:
         result = run_demo(out, per_class=per_class, backbones=backbones, heads=heads,
                           image_size=image_size, weights=weights, seed=seed,
                           cache_dir=cache_dir, log=lambda message: click.echo(message, err=True),
-                          progress=shown.progress, on_start=shown.on_start, on_event=shown.event)
+                          progress=shown)
     finally:
         shown.close()
     _show_comparison(result)

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import backbones as backbones_mod, cache as cache_mod
 from .compare import Comparison, compare, parse_names
+from .progress import ProgressCallback
 from .errors import DatasetError, WeightsError
 
 __all__ = ["run_demo", "write_digits", "imagenet_available", "DEMO_BACKBONES", "DEMO_PER_CLASS", "DEMO_IMAGE_SIZE"]
@@ -98,9 +99,7 @@ def run_demo(
     cache_dir: str | os.PathLike | None = None,
     head_params: dict | None = None,
     log: Callable[[str], None] | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    on_start: Callable[[dict], None] | None = None,
-    on_event: Callable[[str, dict], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> Comparison:
     """Write the digits dataset, extract, fit both heads on every backbone and compare.
 
@@ -120,8 +119,7 @@ def run_demo(
         if weights == "none":
             say(OFFLINE_NOTE)
     return compare(root, names, heads, weights=weights, image_size=image_size, seed=seed,
-                   cache_dir=cache_dir, head_params=head_params, progress=progress,
-                   on_start=on_start, on_event=on_event)
+                   cache_dir=cache_dir, head_params=head_params, progress=progress)
 
 
 def imagenet_available(backbone: str, image_size: int | None = None) -> bool:

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 import probe
 from probe import backbones, data
 from probe.cli import main
-from probe.errors import BackboneError, FinetuneError, ProbeError
+from probe.errors import BackboneError, FinetuneError, ProbeError, SourceChangedError
+from probe.progress import Advanced, Finished, Note, Started
 
 from conftest import make_separable_tree
 
@@ -109,7 +110,7 @@ def test_finetune_vgg16_run_predict_and_export(tmp_path):
     source = _dense_run(tmp_path)
     events = []
     run = probe.finetune(source, unfreeze=1, epochs=2, learning_rate=1e-4, batch_size=8,
-                         progress=lambda event, info: events.append((event, info)))
+                         progress=events.append)
 
     # the run directory is complete and says what was done
     for name in ("config.json", "metrics.json", "confusion_matrix.png", "curves.png",
@@ -124,14 +125,25 @@ def test_finetune_vgg16_run_predict_and_export(tmp_path):
     assert config["finetune"]["source_run"] == str(source.path.resolve())
 
     # the validation metric is computed each epoch; before / after on the test split
-    names = [event for event, _ in events]
-    assert names[0] == "start" and "estimate" in names and names[-1] == "end"
-    epochs = [info for event, info in events if event == "epoch"]
-    assert 1 <= len(epochs) <= 2 and {"val_loss", "val_accuracy"} <= set(epochs[0]["logs"])
-    estimate = next(info for event, info in events if event == "estimate")
-    assert estimate["seconds_per_epoch"] > 0 and estimate["device"] == "CPU"
+    assert all(event.stage == "finetune" for event in events)
+    assert isinstance(events[0], Started) and isinstance(events[-1], Finished)
+    assert events[0].details["blocks"] == ["block5"] and events[0].total == 2
+    epochs = [e for e in events if isinstance(e, Advanced) and e.details["unit"] == "epoch"]
+    assert 1 <= len(epochs) <= 2 and {"val_loss", "val_accuracy"} <= set(epochs[0].details["logs"])
+    assert [e.done for e in epochs] == list(range(1, len(epochs) + 1))
+    estimate = next(e for e in events if isinstance(e, Note) and e.kind == "estimate")
+    assert estimate.details["seconds_per_epoch"] > 0 and estimate.details["device"] == "CPU"
     metrics = run.metrics
-    assert metrics["split"] == "test" and 0 <= metrics["accuracy"] <= 1
+    assert metrics["split"] == "test" and metrics["split_role"] == "test"
+    test_labels = probe.FeatureCache.open(source.config["cache"]).split("test").labels
+    assert metrics["n_samples"] == len(test_labels)
+    low, high = metrics["accuracy_ci"]
+    assert low <= metrics["accuracy"] <= high and high - low > 0
+    # epoch 0 is the baseline: the kept epoch is the one with the lowest validation loss,
+    # epoch 0 included
+    losses = [metrics["baseline_val_loss"]] + [e.details["logs"]["val_loss"] for e in epochs]
+    assert metrics["best_epoch"] == int(np.argmin(losses))
+    assert metrics["kept_baseline"] == (metrics["best_epoch"] == 0)
     assert metrics["before"]["accuracy"] == pytest.approx(source.metrics["accuracy"])
     assert metrics["before"]["log_loss"] == pytest.approx(source.metrics["log_loss"], abs=1e-3)
     assert metrics["comparison"]["accuracy"]["after"] == metrics["accuracy"]
@@ -161,12 +173,40 @@ def test_finetune_vgg16_run_predict_and_export(tmp_path):
         probe.finetune(run, unfreeze=1)
 
 
+def test_no_epoch_better_than_epoch_0_keeps_the_source_model(tmp_path):
+    from conftest import make_image
+
+    source = _dense_run(tmp_path)
+    events = []
+    # a learning rate this large wrecks the unfrozen block: no epoch beats epoch 0
+    run = probe.finetune(source, unfreeze=1, epochs=2, learning_rate=50.0, batch_size=8,
+                         patience=1, augment=False, progress=events.append)
+    metrics = run.metrics
+    assert metrics["best_epoch"] == 0 and metrics["kept_baseline"] is True
+    notes = [e for e in events if isinstance(e, Note) and e.kind == "no-improvement"]
+    assert len(notes) == 1 and notes[0].details["baseline_val_loss"] == metrics["baseline_val_loss"]
+    # the saved model is the baseline: it scores exactly as the source run's head
+    assert metrics["accuracy"] == metrics["before"]["accuracy"]
+    assert metrics["log_loss"] == pytest.approx(metrics["before"]["log_loss"], abs=1e-5)
+    assert metrics["log_loss"] == pytest.approx(source.metrics["log_loss"], abs=1e-3)
+
+    # the source images are checked as `fit` checks them
+    root = probe.FeatureCache.open(source.config["cache"]).attrs["dataset_root"]
+    make_image(tmp_path / "colours" / "red" / "added.png", seed=3)
+    assert str(tmp_path / "colours") == root
+    events.clear()
+    probe.finetune(source, unfreeze=1, epochs=1, batch_size=8, progress=events.append)
+    changed = [e for e in events if isinstance(e, Note) and e.kind == "source-changed"]
+    assert len(changed) == 1 and "1 added" in changed[0].details["message"]
+    with pytest.raises(SourceChangedError, match="1 added"):
+        probe.finetune(source, unfreeze=1, epochs=1, strict=True)
+
+
 def test_batchnorm_statistics_unchanged_resnet50(tmp_path):
     import keras
 
     source = _dense_run(tmp_path, "resnet50")
-    run = probe.finetune(source, unfreeze=1, epochs=1, learning_rate=1e-3, batch_size=8,
-                         progress=False)
+    run = probe.finetune(source, unfreeze=1, epochs=1, learning_rate=1e-3, batch_size=8)
     model = keras.saving.load_model(run.path / "model.keras", safe_mode=True)
     rebuilt = backbones.get("resnet50").build("none", 32)
     tuned = model.get_layer(rebuilt.name)
