@@ -7,7 +7,10 @@ measured on val is a score of the data the choices were made on, so it is labell
 
 Intervals: Wilson's score interval for accuracy (a proportion); a seeded percentile
 bootstrap over the reported images for balanced accuracy and macro F1, computed for all
-resamples at once from their confusion matrices.
+resamples at once from their confusion matrices. A percentile bootstrap can not see beyond
+the reported images: when every one of them is right, every resample scores 1.0 and the
+interval collapses to [1.0, 1.0]; the accuracy's Wilson interval, which does not collapse,
+is the one to read then.
 """
 
 from __future__ import annotations
