@@ -146,20 +146,25 @@ def test_finetune_vgg16_run_predict_and_export(tmp_path):
     # epoch 0 is the baseline: the kept epoch is the one with the lowest validation loss,
     # epoch 0 included
     losses = [metrics["baseline_val_loss"]] + [e.details["logs"]["val_loss"] for e in epochs]
-    assert metrics["best_epoch"] == int(np.argmin(losses)) >= 1
-    assert metrics["kept_baseline"] is False
+    assert metrics["best_epoch"] == int(np.argmin(losses))
+    assert metrics["kept_baseline"] == (metrics["best_epoch"] == 0)
     assert metrics["before"]["accuracy"] == pytest.approx(source.metrics["accuracy"])
     assert metrics["before"]["log_loss"] == pytest.approx(source.metrics["log_loss"], abs=1e-3)
     assert metrics["comparison"]["accuracy"]["after"] == metrics["accuracy"]
 
-    # the trainable weights were exactly block5's and the head's
+    # the trainable weights were exactly block5's and the head's; the kept weights are an
+    # epoch's that beat epoch 0, or epoch 0's (the source backbone, unchanged). Which one
+    # depends on CPU training, not bit-for-bit repeatable: both outcomes are checked.
     model = keras.saving.load_model(run.path / "model.keras", safe_mode=True)
     rebuilt = backbones.get("vgg16").build("none", 32)
-    changed = {layer.name for layer in model.get_layer(rebuilt.name).layers
+    tuned = model.get_layer(rebuilt.name)
+    trainable = {layer.name for layer in tuned.layers if layer.trainable_weights}
+    assert trainable == {"block5_conv1", "block5_conv2", "block5_conv3"}
+    changed = {layer.name for layer in tuned.layers
                if layer.weights and not all(
                    np.array_equal(a, b) for a, b in zip(layer.get_weights(),
                                                         rebuilt.get_layer(layer.name).get_weights()))}
-    assert changed and all(name.startswith("block5_") for name in changed)
+    assert changed <= trainable and bool(changed) == (metrics["best_epoch"] > 0)
 
     # predict and export use the fine-tuned model
     cache = probe.FeatureCache.open(source.config["cache"])
@@ -206,13 +211,20 @@ def test_no_epoch_better_than_epoch_0_keeps_the_source_model(tmp_path):
         probe.finetune(source, unfreeze=1, epochs=1, strict=True)
 
 
-def test_batchnorm_statistics_unchanged_resnet50(tmp_path):
+def test_batchnorm_statistics_unchanged_resnet50(tmp_path, monkeypatch):
     import keras
 
+    import importlib
+
+    finetune_mod = importlib.import_module("probe.finetune")  # probe.finetune is the function
+
     source = _dense_run(tmp_path, "resnet50", untrained=True)
-    run = probe.finetune(source, unfreeze=1, epochs=2, learning_rate=1e-4, batch_size=8,
+    # any trained epoch beats this epoch 0, so the saved weights are trained ones
+    monkeypatch.setattr(finetune_mod, "_baseline_loss", lambda job: float("inf"))
+    run = probe.finetune(source, unfreeze=1, epochs=1, learning_rate=1e-4, batch_size=8,
                          augment=False)
-    assert run.metrics["best_epoch"] >= 1  # trained weights were kept, not epoch 0's
+    assert run.metrics["best_epoch"] == 1
+
     model = keras.saving.load_model(run.path / "model.keras", safe_mode=True)
     rebuilt = backbones.get("resnet50").build("none", 32)
     tuned = model.get_layer(rebuilt.name)
