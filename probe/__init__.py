@@ -20,7 +20,7 @@ from .extract import ExtractionReport, extract, extract_with_report
 from .settings import ExtractionSettings, SplitSettings, Weights
 from .finetune import finetune
 from .heads import DenseHead, LogisticHead, load_head, make_head
-from .inference import Prediction, export, predict
+from .inference import Prediction, export, load_images, predict
 from .runs import Run, fit
 from .compare import Comparison, compare; from .demo import run_demo, write_digits  # noqa: E702
 from .duplicates import DuplicateGroup, DuplicateImage, DuplicatePair, Duplicates, find_duplicates
@@ -35,7 +35,8 @@ __all__ = [
     "ProbeError", "BackboneError", "WeightsError", "DatasetError", "CacheError",
     "CacheMismatchError", "SourceChangedError", "NotFittedError", "RunError",
     "extract", "extract_with_report", "ExtractionReport", "RayOptions",
-    "ExtractionSettings", "SplitSettings", "Weights", "fit", "predict", "export", "Run", "Prediction",
+    "ExtractionSettings", "SplitSettings", "Weights", "fit", "predict", "export", "load_images",
+    "Run", "Prediction",
     "LogisticHead", "DenseHead", "make_head", "load_head",
     "finetune",
     "compare", "Comparison", "run_demo", "write_digits",

@@ -778,11 +778,30 @@ def _read_error(path, error: BaseException | str) -> CacheError:
             "HDF5_USE_FILE_LOCKING=FALSE, or put the cache on a local disk with --cache-dir "
             "or PROBE_CACHE_DIR."
         )
+    if Path(path).suffix.lower() != ".h5" and not _has_hdf5_signature(path):
+        return CacheError(
+            f"expected a probe feature cache (an HDF5 file written by `probe extract`); "
+            f"'{display(path)}' is not one. Pass a cache file (see `probe cache ls`), or "
+            "extract the dataset first with `probe extract DATASET`."
+        )
     return CacheError(
         f"cache file '{display(path)}' is corrupt or truncated ({error}); delete it and run "
         "`probe extract` again to rebuild it (it is rebuilt from the images, reusing nothing "
         "from the damaged file)."
     )
+
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _has_hdf5_signature(path) -> bool:
+    """Whether the file starts like an HDF5 file. A file that neither does nor is named
+    like a cache (*.h5), a photo say, must never be called a damaged cache to delete."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE
+    except OSError:
+        return True  # unreadable: keep the damaged-cache message, which names the error
 
 
 def display(path) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import sys
 import threading
@@ -13,16 +14,18 @@ import time
 import click
 
 from . import backbones, cache as cache_mod, settings
-from .compare import compare, parse_names
+from .compare import compare, parse_names, score_note
 from .demo import DEMO_BACKBONES, DEMO_IMAGE_SIZE, DEMO_PER_CLASS, run_demo
 from .engines.ray import RayOptions
+from .duplicates import DEFAULT_THRESHOLD, find_duplicates
 from .errors import ProbeError
 from .extract import extract_with_report
-from .finetune import comparison_rows, epoch_line, estimate_line, finetune, start_line
+from .finetune import comparison_rows, finetune
+from .html import write_report
 from .inference import export, predict
 from .progress import Advanced, Event, Finished, Note, Started
-from .report import format_table
-from .runs import Run, fit, summary_rows
+from .report import format_interval, format_table
+from .runs import Run, fit, score_label, summary_columns, summary_rows
 
 # A seed any part of probe accepts (NumPy's and Keras' seeds are 32-bit).
 SEED = click.IntRange(0, settings.MAX_SEED)
@@ -105,18 +108,33 @@ BACKBONE_OPTION = click.option("--backbone", "-b", default="vgg16", show_default
                                help="Backbone name (see `probe backbones`).")
 CACHE_DIR_OPTION = click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
                                 envvar="PROBE_CACHE_DIR", help="Cache directory [default: ./.probe].")
-EXTRACTION_OPTIONS = (
-    click.option("--weights", default="imagenet", show_default=True,
-                 help="'imagenet' (downloaded once), 'none' (random) or a weights file."),
-    click.option("--image-size", type=int, default=None,
-                 help=f"Input size in pixels, at most {backbones.MAX_IMAGE_SIZE} "
-                      "[default: the backbone's native size]."),
-    click.option("--pooling", type=click.Choice(backbones.POOLINGS), default="avg",
-                 show_default=True, help="'none' keeps the spatial feature map."),
-    click.option("--batch-size", type=int, default=settings.DEFAULT_BATCH_SIZE,
-                 show_default=True, help=f"Images per batch (1 to {settings.MAX_BATCH_SIZE})."),
-    CACHE_DIR_OPTION,
-)
+RUNS_DIR_OPTION = click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
+                               help="Where run directories go [default: <cache dir>/runs].")
+IMAGE_SIZE_OPTION = click.option(
+    "--image-size", type=int, default=None,
+    help=f"Input size in pixels, at most {backbones.MAX_IMAGE_SIZE} "
+         "[default: the backbone's native size].")
+COMPARE_IMAGE_SIZE_OPTION = click.option(
+    "--image-size", default=None,
+    help="Pixels, 'auto' (each backbone's minimum) or 'auto:N' (N, raised to each "
+         "backbone's minimum) [default: each backbone's native size].")
+
+
+def EXTRACTION_OPTIONS_FOR(image_size=IMAGE_SIZE_OPTION) -> tuple:
+    """The options that define the features; compare takes its own --image-size."""
+    return (
+        click.option("--weights", default="imagenet", show_default=True,
+                     help="'imagenet' (downloaded once), 'none' (random) or a weights file."),
+        image_size,
+        click.option("--pooling", type=click.Choice(backbones.POOLINGS), default="avg",
+                     show_default=True, help="'none' keeps the spatial feature map."),
+        click.option("--batch-size", type=int, default=settings.DEFAULT_BATCH_SIZE,
+                     show_default=True, help=f"Images per batch (1 to {settings.MAX_BATCH_SIZE})."),
+        CACHE_DIR_OPTION,
+    )
+
+
+EXTRACTION_OPTIONS = EXTRACTION_OPTIONS_FOR()
 
 
 ENGINE_OPTIONS = (
@@ -280,39 +298,65 @@ def head_params(head, C, hidden_units, dropout, epochs, learning_rate, head_batc
 
 
 @main.command("fit")
+@click.argument("cache_file", required=False, type=click.Path(), metavar="[CACHE]")
 @click.option("--cache", "cache_path", type=click.Path(dir_okay=False), default=None,
               help="The cache file [default: the one in the cache directory, or the newest].")
 @click.option("--backbone", "-b", default=None, help="Use the newest cache of this backbone.")
 @CACHE_DIR_OPTION
+@RUNS_DIR_OPTION
 @_apply(HEAD_OPTION, *HEAD_PARAMETER_OPTIONS)
 @click.option("--seed", type=SEED, default=settings.DEFAULT_SEED, show_default=True)
 @click.option("--strict", is_flag=True, help="Fail if the cache's source images changed.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
 @_fail_cleanly
-def fit_command(cache_path, backbone, cache_dir, head, C, hidden_units, dropout, epochs,
-                learning_rate, head_batch_size, patience, class_weight, seed, strict,
-                no_report) -> None:
-    """Train a head on cached features and report test metrics.
+def fit_command(cache_file, cache_path, backbone, cache_dir, runs_dir, head, C, hidden_units,
+                dropout, epochs, learning_rate, head_batch_size, patience, class_weight, seed,
+                strict, no_report) -> None:
+    """Train a head on cached features and report its scores with 95% intervals.
 
-    Writes a run directory (.probe/runs/<time>-<backbone>-<head>/) with metrics.json,
-    confusion_matrix.png, curves.png (dense: per epoch; logreg: the C sweep), config.json, the head
-    and report.html (see `probe report`). Warns when images are duplicated across splits.
+    fit reads a feature cache written by `probe extract` (CACHE or --cache: a cache file;
+    default: the newest cache). Train fits, validation chooses (C, early stopping), test
+    reports; without a test split the scores are on validation, labelled as such. Writes a
+    run directory (.probe/runs/<time>-<backbone>-<head>/) with metrics.json,
+    confusion_matrix.png, curves.png (dense: per epoch; logreg: the C sweep, so none
+    without a validation split), config.json, the head and report.html (see `probe
+    report`). Warns when images are duplicated across splits.
 
     Example: probe fit --head dense
     """
+    cache_path = _fit_cache_argument(cache_file, cache_path)
     params = head_params(head, C, hidden_units, dropout, epochs, learning_rate,
                          head_batch_size, patience, class_weight, seed)
-    run = fit(cache_path, head, backbone=backbone, cache_dir=cache_dir, strict=strict,
-              html_report=not no_report, **params)
+    run = fit(cache_path, head, backbone=backbone, cache_dir=cache_dir, runs_dir=runs_dir,
+              strict=strict, html_report=not no_report, **params)
     for note in run.notes:
         click.echo(note, err=True)
     metrics = run.metrics
-    split = metrics["split"]
     click.echo(f"{run.config['backbone']} + {head} on {run.config['cache']}")
     if "C" in metrics:
-        click.echo(f"C chosen on validation: {metrics['C']:g}" if C is None else f"C: {C:g}")
-    click.echo(format_table(summary_rows(metrics), ["metric", split]))
+        if C is not None:
+            click.echo(f"C: {C:g}")
+        elif metrics.get("selected_on"):
+            click.echo(f"C chosen on validation: {metrics['C']:g}")
+        else:
+            click.echo(f"C: {metrics['C']:g} (the default: no validation split to choose it on)")
+    click.echo(format_table(summary_rows(metrics), summary_columns(metrics)))
     click.echo(f"Run: {run.path}")
+
+
+def _fit_cache_argument(cache_file, cache_path):
+    """The cache named by `probe fit CACHE` or --cache; a dataset directory gets a hint."""
+    if cache_file is None:
+        return cache_path
+    if cache_path is not None:
+        raise click.UsageError("give the cache once: as CACHE or with --cache, not both")
+    if os.path.isdir(cache_file):
+        raise ProbeError(
+            f"`probe fit` reads a feature cache, not a dataset: '{cache_file}' is a directory. "
+            f"Extract it first with `probe extract {cache_file}`, then run `probe fit` (a "
+            "directory of caches goes with --cache-dir)."
+        )
+    return cache_file
 
 
 @main.command("predict")
@@ -340,10 +384,12 @@ def predict_command(run, images, output, batch_size) -> None:
             rows.append([r.path, r.predicted, *(f"{r.probabilities[c]:.4f}" for c in classes), ""])
     click.echo(_table(rows, ["path", "predicted", *classes, "error"]))
     failed = sum(1 for r in results if r.error)
-    if failed:
-        click.echo(f"{failed} of {len(results)} files could not be decoded", err=True)
     if output:
         click.echo(f"Wrote {output}", err=True)
+    if failed == len(results):
+        raise click.ClickException(f"none of the {failed} files could be decoded (see the error column)")
+    if failed:
+        click.echo(f"{failed} of {len(results)} files could not be decoded", err=True)
 
 
 @main.command("export")
@@ -385,58 +431,170 @@ def _stop_on_sigterm() -> None:
 @click.option("--seed", type=SEED, default=settings.DEFAULT_SEED, show_default=True)
 @click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
               help="Where the new run goes [default: next to RUN].")
+@click.option("--strict", is_flag=True, help="Fail if the cache's source images changed.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @_fail_cleanly
 def finetune_command(run, unfreeze, epochs, learning_rate, batch_size, no_augment, patience,
-                     seed, runs_dir, quiet) -> None:
+                     seed, runs_dir, strict, quiet) -> None:
     """Fine-tune a run end to end on its images, with the backbone's top blocks unfrozen.
 
     RUN is a run of `probe fit` (a dense or logistic head). Backbone and head become one
     model; the last --unfreeze blocks of the backbone train with a low learning rate (every
     BatchNormalization layer stays frozen), on the run's own train / validation / test
-    images, with augmentation and early stopping on validation loss. Writes a new run
-    directory with the report of `probe fit`, the before / after comparison on the test
-    split and model.keras, which `probe predict` and `probe export` use.
+    images, with augmentation and early stopping on validation loss. Epoch 0 (the run's
+    head before any training) is the baseline: when no epoch beats it, the new model is
+    that baseline and the command says so. Writes a new run directory with the report of
+    `probe fit`, the before / after comparison on the test split and model.keras, which
+    `probe predict` and `probe export` use.
 
     Example: probe finetune .probe/runs/20260101-120000-vgg16-dense --unfreeze 1
     """
-    bar = None
 
-    def show(event: str, info: dict) -> None:
-        nonlocal bar
-        if event in ("start", "estimate"):
-            if bar is not None:
-                click.echo("", err=True)
-            line = start_line if event == "start" else estimate_line
-            click.echo(line(info), err=True)
-        elif event == "batch":
-            if bar is None:
-                bar = click.progressbar(length=info["steps"], file=sys.stderr,
-                                        label=f"epoch {info['epoch']}/{info['epochs']}")
-                bar.__enter__()
-            bar.update(1)
-        elif event == "epoch":
-            if bar is not None:
-                bar.__exit__(None, None, None)
-                bar = None
-            click.echo(epoch_line(info), err=True)
-
+    shown = _Events(quiet)
     try:
         result = finetune(
             run, unfreeze, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
             augment=not no_augment, patience=patience, seed=seed, runs_dir=runs_dir,
-            progress=False if quiet else show)
+            strict=strict, progress=shown)
     finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
+        shown.close()
     metrics = result.metrics
-    settings = result.config["finetune"]
+    tuned = result.config["finetune"]
     click.echo(f"{result.config['backbone']} + {result.config['head']}, fine-tuned with "
-               f"{', '.join(settings['blocks'])} unfrozen: best epoch {metrics['best_epoch']} "
-               f"of {metrics['epochs_run']}")
+               f"{', '.join(tuned['blocks'])} unfrozen: best epoch {metrics['best_epoch']} "
+               f"of {metrics['epochs_run']} (0: before training)")
     click.echo(format_table(comparison_rows(metrics), ["metric", "before", "after"]))
-    click.echo(f"({metrics['split']} split; before: the source run's head on the same images)")
+    click.echo(f"({score_label(metrics)} split, 95% interval of the accuracy after: "
+               f"{format_interval(metrics.get('accuracy_ci'))}; before: the source run's head "
+               "on the same images)")
     click.echo(f"Run: {result.path}")
+
+
+# --- sentences of progress events ---------------------------------------------------------
+
+
+def format_duration(seconds: float) -> str:
+    """12 s, 3 min, 1.5 h."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
+def estimate_line(info) -> str:
+    """The time estimate of a fine-tuning as one sentence."""
+    return (f"about {format_duration(info['seconds_per_epoch'])} per epoch on this machine "
+            f"({info['device']}): about {format_duration(info['seconds_total'])} for "
+            f"{_epochs(info['epochs'])}")
+
+
+def start_line(info) -> str:
+    """What a fine-tuning is about to do."""
+    slow = " On a CPU this is slow." if info["device"] == "CPU" else ""
+    return (f"Fine-tuning {info['backbone']} with {', '.join(info['blocks'])} unfrozen "
+            f"({info['trainable_parameters']:,} trainable parameters) on {info['train']} "
+            f"training images, up to {_epochs(info['epochs'])}.{slow}")
+
+
+def epoch_line(done: int, total: int, logs) -> str:
+    """One fine-tuning epoch's losses and accuracies."""
+    parts = [f"{key} {logs[key]:.4f}" for key in ("loss", "accuracy", "val_loss", "val_accuracy")
+             if key in logs]
+    return f"epoch {done}/{total}: " + ", ".join(parts)
+
+
+def note_line(event) -> str | None:
+    """The sentence of a Note event that the user must see even with --quiet."""
+    details = event.details
+    if event.kind == "source-changed":
+        return f"warning: {details['message']} (--strict makes this an error)"
+    if event.kind == "validation-scores":
+        return ("no test split: the scores are on the validation split that chose the epoch "
+                "(optimistic); add a test split for an unbiased score")
+    if event.kind == "no-improvement":
+        return (f"no epoch beat epoch 0 (the source run's head before any training, validation "
+                f"loss {details['baseline_val_loss']:.4f}) in {_epochs(details['epochs_run'])}: "
+                "the new run keeps that model")
+    return None
+
+
+class _Events:
+    """Renders the library's progress events on stderr: extraction bars, a line per
+    backbone and fit of a comparison, fine-tuning lines and a bar per epoch. With quiet,
+    only the notes that change what the results mean."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.extraction = _Progress(quiet)
+        self.bar = None
+
+    def __call__(self, event: Event) -> None:
+        handler = {"extract": self.extraction, "demo": self.extraction,
+                   "compare": self._compare, "finetune": self._finetune}.get(event.stage)
+        if handler is not None:
+            handler(event)
+
+    def _compare(self, event) -> None:
+        details = event.details
+        if isinstance(event, Note):
+            self.extraction.close()
+            if event.kind == "backbone":
+                self._say(f"[{details['index'] + 1}/{details['total']}] {details['backbone']}")
+            elif event.kind == "extraction-failed":
+                self._say(f"  {details['backbone']} failed: {details['error']}")
+            elif event.kind == "extracted" and details["up_to_date"]:
+                self._say(f"  cache up to date: {details['path']}")
+        elif isinstance(event, Advanced):
+            error = details.get("error")
+            if error and not error.startswith("extraction failed"):
+                self._say(f"  {details['head']} failed: {error}")
+            elif not error:
+                self._say(f"  {details['head']}: {details['split_role']} accuracy "
+                          f"{details['accuracy']:.4f} {format_interval(details['accuracy_ci'])} "
+                          f"({details['fit_seconds']:.1f} s)")
+
+    def _finetune(self, event) -> None:
+        if isinstance(event, Note):
+            line = note_line(event)
+            if line is not None:
+                self._end_bar()
+                click.echo(line, err=True)
+            elif event.kind == "estimate":
+                self._end_bar()
+                self._say(estimate_line(event.details))
+        elif isinstance(event, Started):
+            self._say(start_line(event.details))
+        elif isinstance(event, Advanced) and event.details.get("unit") == "batch":
+            if self.bar is None and not self.quiet:
+                self.bar = click.progressbar(length=event.total, file=sys.stderr,
+                                             label=f"epoch {event.details['epoch']}/"
+                                                   f"{event.details['epochs']}")
+                self.bar.__enter__()
+            if self.bar is not None:
+                self.bar.update(1)
+        elif isinstance(event, Advanced):
+            self._end_bar()
+            self._say(epoch_line(event.done, event.total, event.details.get("logs", {})))
+
+    def _end_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+    def close(self) -> None:
+        self.extraction.close()
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+    def _say(self, message: str) -> None:
+        if not self.quiet:
+            click.echo(message, err=True)
 
 
 # --- compare and demo -------------------------------------------------------------------
@@ -449,35 +607,11 @@ def _compare_head_params(heads, C, hidden_units, dropout, epochs, learning_rate,
             for head in parse_names(heads, ()) if head in ("logreg", "dense")}
 
 
-class _CompareProgress(_Progress):
-    """Progress of a comparison on stderr: one line per backbone and fit, and the
-    extraction events of `_Progress`."""
-
-    def event(self, kind: str, info: dict) -> None:
-        if kind == "extract":
-            self.close()
-            self._line(f"[{info['index'] + 1}/{info['total']}] {info['backbone']}")
-        elif kind == "extracted":
-            self.close()
-            if info["error"]:
-                self._line(f"  {info['backbone']} failed: {info['error']}")
-            elif info["report"].status == "up to date":
-                self._line(f"  cache up to date: {info['cache'].path}")
-        elif kind == "fitted":
-            if info["error"]:
-                self._line(f"  {info['head']} failed: {info['error']}")
-            else:
-                metrics = info["run"].metrics
-                self._line(f"  {info['head']}: {metrics['split']} accuracy "
-                           f"{metrics['accuracy']:.4f} ({metrics['fit_seconds']:.1f} s)")
-
-    def _line(self, message: str) -> None:
-        if not self.quiet:
-            _say(message)
-
-
 def _show_comparison(result) -> None:
     click.echo(result.table())
+    note = score_note(result)
+    if note:
+        click.echo(note)
     by_error: dict[str, list[str]] = {}
     for record in result.failed:  # one line per reason: a backbone fails for all its heads
         by_error.setdefault(record["error"], []).append(f"{record['backbone']} + {record['head']}")
@@ -488,8 +622,11 @@ def _show_comparison(result) -> None:
     best = result.best
     if best is None:
         raise click.ClickException("no backbone and head finished; see the errors above")
-    click.echo(f"Best: {best['backbone']} + {best['head']} ({best['split']} accuracy "
-               f"{best['accuracy']:.4f}): {best['run']}")
+    tied = [f"{r['backbone']} + {r['head']}" for r in result if r.get("tied") == "yes"]
+    click.echo(f"Best: {best['backbone']} + {best['head']} ({best['split_role']} accuracy "
+               f"{best['accuracy']:.4f} {format_interval(best.get('accuracy_ci'))}): {best['run']}")
+    if tied:
+        click.echo(f"Tied with the best (overlapping 95% intervals): {', '.join(tied)}")
     click.echo(f"  probe predict {best['run']} IMAGES...")
     click.echo(f"  probe export {best['run']} OUT.keras")
 
@@ -497,37 +634,39 @@ def _show_comparison(result) -> None:
 @main.command("compare")
 @click.argument("dataset", type=click.Path())
 @click.option("--backbones", default="vgg16,resnet50", show_default=True,
-              help="Comma-separated backbone names (see `probe backbones`).")
+              help="Comma-separated backbone names (see `probe backbones`), or 'all'.")
 @click.option("--heads", default="logreg,dense", show_default=True,
               help="Comma-separated heads: logreg, dense.")
-@_apply(*EXTRACTION_OPTIONS, *DATASET_OPTIONS, *HEAD_PARAMETER_OPTIONS)
+@_apply(*EXTRACTION_OPTIONS_FOR(image_size=COMPARE_IMAGE_SIZE_OPTION), RUNS_DIR_OPTION,
+        *DATASET_OPTIONS, *HEAD_PARAMETER_OPTIONS)
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines or bars.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html files.")
 @_fail_cleanly
 def compare_command(dataset, backbones, heads, weights, image_size, pooling, batch_size,
-                    cache_dir, labels, val_fraction, test_fraction, seed, C, hidden_units,
-                    dropout, epochs, learning_rate, head_batch_size, patience, class_weight,
-                    quiet, no_report) -> None:
+                    cache_dir, runs_dir, labels, val_fraction, test_fraction, seed, C,
+                    hidden_units, dropout, epochs, learning_rate, head_batch_size, patience,
+                    class_weight, quiet, no_report) -> None:
     """Compare backbones and heads on DATASET and rank them.
 
     Extracts what is not cached yet (every existing cache is reused), fits every head on
     every backbone's features with identical splits and prints a ranked table. Writes
     compare.csv, compare.md, compare.png and report.html into .probe/runs/<time>-compare/,
-    with one run directory per backbone and head; the best run is ready for `probe predict` and
-    `probe export`. A backbone that fails gets a row saying why; the others still run.
+    with one run directory per backbone and head; the best run is ready for `probe predict`
+    and `probe export`. Each accuracy comes with its 95% interval; rows whose interval
+    overlaps the best one's are marked tied. A backbone that fails gets a row saying why;
+    the others still run.
 
     Example: probe compare cats_vs_dogs/ --backbones vgg16,resnet50,densenet121 --heads logreg,dense
     """
     params = _compare_head_params(heads, C, hidden_units, dropout, epochs, learning_rate,
                                   head_batch_size, patience, class_weight, seed)
-    shown = _CompareProgress(quiet)
+    shown = _Events(quiet)
     try:
         result = compare(dataset, backbones, heads, weights=weights, image_size=image_size,
                          pooling=pooling, labels=labels or None, val_fraction=val_fraction,
                          test_fraction=test_fraction, seed=seed, batch_size=batch_size,
-                         cache_dir=cache_dir, head_params=params, progress=shown,
-                         on_event=shown.event,
-                         html_report=not no_report)
+                         cache_dir=cache_dir, runs_dir=runs_dir, head_params=params,
+                         progress=shown, html_report=not no_report)
     finally:
         shown.close()
     _show_comparison(result)
@@ -560,11 +699,11 @@ def demo_command(out, per_class, backbones, heads, image_size, weights, seed, ca
 
     Example: probe demo --per-class 30 --backbones vgg16
     """
-    shown = _CompareProgress(quiet)
+    shown = _Events(quiet)
     try:
         result = run_demo(out, per_class=per_class, backbones=backbones, heads=heads,
                           image_size=image_size, weights=weights, seed=seed,
-                          cache_dir=cache_dir, progress=shown, on_event=shown.event)
+                          cache_dir=cache_dir, progress=shown)
     finally:
         shown.close()
     _show_comparison(result)
@@ -585,8 +724,6 @@ def report_command(directory, output) -> None:
 
     Example: probe report .probe/runs/20260101-120000-vgg16-logreg
     """
-    from .html import write_report
-
     path = write_report(directory, out=output)
     click.echo(f"Wrote {path} ({path.stat().st_size / 1e3:.0f} kB)")
 
@@ -612,8 +749,6 @@ def duplicates_command(cache, threshold, strict, as_json, limit, exact) -> None:
 
     Example: probe duplicates .probe/flowers-vgg16-224-avg-1a2b3c4d5e.h5 --strict
     """
-    from .duplicates import DEFAULT_THRESHOLD, find_duplicates
-
     found = find_duplicates(cache, DEFAULT_THRESHOLD if threshold is None else threshold,
                             exact=True if exact else None)
     if as_json:

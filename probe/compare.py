@@ -15,21 +15,25 @@ before any work.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as _dt
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
-from . import backbones as backbones_mod, cache as cache_mod, data, heads as heads_mod, html, report, store
-from .progress import ProgressCallback
-from .settings import TEST_FRACTION, VAL_FRACTION, SplitSettings, Weights, dataset_path
-from .errors import ProbeError
+from . import (backbones as backbones_mod, cache as cache_mod, data, evaluate, heads as heads_mod,
+               html, report, store)
+from .errors import BackboneError, ProbeError
+from .progress import Advanced, Finished, Note, ProgressCallback, Started, emit
+from .settings import DEFAULT_SEED, TEST_FRACTION, VAL_FRACTION, SplitSettings, Weights, dataset_path
 
-__all__ = ["Comparison", "compare", "parse_names", "DEFAULT_BACKBONES", "DEFAULT_HEADS"]
+__all__ = ["Comparison", "compare", "parse_names", "parse_image_size", "image_sizes",
+           "DEFAULT_BACKBONES", "DEFAULT_HEADS"]
 
 DEFAULT_BACKBONES = ("vgg16", "resnet50")
 DEFAULT_HEADS = ("logreg", "dense")
@@ -41,6 +45,8 @@ TABLE_COLUMNS = [
     ("backbone", "backbone"),
     ("head", "head"),
     ("accuracy", "accuracy"),
+    ("accuracy_ci", "accuracy_95%"),
+    ("tied", "tied"),
     ("balanced_accuracy", "balanced_acc"),
     ("macro_f1", "macro_f1"),
     ("feature_size", "features"),
@@ -49,15 +55,17 @@ TABLE_COLUMNS = [
     ("status", "status"),
 ]
 CSV_COLUMNS = [key for key, _ in TABLE_COLUMNS] + [
-    "split", "n_samples", "extraction", "image_size", "weights", "run", "cache", "error"]
+    "balanced_accuracy_ci", "macro_f1_ci", "split", "split_role", "n_samples", "extraction",
+    "image_size", "weights", "run", "cache", "error"]
+INTERVAL_KEYS = ("accuracy_ci", "balanced_accuracy_ci", "macro_f1_ci")
 
-TEXT_COLUMNS = ("backbone", "head", "status")
+TEXT_COLUMNS = ("backbone", "head", "status", "tied", "accuracy_ci")
 DECIMALS = {"accuracy": 4, "balanced_accuracy": 4, "macro_f1": 4, "images_per_second": 1,
             "fit_seconds": 2}
+# the "tied" column: the best row, and rows whose accuracy interval overlaps the best's
+BEST, TIED = "best", "yes"
 
 MESSAGE_LIMIT = 400
-
-EventCallback = Callable[[str, dict], None]
 
 
 class Comparison(list):
@@ -109,8 +117,10 @@ class Comparison(list):
         return pandas.DataFrame(list(self), columns=CSV_COLUMNS)
 
 
-def parse_names(value: str | Iterable[str] | None, default: Iterable[str]) -> list[str]:
-    """Names from a comma-separated string or a list, lower case, without repeats."""
+def parse_names(value: str | Iterable[str] | None, default: Iterable[str],
+                everything: Iterable[str] | None = None) -> list[str]:
+    """Names from a comma-separated string or a list, lower case, without repeats; "all"
+    stands for `everything` when it is given."""
     if value is None:
         items = list(default)
     elif isinstance(value, str):
@@ -120,9 +130,60 @@ def parse_names(value: str | Iterable[str] | None, default: Iterable[str]) -> li
     names = []
     for item in items:
         name = item.strip().lower()
-        if name and name not in names:
-            names.append(name)
+        expanded = list(everything) if name == "all" and everything is not None else [name]
+        names += [n for n in expanded if n and n not in names]
     return names
+
+
+def parse_image_size(value: int | str | None) -> int | str | None:
+    """`--image-size`: None (each backbone's native size), a number of pixels (every
+    backbone at that size), "auto" (each backbone at its minimum size) or "auto:N" (each
+    backbone at N, or at its minimum where N is below it)."""
+    if value is None or isinstance(value, int):
+        return value
+    text = str(value).strip().lower()
+    if text.isdigit():
+        return int(text)
+    if text == "auto" or (text.startswith("auto:") and text[5:].isdigit()):
+        return text
+    raise BackboneError(
+        "expected --image-size as a number of pixels, 'auto' (each backbone's minimum) or "
+        f"'auto:N' (N, raised to each backbone's minimum). Received: image_size={value!r}")
+
+
+def image_sizes(specs: list, image_size: int | str | None) -> list[int]:
+    """The input size of each backbone for `image_size` (see `parse_image_size`); a
+    fixed size below some backbones' minimum names all of them in one error."""
+    image_size = parse_image_size(image_size)
+    if isinstance(image_size, str):
+        floor = int(image_size[5:]) if ":" in image_size else 0
+        return [spec.check_image_size(max(spec.min_size, floor)) for spec in specs]
+    too_small = [spec for spec in specs if image_size is not None and image_size < spec.min_size]
+    if too_small:
+        named = ", ".join(f"{spec.name} needs an image size of at least {spec.min_size}"
+                          for spec in too_small)
+        raise BackboneError(
+            f"{named}; use --image-size {max(s.min_size for s in too_small)} or more, or "
+            f"--image-size auto:{image_size} (each backbone at {image_size} or its minimum, "
+            f"whichever is larger). Received: image_size={image_size}")
+    return [spec.check_image_size(image_size) for spec in specs]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a comparison needs, validated before any work."""
+
+    specs: list
+    sizes: list[int]
+    heads: list[str]
+    params: dict[str, dict]
+    found: Any  # data.Dataset
+    extraction: dict  # the keyword arguments of every extraction
+    html_report: bool = True  # report.html in every run directory
+
+    @property
+    def total(self) -> int:
+        return len(self.specs) * len(self.heads)
 
 
 def compare(
@@ -131,135 +192,206 @@ def compare(
     heads: str | Iterable[str] | None = None,
     *,
     weights: str | os.PathLike | None = "imagenet",
-    image_size: int | None = None,
+    image_size: int | str | None = None,
     pooling: str = "avg",
     labels: str | os.PathLike | None = None,
     val_fraction: float = VAL_FRACTION,
     test_fraction: float = TEST_FRACTION,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     batch_size: int = 32,
     cache_dir: str | os.PathLike | None = None,
     runs_dir: str | os.PathLike | None = None,
     head_params: dict[str, dict[str, Any]] | None = None,
     progress: ProgressCallback | None = None,
-    on_event: EventCallback | None = None,
     html_report: bool = True,
 ) -> Comparison:
     """Fit every head on every backbone's features of `dataset` and rank the results.
 
     `backbones` and `heads` are lists or comma-separated strings (default: vgg16,resnet50
-    and logreg,dense). The extraction settings are those of `probe.extract`; `image_size`
-    None means each backbone's native size. `head_params` maps a head name to its
-    parameters (e.g. `{"dense": {"epochs": 20}}`); `seed` is the default head seed.
-    `progress` receives each extraction's events; `on_event(kind, info)` is told
-    "extract", "extracted", "fit" and "fitted" as the work goes. `html_report=True` writes
-    report.html into the comparison directory and every run directory.
+    and logreg,dense; "all": every registered backbone). The extraction settings are those
+    of `probe.extract`; `image_size` None means each backbone's native size, "auto" each
+    backbone's minimum, "auto:N" N raised to each backbone's minimum. `head_params` maps a
+    head name to its parameters (e.g. `{"dense": {"epochs": 20}}`); `seed` is the default
+    head seed. `progress` receives the events of the comparison (stage "compare") and of
+    each extraction (stage "extract"). `html_report=True` writes report.html into the
+    comparison directory and every run directory.
 
-    Returns a `Comparison`: the ranked records (backbone, head, accuracy, balanced_accuracy,
-    macro_f1, feature_size, images_per_second, fit_seconds, status, error, run, ...).
+    Returns a `Comparison`: the ranked records (backbone, head, accuracy and its 95%
+    interval, tied (with the best), balanced_accuracy, macro_f1, split_role, ...).
 
     >>> table = probe.compare("digits/", "vgg16,resnet50", weights="none", image_size=64)
     >>> table.best_run, table.path
     """
-    from .extract import extract_with_report
-    from .runs import fit, new_run_dir
+    from .runs import check_writable, new_run_dir
 
-    names = parse_names(backbones, DEFAULT_BACKBONES)
+    plan = _plan(dataset, backbones, heads, image_size, head_params, seed,
+                 dict(weights=weights, pooling=pooling, labels=labels, val_fraction=val_fraction,
+                      test_fraction=test_fraction, seed=seed, batch_size=batch_size))
+    plan = dataclasses.replace(plan, html_report=html_report)
+    directory = cache_mod.resolve_cache_dir(cache_dir)
+    runs = Path(runs_dir) if runs_dir else directory / "runs"
+    check_writable(runs)
+    out = new_run_dir(runs, "compare")
+    emit(progress, Started("compare", total=plan.total,
+                           details={"backbones": [s.name for s in plan.specs], "heads": plan.heads,
+                                    "path": str(out)}))
+    records: list[dict] = []
+    for index, (spec, size) in enumerate(zip(plan.specs, plan.sizes)):
+        emit(progress, Note("compare", kind="backbone",
+                            details={"backbone": spec.name, "index": index, "total": len(plan.specs)}))
+        cache, base = _extract_one(plan, spec, size, directory, progress)
+        records += _fit_heads(plan, cache, base, out, len(records), progress)
+    result = Comparison(rank(records), out, _settings(plan, weights, image_size, pooling, labels,
+                                                      seed, val_fraction, test_fraction))
+    write_files(result)
+    if html_report:
+        html.write_report(result)
+    emit(progress, Finished("compare", details={"path": str(out), "runs": len(result),
+                                                "failed": len(result.failed)}))
+    return result
+
+
+def _plan(dataset, backbones, heads, image_size, head_params, seed, extraction) -> _Plan:
+    """Refuse before any work what is wrong for every row: unknown names, sizes below a
+    backbone's minimum, a bad pooling or weights value, head parameters, the dataset."""
+    names = parse_names(backbones, DEFAULT_BACKBONES, backbones_mod.list_backbones())
     head_names = parse_names(heads, DEFAULT_HEADS)
     if not names:
         raise ProbeError(f"expected at least one backbone. Received: backbones={backbones!r}")
     if not head_names:
         raise ProbeError(f"expected at least one head. Received: heads={heads!r}")
     specs = [backbones_mod.get(name) for name in names]  # an unknown name is refused here
-    for spec in specs:
-        spec.check_image_size(image_size)
-    backbones_mod.check_pooling(pooling)
-    weights = Weights.parse(weights, seed)  # a weights file is hashed once, not per backbone
+    sizes = image_sizes(specs, image_size)
+    backbones_mod.check_pooling(extraction["pooling"])
+    # a weights file is hashed once, not per backbone; label files resolved once
+    extraction["weights"] = Weights.parse(extraction["weights"], seed)
+    split = SplitSettings.create(extraction["labels"], extraction["val_fraction"],
+                                 extraction["test_fraction"], seed)
+    extraction["labels"] = split.labels
     params = _head_params(head_names, head_params, seed)
-    split = SplitSettings.create(labels, val_fraction, test_fraction, seed)
-    labels = split.labels  # one file or {split: file}, resolved
-    found = data.discover(dataset_path(dataset), labels, val_fraction, test_fraction, seed)
-    emit = on_event or (lambda kind, info: None)
+    found = data.discover(dataset_path(dataset), split.labels, split.val_fraction,
+                          split.test_fraction, split.seed)
+    return _Plan(specs, sizes, head_names, params, found, extraction)
 
-    directory = cache_mod.resolve_cache_dir(cache_dir)
-    out = new_run_dir(Path(runs_dir) if runs_dir else directory / "runs", "compare")
-    records: list[dict] = []
-    for index, spec in enumerate(specs):
-        emit("extract", {"backbone": spec.name, "index": index, "total": len(specs)})
-        size = spec.check_image_size(image_size)
-        base = {"backbone": spec.name, "image_size": size, "weights": None, "cache": None,
-                "feature_size": None, "images_per_second": None, "extraction": None}
-        try:
-            with warnings.catch_warnings():
-                # Keras warns per layer when a weights file does not fit, then fails: the
-                # row says why in one line instead
-                warnings.simplefilter("ignore", UserWarning)
-                cache, extraction = extract_with_report(
-                    found.root, spec.name, weights=weights, image_size=size, pooling=pooling,
-                    labels=labels, val_fraction=val_fraction, test_fraction=test_fraction,
-                    seed=seed, batch_size=batch_size, cache_dir=directory, progress=progress)
-        except Exception as error:  # noqa: BLE001 - one backbone must not stop the others
-            message = _message(error)
-            emit("extracted", {"backbone": spec.name, "error": message})
-            records += [_failed({**base, "head": head}, f"extraction failed: {message}")
-                        for head in head_names]
-            continue
-        base.update(
-            weights=cache.attrs.get("weights"),
-            cache=str(cache.path),
-            feature_size=int(np.prod(cache.feature_shape)),
-            images_per_second=_images_per_second(cache, directory),
-            extraction=("cached" if extraction.status == "up to date"
-                        else f"extracted {extraction.extracted}, reused {extraction.reused}"),
-        )
-        emit("extracted", {"backbone": spec.name, "cache": cache, "report": extraction,
-                           "error": None})
-        for head in head_names:
-            emit("fit", {"backbone": spec.name, "head": head})
+
+def _extract_one(plan: _Plan, spec, size: int, directory: Path,
+                 progress: ProgressCallback | None) -> tuple[Any, dict]:
+    """The backbone's cache (None when extraction failed) and the columns it gives every
+    row of the backbone (with the error when it failed)."""
+    from .extract import extract_with_report
+
+    base = {"backbone": spec.name, "image_size": size, "weights": None, "cache": None,
+            "feature_size": None, "images_per_second": None, "extraction": None}
+    try:
+        with warnings.catch_warnings():
+            # Keras warns per layer when a weights file does not fit, then fails: the
+            # row says why in one line instead
+            warnings.simplefilter("ignore", UserWarning)
+            cache, report_ = extract_with_report(plan.found.root, spec.name, image_size=size,
+                                                 cache_dir=directory, progress=progress,
+                                                 **plan.extraction)
+    except Exception as error:  # noqa: BLE001 - one backbone must not stop the others
+        message = _message(error)
+        emit(progress, Note("compare", kind="extraction-failed",
+                            details={"backbone": spec.name, "error": message}))
+        return None, {**base, "error": f"extraction failed: {message}"}
+    up_to_date = report_.status == "up to date"
+    base.update(
+        weights=cache.attrs.get("weights"), cache=str(cache.path),
+        feature_size=int(np.prod(cache.feature_shape)),
+        images_per_second=_images_per_second(cache, directory),
+        extraction=("cached" if up_to_date
+                    else f"extracted {report_.extracted}, reused {report_.reused}"),
+    )
+    emit(progress, Note("compare", kind="extracted",
+                        details={"backbone": spec.name, "path": str(cache.path),
+                                 "up_to_date": up_to_date}))
+    return cache, base
+
+
+def _fit_heads(plan: _Plan, cache, base: dict, out: Path, done: int,
+               progress: ProgressCallback | None) -> list[dict]:
+    """One record per head: fitted on the backbone's cache, or failed with the reason."""
+    from .runs import fit
+
+    records = []
+    for head in plan.heads:
+        if cache is None:
+            record = _failed({**base, "head": head}, base["error"])
+        else:
             try:
-                run = fit(cache, head, runs_dir=out, html_report=html_report, **params[head])
+                run = fit(cache, head, runs_dir=out, html_report=plan.html_report,
+                          **plan.params[head])
+                record = _record(base, head, run)
             except Exception as error:  # noqa: BLE001 - one fit must not stop the others
-                message = _message(error)
-                emit("fitted", {"backbone": spec.name, "head": head, "error": message})
-                records.append(_failed({**base, "head": head}, f"fit failed: {message}"))
-                continue
-            metrics = run.metrics
-            records.append({
-                **base, "head": head, "status": "ok", "error": None,
-                "accuracy": metrics["accuracy"],
-                "balanced_accuracy": metrics["balanced_accuracy"],
-                "macro_f1": metrics["macro_f1"],
-                "fit_seconds": metrics.get("fit_seconds"),
-                "split": metrics.get("split"), "n_samples": metrics.get("n_samples"),
-                "run": str(run.path),
-            })
-            emit("fitted", {"backbone": spec.name, "head": head, "run": run, "error": None})
+                record = _failed({**base, "head": head}, f"fit failed: {_message(error)}")
+        records.append(record)
+        emit(progress, Advanced("compare", done=done + len(records), total=plan.total,
+                                details={key: record.get(key) for key in (
+                                    "backbone", "head", "status", "error", "accuracy",
+                                    "accuracy_ci", "split", "split_role", "fit_seconds")}))
+    return records
 
-    ranked = rank(records)
-    settings = {
-        "dataset": str(found.root), "classes": found.classes, "weights": weights.source,
-        "image_size": image_size, "pooling": pooling, "labels": str(labels) if labels else None,
+
+def _record(base: dict, head: str, run) -> dict:
+    """The row of a finished fit."""
+    metrics = run.metrics
+    return {
+        **base, "head": head, "status": "ok", "error": None,
+        "accuracy": metrics["accuracy"],
+        "balanced_accuracy": metrics["balanced_accuracy"],
+        "macro_f1": metrics["macro_f1"],
+        **{key: metrics.get(key) for key in INTERVAL_KEYS},
+        "fit_seconds": metrics.get("fit_seconds"),
+        "split": metrics.get("split"),
+        "split_role": metrics.get("split_role") or evaluate.split_role(metrics.get("split", "test")),
+        "n_samples": metrics.get("n_samples"),
+        "run": str(run.path),
+    }
+
+
+def _settings(plan: _Plan, weights, image_size, pooling, labels, seed, val_fraction,
+              test_fraction) -> dict:
+    return {
+        "dataset": str(plan.found.root), "classes": plan.found.classes, "weights": plan.extraction["weights"].source,
+        "image_size": image_size, "image_sizes": dict(zip([s.name for s in plan.specs], plan.sizes)),
+        "pooling": pooling, "labels": plan.extraction["labels"],
         "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    result = Comparison(ranked, out, settings)
-    write_files(result)
-    if html_report:
-        html.write_report(result)
-    return result
 
 
 def rank(records: list[dict]) -> list[dict]:
-    """Successful rows by test accuracy, then macro F1 (then the given order); failed rows
-    last. Sets each record's `rank` (None for a failed row)."""
+    """Successful rows by accuracy, then macro F1 (then the given order); failed rows
+    last. Sets each record's `rank` (None for a failed row) and `tied`: "best" for the
+    first, "yes" for a row whose 95% accuracy interval overlaps the best one's (their
+    difference may be noise), "no" otherwise."""
     ok = [r for r in records if r["status"] == "ok"]
     ok.sort(key=lambda r: (-r["accuracy"], -r["macro_f1"]))
     for position, record in enumerate(ok, start=1):
         record["rank"] = position
+        record["tied"] = BEST if position == 1 else ("yes" if _overlaps(record, ok[0]) else "no")
     failed = [r for r in records if r["status"] != "ok"]
     for record in failed:
-        record["rank"] = None
+        record["rank"] = record["tied"] = None
     return [{key: r.get(key) for key in CSV_COLUMNS} for r in ok + failed]
+
+
+def _overlaps(record: dict, best: dict) -> bool:
+    """Whether the accuracy intervals of two rows overlap (no interval: treated as tied)."""
+    mine, theirs = record.get("accuracy_ci"), best.get("accuracy_ci")
+    if not mine or not theirs:
+        return True
+    return mine[1] >= theirs[0] and theirs[1] >= mine[0]
+
+
+def score_note(result: "Comparison") -> str | None:
+    """One line when the scores are validation scores (no test split)."""
+    roles = {r.get("split_role") for r in result if r["status"] == "ok"}
+    if evaluate.split_role("val") in roles:
+        return ("Scores are on the validation split that chose each head's settings "
+                "(optimistic): add a test split for an unbiased ranking.")
+    return None
 
 
 # --- files ------------------------------------------------------------------------------
@@ -285,7 +417,8 @@ def markdown(result: Comparison) -> str:
         f"# probe compare: {Path(s['dataset']).name}",
         "",
         f"- dataset: `{s['dataset']}` ({len(s['classes'])} classes)",
-        f"- weights: {s['weights']}; image size: {s['image_size'] or 'native'}; "
+        f"- weights: {s['weights']}; image size: {s['image_size'] or 'native'} "
+        f"({', '.join(f'{k} {v}' for k, v in s.get('image_sizes', {}).items())}); "
         f"pooling: {s['pooling']}; split seed {s['seed']} "
         f"(val {s['val_fraction']}, test {s['test_fraction']})",
         f"- created: {s['created']}",
@@ -296,10 +429,18 @@ def markdown(result: Comparison) -> str:
     for record in result:
         lines.append("| " + " | ".join(_text(key, record.get(key)) for key, _ in TABLE_COLUMNS) + " |")
     lines.append("")
+    lines.append("Intervals are 95% (accuracy: Wilson; the others: bootstrap over the images); "
+                 "`tied`: the row's accuracy interval overlaps the best one's, so the "
+                 "difference may be noise.")
+    note = score_note(result)
+    if note:
+        lines += ["", f"**Note:** {note}"]
+    lines.append("")
     best = result.best
     if best:
         lines.append(f"Best: **{best['backbone']} + {best['head']}** "
-                     f"({best['split']} accuracy {best['accuracy']:.4f}), run `{best['run']}`")
+                     f"({best['split_role']} accuracy {best['accuracy']:.4f} "
+                     f"{_text('accuracy_ci', best.get('accuracy_ci'))}), run `{best['run']}`")
         lines.append("")
         lines.append(f"    probe predict {best['run']} IMAGES...")
         lines.append(f"    probe export {best['run']} model.keras")
@@ -312,8 +453,9 @@ def markdown(result: Comparison) -> str:
 
 
 def plot_comparison(result: Comparison, path: str | os.PathLike) -> Path:
-    """A grouped bar chart: test accuracy per backbone, one bar per head; failed rows are
-    marked 'failed'; the best bar is outlined."""
+    """A grouped bar chart: accuracy per backbone with its 95% interval, one bar per head;
+    failed rows are marked 'failed'; the best bar is outlined; the axis names the split's
+    role (test, or validation used for selection)."""
     backbone_names = list(dict.fromkeys(r["backbone"] for r in result))
     head_names = list(dict.fromkeys(r["head"] for r in result))
     by_key = {(r["backbone"], r["head"]): r for r in result}
@@ -322,7 +464,7 @@ def plot_comparison(result: Comparison, path: str | os.PathLike) -> Path:
     ax = fig.add_subplot(1, 1, 1)
     best = result.best
     for h, head in enumerate(head_names):
-        xs, heights, labels = [], [], []
+        xs, heights, labels, errors = [], [], [], ([], [])
         for b, backbone in enumerate(backbone_names):
             record = by_key.get((backbone, head))
             if record is None:
@@ -331,7 +473,11 @@ def plot_comparison(result: Comparison, path: str | os.PathLike) -> Path:
             ok = record["status"] == "ok"
             heights.append(record["accuracy"] if ok else 0.0)
             labels.append(f"{record['accuracy']:.3f}" if ok else "failed")
-        bars = ax.bar(xs, heights, width=width * 0.95, label=head)
+            interval = record.get("accuracy_ci") if ok else None
+            errors[0].append(record["accuracy"] - interval[0] if interval else 0.0)
+            errors[1].append(interval[1] - record["accuracy"] if interval else 0.0)
+        bars = ax.bar(xs, heights, width=width * 0.95, label=head, yerr=errors, capsize=3,
+                      error_kw={"elinewidth": 1})
         for bar, text, x in zip(bars, labels, xs):
             ax.text(x, bar.get_height() + 0.01, text, ha="center", va="bottom", fontsize=8,
                     color="black" if text != "failed" else "firebrick")
@@ -343,8 +489,9 @@ def plot_comparison(result: Comparison, path: str | os.PathLike) -> Path:
                linewidth=2)
     ax.set_xticks(range(len(backbone_names)), labels=backbone_names)
     ax.set_ylim(0, 1.12)
-    split = best["split"] if best else "test"
-    ax.set_ylabel(f"{split} accuracy")
+    role = best["split_role"] if best else "test"
+    ax.set_ylabel(f"accuracy ({role}), 95% interval" if len(role) < 12
+                  else f"accuracy ({role}),\n95% interval")
     ax.set_title("Backbones and heads" + (f" (best: {best['backbone']} + {best['head']})"
                                           if best else ""))
     ax.grid(True, axis="y", alpha=0.3)
@@ -387,7 +534,8 @@ def _images_per_second(cache, directory: Path) -> float | None:
 def _failed(base: dict, message: str) -> dict:
     return {**base, "status": "failed", "error": message, "accuracy": None,
             "balanced_accuracy": None, "macro_f1": None, "fit_seconds": None, "run": None,
-            "split": None, "n_samples": None}
+            "split": None, "split_role": None, "n_samples": None,
+            **{key: None for key in INTERVAL_KEYS}}
 
 
 def _message(error: BaseException, limit: int = MESSAGE_LIMIT) -> str:
@@ -402,15 +550,20 @@ def _message(error: BaseException, limit: int = MESSAGE_LIMIT) -> str:
 
 
 def _text(key: str, value) -> str:
-    """One cell of the table: 4 decimals for scores, 1 for images/s, 2 for seconds."""
+    """One cell of the table: 4 decimals for scores, 1 for images/s, 2 for seconds,
+    intervals as [low, high] with 3 decimals."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    if key in INTERVAL_KEYS:
+        return f"[{float(value[0]):.3f}, {float(value[1]):.3f}]"
     if key in DECIMALS:
         return f"{float(value):.{DECIMALS[key]}f}"
     return str(value)
 
 
 def _csv_value(value):
+    if isinstance(value, (list, tuple)):  # an interval
+        return " ".join(f"{float(v):.6g}" for v in value)
     if isinstance(value, float):
         return f"{value:.6g}"
     return value

@@ -12,7 +12,7 @@ import contextlib
 import io
 import os
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 
@@ -98,7 +98,6 @@ def run_demo(
     cache_dir: str | os.PathLike | None = None,
     head_params: dict | None = None,
     progress: ProgressCallback | None = None,
-    on_event: Callable[[str, dict], None] | None = None,
 ) -> Comparison:
     """Write the digits dataset, extract, fit both heads on every backbone and compare.
 
@@ -118,8 +117,7 @@ def run_demo(
         if weights == "none":
             emit(progress, Note("demo", "offline-weights", {"message": OFFLINE_NOTE}))
     return compare(root, names, heads, weights=weights, image_size=image_size, seed=seed,
-                   cache_dir=cache_dir, head_params=head_params, progress=progress,
-                   on_event=on_event)
+                   cache_dir=cache_dir, head_params=head_params, progress=progress)
 
 
 def imagenet_available(backbone: str, image_size: int | None = None) -> bool:

@@ -5,29 +5,71 @@ Everything comes from the source run and its cache: the splits (the same train /
 validation / test images, by their cached paths), the class names, the decoding
 (`data.load_image`), the input size, the backbone weights and its preprocessing. The
 result is a new run directory whose `model.keras` `probe predict` and `probe export` use.
+
+Fine-tuning never silently makes things worse: epoch 0 (the source run's head on the
+backbone, before any training) is the baseline of the early-stopping choice on validation
+loss; when no epoch beats it, the new run says so and its model is that baseline.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
 
-from . import backbones, data, report
+from . import backbones, data, evaluate
 from .cache import FeatureCache
 from .errors import DatasetError, FinetuneError, RunError
 from .heads import check_params, keras_class_weight
-from .runs import MODEL_FILE, Run, write_split_predictions, new_run_dir, run_config, write_run_files
-
-Progress = Callable[[str, dict], None]
+from .progress import Advanced, Finished, Note, ProgressCallback, Started, emit
+from .runs import (MODEL_FILE, Run, check_writable, run_config, save_run, write_run_files,
+                   write_split_predictions)
 
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "top5_accuracy")
 _ESTIMATE_AFTER = 3  # batches: the first one also builds the training graph
 _PIXEL_CACHE_BYTES = 512 * 2**20  # decoded images kept in memory between epochs
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """The training settings of one fine-tuning, checked once."""
+
+    unfreeze: int
+    epochs: int
+    learning_rate: float
+    batch_size: int
+    augment: bool
+    patience: int
+    seed: int
+
+
+@dataclass
+class _Job:
+    """What the training steps share: the source, the images and the models."""
+
+    source: Run
+    spec: Any
+    cache: FeatureCache
+    splits: dict[str, tuple[list[Path], np.ndarray]]
+    evaluation: str
+    settings: FinetuneSettings
+    model: Any = None  # image -> probabilities, saved as model.keras
+    trainer: Any = None  # the model behind the augmentation layers, compiled
+    blocks: list[str] | None = None
+    pixels: Any = None
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.source.config["classes"])
+
+    def sequence(self, split: str, training: bool = False):
+        paths, labels = self.splits[split]
+        return _ImageSequence(paths, labels, self.pixels, self.settings.batch_size,
+                              shuffle=training, seed=self.settings.seed)
 
 
 def finetune(
@@ -41,7 +83,8 @@ def finetune(
     patience: int = 3,
     seed: int = 0,
     runs_dir: str | os.PathLike | None = None,
-    progress: Progress | bool | None = None,
+    strict: bool = False,
+    progress: ProgressCallback | None = None,
 ) -> Run:
     """Fine-tune a run's backbone and head end to end on its images; a new run.
 
@@ -49,17 +92,36 @@ def finetune(
     BatchNormalization layer frozen in inference mode; the head starts from the run's
     trained head (a logistic head folded into one Dense softmax layer). Training uses
     Adam with a low `learning_rate`, random flips, small rotations and zooms
-    (`augment=False`: none) and early stopping on validation loss that restores the best
-    weights. `progress`: None prints a start line, a time estimate and one line per epoch
-    to stderr; False prints nothing; a callable receives `(event, info)` for the events
-    "start", "estimate", "batch", "epoch" and "end".
+    (`augment=False`: none) and early stopping on validation loss whose baseline is epoch
+    0 (the model before training): the best epoch's weights are kept, and when no epoch
+    beats epoch 0 the model stays the source run's (`metrics["best_epoch"] == 0`, and a
+    Note event of kind "no-improvement"). The source images are checked like `fit` does:
+    a change is a Note ("source-changed"), or `SourceChangedError` with `strict=True`.
+    `progress` receives the events of the stage "finetune": Started, Advanced per batch
+    (`details["unit"] == "batch"`) and per epoch ("epoch", with the logs), Notes
+    ("estimate", "source-changed", "validation-scores", "no-improvement"), Finished.
 
     >>> run = probe.finetune(".probe/runs/20260101-120000-vgg16-dense", unfreeze=1)
     >>> run.metrics["before"]["accuracy"], run.metrics["accuracy"]
     """
-    from ._keras import keras
-
     source = run if isinstance(run, Run) else Run.load(run)
+    settings, spec = _check_settings(source, unfreeze, epochs, learning_rate, batch_size,
+                                     augment, patience, seed)
+    cache = _open_cache(source)
+    _check_source(cache, strict, progress)
+    job = _Job(source, spec, cache, *_read_splits(cache, progress), settings)
+    runs = Path(runs_dir) if runs_dir else source.path.parent
+    check_writable(runs)
+    _build_models(job)
+    before = _metrics_of(job, job.evaluation)
+    baseline = _baseline_loss(job)
+    history, best, fit_seconds = _train(job, baseline, progress)
+    return _save(job, runs, before, history, best, baseline, fit_seconds)
+
+
+def _check_settings(source: Run, unfreeze, epochs, learning_rate, batch_size, augment,
+                    patience, seed) -> tuple[FinetuneSettings, Any]:
+    """Refuse settings out of range and a run that is already fine-tuned."""
     check_params(FinetuneError, epochs=epochs, learning_rate=learning_rate,
                  batch_size=batch_size, patience=patience)
     if source.is_finetuned:
@@ -68,101 +130,141 @@ def finetune(
             f"Fine-tune its source run ({source.config.get('finetune', {}).get('source_run')}) "
             f"with other settings instead. Received: run='{source.path}'"
         )
-    config = source.config
-    spec = backbones.get(config["backbone"])
-    unfreeze = spec.check_unfreeze(unfreeze)
-    report_to = _reporter(progress)
+    spec = backbones.get(source.config["backbone"])
+    settings = FinetuneSettings(spec.check_unfreeze(unfreeze), int(epochs), float(learning_rate),
+                                int(batch_size), bool(augment), int(patience), int(seed))
+    return settings, spec
 
-    cache = _open_cache(source)
-    splits = {name: _images(cache, name) for name in ("train", "val", "test") if name in cache.counts}
-    evaluation = "test" if "test" in splits else "val"
+
+def _check_source(cache: FeatureCache, strict: bool, progress: ProgressCallback | None) -> None:
+    """As `fit`: images changed since extraction are a Note, or an error with `strict`."""
+    changes = cache.check_source(strict=strict)
+    if changes:
+        emit(progress, Note("finetune", kind="source-changed",
+                            details={"message": changes.message()}))
+
+
+def _read_splits(cache: FeatureCache, progress: ProgressCallback | None) -> tuple[dict, str]:
+    """The images of every split, and the split that reports (test, else val)."""
+    splits = {name: _images(cache, name) for name in ("train", "val", "test") if cache.counts.get(name)}
     if "val" not in splits:
         raise FinetuneError(
             f"expected a validation split for early stopping; the run's cache '{cache.path}' "
-            "has none. Extract with --val-fraction > 0 or add a val/ folder."
+            "has none (it was extracted with --val-fraction 0, or by an older probe). Extract "
+            "again with --val-fraction 0.15, fit, then fine-tune that run."
         )
+    evaluation = "test" if "test" in splits else "val"
+    if evaluation == "val":
+        emit(progress, Note("finetune", kind="validation-scores",
+                            details={"split_role": evaluate.split_role("val")}))
+    return splits, evaluation
+
+
+def _build_models(job: _Job) -> None:
+    """The end-to-end model (backbone with its top blocks unfrozen, then the head) and
+    the compiled trainer that puts the augmentation in front of it."""
+    from ._keras import keras
 
     from . import inference
 
-    head = source.load_head()
+    config, settings = job.source.config, job.settings
     backbone_model = inference.rebuild_backbone(config)
-    unfrozen = spec.unfreeze(backbone_model, unfreeze)
-    keras.utils.set_random_seed(int(seed))
-    model = inference.end_to_end(config, head, backbone_model)
+    job.blocks = job.spec.unfreeze(backbone_model, settings.unfreeze)
+    keras.utils.set_random_seed(settings.seed)
+    job.model = inference.end_to_end(config, job.source.load_head(), backbone_model)
     size = int(config["image_size"])
-    pixels = _PixelCache(size)
-    classes = list(config["classes"])
-
-    def sequence(split: str, training: bool):
-        paths, labels = splits[split]
-        return _ImageSequence(paths, labels, pixels, batch_size, shuffle=training, seed=seed)
-
-    before = _evaluate(model, sequence(evaluation, False), splits[evaluation][1], classes)
-
+    job.pixels = _PixelCache(size)
     inputs = keras.Input(shape=(size, size, 3), name="image")
     x = inputs
-    if augment:
-        x = keras.layers.RandomFlip("horizontal", seed=seed, name="augment_flip")(x)
-        x = keras.layers.RandomRotation(0.05, seed=seed, name="augment_rotation")(x)
-        x = keras.layers.RandomZoom(0.1, seed=seed, name="augment_zoom")(x)
-    trainer = keras.Model(inputs, model(x), name="finetune_trainer")
-    trainer.compile(optimizer=keras.optimizers.Adam(learning_rate=float(learning_rate)),
-                    loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    trainable = int(sum(np.prod(w.shape) for w in trainer.trainable_weights))
+    if settings.augment:
+        x = keras.layers.RandomFlip("horizontal", seed=settings.seed, name="augment_flip")(x)
+        x = keras.layers.RandomRotation(0.05, seed=settings.seed, name="augment_rotation")(x)
+        x = keras.layers.RandomZoom(0.1, seed=settings.seed, name="augment_zoom")(x)
+    job.trainer = keras.Model(inputs, job.model(x), name="finetune_trainer")
+    job.trainer.compile(optimizer=keras.optimizers.Adam(learning_rate=settings.learning_rate),
+                        loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
-    train_sequence, val_sequence, device = sequence("train", True), sequence("val", False), _device()
-    report_to("start", {
-        "backbone": spec.name, "blocks": unfrozen, "trainable_parameters": trainable,
-        "train": len(splits["train"][0]), "val": len(splits["val"][0]), "epochs": int(epochs),
-        "steps": len(train_sequence), "device": device,
-    })
-    class_weight = keras_class_weight((config.get("head_params") or {}).get("class_weight"),
-                                      splits["train"][1], len(classes))
-    callbacks = [
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(patience),
-                                      restore_best_weights=True),
-        _ProgressCallback(report_to, int(epochs), len(train_sequence), len(val_sequence), device),
-    ]
+
+def _metrics_of(job: _Job, split: str) -> dict:
+    """Metrics of the model as it is now on one split."""
+    return evaluate.compute_metrics(job.splits[split][1], _predict(job.model, job.sequence(split)),
+                                    job.classes, seed=job.settings.seed)
+
+
+def _baseline_loss(job: _Job) -> float:
+    """Epoch 0: the validation loss before any training, measured as Keras measures it."""
+    return float(job.trainer.evaluate(job.sequence("val"), verbose=0, return_dict=True)["loss"])
+
+
+def _train(job: _Job, baseline: float, progress: ProgressCallback | None) -> tuple[dict, dict, float]:
+    """Train with early stopping against the epoch-0 baseline; the history, the kept
+    epoch ({"epoch", "val_loss"}) and the seconds it took."""
+    settings = job.settings
+    train_sequence, val_sequence = job.sequence("train", True), job.sequence("val")
+    device = _device()
+    trainable = int(sum(np.prod(w.shape) for w in job.trainer.trainable_weights))
+    emit(progress, Started("finetune", total=settings.epochs, details={
+        "backbone": job.spec.name, "blocks": job.blocks, "trainable_parameters": trainable,
+        "train": len(job.splits["train"][0]), "val": len(job.splits["val"][0]),
+        "epochs": settings.epochs, "steps": len(train_sequence), "device": device,
+        "baseline_val_loss": baseline}))
+    class_weight = keras_class_weight((job.source.config.get("head_params") or {}).get("class_weight"),
+                                      job.splits["train"][1], len(job.classes))
+    keeper = _BestWeights(job.model, baseline, settings.patience)
+    callbacks = [keeper, _ProgressCallback(progress, settings.epochs, len(train_sequence),
+                                           len(val_sequence), device)]
     started = time.perf_counter()
-    history = trainer.fit(train_sequence, validation_data=val_sequence,
-                          epochs=int(epochs), class_weight=class_weight, callbacks=callbacks,
-                          verbose=0)
-    fit_seconds = time.perf_counter() - started
-    history = {key: [float(v) for v in values] for key, values in history.history.items()}
-    best_epoch = int(np.argmin(history["val_loss"])) + 1 if history.get("val_loss") else len(history["loss"])
-    report_to("end", {"best_epoch": best_epoch, "epochs_run": len(history["loss"]),
-                      "seconds": fit_seconds})
+    fitted = job.trainer.fit(train_sequence, validation_data=val_sequence, epochs=settings.epochs,
+                             class_weight=class_weight, callbacks=callbacks, verbose=0)
+    seconds = time.perf_counter() - started
+    history = {key: [float(v) for v in values] for key, values in fitted.history.items()}
+    best = {"epoch": keeper.best_epoch, "val_loss": keeper.best_loss}
+    if keeper.best_epoch == 0:
+        emit(progress, Note("finetune", kind="no-improvement", details={
+            "baseline_val_loss": baseline, "epochs_run": len(history.get("loss", []))}))
+    emit(progress, Finished("finetune", details={"best_epoch": keeper.best_epoch,
+                                                 "epochs_run": len(history.get("loss", [])),
+                                                 "seconds": seconds}))
+    return history, best, seconds
 
-    paths, labels = splits[evaluation]
-    proba = _predict(model, sequence(evaluation, False))
-    after = report.compute_metrics(labels, proba, classes)
+
+def _save(job: _Job, runs: Path, before: dict, history: dict, best: dict, baseline: float,
+          fit_seconds: float) -> Run:
+    """The new run directory: model.keras, the report of `fit`, before / after."""
+    settings, config = job.settings, job.source.config
+    labels = job.splits[job.evaluation][1]
+    proba = _predict(job.model, job.sequence(job.evaluation))
+    after = evaluate.compute_metrics(labels, proba, job.classes, seed=settings.seed)
     metrics = {
-        "split": evaluation,
-        **after,
-        "before": {key: before[key] for key in HEADLINE if key in before},
+        "split": job.evaluation, "split_role": evaluate.split_role(job.evaluation),
+        "selected_on": "val", **after,
+        "before": {key: before[key] for key in (*HEADLINE, "accuracy_ci") if key in before},
         "comparison": {key: {"before": before[key], "after": after[key]}
                        for key in HEADLINE if key in after},
         "fit_seconds": round(fit_seconds, 3),
-        "best_epoch": best_epoch,
-        "epochs_run": len(history["loss"]),
+        "best_epoch": best["epoch"], "epochs_run": len(history.get("loss", [])),
+        "baseline_val_loss": baseline, "kept_baseline": best["epoch"] == 0,
     }
-
-    directory = new_run_dir(runs_dir or source.path.parent, spec.name,
-                            f"{config['head']}-finetune{unfreeze}")
-    settings = {
-        "source_run": str(source.path.resolve()), "unfreeze": int(unfreeze),
-        "blocks": unfrozen, "epochs": int(epochs), "learning_rate": float(learning_rate),
-        "batch_size": int(batch_size), "augment": bool(augment), "patience": int(patience),
-        "seed": int(seed), "trainable_parameters": trainable,
+    finetune_settings = {
+        "source_run": str(job.source.path.resolve()), "unfreeze": settings.unfreeze,
+        "blocks": job.blocks, "epochs": settings.epochs, "learning_rate": settings.learning_rate,
+        "batch_size": settings.batch_size, "augment": settings.augment,
+        "patience": settings.patience, "seed": settings.seed,
+        "trainable_parameters": int(sum(np.prod(w.shape) for w in job.trainer.trainable_weights)),
         "before": "the source run's head on the same images, recomputed end to end",
     }
-    new_config = run_config(cache, head=config["head"], head_params=config.get("head_params"),
-                            finetune=settings, fit_seconds=fit_seconds)
-    model.save(directory / MODEL_FILE)
-    write_run_files(directory, new_config, metrics, history)
-    write_split_predictions(directory / "test_predictions.csv",
-                            [str(p) for p in cache.paths(evaluation)], labels, proba, classes)
-    return Run(directory, new_config, metrics)
+    new_config = run_config(job.cache, head=config["head"], head_params=config.get("head_params"),
+                            finetune=finetune_settings, fit_seconds=fit_seconds)
+
+    def write(directory: Path) -> None:
+        job.model.save(directory / MODEL_FILE)
+        write_run_files(directory, new_config, metrics, history)
+        write_split_predictions(directory / "test_predictions.csv",
+                                [str(p) for p in job.cache.paths(job.evaluation)], labels, proba,
+                                job.classes)
+
+    labels_ = (job.spec.name, f"{config['head']}-finetune{settings.unfreeze}")
+    return Run(save_run(runs, labels_, write), new_config, metrics)
 
 
 def comparison_rows(metrics: dict) -> list[dict]:
@@ -271,12 +373,8 @@ def _predict(model, sequence) -> np.ndarray:
     return np.concatenate(chunks).astype(np.float64)
 
 
-def _evaluate(model, sequence, labels, classes) -> dict:
-    return report.compute_metrics(labels, _predict(model, sequence), classes)
-
-
 # --------------------------------------------------------------------------- #
-# Settings, progress and the time estimate
+# Training callbacks: the epoch-0 baseline, progress events and the time estimate
 # --------------------------------------------------------------------------- #
 
 
@@ -287,64 +385,51 @@ def _device() -> str:
     return "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
 
 
-def format_duration(seconds: float) -> str:
-    """12 s, 3 min, 1.5 h."""
-    if seconds < 90:
-        return f"{max(1, round(seconds))} s"
-    if seconds < 90 * 60:
-        return f"{round(seconds / 60)} min"
-    return f"{seconds / 3600:.1f} h"
+def _best_weights_class():
+    from ._keras import keras
+
+    class BestWeights(keras.callbacks.Callback):
+        """Early stopping on validation loss with epoch 0 as the baseline: keeps the
+        weights of the best epoch (epoch 0, the model before training, included), stops
+        after `patience` epochs without improvement and restores the kept weights."""
+
+        def __init__(self, model, baseline_loss: float, patience: int):
+            super().__init__()
+            self.target = model  # the end-to-end model; the trainer adds augmentation only
+            self.best_loss, self.best_epoch = float(baseline_loss), 0
+            self.best_weights = model.get_weights()
+            self.patience, self.wait = patience, 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            loss = (logs or {}).get("val_loss")
+            if loss is not None and float(loss) < self.best_loss:
+                self.best_loss, self.best_epoch, self.wait = float(loss), epoch + 1, 0
+                self.best_weights = self.target.get_weights()
+                return
+            self.wait += 1
+            if self.wait >= self.patience:
+                self.model.stop_training = True
+
+        def on_train_end(self, logs=None):
+            self.target.set_weights(self.best_weights)
+
+    return BestWeights
 
 
-def estimate_line(info: dict) -> str:
-    """The time estimate as one sentence."""
-    return (f"about {format_duration(info['seconds_per_epoch'])} per epoch on this machine "
-            f"({info['device']}): about {format_duration(info['seconds_total'])} for "
-            f"{_epochs(info['epochs'])}")
-
-
-def _epochs(n: int) -> str:
-    return f"{n} epoch" if n == 1 else f"{n} epochs"
-
-
-def start_line(info: dict) -> str:
-    slow = " On a CPU this is slow." if info["device"] == "CPU" else ""
-    return (f"Fine-tuning {info['backbone']} with {', '.join(info['blocks'])} unfrozen "
-            f"({info['trainable_parameters']:,} trainable parameters) on {info['train']} "
-            f"training images, up to {_epochs(info['epochs'])}.{slow}")
-
-
-def epoch_line(info: dict) -> str:
-    logs = info["logs"]
-    parts = [f"{key} {logs[key]:.4f}" for key in ("loss", "accuracy", "val_loss", "val_accuracy")
-             if key in logs]
-    return f"epoch {info['epoch']}/{info['epochs']}: " + ", ".join(parts)
-
-
-def _reporter(progress: Progress | bool | None) -> Progress:
-    if callable(progress):
-        return progress
-    if progress is False:
-        return lambda event, info: None
-
-    def to_stderr(event: str, info: dict) -> None:
-        line = {"start": start_line, "estimate": estimate_line, "epoch": epoch_line}.get(event)
-        if line is not None:
-            print(line(info), file=sys.stderr, flush=True)
-
-    return to_stderr
+def _BestWeights(*args):
+    return _best_weights_class()(*args)
 
 
 def _progress_callback_class():
     from ._keras import keras
 
     class ProgressCallback(keras.callbacks.Callback):
-        """Reports batches and epochs, and after the first few batches an estimate of the
-        time per epoch (training batches plus a validation pass)."""
+        """Emits an event per batch and per epoch, and after the first few batches a
+        Note with the estimated time per epoch (training batches plus a validation pass)."""
 
-        def __init__(self, report_to, epochs, steps, val_steps, device):
+        def __init__(self, progress, epochs, steps, val_steps, device):
             super().__init__()
-            self.report_to, self.epochs, self.steps = report_to, epochs, steps
+            self.progress, self.epochs, self.steps = progress, epochs, steps
             self.val_steps, self.device = val_steps, device
             self.epoch = 0
             self.times: list[float] = []
@@ -358,21 +443,21 @@ def _progress_callback_class():
 
         def on_train_batch_end(self, batch, logs=None):
             self.times.append(time.perf_counter() - self.batch_started)
-            self.report_to("batch", {"epoch": self.epoch, "epochs": self.epochs,
-                                     "step": batch + 1, "steps": self.steps})
+            emit(self.progress, Advanced("finetune", done=batch + 1, total=self.steps, details={
+                "unit": "batch", "epoch": self.epoch, "epochs": self.epochs}))
             if not self.estimated and len(self.times) >= min(_ESTIMATE_AFTER, self.steps):
                 self.estimated = True
                 # the first batch also builds the graph: leave it out when there are others
                 per_batch = float(np.mean(self.times[1:] or self.times))
                 # a validation batch is a forward pass only: about a third of a training batch
                 per_epoch = per_batch * (self.steps + self.val_steps / 3)
-                self.report_to("estimate", {"seconds_per_epoch": per_epoch,
-                                            "seconds_total": per_epoch * self.epochs,
-                                            "epochs": self.epochs, "device": self.device})
+                emit(self.progress, Note("finetune", kind="estimate", details={
+                    "seconds_per_epoch": per_epoch, "seconds_total": per_epoch * self.epochs,
+                    "epochs": self.epochs, "device": self.device}))
 
         def on_epoch_end(self, epoch, logs=None):
-            self.report_to("epoch", {"epoch": epoch + 1, "epochs": self.epochs,
-                                     "logs": {k: float(v) for k, v in (logs or {}).items()}})
+            emit(self.progress, Advanced("finetune", done=epoch + 1, total=self.epochs, details={
+                "unit": "epoch", "logs": {k: float(v) for k, v in (logs or {}).items()}}))
 
     return ProgressCallback
 

@@ -307,9 +307,18 @@ class _Head:
         sig = inspect.signature(cls.__init__)
         return [p for p in sig.parameters if p != "self"]
 
-    def get_params(self) -> dict[str, Any]:
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
         """The constructor arguments, as given."""
         return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params: Any) -> "_Head":
+        """Change constructor arguments (scikit-learn's contract); returns ``self``."""
+        unknown = sorted(set(params) - set(self._param_names()))
+        if unknown:
+            raise ProbeError(f"{type(self).__name__} has no parameter(s) {', '.join(unknown)}")
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
@@ -405,11 +414,12 @@ class LogisticHead(_Head):
         lbfgs iterations.
     seed : int
         ``random_state`` of the solver.
-
-    Whenever validation data is given, the final model is fitted on training
-    plus validation data (with the chosen or given ``C``): the validation
-    split only serves to choose ``C`` and is then extra training data, so
-    ``score`` on it is optimistic. Keep a separate test split for reporting.
+    refit : bool
+        With validation data and ``refit=True`` the final model is fitted on
+        training plus validation data (with the chosen or given ``C``), so
+        ``score`` on the validation split is meaningless; with ``refit=False``
+        it is fitted on the training data only, and the validation score is
+        that of the data C was chosen on (optimistic, but not memorised).
 
     Learned attributes: ``classes_``, ``n_features_in_``, ``input_shape_``,
     ``C_``, ``sweep_`` (list of ``{"C", "val_accuracy", "val_log_loss"}``),
@@ -430,12 +440,14 @@ class LogisticHead(_Head):
         class_weight: str | None = None,
         max_iter: int = 1000,
         seed: int = 0,
+        refit: bool = True,
     ) -> None:
         self.C = C
         self.Cs = Cs
         self.class_weight = class_weight
         self.max_iter = max_iter
         self.seed = seed
+        self.refit = refit
 
     def get_params(self) -> dict[str, Any]:
         params = super().get_params()
@@ -522,7 +534,7 @@ class LogisticHead(_Head):
         else:
             C_ = 1.0 if self.C is None else float(self.C)
 
-        if Xv is not None:
+        if Xv is not None and self.refit:
             X_all, y_all = np.concatenate([X, Xv]), np.concatenate([y, yv])
         else:
             X_all, y_all = X, y
@@ -673,6 +685,9 @@ class DenseHead(_Head):
         so that fits are repeatable.
     verbose : int
         Keras ``fit`` verbosity.
+    refit : bool
+        Accepted for the common head interface; the network never trains on the
+        validation data (it only stops early on it), so both values fit the same.
 
     Learned attributes: ``classes_``, ``n_features_in_``, ``input_shape_``,
     ``model_`` (the Keras model, input ``(None, D)``: flatten spatial features
@@ -695,7 +710,9 @@ class DenseHead(_Head):
         class_weight: str | None = None,
         seed: int = 0,
         verbose: int = 0,
+        refit: bool = True,
     ) -> None:
+        self.refit = refit
         self.hidden_units = hidden_units
         self.dropout = dropout
         self.epochs = epochs

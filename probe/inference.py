@@ -119,6 +119,41 @@ def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return images
 
 
+def load_images(paths: Iterable[str | os.PathLike], run: str | os.PathLike | Run) -> np.ndarray:
+    """The pixels `probe predict` feeds a run's model, as one float32 array
+    (N, size, size, 3), RGB 0-255: decoded exactly as predict and the cache decode
+    (EXIF orientation, mode conversion, JPEG draft, bilinear resize to the run's size).
+    Feed it to the model of `probe export` to reproduce `probe predict` outside probe.
+    A file that can not be decoded raises `ProbeError` naming it.
+
+    >>> pixels = probe.load_images(["cat.jpg"], ".probe/runs/20260101-120000-vgg16-logreg")
+    >>> keras.saving.load_model("cats_dogs.keras").predict(pixels)
+    """
+    run = run if isinstance(run, Run) else Run.load(run)
+    files = [Path(p) for p in paths]
+    pixels, good, errors = _decode(files, int(run.config["image_size"]))
+    if errors:
+        path, reason = next(iter(errors.items()))
+        raise ProbeError(f"expected image files that can be decoded; '{path}' can not be "
+                         f"({reason}). Received: {len(errors)} of {len(files)} files failed")
+    return pixels
+
+
+def _decode(paths: list[Path], size: int) -> tuple[np.ndarray, list[Path], dict[str, str]]:
+    """Pixels (float32, N x size x size x 3) of the files that decode, those files, and
+    the reason of each file that does not."""
+    pixels, good, errors = [], [], {}
+    for path in paths:
+        try:
+            pixels.append(data.load_image(path, size))
+            good.append(path)
+        except data.BadImage as error:
+            errors[str(path)] = str(error)
+    stacked = (np.stack(pixels).astype(np.float32) if pixels
+               else np.zeros((0, size, size, 3), np.float32))
+    return stacked, good, errors
+
+
 def predict(
     run: str | os.PathLike | Run,
     inputs: Iterable[str | os.PathLike],
@@ -126,29 +161,26 @@ def predict(
     output: str | os.PathLike | None = None,
 ) -> list[Prediction]:
     """Predict the class of every image under `inputs` with a run's model. A file that can
-    not be decoded gets a row with the reason; the others are still predicted.
+    not be decoded gets a row with the reason; the others are still predicted. `output`
+    is checked for writing before any work.
 
     >>> probe.predict(".probe/runs/20260101-120000-vgg16-logreg", ["new_photos/"])
     """
     settings.check_batch_size(batch_size)
     run = run if isinstance(run, Run) else Run.load(run)
     images = collect_images(inputs)
+    if output is not None:
+        _check_output(Path(output))
     model = load_model(run)
     size = int(run.config["image_size"])
     classes = run.classes
     results: list[Prediction] = []
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        pixels, good = [], []
-        for path in batch:
-            try:
-                pixels.append(data.load_image(path, size))
-                good.append(path)
-            except data.BadImage as error:
-                results.append(Prediction(str(path), None, None, str(error)))
+        pixels, good, errors = _decode(images[start:start + batch_size], size)
+        results += [Prediction(path, None, None, reason) for path, reason in errors.items()]
         if not good:
             continue
-        proba = np.asarray(model.predict_on_batch(np.stack(pixels).astype(np.float32)))
+        proba = np.asarray(model.predict_on_batch(pixels))
         for path, row in zip(good, proba):
             results.append(Prediction(str(path), classes[int(np.argmax(row))],
                                       {c: float(v) for c, v in zip(classes, row)}))
@@ -159,19 +191,40 @@ def predict(
     return results
 
 
+def _check_output(path: Path) -> None:
+    """A ProbeError (one line) when the predictions can not be written to `path`: tried
+    by opening it (an existing file is opened for appending, so it is not changed; a new
+    one is removed again)."""
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a" if existed else "x", encoding="utf-8"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as error:
+        raise _output_error(path, error.strerror or str(error)) from None
+
+
+def _output_error(path: Path, reason: str) -> ProbeError:
+    return ProbeError(f"expected a writable file for the predictions; can not write '{path}' "
+                      f"({reason}). Choose another file with --output/-o.")
+
+
 def write_predictions(results: list[Prediction], classes: list[str], output: str | os.PathLike) -> Path:
     """CSV: path, predicted class, one probability column per class, error."""
     path = Path(output)
     try:
-        with store.atomic_write(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        with store.atomic_write(path, "w", newline="", encoding="utf-8",
+                                errors="surrogateescape") as handle:
             writer = csv.writer(handle)
             writer.writerow(["path", "predicted", *classes, "error"])
             for r in results:
-                probabilities = [f"{r.probabilities[c]:.6f}" for c in classes] if r.probabilities else [""] * len(classes)
+                probabilities = ([f"{r.probabilities[c]:.6f}" for c in classes] if r.probabilities
+                                 else [""] * len(classes))
                 writer.writerow([r.path, r.predicted or "", *probabilities, r.error or ""])
     except OSError as error:
-        raise ProbeError(f"could not write the predictions ({error.strerror or error}); pass "
-                         f"an --output in a writable directory. Received: output='{output}'") from None
+        raise _output_error(path, error.strerror or str(error)) from None
     return path
 
 

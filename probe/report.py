@@ -1,7 +1,7 @@
-"""Evaluation metrics, plots and terminal tables.
+"""Plots and terminal tables of a run's evaluation.
 
-Metrics come from scikit-learn and are returned as plain Python types so they
-can be written with ``json.dump``. Plots are drawn with matplotlib's Agg
+The metrics themselves (and their confidence intervals) live in `probe.evaluate`;
+`compute_metrics` is re-exported here for older imports. Plots are drawn with matplotlib's Agg
 canvas directly (no pyplot, no global backend switch); matplotlib is only
 imported when a plot is made.
 """
@@ -10,97 +10,30 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from probe.errors import DatasetError, ProbeError
+from probe.errors import ProbeError
+from probe.evaluate import compute_metrics
 
-__all__ = ["compute_metrics", "format_table", "plot_confusion_matrix", "plot_curves"]
+__all__ = ["compute_metrics", "format_interval", "format_table", "plot_confusion_matrix",
+           "plot_curves", "printable"]
 
 
-def compute_metrics(y_true: Any, proba: Any, classes: list[str]) -> dict[str, Any]:
-    """Classification metrics of ``proba`` (``(N, K)``) against ``y_true`` (``(N,)``).
+def printable(name: str) -> str:
+    """A class name that fonts and encoders can take: a folder name that is not UTF-8
+    (kept by Python as lone surrogates) shows its undecodable bytes as U+FFFD."""
+    return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
-    Returns a JSON-serialisable dict with ``accuracy``, ``balanced_accuracy``,
-    ``macro_f1`` (averaged over all K classes, a class never seen nor predicted
-    counting as 0), ``per_class`` (``{name: {precision, recall, f1, support}}``),
-    ``confusion_matrix`` (list of lists, rows = true class, columns = predicted),
-    ``log_loss``, ``n_samples`` and, when K > 5, ``top5_accuracy``.
-    Predictions are ``argmax(proba, axis=1)``.
-    """
-    from sklearn.metrics import (
-        accuracy_score,
-        balanced_accuracy_score,
-        confusion_matrix,
-        f1_score,
-        log_loss,
-        precision_recall_fscore_support,
-        top_k_accuracy_score,
-    )
 
-    names = [str(c) for c in classes]
-    K = len(names)
-    P = np.asarray(proba, dtype=np.float64)
-    y = np.asarray(y_true)
-    if P.ndim != 2 or P.shape[1] != K:
-        raise DatasetError(
-            f"`proba` must have shape (N, {K}) for the {K} classes given. Received: proba.shape={P.shape}"
-        )
-    if y.ndim != 1 or y.shape[0] != P.shape[0]:
-        raise DatasetError(
-            "`y_true` must be a 1-D array with one label per row of `proba`. "
-            f"Received: y_true.shape={y.shape}, proba.shape={P.shape}"
-        )
-    if y.size == 0:
-        raise DatasetError("metrics need at least one sample. Received: y_true with 0 samples")
-    if y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= K:
-        raise DatasetError(
-            f"`y_true` must hold integer class indices 0..{K - 1}. "
-            f"Received: dtype={y.dtype}, min={y.min()}, max={y.max()}"
-        )
-    if K < 2:
-        raise DatasetError(f"metrics need at least 2 classes. Received: classes={names}")
-    if not np.all(np.isfinite(P)) or P.min() < 0 or not np.allclose(P.sum(axis=1), 1.0, atol=1e-3):
-        raise DatasetError(
-            "`proba` must hold probabilities (finite, >= 0, rows summing to 1), e.g. the output of "
-            "`predict_proba`. Received: row sums between "
-            f"{np.nanmin(P.sum(axis=1)):.4g} and {np.nanmax(P.sum(axis=1)):.4g}"
-        )
-    P = P / P.sum(axis=1, keepdims=True)  # remove float32 round-off before log_loss
-    y = y.astype(np.int64)
-    labels = list(range(K))
-    pred = np.argmax(P, axis=1)
-
-    with warnings.catch_warnings():
-        # balanced_accuracy warns when a predicted class is absent from y_true.
-        warnings.simplefilter("ignore", UserWarning)
-        balanced = balanced_accuracy_score(y, pred)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y, pred, labels=labels, zero_division=0
-    )
-    metrics: dict[str, Any] = {
-        "n_samples": int(y.size),
-        "accuracy": float(accuracy_score(y, pred)),
-        "balanced_accuracy": float(balanced),
-        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
-        "log_loss": float(log_loss(y, P, labels=labels)),
-        "per_class": {
-            name: {
-                "precision": float(precision[k]),
-                "recall": float(recall[k]),
-                "f1": float(f1[k]),
-                "support": int(support[k]),
-            }
-            for k, name in enumerate(names)
-        },
-        "confusion_matrix": confusion_matrix(y, pred, labels=labels).astype(int).tolist(),
-    }
-    if K > 5:
-        metrics["top5_accuracy"] = float(top_k_accuracy_score(y, P, k=5, labels=labels))
-    return metrics
+def format_interval(interval: Any) -> str:
+    """A 95% interval as `[0.8123, 0.9340]`, or '-' when there is none."""
+    if not interval:
+        return "-"
+    low, high = interval
+    return f"[{float(low):.4f}, {float(high):.4f}]"
 
 
 # --------------------------------------------------------------------------- #
@@ -124,10 +57,12 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
-def plot_confusion_matrix(matrix: Any, classes: list[str], path: str | os.PathLike) -> Path:
-    """Write the confusion matrix (rows = true class) as a PNG with annotated counts."""
+def plot_confusion_matrix(matrix: Any, classes: list[str], path: str | os.PathLike,
+                          title: str = "Confusion matrix") -> Path:
+    """Write the confusion matrix (rows = true class) as a PNG with annotated counts;
+    `title` names the split it was measured on."""
     M = np.asarray(matrix)
-    names = [str(c) for c in classes]
+    names = [printable(c) for c in classes]
     K = len(names)
     if M.shape != (K, K):
         raise ProbeError(
@@ -143,7 +78,7 @@ def plot_confusion_matrix(matrix: Any, classes: list[str], path: str | os.PathLi
     ax.set_yticks(range(K), labels=names)
     ax.set_xlabel("Predicted class")
     ax.set_ylabel("True class")
-    ax.set_title("Confusion matrix")
+    ax.set_title(title)
     if K <= 40:
         top = M.max() if M.size else 0
         fontsize = 10 if K <= 10 else 7 if K <= 20 else 5

@@ -7,18 +7,21 @@ plots and the head itself (`head/`), or for a fine-tuned run the whole model (`m
 
 from __future__ import annotations
 
+import csv
 import datetime as _dt
 import json
 import os
+import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from . import cache as cache_mod, heads, html, report, store
+from . import cache as cache_mod, evaluate, heads, html, report, store
 from .cache import FeatureCache
 from .errors import CacheError, RunError
 
@@ -117,60 +120,171 @@ def fit(
     """Train a head on a feature cache, evaluate it and write a run directory.
 
     `head` is "logreg" or "dense"; `head_params` go to its constructor (e.g. `C=1.0`,
-    `epochs=20`, `class_weight="balanced"`, `seed=0`). The test split is used for the
-    metrics (the validation split when there is no test split). When the cache's source
-    images changed since extraction, `Run.notes` warns with the counts; `strict=True`
-    raises `SourceChangedError` instead. `html_report=True` writes report.html (probe.html);
-    cross-split duplicates in the cache add a warning to `Run.notes`.
+    `epochs=20`, `class_weight="balanced"`, `seed=0`). Split roles: train fits, val selects
+    (C, early stopping), test reports. Without a test split the scores are those of the
+    validation split, from a head fit on train only, and labelled "validation, used for
+    selection" (`metrics["split_role"]`). Every score carries its 95% interval
+    (`accuracy_ci`, ...). When the cache's source images changed since extraction,
+    `Run.notes` warns with the counts; `strict=True` raises `SourceChangedError` instead.
+    The runs directory is checked for writing before any training. `html_report=True`
+    writes report.html (probe.html); cross-split duplicates in the cache add a warning to
+    `Run.notes`.
 
     >>> run = probe.fit(head="logreg")
-    >>> run.metrics["accuracy"], run.path
+    >>> run.metrics["accuracy"], run.metrics["accuracy_ci"], run.path
     """
     chosen, note = resolve_cache(cache, backbone, cache_dir)
-    notes = [note] if note else []
-    changes = chosen.check_source(strict=strict)
+    runs = Path(runs_dir) if runs_dir else chosen.path.parent / "runs"
+    check_writable(runs)
+    notes = ([note] if note else []) + source_notes(chosen, strict)
+    roles = SplitRoles.of(chosen)
+    notes += roles.notes()
+    model = heads.make_head(head, **head_params)
+    if roles.report == "val":
+        model.set_params(refit=False)  # the reported split must not be training data
+    fit_seconds = train_head(model, chosen, roles)
+    reported = chosen.split(roles.report)
+    proba = model.predict_proba(reported.features)
+    metrics = {**roles.describe(), **evaluate.compute_metrics(reported.labels, proba, chosen.classes),
+               "fit_seconds": round(fit_seconds, 3),
+               "skipped_files": [{"path": p, "reason": r} for p, r in chosen.skipped],
+               **head_summary(model)}
+    config = run_config(chosen, head=head, head_params=model.get_params(), fit_seconds=fit_seconds)
+
+    def write(directory: Path) -> None:
+        model.save(directory / HEAD_DIR)
+        # dense: loss and accuracy per epoch; logreg: validation accuracy and loss over the C sweep
+        history = model.history_ if any(model.history_.values()) else None
+        write_run_files(directory, config, metrics, history)
+        write_split_predictions(directory / "test_predictions.csv", reported.paths,
+                                reported.labels, proba, chosen.classes)
+
+    directory = save_run(runs, (chosen.backbone, head), write)
+    notes += html.after_fit(chosen, directory, report=html_report)
+    return Run(directory, config, metrics, notes)
+
+
+@dataclass(frozen=True)
+class SplitRoles:
+    """Which split of a cache fits, which selects and which reports.
+
+    train fits; val (when there is one) selects; test reports, or val when there is no
+    test split (then the head is fit on train only and the score is labelled as a
+    validation score).
+    """
+
+    select: str | None
+    report: str
+
+    @classmethod
+    def of(cls, cache: FeatureCache) -> "SplitRoles":
+        select = "val" if cache.counts.get("val") else None
+        report = "test" if cache.counts.get("test") else select
+        if report is None:
+            raise CacheError(
+                f"expected a test or validation split to evaluate on; cache '{cache.path}' has "
+                "only train. Extract with --test-fraction > 0 or add a test/ folder."
+            )
+        return cls(select, report)
+
+    def describe(self) -> dict:
+        """The metrics.json fields that say where the scores come from."""
+        return {"split": self.report, "split_role": evaluate.split_role(self.report),
+                "selected_on": self.select}
+
+    def notes(self) -> list[str]:
+        """One line per thing the user must know about the roles."""
+        if self.select is None:
+            return ["no validation split (extracted with --val-fraction 0, or by an older "
+                    "probe): nothing is chosen on validation, so no C sweep (C = 1 unless "
+                    "--C) and no early stopping (every epoch runs)"]
+        if self.report == "val":
+            return ["no test split: the scores are on the validation split that chose the "
+                    "head's settings (optimistic), from a head fit on train only; add a test "
+                    "split (a test/ folder, --test-fraction or test rows) for an unbiased score"]
+        return []
+
+
+def source_notes(cache: FeatureCache, strict: bool) -> list[str]:
+    """Warnings about the cache's source images (changed since extraction, skipped files);
+    with `strict`, a change raises `SourceChangedError`."""
+    notes = []
+    changes = cache.check_source(strict=strict)
     if changes:
         notes.append(f"warning: {changes.message()} (--strict makes this an error)")
-    skipped = [{"path": path, "reason": reason} for path, reason in chosen.skipped]
-    if skipped:
-        notes.append(f"{len(skipped)} files of the dataset were skipped at extraction "
+    if cache.skipped:
+        notes.append(f"{len(cache.skipped)} files of the dataset were skipped at extraction "
                      "(listed in metrics.json)")
-    model = heads.make_head(head, **head_params)
-    train = chosen.split("train")
-    val = chosen.split("val") if "val" in chosen.counts else None
-    evaluation = "test" if "test" in chosen.counts else ("val" if val is not None else None)
-    if evaluation is None:
-        raise CacheError(
-            f"expected a test or validation split to evaluate on; cache '{chosen.path}' has only "
-            "train. Extract with --test-fraction > 0 or add a test/ folder."
-        )
-    if val is None:
-        notes.append("no validation split: no early stopping or C sweep")
+    return notes
+
+
+def train_head(model: Any, cache: FeatureCache, roles: SplitRoles) -> float:
+    """Fit `model` on train (selecting on val when there is one); the seconds it took."""
+    train = cache.split("train")
+    val = cache.split(roles.select) if roles.select else None
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.fit(train.features, train.labels,
                   X_val=None if val is None else val.features,
                   y_val=None if val is None else val.labels,
-                  classes=chosen.classes)
-    fit_seconds = time.perf_counter() - started
-    evaluated = chosen.split(evaluation)
-    proba = model.predict_proba(evaluated.features)
-    metrics = {"split": evaluation, **report.compute_metrics(evaluated.labels, proba, chosen.classes)}
-    metrics["fit_seconds"] = round(fit_seconds, 3)
-    metrics["skipped_files"] = skipped
-    if head == "logreg":
-        metrics["C"] = float(model.C_)
+                  classes=cache.classes)
+    return time.perf_counter() - started
 
-    directory = new_run_dir(runs_dir or (chosen.path.parent / "runs"), chosen.backbone, head)
-    model.save(directory / HEAD_DIR)
-    config = run_config(chosen, head=head, head_params=model.get_params(), fit_seconds=fit_seconds)
-    # dense: loss and accuracy per epoch; logreg: validation accuracy and loss over the C sweep
-    write_run_files(directory, config, metrics, model.history_ if any(model.history_.values()) else None)
-    write_split_predictions(directory / "test_predictions.csv", evaluated.paths, evaluated.labels, proba,
-                       chosen.classes)
-    notes += html.after_fit(chosen, directory, report=html_report)
-    return Run(directory, config, metrics, notes)
+
+def head_summary(model: Any) -> dict:
+    """The settings a head chose (e.g. {"C": 1.0}), for metrics.json."""
+    if hasattr(model, "summary_"):
+        return dict(model.summary_())
+    if hasattr(model, "C_"):
+        return {"C": float(model.C_)}
+    if hasattr(model, "best_epoch_"):
+        return {"best_epoch": int(model.best_epoch_)}
+    return {}
+
+
+def check_writable(directory: Path) -> None:
+    """Raise `RunError` (one line) unless a run can be written under `directory`: checked
+    before training, so that a read-only or full disk does not cost the training time."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-") as handle:
+            handle.write(b"\0" * 65536)  # a full disk fails here or at the sync
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        raise RunError(
+            f"expected a writable directory for the run; can not write in '{directory}' "
+            f"({error.strerror or error}). Free some space, fix its permissions, or choose "
+            "another place with --runs-dir."
+        ) from None
+
+
+def save_run(runs_dir: Path, labels: tuple[str, ...], write: Callable[[Path], None]) -> Path:
+    """Have `write` fill a hidden temporary directory, then give it its final name
+    (`new_run_dir`): a failure half-way leaves no half-written run directory behind."""
+    temporary = Path(tempfile.mkdtemp(dir=runs_dir, prefix=".run-"))
+    final = None
+    try:
+        write(temporary)
+        final = new_run_dir(runs_dir, *labels)
+        os.replace(temporary, final)  # replaces the empty reserved directory atomically
+        return final
+    except OSError as error:
+        _remove(temporary, final)
+        raise RunError(
+            f"could not write the run under '{runs_dir}' ({error.strerror or error}); free "
+            "some space or choose another place with --runs-dir."
+        ) from None
+    except BaseException:
+        _remove(temporary, final)
+        raise
+
+
+def _remove(temporary: Path, final: Path | None) -> None:
+    shutil.rmtree(temporary, ignore_errors=True)
+    if final is not None and final.is_dir() and not any(final.iterdir()):
+        final.rmdir()
 
 
 def run_config(cache: FeatureCache, **extra: Any) -> dict:
@@ -219,22 +333,38 @@ def write_run_files(directory: Path, config: dict, metrics: dict, history: dict 
     """config.json, metrics.json, confusion_matrix.png and (with a history) curves.png."""
     store.write_text(directory / CONFIG, json.dumps(config, indent=2, default=_json))
     store.write_text(directory / METRICS, json.dumps(metrics, indent=2, default=_json))
+    role = metrics.get("split_role") or metrics.get("split", "test")
     report.plot_confusion_matrix(metrics["confusion_matrix"], config["classes"],
-                                 directory / "confusion_matrix.png")
+                                 directory / "confusion_matrix.png",
+                                 title=f"Confusion matrix ({role})")
     if history:
         report.plot_curves(history, directory / "curves.png")
 
 
+SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "top5_accuracy")
+CI_COLUMN = "95% interval"
+
+
+def summary_columns(metrics: dict) -> list[str]:
+    """The columns of `summary_rows`: metric, the split's role, the interval."""
+    return ["metric", score_label(metrics), CI_COLUMN]
+
+
+def score_label(metrics: dict) -> str:
+    """What a run's scores are: "test", or "validation, used for selection"."""
+    return metrics.get("split_role") or evaluate.split_role(metrics.get("split", "test"))
+
+
 def summary_rows(metrics: dict) -> list[dict]:
-    """The headline figures of a run as table rows."""
-    keys = ["accuracy", "balanced_accuracy", "macro_f1", "log_loss", "top5_accuracy"]
-    return [{"metric": key, metrics.get("split", "test"): metrics[key]} for key in keys if key in metrics]
+    """The headline figures of a run as table rows, each with its 95% interval."""
+    label = score_label(metrics)
+    return [{"metric": key, label: metrics[key],
+             CI_COLUMN: report.format_interval(metrics.get(f"{key}_ci")) if f"{key}_ci" in metrics else None}
+            for key in SUMMARY_KEYS if key in metrics]
 
 
 def write_split_predictions(path: Path, paths: list[str], labels: np.ndarray, proba: np.ndarray,
                        classes: list[str]) -> None:
-    import csv
-
     with store.atomic_write(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "true", "predicted", *classes])

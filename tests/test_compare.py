@@ -50,7 +50,14 @@ def test_compare_two_backbones_both_heads(colours, cache_dir):
     assert keys == sorted(keys)
     for record in table:
         assert record["status"] == "ok" and record["error"] is None
-        assert 0 <= record["balanced_accuracy"] <= 1 and 0 <= record["macro_f1"] <= 1
+        metrics = Run.load(record["run"]).metrics
+        for key in ("accuracy", "balanced_accuracy", "macro_f1", "accuracy_ci", "macro_f1_ci"):
+            assert record[key] == metrics[key], key
+        assert record["split_role"] == "test"
+        # tied: the intervals overlap the best row's
+        best_low = table[0]["accuracy_ci"][0]
+        assert record["tied"] == ("best" if record is table[0]
+                                  else "yes" if record["accuracy_ci"][1] >= best_low else "no")
         assert record["feature_size"] == {"vgg16": 512, "resnet50": 2048}[record["backbone"]]
         assert record["images_per_second"] > 0 and record["fit_seconds"] >= 0
         assert record["split"] == "test" and record["n_samples"] == 3
@@ -68,7 +75,8 @@ def test_compare_two_backbones_both_heads(colours, cache_dir):
     assert list(rows[0]) == CSV_COLUMNS and len(rows) == 4
     assert [row["backbone"] for row in rows] == [r["backbone"] for r in table]
     md = (table.path / "compare.md").read_text()
-    assert "| rank | backbone | head | accuracy |" in md and f"`{table[0]['run']}`" in md
+    assert "| rank | backbone | head | accuracy | accuracy_95% | tied |" in md
+    assert f"`{table[0]['run']}`" in md and "95%" in md
     png = table.path / "compare.png"
     assert png.stat().st_size > 5000 and Image.open(png).format == "PNG"
     assert "extract_img/s" in table.table().splitlines()[0]
@@ -98,8 +106,9 @@ def test_a_broken_backbone_gives_failed_rows_not_a_crash(colours, cache_dir, bro
                  "--image-size", 32, "--epochs", 3, "--C", 1, "--quiet")
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].split() == ["rank", "backbone", "head", "accuracy", "balanced_acc",
-                                "macro_f1", "features", "extract_img/s", "fit_s", "status"]
+    assert lines[0].split() == ["rank", "backbone", "head", "accuracy", "accuracy_95%", "tied",
+                                "balanced_acc", "macro_f1", "features", "extract_img/s",
+                                "fit_s", "status"]
     assert sum(1 for line in lines[2:6] if line.split()[-1] == "failed") == 2
     assert "resnet50 + logreg, resnet50 + dense failed: extraction failed: could not load" in result.output
     assert result.output.count("extraction failed: could not load") == 1  # once per reason
@@ -111,6 +120,15 @@ def test_settings_wrong_for_every_row_are_refused_up_front(colours, cache_dir):
         probe.compare(colours, "vgg16,resnet5", weights="none", image_size=32)
     with pytest.raises(BackboneError, match="xception needs an image size of at least 71"):
         probe.compare(colours, "vgg16,xception", weights="none", image_size=32)
+    # every backbone below its minimum is named in the one error
+    with pytest.raises(BackboneError) as error:
+        probe.compare(colours, "all", weights="none", image_size=32)
+    message = str(error.value)
+    assert "xception needs an image size of at least 71" in message
+    assert "inceptionv3 needs an image size of at least 75" in message
+    assert "--image-size 75 or more" in message and "--image-size auto:32" in message
+    with pytest.raises(BackboneError, match="'auto:N'"):
+        probe.compare(colours, "vgg16", weights="none", image_size="big")
     with pytest.raises(ProbeError, match="unknown head"):
         probe.compare(colours, "vgg16", "logreg,svm", weights="none", image_size=32)
     with pytest.raises(ProbeError, match="takes the parameters"):
@@ -228,3 +246,35 @@ def test_help_and_dataframe_without_pandas(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "pandas", None)
     with pytest.raises(ProbeError, match="needs pandas"):
         table.to_dataframe()
+
+
+def test_image_size_auto_and_backbones_all():
+    from probe.compare import image_sizes, parse_names
+
+    every = backbones.list_backbones()
+    assert parse_names("all", ()) == ["all"]  # without the registry, "all" is just a name
+    assert parse_names("all", (), every) == every
+    assert parse_names("xception,all", (), every) == ["xception"] + [
+        name for name in every if name != "xception"]  # no repeats, the given order first
+    specs = [backbones.get(name) for name in every]
+    minimum = {spec.name: spec.min_size for spec in specs}
+    assert dict(zip(every, image_sizes(specs, "auto"))) == minimum
+    assert dict(zip(every, image_sizes(specs, "auto:64"))) == {
+        name: max(64, size) for name, size in minimum.items()}
+    assert image_sizes(specs, "auto:299") == [299] * len(specs)
+    assert image_sizes(specs, None) == [spec.native_size for spec in specs]
+    assert image_sizes(specs[:1], "48") == [48]
+
+
+def test_compare_ranks_ties_by_interval_overlap():
+    from probe.compare import rank
+
+    def row(name, accuracy, low, high, f1=0.5):
+        return {"backbone": name, "head": "logreg", "status": "ok", "accuracy": accuracy,
+                "macro_f1": f1, "accuracy_ci": [low, high]}
+
+    ranked = rank([row("c", 0.70, 0.55, 0.78), row("a", 0.90, 0.80, 0.96),
+                   row("b", 0.85, 0.74, 0.92), row("d", 0.90, 0.80, 0.96, f1=0.6),
+                   {"backbone": "e", "head": "logreg", "status": "failed"}])
+    assert [(r["backbone"], r["rank"], r["tied"]) for r in ranked] == [
+        ("d", 1, "best"), ("a", 2, "yes"), ("b", 3, "yes"), ("c", 4, "no"), ("e", None, None)]

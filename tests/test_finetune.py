@@ -10,7 +10,8 @@ from click.testing import CliRunner
 import probe
 from probe import backbones, data
 from probe.cli import main
-from probe.errors import BackboneError, FinetuneError, ProbeError
+from probe.errors import BackboneError, FinetuneError, ProbeError, SourceChangedError
+from probe.progress import Advanced, Finished, Note, Started
 
 from conftest import make_separable_tree
 
@@ -97,19 +98,23 @@ def test_unfreeze_out_of_range_is_refused(n):
         spec.unfreeze(spec.build("none", 32), n)
 
 
-def _dense_run(tmp_path, backbone="vgg16"):
+def _dense_run(tmp_path, backbone="vgg16", untrained=False):
+    """A dense run; `untrained`: its head has barely moved from its initial weights, so
+    that fine-tuning has room to beat epoch 0."""
     root = make_separable_tree(tmp_path / "colours", per_class=8, classes=("blue", "green", "red"))
     probe.extract(root, backbone, weights="none", image_size=32)
+    if untrained:
+        return probe.fit(head="dense", epochs=1, hidden_units=16, learning_rate=1e-6)
     return probe.fit(head="dense", epochs=3, hidden_units=16)
 
 
 def test_finetune_vgg16_run_predict_and_export(tmp_path):
     import keras
 
-    source = _dense_run(tmp_path)
+    source = _dense_run(tmp_path, untrained=True)
     events = []
     run = probe.finetune(source, unfreeze=1, epochs=2, learning_rate=1e-4, batch_size=8,
-                         progress=lambda event, info: events.append((event, info)))
+                         augment=False, progress=events.append)
 
     # the run directory is complete and says what was done
     for name in ("config.json", "metrics.json", "confusion_matrix.png", "curves.png",
@@ -124,26 +129,42 @@ def test_finetune_vgg16_run_predict_and_export(tmp_path):
     assert config["finetune"]["source_run"] == str(source.path.resolve())
 
     # the validation metric is computed each epoch; before / after on the test split
-    names = [event for event, _ in events]
-    assert names[0] == "start" and "estimate" in names and names[-1] == "end"
-    epochs = [info for event, info in events if event == "epoch"]
-    assert 1 <= len(epochs) <= 2 and {"val_loss", "val_accuracy"} <= set(epochs[0]["logs"])
-    estimate = next(info for event, info in events if event == "estimate")
-    assert estimate["seconds_per_epoch"] > 0 and estimate["device"] == "CPU"
+    assert all(event.stage == "finetune" for event in events)
+    assert isinstance(events[0], Started) and isinstance(events[-1], Finished)
+    assert events[0].details["blocks"] == ["block5"] and events[0].total == 2
+    epochs = [e for e in events if isinstance(e, Advanced) and e.details["unit"] == "epoch"]
+    assert 1 <= len(epochs) <= 2 and {"val_loss", "val_accuracy"} <= set(epochs[0].details["logs"])
+    assert [e.done for e in epochs] == list(range(1, len(epochs) + 1))
+    estimate = next(e for e in events if isinstance(e, Note) and e.kind == "estimate")
+    assert estimate.details["seconds_per_epoch"] > 0 and estimate.details["device"] == "CPU"
     metrics = run.metrics
-    assert metrics["split"] == "test" and 0 <= metrics["accuracy"] <= 1
+    assert metrics["split"] == "test" and metrics["split_role"] == "test"
+    test_labels = probe.FeatureCache.open(source.config["cache"]).split("test").labels
+    assert metrics["n_samples"] == len(test_labels)
+    low, high = metrics["accuracy_ci"]
+    assert low <= metrics["accuracy"] <= high and high - low > 0
+    # epoch 0 is the baseline: the kept epoch is the one with the lowest validation loss,
+    # epoch 0 included
+    losses = [metrics["baseline_val_loss"]] + [e.details["logs"]["val_loss"] for e in epochs]
+    assert metrics["best_epoch"] == int(np.argmin(losses))
+    assert metrics["kept_baseline"] == (metrics["best_epoch"] == 0)
     assert metrics["before"]["accuracy"] == pytest.approx(source.metrics["accuracy"])
     assert metrics["before"]["log_loss"] == pytest.approx(source.metrics["log_loss"], abs=1e-3)
     assert metrics["comparison"]["accuracy"]["after"] == metrics["accuracy"]
 
-    # the trainable weights were exactly block5's and the head's
+    # the trainable weights were exactly block5's and the head's; the kept weights are an
+    # epoch's that beat epoch 0, or epoch 0's (the source backbone, unchanged). Which one
+    # depends on CPU training, not bit-for-bit repeatable: both outcomes are checked.
     model = keras.saving.load_model(run.path / "model.keras", safe_mode=True)
     rebuilt = backbones.get("vgg16").build("none", 32)
-    changed = {layer.name for layer in model.get_layer(rebuilt.name).layers
+    tuned = model.get_layer(rebuilt.name)
+    trainable = {layer.name for layer in tuned.layers if layer.trainable_weights}
+    assert trainable == {"block5_conv1", "block5_conv2", "block5_conv3"}
+    changed = {layer.name for layer in tuned.layers
                if layer.weights and not all(
                    np.array_equal(a, b) for a, b in zip(layer.get_weights(),
                                                         rebuilt.get_layer(layer.name).get_weights()))}
-    assert changed and all(name.startswith("block5_") for name in changed)
+    assert changed <= trainable and bool(changed) == (metrics["best_epoch"] > 0)
 
     # predict and export use the fine-tuned model
     cache = probe.FeatureCache.open(source.config["cache"])
@@ -161,12 +182,49 @@ def test_finetune_vgg16_run_predict_and_export(tmp_path):
         probe.finetune(run, unfreeze=1)
 
 
-def test_batchnorm_statistics_unchanged_resnet50(tmp_path):
+def test_no_epoch_better_than_epoch_0_keeps_the_source_model(tmp_path):
+    from conftest import make_image
+
+    source = _dense_run(tmp_path)
+    events = []
+    # a learning rate this large wrecks the unfrozen block: no epoch beats epoch 0
+    run = probe.finetune(source, unfreeze=1, epochs=2, learning_rate=50.0, batch_size=8,
+                         patience=1, augment=False, progress=events.append)
+    metrics = run.metrics
+    assert metrics["best_epoch"] == 0 and metrics["kept_baseline"] is True
+    notes = [e for e in events if isinstance(e, Note) and e.kind == "no-improvement"]
+    assert len(notes) == 1 and notes[0].details["baseline_val_loss"] == metrics["baseline_val_loss"]
+    # the saved model is the baseline: it scores exactly as the source run's head
+    assert metrics["accuracy"] == metrics["before"]["accuracy"]
+    assert metrics["log_loss"] == pytest.approx(metrics["before"]["log_loss"], abs=1e-5)
+    assert metrics["log_loss"] == pytest.approx(source.metrics["log_loss"], abs=1e-3)
+
+    # the source images are checked as `fit` checks them
+    root = probe.FeatureCache.open(source.config["cache"]).attrs["dataset_root"]
+    make_image(tmp_path / "colours" / "red" / "added.png", seed=3)
+    assert str(tmp_path / "colours") == root
+    events.clear()
+    probe.finetune(source, unfreeze=1, epochs=1, batch_size=8, progress=events.append)
+    changed = [e for e in events if isinstance(e, Note) and e.kind == "source-changed"]
+    assert len(changed) == 1 and "1 added" in changed[0].details["message"]
+    with pytest.raises(SourceChangedError, match="1 added"):
+        probe.finetune(source, unfreeze=1, epochs=1, strict=True)
+
+
+def test_batchnorm_statistics_unchanged_resnet50(tmp_path, monkeypatch):
     import keras
 
-    source = _dense_run(tmp_path, "resnet50")
-    run = probe.finetune(source, unfreeze=1, epochs=1, learning_rate=1e-3, batch_size=8,
-                         progress=False)
+    import importlib
+
+    finetune_mod = importlib.import_module("probe.finetune")  # probe.finetune is the function
+
+    source = _dense_run(tmp_path, "resnet50", untrained=True)
+    # any trained epoch beats this epoch 0, so the saved weights are trained ones
+    monkeypatch.setattr(finetune_mod, "_baseline_loss", lambda job: float("inf"))
+    run = probe.finetune(source, unfreeze=1, epochs=1, learning_rate=1e-4, batch_size=8,
+                         augment=False)
+    assert run.metrics["best_epoch"] == 1
+
     model = keras.saving.load_model(run.path / "model.keras", safe_mode=True)
     rebuilt = backbones.get("resnet50").build("none", 32)
     tuned = model.get_layer(rebuilt.name)

@@ -32,7 +32,9 @@ def test_predict_matches_the_cache_and_export_matches_predict(separable_cache, h
 
     out = probe.export(run.path, tmp_path / "model.keras")
     model = keras.saving.load_model(out)
-    pixels = np.stack([data.load_image(p, 32) for p in images]).astype("float32")
+    pixels = probe.load_images(images, run.path)  # what the README's export section does
+    assert pixels.dtype == np.float32 and pixels.shape == (len(images), 32, 32, 3)
+    np.testing.assert_array_equal(pixels, np.stack([data.load_image(p, 32) for p in images]))
     np.testing.assert_allclose(model.predict(pixels, verbose=0), proba, atol=1e-4)
 
 
@@ -81,3 +83,42 @@ def test_tampered_head_file_is_a_clear_error(separable_cache):
     (run.path / "head" / "head.keras").write_bytes(b"PK\x03\x04 tampered")
     with pytest.raises(RunError, match="re-run `probe fit`"):
         probe.predict(run.path, [separable_cache.attrs["dataset_root"]])
+
+
+def test_load_images_names_a_file_that_can_not_be_decoded(separable_cache, tmp_path):
+    run = probe.fit(head="logreg", C=1.0)
+    (tmp_path / "broken.jpg").write_text("not an image")
+    with pytest.raises(ProbeError, match="broken.jpg' can not be.*not an image Pillow"):
+        probe.load_images([tmp_path / "broken.jpg"], run)
+
+
+def test_predict_cli_fails_when_no_file_decodes_and_on_an_unwritable_output(separable_cache,
+                                                                          tmp_path):
+    from click.testing import CliRunner
+
+    from probe.cli import main
+
+    run = probe.fit(head="logreg", C=1.0)
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.jpg").write_text("not an image")
+    (folder / "b.png").write_bytes(b"")
+    runner = CliRunner()
+    result = runner.invoke(main, ["predict", str(run.path), str(folder)])
+    assert result.exit_code == 1, result.output
+    assert "none of the 2 files could be decoded" in result.output
+    good = sorted((separable_cache.path.parent.parent / "colours" / "red").iterdir())[0]
+    (folder / "good.png").write_bytes(good.read_bytes())
+    result = runner.invoke(main, ["predict", str(run.path), str(folder)])
+    assert result.exit_code == 0 and "2 of 3 files could not be decoded" in result.output
+
+    (tmp_path / "a-file").write_text("x")
+    for target in ("/proc/x.csv", str(tmp_path / "a-file" / "x.csv")):
+        result = runner.invoke(main, ["predict", str(run.path), str(folder), "-o", target])
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert result.output.startswith("Error: expected a writable file for the predictions")
+        assert len(result.output.strip().splitlines()) == 1
+    existing = tmp_path / "kept.csv"
+    existing.write_text("old")
+    probe.predict(run, [folder / "good.png"], output=existing)  # checked, then written
+    assert existing.read_text().startswith("path,predicted")

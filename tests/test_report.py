@@ -7,7 +7,9 @@ import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, log_loss
 
 from probe.errors import DatasetError, ProbeError
-from probe.report import compute_metrics, format_table, plot_confusion_matrix, plot_curves
+from probe.evaluate import wilson_interval
+from probe.report import (compute_metrics, format_interval, format_table, plot_confusion_matrix,
+                          plot_curves, printable)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -37,7 +39,7 @@ def test_metrics_agree_with_sklearn(k):
     for i, name in enumerate(classes):
         assert m["per_class"][name]["support"] == int(np.sum(y == i))
         assert m["per_class"][name]["f1"] == pytest.approx(f1_score(y, pred, average=None)[i])
-    assert 0.0 < m["accuracy"] < 1.0
+    assert m["accuracy_ci"] == pytest.approx(list(wilson_interval(int(np.sum(pred == y)), 200)))
     # rows of the confusion matrix are true classes
     assert [sum(row) for row in m["confusion_matrix"]] == [int(np.sum(y == i)) for i in range(k)]
     # plain Python types only
@@ -97,7 +99,7 @@ def test_plot_curves_writes_png(tmp_path):
 
 def test_format_table():
     rows = [
-        {"backbone": "resnet50", "head": "logreg", "accuracy": 0.91234567, "n": 120},
+        {"backbone": "resnet50", "head": "logreg", "accuracy": 10.91234567, "n": 120},
         {"backbone": "mobilenet_v3_small", "head": "dense", "accuracy": 0.5, "n": 7},
         {"backbone": "efficientnet_b0", "head": "dense"},
     ]
@@ -106,12 +108,21 @@ def test_format_table():
     assert len(lines) == 5
     assert lines[0].split() == ["backbone", "head", "accuracy", "n"]
     assert set(lines[1].replace(" ", "")) == {"-"}
-    assert "0.9123" in lines[2] and "0.5000" in lines[3]
+    assert "10.9123" in lines[2] and "0.5000" in lines[3]
     assert lines[4].split() == ["efficientnet_b0", "dense", "-", "-"]
-    # numbers are right-aligned: the accuracy column ends at the same offset
-    assert lines[2].index("0.9123") + 6 == lines[3].index("0.5000") + 6
+    # numbers are right-aligned: values of different widths end at the same offset
+    assert lines[2].index("10.9123") + len("10.9123") == lines[3].index("0.5000") + len("0.5000")
+    assert lines[2].index("10.9123") != lines[3].index("0.5000")
     assert lines[2].endswith("120") and lines[3].endswith("  7")
     # text columns are left-aligned
     assert lines[2].index("logreg") == lines[3].index("dense")
     assert not text.endswith("\n")
     assert format_table([], ["a", "b"]).splitlines()[0].split() == ["a", "b"]
+
+
+def test_interval_text_and_class_names_that_are_not_utf8(tmp_path):
+    assert format_interval([0.81234, 0.9]) == "[0.8123, 0.9000]" and format_interval(None) == "-"
+    name = b"caf\xe9".decode("utf-8", "surrogateescape")  # a Latin-1 folder name
+    assert printable(name) == "caf\ufffd"
+    out = plot_confusion_matrix([[1, 0], [0, 1]], [name, "b"], tmp_path / "cm.png", title="Confusion matrix (test)")
+    assert out.read_bytes()[:8] == PNG_MAGIC

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import probe
+import probe.evaluate
 from conftest import make_separable_tree
 from probe.errors import CacheError, DatasetError, RunError
 from probe.runs import Run
@@ -100,3 +101,84 @@ def test_skipped_files_are_listed_in_the_run_metrics(image_tree):
     run = probe.fit(head="logreg", C=1.0)
     assert {item["path"] for item in run.metrics["skipped_files"]} == {"cat/empty.jpg", "dog/text.jpg"}
     assert any("2 files" in note for note in run.notes)
+
+
+def test_fit_metrics_carry_intervals_and_the_split_role(separable_cache):
+    run = probe.fit(head="logreg")
+    metrics = run.metrics
+    assert metrics["split_role"] == "test" and metrics["selected_on"] == "val"
+    assert run.config["head_params"]["refit"] is True  # a test split reports: refit on train+val
+    n = separable_cache.counts["test"]
+    correct = round(metrics["accuracy"] * n)
+    assert metrics["accuracy_ci"] == list(probe.evaluate.wilson_interval(correct, n))
+    for key in ("balanced_accuracy_ci", "macro_f1_ci"):
+        assert metrics[key][0] <= metrics[key[:-3]] <= metrics[key][1]
+
+
+def test_an_unwritable_runs_dir_stops_before_training(separable_cache, tmp_path, monkeypatch):
+    from probe import heads
+
+    trained = []
+    monkeypatch.setattr(heads.LogisticHead, "fit", lambda self, *a, **k: trained.append(1))
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("x")
+    with pytest.raises(RunError, match="can not write in .*--runs-dir"):
+        probe.fit(head="logreg", runs_dir=blocked / "runs")
+    from probe import runs
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runs.os, "fsync", full)  # a full disk fails when the data is synced
+    with pytest.raises(RunError, match="No space left on device"):
+        probe.fit(head="logreg")
+    assert trained == []
+    assert [p.name for p in (separable_cache.path.parent / "runs").iterdir()] == []
+
+
+def test_a_failure_while_writing_leaves_no_half_written_run(separable_cache, monkeypatch):
+    from probe import report
+
+    runs = separable_cache.path.parent / "runs"
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "plot_confusion_matrix", broken)
+    with pytest.raises(RunError, match="No space left on device"):
+        probe.fit(head="logreg", C=1.0)
+    assert list(runs.iterdir()) == []  # neither the run nor its temporary directory
+
+
+def test_class_names_that_are_not_utf8_are_plotted_and_saved(tmp_path):
+    from conftest import make_image
+
+    root = tmp_path / "latin1"
+    for name in (b"caf\xe9", b"the"):
+        folder = Path(os.fsdecode(bytes(root) + b"/" + name))
+        for i in range(8):
+            make_image(folder / f"{i}.png", seed=i + len(name) * 10)
+    cache = probe.extract(root, "vgg16", weights="none", image_size=32)
+    run = probe.fit(cache, "logreg", C=1.0)
+    assert (run.path / "confusion_matrix.png").stat().st_size > 1000
+    assert Run.load(run.path).classes == cache.classes
+
+
+def test_fit_cli_hints_extract_for_a_dataset_and_refuses_a_photo(tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from probe.cli import main
+
+    dataset = make_separable_tree(tmp_path / "cats_vs_dogs")
+    result = CliRunner().invoke(main, ["fit", str(dataset)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "reads a feature cache" in result.output
+    assert f"probe extract {dataset}" in result.output
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (8, 8)).save(photo)
+    for args in (["fit", "--cache", str(photo)], ["fit", str(photo)], ["cache", "info", str(photo)]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and "is not one" in result.output, args
+        assert "delete" not in result.output.lower(), args
+    assert photo.is_file()
