@@ -17,10 +17,20 @@ from .errors import (
 )
 from .extract import extract
 from .finetune import finetune
-from .heads import DenseHead, LogisticHead, load_head, make_head
+from .heads import list_heads, load_head, make_head
 from .inference import Prediction, export, predict
 from .runs import Run, fit
 from .compare import Comparison, compare; from .demo import run_demo, write_digits  # noqa: E702
+from .curve import curve
+
+
+def __getattr__(name: str):
+    # head classes import scikit-learn (seconds); `import probe` stays fast without them
+    if name in ("LogisticHead", "DenseHead", "KNNHead"):
+        from . import heads
+
+        return getattr(heads, name)
+    raise AttributeError(f"module 'probe' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 
@@ -31,7 +41,7 @@ __all__ = [
     "ProbeError", "BackboneError", "WeightsError", "DatasetError", "CacheError",
     "CacheMismatchError", "SourceChangedError", "NotFittedError", "RunError",
     "extract", "fit", "predict", "export", "Run", "Prediction",
-    "LogisticHead", "DenseHead", "make_head", "load_head",
+    "LogisticHead", "DenseHead", "KNNHead", "make_head", "load_head", "list_heads", "curve",
     "finetune",
     "compare", "Comparison", "run_demo", "write_digits",
 ]

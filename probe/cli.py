@@ -10,7 +10,7 @@ import time
 
 import click
 
-from . import backbones, cache as cache_mod
+from . import backbones, cache as cache_mod, heads as heads_mod
 from .errors import ProbeError
 from .report import format_table
 
@@ -195,39 +195,52 @@ def extract_command(dataset, backbone, weights, image_size, pooling, batch_size,
         raise click.ClickException(f"--strict: {report['skipped']} files were skipped")
 
 
+def _head_option_list() -> list:
+    """One click option per distinct flag over the registry's heads (defaults stay the
+    heads' own: an option left out is not passed)."""
+    seen: dict[str, list[str]] = {}
+    declared = {}
+    for name in heads_mod.list_heads():
+        for option in heads_mod.head_options(name):
+            seen.setdefault(option.flag, []).append(name)
+            declared.setdefault(option.flag, option)
+    options = []
+    for flag, option in declared.items():
+        kind = click.Choice(option.choices) if option.choices else option.kind
+        declarations = (flag, "C") if flag == "--C" else (flag,)
+        options.append(click.option(*declarations, type=kind, default=None, help=option.help))
+    return options
+
+
 def head_options(command):
-    """Options of the heads (each applies to the head that has it)."""
-    options = [
-        click.option("--head", type=click.Choice(["logreg", "dense"]), default="logreg",
-                     show_default=True, help="Logistic regression or a small dense network."),
-        click.option("--C", "C", type=float, default=None,
-                     help="logreg: fix the regularisation strength [default: chosen on val]."),
-        click.option("--hidden-units", type=int, default=256, show_default=True,
-                     help="dense: hidden layer width (0: none)."),
-        click.option("--dropout", type=float, default=0.5, show_default=True, help="dense"),
-        click.option("--epochs", type=int, default=50, show_default=True, help="dense"),
-        click.option("--learning-rate", type=float, default=1e-3, show_default=True, help="dense"),
-        click.option("--head-batch-size", type=int, default=32, show_default=True,
-                     help="dense: training batch size."),
-        click.option("--patience", type=int, default=5, show_default=True,
-                     help="dense: early-stopping patience on validation loss."),
-        click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none",
-                     show_default=True, help="'balanced' for imbalanced classes."),
-    ]
+    """Options of the heads (each applies to the head that has it), from the registry."""
+    described = "; ".join(f"{name}: {text}" for name, text in heads_mod.describe_heads().items())
+    options = [click.option("--head", type=click.Choice(heads_mod.list_heads()), default="logreg",
+                            show_default=True, help=described), *_head_option_list()]
     for option in reversed(options):
         command = option(command)
     return command
 
 
-def head_params(head, C, hidden_units, dropout, epochs, learning_rate, head_batch_size,
-                patience, class_weight, seed) -> dict:
-    """Constructor parameters of the chosen head from the command-line options."""
-    weight = None if class_weight == "none" else class_weight
-    if head == "logreg":
-        return {"C": C, "class_weight": weight, "seed": seed}
-    return {"hidden_units": hidden_units, "dropout": dropout, "epochs": epochs,
-            "learning_rate": learning_rate, "batch_size": head_batch_size,
-            "patience": patience, "class_weight": weight, "seed": seed}
+def head_params(head: str, seed: int, options: dict) -> dict:
+    """Constructor parameters of the chosen head from the command-line options it
+    declares: those given, plus the seed."""
+    params = {"seed": seed}
+    for option in heads_mod.head_options(head):
+        value = options.get(_option_name(option.flag))
+        if value is not None:
+            params[option.param] = None if value == "none" else value
+    return params
+
+
+def _option_name(flag: str) -> str:
+    return "C" if flag == "--C" else flag.lstrip("-").replace("-", "_")
+
+
+def _head_kwargs(kwargs: dict) -> dict:
+    """The head options among a command's keyword arguments (removed from them)."""
+    names = {_option_name(o.flag) for n in heads_mod.list_heads() for o in heads_mod.head_options(n)}
+    return {name: kwargs.pop(name) for name in list(kwargs) if name in names}
 
 
 @main.command("fit")
@@ -240,29 +253,74 @@ def head_params(head, C, hidden_units, dropout, epochs, learning_rate, head_batc
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--strict", is_flag=True, help="Fail if the cache's source images changed.")
 @_fail_cleanly
-def fit_command(cache_path, backbone, cache_dir, head, C, hidden_units, dropout, epochs,
-                learning_rate, head_batch_size, patience, class_weight, seed, strict) -> None:
+def fit_command(cache_path, backbone, cache_dir, head, seed, strict, **options) -> None:
     """Train a head on cached features and report test metrics.
 
     Writes a run directory (.probe/runs/<time>-<backbone>-<head>/) with metrics.json,
-    confusion_matrix.png, curves.png (dense: per epoch; logreg: the C sweep), config.json and the head.
+    confusion_matrix.png, curves.png (dense: per epoch; logreg: the C sweep; knn: accuracy
+    over k), config.json and the head.
 
-    Example: probe fit --head dense
+    Example: probe fit --head knn
     """
     from .runs import fit, summary_rows
 
-    params = head_params(head, C, hidden_units, dropout, epochs, learning_rate,
-                         head_batch_size, patience, class_weight, seed)
+    params = head_params(head, seed, options)
     run = fit(cache_path, head, backbone=backbone, cache_dir=cache_dir, strict=strict, **params)
     for note in run.notes:
         click.echo(note, err=True)
     metrics = run.metrics
     split = metrics["split"]
     click.echo(f"{run.config['backbone']} + {head} on {run.config['cache']}")
-    if "C" in metrics:
-        click.echo(f"C chosen on validation: {metrics['C']:g}" if C is None else f"C: {C:g}")
+    chosen = metrics.get("chosen") or {}
+    if chosen:
+        settings = ", ".join(f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}"
+                             for key, value in chosen.items())
+        click.echo(f"Chosen settings: {settings}")
     click.echo(format_table(summary_rows(metrics), ["metric", split]))
     click.echo(f"Run: {run.path}")
+
+
+@main.command("curve")
+@click.option("--cache", "cache_path", type=click.Path(dir_okay=False), default=None,
+              help="The cache file [default: the one in the cache directory, or the newest].")
+@click.option("--backbone", "-b", default=None, help="Use the newest cache of this backbone.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              envvar="PROBE_CACHE_DIR", help="Cache directory [default: ./.probe].")
+@click.option("--shots", default="1,2,5,10,25,all", show_default=True,
+              help="Labelled images per class, comma-separated; 'all' is the whole training split.")
+@click.option("--repeats", type=int, default=5, show_default=True,
+              help="Seeded random subsets per shot count.")
+@click.option("--heads", default="logreg,knn", show_default=True,
+              help=f"Comma-separated heads: {', '.join(heads_mod.list_heads())}.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_fail_cleanly
+def curve_command(cache_path, backbone, cache_dir, shots, repeats, heads, seed) -> None:
+    """Label-efficiency curve: accuracy against labelled images per class, per head.
+
+    For each shot count and repeat, a seeded stratified subset of the training split (nested
+    across shot counts); settings chosen inside the subset only; scored on the test split
+    (else the validation split, said so). Writes curve.csv and curve.png into
+    .probe/runs/<time>-<backbone>-curve/ and prints mean ± standard deviation.
+
+    Example: probe curve --shots 1,2,5,10,25,all --repeats 5 --heads logreg,knn,dense
+    """
+    from .curve import curve
+
+    result = curve(cache_path, shots=shots, repeats=repeats, heads=heads, seed=seed,
+                   backbone=backbone, cache_dir=cache_dir)
+    for note in result.notes:
+        click.echo(note, err=True)
+    split = "validation" if result.split == "val" else result.split
+    rows = [{"head": r["head"], "shots": str(r["shots"]), "n_train": r["n_train"],
+             f"{split} accuracy": f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}",
+             "balanced accuracy": f"{r['balanced_accuracy']:.4f} ± {r['balanced_accuracy_std']:.4f}",
+             "short classes": r["short_classes"]} for r in result.summary]
+    click.echo(format_table(rows, list(rows[0])))
+    short = max((r["short_classes"] for r in result.summary), default=0)
+    if short:
+        click.echo(f"short classes: classes with fewer training images than the shot count "
+                   f"(they use all they have); up to {short} here")
+    click.echo(f"Run: {result.path}")
 
 
 @main.command("predict")
@@ -412,13 +470,11 @@ def _options_except(decorator, *names):
     return apply
 
 
-def _compare_head_params(heads, C, hidden_units, dropout, epochs, learning_rate,
-                         head_batch_size, patience, class_weight, seed) -> dict:
+def _compare_head_params(heads, seed, options) -> dict:
     from .compare import parse_names
 
-    return {head: head_params(head, C, hidden_units, dropout, epochs, learning_rate,
-                              head_batch_size, patience, class_weight, seed)
-            for head in parse_names(heads, ()) if head in ("logreg", "dense")}
+    return {head: head_params(head, seed, options)
+            for head in parse_names(heads, ()) if head in heads_mod.list_heads()}
 
 
 class _CompareProgress:
@@ -484,16 +540,14 @@ def _show_comparison(result) -> None:
 @click.option("--backbones", default="vgg16,resnet50", show_default=True,
               help="Comma-separated backbone names (see `probe backbones`).")
 @click.option("--heads", default="logreg,dense", show_default=True,
-              help="Comma-separated heads: logreg, dense.")
+              help=f"Comma-separated heads: {', '.join(heads_mod.list_heads())}.")
 @_options_except(extraction_options, "backbone")
 @dataset_options
 @_options_except(head_options, "head")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines or bars.")
 @_fail_cleanly
 def compare_command(dataset, backbones, heads, weights, image_size, pooling, batch_size,
-                    cache_dir, labels, val_fraction, test_fraction, seed, C, hidden_units,
-                    dropout, epochs, learning_rate, head_batch_size, patience, class_weight,
-                    quiet) -> None:
+                    cache_dir, labels, val_fraction, test_fraction, seed, quiet, **options) -> None:
     """Compare backbones and heads on DATASET and rank them.
 
     Extracts what is not cached yet (every existing cache is reused), fits every head on
@@ -506,8 +560,7 @@ def compare_command(dataset, backbones, heads, weights, image_size, pooling, bat
     """
     from .compare import compare
 
-    params = _compare_head_params(heads, C, hidden_units, dropout, epochs, learning_rate,
-                                  head_batch_size, patience, class_weight, seed)
+    params = _compare_head_params(heads, seed, options)
     shown = _CompareProgress(quiet)
     try:
         result = compare(dataset, backbones, heads, weights=weights, image_size=image_size,

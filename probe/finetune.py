@@ -47,7 +47,7 @@ def finetune(
 
     The last `unfreeze` top blocks of the backbone train (1 = the last block), with every
     BatchNormalization layer frozen in inference mode; the head starts from the run's
-    trained head (a logistic head folded into one Dense softmax layer). Training uses
+    trained head's Keras form (`keras_head()`; a k-NN head is refused). Training uses
     Adam with a low `learning_rate`, random flips, small rotations and zooms
     (`augment=False`: none) and early stopping on validation loss that restores the best
     weights. `progress`: None prints a start line, a time estimate and one line per epoch
@@ -85,6 +85,9 @@ def finetune(
     from . import inference
 
     head = source.load_head()
+    refusal = head.finetune_refusal()
+    if refusal:
+        raise FinetuneError(f"{refusal} Received: run='{source.path}' with head {config['head']!r}")
     backbone_model = inference.rebuild_backbone(config)
     unfrozen = spec.unfreeze(backbone_model, unfreeze)
     keras.utils.set_random_seed(int(seed))

@@ -72,9 +72,10 @@ class Run:
     def is_finetuned(self) -> bool:
         return (self.path / MODEL_FILE).is_file()
 
-    def load_head(self) -> heads.LogisticHead | heads.DenseHead:
-        """The trained head (not for a fine-tuned run, whose head is inside its model)."""
-        return heads.load_head(self.path / HEAD_DIR)
+    def load_head(self) -> heads.Head:
+        """The trained head (not for a fine-tuned run, whose head is inside its model),
+        checked against the run's class names."""
+        return heads.load_head(self.path / HEAD_DIR, classes=self.classes)
 
 
 def resolve_cache(
@@ -115,7 +116,7 @@ def fit(
 ) -> Run:
     """Train a head on a feature cache, evaluate it and write a run directory.
 
-    `head` is "logreg" or "dense"; `head_params` go to its constructor (e.g. `C=1.0`,
+    `head` is a name of `probe.list_heads()` ("logreg", "dense", "knn"); `head_params` go to its constructor (e.g. `C=1.0`,
     `epochs=20`, `class_weight="balanced"`, `seed=0`). The test split is used for the
     metrics (the validation split when there is no test split). When the cache's source
     images changed since extraction, `Run.notes` warns with the counts; `strict=True`
@@ -157,14 +158,13 @@ def fit(
     metrics = {"split": evaluation, **report.compute_metrics(evaluated.labels, proba, chosen.classes)}
     metrics["fit_seconds"] = round(fit_seconds, 3)
     metrics["skipped_files"] = skipped
-    if head == "logreg":
-        metrics["C"] = float(model.C_)
+    metrics["chosen"] = model.summary_()  # the chosen settings: C; k and T; epochs
+    metrics.update(metrics["chosen"])
 
     directory = new_run_dir(runs_dir or (chosen.path.parent / "runs"), chosen.backbone, head)
     model.save(directory / HEAD_DIR)
     config = run_config(chosen, head=head, head_params=model.get_params(), fit_seconds=fit_seconds)
-    # dense: loss and accuracy per epoch; logreg: validation accuracy and loss over the C sweep
-    write_run_files(directory, config, metrics, model.history_ if any(model.history_.values()) else None)
+    write_run_files(directory, config, metrics, model.curves_())
     write_split_predictions(directory / "test_predictions.csv", evaluated.paths, evaluated.labels, proba,
                        chosen.classes)
     return Run(directory, config, metrics, notes)
@@ -210,8 +210,9 @@ def new_run_dir(runs_dir: str | os.PathLike, *labels: str) -> Path:
     raise RunError(f"could not create a run directory under '{runs}'")
 
 
-def write_run_files(directory: Path, config: dict, metrics: dict, history: dict | None) -> None:
-    """config.json, metrics.json, confusion_matrix.png and (with a history) curves.png."""
+def write_run_files(directory: Path, config: dict, metrics: dict, history: Any) -> None:
+    """config.json, metrics.json, confusion_matrix.png and (with curves: a head's
+    `curves_()` or a Keras history dict) curves.png."""
     (directory / CONFIG).write_text(json.dumps(config, indent=2, default=_json), encoding="utf-8")
     (directory / METRICS).write_text(json.dumps(metrics, indent=2, default=_json), encoding="utf-8")
     report.plot_confusion_matrix(metrics["confusion_matrix"], config["classes"],
