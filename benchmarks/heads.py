@@ -24,6 +24,7 @@ Every figure is printed on its own line, `<scope> <figure> <value>`; times are t
 
     PYTHONPATH=. python benchmarks/heads.py
     PYTHONPATH=. python benchmarks/heads.py --quick
+    PYTHONPATH=. python benchmarks/heads.py --only curve --repeat 1
 """
 
 from __future__ import annotations
@@ -129,11 +130,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs per timing (best kept)")
     parser.add_argument("--quick", action="store_true", help="small knn bank, no curve")
+    parser.add_argument("--only", choices=("logistic", "knn", "curve"), default=None,
+                        help="one group of figures")
     args = parser.parse_args()
-    logistic_figures("digits", digits(), args.repeat)
-    logistic_figures("blobs", blobs(), args.repeat)
-    knn_large(args.repeat, 2000 if args.quick else 10000)
-    if not args.quick:
+    if args.only in (None, "logistic"):
+        logistic_figures("digits", digits(), args.repeat)
+        logistic_figures("blobs", blobs(), args.repeat)
+    if args.only in (None, "knn"):
+        knn_large(args.repeat, 2000 if args.quick else 10000)
+    if args.only in (None, "curve") and not args.quick:
         curve_figure()
 
 
