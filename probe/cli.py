@@ -237,12 +237,6 @@ def _option_name(flag: str) -> str:
     return "C" if flag == "--C" else flag.lstrip("-").replace("-", "_")
 
 
-def _head_kwargs(kwargs: dict) -> dict:
-    """The head options among a command's keyword arguments (removed from them)."""
-    names = {_option_name(o.flag) for n in heads_mod.list_heads() for o in heads_mod.head_options(n)}
-    return {name: kwargs.pop(name) for name in list(kwargs) if name in names}
-
-
 @main.command("fit")
 @click.option("--cache", "cache_path", type=click.Path(dir_okay=False), default=None,
               help="The cache file [default: the one in the cache directory, or the newest].")

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from .base import HeadOption
 
-_CLASS_WEIGHT = HeadOption("class_weight", "--class-weight", str, "'balanced' for imbalanced classes",
-                           ("none", "balanced"))
+_CLASS_WEIGHT = HeadOption("class_weight", "--class-weight", str,
+                           "logreg, dense: 'balanced' for imbalanced classes", ("none", "balanced"))
 
 # name: (module, class name, description, options)
 CATALOG: dict[str, tuple[str, str, str, tuple[HeadOption, ...]]] = {
