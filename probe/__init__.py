@@ -19,12 +19,22 @@ from .engines.ray import RayOptions
 from .extract import ExtractionReport, extract, extract_with_report
 from .settings import ExtractionSettings, SplitSettings, Weights
 from .finetune import finetune
-from .heads import DenseHead, LogisticHead, load_head, make_head
+from .heads import list_heads, load_head, make_head
 from .inference import Prediction, export, load_images, predict
 from .runs import Run, fit
 from .compare import Comparison, compare; from .demo import run_demo, write_digits  # noqa: E702
+from .curve import curve
 from .duplicates import DuplicateGroup, DuplicateImage, DuplicatePair, Duplicates, find_duplicates
 from .html import write_report
+
+
+def __getattr__(name: str):
+    # head classes import scikit-learn (seconds); `import probe` stays fast without them
+    if name in ("LogisticHead", "DenseHead", "KNNHead"):
+        from . import heads
+
+        return getattr(heads, name)
+    raise AttributeError(f"module 'probe' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 
@@ -37,7 +47,7 @@ __all__ = [
     "extract", "extract_with_report", "ExtractionReport", "RayOptions",
     "ExtractionSettings", "SplitSettings", "Weights", "fit", "predict", "export", "load_images",
     "Run", "Prediction",
-    "LogisticHead", "DenseHead", "make_head", "load_head",
+    "LogisticHead", "DenseHead", "KNNHead", "make_head", "load_head", "list_heads", "curve",
     "finetune",
     "compare", "Comparison", "run_demo", "write_digits",
     "write_report", "find_duplicates", "Duplicates", "DuplicatePair", "DuplicateGroup",

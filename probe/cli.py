@@ -13,7 +13,7 @@ import time
 
 import click
 
-from . import backbones, cache as cache_mod, settings
+from . import backbones, cache as cache_mod, heads as heads_mod, settings
 from .compare import compare, parse_names, score_note
 from .demo import DEMO_BACKBONES, DEMO_IMAGE_SIZE, DEMO_PER_CLASS, run_demo
 from .engines.ray import RayOptions
@@ -26,6 +26,7 @@ from .inference import export, predict
 from .progress import Advanced, Event, Finished, Note, Started
 from .report import format_interval, format_table
 from .runs import Run, fit, score_label, summary_columns, summary_rows
+from .curve import curve
 
 # A seed any part of probe accepts (NumPy's and Keras' seeds are 32-bit).
 SEED = click.IntRange(0, settings.MAX_SEED)
@@ -267,34 +268,46 @@ def extract_command(dataset, backbone, weights, image_size, pooling, batch_size,
         raise click.ClickException(f"--strict: {report.skipped} files were skipped")
 
 
-HEAD_OPTION = click.option("--head", type=click.Choice(["logreg", "dense"]), default="logreg",
-                           show_default=True, help="Logistic regression or a small dense network.")
-HEAD_PARAMETER_OPTIONS = (
-    click.option("--C", "C", type=float, default=None,
-                 help="logreg: fix the regularisation strength [default: chosen on val]."),
-    click.option("--hidden-units", type=int, default=256, show_default=True,
-                 help="dense: hidden layer width (0: none)."),
-    click.option("--dropout", type=float, default=0.5, show_default=True, help="dense"),
-    click.option("--epochs", type=int, default=50, show_default=True, help="dense"),
-    click.option("--learning-rate", type=float, default=1e-3, show_default=True, help="dense"),
-    click.option("--head-batch-size", type=int, default=32, show_default=True,
-                 help="dense: training batch size."),
-    click.option("--patience", type=int, default=5, show_default=True,
-                 help="dense: early-stopping patience on validation loss."),
-    click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none",
-                 show_default=True, help="'balanced' for imbalanced classes."),
-)
+def _head_parameter_options() -> tuple:
+    """One click option per distinct flag over the registry's heads (defaults stay the
+    heads' own: an option left out is not passed)."""
+    declared = {}
+    for name in heads_mod.list_heads():
+        for option in heads_mod.head_options(name):
+            declared.setdefault(option.flag, option)
+    options = []
+    for flag, option in declared.items():
+        kind = click.Choice(option.choices) if option.choices else option.kind
+        declarations = (flag, "C") if flag == "--C" else (flag,)
+        options.append(click.option(*declarations, type=kind, default=None, help=option.help))
+    return tuple(options)
 
 
-def head_params(head, C, hidden_units, dropout, epochs, learning_rate, head_batch_size,
-                patience, class_weight, seed) -> dict:
-    """Constructor parameters of the chosen head from the command-line options."""
-    weight = None if class_weight == "none" else class_weight
-    if head == "logreg":
-        return {"C": C, "class_weight": weight, "seed": seed}
-    return {"hidden_units": hidden_units, "dropout": dropout, "epochs": epochs,
-            "learning_rate": learning_rate, "batch_size": head_batch_size,
-            "patience": patience, "class_weight": weight, "seed": seed}
+HEAD_OPTION = click.option(
+    "--head", type=click.Choice(heads_mod.list_heads()), default="logreg", show_default=True,
+    help="; ".join(f"{name}: {text}" for name, text in heads_mod.describe_heads().items()))
+HEAD_PARAMETER_OPTIONS = _head_parameter_options()
+
+
+def head_params(head: str, seed: int, options: dict) -> dict:
+    """Constructor parameters of the chosen head from the command-line options it
+    declares: those given, plus the seed."""
+    params = {"seed": seed}
+    for option in heads_mod.head_options(head):
+        value = options.get(_option_name(option.flag))
+        if value is not None:
+            params[option.param] = None if value == "none" else value
+    return params
+
+
+def _compare_head_params(heads, seed, options) -> dict:
+    """Each compared head's parameters from the options it declares."""
+    return {head: head_params(head, seed, options)
+            for head in parse_names(heads, ()) if head in heads_mod.list_heads()}
+
+
+def _option_name(flag: str) -> str:
+    return "C" if flag == "--C" else flag.lstrip("-").replace("-", "_")
 
 
 @main.command("fit")
@@ -309,37 +322,35 @@ def head_params(head, C, hidden_units, dropout, epochs, learning_rate, head_batc
 @click.option("--strict", is_flag=True, help="Fail if the cache's source images changed.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
 @_fail_cleanly
-def fit_command(cache_file, cache_path, backbone, cache_dir, runs_dir, head, C, hidden_units,
-                dropout, epochs, learning_rate, head_batch_size, patience, class_weight, seed,
-                strict, no_report) -> None:
+def fit_command(cache_file, cache_path, backbone, cache_dir, runs_dir, head, seed, strict,
+                no_report, **options) -> None:
     """Train a head on cached features and report its scores with 95% intervals.
 
     fit reads a feature cache written by `probe extract` (CACHE or --cache: a cache file;
-    default: the newest cache). Train fits, validation chooses (C, early stopping), test
+    default: the newest cache). Train fits, validation chooses (C, k and T, epochs), test
     reports; without a test split the scores are on validation, labelled as such. Writes a
     run directory (.probe/runs/<time>-<backbone>-<head>/) with metrics.json,
     confusion_matrix.png, curves.png (dense: per epoch; logreg: the C sweep, so none
-    without a validation split), config.json, the head and report.html (see `probe
-    report`). Warns when images are duplicated across splits.
+    without a validation split; knn: accuracy over k), config.json, the head and
+    report.html (see `probe report`). Warns when images are duplicated across splits.
 
-    Example: probe fit --head dense
+    Example: probe fit --head knn
     """
     cache_path = _fit_cache_argument(cache_file, cache_path)
-    params = head_params(head, C, hidden_units, dropout, epochs, learning_rate,
-                         head_batch_size, patience, class_weight, seed)
+    params = head_params(head, seed, options)
     run = fit(cache_path, head, backbone=backbone, cache_dir=cache_dir, runs_dir=runs_dir,
               strict=strict, html_report=not no_report, **params)
     for note in run.notes:
         click.echo(note, err=True)
     metrics = run.metrics
     click.echo(f"{run.config['backbone']} + {head} on {run.config['cache']}")
-    if "C" in metrics:
-        if C is not None:
-            click.echo(f"C: {C:g}")
-        elif metrics.get("selected_on"):
-            click.echo(f"C chosen on validation: {metrics['C']:g}")
-        else:
-            click.echo(f"C: {metrics['C']:g} (the default: no validation split to choose it on)")
+    chosen = metrics.get("chosen") or {}
+    if chosen:
+        text = ", ".join(f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}"
+                         for key, value in chosen.items())
+        source = ("" if metrics.get("selected_on")
+                  else " (the defaults: no validation split to choose them on)")
+        click.echo(f"Chosen settings: {text}{source}")
     click.echo(format_table(summary_rows(metrics), summary_columns(metrics)))
     click.echo(f"Run: {run.path}")
 
@@ -357,6 +368,46 @@ def _fit_cache_argument(cache_file, cache_path):
             "directory of caches goes with --cache-dir)."
         )
     return cache_file
+
+
+@main.command("curve")
+@click.option("--cache", "cache_path", type=click.Path(dir_okay=False), default=None,
+              help="The cache file [default: the one in the cache directory, or the newest].")
+@click.option("--backbone", "-b", default=None, help="Use the newest cache of this backbone.")
+@CACHE_DIR_OPTION
+@click.option("--shots", default="1,2,5,10,25,all", show_default=True,
+              help="Labelled images per class, comma-separated; 'all' is the whole training split.")
+@click.option("--repeats", type=int, default=5, show_default=True,
+              help="Seeded random subsets per shot count.")
+@click.option("--heads", default="logreg,knn", show_default=True,
+              help=f"Comma-separated heads: {', '.join(heads_mod.list_heads())}.")
+@click.option("--seed", type=SEED, default=settings.DEFAULT_SEED, show_default=True)
+@_fail_cleanly
+def curve_command(cache_path, backbone, cache_dir, shots, repeats, heads, seed) -> None:
+    """Label-efficiency curve: accuracy against labelled images per class, per head.
+
+    For each shot count and repeat, a seeded stratified subset of the training split (nested
+    across shot counts); settings chosen inside the subset only; scored on the test split
+    (else the validation split, said so). Writes curve.csv and curve.png into
+    .probe/runs/<time>-<backbone>-curve/ and prints mean ± standard deviation.
+
+    Example: probe curve --shots 1,2,5,10,25,all --repeats 5 --heads logreg,knn,dense
+    """
+    result = curve(cache_path, shots=shots, repeats=repeats, heads=heads, seed=seed,
+                   backbone=backbone, cache_dir=cache_dir)
+    for note in result.notes:
+        click.echo(note, err=True)
+    split = "validation" if result.split == "val" else result.split
+    rows = [{"head": r["head"], "shots": str(r["shots"]), "n_train": r["n_train"],
+             f"{split} accuracy": f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}",
+             "balanced accuracy": f"{r['balanced_accuracy']:.4f} ± {r['balanced_accuracy_std']:.4f}",
+             "short classes": r["short_classes"]} for r in result.summary]
+    click.echo(format_table(rows, list(rows[0])))
+    short = max((r["short_classes"] for r in result.summary), default=0)
+    if short:
+        click.echo(f"short classes: classes with fewer training images than the shot count "
+                   f"(they use all they have); up to {short} here")
+    click.echo(f"Run: {result.path}")
 
 
 @main.command("predict")
@@ -600,12 +651,6 @@ class _Events:
 # --- compare and demo -------------------------------------------------------------------
 
 
-def _compare_head_params(heads, C, hidden_units, dropout, epochs, learning_rate,
-                         head_batch_size, patience, class_weight, seed) -> dict:
-    return {head: head_params(head, C, hidden_units, dropout, epochs, learning_rate,
-                              head_batch_size, patience, class_weight, seed)
-            for head in parse_names(heads, ()) if head in ("logreg", "dense")}
-
 
 def _show_comparison(result) -> None:
     click.echo(result.table())
@@ -636,16 +681,15 @@ def _show_comparison(result) -> None:
 @click.option("--backbones", default="vgg16,resnet50", show_default=True,
               help="Comma-separated backbone names (see `probe backbones`), or 'all'.")
 @click.option("--heads", default="logreg,dense", show_default=True,
-              help="Comma-separated heads: logreg, dense.")
+              help=f"Comma-separated heads: {', '.join(heads_mod.list_heads())}.")
 @_apply(*EXTRACTION_OPTIONS_FOR(image_size=COMPARE_IMAGE_SIZE_OPTION), RUNS_DIR_OPTION,
         *DATASET_OPTIONS, *HEAD_PARAMETER_OPTIONS)
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines or bars.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html files.")
 @_fail_cleanly
 def compare_command(dataset, backbones, heads, weights, image_size, pooling, batch_size,
-                    cache_dir, runs_dir, labels, val_fraction, test_fraction, seed, C,
-                    hidden_units, dropout, epochs, learning_rate, head_batch_size, patience,
-                    class_weight, quiet, no_report) -> None:
+                    cache_dir, runs_dir, labels, val_fraction, test_fraction, seed, quiet,
+                    no_report, **options) -> None:
     """Compare backbones and heads on DATASET and rank them.
 
     Extracts what is not cached yet (every existing cache is reused), fits every head on
@@ -658,8 +702,7 @@ def compare_command(dataset, backbones, heads, weights, image_size, pooling, bat
 
     Example: probe compare cats_vs_dogs/ --backbones vgg16,resnet50,densenet121 --heads logreg,dense
     """
-    params = _compare_head_params(heads, C, hidden_units, dropout, epochs, learning_rate,
-                                  head_batch_size, patience, class_weight, seed)
+    params = _compare_head_params(heads, seed, options)
     shown = _Events(quiet)
     try:
         result = compare(dataset, backbones, heads, weights=weights, image_size=image_size,

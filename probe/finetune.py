@@ -90,7 +90,7 @@ def finetune(
 
     The last `unfreeze` top blocks of the backbone train (1 = the last block), with every
     BatchNormalization layer frozen in inference mode; the head starts from the run's
-    trained head (a logistic head folded into one Dense softmax layer). Training uses
+    trained head's Keras form (`keras_head()`; a k-NN head is refused). Training uses
     Adam with a low `learning_rate`, random flips, small rotations and zooms
     (`augment=False`: none) and early stopping on validation loss whose baseline is epoch
     0 (the model before training): the best epoch's weights are kept, and when no epoch
@@ -168,10 +168,14 @@ def _build_models(job: _Job) -> None:
     from . import inference
 
     config, settings = job.source.config, job.settings
+    head = job.source.load_head()
+    refusal = head.finetune_refusal()
+    if refusal:
+        raise FinetuneError(f"{refusal} Received: run='{job.source.path}' with head {config['head']!r}")
     backbone_model = inference.rebuild_backbone(config)
     job.blocks = job.spec.unfreeze(backbone_model, settings.unfreeze)
     keras.utils.set_random_seed(settings.seed)
-    job.model = inference.end_to_end(config, job.source.load_head(), backbone_model)
+    job.model = inference.end_to_end(config, head, backbone_model)
     size = int(config["image_size"])
     job.pixels = _PixelCache(size)
     inputs = keras.Input(shape=(size, size, 3), name="image")

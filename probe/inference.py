@@ -61,10 +61,8 @@ def rebuild_backbone(config: dict):
 
 def end_to_end(config: dict, head, backbone_model=None):
     """RGB image (0-255, the run's input size) -> class probabilities, as one Keras model:
-    preprocessing, backbone, and the head (a logistic head folded into one Dense layer)."""
+    preprocessing, backbone, and the head's Keras form (`head.keras_head()`)."""
     from ._keras import keras
-
-    from .heads import DenseHead, LogisticHead
 
     backbone_model = backbone_model or rebuild_backbone(config)
     size = int(config["image_size"])
@@ -73,15 +71,7 @@ def end_to_end(config: dict, head, backbone_model=None):
     x = backbone_model(x, training=False)
     if len(backbone_model.output_shape) > 2:
         x = keras.layers.Flatten(name="flatten_features")(x)
-    if isinstance(head, LogisticHead):
-        kernel, bias = head.dense_weights()
-        layer = keras.layers.Dense(kernel.shape[1], activation="softmax", name="logistic_head")
-        outputs = layer(x)
-        layer.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
-    elif isinstance(head, DenseHead):
-        outputs = head.model_(x)
-    else:
-        raise ProbeError(f"expected a LogisticHead or DenseHead. Received: head={type(head).__name__}")
+    outputs = head.keras_head()(x)
     return keras.Model(inputs, outputs, name=f"probe_{config['backbone']}_{config['head']}")
 
 

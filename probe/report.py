@@ -93,53 +93,57 @@ def plot_confusion_matrix(matrix: Any, classes: list[str], path: str | os.PathLi
     return _save(fig, path)
 
 
-def plot_curves(history: dict[str, list[float]], path: str | os.PathLike) -> Path:
-    """Write a PNG with two panels, loss and accuracy, train and validation per epoch.
+def curves_from_history(history: dict[str, list[float]]) -> "Curves":
+    """A Keras-style history (``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``) as
+    curves per epoch, the epoch of the lowest validation loss marked as restored."""
+    from .heads.base import Curves
 
-    ``history`` is a Keras-style dict (``loss``, ``accuracy``, ``val_loss``,
-    ``val_accuracy``; missing series are skipped). A logistic head's sweep
-    history (``C``, ``val_accuracy``, ``val_log_loss``) is drawn against C on a
-    log axis instead.
+    history = {key: [float(v) for v in values] for key, values in dict(history or {}).items()}
+    length = max((len(v) for v in history.values()), default=0)
+    chosen = int(np.argmin(history["val_loss"])) + 1 if history.get("val_loss") else None
+    return Curves(
+        xlabel="Epoch", x=list(range(1, length + 1)),
+        panels={"Loss": [("loss", "train"), ("val_loss", "validation")],
+                "Accuracy": [("accuracy", "train"), ("val_accuracy", "validation")]},
+        series=history, chosen=chosen, chosen_label=f"restored epoch {chosen}")
+
+
+def plot_curves(curves: Any, path: str | os.PathLike) -> Path:
+    """Write a PNG of a head's training curves, one panel per ``curves.panels`` entry,
+    with the chosen point (the chosen C, k or restored epoch) marked by a dashed line.
+
+    ``curves`` is a head's ``curves_()`` (``probe.heads.Curves``) or a Keras-style history
+    dict (drawn per epoch, see ``curves_from_history``).
     """
-    history = dict(history or {})
-    sweep = "C" in history
-    if sweep:
-        x = [float(c) for c in history["C"]]
-        panels = [("Log loss", [("val_log_loss", "validation")]), ("Accuracy", [("val_accuracy", "validation")])]
-        xlabel = "C (inverse regularisation)"
-    else:
-        panels = [
-            ("Loss", [("loss", "train"), ("val_loss", "validation")]),
-            ("Accuracy", [("accuracy", "train"), ("val_accuracy", "validation")]),
-        ]
-        xlabel = "Epoch"
-    drawn = [key for _, series in panels for key, _ in series if history.get(key)]
+    if isinstance(curves, dict) or curves is None:
+        curves = curves_from_history(curves or {})
+    drawn = [key for series in curves.panels.values() for key, _ in series if curves.series.get(key)]
     if not drawn:
         raise ProbeError(
-            "`history` has no curve to draw; expected the keys loss/accuracy (and val_loss/"
-            "val_accuracy) of a dense head, or C/val_accuracy/val_log_loss of a logistic sweep. "
-            f"Received: keys {sorted(history)}"
+            "the curves have no series to draw; expected a head's curves_() or a history with "
+            "loss/accuracy (and val_loss/val_accuracy) per epoch. "
+            f"Received: series {sorted(curves.series)}"
         )
-    fig = _new_figure(11.0, 4.0)
-    for index, (title, series) in enumerate(panels, start=1):
-        ax = fig.add_subplot(1, 2, index)
+    fig = _new_figure(5.5 * len(curves.panels), 4.0)
+    for index, (title, series) in enumerate(curves.panels.items(), start=1):
+        ax = fig.add_subplot(1, len(curves.panels), index)
         for key, label in series:
-            values = history.get(key) or []
-            if not values:
-                continue
-            xs = x[: len(values)] if sweep else list(range(1, len(values) + 1))
-            ax.plot(xs, [float(v) for v in values], marker="o", markersize=3, label=label)
-        if sweep:
+            values = curves.series.get(key) or []
+            if values:
+                ax.plot(curves.x[: len(values)], values, marker="o", markersize=3, label=label)
+        if curves.chosen is not None:
+            ax.axvline(curves.chosen, color="black", linestyle="--", linewidth=1, label=curves.chosen_label)
+        if curves.log_x:
             ax.set_xscale("log")
         else:
             from matplotlib.ticker import MaxNLocator
 
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel(curves.xlabel)
         ax.grid(True, alpha=0.3)
         if ax.lines:
-            ax.legend()
+            ax.legend(fontsize=8)
     return _save(fig, path)
 
 

@@ -75,9 +75,10 @@ class Run:
     def is_finetuned(self) -> bool:
         return (self.path / MODEL_FILE).is_file()
 
-    def load_head(self) -> heads.LogisticHead | heads.DenseHead:
-        """The trained head (not for a fine-tuned run, whose head is inside its model)."""
-        return heads.load_head(self.path / HEAD_DIR)
+    def load_head(self) -> heads.Head:
+        """The trained head (not for a fine-tuned run, whose head is inside its model),
+        checked against the run's class names."""
+        return heads.load_head(self.path / HEAD_DIR, classes=self.classes)
 
 
 def resolve_cache(
@@ -119,8 +120,8 @@ def fit(
 ) -> Run:
     """Train a head on a feature cache, evaluate it and write a run directory.
 
-    `head` is "logreg" or "dense"; `head_params` go to its constructor (e.g. `C=1.0`,
-    `epochs=20`, `class_weight="balanced"`, `seed=0`). Split roles: train fits, val selects
+    `head` is a name of `probe.list_heads()` ("logreg", "dense", "knn"); `head_params` go
+    to its constructor (e.g. `C=1.0`, `epochs=20`, `class_weight="balanced"`, `seed=0`). Split roles: train fits, val selects
     (C, early stopping), test reports. Without a test split the scores are those of the
     validation split, from a head fit on train only, and labelled "validation, used for
     selection" (`metrics["split_role"]`). Every score carries its 95% interval
@@ -148,14 +149,13 @@ def fit(
     metrics = {**roles.describe(), **evaluate.compute_metrics(reported.labels, proba, chosen.classes),
                "fit_seconds": round(fit_seconds, 3),
                "skipped_files": [{"path": p, "reason": r} for p, r in chosen.skipped],
-               **head_summary(model)}
+               "chosen": model.summary_(),  # the chosen settings: C; k and T; epochs
+               **model.summary_()}
     config = run_config(chosen, head=head, head_params=model.get_params(), fit_seconds=fit_seconds)
 
     def write(directory: Path) -> None:
         model.save(directory / HEAD_DIR)
-        # dense: loss and accuracy per epoch; logreg: validation accuracy and loss over the C sweep
-        history = model.history_ if any(model.history_.values()) else None
-        write_run_files(directory, config, metrics, history)
+        write_run_files(directory, config, metrics, model.curves_())
         write_split_predictions(directory / "test_predictions.csv", reported.paths,
                                 reported.labels, proba, chosen.classes)
 
@@ -230,17 +230,6 @@ def train_head(model: Any, cache: FeatureCache, roles: SplitRoles) -> float:
                   y_val=None if val is None else val.labels,
                   classes=cache.classes)
     return time.perf_counter() - started
-
-
-def head_summary(model: Any) -> dict:
-    """The settings a head chose (e.g. {"C": 1.0}), for metrics.json."""
-    if hasattr(model, "summary_"):
-        return dict(model.summary_())
-    if hasattr(model, "C_"):
-        return {"C": float(model.C_)}
-    if hasattr(model, "best_epoch_"):
-        return {"best_epoch": int(model.best_epoch_)}
-    return {}
 
 
 def check_writable(directory: Path) -> None:
@@ -329,8 +318,9 @@ def new_run_dir(runs_dir: str | os.PathLike, *labels: str) -> Path:
     raise RunError(f"could not create a run directory under '{runs}'")
 
 
-def write_run_files(directory: Path, config: dict, metrics: dict, history: dict | None) -> None:
-    """config.json, metrics.json, confusion_matrix.png and (with a history) curves.png."""
+def write_run_files(directory: Path, config: dict, metrics: dict, history: Any) -> None:
+    """config.json, metrics.json, confusion_matrix.png and (with curves: a head's
+    `curves_()` or a Keras history dict) curves.png."""
     store.write_text(directory / CONFIG, json.dumps(config, indent=2, default=_json))
     store.write_text(directory / METRICS, json.dumps(metrics, indent=2, default=_json))
     role = metrics.get("split_role") or metrics.get("split", "test")

@@ -86,7 +86,7 @@ def test_fit_predict_export_from_the_command_line(tmp_path, cache_dir):
     assert run("extract", root, "--weights", "none", "--image-size", 32, "-q").exit_code == 0
     fitted = run("fit", "--head", "logreg")
     assert fitted.exit_code == 0, fitted.output
-    assert "C chosen on validation" in fitted.output
+    assert "Chosen settings: C " in fitted.output
     assert any(line.split()[:1] == ["accuracy"] for line in fitted.output.splitlines())
     run_dir = fitted.output.strip().splitlines()[-1].removeprefix("Run: ")
     dense = run("fit", "--head", "dense", "--epochs", 3, "--hidden-units", 8)

@@ -8,7 +8,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from probe.errors import DatasetError, NotFittedError, ProbeError, RunError
-from probe.heads import HEADS, DenseHead, LogisticHead, load_head, make_head
+from probe.heads import HEADS, DenseHead, KNNHead, LogisticHead, load_head, make_head
 
 # Small and fast settings for the Keras head.
 FAST_DENSE = dict(hidden_units=32, epochs=30, batch_size=32, patience=5, learning_rate=3e-3)
@@ -96,12 +96,12 @@ def test_sweep_picks_c_with_best_validation_accuracy():
     X, y = clusters(sep=0.25, seed=2)
     Xtr, ytr, Xv, yv, _, _ = split(X, y)
     Cs = np.logspace(-4, 2, 7)
-    head = LogisticHead(Cs=Cs).fit(Xtr, ytr, X_val=Xv, y_val=yv)
+    head = LogisticHead(Cs=Cs, sweep="full").fit(Xtr, ytr, X_val=Xv, y_val=yv)
 
-    # The sweep goes from small to large C, each fit warm-started from the previous one.
+    # The full sweep goes from small to large C, each fit warm-started from the previous one.
     scaler = StandardScaler().fit(Xtr)
     accs = []
-    model = LogisticRegression(max_iter=1000, warm_start=True)
+    model = LogisticRegression(max_iter=1000, warm_start=True, tol=1e-3)  # the sweep tolerance
     for C in Cs:
         model.set_params(C=C).fit(scaler.transform(Xtr), ytr)
         accs.append(np.mean(model.predict(scaler.transform(Xv)) == yv))
@@ -308,11 +308,11 @@ def test_bad_inputs_raise():
 
 
 def test_registry_and_unknown_head():
-    assert HEADS == {"logreg": LogisticHead, "dense": DenseHead}
+    assert dict(HEADS) == {"logreg": LogisticHead, "dense": DenseHead, "knn": KNNHead}
     head = make_head("dense", hidden_units=8)
     assert isinstance(head, DenseHead) and head.hidden_units == 8
     assert isinstance(make_head("logreg", C=2.0), LogisticHead)
-    with pytest.raises(ProbeError, match=r"expected one of: dense, logreg\. Received: head='svm'"):
+    with pytest.raises(ProbeError, match=r"expected one of: dense, knn, logreg\. Received: head='svm'"):
         make_head("svm")
     with pytest.raises(ProbeError, match="hidden"):
         make_head("logreg", hidden_units=3)

@@ -15,7 +15,7 @@ def test_preprocessing_layer_equals_preprocess_input(name):
     np.testing.assert_allclose(pixels @ kernel + bias, spec.preprocess_input(pixels), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("head", ["logreg", "dense"])
+@pytest.mark.parametrize("head", probe.list_heads())
 def test_predict_matches_the_cache_and_export_matches_predict(separable_cache, head, tmp_path):
     import keras
 

@@ -1,0 +1,285 @@
+"""Label-efficiency curves: how accuracy grows with the number of labelled images per
+class, for several heads, from one feature cache.
+
+For every shot count and repeat a seeded, stratified subset of the training split is
+drawn: ``shots`` images per class (a class with fewer images contributes all it has, and
+the records say so). Within one repeat the subsets are nested: each class's images are
+put in one seeded random order and the n-shot subset is the first n of it, so the 5-shot
+subset contains the 1-shot one. Every head gets the same subset.
+
+Model selection uses no labels outside the budget (never the cache's validation split):
+
+* when every class of the subset has at least ``SELECTION_MIN_PER_CLASS`` images, a
+  seeded stratified quarter of the subset (at least one image per class) is held out as
+  the head's validation data, which chooses C, k and T, or the epoch; the head is then
+  refit on the whole subset;
+* below that (e.g. 1 or 2 shots) a fixed protocol applies: each head's settings without
+  validation data (logistic C = 1; k-NN k = 20 clipped to the subset, T = 0.07; dense head
+  all its epochs).
+
+Evaluation is on the full reporting split: test when the cache has one, else val (which
+the curve never uses for selection; the records say which).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from . import heads as heads_mod, report
+from .cache import FeatureCache, Split
+from .errors import CacheError, ProbeError
+from .progress import Advanced, Finished, Note, ProgressCallback, Started, emit
+
+DEFAULT_SHOTS = (1, 2, 5, 10, 25, "all")
+DEFAULT_HEADS = ("logreg", "knn")
+SELECTION_MIN_PER_CLASS = 4
+HOLDOUT_FRACTION = 0.25
+MAX_SHOTS = 1_000_000
+MAX_REPEATS = 1000
+CSV_COLUMNS = ("head", "shots", "repeat", "n_train", "short_classes", "accuracy", "balanced_accuracy",
+               "selection", "chosen", "split", "split_role")
+
+
+@dataclass
+class Curve:
+    """The records of a curve (one per head, shot count and repeat), their summary (mean
+    and standard deviation per head and shot count) and the run directory."""
+
+    path: Path | None
+    records: list[dict]
+    summary: list[dict]
+    split: str
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_shots(shots: str | Iterable[Any] | None) -> list[int | str]:
+    """Shot counts from "1,5,all" or a list; increasing, "all" last."""
+    if shots is None:
+        shots = DEFAULT_SHOTS
+    items = [s.strip() for s in shots.split(",")] if isinstance(shots, str) else list(shots)
+    parsed: list[int | str] = []
+    for item in items:
+        if isinstance(item, str) and item.lower() == "all":
+            parsed.append("all")
+            continue
+        try:
+            value = int(item)
+            if str(item).strip() not in (str(value), f"{value}.0") and not isinstance(item, (int, np.integer)):
+                raise ValueError(item)
+        except (TypeError, ValueError):
+            value = 0
+        if not 1 <= value <= MAX_SHOTS:
+            raise ProbeError(f"each shot count must be an integer from 1 to {MAX_SHOTS:,} or 'all', e.g. "
+                             f"--shots 1,5,10,all. Received: shots={shots!r}")
+        parsed.append(value)
+    if not parsed:
+        raise ProbeError(f"expected at least one shot count, e.g. --shots 1,5,all. Received: shots={shots!r}")
+    numbers = sorted({s for s in parsed if s != "all"})
+    return [*numbers, *(["all"] if "all" in parsed else [])]
+
+
+def nested_orders(labels: np.ndarray, repeats: int, seed: int) -> list[dict[int, np.ndarray]]:
+    """Per repeat, each class's training indices in one seeded random order."""
+    classes = np.unique(labels)
+    return [{int(c): np.random.default_rng([seed, repeat, int(c)]).permutation(np.flatnonzero(labels == c))
+             for c in classes} for repeat in range(repeats)]
+
+
+def subset(order: dict[int, np.ndarray], shots: int | str) -> np.ndarray:
+    """The first `shots` indices of every class's order (all of them for "all")."""
+    parts = [indices if shots == "all" else indices[:shots] for indices in order.values()]
+    return np.sort(np.concatenate(parts))
+
+
+def selection_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Positions (into `labels`) of the fitting part and the held-out quarter, stratified;
+    None when a class has fewer than SELECTION_MIN_PER_CLASS images (fixed protocol)."""
+    counts = np.bincount(labels)
+    if counts[counts > 0].min() < SELECTION_MIN_PER_CLASS:
+        return None
+    rng = np.random.default_rng([seed, 1])
+    held = []
+    for c in np.flatnonzero(counts):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        held.append(members[: max(1, int(round(HOLDOUT_FRACTION * members.size)))])
+    held_out = np.sort(np.concatenate(held))
+    return np.setdiff1d(np.arange(labels.size), held_out), held_out
+
+
+def _scores(y_true: np.ndarray, predicted: np.ndarray) -> tuple[float, float]:
+    accuracy = float(np.mean(predicted == y_true))
+    recalls = [np.mean(predicted[y_true == c] == c) for c in np.unique(y_true)]
+    return accuracy, float(np.mean(recalls))
+
+
+def _fit_one(name: str, params: dict, X: np.ndarray, y: np.ndarray, classes: list[str],
+             seed: int) -> tuple[Any, str]:
+    """A head fitted on one subset, with settings chosen inside it (or the fixed protocol)."""
+    head = heads_mod.make_head(name, **{"seed": seed, **params, "refit": True})
+    split = selection_split(y, seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if split is None:
+            return head.fit(X, y, classes=classes), "fixed"
+        fit_part, held_out = split
+        head.fit(X[fit_part], y[fit_part], X_val=X[held_out], y_val=y[held_out], classes=classes)
+    return head, "held-out quarter"
+
+
+def _records_for(shots, repeat, subset_index, train, evaluated, names, params, classes, seed,
+                 split_role) -> list[dict]:
+    X, y = train.features[subset_index], train.labels[subset_index]
+    counts = np.bincount(train.labels, minlength=len(classes))
+    short = 0 if shots == "all" else int(np.sum(counts < shots))
+    records = []
+    for name in names:
+        head, selection = _fit_one(name, params.get(name, {}), X, y, classes, seed + repeat)
+        accuracy, balanced = _scores(evaluated.labels, head.predict(evaluated.features))
+        records.append({
+            "head": name, "shots": shots, "repeat": repeat, "n_train": int(y.size),
+            "short_classes": short, "accuracy": accuracy, "balanced_accuracy": balanced,
+            "selection": selection, "chosen": head.summary_(), "split": evaluated.name,
+            "split_role": split_role,
+        })
+    return records
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """Mean and standard deviation over repeats, per head and shot count."""
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["head"], record["shots"]), []).append(record)
+    rows = []
+    for (name, shots), group in groups.items():
+        accuracy = np.array([r["accuracy"] for r in group])
+        balanced = np.array([r["balanced_accuracy"] for r in group])
+        rows.append({"head": name, "shots": shots, "repeats": len(group),
+                     "n_train": int(np.mean([r["n_train"] for r in group])),
+                     "accuracy": float(accuracy.mean()), "accuracy_std": float(accuracy.std()),
+                     "balanced_accuracy": float(balanced.mean()),
+                     "balanced_accuracy_std": float(balanced.std()),
+                     "short_classes": group[0]["short_classes"]})
+    return rows
+
+
+def curve_records(train: Split, evaluated: Split, classes: list[str], shots: list[int | str],
+                  repeats: int, names: list[str], *, seed: int = 0,
+                  head_params: dict[str, dict[str, Any]] | None = None, split_role: str = "test",
+                  progress: ProgressCallback | None = None) -> list[dict]:
+    """Fit every head on every subset of `train` and score it on `evaluated` (see the
+    module docstring); one record per head, shot count and repeat."""
+    orders = nested_orders(train.labels, repeats, seed)
+    total = len(shots) * repeats
+    emit(progress, Started("curve", total=total, details={"heads": list(names)}))
+    records: list[dict] = []
+    for repeat, order in enumerate(orders):
+        for shots_value in shots:
+            records += _records_for(shots_value, repeat, subset(order, shots_value), train, evaluated,
+                                    names, head_params or {}, classes, seed, split_role)
+            emit(progress, Advanced("curve", done=len(records) // len(names), total=total,
+                                    details={"shots": shots_value, "repeat": repeat}))
+    return records
+
+
+def curve(
+    cache: str | os.PathLike | FeatureCache | None = None,
+    shots: str | Iterable[Any] | None = None,
+    repeats: int = 5,
+    heads: str | Iterable[str] | None = None,
+    *,
+    seed: int = 0,
+    head_params: dict[str, dict[str, Any]] | None = None,
+    backbone: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    runs_dir: str | os.PathLike | None = None,
+    write: bool = True,
+    progress: ProgressCallback | None = None,
+) -> Curve:
+    """Accuracy against labelled images per class, for each head, on one feature cache.
+
+    `shots` ("1,2,5,10,25,all" or a list), `repeats` seeded subsets per shot count and
+    `heads` ("logreg,knn" or a list of `probe.list_heads()` names). See the module
+    docstring for the subsets and the selection protocol. Writes `curve.csv` and
+    `curve.png` in a run directory (`write=False`: nothing written) and returns a `Curve`.
+
+    >>> result = probe.curve(shots="1,5,all", repeats=3, heads="logreg,knn")
+    >>> result.summary[0]["accuracy"], result.path
+    """
+    from .compare import parse_names
+    from .runs import new_run_dir, resolve_cache
+
+    shot_counts = parse_shots(shots)
+    names = parse_names(heads, DEFAULT_HEADS)
+    unknown = [n for n in names if n not in heads_mod.list_heads()]
+    if unknown or not names:
+        raise ProbeError(f"unknown head: expected one of: {', '.join(heads_mod.list_heads())}. "
+                         f"Received: heads={heads!r}")
+    if not (isinstance(repeats, (int, np.integer)) and 1 <= repeats <= MAX_REPEATS):
+        raise ProbeError(f"`repeats` must be an integer from 1 to {MAX_REPEATS}. Received: repeats={repeats!r}")
+    params = dict(head_params or {})
+    for name in names:
+        heads_mod.make_head(name, **{"seed": seed, **params.get(name, {})})._check_params()
+    chosen, note = resolve_cache(cache, backbone, cache_dir)
+    notes = [note] if note else []
+    reporting = "test" if chosen.counts.get("test") else ("val" if chosen.counts.get("val") else None)
+    if reporting is None:
+        raise CacheError(f"expected a test or validation split to evaluate on; cache '{chosen.path}' has "
+                         "only train. Extract with --test-fraction > 0 or add a test/ folder.")
+    split_role = "test" if reporting == "test" else "validation (not used for selection by the curve)"
+    if reporting == "val":
+        notes.append("no test split: the curve is scored on the validation split, which it never "
+                     "uses for selection")
+    train, evaluated = chosen.split("train"), chosen.split(reporting)
+    started = time.perf_counter()
+    records = curve_records(train, evaluated, chosen.classes, shot_counts, int(repeats), names,
+                            seed=int(seed), head_params=params, split_role=split_role, progress=progress)
+    result = Curve(None, records, summarise(records), reporting, notes)
+    for note_text in notes:
+        emit(progress, Note("curve", kind="curve-note", details={"message": note_text}))
+    if write:
+        result.path = new_run_dir(runs_dir or (chosen.path.parent / "runs"), chosen.backbone, "curve")
+        write_curve_csv(result.path / "curve.csv", records)
+        plot_curve(result, result.path / "curve.png", len(chosen.classes), title=f"{chosen.backbone}: accuracy on {reporting}")
+    emit(progress, Finished("curve", details={"seconds": round(time.perf_counter() - started, 3),
+                                              "path": str(result.path) if result.path else None}))
+    return result
+
+
+def write_curve_csv(path: Path, records: list[dict]) -> None:
+    """One row per head, shot count and repeat; `chosen` as JSON."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_COLUMNS)
+        for record in records:
+            writer.writerow([json.dumps(record[c], sort_keys=True) if c == "chosen" else record[c]
+                             for c in CSV_COLUMNS])
+
+
+def plot_curve(result: Curve, path: Path, n_classes: int, title: str = "") -> Path:
+    """Mean accuracy ± standard deviation against images per class (log axis), one line per
+    head; "all" is placed at the mean number of training images per class."""
+    fig = report._new_figure(7.0, 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    for name in dict.fromkeys(r["head"] for r in result.summary):
+        rows = [r for r in result.summary if r["head"] == name]
+        xs = [r["shots"] if r["shots"] != "all" else r["n_train"] / max(1, n_classes) for r in rows]
+        means = np.array([r["accuracy"] for r in rows])
+        stds = np.array([r["accuracy_std"] for r in rows])
+        ax.plot(xs, means, marker="o", label=name)
+        ax.fill_between(xs, means - stds, means + stds, alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled images per class")
+    ax.set_ylabel(f"accuracy on {result.split}" + (" (validation)" if result.split == "val" else ""))
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="head")
+    return report._save(fig, path)

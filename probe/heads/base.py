@@ -1,0 +1,401 @@
+"""What every head shares: input validation, parameter rules, the estimator contract and
+persistence without pickle.
+
+(The estimator base class itself is in ``estimator.py``: scikit-learn is imported only
+when a head is used, so that the command line starts fast.)
+
+A head is a scikit-learn estimator (``BaseEstimator`` + ``ClassifierMixin``): the
+constructor only stores its arguments; ``fit(X, y, X_val=None, y_val=None, classes=None)``
+validates, learns and returns ``self``; learned state ends in ``_``. ``X`` is a float array
+``(N, ...)``: spatial feature maps are flattened, and a fitted head accepts either the
+per-sample shape it was fitted on or the flattened one. ``y`` holds class indices
+``0..K-1`` and ``classes`` their names.
+
+With validation data a head chooses its settings on it (C, k and T, the epoch) and, when
+``refit=True``, fits again on train + val; with ``refit=False`` the fitted model has seen
+train only, so a score on val is from a model that never trained on it.
+
+Saved heads are a directory: ``head.json`` (kind, classes, shapes, parameters, curves)
+plus ``head.npz`` (read with ``allow_pickle=False``) or ``head.keras`` (safe mode).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from probe.errors import DatasetError, ProbeError, RunError
+
+HEAD_JSON = "head.json"
+HEAD_NPZ = "head.npz"
+FORMAT_VERSION = 1
+PREDICT_CHUNK = 1024
+MAX_SEED = 2**32 - 1  # numpy's and Keras' seeds are unsigned 32-bit
+
+
+# --------------------------------------------------------------------------- #
+# Input validation
+# --------------------------------------------------------------------------- #
+
+
+def as_features(X: Any, name: str = "X") -> np.ndarray:
+    """Return ``X`` as a float array of shape ``(N, ...)`` with finite values."""
+    try:
+        arr = np.asarray(X)
+    except Exception as exc:  # ragged lists and the like
+        raise DatasetError(
+            f"`{name}` must be a numeric array of shape (N, ...). "
+            f"Received: {name} that numpy can not convert ({exc})"
+        ) from None
+    if arr.dtype.kind not in "fiub":
+        raise DatasetError(
+            f"`{name}` must hold numbers (float features). Received: {name}.dtype={arr.dtype}"
+        )
+    if arr.ndim < 2:
+        raise DatasetError(
+            f"`{name}` must have shape (N, ...) with one row of features per sample; "
+            f"reshape a single sample with x[None]. Received: {name}.shape={arr.shape}"
+        )
+    if arr.shape[0] == 0:
+        raise DatasetError(f"`{name}` is empty; it needs at least one sample. Received: {name}.shape={arr.shape}")
+    arr = arr.astype(np.float32 if arr.dtype == np.float32 else np.float64, copy=False)
+    if not np.all(np.isfinite(arr)):
+        bad = np.argwhere(~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)).ravel()
+        raise DatasetError(
+            f"`{name}` contains NaN or infinite features in {bad.size} sample(s); the feature "
+            f"cache may be corrupt, rebuild it with `probe extract`. "
+            f"Received: rows {bad[:5].tolist()}{' ...' if bad.size > 5 else ''} of {name}"
+        )
+    return arr
+
+
+def as_labels(y: Any, n: int, name: str = "y") -> np.ndarray:
+    """Return ``y`` as a 1-D int64 array of length ``n`` with non-negative values."""
+    arr = np.asarray(y)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise DatasetError(
+            f"`{name}` must be a 1-D array of integer class indices. Received: {name}.shape={arr.shape}"
+        )
+    if arr.shape[0] != n:
+        x_name = "X" if name == "y" else "X_val"
+        raise DatasetError(
+            f"`{x_name}` and `{name}` must have the same number of samples. "
+            f"Received: {x_name} with {n} samples, {name} with {arr.shape[0]}"
+        )
+    if arr.dtype.kind == "f" and arr.size and np.all(np.mod(arr, 1) == 0):
+        arr = arr.astype(np.int64)
+    if arr.dtype.kind not in "iub":
+        raise DatasetError(
+            f"`{name}` must hold integer class indices 0..K-1 (map names to indices first). "
+            f"Received: {name}.dtype={arr.dtype}"
+        )
+    arr = arr.astype(np.int64)
+    if arr.size and arr.min() < 0:
+        raise DatasetError(f"`{name}` must hold class indices >= 0. Received: {name}.min()={arr.min()}")
+    return arr
+
+
+def flatten(X: np.ndarray) -> np.ndarray:
+    return X.reshape(X.shape[0], -1)
+
+
+def resolve_classes(classes: Any, y: np.ndarray, y_val: np.ndarray | None) -> np.ndarray:
+    """Class names as a str array; defaults to ``["0", "1", ...]``."""
+    top = int(y.max())
+    if y_val is not None and y_val.size:
+        top = max(top, int(y_val.max()))
+    if classes is None:
+        return np.array([str(i) for i in range(top + 1)], dtype=str)
+    if isinstance(classes, str):
+        raise DatasetError(f"`classes` must be a list of class names, not a string. Received: classes={classes!r}")
+    names = [str(c) for c in classes]
+    if len(set(names)) != len(names):
+        dup = sorted({c for c in names if names.count(c) > 1})
+        raise DatasetError(f"`classes` must hold unique names. Received: duplicates {dup}")
+    if top >= len(names):
+        raise DatasetError(
+            f"labels must be indices into `classes` (0..{len(names) - 1}). "
+            f"Received: label {top} with {len(names)} classes {names}"
+        )
+    return np.array(names, dtype=str)
+
+
+def check_training_labels(y: np.ndarray, y_val: np.ndarray | None, classes: np.ndarray) -> None:
+    """Every class has training samples, and validation samples when there is validation."""
+    names = [str(c) for c in classes]  # plain str: repr() gives 'cat', not np.str_('cat')
+    present = np.unique(y)
+    if present.size < 2:
+        raise DatasetError(
+            "a classifier needs samples of at least 2 classes; "
+            f"got only one class: {names[present[0]]!r}. Add images of another class. "
+            f"Received: {y.size} training samples, all of class {names[present[0]]!r}"
+        )
+    seen = set(present.tolist())
+    missing = [names[k] for k in range(len(names)) if k not in seen]
+    if missing:
+        raise DatasetError(
+            f"every class needs training samples; class(es) {missing} have none in the training "
+            "split. Add images to those classes or use a different split seed. "
+            f"Received: training classes {[names[k] for k in present]}"
+        )
+    if y_val is not None:
+        in_val = set(np.unique(y_val).tolist())
+        absent = [names[k] for k in present if int(k) not in in_val]
+        if absent:
+            listed = ", ".join(repr(a) for a in absent)
+            raise DatasetError(
+                f"every class needs validation samples; {listed} "
+                f"{'has' if len(absent) == 1 else 'have'} training samples but none in the "
+                "validation split, so validation can not measure "
+                f"{'it' if len(absent) == 1 else 'them'}. Add images (a class needs at least 3 "
+                "for a seeded split), remove the class, or change the split seed or validation "
+                f"fraction. Received: {y_val.size} validation samples of classes "
+                f"{[names[k] for k in sorted(in_val)]}"
+            )
+
+
+@dataclass(frozen=True)
+class FitData:
+    """Validated fit inputs: flat train (and validation) features, labels, class names."""
+
+    X: np.ndarray
+    y: np.ndarray
+    X_val: np.ndarray | None
+    y_val: np.ndarray | None
+    classes: np.ndarray
+    input_shape: tuple[int, ...]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def train_and_val(self) -> tuple[np.ndarray, np.ndarray]:
+        """Train + val (train alone without validation)."""
+        if self.X_val is None:
+            return self.X, self.y
+        return np.concatenate([self.X, self.X_val]), np.concatenate([self.y, self.y_val])
+
+
+def prepare_fit(X: Any, y: Any, X_val: Any, y_val: Any, classes: Any) -> FitData:
+    """Validate fit inputs once, for every head."""
+    X = as_features(X, "X")
+    y = as_labels(y, X.shape[0], "y")
+    input_shape = tuple(int(s) for s in X.shape[1:])
+    if (X_val is None) != (y_val is None):
+        raise DatasetError(
+            "pass both `X_val` and `y_val`, or neither. "
+            f"Received: X_val={'None' if X_val is None else 'array'}, y_val={'None' if y_val is None else 'array'}"
+        )
+    Xv = yv = None
+    if X_val is not None:
+        Xv = as_features(X_val, "X_val")
+        yv = as_labels(y_val, Xv.shape[0], "y_val")
+        if Xv.shape[1:] != X.shape[1:]:
+            raise DatasetError(
+                "`X_val` must have the same per-sample shape as `X`. "
+                f"Received: X.shape={X.shape}, X_val.shape={Xv.shape}"
+            )
+        Xv = flatten(Xv)
+    names = resolve_classes(classes, y, yv)
+    check_training_labels(y, yv, names)
+    return FitData(flatten(X), y, Xv, yv, names, input_shape)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+# --------------------------------------------------------------------------- #
+# Parameter rules (shared by the heads and fine-tuning)
+# --------------------------------------------------------------------------- #
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _int_in(low: int, high: int):
+    return lambda v: is_int(v) and low <= v <= high
+
+
+# name: (valid?, what is expected). Upper bounds keep a typo from allocating gigabytes.
+PARAM_RULES = {
+    "hidden_units": (_int_in(0, 16384), "an integer from 0 to 16384"),
+    "dropout": (lambda v: is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "epochs": (_int_in(1, 10000), "an integer from 1 to 10000"),
+    "learning_rate": (lambda v: is_real(v) and math.isfinite(v) and 0 < v <= 10, "a number in (0, 10]"),
+    "batch_size": (_int_in(1, 65536), "an integer from 1 to 65536"),
+    "patience": (_int_in(0, 10000), "an integer from 0 to 10000"),
+    "seed": (_int_in(0, MAX_SEED), f"an integer from 0 to {MAX_SEED}"),
+    "max_iter": (_int_in(1, 100000), "an integer from 1 to 100000"),
+    "refit": (lambda v: isinstance(v, (bool, np.bool_)), "True or False"),
+    "class_weight": (lambda v: v in (None, "balanced"), "None or 'balanced'"),
+}
+
+
+def check_params(error: type[ProbeError] = ProbeError, **values: Any) -> None:
+    """Raise `error` for the first setting out of range (see PARAM_RULES)."""
+    for name, value in values.items():
+        valid, expected = PARAM_RULES[name]
+        if not valid(value):
+            raise error(f"`{name}` must be {expected}. Received: {name}={value!r}")
+
+
+def keras_class_weight(class_weight: str | None, y: np.ndarray, n_classes: int) -> dict | None:
+    """Keras' `class_weight` dict for "balanced" (None otherwise)."""
+    if class_weight != "balanced":
+        return None
+    from sklearn.utils.class_weight import compute_class_weight
+
+    weights = compute_class_weight("balanced", classes=np.arange(n_classes), y=y)
+    return {int(k): float(v) for k, v in enumerate(weights)}
+
+
+# --------------------------------------------------------------------------- #
+# Files
+# --------------------------------------------------------------------------- #
+
+
+def json_default(value: Any) -> Any:
+    """Numpy scalars and arrays become plain JSON values."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call ``write(handle)`` on a temporary file next to ``path``, then move it in place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def corrupt(path: Path, why: str) -> RunError:
+    return RunError(
+        f"the head file '{path}' is unreadable or was modified ({why}); re-run `probe fit` "
+        f"to write it again. Received: {path.name} in '{path.parent}'"
+    )
+
+
+def read_head_json(directory: str | os.PathLike) -> tuple[Path, dict]:
+    """The directory and its parsed ``head.json``."""
+    directory = Path(directory)
+    path = directory / HEAD_JSON
+    if not path.is_file():
+        raise RunError(
+            f"no trained head in '{directory}': '{path}' is missing. Train one with `probe fit`. "
+            f"Received: directory='{directory}'"
+        )
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("top level is not an object")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise corrupt(path, str(exc)) from None
+    return directory, meta
+
+
+def check_meta(meta: dict, path: Path, kind: str) -> None:
+    """The keys and shapes every ``head.json`` must have."""
+    if meta.get("kind") != kind:
+        raise corrupt(path, f"expected kind {kind!r}, found {meta.get('kind')!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise corrupt(path, f"expected format_version {FORMAT_VERSION}, found {meta.get('format_version')!r}")
+    for key in ("classes", "input_shape", "n_features_in", "params"):
+        if key not in meta:
+            raise corrupt(path, f"the key {key!r} is missing")
+    classes = meta["classes"]
+    if (not isinstance(classes, list) or len(classes) < 2
+            or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes)):
+        raise corrupt(path, "'classes' must list at least 2 unique class names")
+    shape, n_features = meta["input_shape"], meta["n_features_in"]
+    if (
+        not isinstance(shape, list)
+        or not all(is_int(s) and s > 0 for s in shape)
+        or not is_int(n_features)
+        or math.prod(shape) != n_features
+    ):
+        raise corrupt(path, "'input_shape' does not match 'n_features_in'")
+    if not isinstance(meta["params"], dict):
+        raise corrupt(path, "'params' must be an object")
+
+
+def read_npz(path: Path, expected: dict[str, tuple[tuple[int, ...], str]]) -> dict[str, np.ndarray]:
+    """Arrays of ``path`` (no pickle), each checked against its (shape, dtype kind)."""
+    if not path.is_file():
+        raise RunError(f"the head file '{path}' is missing; re-run `probe fit`. Received: directory='{path.parent}'")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: np.asarray(data[key]) for key in expected}
+    except Exception as exc:
+        raise corrupt(path, f"{type(exc).__name__}: {exc}") from None
+    for key, (shape, kind) in expected.items():
+        array = arrays[key]
+        if array.shape != shape:
+            raise corrupt(path, f"array {key!r} has shape {array.shape}, expected {shape}")
+        if array.dtype.kind not in kind:
+            raise corrupt(path, f"array {key!r} has dtype {array.dtype}")
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            raise corrupt(path, f"array {key!r} holds NaN or infinite values")
+    return arrays
+
+
+# --------------------------------------------------------------------------- #
+# The head contract
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class HeadOption:
+    """A constructor parameter a head exposes on the command line.
+
+    ``flag`` is the option (``--hidden-units``), ``kind`` its Python type, ``choices`` the
+    allowed strings (the string "none" stands for None); the default is the head's own."""
+
+    param: str
+    flag: str
+    kind: type
+    help: str
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Curves:
+    """A head's training-curve data for ``report.plot_curves``.
+
+    ``x`` the horizontal values (C, epoch, k), ``series`` named curves drawn in panels
+    (``panels``: title -> list of (series key, label)), ``chosen`` the x value that was
+    chosen (marked on the plot), ``log_x`` whether x is on a log axis."""
+
+    xlabel: str
+    x: list[float]
+    panels: dict[str, list[tuple[str, str]]]
+    series: dict[str, list[float]]
+    chosen: float | None
+    chosen_label: str
+    log_x: bool = False

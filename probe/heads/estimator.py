@@ -1,0 +1,164 @@
+"""The base class of every head: a scikit-learn estimator (``BaseEstimator`` +
+``ClassifierMixin``) with probe's validation, prediction, scoring and saving."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import NotFittedError as _SklearnNotFitted
+from sklearn.utils.validation import check_is_fitted
+
+from probe.errors import DatasetError, NotFittedError, ProbeError
+
+from .base import HEAD_JSON, FORMAT_VERSION, Curves, FitData, HeadOption, as_features, as_labels, \
+    atomic_write_bytes, check_meta, corrupt, flatten, json_default, prepare_fit, read_head_json
+
+
+class Head(ClassifierMixin, BaseEstimator):
+    """Behaviour every head shares: validation, prediction, scoring, saving."""
+
+    name: ClassVar[str] = ""
+    options: ClassVar[tuple[HeadOption, ...]] = ()
+    _fitted_attr: ClassVar[str] = "classes_"
+
+    # -- to be provided by each head ------------------------------------- #
+    def _check_params(self) -> None:
+        """Raise ProbeError for a parameter out of range."""
+        raise NotImplementedError
+
+    def _fit(self, data: FitData) -> None:
+        """Learn from validated data (sets the head's own learned attributes)."""
+        raise NotImplementedError
+
+    def _predict_flat(self, X: np.ndarray) -> np.ndarray:
+        """Class probabilities of flat, validated features."""
+        raise NotImplementedError
+
+    def keras_head(self):
+        """A Keras model of built-in layers: flat features (None, D) -> probabilities (None, K)."""
+        raise NotImplementedError
+
+    def curves_(self) -> Curves | None:
+        """The training-curve data, or None when there is nothing to draw."""
+        return None
+
+    def summary_(self) -> dict[str, Any]:
+        """The chosen settings, for metrics.json (e.g. {"C": 1.0})."""
+        return {}
+
+    def finetune_refusal(self) -> str | None:
+        """Why fine-tuning can not start from this head (None: it can)."""
+        return None
+
+    # -- the estimator contract ------------------------------------------ #
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None,
+            classes: list[str] | None = None) -> "Head":
+        """Validate, choose settings on (X_val, y_val) when given, learn; returns ``self``."""
+        self._check_params()
+        data = prepare_fit(X, y, X_val, y_val, classes)
+        self._fit(data)
+        self.classes_ = data.classes
+        self.n_features_in_ = int(data.X.shape[1])
+        self.input_shape_ = data.input_shape
+        return self
+
+    def _check_fitted(self, method: str) -> None:
+        try:
+            check_is_fitted(self, self._fitted_attr)
+        except _SklearnNotFitted:
+            name = type(self).__name__
+            raise NotFittedError(
+                f"this {name} is not fitted yet; call `fit(X, y)` or `{name}.load(directory)` "
+                f"before `{method}`. Received: an unfitted {name}"
+            ) from None
+
+    def _check_X(self, X: Any) -> np.ndarray:
+        X = as_features(X, "X")
+        shape = tuple(X.shape[1:])
+        if shape != tuple(self.input_shape_) and shape != (self.n_features_in_,):
+            raise DatasetError(
+                f"`X` must have per-sample shape {tuple(self.input_shape_)} (or ({self.n_features_in_},) "
+                "flattened), the shape this head was fitted on; use features from the same backbone. "
+                f"Received: X.shape={X.shape}"
+            )
+        return flatten(X)
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities, shape ``(N, K)``, float64."""
+        self._check_fitted("predict_proba")
+        return self._predict_flat(self._check_X(X))
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predicted class indices, shape ``(N,)``."""
+        self._check_fitted("predict")
+        return np.argmax(self.predict_proba(X), axis=1).astype(np.int64)
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
+        """Accuracy of ``predict(X)`` against ``y``."""
+        self._check_fitted("score")
+        X = as_features(X, "X")
+        y = as_labels(y, X.shape[0], "y")
+        hits = (self.predict(X) == y).astype(np.float64)
+        return float(np.average(hits, weights=sample_weight))
+
+    # -- persistence ------------------------------------------------------ #
+    def _params_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self.get_params(), default=json_default))
+
+    def _meta(self) -> dict[str, Any]:
+        """What ``head.json`` records; heads add their learned settings."""
+        return {
+            "kind": self.name,
+            "format_version": FORMAT_VERSION,
+            "classes": [str(c) for c in self.classes_],
+            "input_shape": [int(s) for s in self.input_shape_],
+            "n_features_in": int(self.n_features_in_),
+            "params": self._params_json(),
+        }
+
+    def _save_arrays(self, directory: Path) -> None:
+        """Write the learned arrays (``head.npz`` or ``head.keras``)."""
+        raise NotImplementedError
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the head's files and ``head.json`` into ``directory``."""
+        self._check_fitted("save")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._save_arrays(directory)
+        text = json.dumps(self._meta(), indent=2, default=json_default)
+        atomic_write_bytes(directory / HEAD_JSON, lambda handle: handle.write(text.encode("utf-8")))
+        return directory
+
+    @classmethod
+    def _from_meta(cls, meta: dict, path: Path) -> "Head":
+        """A head with the saved parameters (checked like at fit) and the shared learned state."""
+        check_meta(meta, path, cls.name)
+        try:
+            head = cls(**meta["params"])
+            head._check_params()
+        except (TypeError, ProbeError) as exc:
+            raise corrupt(path, f"bad 'params': {exc}") from None
+        head.classes_ = np.array(meta["classes"], dtype=str)
+        head.n_features_in_ = int(meta["n_features_in"])
+        head.input_shape_ = tuple(int(s) for s in meta["input_shape"])
+        return head
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Head":
+        """Read a head written by ``save``; no pickle is involved."""
+        directory, meta = read_head_json(directory)
+        head = cls._from_meta(meta, directory / HEAD_JSON)
+        try:
+            head._load_arrays(directory, meta)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise corrupt(directory / HEAD_JSON, f"{type(exc).__name__}: {exc}") from None
+        return head
+
+    def _load_arrays(self, directory: Path, meta: dict) -> None:
+        raise NotImplementedError
