@@ -27,8 +27,6 @@ def test_fit_knn_from_the_command_line(separable_cache):
 
 @pytest.mark.parametrize("args,expected", [
     (["--head", "dense", "--hidden-units", "100000000"], "from 0 to 16384"),
-    (["--seed", "-1"], "from 0 to 4294967295"),
-    (["--seed", "4294967296"], "from 0 to 4294967295"),
     (["--head", "knn", "--k", "0"], "from 1 to 10000"),
 ])
 def test_absurd_head_options_are_one_line(separable_cache, args, expected):
@@ -36,6 +34,18 @@ def test_absurd_head_options_are_one_line(separable_cache, args, expected):
     assert result.exit_code == 1
     assert expected in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_a_seed_out_of_range_is_a_usage_error(separable_cache, seed):
+    result = CliRunner().invoke(main, ["fit", "--seed", seed])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "0<=x<=4294967295" in result.output
+
+
+def test_a_head_seed_out_of_range_is_one_error(separable_cache):
+    with pytest.raises(probe.ProbeError, match="from 0 to 4294967295"):
+        probe.fit(head="logreg", seed=-1)
 
 
 def test_reordered_or_missing_class_names_in_a_run_are_refused(separable_cache):
