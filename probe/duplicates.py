@@ -29,6 +29,7 @@ from typing import Iterable
 
 import numpy as np
 
+from . import store
 from .cache import FeatureCache, display
 from .errors import ProbeError
 from .progress import Advanced, Finished, ProgressCallback, Started, emit
@@ -426,13 +427,10 @@ def cached_duplicates(cache: FeatureCache, threshold: float = DEFAULT_THRESHOLD)
     found = find_duplicates(cache, threshold, hash_all_files=False).to_dict()
     found["pairs"] = found["pairs"][:STORED_PAIRS]
     found["groups"] = []
-    temporary = sidecar.with_name(f".{sidecar.name}.tmp-{os.getpid()}")
     try:
-        temporary.write_text(json.dumps({"key": key, "result": found}), encoding="utf-8",
-                             errors="surrogateescape")
-        os.replace(temporary, sidecar)
+        store.write_text(sidecar, json.dumps({"key": key, "result": found}))
     except OSError:  # a read-only cache directory: the check simply runs again next time
-        temporary.unlink(missing_ok=True)
+        pass
     return found
 
 

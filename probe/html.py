@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from . import store
 from .errors import RunError
 from .progress import Finished, Note, ProgressCallback, Started, emit
 
@@ -92,9 +93,7 @@ def write_report(
             f"Received: '{_display(directory)}'"
         )
     target = Path(out) if out else directory / REPORT_FILE
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    temporary.write_text(page, encoding="utf-8")
-    os.replace(temporary, target)
+    store.write_text(target, page)
     emit(progress, Finished("report", details={"path": str(target),
                                                "bytes": target.stat().st_size}))
     return target
@@ -414,10 +413,9 @@ def map_coordinates(X: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     if n < 3:
         return np.zeros((n, 2)) + np.arange(n)[:, None], "PCA"
     try:
-        import umap  # noqa: F401
+        import umap
     except ImportError:
         return pca_2d(X), "PCA"
-    import umap
 
     reducer = umap.UMAP(n_components=2, random_state=seed, n_neighbors=min(15, n - 1))
     return np.asarray(reducer.fit_transform(X)), "UMAP"

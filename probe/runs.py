@@ -257,7 +257,7 @@ def save_run(runs_dir: Path, labels: tuple[str, ...], write: Callable[[Path], No
     try:
         write(temporary)
         final = new_run_dir(runs_dir, *labels)
-        os.replace(temporary, final)  # replaces the empty reserved directory atomically
+        store.replace_directory(temporary, final)  # over the empty reserved one, atomically
         return final
     except OSError as error:
         _remove(temporary, final)

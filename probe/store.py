@@ -64,6 +64,12 @@ def atomic_write(target: str | os.PathLike, mode: str = "wb", encoding: str | No
             yield handle
 
 
+def replace_directory(temporary: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Give a fully written directory its final name (over an empty one), durably."""
+    os.replace(temporary, target)
+    _fsync_directory(Path(target).parent)
+
+
 def write_text(target: str | os.PathLike, text: str) -> Path:
     """Replace `target` with `text` (UTF-8) atomically."""
     with atomic_write(target, "w", encoding="utf-8", errors="surrogateescape") as handle:

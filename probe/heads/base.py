@@ -25,7 +25,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -284,15 +283,12 @@ def json_default(value: Any) -> Any:
 
 
 def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(handle)`` on a temporary file next to ``path``, then move it in place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Call ``write(handle)`` on a temporary file next to ``path``, then move it in place
+    (`store.atomic_write`: every file probe writes goes through it)."""
+    from .. import store
+
+    with store.atomic_write(path, "wb") as handle:
+        write(handle)
 
 
 def corrupt(path: Path, why: str) -> RunError:

@@ -3,7 +3,6 @@ trained with Adam, the epoch chosen on validation by early stopping."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -183,13 +182,10 @@ class DenseHead(Head):
 
     # -- persistence ----------------------------------------------------- #
     def _save_arrays(self, directory: Path) -> None:
-        model_path = directory / HEAD_KERAS
-        tmp = directory / ".head.tmp.keras"
-        try:
-            self.model_.save(tmp)
-            os.replace(tmp, model_path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        from .. import store
+
+        with store.atomic_path(directory / HEAD_KERAS, suffix=".keras") as temporary:
+            self.model_.save(temporary)
 
     def _meta(self) -> dict[str, Any]:
         return {**super()._meta(), "history": self.history_, "best_epoch": self.best_epoch_}
