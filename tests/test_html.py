@@ -26,12 +26,14 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def make_hostile_dataset(root: Path) -> Path:
-    """Split folders, a hostile class name, a non-UTF-8 file name, an undecodable file and
-    the same picture in train and in test."""
+    """Split folders, a hostile class name, a non-UTF-8 file name, an undecodable file, the
+    same picture in train and in test, and a mislabelled test image."""
     make_tree(root, classes=("cat", HOSTILE, "fox"), per_class=12, splits=True)
     make_image(root / os.fsdecode(b"train/cat/caf\xe9-\xff.png"), seed=7)
     (root / "train" / "fox" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     shutil.copy(root / "train" / "cat" / "cat_0.jpg", root / "test" / "cat" / "leaked.jpg")
+    # a fox filed as a cat: a mistake even when the classes' tints separate them perfectly
+    make_image(root / "test" / "cat" / "fox_filed_as_cat.png", seed=999, tint=2)
     return root
 
 
