@@ -495,12 +495,13 @@ def _show_comparison(result) -> None:
               help="Comma-separated backbone names (see `probe backbones`).")
 @click.option("--heads", default="logreg,dense", show_default=True,
               help="Comma-separated heads: logreg, dense.")
-@_apply(*EXTRACTION_OPTIONS, *DATASET_OPTIONS, *HEAD_PARAMETER_OPTIONS)
+@_apply(*EXTRACTION_OPTIONS, *DATASET_OPTIONS, *HEAD_PARAMETER_OPTIONS, *ENGINE_OPTIONS)
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines or bars.")
 @_fail_cleanly
 def compare_command(dataset, backbones, heads, weights, image_size, pooling, batch_size,
                     cache_dir, labels, val_fraction, test_fraction, seed, C, hidden_units,
                     dropout, epochs, learning_rate, head_batch_size, patience, class_weight,
+                    engine, ray_address, workers, gpus_per_worker, shard_size,
                     quiet) -> None:
     """Compare backbones and heads on DATASET and rank them.
 
@@ -509,6 +510,7 @@ def compare_command(dataset, backbones, heads, weights, image_size, pooling, bat
     compare.csv, compare.md and compare.png into .probe/runs/<time>-compare/, with one
     run directory per backbone and head; the best run is ready for `probe predict` and
     `probe export`. A backbone that fails gets a row saying why; the others still run.
+    --engine ray extracts on a Ray cluster, as `probe extract --engine ray` does.
 
     Example: probe compare cats_vs_dogs/ --backbones vgg16,resnet50,densenet121 --heads logreg,dense
     """
@@ -520,7 +522,9 @@ def compare_command(dataset, backbones, heads, weights, image_size, pooling, bat
                          pooling=pooling, labels=labels or None, val_fraction=val_fraction,
                          test_fraction=test_fraction, seed=seed, batch_size=batch_size,
                          cache_dir=cache_dir, head_params=params, progress=shown,
-                         on_event=shown.event)
+                         on_event=shown.event, engine=engine,
+                         ray=RayOptions(ray_address, workers, gpus_per_worker, shard_size)
+                         if engine == "ray" else None)
     finally:
         shown.close()
     _show_comparison(result)

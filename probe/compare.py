@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from . import backbones as backbones_mod, cache as cache_mod, data, heads as heads_mod, report, store
+from .engines.ray import RayOptions
 from .progress import ProgressCallback
 from .settings import TEST_FRACTION, VAL_FRACTION, SplitSettings, Weights, dataset_path
 from .errors import ProbeError
@@ -143,6 +144,8 @@ def compare(
     head_params: dict[str, dict[str, Any]] | None = None,
     progress: ProgressCallback | None = None,
     on_event: EventCallback | None = None,
+    engine: str = "local",
+    ray: RayOptions | None = None,
 ) -> Comparison:
     """Fit every head on every backbone's features of `dataset` and rank the results.
 
@@ -151,7 +154,8 @@ def compare(
     None means each backbone's native size. `head_params` maps a head name to its
     parameters (e.g. `{"dense": {"epochs": 20}}`); `seed` is the default head seed.
     `progress` receives each extraction's events; `on_event(kind, info)` is told
-    "extract", "extracted", "fit" and "fitted" as the work goes.
+    "extract", "extracted", "fit" and "fitted" as the work goes. `engine="ray"` extracts
+    on a Ray cluster (`ray`: `RayOptions`), as in `probe.extract`.
 
     Returns a `Comparison`: the ranked records (backbone, head, accuracy, balanced_accuracy,
     macro_f1, feature_size, images_per_second, fit_seconds, status, error, run, ...).
@@ -195,7 +199,8 @@ def compare(
                 cache, extraction = extract_with_report(
                     found.root, spec.name, weights=weights, image_size=size, pooling=pooling,
                     labels=labels, val_fraction=val_fraction, test_fraction=test_fraction,
-                    seed=seed, batch_size=batch_size, cache_dir=directory, progress=progress)
+                    seed=seed, batch_size=batch_size, cache_dir=directory, progress=progress,
+                    engine=engine, ray=ray)
         except Exception as error:  # noqa: BLE001 - one backbone must not stop the others
             message = _message(error)
             emit("extracted", {"backbone": spec.name, "error": message})

@@ -134,6 +134,7 @@ def fit(
         notes.append(f"{len(skipped)} files of the dataset were skipped at extraction "
                      "(listed in metrics.json)")
     model = heads.make_head(head, **head_params)
+    check_features_fit_in_memory(chosen)
     train = chosen.split("train")
     val = chosen.split("val") if "val" in chosen.counts else None
     evaluation = "test" if "test" in chosen.counts else ("val" if val is not None else None)
@@ -168,6 +169,36 @@ def fit(
     write_split_predictions(directory / "test_predictions.csv", evaluated.paths, evaluated.labels, proba,
                        chosen.classes)
     return Run(directory, config, metrics, notes)
+
+
+def check_features_fit_in_memory(cache: FeatureCache, available: int | None = None) -> None:
+    """Refuse, before loading anything, a cache whose features (every split, float32) need
+    more memory than is available: a head is fit on all of them in memory."""
+    needed = sum(cache.counts.values()) * int(np.prod(cache.feature_shape)) * 4
+    available = _available_memory() if available is None else available
+    if available and needed > available:
+        raise CacheError(
+            f"expected the features of cache '{cache.path}' to fit in memory: they need "
+            f"{needed / 2**30:.1f} GiB ({sum(cache.counts.values())} images x "
+            f"{int(np.prod(cache.feature_shape))} values x 4 bytes), {available / 2**30:.1f} GiB "
+            "is available. Fit on a subsample (a smaller dataset folder or --labels CSV), "
+            "extract with --pooling avg (smaller features), or use a machine with more memory.")
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable, else free pages);
+    None where the system does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def run_config(cache: FeatureCache, **extra: Any) -> dict:

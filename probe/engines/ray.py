@@ -17,6 +17,7 @@ Needs the optional extra: `pip install 'probe[ray]'`.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,9 +73,11 @@ def shards(todo: Sequence[Source], shard_size: int) -> list[tuple[str, list[tupl
 
 
 class ShardWorker:
-    """One actor: the backbone, built once, run over shard after shard."""
+    """One actor of the pool (a Ray Data callable class): the backbone, built once from the
+    cache's settings and a weights file path, run over shard after shard."""
 
-    def __init__(self, attrs: dict[str, Any], batch_size: int, root: str, parts_dir: str):
+    def __init__(self, attrs: dict[str, Any], batch_size: int, root: str, parts_dir: str,
+                 weights_file: str | None = None):
         from .. import store
         from ..settings import ExtractionSettings
         from .local import build_model
@@ -82,9 +85,20 @@ class ShardWorker:
         _gpu_memory_growth()
         self.extraction = ExtractionSettings.from_attrs(attrs, batch_size)
         weights = self.extraction.weights
-        self.model = build_model(self.extraction.spec, weights.source, self.extraction.image_size,
-                                 self.extraction.pooling, weights.seed, self.extraction.precision)
+        self.model = build_model(self.extraction.spec, weights_file or weights.source,
+                                 self.extraction.image_size, self.extraction.pooling,
+                                 weights.seed, self.extraction.precision)
         self.root, self.parts = Path(root), store.PartStore(Path(parts_dir))
+
+    def __call__(self, batch: dict) -> dict:
+        """Ray Data's entry: a batch of shards (`name`, `rows` as JSON) in, only their names
+        and image counts out."""
+        import numpy as np
+
+        done = [self.run(str(name), [tuple(row) for row in json.loads(rows)])
+                for name, rows in zip(batch["name"], batch["rows"])]
+        return {"name": np.array([name for name, _ in done]),
+                "count": np.array([count for _, count in done], dtype=np.int64)}
 
     def run(self, name: str, rows: list[tuple]) -> tuple[str, int]:
         """Extract one shard into the part file `part-<name>.npz`; returns (name, images)."""
@@ -108,28 +122,95 @@ class ShardWorker:
 
 def run_shards(attrs: dict[str, Any], batch_size: int, root: Path, todo: Sequence[Source],
                parts_dir: Path, options: RayOptions) -> Iterator[int]:
-    """Run every shard of `todo` on a Ray actor pool; yields each finished shard's number
-    of images (its part file is on disk by then)."""
+    """Run every shard of `todo` through a Ray Data pipeline with an actor pool; yields each
+    finished shard's number of images (its part file is on disk by then)."""
     ray = require_ray()
     started_here = not ray.is_initialized()
+    weights_file = _weights_file(attrs)  # before any worker starts: fetched once, here
     if started_here:
         _init(ray, options)
     try:
-        worker = ray.remote(num_cpus=1, num_gpus=options.gpus_per_worker, max_restarts=3,
-                            max_task_retries=3)(ShardWorker)
-        env = {FAIL_ONCE_VARIABLE: os.environ[FAIL_ONCE_VARIABLE]} \
-            if os.environ.get(FAIL_ONCE_VARIABLE) else {}
-        if env:
-            worker = worker.options(runtime_env={"env_vars": env})
         work = shards(todo, options.shard_size)
-        actors = [worker.remote(attrs, batch_size, str(root), str(parts_dir))
-                  for _ in range(min(options.workers, len(work)))]
-        pool = ray.util.ActorPool(actors)
-        for _, count in pool.map_unordered(lambda actor, shard: actor.run.remote(*shard), work):
-            yield count
+        if os.environ.get("PROBE_RAY_ACTOR_POOL"):
+            yield from _run_actor_pool(ray, attrs, batch_size, root, parts_dir, options,
+                                       work, weights_file)
+            return
+        yield from _run_dataset(ray, attrs, batch_size, root, parts_dir, options, work,
+                                weights_file)
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _run_dataset(ray, attrs, batch_size, root, parts_dir, options, work, weights_file):
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    items = [{"name": name, "rows": json.dumps(rows)} for name, rows in work]
+    extra = {"runtime_env": {"env_vars": _env()}} if _env() else {}
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        ShardWorker, batch_size=1, batch_format="numpy",
+        fn_constructor_args=(attrs, batch_size, str(root), str(parts_dir), weights_file),
+        concurrency=min(options.workers, len(work)), num_cpus=1,
+        num_gpus=options.gpus_per_worker or None, **extra)
+    for row in dataset.iter_rows():
+        yield int(row["count"])
+
+
+def _run_actor_pool(ray, attrs, batch_size, root, parts_dir, options, work, weights_file):
+    worker = ray.remote(num_cpus=1, num_gpus=options.gpus_per_worker, max_restarts=3,
+                        max_task_retries=3)(ShardWorker)
+    if _env():
+        worker = worker.options(runtime_env={"env_vars": _env()})
+    actors = [worker.remote(attrs, batch_size, str(root), str(parts_dir), weights_file)
+              for _ in range(min(options.workers, len(work)))]
+    pool = ray.util.ActorPool(actors)
+    for _, count in pool.map_unordered(lambda actor, shard: actor.run.remote(*shard), work):
+        yield count
+
+
+def _env() -> dict[str, str]:
+    return {FAIL_ONCE_VARIABLE: os.environ[FAIL_ONCE_VARIABLE]} \
+        if os.environ.get(FAIL_ONCE_VARIABLE) else {}
+
+
+# The file Keras' applications cache their ImageNet "notop" weights in, per backbone.
+IMAGENET_FILE_STEMS = {"vgg16": "vgg16", "resnet50": "resnet50", "densenet121": "densenet121",
+                       "xception": "xception", "inceptionv3": "inception_v3"}
+
+
+def _weights_file(attrs: dict[str, Any]) -> str | None:
+    """The weights file every actor loads: for ImageNet weights, Keras' cached file, fetched
+    here once (so N actors never download N copies); None where the settings suffice (random
+    weights by seed, or a weights file named in them)."""
+    from ..settings import ExtractionSettings
+
+    extraction = ExtractionSettings.from_attrs(attrs, 1)
+    if extraction.weights.kind != "imagenet":
+        return None
+    path = imagenet_weights_file(extraction.spec.name)
+    if not path.exists():  # Keras downloads it into its cache while building the model once
+        extraction.spec.build(weights="imagenet", image_size=None, pooling="avg")
+    if not path.exists():
+        raise ProbeError(f"expected Keras to cache the ImageNet weights of "
+                         f"{extraction.spec.name} at {path}; not found. Use --weights PATH with "
+                         "a local notop weights file, or --engine local.")
+    return str(path)
+
+
+def imagenet_weights_file(backbone: str) -> Path:
+    """Where Keras caches the ImageNet notop weights of `backbone` (under KERAS_HOME,
+    ~/.keras by default)."""
+    try:
+        from keras.src.backend.config import keras_home
+
+        home = keras_home()
+    except ImportError:  # another Keras layout: its documented default
+        home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    stem = IMAGENET_FILE_STEMS[backbone]
+    return Path(home) / "models" / f"{stem}_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 
 def _init(ray, options: RayOptions) -> None:
