@@ -34,6 +34,7 @@ for path in (str(HERE.parent), str(HERE)):
 
 import probe  # noqa: E402
 from extract import emit, make_dataset  # noqa: E402  (benchmarks/extract.py)
+from probe.engines.ray import init_local  # noqa: E402
 
 
 def timed_extract(root: Path, cache_dir: Path, args, **engine) -> float:
@@ -66,8 +67,7 @@ def main() -> None:
         emit(scope, "local_img_per_s", local)
 
         started = time.perf_counter()
-        ray.init(num_cpus=max(2, args.workers), include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1")
+        init_local(ray, max(2, args.workers))
         emit(scope, "ray_startup_s", time.perf_counter() - started)
         try:
             warm = timed_extract(root, work / "ray", args, engine="ray", ray=options)

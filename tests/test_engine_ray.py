@@ -8,7 +8,7 @@ import pytest
 
 import probe
 from conftest import make_tree
-from probe.engines.ray import FAIL_ONCE_VARIABLE, RayOptions, shards
+from probe.engines.ray import FAIL_ONCE_VARIABLE, RayOptions, init_local, shards
 from probe.plan import Source
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs `pip install 'probe[ray]'`")
@@ -19,10 +19,10 @@ OPTS = dict(weights="none", image_size=32, batch_size=4)
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the module, bound to 127.0.0.1 (no traffic to another address)."""
-    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                       _node_ip_address="127.0.0.1")
+    context = init_local(ray, 2)
     try:
         assert context.address_info["node_ip_address"] == "127.0.0.1"
+        assert context.address_info["gcs_address"].startswith("127.0.0.1:")
         assert [node["NodeManagerAddress"] for node in ray.nodes()] == ["127.0.0.1"]
         assert context.dashboard_url in (None, "")
         yield

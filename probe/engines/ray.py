@@ -2,8 +2,9 @@
 parts, the same cache as a local run.
 
 The driver cuts the to-do list of the plan into fixed shards (boundaries depend only on
-the sorted list and the shard size). A pool of actors, each holding the backbone built
-once from the cache's settings (a weights file path, never a pickled model), runs the local
+the sorted list and the shard size). A Ray Data pipeline over the shards maps them with a
+pool of actors (`map_batches` with `ActorPoolStrategy`), each holding the backbone built
+once from the cache's settings (a weights file path, never a pickled model); it runs the local
 batch loop (`engines.local.run_batches`) on one shard at a time and writes it as one part
 file (atomically renamed) into the shared parts directory; actors return only the shard's
 name and count, so no feature array passes through Ray's object store. The driver then
@@ -131,9 +132,7 @@ def run_shards(attrs: dict[str, Any], batch_size: int, root: Path, todo: Sequenc
         _init(ray, options)
     try:
         work = shards(todo, options.shard_size)
-        if os.environ.get("PROBE_RAY_ACTOR_POOL"):
-            yield from _run_actor_pool(ray, attrs, batch_size, root, parts_dir, options,
-                                       work, weights_file)
+        if not work:
             return
         yield from _run_dataset(ray, attrs, batch_size, root, parts_dir, options, work,
                                 weights_file)
@@ -142,7 +141,10 @@ def run_shards(attrs: dict[str, Any], batch_size: int, root: Path, todo: Sequenc
             ray.shutdown()
 
 
-def _run_dataset(ray, attrs, batch_size, root, parts_dir, options, work, weights_file):
+def _run_dataset(ray, attrs: dict[str, Any], batch_size: int, root: Path, parts_dir: Path,
+                 options: RayOptions, work: list, weights_file: str | None) -> Iterator[int]:
+    """The shards as a dataset (one row, one block each), mapped by a pool of ShardWorker
+    actors (restarted by Ray Data, their shard retried, when one dies)."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
@@ -153,25 +155,14 @@ def _run_dataset(ray, attrs, batch_size, root, parts_dir, options, work, weights
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         ShardWorker, batch_size=1, batch_format="numpy",
         fn_constructor_args=(attrs, batch_size, str(root), str(parts_dir), weights_file),
-        concurrency=min(options.workers, len(work)), num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=min(options.workers, len(work))), num_cpus=1,
         num_gpus=options.gpus_per_worker or None, **extra)
     for row in dataset.iter_rows():
         yield int(row["count"])
 
 
-def _run_actor_pool(ray, attrs, batch_size, root, parts_dir, options, work, weights_file):
-    worker = ray.remote(num_cpus=1, num_gpus=options.gpus_per_worker, max_restarts=3,
-                        max_task_retries=3)(ShardWorker)
-    if _env():
-        worker = worker.options(runtime_env={"env_vars": _env()})
-    actors = [worker.remote(attrs, batch_size, str(root), str(parts_dir), weights_file)
-              for _ in range(min(options.workers, len(work)))]
-    pool = ray.util.ActorPool(actors)
-    for _, count in pool.map_unordered(lambda actor, shard: actor.run.remote(*shard), work):
-        yield count
-
-
 def _env() -> dict[str, str]:
+    """The fault-injection variable, passed on to the actors where it is set."""
     return {FAIL_ONCE_VARIABLE: os.environ[FAIL_ONCE_VARIABLE]} \
         if os.environ.get(FAIL_ONCE_VARIABLE) else {}
 
@@ -220,12 +211,31 @@ def _init(ray, options: RayOptions) -> None:
         if options.address:
             ray.init(address=options.address, include_dashboard=False, log_to_driver=False)
         else:
-            ray.init(num_cpus=max(1, options.workers), include_dashboard=False,
-                     log_to_driver=False, _node_ip_address="127.0.0.1")
+            init_local(ray, max(1, options.workers))
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise ProbeError(f"could not start or join Ray ({' '.join(str(error).split())[:200]}); "
                          "check --ray-address (e.g. auto after `ray start --head`). "
                          f"Received: ray_address={options.address!r}") from None
+
+
+# Ray resolves a node address of 127.0.0.1 to the machine's outward address unless it is
+# told the cluster is local-only (the switch Ray reads on macOS and Windows).
+LOCAL_ONLY_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def init_local(ray, num_cpus: int, **kwargs: Any):
+    """Start a local Ray bound to 127.0.0.1 (its processes listen and talk only there),
+    without a dashboard; returns `ray.init`'s context."""
+    os.environ[LOCAL_ONLY_VARIABLE] = "0"  # read by the processes Ray starts
+    try:
+        from ray._private import ray_constants  # read by this process at every address lookup
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    except ImportError:  # another Ray layout: the variable alone
+        pass
+    kwargs.setdefault("log_to_driver", False)
+    return ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                    **kwargs)
 
 
 def _gpu_memory_growth() -> None:
