@@ -27,6 +27,9 @@ from typing import Any, Iterator, Sequence
 from ..errors import ProbeError
 from ..plan import Source
 
+# Restarts of a dead actor (and retries of its shard) before the run stops with an error.
+MAX_RESTARTS = 3
+
 # Set to a file path, makes the first shard's worker exit once (to test restarts).
 FAIL_ONCE_VARIABLE = "PROBE_RAY_FAIL_ONCE"
 
@@ -156,9 +159,18 @@ def _run_dataset(ray, attrs: dict[str, Any], batch_size: int, root: Path, parts_
         ShardWorker, batch_size=1, batch_format="numpy",
         fn_constructor_args=(attrs, batch_size, str(root), str(parts_dir), weights_file),
         compute=ray.data.ActorPoolStrategy(size=min(options.workers, len(work))), num_cpus=1,
-        num_gpus=options.gpus_per_worker or None, **extra)
-    for row in dataset.iter_rows():
-        yield int(row["count"])
+        num_gpus=options.gpus_per_worker or None, max_restarts=MAX_RESTARTS,
+        max_task_retries=MAX_RESTARTS, **extra)
+    try:
+        for row in dataset.iter_rows():
+            yield int(row["count"])
+    except ray.exceptions.RayError as error:
+        reason = " ".join(str(error).split())
+        raise ProbeError(
+            f"a Ray worker failed {MAX_RESTARTS + 1} times on a shard "
+            f"({reason[:300]}{' ...' if len(reason) > 300 else ''}). Finished shards are "
+            "kept: fix the cause and run the same command again to extract only the rest.") \
+            from None
 
 
 def _env() -> dict[str, str]:
