@@ -30,7 +30,7 @@ from ..plan import Source
 # Restarts of a dead actor (and retries of its shard) before the run stops with an error.
 MAX_RESTARTS = 3
 
-# Set to a file path, makes the first shard's worker exit once (to test restarts).
+# Set to a file path: the first actor to start a shard exits once (to test restarts).
 FAIL_ONCE_VARIABLE = "PROBE_RAY_FAIL_ONCE"
 
 
