@@ -683,13 +683,14 @@ def _show_comparison(result) -> None:
 @click.option("--heads", default="logreg,dense", show_default=True,
               help=f"Comma-separated heads: {', '.join(heads_mod.list_heads())}.")
 @_apply(*EXTRACTION_OPTIONS_FOR(image_size=COMPARE_IMAGE_SIZE_OPTION), RUNS_DIR_OPTION,
-        *DATASET_OPTIONS, *HEAD_PARAMETER_OPTIONS)
+        *DATASET_OPTIONS, *HEAD_PARAMETER_OPTIONS, *ENGINE_OPTIONS)
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines or bars.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html files.")
 @_fail_cleanly
 def compare_command(dataset, backbones, heads, weights, image_size, pooling, batch_size,
-                    cache_dir, runs_dir, labels, val_fraction, test_fraction, seed, quiet,
-                    no_report, **options) -> None:
+                    cache_dir, runs_dir, labels, val_fraction, test_fraction, seed, engine,
+                    ray_address, workers, gpus_per_worker, shard_size, quiet, no_report,
+                    **options) -> None:
     """Compare backbones and heads on DATASET and rank them.
 
     Extracts what is not cached yet (every existing cache is reused), fits every head on
@@ -699,6 +700,7 @@ def compare_command(dataset, backbones, heads, weights, image_size, pooling, bat
     and `probe export`. Each accuracy comes with its 95% interval; rows whose interval
     overlaps the best one's are marked tied. A backbone that fails gets a row saying why;
     the others still run.
+    --engine ray extracts on a Ray cluster, as `probe extract --engine ray` does.
 
     Example: probe compare cats_vs_dogs/ --backbones vgg16,resnet50,densenet121 --heads logreg,dense
     """
@@ -709,7 +711,9 @@ def compare_command(dataset, backbones, heads, weights, image_size, pooling, bat
                          pooling=pooling, labels=labels or None, val_fraction=val_fraction,
                          test_fraction=test_fraction, seed=seed, batch_size=batch_size,
                          cache_dir=cache_dir, runs_dir=runs_dir, head_params=params,
-                         progress=shown, html_report=not no_report)
+                         progress=shown, html_report=not no_report, engine=engine,
+                         ray=RayOptions(ray_address, workers, gpus_per_worker, shard_size)
+                         if engine == "ray" else None)
     finally:
         shown.close()
     _show_comparison(result)

@@ -28,6 +28,7 @@ import numpy as np
 
 from . import (backbones as backbones_mod, cache as cache_mod, data, evaluate, heads as heads_mod,
                html, report, store)
+from .engines.ray import RayOptions
 from .errors import BackboneError, ProbeError
 from .progress import Advanced, Finished, Note, ProgressCallback, Started, emit
 from .settings import DEFAULT_SEED, TEST_FRACTION, VAL_FRACTION, SplitSettings, Weights, dataset_path
@@ -204,6 +205,8 @@ def compare(
     head_params: dict[str, dict[str, Any]] | None = None,
     progress: ProgressCallback | None = None,
     html_report: bool = True,
+    engine: str = "local",
+    ray: RayOptions | None = None,
 ) -> Comparison:
     """Fit every head on every backbone's features of `dataset` and rank the results.
 
@@ -214,7 +217,8 @@ def compare(
     head name to its parameters (e.g. `{"dense": {"epochs": 20}}`); `seed` is the default
     head seed. `progress` receives the events of the comparison (stage "compare") and of
     each extraction (stage "extract"). `html_report=True` writes report.html into the
-    comparison directory and every run directory.
+    comparison directory and every run directory. `engine="ray"` extracts on a Ray
+    cluster (`ray`: `RayOptions`), as in `probe.extract`.
 
     Returns a `Comparison`: the ranked records (backbone, head, accuracy and its 95%
     interval, tied (with the best), balanced_accuracy, macro_f1, split_role, ...).
@@ -226,7 +230,8 @@ def compare(
 
     plan = _plan(dataset, backbones, heads, image_size, head_params, seed,
                  dict(weights=weights, pooling=pooling, labels=labels, val_fraction=val_fraction,
-                      test_fraction=test_fraction, seed=seed, batch_size=batch_size))
+                      test_fraction=test_fraction, seed=seed, batch_size=batch_size,
+                      engine=engine, ray=ray))
     plan = dataclasses.replace(plan, html_report=html_report)
     directory = cache_mod.resolve_cache_dir(cache_dir)
     runs = Path(runs_dir) if runs_dir else directory / "runs"

@@ -143,6 +143,7 @@ def fit(
     model = heads.make_head(head, **head_params)
     if roles.report == "val":
         model.set_params(refit=False)  # the reported split must not be training data
+    check_features_fit_in_memory(chosen)
     fit_seconds = train_head(model, chosen, roles)
     reported = chosen.split(roles.report)
     proba = model.predict_proba(reported.features)
@@ -274,6 +275,36 @@ def _remove(temporary: Path, final: Path | None) -> None:
     shutil.rmtree(temporary, ignore_errors=True)
     if final is not None and final.is_dir() and not any(final.iterdir()):
         final.rmdir()
+
+
+def check_features_fit_in_memory(cache: FeatureCache, available: int | None = None) -> None:
+    """Refuse, before loading anything, a cache whose features (every split, float32) need
+    more memory than is available: a head is fit on all of them in memory."""
+    needed = sum(cache.counts.values()) * int(np.prod(cache.feature_shape)) * 4
+    available = _available_memory() if available is None else available
+    if available and needed > available:
+        raise CacheError(
+            f"expected the features of cache '{cache.path}' to fit in memory: they need "
+            f"{needed / 2**30:.1f} GiB ({sum(cache.counts.values())} images x "
+            f"{int(np.prod(cache.feature_shape))} values x 4 bytes), {available / 2**30:.1f} GiB "
+            "is available. Fit on a subsample (a smaller dataset folder or --labels CSV), "
+            "extract with --pooling avg (smaller features), or use a machine with more memory.")
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable, else free pages);
+    None where the system does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def run_config(cache: FeatureCache, **extra: Any) -> dict:

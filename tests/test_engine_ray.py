@@ -8,7 +8,7 @@ import pytest
 
 import probe
 from conftest import make_tree
-from probe.engines.ray import FAIL_ONCE_VARIABLE, RayOptions, shards
+from probe.engines.ray import FAIL_ONCE_VARIABLE, RayOptions, init_local, shards
 from probe.plan import Source
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs `pip install 'probe[ray]'`")
@@ -18,10 +18,16 @@ OPTS = dict(weights="none", image_size=32, batch_size=4)
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
+    """One local Ray for the module, bound to 127.0.0.1 (no traffic to another address)."""
+    context = init_local(ray, 2)
+    try:
+        assert context.address_info["node_ip_address"] == "127.0.0.1"
+        assert context.address_info["gcs_address"].startswith("127.0.0.1:")
+        assert [node["NodeManagerAddress"] for node in ray.nodes()] == ["127.0.0.1"]
+        assert context.dashboard_url in (None, "")
+        yield
+    finally:
+        ray.shutdown()
 
 
 def same_cache(a, b) -> None:
@@ -71,6 +77,49 @@ def test_a_missing_shard_is_the_only_work_of_the_next_run(tmp_path, local_ray, m
     cache, report = probe.extract_with_report(root, "vgg16", engine="ray", ray=options, **OPTS)
     assert report.extracted == 6 and report.reused == 12
     same_cache(probe.extract(root, "vgg16", cache_dir=tmp_path / "local", **OPTS), cache)
+
+
+def test_imagenet_weights_are_fetched_once_by_the_driver(tmp_path, monkeypatch):
+    from probe import backbones
+    from probe.engines import ray as ray_engine
+    from probe.settings import ExtractionSettings
+
+    assert ray_engine.imagenet_weights_file("inceptionv3").name == \
+        "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    cached = tmp_path / "vgg16_notop.h5"
+    cached.write_bytes(b"weights")
+    monkeypatch.setattr(ray_engine, "imagenet_weights_file", lambda name: cached)
+    monkeypatch.setattr(backbones.BackboneSpec, "build",
+                        lambda *a, **k: pytest.fail("the driver built a model"))
+    imagenet = ExtractionSettings.create("vgg16", "imagenet", 32, "avg", batch_size=4)
+    assert ray_engine._weights_file(imagenet.to_attrs()) == str(cached)
+    random = ExtractionSettings.create("vgg16", "none", 32, "avg", batch_size=4)
+    assert ray_engine._weights_file(random.to_attrs()) is None  # the settings suffice
+
+
+def test_compare_extracts_with_the_ray_engine(image_tree, monkeypatch):
+    from click.testing import CliRunner
+
+    import importlib
+
+    extract_mod = importlib.import_module("probe.extract")
+    from probe.cli import main
+
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append((kwargs["engine"], kwargs["ray"]))
+        raise probe.ProbeError("recorded")
+
+    monkeypatch.setattr(extract_mod, "extract_with_report", record)
+    options = RayOptions(workers=2, shard_size=8)
+    probe.compare(image_tree, "vgg16", "logreg", weights="none", image_size=32,
+                  engine="ray", ray=options)
+    result = CliRunner().invoke(main, [
+        "compare", str(image_tree), "--backbones", "vgg16", "--heads", "logreg", "--weights",
+        "none", "--image-size", "32", "--engine", "ray", "--workers", "2", "--shard-size", "8",
+        "--ray-address", "auto", "-q"])
+    assert seen == [("ray", options), ("ray", RayOptions("auto", 2, 0.0, 8))], result.output
 
 
 def test_without_ray_the_engine_is_one_line(monkeypatch, image_tree):

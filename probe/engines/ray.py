@@ -2,8 +2,9 @@
 parts, the same cache as a local run.
 
 The driver cuts the to-do list of the plan into fixed shards (boundaries depend only on
-the sorted list and the shard size). A pool of actors, each holding the backbone built
-once from the cache's settings (a weights file path, never a pickled model), runs the local
+the sorted list and the shard size). A Ray Data pipeline over the shards maps them with a
+pool of actors (`map_batches` with `ActorPoolStrategy`), each holding the backbone built
+once from the cache's settings (a weights file path, never a pickled model); it runs the local
 batch loop (`engines.local.run_batches`) on one shard at a time and writes it as one part
 file (atomically renamed) into the shared parts directory; actors return only the shard's
 name and count, so no feature array passes through Ray's object store. The driver then
@@ -17,6 +18,7 @@ Needs the optional extra: `pip install 'probe[ray]'`.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,10 @@ from typing import Any, Iterator, Sequence
 from ..errors import ProbeError
 from ..plan import Source
 
-# Set to a file path, makes the first shard's worker exit once (to test restarts).
+# Restarts of a dead actor (and retries of its shard) before the run stops with an error.
+MAX_RESTARTS = 3
+
+# Set to a file path: the first actor to start a shard exits once (to test restarts).
 FAIL_ONCE_VARIABLE = "PROBE_RAY_FAIL_ONCE"
 
 
@@ -72,9 +77,11 @@ def shards(todo: Sequence[Source], shard_size: int) -> list[tuple[str, list[tupl
 
 
 class ShardWorker:
-    """One actor: the backbone, built once, run over shard after shard."""
+    """One actor of the pool (a Ray Data callable class): the backbone, built once from the
+    cache's settings and a weights file path, run over shard after shard."""
 
-    def __init__(self, attrs: dict[str, Any], batch_size: int, root: str, parts_dir: str):
+    def __init__(self, attrs: dict[str, Any], batch_size: int, root: str, parts_dir: str,
+                 weights_file: str | None = None):
         from .. import store
         from ..settings import ExtractionSettings
         from .local import build_model
@@ -82,9 +89,20 @@ class ShardWorker:
         _gpu_memory_growth()
         self.extraction = ExtractionSettings.from_attrs(attrs, batch_size)
         weights = self.extraction.weights
-        self.model = build_model(self.extraction.spec, weights.source, self.extraction.image_size,
-                                 self.extraction.pooling, weights.seed, self.extraction.precision)
+        self.model = build_model(self.extraction.spec, weights_file or weights.source,
+                                 self.extraction.image_size, self.extraction.pooling,
+                                 weights.seed, self.extraction.precision)
         self.root, self.parts = Path(root), store.PartStore(Path(parts_dir))
+
+    def __call__(self, batch: dict) -> dict:
+        """Ray Data's entry: a batch of shards (`name`, `rows` as JSON) in, only their names
+        and image counts out."""
+        import numpy as np
+
+        done = [self.run(str(name), [tuple(row) for row in json.loads(rows)])
+                for name, rows in zip(batch["name"], batch["rows"])]
+        return {"name": np.array([name for name, _ in done]),
+                "count": np.array([count for _, count in done], dtype=np.int64)}
 
     def run(self, name: str, rows: list[tuple]) -> tuple[str, int]:
         """Extract one shard into the part file `part-<name>.npz`; returns (name, images)."""
@@ -108,28 +126,94 @@ class ShardWorker:
 
 def run_shards(attrs: dict[str, Any], batch_size: int, root: Path, todo: Sequence[Source],
                parts_dir: Path, options: RayOptions) -> Iterator[int]:
-    """Run every shard of `todo` on a Ray actor pool; yields each finished shard's number
-    of images (its part file is on disk by then)."""
+    """Run every shard of `todo` through a Ray Data pipeline with an actor pool; yields each
+    finished shard's number of images (its part file is on disk by then)."""
     ray = require_ray()
     started_here = not ray.is_initialized()
+    weights_file = _weights_file(attrs)  # before any worker starts: fetched once, here
     if started_here:
         _init(ray, options)
     try:
-        worker = ray.remote(num_cpus=1, num_gpus=options.gpus_per_worker, max_restarts=3,
-                            max_task_retries=3)(ShardWorker)
-        env = {FAIL_ONCE_VARIABLE: os.environ[FAIL_ONCE_VARIABLE]} \
-            if os.environ.get(FAIL_ONCE_VARIABLE) else {}
-        if env:
-            worker = worker.options(runtime_env={"env_vars": env})
         work = shards(todo, options.shard_size)
-        actors = [worker.remote(attrs, batch_size, str(root), str(parts_dir))
-                  for _ in range(min(options.workers, len(work)))]
-        pool = ray.util.ActorPool(actors)
-        for _, count in pool.map_unordered(lambda actor, shard: actor.run.remote(*shard), work):
-            yield count
+        if not work:
+            return
+        yield from _run_dataset(ray, attrs, batch_size, root, parts_dir, options, work,
+                                weights_file)
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _run_dataset(ray, attrs: dict[str, Any], batch_size: int, root: Path, parts_dir: Path,
+                 options: RayOptions, work: list, weights_file: str | None) -> Iterator[int]:
+    """The shards as a dataset (one row, one block each), mapped by a pool of ShardWorker
+    actors (restarted by Ray Data, their shard retried, when one dies)."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    items = [{"name": name, "rows": json.dumps(rows)} for name, rows in work]
+    extra = {"runtime_env": {"env_vars": _env()}} if _env() else {}
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        ShardWorker, batch_size=1, batch_format="numpy",
+        fn_constructor_args=(attrs, batch_size, str(root), str(parts_dir), weights_file),
+        compute=ray.data.ActorPoolStrategy(size=min(options.workers, len(work))), num_cpus=1,
+        num_gpus=options.gpus_per_worker or None, max_restarts=MAX_RESTARTS,
+        max_task_retries=MAX_RESTARTS, **extra)
+    try:
+        for row in dataset.iter_rows():
+            yield int(row["count"])
+    except ray.exceptions.RayError as error:
+        reason = " ".join(str(error).split())
+        raise ProbeError(
+            f"a Ray worker failed {MAX_RESTARTS + 1} times on a shard "
+            f"({reason[:300]}{' ...' if len(reason) > 300 else ''}). Finished shards are "
+            "kept: fix the cause and run the same command again to extract only the rest.") \
+            from None
+
+
+def _env() -> dict[str, str]:
+    """The fault-injection variable, passed on to the actors where it is set."""
+    return {FAIL_ONCE_VARIABLE: os.environ[FAIL_ONCE_VARIABLE]} \
+        if os.environ.get(FAIL_ONCE_VARIABLE) else {}
+
+
+# The file Keras' applications cache their ImageNet "notop" weights in, per backbone.
+IMAGENET_FILE_STEMS = {"vgg16": "vgg16", "resnet50": "resnet50", "densenet121": "densenet121",
+                       "xception": "xception", "inceptionv3": "inception_v3"}
+
+
+def _weights_file(attrs: dict[str, Any]) -> str | None:
+    """The weights file every actor loads: for ImageNet weights, Keras' cached file, fetched
+    here once (so N actors never download N copies); None where the settings suffice (random
+    weights by seed, or a weights file named in them)."""
+    from ..settings import ExtractionSettings
+
+    extraction = ExtractionSettings.from_attrs(attrs, 1)
+    if extraction.weights.kind != "imagenet":
+        return None
+    path = imagenet_weights_file(extraction.spec.name)
+    if not path.exists():  # Keras downloads it into its cache while building the model once
+        extraction.spec.build(weights="imagenet", image_size=None, pooling="avg")
+    if not path.exists():
+        raise ProbeError(f"expected Keras to cache the ImageNet weights of "
+                         f"{extraction.spec.name} at {path}; not found. Use --weights PATH with "
+                         "a local notop weights file, or --engine local.")
+    return str(path)
+
+
+def imagenet_weights_file(backbone: str) -> Path:
+    """Where Keras caches the ImageNet notop weights of `backbone` (under KERAS_HOME,
+    ~/.keras by default)."""
+    try:
+        from keras.src.backend.config import keras_home
+
+        home = keras_home()
+    except ImportError:  # another Keras layout: its documented default
+        home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    stem = IMAGENET_FILE_STEMS[backbone]
+    return Path(home) / "models" / f"{stem}_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 
 def _init(ray, options: RayOptions) -> None:
@@ -139,12 +223,31 @@ def _init(ray, options: RayOptions) -> None:
         if options.address:
             ray.init(address=options.address, include_dashboard=False, log_to_driver=False)
         else:
-            ray.init(num_cpus=max(1, options.workers), include_dashboard=False,
-                     log_to_driver=False, _node_ip_address="127.0.0.1")
+            init_local(ray, max(1, options.workers))
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise ProbeError(f"could not start or join Ray ({' '.join(str(error).split())[:200]}); "
                          "check --ray-address (e.g. auto after `ray start --head`). "
                          f"Received: ray_address={options.address!r}") from None
+
+
+# Ray resolves a node address of 127.0.0.1 to the machine's outward address unless it is
+# told the cluster is local-only (the switch Ray reads on macOS and Windows).
+LOCAL_ONLY_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def init_local(ray, num_cpus: int, **kwargs: Any):
+    """Start a local Ray bound to 127.0.0.1 (its processes listen and talk only there),
+    without a dashboard; returns `ray.init`'s context."""
+    os.environ[LOCAL_ONLY_VARIABLE] = "0"  # read by the processes Ray starts
+    try:
+        from ray._private import ray_constants  # read by this process at every address lookup
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    except ImportError:  # another Ray layout: the variable alone
+        pass
+    kwargs.setdefault("log_to_driver", False)
+    return ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                    **kwargs)
 
 
 def _gpu_memory_growth() -> None:
