@@ -125,7 +125,9 @@ def test_the_reported_split_is_never_fit_on(tmp_path):
         train.features, train.labels, classes=cache.classes)
     paths, saved = _predictions(run)
     assert paths == val.paths
-    np.testing.assert_allclose(saved, train_only.predict_proba(val.features), atol=1e-5)
+    # the same model up to the solver's tolerance (the sweep stops early, warm starts);
+    # a head refit on train + val moves these probabilities by far more
+    np.testing.assert_allclose(saved, train_only.predict_proba(val.features), atol=1e-3)
     assert any("no test split" in note for note in run.notes)
 
     both = _csv_layout(tmp_path / "data3", ("train", "val", "test"))
