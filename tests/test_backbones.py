@@ -112,7 +112,8 @@ def test_missing_or_wrong_weights_file(tmp_path):
         with pytest.raises(WeightsError, match="could not load the weights file") as info:
             backbones.get("vgg16").build(str(wrong), 32)
     assert not caught  # Keras' per-layer warnings stay inside
-    assert len(str(info.value)) < 600 and "\n" not in str(info.value)
+    message = str(info.value).replace(str(wrong), "PATH")  # tmp paths vary in length
+    assert len(message) < 500 and "\n" not in message
 
 
 def test_keras3_weights_file_named_h5_is_loaded(tmp_path):

@@ -152,7 +152,7 @@ def test_no_validation_split_says_what_it_disables_and_nothing_contradictory(tmp
     assert len(disabled) == 1 and "no validation split" in disabled[0]
     assert "no early stopping" in disabled[0]
     assert "C chosen on validation" not in result.output
-    assert "C: 1 (the default: no validation split to choose it on)" in lines
+    assert "Chosen settings: C 1 (the defaults: no validation split to choose them on)" in lines
     header = next(line for line in lines if line.startswith("metric"))
     assert header.split()[:2] == ["metric", "test"] and "95% interval" in header
 
