@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import cache as cache_mod, evaluate, heads, html, report, store
+from . import cache as cache_mod, evaluate, heads, html, report, settings, store
 from .cache import FeatureCache
 from .errors import CacheError, RunError
 
@@ -281,7 +281,7 @@ def check_features_fit_in_memory(cache: FeatureCache, available: int | None = No
     """Refuse, before loading anything, a cache whose features (every split, float32) need
     more memory than is available: a head is fit on all of them in memory."""
     needed = sum(cache.counts.values()) * int(np.prod(cache.feature_shape)) * 4
-    available = _available_memory() if available is None else available
+    available = settings.available_memory() if available is None else available
     if available and needed > available:
         raise CacheError(
             f"expected the features of cache '{cache.path}' to fit in memory: they need "
@@ -289,22 +289,6 @@ def check_features_fit_in_memory(cache: FeatureCache, available: int | None = No
             f"{int(np.prod(cache.feature_shape))} values x 4 bytes), {available / 2**30:.1f} GiB "
             "is available. Fit on a subsample (a smaller dataset folder or --labels CSV), "
             "extract with --pooling avg (smaller features), or use a machine with more memory.")
-
-
-def _available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux MemAvailable, else free pages);
-    None where the system does not say."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def run_config(cache: FeatureCache, **extra: Any) -> dict:
@@ -352,8 +336,8 @@ def new_run_dir(runs_dir: str | os.PathLike, *labels: str) -> Path:
 def write_run_files(directory: Path, config: dict, metrics: dict, history: Any) -> None:
     """config.json, metrics.json, confusion_matrix.png and (with curves: a head's
     `curves_()` or a Keras history dict) curves.png."""
-    store.write_text(directory / CONFIG, json.dumps(config, indent=2, default=_json))
-    store.write_text(directory / METRICS, json.dumps(metrics, indent=2, default=_json))
+    store.write_text(directory / CONFIG, json.dumps(config, indent=2, default=store.json_default))
+    store.write_text(directory / METRICS, json.dumps(metrics, indent=2, default=store.json_default))
     role = metrics.get("split_role") or metrics.get("split", "test")
     report.plot_confusion_matrix(metrics["confusion_matrix"], config["classes"],
                                  directory / "confusion_matrix.png",
@@ -394,11 +378,3 @@ def write_split_predictions(path: Path, paths: list[str], labels: np.ndarray, pr
                              *(f"{v:.6f}" for v in row)])
 
 
-def _json(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

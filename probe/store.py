@@ -16,7 +16,7 @@ import fcntl
 import os
 import zipfile
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 import numpy as np
 
@@ -62,6 +62,20 @@ def atomic_write(target: str | os.PathLike, mode: str = "wb", encoding: str | No
     with atomic_path(target) as temporary:
         with open(temporary, mode, encoding=encoding, newline=newline, errors=errors) as handle:
             yield handle
+
+
+def json_default(value: Any) -> Any:
+    """The `default` of `json.dumps` for every JSON file probe writes: NumPy scalars and
+    arrays, tuples and paths become plain JSON values."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def replace_directory(temporary: str | os.PathLike, target: str | os.PathLike) -> None:

@@ -272,14 +272,10 @@ def keras_class_weight(class_weight: str | None, y: np.ndarray, n_classes: int) 
 
 
 def json_default(value: Any) -> Any:
-    """Numpy scalars and arrays become plain JSON values."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, tuple):
-        return list(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+    """`store.json_default`: the one `default` of every JSON file probe writes."""
+    from ..store import json_default as default
+
+    return default(value)
 
 
 def atomic_write_bytes(path: Path, write) -> None:
