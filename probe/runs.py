@@ -147,11 +147,11 @@ def fit(
     fit_seconds = train_head(model, chosen, roles)
     reported = chosen.split(roles.report)
     proba = model.predict_proba(reported.features)
+    settings_chosen = model.summary_()  # C; k and T; epochs
     metrics = {**roles.describe(), **evaluate.compute_metrics(reported.labels, proba, chosen.classes),
                "fit_seconds": round(fit_seconds, 3),
                "skipped_files": [{"path": p, "reason": r} for p, r in chosen.skipped],
-               "chosen": model.summary_(),  # the chosen settings: C; k and T; epochs
-               **model.summary_()}
+               "chosen": settings_chosen, **settings_chosen}
     config = run_config(chosen, head=head, head_params=model.get_params(), fit_seconds=fit_seconds)
 
     def write(directory: Path) -> None:
