@@ -3,6 +3,7 @@ line on stderr and exit code 1."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -49,7 +50,41 @@ def _fail_cleanly(command):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineUsageError(click.UsageError):
+    """A usage error shown as one line: the error, then where the help is."""
+
+    def show(self, file=None) -> None:
+        hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+        click.echo(f"Error: {self.format_message()}{hint}", err=True)
+
+
+class _Group(click.Group):
+    """A command group whose usage errors (a bad option value, a missing argument) are
+    one line on stderr with exit code 2, like every other error, instead of click's
+    usage block."""
+
+    def make_context(self, *args, **kwargs):
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors():
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise  # `probe` alone prints the help, as it should
+    except _OneLineUsageError:
+        raise
+    except click.UsageError as error:
+        raise _OneLineUsageError(error.format_message(), error.ctx) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="probe")
 def main() -> None:
     """probe: transfer learning on small image datasets.

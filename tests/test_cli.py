@@ -143,3 +143,23 @@ def test_fit_with_a_class_absent_from_validation_is_one_line(tmp_path):
     assert result.exit_code == 1
     assert "'red' has training samples but none in the validation split" in result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["fit", "--seed", "-1"], "Invalid value for '--seed'"),
+    (["extract", "--no-such-option", "x"], "No such option '--no-such-option'"),
+    (["extract"], "Missing argument 'DATASET'"),
+    (["no-such-command"], "No such command 'no-such-command'"),
+    (["cache", "verify", "--no-such-option"], "No such option"),
+])
+def test_usage_errors_are_one_line_with_the_help_command(args, expected):
+    result = run(*args)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.output
+    assert lines[0].startswith("Error: ") and "--help'" in lines[0]
+
+
+def test_probe_alone_still_prints_the_help():
+    result = run()
+    assert "Commands:" in result.output and "extract" in result.output
