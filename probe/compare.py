@@ -258,7 +258,10 @@ def compare(
 
 def _plan(dataset, backbones, heads, image_size, head_params, seed, extraction) -> _Plan:
     """Refuse before any work what is wrong for every row: unknown names, sizes below a
-    backbone's minimum, a bad pooling or weights value, head parameters, the dataset."""
+    backbone's minimum, a bad pooling or weights value, head parameters, the dataset, an
+    engine that can not run."""
+    from .extract import resolve_engine
+
     names = parse_names(backbones, DEFAULT_BACKBONES, backbones_mod.list_backbones())
     head_names = parse_names(heads, DEFAULT_HEADS)
     if not names:
@@ -266,6 +269,7 @@ def _plan(dataset, backbones, heads, image_size, head_params, seed, extraction) 
     if not head_names:
         raise ProbeError(f"expected at least one head. Received: heads={heads!r}")
     specs = [backbones_mod.get(name) for name in names]  # an unknown name is refused here
+    resolve_engine(extraction["engine"], None, extraction["ray"])  # once, not per backbone
     sizes = image_sizes(specs, image_size)
     backbones_mod.check_pooling(extraction["pooling"])
     # a weights file is hashed once, not per backbone; label files resolved once

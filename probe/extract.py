@@ -119,7 +119,7 @@ def extract_with_report(dataset: str | os.PathLike, backbone: str = "vgg16", *,
                                            batch_size, seed)
     split = SplitSettings.create(labels, val_fraction, test_fraction, seed)
     return run_extraction(root, extraction, split, cache_dir=cache_dir,
-                          engine=_engine(engine, workers, ray), progress=progress)
+                          engine=resolve_engine(engine, workers, ray), progress=progress)
 
 
 def run_extraction(dataset: str | os.PathLike, extraction: ExtractionSettings,
@@ -240,7 +240,9 @@ def stat_sources(found: data.Dataset) -> tuple[list[Source], list[tuple[data.Sam
     return sources, unreadable
 
 
-def _engine(engine: str, workers: int | None, ray: RayOptions | None) -> Engine:
+def resolve_engine(engine: str, workers: int | None, ray: RayOptions | None) -> Engine:
+    """The engine to run: the local one (its decoding threads) or Ray's options; one error
+    line for an unknown name or a Ray engine without ray installed."""
     if engine == "local":
         return workers
     if engine == "ray":

@@ -144,3 +144,13 @@ def test_command_line_without_ray_is_one_line(monkeypatch, image_tree):
     assert result.output.strip().splitlines() == [
         "Error: the Ray engine needs ray, which is not installed; `pip install 'probe[ray]'`, "
         "or use --engine local."]
+
+
+def test_compare_without_ray_stops_once_before_any_work(monkeypatch, image_tree, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(probe.ProbeError, match=r"pip install 'probe\[ray\]'"):
+        probe.compare(image_tree, "vgg16,resnet50", "logreg", engine="ray", weights="none",
+                      image_size=32, cache_dir=tmp_path / "caches")
+    assert not (tmp_path / "caches").exists()
