@@ -284,7 +284,7 @@ def prepare_multilabel_fit(X: np.ndarray, y: Any, X_val: Any, y_val: Any, classe
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
     """The logistic function, without overflow for large negative logits."""
-    return np.exp(-np.logaddexp(0.0, -logits))
+    return np.exp(-np.logaddexp(0.0, -np.asarray(logits, dtype=np.float64)))
 
 
 def balanced_label_weights(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

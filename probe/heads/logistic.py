@@ -399,5 +399,5 @@ def _ml_rank(record: dict) -> tuple:
 
 def _binary_log_loss(Y: np.ndarray, proba: np.ndarray) -> float:
     """Mean binary cross-entropy over every (sample, class) entry."""
-    P = np.clip(proba, 1e-15, 1 - 1e-15)
+    P = np.clip(np.asarray(proba, dtype=np.float64), 1e-15, 1 - 1e-15)
     return float(-np.mean(Y * np.log(P) + (1 - Y) * np.log(1 - P)))
