@@ -14,7 +14,7 @@ import time
 import click
 
 from . import backbones, cache as cache_mod, heads as heads_mod, settings
-from .compare import compare, parse_names, score_note
+from .compare import compare, headline as compare_headline, parse_names, score_note
 from .demo import DEMO_BACKBONES, DEMO_IMAGE_SIZE, DEMO_PER_CLASS, run_demo
 from .engines.ray import RayOptions
 from .duplicates import DEFAULT_THRESHOLD, find_duplicates
@@ -605,8 +605,9 @@ class _Events:
             if error and not error.startswith("extraction failed"):
                 self._say(f"  {details['head']} failed: {error}")
             elif not error:
-                self._say(f"  {details['head']}: {details['split_role']} accuracy "
-                          f"{details['accuracy']:.4f} {format_interval(details['accuracy_ci'])} "
+                name, value, interval = compare_headline(details)
+                self._say(f"  {details['head']}: {details['split_role']} {name} "
+                          f"{value:.4f} {format_interval(interval)} "
                           f"({details['fit_seconds']:.1f} s)")
 
     def _finetune(self, event) -> None:
@@ -668,8 +669,9 @@ def _show_comparison(result) -> None:
     if best is None:
         raise click.ClickException("no backbone and head finished; see the errors above")
     tied = [f"{r['backbone']} + {r['head']}" for r in result if r.get("tied") == "yes"]
-    click.echo(f"Best: {best['backbone']} + {best['head']} ({best['split_role']} accuracy "
-               f"{best['accuracy']:.4f} {format_interval(best.get('accuracy_ci'))}): {best['run']}")
+    name, value, interval = compare_headline(best)
+    click.echo(f"Best: {best['backbone']} + {best['head']} ({best['split_role']} {name} "
+               f"{value:.4f} {format_interval(interval)}): {best['run']}")
     if tied:
         click.echo(f"Tied with the best (overlapping 95% intervals): {', '.join(tied)}")
     click.echo(f"  probe predict {best['run']} IMAGES...")
