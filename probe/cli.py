@@ -515,8 +515,9 @@ def finetune_command(run, unfreeze, epochs, learning_rate, batch_size, no_augmen
                f"{', '.join(tuned['blocks'])} unfrozen: best epoch {metrics['best_epoch']} "
                f"of {metrics['epochs_run']} (0: before training)")
     click.echo(format_table(comparison_rows(metrics), ["metric", "before", "after"]))
-    click.echo(f"({score_label(metrics)} split, 95% interval of the accuracy after: "
-               f"{format_interval(metrics.get('accuracy_ci'))}; before: the source run's head "
+    score = "mean_average_precision" if metrics.get("multilabel") else "accuracy"
+    click.echo(f"({score_label(metrics)} split, 95% interval of the {score.replace('_', ' ')} after: "
+               f"{format_interval(metrics.get(f'{score}_ci'))}; before: the source run's head "
                "on the same images)")
     click.echo(f"Run: {result.path}")
 

@@ -75,6 +75,20 @@ class Run:
     def is_finetuned(self) -> bool:
         return (self.path / MODEL_FILE).is_file()
 
+    @property
+    def thresholds(self) -> np.ndarray | None:
+        """Multi-label: the decision threshold of each class (in class order), as chosen on
+        validation and recorded in config.json; None for a single-label run."""
+        chosen = self.config.get("thresholds")
+        if not self.config.get("multilabel"):
+            return None
+        try:
+            values = np.array([float(chosen[c]) for c in self.classes])
+        except (KeyError, TypeError, ValueError):
+            raise RunError(f"'{self.path / CONFIG}' records no decision threshold per class for "
+                           "this multi-label run; re-run `probe fit`.") from None
+        return values
+
     def load_head(self) -> heads.Head:
         """The trained head (not for a fine-tuned run, whose head is inside its model),
         checked against the run's class names."""
@@ -152,14 +166,16 @@ def fit(
                "fit_seconds": round(fit_seconds, 3),
                "skipped_files": [{"path": p, "reason": r} for p, r in chosen.skipped],
                "chosen": settings_chosen, **settings_chosen}
-    config = run_config(chosen, head=head, head_params=model.get_params(), fit_seconds=fit_seconds)
+    config = run_config(chosen, head=head, head_params=model.get_params(), fit_seconds=fit_seconds,
+                        **thresholds_config(model, chosen.classes))
 
     def write(directory: Path) -> None:
         model.save(directory / HEAD_DIR)
         write_run_files(directory, config, metrics, model.curves_())
         if is_multilabel(reported.labels):
-            write_multilabel_files(directory, reported, proba, model.thresholds_, chosen.classes,
-                                   metrics)
+            write_multilabel_files(directory, reported.paths, reported.labels,
+                                   getattr(reported, "ignore", None), proba, model.thresholds_,
+                                   chosen.classes, metrics)
         else:
             write_split_predictions(directory / "test_predictions.csv", reported.paths,
                                     reported.labels, proba, chosen.classes)
@@ -174,6 +190,15 @@ def is_multilabel(labels: Any) -> bool:
     return np.ndim(labels) == 2
 
 
+def thresholds_config(model: Any, classes: list[str]) -> dict:
+    """What config.json records of a multi-label head: that it is, and its decision
+    threshold per class (probability >= threshold: the class is predicted)."""
+    if not getattr(model, "multilabel_", False):
+        return {}
+    return {"multilabel": True,
+            "thresholds": {str(c): float(t) for c, t in zip(classes, model.thresholds_)}}
+
+
 def score(model: Any, reported: Any, proba: np.ndarray, classes: list[str]) -> dict:
     """The metrics of the reported split: single-label (accuracy, ...) or multi-label
     (mean average precision, ... at the head's thresholds, difficult entries left out)."""
@@ -184,22 +209,22 @@ def score(model: Any, reported: Any, proba: np.ndarray, classes: list[str]) -> d
     return evaluate.compute_metrics(reported.labels, proba, classes)
 
 
-def write_multilabel_files(directory: Path, reported: Any, proba: np.ndarray,
-                           thresholds: np.ndarray, classes: list[str], metrics: dict) -> None:
+def write_multilabel_files(directory: Path, paths: list[str], labels: np.ndarray,
+                           ignore: np.ndarray | None, proba: np.ndarray, thresholds: np.ndarray,
+                           classes: list[str], metrics: dict) -> None:
     """test_predictions.csv (the true and predicted label sets, every probability) and
     precision_recall.png (one curve per class)."""
     rows = [(p, ";".join(c for c, t in zip(classes, truth) if t),
              ";".join(c for c, v, th in zip(classes, row, thresholds) if v >= th),
              *(f"{v:.6f}" for v in row))
-            for p, truth, row in zip(reported.paths, reported.labels, proba)]
+            for p, truth, row in zip(paths, labels, proba)]
     with store.atomic_write(directory / "test_predictions.csv", "w", newline="", encoding="utf-8",
                             errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "true", "predicted", *classes])
         writer.writerows(rows)
     role = metrics.get("split_role") or metrics.get("split", "test")
-    report.plot_precision_recall(reported.labels, proba, classes, directory / PR_FIGURE,
-                                 ignore=getattr(reported, "ignore", None),
+    report.plot_precision_recall(labels, proba, classes, directory / PR_FIGURE, ignore=ignore,
                                  title=f"Precision-recall per class ({role})")
 
 
