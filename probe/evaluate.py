@@ -209,14 +209,26 @@ def weighted_average_precision(y: np.ndarray, scores: np.ndarray, counts: np.nda
     the precision times the gain in recall, a threshold including all tied scores. NaN
     where a row has no positive image."""
     order = np.argsort(-scores, kind="stable")
-    y, scores, counts = y[order].astype(np.float64), scores[order], counts[:, order].astype(np.float64)
-    ends = _tie_group_ends(scores)
-    true_positives = np.cumsum(counts * y, axis=1)[:, ends]
-    predicted = np.cumsum(counts, axis=1)[:, ends]
-    precision = true_positives / np.maximum(predicted, 1e-300)
-    positives = true_positives[:, -1] if y.size else np.zeros(counts.shape[0])
+    return _sorted_average_precision(y[order], _tie_group_ends(scores[order]),
+                                     np.asarray(counts)[:, order])
+
+
+def _sorted_average_precision(y: np.ndarray, ends: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """`weighted_average_precision` of entries already sorted by decreasing score
+    (``ends``: `_tie_group_ends` of the sorted scores)."""
+    positive = y.astype(bool)
+    counts = counts.astype(np.int64 if counts.sum() >= 2**31 else np.int32, copy=False)
+    hits = counts[:, positive]
+    # running sums in integers (exact); the true positives only change at positives
+    predicted = np.cumsum(counts, axis=1)
+    true_positives = np.cumsum(hits, axis=1)
+    at_ends = ends[positive]  # the precision a positive counts with: at the end of its ties
+    # the true positives at a tie group's end: those of the group's last positive
+    last_positive = np.searchsorted(np.flatnonzero(positive), at_ends, side="right") - 1
+    precision = true_positives[:, last_positive] / np.maximum(predicted[:, at_ends], 1).astype(np.float64)
+    positives = (true_positives[:, -1] if hits.shape[1] else np.zeros(counts.shape[0])).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(positives > 0, (counts * y * precision).sum(axis=1) / positives, np.nan)
+        return np.where(positives > 0, (hits * precision).sum(axis=1) / positives, np.nan)
 
 
 def _class_entries(Y: np.ndarray, P: np.ndarray, ignore: np.ndarray | None, k: int):
@@ -249,7 +261,8 @@ def _bootstrap_counts(n: int, resamples: int, rng: np.random.Generator) -> np.nd
     """(resamples, n) multiplicities of the images in each resample."""
     drawn = rng.integers(0, n, size=(resamples, n))
     offsets = np.arange(resamples)[:, None] * n
-    return np.bincount((drawn + offsets).ravel(), minlength=resamples * n).reshape(resamples, n)
+    counts = np.bincount((drawn + offsets).ravel(), minlength=resamples * n).reshape(resamples, n)
+    return counts.astype(np.int32)  # at most n per image
 
 
 def _bootstrap_map(Y: np.ndarray, P: np.ndarray, ignore: np.ndarray | None,
@@ -259,10 +272,12 @@ def _bootstrap_map(Y: np.ndarray, P: np.ndarray, ignore: np.ndarray | None,
     per_class = np.full((counts.shape[0], Y.shape[1]), np.nan)
     for k in range(Y.shape[1]):
         rows, y, s = _class_entries(Y, P, ignore, k)
+        order = np.argsort(-s, kind="stable")
+        columns, y, ends = rows[order], y[order], _tie_group_ends(s[order])
         step = max(1, _AP_BOOTSTRAP_CELLS // max(1, rows.size))
         for start in range(0, counts.shape[0], step):
-            per_class[start:start + step, k] = weighted_average_precision(
-                y, s, counts[start:start + step][:, rows])
+            per_class[start:start + step, k] = _sorted_average_precision(
+                y, ends, counts[start:start + step, columns])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a resample with no positive at all
         return np.nan_to_num(np.nanmean(per_class, axis=1), nan=0.0)
