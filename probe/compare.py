@@ -287,7 +287,7 @@ def compare(
                             details={"backbone": spec.name, "index": index, "total": len(plan.specs)}))
         cache, base = _extract_one(plan, spec, size, directory, progress)
         records += _fit_heads(plan, cache, base, out, len(records), progress)
-    multilabel = bool(getattr(plan.found, "multilabel", False))
+    multilabel = bool(plan.found.multilabel)
     result = Comparison(rank(records, multilabel), out,
                         _settings(plan, weights, image_size, pooling, labels, seed, val_fraction,
                                   test_fraction, multilabel))

@@ -174,7 +174,7 @@ def fit(
         write_run_files(directory, config, metrics, model.curves_())
         if is_multilabel(reported.labels):
             write_multilabel_files(directory, reported.paths, reported.labels,
-                                   getattr(reported, "ignore", None), proba, model.thresholds_,
+                                   reported.ignore, proba, model.thresholds_,
                                    chosen.classes, metrics)
         else:
             write_split_predictions(directory / "test_predictions.csv", reported.paths,
@@ -205,7 +205,7 @@ def score(model: Any, reported: Any, proba: np.ndarray, classes: list[str]) -> d
     if is_multilabel(reported.labels):
         return evaluate.compute_multilabel_metrics(
             reported.labels, proba, classes, model.thresholds_,
-            ignore=getattr(reported, "ignore", None))
+            ignore=reported.ignore)
     return evaluate.compute_metrics(reported.labels, proba, classes)
 
 

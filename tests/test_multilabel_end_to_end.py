@@ -19,6 +19,7 @@ from probe.heads import list_heads
 from probe.runs import Run
 
 COLOURS = {"car": (220, 30, 20), "dog": (30, 200, 40), "person": (20, 40, 220)}
+CORNERS = {"car": (2, 2), "dog": (2, 20), "person": (20, 10)}
 # objects per image: one, two or none, in every split
 LAYOUT = [("car",), ("dog",), ("person",), ("car", "person"), ("dog", "person"), ("car", "dog"), ()]
 COPIES = {"train": 4, "val": 2, "test": 2}
@@ -27,13 +28,14 @@ FAST = {"dense": {"epochs": 40, "learning_rate": 0.01}, "logreg": {}, "knn": {}}
 
 
 def voc_image(path: Path, objects: tuple[str, ...], seed: int) -> None:
-    """A grey noisy picture with a block of each object's colour at a seeded place."""
+    """A grey noisy picture with a block of each object's colour, each class in its own
+    corner (objects never hide each other) moved by a seeded few pixels."""
     rng = np.random.default_rng(seed)
     pixels = np.clip(128 + rng.normal(0, 20, (40, 40, 3)), 0, 255)
     for name in objects:
-        top, left = rng.integers(0, 20, 2)
-        pixels[top:top + 20, left:left + 20] = np.clip(
-            np.array(COLOURS[name]) + rng.normal(0, 15, (20, 20, 3)), 0, 255)
+        top, left = np.array(CORNERS[name]) + rng.integers(0, 4, 2)
+        pixels[top:top + 16, left:left + 16] = np.clip(
+            np.array(COLOURS[name]) + rng.normal(0, 15, (16, 16, 3)), 0, 255)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels.astype(np.uint8)).save(path)
 
