@@ -401,11 +401,18 @@ def _embedding_inputs(inputs: RunInputs, caps: Caps) -> Embedding | None:
         part = cache.split(split)
         features.append(np.asarray(part.features, dtype=np.float32).reshape(len(part), -1))
         paths += part.paths
-        labels += [classes[int(v)] for v in part.labels]
+        labels += [_label_text(v, classes) for v in part.labels]
         splits += [split] * len(part)
     if not features:
         return None
     return Embedding(centre(np.concatenate(features)), paths, labels, splits)
+
+
+def _label_text(label: Any, classes: list[str]) -> str:
+    """A sample's class name; multi-label: its classes joined by ';' ("none" for none)."""
+    if np.ndim(label) == 0:
+        return classes[int(label)]
+    return ";".join(c for c, present in zip(classes, label) if present) or "none"
 
 
 def map_coordinates(X: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:

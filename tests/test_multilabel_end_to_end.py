@@ -24,7 +24,7 @@ CORNERS = {"car": (2, 2), "dog": (2, 20), "person": (20, 10)}
 LAYOUT = [("car",), ("dog",), ("person",), ("car", "person"), ("dog", "person"), ("car", "dog"), ()]
 COPIES = {"train": 4, "val": 2, "test": 2}
 DIFFICULT = ("test_1_0", "dog")  # one "difficult" (0) entry, left out of dog's metrics
-FAST = {"dense": {"epochs": 40, "learning_rate": 0.01}, "logreg": {}, "knn": {}}
+pytestmark = pytest.mark.slow  # one extraction and three fits shared by the module
 
 
 def voc_image(path: Path, objects: tuple[str, ...], seed: int) -> None:
@@ -108,6 +108,9 @@ def test_a_multilabel_run_records_average_precision_per_class(comparison):
     assert metrics["per_class"]["dog"]["ignored"] == 1  # the difficult entry
     assert metrics["per_class"]["car"]["ignored"] == 0
     assert (run.path / "precision_recall.png").is_file()
+    page = (run.path / "report.html").read_text()
+    assert 'alt="Precision-recall per class"' in page and "mean_average_precision" in page
+    assert "car;person" in page  # the map labels an image by its label set
     assert set(run.config["thresholds"]) == set(COLOURS)
     with open(run.path / "test_predictions.csv", newline="") as handle:
         predictions = {r["path"]: r for r in csv.DictReader(handle)}
