@@ -152,6 +152,16 @@ def test_finetune_trains_a_multilabel_run_with_binary_cross_entropy(comparison):
     tuned = probe.finetune(source, unfreeze=1, epochs=2, learning_rate=1e-4, batch_size=8,
                            augment=False, patience=2)
     assert tuned.metrics["multilabel"] is True
+    # epoch 0's validation loss is the binary cross-entropy of the source run's probabilities
+    from probe.cache import FeatureCache
+    from probe.inference import load_model
+
+    cache = FeatureCache.open(tuned.config["cache"])
+    paths, labels = cache.index("val")
+    pixels = probe.load_images([Path(cache.attrs["dataset_root"]) / p for p in paths], source)
+    proba = np.clip(load_model(Run.load(source)).predict(pixels, verbose=0), 1e-7, 1 - 1e-7)
+    bce = -np.mean(labels * np.log(proba) + (1 - labels) * np.log(1 - proba))
+    assert tuned.metrics["baseline_val_loss"] == pytest.approx(bce, rel=1e-3)
     assert "mean_average_precision" in tuned.metrics["before"]
     assert tuned.metrics["mean_average_precision"] > 0.8
     assert set(tuned.config["thresholds"]) == set(COLOURS)
