@@ -8,9 +8,13 @@ Layout (documented in the README so anyone with h5py can read it):
                       test_fraction, ignored_files, created, versions (JSON), attrs_checksum
     /<split>/features float32 (N, *feature_shape)     split in train, val, test
     /<split>/labels   int32 (N,)                      index into classes
+                      multi-label caches (attribute multilabel = true): uint8 (N, K) 0/1,
+                      K = len(classes), column k = classes[k]
+    /<split>/ignore   uint8 (N, K), multi-label only, present only when some label is
+                      marked difficult (1: left out of that class's metrics)
     /<split>/paths    UTF-8 strings (N,)              relative to dataset_root
     /<split>/sizes    int64 (N,)  /<split>/mtimes int64 (N,) nanoseconds
-    /skipped/{paths, reasons, sizes, mtimes, labels, splits}
+    /skipped/{paths, reasons, sizes, mtimes, labels, splits[, ignore]}  labels as above
 
 A header in the HDF5 user block carries a sha256 of the whole file, checked before HDF5
 reads a byte; the datasets and attributes are checked against this layout on open, and
@@ -57,12 +61,15 @@ def fingerprint(payload: object) -> str:
 
 @dataclass
 class Split:
-    """One split read back from a cache; row i of each array is the same image."""
+    """One split read back from a cache; row i of each array is the same image.
+    `labels` is (N,) class indices, or for a multi-label cache an (N, K) 0/1 matrix;
+    `ignore` is None, or (N, K) bool: True where a label is marked difficult."""
 
     name: str
     features: np.ndarray
     labels: np.ndarray
     paths: list[str]
+    ignore: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -231,6 +238,11 @@ class FeatureCache:
         return [split for split in SPLIT_NAMES if self.counts.get(split)]
 
     @property
+    def multilabel(self) -> bool:
+        """Whether images carry several classes (labels are an (N, K) 0/1 matrix)."""
+        return self.attrs.get("multilabel") is True
+
+    @property
     def backbone(self) -> str:
         return self.attrs["backbone"]
 
@@ -246,16 +258,23 @@ class FeatureCache:
     def split(self, name: str) -> Split:
         """Features, labels and relative paths of one split, row-aligned (read through one
         open file: a cache replaced meanwhile can not mix two versions)."""
-        features, labels, paths = self._datasets(name, "features", "labels", "paths")
-        return Split(name, features, labels, paths)
+        features, labels, paths, ignore = self._datasets(name, "features", "labels", "paths",
+                                                         "ignore")
+        return Split(name, features, labels, paths, ignore)
 
     def features(self, split: str) -> np.ndarray:
         """The features of one split (N, *feature_shape)."""
         return self._datasets(split, "features")[0]
 
     def labels(self, split: str) -> np.ndarray:
-        """The class indices of one split (N,), without reading the features."""
+        """The labels of one split without reading the features: class indices (N,) int64,
+        or for a multi-label cache an (N, K) int64 0/1 matrix (column k: classes[k])."""
         return self._datasets(split, "labels")[0]
+
+    def ignore_mask(self, split: str) -> np.ndarray | None:
+        """(N, K) bool, True where a label of a multi-label cache is marked difficult (to be
+        left out of that class's metrics); None when none is (and for single-label)."""
+        return self._datasets(split, "ignore")[0]
 
     def paths(self, split: str) -> list[str]:
         """The relative paths of one split, without reading the features."""
@@ -275,6 +294,8 @@ class FeatureCache:
             group = handle[split]
             return [_read_strings(group[name]) if name == "paths"
                     else group[name][()].astype(np.int64) if name == "labels"
+                    else (group[name][()].astype(bool) if name in group else None)
+                    if name == "ignore"
                     else _check_features(self.path, group[name], split) for name in names]
 
     @property
@@ -287,7 +308,8 @@ class FeatureCache:
             return list(zip(_read_strings(group["paths"]), _read_strings(group["reasons"])))
 
     def info(self) -> dict:
-        """A JSON-serialisable summary: settings, splits, counts, skipped files, size."""
+        """A JSON-serialisable summary: settings, splits, counts, skipped files, size;
+        for a multi-label cache, images per class and split (`label_counts`)."""
         return {
             "path": str(self.path),
             "backbone": self.backbone,
@@ -298,6 +320,8 @@ class FeatureCache:
             "feature_shape": list(self.feature_shape),
             "dataset_root": self.attrs["dataset_root"],
             "classes": self.classes,
+            "multilabel": self.multilabel,
+            **({"label_counts": self.label_counts()} if self.multilabel else {}),
             "splits": {split: self.counts[split] for split in self.splits},
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
             "ignored_files": self.attrs.get("ignored_files", 0),
@@ -306,10 +330,20 @@ class FeatureCache:
             "size_bytes": self._identity[2] if self._identity else self.path.stat().st_size,
         }
 
+    def label_counts(self) -> dict[str, dict[str, int]]:
+        """{split: {class: images carrying it}}: positives per class of a multi-label cache
+        (images per class of a single-label one)."""
+        counts = {}
+        for split in self.splits:
+            labels = self.labels(split)
+            per_class = (labels.sum(axis=0) if labels.ndim == 2
+                         else np.bincount(labels, minlength=len(self.classes)))
+            counts[split] = {name: int(n) for name, n in zip(self.classes, per_class)}
+        return counts
+
     def source_records(self) -> SourceRecords:
         """{relative path: (class name, split, size, mtime_ns)} of every source file the
         cache was built from, skipped files included."""
-        classes = self.classes
         records = {}
         with self._read() as handle:
             for name in [*self.splits, "skipped"]:
@@ -317,15 +351,26 @@ class FeatureCache:
                     continue
                 group = handle[name]
                 paths = _read_strings(group["paths"])
-                labels = group["labels"][()]
+                labels = self._label_texts(group)
                 splits = _read_strings(group["splits"]) if name == "skipped" else [name] * len(paths)
                 for path, label, split, size, mtime in zip(
                     paths, labels, splits, group["sizes"][()], group["mtimes"][()]
                 ):
-                    label = int(label)
-                    records[path] = (classes[label] if 0 <= label < len(classes) else "",
-                                     split, int(size), int(mtime))
+                    records[path] = (label, split, int(size), int(mtime))
         return records
+
+    def _label_texts(self, group) -> list[str]:
+        """Each row's labels as `Sample.describe` writes them: the class name, or the
+        present and difficult classes of a multi-label row."""
+        from .data import labels_text
+
+        classes = self.classes
+        labels = group["labels"][()]
+        if labels.ndim == 1:
+            return [classes[int(label)] if 0 <= label < len(classes) else "" for label in labels]
+        ignore = group["ignore"][()] if "ignore" in group else np.zeros_like(labels)
+        return [labels_text(classes, np.flatnonzero(row), np.flatnonzero(hard))
+                for row, hard in zip(labels, ignore)]
 
     def check_source(self, strict: bool = False) -> "SourceChanges":
         """Compare the cache with its dataset as it is now on disk.
@@ -359,7 +404,8 @@ class FeatureCache:
                     size, mtime = int(stat.st_size), int(stat.st_mtime_ns)
                 except OSError:
                     size, mtime = -1, -1
-                new[sample.path] = (found.classes[sample.label], sample.split, size, mtime)
+                new[sample.path] = (sample.describe(found.classes, found.multilabel),
+                                    sample.split, size, mtime)
         changes = diff_sources(str(self.path), old, new, problem)
         if strict and changes:
             raise SourceChangedError(changes.message() + " (--strict)", changes)
@@ -585,25 +631,49 @@ def _check_layout(path: Path, handle, file_size: int) -> tuple[dict, dict[str, i
                              f"{[*SPLIT_NAMES, 'skipped']}")
     counts = {}
     n_classes = len(attrs["classes"])
+    multilabel = attrs.get("multilabel") is True
     for name in [*splits, *(["skipped"] if "skipped" in names else [])]:
         group = handle[name]
-        spec = SKIPPED_DATASETS if name == "skipped" else SPLIT_DATASETS
+        spec = _group_spec(name, multilabel, isinstance(group, h5py.Group) and "ignore" in group)
         if not isinstance(group, h5py.Group) or set(group.keys()) != set(spec):
             raise _damaged(path, f"'{name}' does not hold the datasets {sorted(spec)}")
+        tails = {"features": tuple(attrs["feature_shape"]),
+                 **({"labels": (n_classes,), "ignore": (n_classes,)} if multilabel else {})}
         rows = {key: _check_dataset(path, group[key], f"{name}/{key}", kind,
-                                    tuple(attrs["feature_shape"]) if key == "features" else (),
-                                    file_size) for key, kind in spec.items()}
+                                    tails.get(key, ()), file_size) for key, kind in spec.items()}
         if len(set(rows.values())) != 1 or (name != "skipped" and not rows["labels"]):
             raise _damaged(path, f"the datasets of '{name}' have {rows} rows")
-        labels = group["labels"][()]
-        if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
-            raise _damaged(path, f"'{name}/labels' holds class indices outside 0..{n_classes - 1}")
+        _check_labels(path, group, name, n_classes, multilabel)
         if name == "skipped":
             if not set(_read_strings(group["splits"])) <= set(SPLIT_NAMES):
                 raise _damaged(path, "'skipped/splits' holds an unknown split name")
         else:
             counts[name] = rows["labels"]
     return attrs, counts
+
+
+def _group_spec(name: str, multilabel: bool, has_ignore: bool) -> dict:
+    """The datasets a group holds: multi-label caches store labels as an (N, K) uint8
+    matrix, with an `ignore` matrix of the same shape where some label is difficult."""
+    spec = dict(SKIPPED_DATASETS if name == "skipped" else SPLIT_DATASETS)
+    if multilabel:
+        spec["labels"] = "|u1"
+        if has_ignore:
+            spec["ignore"] = "|u1"
+    return spec
+
+
+def _check_labels(path: Path, group, name: str, n_classes: int, multilabel: bool) -> None:
+    """Class indices within the classes; a multi-label matrix (and its ignore mask) 0/1."""
+    labels = group["labels"][()]
+    if not len(labels):
+        return
+    if multilabel:
+        for key in ("labels", "ignore"):
+            if key in group and group[key][()].max() > 1:
+                raise _damaged(path, f"'{name}/{key}' holds values other than 0 and 1")
+    elif labels.min() < 0 or labels.max() >= n_classes:
+        raise _damaged(path, f"'{name}/labels' holds class indices outside 0..{n_classes - 1}")
 
 
 def _check_dataset(path: Path, dataset, name: str, kind, tail: tuple, file_size: int) -> int:
@@ -684,6 +754,7 @@ ATTR_RULES = {  # attribute: (required, rule, what the format promises)
     "feature_shape": (True, lambda v: isinstance(v, list) and 1 <= len(v) <= 3 and all(
         _is_int(d) and 1 <= d <= 1 << 20 for d in v), "a list of 1 to 3 positive integers"),
     "classes": (True, _is_classes, "a JSON list of distinct non-empty names"),
+    "multilabel": (False, lambda v: v is True, "true (written on multi-label caches only)"),
     "dataset_root": (True, _is_text, "a folder"),
     "labels_file": (False, lambda v: isinstance(v, str), "a path or empty"),
     "seed": (False, _is_int, "an integer"),

@@ -15,7 +15,7 @@ import time
 import click
 
 from . import backbones, cache as cache_mod, heads as heads_mod, settings
-from .compare import compare, parse_names, score_note
+from .compare import compare, headline as compare_headline, parse_names, score_note
 from .demo import DEMO_BACKBONES, DEMO_IMAGE_SIZE, DEMO_PER_CLASS, run_demo
 from .engines.ray import RayOptions
 from .duplicates import DEFAULT_THRESHOLD, find_duplicates
@@ -550,8 +550,9 @@ def finetune_command(run, unfreeze, epochs, learning_rate, batch_size, no_augmen
                f"{', '.join(tuned['blocks'])} unfrozen: best epoch {metrics['best_epoch']} "
                f"of {metrics['epochs_run']} (0: before training)")
     click.echo(format_table(comparison_rows(metrics), ["metric", "before", "after"]))
-    click.echo(f"({score_label(metrics)} split, 95% interval of the accuracy after: "
-               f"{format_interval(metrics.get('accuracy_ci'))}; before: the source run's head "
+    score = "mean_average_precision" if metrics.get("multilabel") else "accuracy"
+    click.echo(f"({score_label(metrics)} split, 95% interval of the {score.replace('_', ' ')} after: "
+               f"{format_interval(metrics.get(f'{score}_ci'))}; before: the source run's head "
                "on the same images)")
     click.echo(f"Run: {result.path}")
 
@@ -640,8 +641,9 @@ class _Events:
             if error and not error.startswith("extraction failed"):
                 self._say(f"  {details['head']} failed: {error}")
             elif not error:
-                self._say(f"  {details['head']}: {details['split_role']} accuracy "
-                          f"{details['accuracy']:.4f} {format_interval(details['accuracy_ci'])} "
+                name, value, interval = compare_headline(details)
+                self._say(f"  {details['head']}: {details['split_role']} {name} "
+                          f"{value:.4f} {format_interval(interval)} "
                           f"({details['fit_seconds']:.1f} s)")
 
     def _finetune(self, event) -> None:
@@ -703,8 +705,9 @@ def _show_comparison(result) -> None:
     if best is None:
         raise click.ClickException("no backbone and head finished; see the errors above")
     tied = [f"{r['backbone']} + {r['head']}" for r in result if r.get("tied") == "yes"]
-    click.echo(f"Best: {best['backbone']} + {best['head']} ({best['split_role']} accuracy "
-               f"{best['accuracy']:.4f} {format_interval(best.get('accuracy_ci'))}): {best['run']}")
+    name, value, interval = compare_headline(best)
+    click.echo(f"Best: {best['backbone']} + {best['head']} ({best['split_role']} {name} "
+               f"{value:.4f} {format_interval(interval)}): {best['run']}")
     if tied:
         click.echo(f"Tied with the best (overlapping 95% intervals): {', '.join(tied)}")
     click.echo(f"  probe predict {best['run']} IMAGES...")

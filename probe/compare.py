@@ -60,9 +60,32 @@ CSV_COLUMNS = [key for key, _ in TABLE_COLUMNS] + [
     "image_size", "weights", "run", "cache", "error"]
 INTERVAL_KEYS = ("accuracy_ci", "balanced_accuracy_ci", "macro_f1_ci")
 
-TEXT_COLUMNS = ("backbone", "head", "status", "tied", "accuracy_ci")
+# a multi-label dataset: ranked by mean average precision (threshold-free), with the F1
+# scores and exact-match accuracy at each head's thresholds
+ML_TABLE_COLUMNS = [
+    ("rank", "rank"),
+    ("backbone", "backbone"),
+    ("head", "head"),
+    ("mean_average_precision", "mAP"),
+    ("mean_average_precision_ci", "mAP_95%"),
+    ("tied", "tied"),
+    ("micro_f1", "micro_f1"),
+    ("macro_f1", "macro_f1"),
+    ("exact_match_accuracy", "exact_match"),
+    ("feature_size", "features"),
+    ("images_per_second", "extract_img/s"),
+    ("fit_seconds", "fit_s"),
+    ("status", "status"),
+]
+ML_CSV_COLUMNS = [key for key, _ in ML_TABLE_COLUMNS] + [
+    "micro_f1_ci", "macro_f1_ci", "exact_match_accuracy_ci", "split", "split_role", "n_samples",
+    "extraction", "image_size", "weights", "run", "cache", "error"]
+ML_SCORES = ("mean_average_precision", "micro_f1", "macro_f1", "exact_match_accuracy")
+ML_INTERVAL_KEYS = tuple(f"{key}_ci" for key in ML_SCORES)
+
+TEXT_COLUMNS = ("backbone", "head", "status", "tied", "accuracy_ci", "mean_average_precision_ci")
 DECIMALS = {"accuracy": 4, "balanced_accuracy": 4, "macro_f1": 4, "images_per_second": 1,
-            "fit_seconds": 2}
+            "fit_seconds": 2, "mean_average_precision": 4, "micro_f1": 4, "exact_match_accuracy": 4}
 # the "tied" column: the best row, and rows whose accuracy interval overlaps the best's
 BEST, TIED = "best", "yes"
 
@@ -82,6 +105,24 @@ class Comparison(list):
         self.settings = settings
 
     @property
+    def multilabel(self) -> bool:
+        """Whether the dataset is multi-label (ranked by mean average precision)."""
+        return bool(self.settings.get("multilabel"))
+
+    @property
+    def score(self) -> str:
+        """The record key the rows are ranked by."""
+        return ranking_score(self.multilabel)
+
+    @property
+    def columns(self) -> list[tuple[str, str]]:
+        return ML_TABLE_COLUMNS if self.multilabel else TABLE_COLUMNS
+
+    @property
+    def csv_columns(self) -> list[str]:
+        return ML_CSV_COLUMNS if self.multilabel else CSV_COLUMNS
+
+    @property
     def best(self) -> dict | None:
         return next((r for r in self if r["status"] == "ok"), None)
 
@@ -95,10 +136,10 @@ class Comparison(list):
 
     def table(self) -> str:
         """The ranked table as aligned text (numbers right-aligned, '-' where missing)."""
-        headers = [header for _, header in TABLE_COLUMNS]
-        rows = [[_text(key, record.get(key)) for key, _ in TABLE_COLUMNS] for record in self]
+        headers = [header for _, header in self.columns]
+        rows = [[_text(key, record.get(key)) for key, _ in self.columns] for record in self]
         widths = [max(len(c) for c in column) for column in zip(headers, *rows)]
-        right = [key not in TEXT_COLUMNS for key, _ in TABLE_COLUMNS]
+        right = [key not in TEXT_COLUMNS for key, _ in self.columns]
 
         def line(cells: list[str]) -> str:
             return "  ".join(c.rjust(w) if r else c.ljust(w)
@@ -115,7 +156,7 @@ class Comparison(list):
                 "to_dataframe() needs pandas, which is not installed; `pip install pandas`, "
                 "or use the records of this list directly."
             ) from None
-        return pandas.DataFrame(list(self), columns=CSV_COLUMNS)
+        return pandas.DataFrame(list(self), columns=self.csv_columns)
 
 
 def parse_names(value: str | Iterable[str] | None, default: Iterable[str],
@@ -246,8 +287,10 @@ def compare(
                             details={"backbone": spec.name, "index": index, "total": len(plan.specs)}))
         cache, base = _extract_one(plan, spec, size, directory, progress)
         records += _fit_heads(plan, cache, base, out, len(records), progress)
-    result = Comparison(rank(records), out, _settings(plan, weights, image_size, pooling, labels,
-                                                      seed, val_fraction, test_fraction))
+    multilabel = bool(plan.found.multilabel)
+    result = Comparison(rank(records, multilabel), out,
+                        _settings(plan, weights, image_size, pooling, labels, seed, val_fraction,
+                                  test_fraction, multilabel))
     write_files(result)
     if html_report:
         html.write_report(result)
@@ -338,13 +381,21 @@ def _fit_heads(plan: _Plan, cache, base: dict, out: Path, done: int,
         emit(progress, Advanced("compare", done=done + len(records), total=plan.total,
                                 details={key: record.get(key) for key in (
                                     "backbone", "head", "status", "error", "accuracy",
-                                    "accuracy_ci", "split", "split_role", "fit_seconds")}))
+                                    "accuracy_ci", "split", "split_role", "fit_seconds",
+                                    *ML_SCORES[:1], *ML_INTERVAL_KEYS[:1]) if key in record}))
     return records
 
 
 def _record(base: dict, head: str, run) -> dict:
     """The row of a finished fit."""
     metrics = run.metrics
+    if metrics.get("multilabel"):
+        return {**base, "head": head, "status": "ok", "error": None,
+                **{key: metrics[key] for key in ML_SCORES},
+                **{key: metrics.get(key) for key in ML_INTERVAL_KEYS},
+                **{key: metrics.get(key) for key in ("fit_seconds", "split", "n_samples")},
+                "split_role": metrics.get("split_role") or evaluate.split_role(metrics.get("split", "test")),
+                "run": str(run.path)}
     return {
         **base, "head": head, "status": "ok", "error": None,
         "accuracy": metrics["accuracy"],
@@ -360,8 +411,8 @@ def _record(base: dict, head: str, run) -> dict:
 
 
 def _settings(plan: _Plan, weights, image_size, pooling, labels, seed, val_fraction,
-              test_fraction) -> dict:
-    return {
+              test_fraction, multilabel: bool = False) -> dict:
+    return {**({"multilabel": True} if multilabel else {}),
         "dataset": str(plan.found.root), "classes": plan.found.classes, "weights": plan.extraction["weights"].source,
         "image_size": image_size, "image_sizes": dict(zip([s.name for s in plan.specs], plan.sizes)),
         "pooling": pooling, "labels": plan.extraction["labels"],
@@ -370,25 +421,35 @@ def _settings(plan: _Plan, weights, image_size, pooling, labels, seed, val_fract
     }
 
 
-def rank(records: list[dict]) -> list[dict]:
-    """Successful rows by accuracy, then macro F1 (then the given order); failed rows
-    last. Sets each record's `rank` (None for a failed row) and `tied`: "best" for the
-    first, "yes" for a row whose 95% accuracy interval overlaps the best one's (their
-    difference may be noise), "no" otherwise."""
+def ranking_score(multilabel: bool) -> str:
+    """What the rows are ranked by: the kind of dataset decides, not the head (a
+    multi-label dataset: mean average precision; otherwise accuracy)."""
+    return "mean_average_precision" if multilabel else "accuracy"
+
+
+def rank(records: list[dict], multilabel: bool = False) -> list[dict]:
+    """Successful rows by accuracy (a multi-label dataset: mean average precision), then
+    macro F1 (then the given order); failed rows last. Sets each record's `rank` (None
+    for a failed row) and `tied`: "best" for the first, "yes" for a row whose 95%
+    interval of that score overlaps the best one's (their difference may be noise), "no"
+    otherwise."""
+    score = ranking_score(multilabel)
     ok = [r for r in records if r["status"] == "ok"]
-    ok.sort(key=lambda r: (-r["accuracy"], -r["macro_f1"]))
+    ok.sort(key=lambda r: (-r[score], -r["macro_f1"]))
     for position, record in enumerate(ok, start=1):
         record["rank"] = position
-        record["tied"] = BEST if position == 1 else ("yes" if _overlaps(record, ok[0]) else "no")
+        record["tied"] = BEST if position == 1 else ("yes" if _overlaps(record, ok[0], score) else "no")
     failed = [r for r in records if r["status"] != "ok"]
     for record in failed:
         record["rank"] = record["tied"] = None
-    return [{key: r.get(key) for key in CSV_COLUMNS} for r in ok + failed]
+    columns = ML_CSV_COLUMNS if multilabel else CSV_COLUMNS
+    return [{key: r.get(key) for key in columns} for r in ok + failed]
 
 
-def _overlaps(record: dict, best: dict) -> bool:
-    """Whether the accuracy intervals of two rows overlap (no interval: treated as tied)."""
-    mine, theirs = record.get("accuracy_ci"), best.get("accuracy_ci")
+def _overlaps(record: dict, best: dict, score: str = "accuracy") -> bool:
+    """Whether the intervals of the ranking score of two rows overlap (no interval:
+    treated as tied)."""
+    mine, theirs = record.get(f"{score}_ci"), best.get(f"{score}_ci")
     if not mine or not theirs:
         return True
     return mine[1] >= theirs[0] and theirs[1] >= mine[0]
@@ -410,10 +471,10 @@ def write_files(result: Comparison) -> None:
     """compare.csv, compare.md and compare.png in the comparison directory."""
     with store.atomic_write(result.path / CSV_FILE, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(CSV_COLUMNS)
+        writer.writerow(result.csv_columns)
         for record in result:
             writer.writerow(["" if record.get(k) is None else _csv_value(record[k])
-                             for k in CSV_COLUMNS])
+                             for k in result.csv_columns])
     store.write_text(result.path / MARKDOWN_FILE, markdown(result))
     plot_comparison(result, result.path / CHART_FILE)
 
@@ -421,7 +482,9 @@ def write_files(result: Comparison) -> None:
 def markdown(result: Comparison) -> str:
     """The comparison as a Markdown document: settings, ranked table, best run, failures."""
     s = result.settings
-    headers = [header for _, header in TABLE_COLUMNS]
+    columns, score = result.columns, result.score
+    name = score.replace("_", " ")
+    headers = [header for _, header in columns]
     lines = [
         f"# probe compare: {Path(s['dataset']).name}",
         "",
@@ -433,13 +496,18 @@ def markdown(result: Comparison) -> str:
         f"- created: {s['created']}",
         "",
         "| " + " | ".join(headers) + " |",
-        "|" + "|".join("---" if k in TEXT_COLUMNS else "---:" for k, _ in TABLE_COLUMNS) + "|",
+        "|" + "|".join("---" if k in TEXT_COLUMNS else "---:" for k, _ in columns) + "|",
     ]
     for record in result:
-        lines.append("| " + " | ".join(_text(key, record.get(key)) for key, _ in TABLE_COLUMNS) + " |")
+        lines.append("| " + " | ".join(_text(key, record.get(key)) for key, _ in columns) + " |")
     lines.append("")
-    lines.append("Intervals are 95% (accuracy: Wilson; the others: bootstrap over the images); "
-                 "`tied`: the row's accuracy interval overlaps the best one's, so the "
+    if result.multilabel:
+        lines.append("Multi-label: ranked by mean average precision (threshold-free); the F1 "
+                     "scores and exact match are at each head's per-class thresholds, chosen "
+                     "on validation.")
+    lines.append(f"Intervals are 95% ({'exact match' if result.multilabel else 'accuracy'}: "
+                 "Wilson; the others: bootstrap over the images); "
+                 f"`tied`: the row's {name} interval overlaps the best one's, so the "
                  "difference may be noise.")
     note = score_note(result)
     if note:
@@ -448,8 +516,8 @@ def markdown(result: Comparison) -> str:
     best = result.best
     if best:
         lines.append(f"Best: **{best['backbone']} + {best['head']}** "
-                     f"({best['split_role']} accuracy {best['accuracy']:.4f} "
-                     f"{_text('accuracy_ci', best.get('accuracy_ci'))}), run `{best['run']}`")
+                     f"({best['split_role']} {name} {best[score]:.4f} "
+                     f"{_text(f'{score}_ci', best.get(f'{score}_ci'))}), run `{best['run']}`")
         lines.append("")
         lines.append(f"    probe predict {best['run']} IMAGES...")
         lines.append(f"    probe export {best['run']} model.keras")
@@ -472,6 +540,7 @@ def plot_comparison(result: Comparison, path: str | os.PathLike) -> Path:
     fig = report._new_figure(max(5.0, 1.3 * len(backbone_names) * max(1, len(head_names)) + 2), 4.5)
     ax = fig.add_subplot(1, 1, 1)
     best = result.best
+    score = result.score
     for h, head in enumerate(head_names):
         xs, heights, labels, errors = [], [], [], ([], [])
         for b, backbone in enumerate(backbone_names):
@@ -480,11 +549,11 @@ def plot_comparison(result: Comparison, path: str | os.PathLike) -> Path:
                 continue
             xs.append(b + (h - (len(head_names) - 1) / 2) * width)
             ok = record["status"] == "ok"
-            heights.append(record["accuracy"] if ok else 0.0)
-            labels.append(f"{record['accuracy']:.3f}" if ok else "failed")
-            interval = record.get("accuracy_ci") if ok else None
-            errors[0].append(record["accuracy"] - interval[0] if interval else 0.0)
-            errors[1].append(interval[1] - record["accuracy"] if interval else 0.0)
+            heights.append(record[score] if ok else 0.0)
+            labels.append(f"{record[score]:.3f}" if ok else "failed")
+            interval = record.get(f"{score}_ci") if ok else None
+            errors[0].append(record[score] - interval[0] if interval else 0.0)
+            errors[1].append(interval[1] - record[score] if interval else 0.0)
         bars = ax.bar(xs, heights, width=width * 0.95, label=head, yerr=errors, capsize=3,
                       error_kw={"elinewidth": 1})
         for bar, text, x in zip(bars, labels, xs):
@@ -494,13 +563,14 @@ def plot_comparison(result: Comparison, path: str | os.PathLike) -> Path:
         b = backbone_names.index(best["backbone"])
         h = head_names.index(best["head"])
         x = b + (h - (len(head_names) - 1) / 2) * width
-        ax.bar([x], [best["accuracy"]], width=width * 0.95, fill=False, edgecolor="black",
+        ax.bar([x], [best[score]], width=width * 0.95, fill=False, edgecolor="black",
                linewidth=2)
     ax.set_xticks(range(len(backbone_names)), labels=backbone_names)
     ax.set_ylim(0, 1.12)
     role = best["split_role"] if best else "test"
-    ax.set_ylabel(f"accuracy ({role}), 95% interval" if len(role) < 12
-                  else f"accuracy ({role}),\n95% interval")
+    what = "mean average precision" if result.multilabel else "accuracy"
+    ax.set_ylabel(f"{what} ({role}), 95% interval" if len(f"{what} ({role})") < 24
+                  else f"{what} ({role}),\n95% interval")
     ax.set_title("Backbones and heads" + (f" (best: {best['backbone']} + {best['head']})"
                                           if best else ""))
     ax.grid(True, axis="y", alpha=0.3)
@@ -547,6 +617,13 @@ def _failed(base: dict, message: str) -> dict:
             **{key: None for key in INTERVAL_KEYS}}
 
 
+def headline(record: dict) -> tuple[str, float | None, list | None]:
+    """A row's ranking score as (name, value, 95% interval): mean average precision for a
+    multi-label row, accuracy otherwise."""
+    score = ranking_score(record.get("mean_average_precision") is not None)
+    return score.replace("_", " "), record.get(score), record.get(f"{score}_ci")
+
+
 def _message(error: BaseException, limit: int = MESSAGE_LIMIT) -> str:
     """The error in one line; a very long one (Keras quotes whole weight tensors) keeps
     its beginning and its end, where probe's advice is."""
@@ -563,7 +640,7 @@ def _text(key: str, value) -> str:
     intervals as [low, high] with 3 decimals."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    if key in INTERVAL_KEYS:
+    if key in INTERVAL_KEYS or key in ML_INTERVAL_KEYS:
         return f"[{float(value[0]):.3f}, {float(value[1]):.3f}]"
     if key in DECIMALS:
         return f"{float(value):.{DECIMALS[key]}f}"

@@ -4,6 +4,10 @@ A dataset is class folders (`DIR/CLASS/*`), optionally under split folders
 (`DIR/train/`, `DIR/validation/` or `DIR/val/`, `DIR/test/`), or labels files: a CSV
 `path,label[,split]` or a whitespace list `name label` with labels 1/-1/0 (Pascal VOC's
 per-class lists), one for the whole dataset or one per split (train, val, test, trainval).
+Multi-label datasets (several classes per image) are a CSV `path,labels[,split]` whose
+`labels` cell holds `;`-separated class names (empty: none), or a Pascal VOC
+`ImageSets/Main` directory whose `<class>_<split>.txt` lists give each image the classes
+where it is 1, with 0 ("difficult") kept as a per-class ignore mark.
 Split roles: train fits, val selects, test reports. Without any split, a seeded stratified
 split by fractions; with splits but no val, val is carved from train (or trainval).
 Decoding never raises anything but `BadImage`: a file that can not be read or oriented
@@ -33,6 +37,8 @@ SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "t
 # Names a labels source may be given for; trainval is train from which val is carved.
 SOURCE_SPLITS = {**SPLIT_FOLDERS, "trainval": "trainval"}
 LIST_LABELS = {"1": True, "-1": False, "0": None}  # VOC: 0 marks a "difficult" object
+VOC_SPLITS = ("train", "val", "trainval", "test")  # the <class>_<split>.txt lists read
+LABELS_SEPARATOR = ";"  # between the class names of a CSV `labels` cell
 PATH_MAX = 4096  # Linux: longer paths can not be opened by name
 
 LabelsArg = Union[str, os.PathLike, Mapping[str, Union[str, os.PathLike]],
@@ -41,11 +47,33 @@ LabelsArg = Union[str, os.PathLike, Mapping[str, Union[str, os.PathLike]],
 
 @dataclass(frozen=True)
 class Sample:
-    """One image: its path relative to the dataset root, class index and split."""
+    """One image: its path relative to the dataset root, class index and split.
+
+    In a multi-label dataset `label` is -1 and `targets` holds the indices of the classes
+    present (possibly none), `ignored` those marked difficult (VOC 0: neither present nor
+    absent, left out of that class's metrics)."""
 
     path: str
     label: int
     split: str
+    targets: tuple[int, ...] = ()
+    ignored: tuple[int, ...] = ()
+
+    def describe(self, classes: Sequence[str], multilabel: bool = False) -> str:
+        """The labels as one string (for change records): the class name, or for a
+        multi-label sample the `;`-joined present classes and the difficult ones."""
+        if not multilabel:
+            return classes[self.label]
+        return labels_text(classes, self.targets, self.ignored)
+
+
+def labels_text(classes: Sequence[str], targets: Sequence[int], ignored: Sequence[int]) -> str:
+    """`a;b` for the classes present, `a;b|difficult:c` when some are marked difficult:
+    one string that changes whenever a multi-label image's labels change."""
+    text = LABELS_SEPARATOR.join(classes[i] for i in sorted(targets))
+    if len(ignored):
+        text += "|difficult:" + LABELS_SEPARATOR.join(classes[i] for i in sorted(ignored))
+    return text
 
 
 @dataclass
@@ -57,7 +85,7 @@ class Dataset:
     samples: list[Sample]
     ignored: int = 0  # non-image files
     splits_given: bool = False  # by split folders, a split column or per-split labels files
-    difficult: int = 0  # VOC list lines marked 0 ("difficult"), left out
+    difficult: int = 0  # VOC list lines marked 0 ("difficult"): left out, or ignore marks
     val_carved: bool = False  # val was carved from train (or trainval) by val_fraction
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     links_skipped: list[str] = field(default_factory=list)  # links back into the tree
@@ -66,6 +94,7 @@ class Dataset:
     seed: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.15
+    multilabel: bool = False  # samples carry `targets` (and `ignored`) instead of `label`
 
     def split(self, name: str) -> list[Sample]:
         """The samples of one split, in a stable order."""
@@ -91,7 +120,10 @@ class Dataset:
     def notes(self) -> list[str]:
         """Sentences about what discovery left out or noticed, for the user."""
         notes = []
-        if self.difficult:
+        if self.difficult and self.multilabel:
+            notes.append(f"Kept {self.difficult} labels marked difficult (0) in the labels "
+                         "lists as ignored: left out of that class's metrics")
+        elif self.difficult:
             notes.append(f"Left out {self.difficult} images marked difficult (0) in the labels lists")
         if self.unreadable:
             path, reason = self.unreadable[0]
@@ -101,7 +133,7 @@ class Dataset:
             notes.append(f"Did not follow {len(self.links_skipped)} symbolic links that lead "
                          f"back into the dataset, e.g. '{_shown(self.links_skipped[0])}'")
         for split, absent in self.missing_classes.items():
-            notes.append(f"The {split} split has no images of {len(absent)} classes: "
+            notes.append(f"The {split} split has no {'positive ' if self.multilabel else ''}images of {len(absent)} classes: "
                          + ", ".join(f"'{c}'" for c in absent[:5]))
         if self.val_carved:
             notes.append(f"No validation split given: carved {len(self.split('val'))} images "
@@ -120,10 +152,12 @@ def is_image_name(name: str) -> bool:
 
 class _Entry(NamedTuple):
     path: str  # relative to the dataset root, as it will be recorded
-    label: str
+    label: str  # the class name ("" in a multi-label dataset)
     split: str | None
     identity: str  # the file itself (real path), to find one file under two names
     given: str  # as the user wrote it (labels files) or found it
+    targets: tuple[str, ...] | None = None  # multi-label: the classes present
+    ignored: tuple[str, ...] = ()  # multi-label: the classes marked difficult
 
 
 def discover(
@@ -135,17 +169,20 @@ def discover(
 ) -> Dataset:
     """Find every sample of the dataset at `root`, with a label and a split.
 
-    `labels` is None (class folders), one labels file, or a mapping {split: file} with
-    splits train / val / test / trainval. Without any split given, the split is seeded and
-    stratified by `val_fraction` and `test_fraction`; with splits but no val, val is carved
-    from train (or trainval) by `val_fraction` (0 opts out). The same seed always gives the
-    same split; adding images to a class moves at most a few images of that class.
+    `labels` is None (class folders), one labels file, a mapping {split: file} with
+    splits train / val / test / trainval, or a Pascal VOC `ImageSets/Main` directory
+    (multi-label). Without any split given, the split is seeded and stratified by
+    `val_fraction` and `test_fraction` (multi-label: on each image's rarest class); with
+    splits but no val, val is carved from train (or trainval) by `val_fraction` (0 opts
+    out). The same seed always gives the same split; adding images to a class moves at
+    most a few images of that class.
     """
     root_path = _check_root(root)
     _check_fractions(val_fraction, test_fraction)
     sources = label_sources(labels)
+    declared: list[str] = []  # classes named by VOC lists, with or without positives
     if sources:
-        entries, ignored, difficult = _read_label_sources(root_path, sources)
+        entries, ignored, difficult, declared = _read_label_sources(root_path, sources)
         unreadable: list[tuple[str, str]] = []
         links: list[str] = []
     else:
@@ -155,25 +192,69 @@ def discover(
         if not entries:
             _raise_no_images(root, root_path, ignored, unreadable)
     _check_once(entries, sources)
-    classes = sorted({entry.label for entry in entries})
-    if len(classes) < 2:
-        raise DatasetError(
-            f"needs images of at least 2 classes; got only one class: '{_shown(classes[0])}'. "
-            f"Put each class in its own folder. Received: path='{root}'"
-        )
-    splits, splits_given, carved = _assign_splits(entries, val_fraction, test_fraction, seed, root)
-    index = {name: i for i, name in enumerate(classes)}
-    samples = [Sample(e.path, index[e.label], split) for e, split in zip(entries, splits)]
+    multilabel = _is_multilabel(entries, sources)
+    classes = _classes(entries, declared, multilabel, root, sources)
+    splits, splits_given, carved = _assign_splits(entries, val_fraction, test_fraction, seed,
+                                                  root, _strata(entries, multilabel))
+    samples = _samples(entries, splits, classes)
     samples.sort(key=lambda s: (SPLITS.index(s.split), s.path))
     if not any(s.split == "train" for s in samples):
         raise DatasetError(
             f"expected a train split with images; found none. Received: splits="
             f"{sorted({s.split for s in samples})}"
         )
-    missing = _check_class_sets(samples, classes) if splits_given else {}
+    if multilabel:
+        missing = _check_multilabel_classes(samples, classes)
+    else:
+        missing = _check_class_sets(samples, classes) if splits_given else {}
     return Dataset(root_path, classes, samples, ignored, splits_given, difficult, carved,
                    unreadable, links, missing, tuple((s, str(p)) for s, p in sources),
-                   seed, val_fraction, test_fraction)
+                   seed, val_fraction, test_fraction, multilabel=multilabel)
+
+
+def _is_multilabel(entries: list[_Entry], sources) -> bool:
+    """Whether the labels are multi-label; every labels file must agree."""
+    kinds = {entry.targets is not None for entry in entries}
+    if len(kinds) > 1:
+        raise DatasetError(
+            "expected every labels file to be single-label (a CSV `label` column or a "
+            "'name label' list) or every one multi-label (a CSV `labels` column or a VOC "
+            "ImageSets/Main directory); got both. Received: "
+            + ", ".join(f"'{p}'" for _, p in sources) + ". Write them all in one form."
+        )
+    return kinds == {True}
+
+
+def _classes(entries: list[_Entry], declared: list[str], multilabel: bool, root,
+             sources) -> list[str]:
+    """The sorted class names: single-label at least 2, multi-label at least 1."""
+    if multilabel:
+        names = set(declared)
+        for entry in entries:
+            names.update(entry.targets or ())
+            names.update(entry.ignored)
+        if not names:
+            raise DatasetError(
+                "expected class names in the labels column; every row's labels cell is "
+                "empty. Received: " + ", ".join(f"'{p}'" for _, p in sources)
+                + ". Write the classes of each image as e.g. dog;person."
+            )
+        return sorted(names)
+    classes = sorted({entry.label for entry in entries})
+    if len(classes) < 2:
+        raise DatasetError(
+            f"needs images of at least 2 classes; got only one class: '{_shown(classes[0])}'. "
+            f"Put each class in its own folder. Received: path='{root}'"
+        )
+    return classes
+
+
+def _samples(entries: list[_Entry], splits: list[str], classes: list[str]) -> list[Sample]:
+    index = {name: i for i, name in enumerate(classes)}
+    return [Sample(e.path, index[e.label], split) if e.targets is None else
+            Sample(e.path, -1, split, tuple(sorted(index[t] for t in e.targets)),
+                   tuple(sorted(index[t] for t in e.ignored)))
+            for e, split in zip(entries, splits)]
 
 
 def _check_root(root) -> Path:
@@ -237,8 +318,9 @@ def _check_once(entries: list[_Entry], sources) -> None:
 
 
 def _assign_splits(entries: list[_Entry], val_fraction: float, test_fraction: float,
-                   seed: int, root) -> tuple[list[str], bool, bool]:
-    """(split per entry, whether splits were given, whether val was carved from train)."""
+                   seed: int, root, strata: list[str]) -> tuple[list[str], bool, bool]:
+    """(split per entry, whether splits were given, whether val was carved from train).
+    `strata` is each entry's stratum (its class; see `_strata`)."""
     given = [entry.split for entry in entries if entry.split is not None]
     if given and len(given) != len(entries):
         raise DatasetError(
@@ -246,14 +328,15 @@ def _assign_splits(entries: list[_Entry], val_fraction: float, test_fraction: fl
             f"{len(entries) - len(given)} do not. Received: path='{root}'"
         )
     if not given:
-        return _stratified_split(entries, val_fraction, test_fraction, seed), False, False
+        return _stratified_split(entries, val_fraction, test_fraction, seed, strata), False, False
     splits = [entry.split for entry in entries]
     has_val = "val" in splits
     pool = "trainval" if "trainval" in splits else "train"
     if has_val or val_fraction == 0:
         return ["train" if s == "trainval" else s for s in splits], True, False
     positions = [i for i, s in enumerate(splits) if s == pool]
-    carved = _stratified_split([entries[i] for i in positions], val_fraction, 0.0, seed)
+    carved = _stratified_split([entries[i] for i in positions], val_fraction, 0.0, seed,
+                               [strata[i] for i in positions])
     for i, split in zip(positions, carved):
         splits[i] = split
     splits = ["train" if s == "trainval" else s for s in splits]
@@ -281,14 +364,26 @@ def _check_class_sets(samples: list[Sample], classes: list[str]) -> dict[str, li
     return missing
 
 
-def _stratified_split(entries, val_fraction: float, test_fraction: float, seed: int) -> list[str]:
-    """Per class, order images by a seeded hash of their path and cut the order into
-    test, validation and train. The hash makes the split independent of listing order;
-    adding an image to a class shifts the cuts of that class by at most one place each,
-    so a few of its images may change split and other classes never do."""
+def _strata(entries: list[_Entry], multilabel: bool) -> list[str]:
+    """What the split is stratified on: the class of a single-label image; for a
+    multi-label image its rarest class (fewest images in the whole dataset, then by name),
+    so rare classes reach val and test too; images without any class form one stratum."""
+    if not multilabel:
+        return [entry.label for entry in entries]
+    counts = Counter(name for entry in entries for name in entry.targets or ())
+    return [min(entry.targets, key=lambda name: (counts[name], name)) if entry.targets
+            else "" for entry in entries]
+
+
+def _stratified_split(entries, val_fraction: float, test_fraction: float, seed: int,
+                      strata: list[str]) -> list[str]:
+    """Per stratum (class), order images by a seeded hash of their path and cut the order
+    into test, validation and train. The hash makes the split independent of listing
+    order; adding an image to a class shifts the cuts of that class by at most one place
+    each, so a few of its images may change split and other classes never do."""
     by_class: dict[str, list[int]] = {}
-    for i, entry in enumerate(entries):
-        by_class.setdefault(entry.label, []).append(i)
+    for i, stratum in enumerate(strata):
+        by_class.setdefault(stratum, []).append(i)
     splits = ["train"] * len(entries)
     for indices in by_class.values():
         indices.sort(key=lambda i: hashlib.sha1(
@@ -302,6 +397,33 @@ def _stratified_split(entries, val_fraction: float, test_fraction: float, seed: 
             elif position < n_test + n_val:
                 splits[i] = "val"
     return splits
+
+
+def _check_multilabel_classes(samples: list[Sample], classes: list[str]) -> dict[str, list[str]]:
+    """Every class needs train images with it and without it (a one-vs-rest model learns
+    from both): an error otherwise. Classes without a positive image in val or test are
+    returned, to be noted."""
+    train = [s for s in samples if s.split == "train"]
+    positives = Counter(i for s in train for i in s.targets)
+    negatives = Counter(i for s in train for i in range(len(classes))
+                        if i not in s.targets and i not in s.ignored)
+    for counts, what, fix in ((positives, "with", "Add train images that carry them, or "
+                               "remove them from the labels"),
+                              (negatives, "without", "A class on every image can not be "
+                               "learnt: remove it from the labels")):
+        lacking = [classes[i] for i in range(len(classes)) if not counts[i]]
+        if lacking:
+            raise DatasetError(
+                f"expected every class to have train images {what} it; {len(lacking)} have "
+                f"none (of {len(train)} train images): "
+                + ", ".join(f"'{_shown(c)}'" for c in lacking[:5]) + f". {fix}."
+            )
+    missing: dict[str, list[str]] = {}
+    for split in ("val", "test"):
+        present = {i for s in samples if s.split == split for i in s.targets}
+        if any(s.split == split for s in samples) and len(present) < len(classes):
+            missing[split] = [c for i, c in enumerate(classes) if i not in present]
+    return missing
 
 
 def _split_count(n: int, fraction: float) -> int:
@@ -542,12 +664,24 @@ def describe_labels(sources) -> str:
     return json.dumps({split: str(path) for split, path in sources}, sort_keys=True)
 
 
-def _read_label_sources(root: Path, sources) -> tuple[list[_Entry], int, int]:
+def _read_label_sources(root: Path, sources) -> tuple[list[_Entry], int, int, list[str]]:
     """Entries of every labels file, each file's split applied; (entries, ignored,
-    difficult)."""
+    difficult, classes named by a VOC directory)."""
     entries: list[_Entry] = []
     ignored = difficult = 0
+    declared: list[str] = []
     for split, path in sources:
+        if path.is_dir():
+            if split:
+                raise DatasetError(
+                    f"expected a labels file for the {split} split; '{path}' is a directory. "
+                    f"A VOC ImageSets/Main directory holds every split: give it alone, as "
+                    f"--labels {path}"
+                )
+            found, hard, declared = _read_voc_directory(root, path)
+            entries += found
+            difficult += hard
+            continue
         found, skipped, hard = _read_labels_file(root, path)
         for entry in found:
             if split and entry.split not in (None, SPLIT_FOLDERS.get(split, split)):
@@ -559,24 +693,17 @@ def _read_label_sources(root: Path, sources) -> tuple[list[_Entry], int, int]:
             entries.append(entry._replace(split=split) if split else entry)
         ignored += skipped
         difficult += hard
-    return entries, ignored, difficult
+    return entries, ignored, difficult, declared
 
 
 def _read_labels_file(root: Path, labels_file: Path) -> tuple[list[_Entry], int, int]:
     if not labels_file.is_file():
         raise DatasetError(
-            f"expected a labels file (CSV path,label[,split] or a 'name label' list); "
-            f"it does not exist. Received: labels='{labels_file}'"
+            f"expected a labels file (CSV path,label[,split] or path,labels[,split], a "
+            f"'name label' list, or a VOC ImageSets/Main directory); it does not exist. "
+            f"Received: labels='{labels_file}'"
         )
-    raw = labels_file.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise DatasetError(
-            f"expected a UTF-8 labels file; byte 0x{raw[error.start]:02x} at offset "
-            f"{error.start} is not UTF-8. Received: labels='{labels_file}'. Re-save it as "
-            "UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
-        ) from None
+    text = _read_text(labels_file)
     first = text.lstrip().split("\n", 1)[0]
     if labels_file.suffix.lower() == ".csv" or "," in first:
         entries, ignored, difficult = _read_csv(root, labels_file, text), 0, 0
@@ -592,35 +719,84 @@ def _read_labels_file(root: Path, labels_file: Path) -> tuple[list[_Entry], int,
     return entries, ignored, difficult
 
 
+def _read_text(labels_file: Path) -> str:
+    raw = labels_file.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DatasetError(
+            f"expected a UTF-8 labels file; byte 0x{raw[error.start]:02x} at offset "
+            f"{error.start} is not UTF-8. Received: labels='{labels_file}'. Re-save it as "
+            "UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+        ) from None
+    return text
+
+
 def _read_csv(root: Path, labels_file: Path, text: str) -> list[_Entry]:
+    """`path,label[,split]` (one class per image) or `path,labels[,split]` (zero or more
+    classes per image, separated by `;`)."""
     reader = csv.DictReader(text.splitlines())
     columns = [c.strip().lower() for c in (reader.fieldnames or [])]
-    known = {"path", "label", "split"}
-    if "path" not in columns or "label" not in columns or set(columns) - known:
-        raise DatasetError(
-            "expected a CSV header with the columns path,label and optionally split. "
-            f"Received: columns={columns} in '{labels_file}'"
-        )
+    multilabel = _csv_kind(columns, labels_file)
     rows = []
     for row in reader:
         row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
         if not row.get("path"):
             continue
+        split = _csv_split(row, labels_file)
+        if multilabel:
+            rows.append((row["path"], "", split, _csv_targets(row, reader.line_num, labels_file), ()))
+            continue
+        if LABELS_SEPARATOR in row.get("label", ""):
+            raise DatasetError(
+                f"expected one class name in the label column; line {reader.line_num} "
+                f"('{row['path']}') has '{row['label']}'. For several classes per image name "
+                f"the column labels (path,labels[,split]). Received: labels='{labels_file}'"
+            )
         if not row.get("label"):
             raise DatasetError(
                 f"expected a label on every row; line {reader.line_num} ('{row['path']}') has "
                 f"none. Give it a label or remove the row. Received: labels='{labels_file}'"
             )
-        split = row.get("split") or None
-        if split is not None:
-            if split.lower() not in SPLIT_FOLDERS:
-                raise DatasetError(
-                    f"expected split to be one of train, val, validation, test. "
-                    f"Received: split='{split}' for '{row['path']}' in '{labels_file}'"
-                )
-            split = SPLIT_FOLDERS[split.lower()]
         rows.append((row["path"], row["label"], split))
     return _locate(root, labels_file, rows)
+
+
+def _csv_kind(columns: list[str], labels_file: Path) -> bool:
+    """Whether the CSV is multi-label (a `labels` column) or single-label (`label`)."""
+    kinds = [c for c in ("label", "labels") if c in columns]
+    if "path" not in columns or len(kinds) != 1 or set(columns) - {"path", "split", *kinds}:
+        both = " (not both label and labels: keep one)" if len(kinds) == 2 else ""
+        raise DatasetError(
+            "expected a CSV header with the columns path,label (one class per image) or "
+            "path,labels (classes separated by ';'), and optionally split"
+            f"{both}. Received: columns={columns} in '{labels_file}'"
+        )
+    return kinds == ["labels"]
+
+
+def _csv_split(row: dict, labels_file: Path) -> str | None:
+    split = row.get("split") or None
+    if split is not None:
+        if split.lower() not in SPLIT_FOLDERS:
+            raise DatasetError(
+                f"expected split to be one of train, val, validation, test. "
+                f"Received: split='{split}' for '{row['path']}' in '{labels_file}'"
+            )
+        split = SPLIT_FOLDERS[split.lower()]
+    return split
+
+
+def _csv_targets(row: dict, line: int, labels_file: Path) -> tuple[str, ...]:
+    """The class names of a `labels` cell: `;`-separated, blanks dropped, each once."""
+    cell = row.get("labels", "")
+    if "," in cell:
+        raise DatasetError(
+            f"expected the class names of a labels cell separated by ';'; line {line} "
+            f"('{row['path']}') has '{cell}'. Write e.g. dog;person. Received: "
+            f"labels='{labels_file}'"
+        )
+    return tuple(sorted({name.strip() for name in cell.split(LABELS_SEPARATOR) if name.strip()}))
 
 
 def _read_list(root: Path, labels_file: Path, text: str) -> tuple[list[_Entry], int, int]:
@@ -646,9 +822,10 @@ def _read_list(root: Path, labels_file: Path, text: str) -> tuple[list[_Entry], 
 
 
 def _locate(root: Path, labels_file: Path, rows) -> list[_Entry]:
-    """Entries for (name as listed, label, split) rows: every file must exist inside root."""
+    """Entries for (name as listed, label, split[, targets, ignored]) rows: every file
+    must exist inside root."""
     entries, missing, outside = [], [], []
-    for name, label, split in rows:
+    for name, label, split, *tags in rows:
         relative = _resolve_listed(root, name)
         if relative is None:
             missing.append(name)
@@ -656,7 +833,7 @@ def _locate(root: Path, labels_file: Path, rows) -> list[_Entry]:
             outside.append(name)
         else:
             identity = os.path.realpath(root / relative)
-            entries.append(_Entry(relative, label, split, identity, name))
+            entries.append(_Entry(relative, label, split, identity, name, *tags))
     if outside:
         raise DatasetError(
             f"expected every file named in '{labels_file}' inside the dataset directory "
@@ -665,6 +842,94 @@ def _locate(root: Path, labels_file: Path, rows) -> list[_Entry]:
         )
     _raise_missing(missing, root, labels_file)
     return entries
+
+
+# --- Pascal VOC ImageSets/Main: one list per class and split -> multi-label ------------
+
+
+def _read_voc_directory(root: Path, directory: Path) -> tuple[list[_Entry], int, list[str]]:
+    """Entries of a VOC `ImageSets/Main` directory (every `<class>_<split>.txt`): an
+    image's targets are the classes whose list marks it 1, its ignored classes those
+    marking it 0 (difficult). Returns (entries, difficult marks, classes)."""
+    lists, classes = _voc_lists(directory)
+    entries: list[_Entry] = []
+    difficult = 0
+    for split in _voc_used_splits(set(lists)):
+        images: dict[str, tuple[set[str], set[str]]] = {}
+        for name in classes:
+            difficult += _read_voc_list(lists[split][name], name, images)
+        rows = [(image, "", split, tuple(sorted(targets)), tuple(sorted(hard)))
+                for image, (targets, hard) in images.items()]
+        entries += _locate(root, directory, rows)
+    return entries, difficult, classes
+
+
+def _voc_lists(directory: Path) -> tuple[dict[str, dict[str, Path]], list[str]]:
+    """{split: {class: list file}} and the sorted classes; every class needs a list for
+    every split found. Other files (VOC's train.txt, val.txt, ...) are not labels."""
+    lists: dict[str, dict[str, Path]] = {}
+    for entry in _list_dir(directory):
+        stem, _, extension = entry.name.rpartition(".")
+        name, _, split = stem.rpartition("_")
+        if extension.lower() == "txt" and name and split in VOC_SPLITS and entry.is_file():
+            lists.setdefault(split, {})[name] = Path(entry.path)
+    if not lists:
+        raise DatasetError(
+            "expected Pascal VOC lists named <class>_<split>.txt (split train, val, trainval "
+            f"or test) in the labels directory; found none. Received: labels='{directory}'. "
+            "Give the ImageSets/Main directory, or a labels file."
+        )
+    classes = sorted({name for by_class in lists.values() for name in by_class})
+    for split, by_class in sorted(lists.items()):
+        absent = [name for name in classes if name not in by_class]
+        if absent:
+            raise DatasetError(
+                f"expected a list for every class in every split; the {split} split has no "
+                f"list of {len(absent)} classes, e.g. '{absent[0]}_{split}.txt'. Received: "
+                f"labels='{directory}'. Add the missing lists or remove that class's others."
+            )
+    return lists, classes
+
+
+def _voc_used_splits(found: set[str]) -> list[str]:
+    """train and val when both are listed (trainval is their union); else trainval (val
+    is then carved from it); else train (val carved) or val alone; test when listed."""
+    if {"train", "val"} <= found:
+        chosen = ["train", "val"]
+    elif "trainval" in found:
+        chosen = ["trainval"]
+    else:
+        chosen = [split for split in ("train", "val") if split in found]
+    return chosen + (["test"] if "test" in found else [])
+
+
+def _read_voc_list(path: Path, name: str, images: dict[str, tuple[set[str], set[str]]]) -> int:
+    """Add one class's list (`image 1|-1|0` lines) to `images`; returns its 0 marks."""
+    seen: set[str] = set()
+    difficult = 0
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or parts[1] not in LIST_LABELS:
+            raise DatasetError(
+                f"expected lines 'name label' with label 1, -1 or 0 (difficult). "
+                f"Received: line {number} '{line.strip()}' in '{path}'"
+            )
+        if parts[0] in seen:
+            raise DatasetError(
+                f"expected each image once in a list; '{parts[0]}' is listed again on line "
+                f"{number} of '{path}'. Remove the repeated line."
+            )
+        seen.add(parts[0])
+        targets, hard = images.setdefault(parts[0], (set(), set()))
+        flag = LIST_LABELS[parts[1]]
+        if flag:
+            targets.add(name)
+        elif flag is None:
+            hard.add(name)
+            difficult += 1
+    return difficult
 
 
 def _resolve_listed(root: Path, name: str) -> str | None:

@@ -313,7 +313,9 @@ def _read_all(cache: FeatureCache) -> tuple[list[DuplicateImage], np.ndarray]:
     blocks = []
     for split in cache.splits:
         part = cache.split(split)
-        images += [DuplicateImage(split, path, classes[int(label)])
+        # multi-label: a (K,) 0/1 row, named by its classes joined with ';'
+        images += [DuplicateImage(split, path, classes[int(label)] if np.ndim(label) == 0
+                                  else ";".join(c for c, on in zip(classes, label) if on) or "none")
                    for path, label in zip(part.paths, part.labels)]
         blocks.append(np.asarray(part.features, dtype=np.float32).reshape(len(part), -1))
     if not blocks:

@@ -24,7 +24,9 @@ import numpy as np
 from probe.errors import DatasetError
 
 __all__ = ["compute_metrics", "wilson_interval", "bootstrap_intervals", "split_role",
-           "SPLIT_ROLES", "CONFIDENCE", "BOOTSTRAP_RESAMPLES"]
+           "SPLIT_ROLES", "CONFIDENCE", "BOOTSTRAP_RESAMPLES", "compute_multilabel_metrics",
+           "average_precisions", "mean_average_precision", "weighted_average_precision",
+           "best_f1_thresholds"]
 
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 1000
@@ -179,3 +181,233 @@ def compute_metrics(y_true: Any, proba: Any, classes: list[str], seed: int = 0) 
     if K > 5:
         metrics["top5_accuracy"] = float(top_k_accuracy_score(y, P, k=5, labels=labels))
     return metrics
+
+
+# --------------------------------------------------------------------------- #
+# Multi-label: several classes per image, an (N, K) 0/1 target matrix
+# --------------------------------------------------------------------------- #
+
+# resampled images held at once by the average-precision bootstrap (per class)
+_AP_BOOTSTRAP_CELLS = 2_000_000
+
+
+def _tie_group_ends(scores: np.ndarray) -> np.ndarray:
+    """For scores sorted in decreasing order, the index of the last element of each
+    element's group of equal scores (a threshold includes all of its ties)."""
+    n = scores.size
+    is_end = np.ones(n, dtype=bool)
+    is_end[:-1] = scores[1:] != scores[:-1]
+    ends = np.flatnonzero(is_end)
+    return ends[np.searchsorted(ends, np.arange(n))]
+
+
+def weighted_average_precision(y: np.ndarray, scores: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Average precision of one class for each row of ``counts`` ((R, n) image
+    multiplicities: one row of ones is the plain score; bootstrap resamples otherwise).
+
+    scikit-learn's definition (``average_precision_score``): the sum over thresholds of
+    the precision times the gain in recall, a threshold including all tied scores. NaN
+    where a row has no positive image."""
+    order = np.argsort(-scores, kind="stable")
+    return _sorted_average_precision(y[order], _tie_group_ends(scores[order]),
+                                     np.asarray(counts)[:, order])
+
+
+def _sorted_average_precision(y: np.ndarray, ends: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """`weighted_average_precision` of entries already sorted by decreasing score
+    (``ends``: `_tie_group_ends` of the sorted scores)."""
+    positive = y.astype(bool)
+    counts = counts.astype(np.int64 if counts.sum() >= 2**31 else np.int32, copy=False)
+    hits = counts[:, positive]
+    # running sums in integers (exact); the true positives only change at positives
+    predicted = np.cumsum(counts, axis=1)
+    true_positives = np.cumsum(hits, axis=1)
+    at_ends = ends[positive]  # the precision a positive counts with: at the end of its ties
+    # the true positives at a tie group's end: those of the group's last positive
+    last_positive = np.searchsorted(np.flatnonzero(positive), at_ends, side="right") - 1
+    precision = true_positives[:, last_positive] / np.maximum(predicted[:, at_ends], 1).astype(np.float64)
+    positives = (true_positives[:, -1] if hits.shape[1] else np.zeros(counts.shape[0])).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(positives > 0, (hits * precision).sum(axis=1) / positives, np.nan)
+
+
+def _class_entries(Y: np.ndarray, P: np.ndarray, ignore: np.ndarray | None, k: int):
+    """The rows that count for class ``k`` (VOC: difficult entries are left out), its
+    targets and its scores."""
+    rows = np.arange(Y.shape[0]) if ignore is None else np.flatnonzero(~ignore[:, k])
+    return rows, Y[rows, k], P[rows, k]
+
+
+def average_precisions(y_true: Any, proba: Any, ignore: Any = None) -> np.ndarray:
+    """Per-class average precision (threshold-free) of an (N, K) score matrix against an
+    (N, K) 0/1 target matrix, leaving out the entries of ``ignore`` ((N, K) bool) class
+    by class; NaN for a class without a positive entry."""
+    Y, P = np.asarray(y_true), np.asarray(proba, dtype=np.float64)
+    mask = None if ignore is None else np.asarray(ignore, dtype=bool)
+    values = []
+    for k in range(Y.shape[1]):
+        _, y, s = _class_entries(Y, P, mask, k)
+        values.append(weighted_average_precision(y, s, np.ones((1, y.size)))[0])
+    return np.array(values, dtype=np.float64)
+
+
+def mean_average_precision(y_true: Any, proba: Any, ignore: Any = None) -> float:
+    """The mean of the defined per-class average precisions (0.0 when none is defined)."""
+    values = average_precisions(y_true, proba, ignore)
+    return float(np.nanmean(values)) if np.any(~np.isnan(values)) else 0.0
+
+
+def _bootstrap_counts(n: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """(resamples, n) multiplicities of the images in each resample."""
+    drawn = rng.integers(0, n, size=(resamples, n))
+    offsets = np.arange(resamples)[:, None] * n
+    counts = np.bincount((drawn + offsets).ravel(), minlength=resamples * n).reshape(resamples, n)
+    return counts.astype(np.int32)  # at most n per image
+
+
+def _bootstrap_map(Y: np.ndarray, P: np.ndarray, ignore: np.ndarray | None,
+                   counts: np.ndarray) -> np.ndarray:
+    """Mean average precision of every resample (classes without a positive in a
+    resample are left out of its mean, as at the point estimate)."""
+    per_class = np.full((counts.shape[0], Y.shape[1]), np.nan)
+    for k in range(Y.shape[1]):
+        rows, y, s = _class_entries(Y, P, ignore, k)
+        order = np.argsort(-s, kind="stable")
+        columns, y, ends = rows[order], y[order], _tie_group_ends(s[order])
+        step = max(1, _AP_BOOTSTRAP_CELLS // max(1, rows.size))
+        for start in range(0, counts.shape[0], step):
+            per_class[start:start + step, k] = _sorted_average_precision(
+                y, ends, counts[start:start + step, columns])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample with no positive at all
+        return np.nan_to_num(np.nanmean(per_class, axis=1), nan=0.0)
+
+
+def _f1_scores(true_positives, predicted, actual) -> tuple[np.ndarray, np.ndarray]:
+    """Micro and macro F1 from per-class counts (..., K); a class never seen nor predicted
+    counts as 0 in the macro mean, as in the single-label metrics."""
+    tp, pp, ap = (np.asarray(a, dtype=np.float64) for a in (true_positives, predicted, actual))
+    denominator = pp + ap
+    per_class = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1e-300), 0.0)
+    total = denominator.sum(axis=-1)
+    micro = np.where(total > 0, 2 * tp.sum(axis=-1) / np.maximum(total, 1e-300), 0.0)
+    return micro, per_class.mean(axis=-1)
+
+
+def _check_multilabel(y_true: Any, proba: Any, names: list[str], thresholds: Any,
+                      ignore: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Y (N, K) int64 0/1, P (N, K) float64 in [0, 1], thresholds (K,), ignore (N, K) bool
+    or None; a DatasetError naming what is wrong otherwise."""
+    K = len(names)
+    Y, P = np.asarray(y_true), np.asarray(proba, dtype=np.float64)
+    if P.ndim != 2 or P.shape[1] != K or Y.shape != P.shape:
+        raise DatasetError(
+            f"multi-label metrics need `y_true` and `proba` of the same shape (N, {K}) for the "
+            f"{K} classes given. Received: y_true.shape={Y.shape}, proba.shape={P.shape}")
+    if Y.shape[0] == 0:
+        raise DatasetError("metrics need at least one sample. Received: y_true with 0 samples")
+    if Y.dtype.kind not in "iub" or not np.isin(Y, (0, 1)).all():
+        raise DatasetError(f"`y_true` must be a 0/1 matrix (one column per class). Received: "
+                           f"values {np.unique(Y)[:5].tolist()}")
+    if not np.all(np.isfinite(P)) or P.min() < 0 or P.max() > 1:
+        raise DatasetError("`proba` must hold probabilities in [0, 1], e.g. the output of "
+                           f"`predict_proba`. Received: values from {np.nanmin(P):.4g} to {np.nanmax(P):.4g}")
+    T = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (K,))
+    mask = None
+    if ignore is not None:
+        mask = np.asarray(ignore, dtype=bool)
+        if mask.shape != Y.shape:
+            raise DatasetError(f"`ignore` must have the shape of `y_true`. Received: "
+                               f"ignore.shape={mask.shape}, y_true.shape={Y.shape}")
+    return Y.astype(np.int64), P, T, mask
+
+
+def _multilabel_intervals(Y, P, pred, mask, seed: int, resamples: int) -> dict[str, list[float]]:
+    """95% percentile-bootstrap intervals (images resampled, seeded) of mean average
+    precision and micro / macro F1."""
+    counts = _bootstrap_counts(Y.shape[0], resamples, np.random.default_rng(seed))
+    keep = np.ones_like(Y, dtype=bool) if mask is None else ~mask
+    tp = counts @ ((pred == 1) & (Y == 1) & keep)
+    predicted = counts @ ((pred == 1) & keep)
+    actual = counts @ ((Y == 1) & keep)
+    micro, macro = _f1_scores(tp, predicted, actual)
+    tail = (1 - CONFIDENCE) / 2 * 100
+    intervals = {}
+    for name, values in (("mean_average_precision", _bootstrap_map(Y, P, mask, counts)),
+                         ("micro_f1", micro), ("macro_f1", macro)):
+        low, high = np.percentile(values, [tail, 100 - tail])
+        intervals[f"{name}_ci"] = [float(low), float(high)]
+    return intervals
+
+
+def compute_multilabel_metrics(y_true: Any, proba: Any, classes: list[str], thresholds: Any,
+                               ignore: Any = None, seed: int = 0,
+                               resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, Any]:
+    """Multi-label metrics of ``proba`` ((N, K) independent probabilities) against
+    ``y_true`` ((N, K) 0/1), leaving out the entries of ``ignore`` ((N, K) bool, VOC's
+    "difficult") class by class.
+
+    Threshold-free: ``mean_average_precision`` and per class ``average_precision`` (None
+    for a class without a positive image; left out of the mean). At ``thresholds`` (one
+    per class, predicted = proba >= threshold): ``micro_f1``, ``macro_f1`` and
+    ``exact_match_accuracy`` (every non-ignored entry of the image right). Intervals:
+    ``exact_match_accuracy_ci`` Wilson, the others a bootstrap over the images seeded by
+    ``seed``. Also ``per_class`` (precision, recall, f1, support, average_precision,
+    threshold), ``log_loss`` (mean binary cross-entropy) and ``n_samples``."""
+    names = [str(c) for c in classes]
+    Y, P, T, mask = _check_multilabel(y_true, proba, names, thresholds, ignore)
+    pred = (P >= T).astype(np.int64)
+    keep = np.ones_like(Y, dtype=bool) if mask is None else ~mask
+    tp = ((pred == 1) & (Y == 1) & keep).sum(axis=0)
+    predicted, actual = ((pred == 1) & keep).sum(axis=0), ((Y == 1) & keep).sum(axis=0)
+    micro, macro = _f1_scores(tp, predicted, actual)
+    exact = int(np.sum(np.all((pred == Y) | ~keep, axis=1)))
+    ap = average_precisions(Y, P, mask)
+    clipped = np.clip(P, 1e-15, 1 - 1e-15)
+    bce = -(Y * np.log(clipped) + (1 - Y) * np.log(1 - clipped))
+    per_class = {}
+    for k, name in enumerate(names):
+        precision = tp[k] / predicted[k] if predicted[k] else 0.0
+        recall = tp[k] / actual[k] if actual[k] else 0.0
+        f1 = 2 * tp[k] / (predicted[k] + actual[k]) if predicted[k] + actual[k] else 0.0
+        per_class[name] = {"precision": float(precision), "recall": float(recall), "f1": float(f1),
+                           "support": int(actual[k]), "ignored": int((~keep[:, k]).sum()),
+                           "average_precision": None if np.isnan(ap[k]) else float(ap[k]),
+                           "threshold": float(T[k])}
+    return {
+        "multilabel": True,
+        "n_samples": int(Y.shape[0]),
+        "mean_average_precision": float(np.nanmean(ap)) if np.any(~np.isnan(ap)) else 0.0,
+        "average_precision": {name: per_class[name]["average_precision"] for name in names},
+        "micro_f1": float(micro),
+        "macro_f1": float(macro),
+        "exact_match_accuracy": exact / Y.shape[0],
+        "exact_match_accuracy_ci": list(wilson_interval(exact, int(Y.shape[0]))),
+        **_multilabel_intervals(Y, P, pred, mask, seed, resamples),
+        "log_loss": float(bce[keep].mean()) if keep.any() else 0.0,
+        "thresholds": {name: float(T[k]) for k, name in enumerate(names)},
+        "per_class": per_class,
+    }
+
+
+def best_f1_thresholds(y_true: Any, proba: Any, ignore: Any = None,
+                       default: float = 0.5) -> np.ndarray:
+    """One decision threshold per class: the one with the best F1 on (y_true, proba), the
+    midpoint between the lowest score predicted positive and the next score (so that
+    ``proba >= threshold`` reproduces the cut); ``default`` for a class without a positive."""
+    Y, P = np.asarray(y_true), np.asarray(proba, dtype=np.float64)
+    mask = None if ignore is None else np.asarray(ignore, dtype=bool)
+    thresholds = np.full(Y.shape[1], float(default))
+    for k in range(Y.shape[1]):
+        _, y, s = _class_entries(Y, P, mask, k)
+        if not y.any():
+            continue
+        order = np.argsort(-s, kind="stable")
+        y, s = y[order], s[order]
+        ends = np.unique(_tie_group_ends(s))  # cut after a whole group of ties
+        true_positives = np.cumsum(y)[ends]
+        f1 = 2 * true_positives / (ends + 1 + y.sum())
+        best = int(ends[np.argmax(f1)])  # first best: the highest threshold among equals
+        below = s[best + 1] if best + 1 < s.size else 0.0
+        thresholds[k] = float((s[best] + below) / 2) if s[best] > below else float(s[best])
+    return thresholds

@@ -288,6 +288,7 @@ def _attrs(plan: ExtractionPlan, extraction: ExtractionSettings, split: SplitSet
         **extraction.to_attrs(),
         "feature_shape": list(feature_shape),
         "classes": found.classes,
+        **({"multilabel": True} if found.multilabel else {}),  # single-label: as before
         "dataset_root": str(found.root),
         **split.to_attrs(),
         "ignored_files": found.ignored,

@@ -26,10 +26,12 @@ from .cache import FeatureCache
 from .errors import DatasetError, FinetuneError, RunError
 from .heads import check_params, keras_class_weight
 from .progress import Advanced, Finished, Note, ProgressCallback, Started, emit
-from .runs import (MODEL_FILE, Run, check_writable, run_config, save_run, write_run_files,
+from .runs import (MODEL_FILE, Run, check_writable, run_config, save_run, write_multilabel_files,
+                   write_run_files,
                    write_split_predictions)
 
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "top5_accuracy")
+ML_HEADLINE = ("mean_average_precision", "micro_f1", "macro_f1", "exact_match_accuracy", "log_loss")
 _ESTIMATE_AFTER = 3  # batches: the first one also builds the training graph
 _PIXEL_CACHE_BYTES = 512 * 2**20  # decoded images kept in memory between epochs
 
@@ -65,6 +67,15 @@ class _Job:
     @property
     def classes(self) -> list[str]:
         return list(self.source.config["classes"])
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether the labels are (N, K) 0/1 matrices: several classes per image."""
+        return np.ndim(self.splits["train"][1]) == 2
+
+    def ignore(self, split: str) -> np.ndarray | None:
+        """Multi-label: the entries left out of a class's metrics (VOC's difficult)."""
+        return self.cache.ignore_mask(split) if self.multilabel else None
 
     def sequence(self, split: str, training: bool = False):
         paths, labels = self.splits[split]
@@ -185,14 +196,39 @@ def _build_models(job: _Job) -> None:
         x = keras.layers.RandomRotation(0.05, seed=settings.seed, name="augment_rotation")(x)
         x = keras.layers.RandomZoom(0.1, seed=settings.seed, name="augment_zoom")(x)
     job.trainer = keras.Model(inputs, job.model(x), name="finetune_trainer")
+    if job.multilabel:  # independent sigmoid outputs: binary cross-entropy
+        job.trainer.compile(optimizer=keras.optimizers.Adam(learning_rate=settings.learning_rate),
+                            loss=_multilabel_loss(job),
+                            metrics=[keras.metrics.BinaryAccuracy(name="accuracy")])
+        return
     job.trainer.compile(optimizer=keras.optimizers.Adam(learning_rate=settings.learning_rate),
                         loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
 
+def _multilabel_loss(job: _Job):
+    """Binary cross-entropy; with the source head's class_weight="balanced", each class's
+    positives and negatives weighted apart (as the dense head trains)."""
+    from .heads.base import balanced_label_weights
+    from .heads.dense import weighted_binary_crossentropy
+
+    if (job.source.config.get("head_params") or {}).get("class_weight") != "balanced":
+        return "binary_crossentropy"
+    return weighted_binary_crossentropy(*balanced_label_weights(job.splits["train"][1]))
+
+
+def _score(job: _Job, split: str, proba: np.ndarray, thresholds: np.ndarray | None) -> dict:
+    """Metrics of ``proba`` on one split (multi-label: at ``thresholds``)."""
+    labels = job.splits[split][1]
+    if job.multilabel:
+        return evaluate.compute_multilabel_metrics(labels, proba, job.classes, thresholds,
+                                                   ignore=job.ignore(split), seed=job.settings.seed)
+    return evaluate.compute_metrics(labels, proba, job.classes, seed=job.settings.seed)
+
+
 def _metrics_of(job: _Job, split: str) -> dict:
-    """Metrics of the model as it is now on one split."""
-    return evaluate.compute_metrics(job.splits[split][1], _predict(job.model, job.sequence(split)),
-                                    job.classes, seed=job.settings.seed)
+    """Metrics of the model as it is now on one split (multi-label: at the source run's
+    thresholds)."""
+    return _score(job, split, _predict(job.model, job.sequence(split)), job.source.thresholds)
 
 
 def _baseline_loss(job: _Job) -> float:
@@ -212,8 +248,9 @@ def _train(job: _Job, baseline: float, progress: ProgressCallback | None) -> tup
         "train": len(job.splits["train"][0]), "val": len(job.splits["val"][0]),
         "epochs": settings.epochs, "steps": len(train_sequence), "device": device,
         "baseline_val_loss": baseline}))
-    class_weight = keras_class_weight((job.source.config.get("head_params") or {}).get("class_weight"),
-                                      job.splits["train"][1], len(job.classes))
+    class_weight = None if job.multilabel else keras_class_weight(
+        (job.source.config.get("head_params") or {}).get("class_weight"),
+        job.splits["train"][1], len(job.classes))
     keeper = _BestWeights(job.model, baseline, settings.patience)
     callbacks = [keeper, _ProgressCallback(progress, settings.epochs, len(train_sequence),
                                            len(val_sequence), device)]
@@ -238,13 +275,19 @@ def _save(job: _Job, runs: Path, before: dict, history: dict, best: dict, baseli
     settings, config = job.settings, job.source.config
     labels = job.splits[job.evaluation][1]
     proba = _predict(job.model, job.sequence(job.evaluation))
-    after = evaluate.compute_metrics(labels, proba, job.classes, seed=settings.seed)
+    thresholds = None
+    if job.multilabel:  # chosen again on val, which also chose the epoch
+        val_proba = proba if job.evaluation == "val" else _predict(job.model, job.sequence("val"))
+        thresholds = evaluate.best_f1_thresholds(job.splits["val"][1], val_proba, job.ignore("val"))
+    after = _score(job, job.evaluation, proba, thresholds)
+    headline = ML_HEADLINE if job.multilabel else HEADLINE
+    interval = "mean_average_precision_ci" if job.multilabel else "accuracy_ci"
     metrics = {
         "split": job.evaluation, "split_role": evaluate.split_role(job.evaluation),
         "selected_on": "val", **after,
-        "before": {key: before[key] for key in (*HEADLINE, "accuracy_ci") if key in before},
+        "before": {key: before[key] for key in (*headline, interval) if key in before},
         "comparison": {key: {"before": before[key], "after": after[key]}
-                       for key in HEADLINE if key in after},
+                       for key in headline if key in after},
         "fit_seconds": round(fit_seconds, 3),
         "best_epoch": best["epoch"], "epochs_run": len(history.get("loss", [])),
         "baseline_val_loss": baseline, "kept_baseline": best["epoch"] == 0,
@@ -257,15 +300,21 @@ def _save(job: _Job, runs: Path, before: dict, history: dict, best: dict, baseli
         "trainable_parameters": int(sum(np.prod(w.shape) for w in job.trainer.trainable_weights)),
         "before": "the source run's head on the same images, recomputed end to end",
     }
+    multilabel = {} if thresholds is None else {
+        "multilabel": True, "thresholds": {c: float(t) for c, t in zip(job.classes, thresholds)}}
     new_config = run_config(job.cache, head=config["head"], head_params=config.get("head_params"),
-                            finetune=finetune_settings, fit_seconds=fit_seconds)
+                            finetune=finetune_settings, fit_seconds=fit_seconds, **multilabel)
 
     def write(directory: Path) -> None:
         job.model.save(directory / MODEL_FILE)
         write_run_files(directory, new_config, metrics, history)
-        write_split_predictions(directory / "test_predictions.csv",
-                                [str(p) for p in job.cache.paths(job.evaluation)], labels, proba,
-                                job.classes)
+        paths = [str(p) for p in job.cache.paths(job.evaluation)]
+        if job.multilabel:
+            write_multilabel_files(directory, paths, labels, job.ignore(job.evaluation), proba,
+                                   thresholds, job.classes, metrics)
+        else:
+            write_split_predictions(directory / "test_predictions.csv", paths, labels, proba,
+                                    job.classes)
 
     labels_ = (job.spec.name, f"{config['head']}-finetune{settings.unfreeze}")
     return Run(save_run(runs, labels_, write), new_config, metrics)

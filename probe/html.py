@@ -37,7 +37,8 @@ __all__ = ["write_report", "REPORT_FILE", "Caps"]
 REPORT_FILE = "report.html"
 PREDICTIONS_FILE = "test_predictions.csv"
 COMPARE_CSV = "compare.csv"
-METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "top5_accuracy")
+METRIC_KEYS = ("accuracy", "balanced_accuracy", "mean_average_precision", "micro_f1", "macro_f1",
+               "exact_match_accuracy", "log_loss", "top5_accuracy")
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf")
 BLANK_GIF = ("data:image/gif;base64,"
@@ -341,7 +342,9 @@ def _metrics_section(inputs: RunInputs) -> str:
 
 def _plots_section(inputs: RunInputs) -> str:
     parts = []
-    for name, label in (("confusion_matrix.png", "Confusion matrix"), ("curves.png", "Training curves")):
+    for name, label in (("confusion_matrix.png", "Confusion matrix"),
+                        ("precision_recall.png", "Precision-recall per class"),
+                        ("curves.png", "Training curves")):
         uri = png_uri(inputs.directory / name)
         if uri:
             parts.append(f'<figure><img class="plot" src="{uri}" alt="{label}"></figure>')
@@ -398,11 +401,18 @@ def _embedding_inputs(inputs: RunInputs, caps: Caps) -> Embedding | None:
         part = cache.split(split)
         features.append(np.asarray(part.features, dtype=np.float32).reshape(len(part), -1))
         paths += part.paths
-        labels += [classes[int(v)] for v in part.labels]
+        labels += [_label_text(v, classes) for v in part.labels]
         splits += [split] * len(part)
     if not features:
         return None
     return Embedding(centre(np.concatenate(features)), paths, labels, splits)
+
+
+def _label_text(label: Any, classes: list[str]) -> str:
+    """A sample's class name; multi-label: its classes joined by ';' ("none" for none)."""
+    if np.ndim(label) == 0:
+        return classes[int(label)]
+    return ";".join(c for c, present in zip(classes, label) if present) or "none"
 
 
 def map_coordinates(X: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
@@ -589,7 +599,10 @@ def render_comparison(directory: Path) -> str:
     each run's report."""
     with open(directory / COMPARE_CSV, newline="", encoding="utf-8", errors="surrogateescape") as handle:
         records = list(csv.DictReader(handle))
-    columns = ["rank", "backbone", "head", "accuracy", "balanced_accuracy", "macro_f1",
+    multilabel = bool(records) and "mean_average_precision" in records[0]
+    scores = (["mean_average_precision", "micro_f1", "macro_f1", "exact_match_accuracy"] if multilabel
+              else ["accuracy", "balanced_accuracy", "macro_f1"])
+    columns = ["rank", "backbone", "head", *scores,
                "feature_size", "images_per_second", "fit_seconds", "status", "report"]
     head = "".join(f"<th>{esc(c)}</th>" for c in columns)
     body = []
@@ -604,7 +617,8 @@ def render_comparison(directory: Path) -> str:
     chart = png_uri(directory / "compare.png")
     figure = f'<figure><img class="plot" src="{chart}" alt="comparison chart"></figure>' if chart else ""
     split = next((r.get("split") for r in records if r.get("split")), "test")
-    text = f"<p>Ranked by {esc(split)} accuracy, then macro F1; failed rows last.</p>"
+    score = "mean average precision" if multilabel else "accuracy"
+    text = f"<p>Ranked by {esc(split)} {score}, then macro F1; failed rows last.</p>"
     sections = _section("ranking", "Ranked backbones and heads", text + table + figure)
     return page(f"probe comparison: {directory.name}", sections)
 

@@ -24,9 +24,21 @@ class Prediction:
     """One image's prediction, or the reason it could not be read."""
 
     path: str
-    predicted: str | None
+    predicted: str | None  # multi-label: the predicted labels joined by ";"
     probabilities: dict[str, float] | None
     error: str | None = None
+    labels: list[str] | None = None  # multi-label: the classes at or above their thresholds
+
+
+def _prediction(path: Path, row: np.ndarray, classes: list[str],
+                thresholds: np.ndarray | None) -> Prediction:
+    """One image's prediction: the most probable class, or (multi-label) every class whose
+    probability reaches its threshold."""
+    probabilities = {c: float(v) for c, v in zip(classes, row)}
+    if thresholds is None:
+        return Prediction(str(path), classes[int(np.argmax(row))], probabilities)
+    labels = [c for c, v, t in zip(classes, row, thresholds) if v >= t]
+    return Prediction(str(path), ";".join(labels), probabilities, labels=labels)
 
 
 def preprocessing_weights(mode: str) -> tuple[np.ndarray, np.ndarray]:
@@ -150,8 +162,9 @@ def predict(
     batch_size: int = 32,
     output: str | os.PathLike | None = None,
 ) -> list[Prediction]:
-    """Predict the class of every image under `inputs` with a run's model. A file that can
-    not be decoded gets a row with the reason; the others are still predicted. `output`
+    """Predict the class of every image under `inputs` with a run's model (multi-label:
+    `Prediction.labels`, the classes whose probability reaches the threshold recorded in
+    the run, and every probability). A file that can not be decoded gets a row with the reason; the others are still predicted. `output`
     is checked for writing before any work.
 
     >>> probe.predict(".probe/runs/20260101-120000-vgg16-logreg", ["new_photos/"])
@@ -164,6 +177,7 @@ def predict(
     model = load_model(run)
     size = int(run.config["image_size"])
     classes = run.classes
+    thresholds = run.thresholds
     results: list[Prediction] = []
     for start in range(0, len(images), batch_size):
         pixels, good, errors = _decode(images[start:start + batch_size], size)
@@ -171,9 +185,7 @@ def predict(
         if not good:
             continue
         proba = np.asarray(model.predict_on_batch(pixels))
-        for path, row in zip(good, proba):
-            results.append(Prediction(str(path), classes[int(np.argmax(row))],
-                                      {c: float(v) for c, v in zip(classes, row)}))
+        results += [_prediction(path, row, classes, thresholds) for path, row in zip(good, proba)]
     order = {str(path): i for i, path in enumerate(images)}
     results.sort(key=lambda r: order[r.path])
     if output is not None:
@@ -219,7 +231,9 @@ def write_predictions(results: list[Prediction], classes: list[str], output: str
 
 
 def export(run: str | os.PathLike | Run, out: str | os.PathLike) -> Path:
-    """Write one Keras model: RGB image in (0-255, the run's input size), probabilities out.
+    """Write one Keras model: RGB image in (0-255, the run's input size), probabilities out
+    (multi-label: one sigmoid probability per class; the decision thresholds are in the
+    run's config.json, `Run.thresholds`).
 
     >>> probe.export(".probe/runs/20260101-120000-vgg16-logreg", "cats_dogs.keras")
     """

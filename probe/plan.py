@@ -36,7 +36,8 @@ class Source:
 
 @dataclass
 class Entry:
-    """One row of the cache to be written: a sample and where its features are."""
+    """One row of the cache to be written: a sample and where its features are
+    (multi-label: `targets` and `ignored` are class indices, `label` is -1)."""
 
     path: str
     label: int
@@ -44,6 +45,8 @@ class Entry:
     size: int
     mtime: int
     row: Row
+    targets: tuple[int, ...] = ()
+    ignored: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,11 @@ def source_fingerprint(found: data.Dataset, sources: list[Source], unreadable) -
     re-extract whole datasets whose pixels did not change. A rewrite that keeps both the
     size and the nanosecond mtime has to set the mtime back deliberately (`touch -d`,
     `os.utime`); delete the cache file to extract such files again."""
+    if found.multilabel:  # every label of every image, and the difficult marks
+        return cache_mod.fingerprint(
+            [found.classes, "multilabel",
+             [(s.sample.path, s.sample.targets, s.sample.ignored, s.sample.split, s.size,
+               s.mtime) for s in sources], unreadable])
     return cache_mod.fingerprint(
         [found.classes, [(s.sample.path, s.sample.label, s.sample.split, s.size, s.mtime)
                          for s in sources], unreadable]
@@ -136,10 +144,9 @@ def _changes(previous_records, found: data.Dataset, sources: list[Source],
     new class or split alone needs no extraction, so it is not counted here)."""
     if previous_records is None:
         return {}
-    new = {s.sample.path: (found.classes[s.sample.label], s.sample.split, s.size, s.mtime)
-           for s in sources}
-    new.update({sample.path: (found.classes[sample.label], sample.split, -1, -1)
-                for sample, _ in unreadable})
+    describe = lambda sample: sample.describe(found.classes, found.multilabel)  # noqa: E731
+    new = {s.sample.path: (describe(s.sample), s.sample.split, s.size, s.mtime) for s in sources}
+    new.update({sample.path: (describe(sample), sample.split, -1, -1) for sample, _ in unreadable})
     counts = cache_mod.diff_sources("", previous_records, new).counts()
     return {key: counts[key] for key in ("added", "removed", "modified")}
 
@@ -147,16 +154,18 @@ def _changes(previous_records, found: data.Dataset, sources: list[Source],
 def assemble(plan: ExtractionPlan, rows: Mapping[RowKey, Row], skips: Mapping[RowKey, str],
              root: Path) -> tuple[list[Entry], list[tuple]]:
     """Every row of the new cache (in the samples' order) and every skipped file
-    (path, reason, size, mtime, label, split)."""
+    (path, reason, size, mtime, label, split, targets, ignored)."""
     entries, skipped = [], []
     for s in plan.sources:
+        sample = s.sample
         if s.key in rows:
-            entries.append(Entry(s.sample.path, s.sample.label, s.sample.split, s.size,
-                                 s.mtime, rows[s.key]))
+            entries.append(Entry(sample.path, sample.label, sample.split, s.size, s.mtime,
+                                 rows[s.key], sample.targets, sample.ignored))
         else:
-            skipped.append((s.sample.path, skips[s.key], s.size, s.mtime, s.sample.label,
-                            s.sample.split))
-    skipped += [(s.path, reason, -1, -1, s.label, s.split) for s, reason in plan.unreadable]
+            skipped.append((sample.path, skips[s.key], s.size, s.mtime, sample.label,
+                            sample.split, sample.targets, sample.ignored))
+    skipped += [(s.path, reason, -1, -1, s.label, s.split, s.targets, s.ignored)
+                for s, reason in plan.unreadable]
     if not entries:
         raise ProbeError(
             f"no image of '{root}' could be decoded ({len(skipped)} skipped, e.g. "

@@ -19,6 +19,7 @@ from probe.errors import ProbeError
 from probe.evaluate import compute_metrics
 
 __all__ = ["compute_metrics", "format_interval", "format_table", "plot_confusion_matrix",
+           "plot_precision_recall",
            "plot_curves", "printable"]
 
 
@@ -90,6 +91,38 @@ def plot_confusion_matrix(matrix: Any, classes: list[str], path: str | os.PathLi
                     j, i, text, ha="center", va="center", fontsize=fontsize,
                     color="white" if top and value > top / 2 else "black",
                 )
+    return _save(fig, path)
+
+
+def plot_precision_recall(y_true: Any, proba: Any, classes: list[str], path: str | os.PathLike,
+                          ignore: Any = None, title: str = "Precision-recall per class") -> Path:
+    """Multi-label: one precision-recall curve per class (its difficult entries left out),
+    labelled with its average precision; a class without a positive image is not drawn."""
+    from sklearn.metrics import precision_recall_curve
+
+    from .evaluate import average_precisions
+
+    Y, P = np.asarray(y_true), np.asarray(proba, dtype=np.float64)
+    mask = np.zeros(Y.shape, dtype=bool) if ignore is None else np.asarray(ignore, dtype=bool)
+    ap = average_precisions(Y, P, mask)
+    fig = _new_figure(7.5, 5.5)
+    ax = fig.add_subplot(1, 1, 1)
+    for k, name in enumerate(classes):
+        keep = ~mask[:, k]
+        if np.isnan(ap[k]):
+            continue
+        precision, recall, _ = precision_recall_curve(Y[keep, k], P[keep, k])
+        ax.step(recall, precision, where="post", linewidth=1.2,
+                label=f"{printable(name)} (AP {ap[k]:.3f})")
+    ax.set_xlabel("Recall")
+    ax.set_ylabel("Precision")
+    ax.set_xlim(0, 1.01)
+    ax.set_ylim(0, 1.05)
+    mean = np.nanmean(ap) if np.any(~np.isnan(ap)) else 0.0
+    ax.set_title(f"{title}: mAP {mean:.3f}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower left", fontsize=7 if len(classes) <= 20 else 5,
+              ncol=1 if len(classes) <= 10 else 2)
     return _save(fig, path)
 
 

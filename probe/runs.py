@@ -75,6 +75,20 @@ class Run:
     def is_finetuned(self) -> bool:
         return (self.path / MODEL_FILE).is_file()
 
+    @property
+    def thresholds(self) -> np.ndarray | None:
+        """Multi-label: the decision threshold of each class (in class order), as chosen on
+        validation and recorded in config.json; None for a single-label run."""
+        chosen = self.config.get("thresholds")
+        if not self.config.get("multilabel"):
+            return None
+        try:
+            values = np.array([float(chosen[c]) for c in self.classes])
+        except (KeyError, TypeError, ValueError):
+            raise RunError(f"'{self.path / CONFIG}' records no decision threshold per class for "
+                           "this multi-label run; re-run `probe fit`.") from None
+        return values
+
     def load_head(self) -> heads.Head:
         """The trained head (not for a fine-tuned run, whose head is inside its model),
         checked against the run's class names."""
@@ -148,21 +162,73 @@ def fit(
     reported = chosen.split(roles.report)
     proba = model.predict_proba(reported.features)
     settings_chosen = model.summary_()  # C; k and T; epochs
-    metrics = {**roles.describe(), **evaluate.compute_metrics(reported.labels, proba, chosen.classes),
+    metrics = {**roles.describe(), **score(model, reported, proba, chosen.classes),
                "fit_seconds": round(fit_seconds, 3),
                "skipped_files": [{"path": p, "reason": r} for p, r in chosen.skipped],
                "chosen": settings_chosen, **settings_chosen}
-    config = run_config(chosen, head=head, head_params=model.get_params(), fit_seconds=fit_seconds)
+    config = run_config(chosen, head=head, head_params=model.get_params(), fit_seconds=fit_seconds,
+                        **thresholds_config(model, chosen.classes))
 
     def write(directory: Path) -> None:
         model.save(directory / HEAD_DIR)
         write_run_files(directory, config, metrics, model.curves_())
-        write_split_predictions(directory / "test_predictions.csv", reported.paths,
-                                reported.labels, proba, chosen.classes)
+        if is_multilabel(reported.labels):
+            write_multilabel_files(directory, reported.paths, reported.labels,
+                                   reported.ignore, proba, model.thresholds_,
+                                   chosen.classes, metrics)
+        else:
+            write_split_predictions(directory / "test_predictions.csv", reported.paths,
+                                    reported.labels, proba, chosen.classes)
 
     directory = save_run(runs, (chosen.backbone, head), write)
     notes += html.after_fit(chosen, directory, report=html_report)
     return Run(directory, config, metrics, notes)
+
+
+def is_multilabel(labels: Any) -> bool:
+    """Whether a split's labels are a multi-label (N, K) 0/1 matrix."""
+    return np.ndim(labels) == 2
+
+
+def thresholds_config(model: Any, classes: list[str]) -> dict:
+    """What config.json records of a multi-label head: that it is, and its decision
+    threshold per class (probability >= threshold: the class is predicted)."""
+    if not getattr(model, "multilabel_", False):
+        return {}
+    return {"multilabel": True,
+            "thresholds": {str(c): float(t) for c, t in zip(classes, model.thresholds_)}}
+
+
+def score(model: Any, reported: Any, proba: np.ndarray, classes: list[str]) -> dict:
+    """The metrics of the reported split: single-label (accuracy, ...) or multi-label
+    (mean average precision, ... at the head's thresholds, difficult entries left out)."""
+    if is_multilabel(reported.labels):
+        return evaluate.compute_multilabel_metrics(
+            reported.labels, proba, classes, model.thresholds_,
+            ignore=reported.ignore)
+    return evaluate.compute_metrics(reported.labels, proba, classes)
+
+
+def write_multilabel_files(directory: Path, paths: list[str], labels: np.ndarray,
+                           ignore: np.ndarray | None, proba: np.ndarray, thresholds: np.ndarray,
+                           classes: list[str], metrics: dict) -> None:
+    """test_predictions.csv (the true and predicted label sets, every probability) and
+    precision_recall.png (one curve per class)."""
+    rows = [(p, ";".join(c for c, t in zip(classes, truth) if t),
+             ";".join(c for c, v, th in zip(classes, row, thresholds) if v >= th),
+             *(f"{v:.6f}" for v in row))
+            for p, truth, row in zip(paths, labels, proba)]
+    with store.atomic_write(directory / "test_predictions.csv", "w", newline="", encoding="utf-8",
+                            errors="surrogateescape") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "true", "predicted", *classes])
+        writer.writerows(rows)
+    role = metrics.get("split_role") or metrics.get("split", "test")
+    report.plot_precision_recall(labels, proba, classes, directory / PR_FIGURE, ignore=ignore,
+                                 title=f"Precision-recall per class ({role})")
+
+
+PR_FIGURE = "precision_recall.png"
 
 
 @dataclass(frozen=True)
@@ -339,14 +405,16 @@ def write_run_files(directory: Path, config: dict, metrics: dict, history: Any) 
     store.write_text(directory / CONFIG, json.dumps(config, indent=2, default=store.json_default))
     store.write_text(directory / METRICS, json.dumps(metrics, indent=2, default=store.json_default))
     role = metrics.get("split_role") or metrics.get("split", "test")
-    report.plot_confusion_matrix(metrics["confusion_matrix"], config["classes"],
-                                 directory / "confusion_matrix.png",
-                                 title=f"Confusion matrix ({role})")
+    if "confusion_matrix" in metrics:  # multi-label runs draw precision-recall curves instead
+        report.plot_confusion_matrix(metrics["confusion_matrix"], config["classes"],
+                                     directory / "confusion_matrix.png",
+                                     title=f"Confusion matrix ({role})")
     if history:
         report.plot_curves(history, directory / "curves.png")
 
 
-SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "top5_accuracy")
+SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "mean_average_precision", "micro_f1", "macro_f1",
+                "exact_match_accuracy", "log_loss", "top5_accuracy")
 CI_COLUMN = "95% interval"
 
 

@@ -395,6 +395,8 @@ def _write_file(path: Path, attrs: dict, entries: list[Entry], skipped: list,
     """The HDF5 file itself; every HDF5 object it opens is closed when it returns or
     raises."""
     readers = _RowReader()  # one for every split: parts and caches opened once
+    # multi-label: the number of classes (labels are an (N, K) 0/1 matrix); else None
+    classes = len(attrs["classes"]) if attrs.get("multilabel") else None
     try:
         with _h5open(path, "w", userblock=header_size(attrs)) as handle:
             for key, value in attrs.items():
@@ -402,13 +404,14 @@ def _write_file(path: Path, attrs: dict, entries: list[Entry], skipped: list,
             for split in SPLIT_NAMES:
                 rows = [entry for entry in entries if entry.split == split]
                 if rows:
-                    _write_split(handle, split, rows, feature_shape, readers)
+                    _write_split(handle, split, rows, feature_shape, readers, classes)
             group = handle.create_group("skipped")
             _strings(group, "paths", [s[0] for s in skipped])
             _strings(group, "reasons", [s[1] for s in skipped])
             _numbers(group, "sizes", [s[2] for s in skipped], np.int64)
             _numbers(group, "mtimes", [s[3] for s in skipped], np.int64)
-            _numbers(group, "labels", [s[4] for s in skipped], np.int32)
+            _write_labels(group, [s[4] for s in skipped], [s[6] for s in skipped],
+                          [s[7] for s in skipped], classes)
             _strings(group, "splits", [s[5] for s in skipped])
             del group
     finally:
@@ -416,7 +419,7 @@ def _write_file(path: Path, attrs: dict, entries: list[Entry], skipped: list,
 
 
 def _write_split(handle, split: str, rows: list[Entry], feature_shape: tuple[int, ...],
-                 readers: "_RowReader") -> None:
+                 readers: "_RowReader", classes: int | None = None) -> None:
     group = handle.create_group(split)
     n = len(rows)
     chunk_rows = max(1, min(n, (1 << 20) // max(1, 4 * int(np.prod(feature_shape)))))
@@ -424,7 +427,8 @@ def _write_split(handle, split: str, rows: list[Entry], feature_shape: tuple[int
         "features", shape=(n, *feature_shape), dtype=np.float32,
         chunks=(chunk_rows, *feature_shape), maxshape=(None, *feature_shape), fletcher32=True,
     )
-    _numbers(group, "labels", [r.label for r in rows], np.int32)
+    _write_labels(group, [r.label for r in rows], [r.targets for r in rows],
+                  [r.ignored for r in rows], classes)
     _strings(group, "paths", [r.path for r in rows])
     _numbers(group, "sizes", [r.size for r in rows], np.int64)
     _numbers(group, "mtimes", [r.mtime for r in rows], np.int64)
@@ -494,6 +498,27 @@ def _numbers(group, name: str, values: list[int], dtype) -> None:
         group.create_dataset(name, data=data, chunks=True, fletcher32=True)
     else:
         group.create_dataset(name, data=data)
+
+
+def _write_labels(group, labels: list[int], targets: list[tuple[int, ...]],
+                  ignored: list[tuple[int, ...]], classes: int | None) -> None:
+    """`labels`: class indices (int32, N) of a single-label cache; for a multi-label one
+    (`classes` = K) an (N, K) uint8 0/1 matrix, plus `ignore`, the same shape, 1 where a
+    label is marked difficult, written only when some label is."""
+    if classes is None:
+        _numbers(group, "labels", labels, np.int32)
+        return
+    _numbers(group, "labels", _indicator(targets, classes), np.uint8)
+    if any(ignored):
+        _numbers(group, "ignore", _indicator(ignored, classes), np.uint8)
+
+
+def _indicator(indices: list[tuple[int, ...]], classes: int) -> np.ndarray:
+    """(N, K) uint8 with row i set to 1 at the class indices of `indices[i]`."""
+    matrix = np.zeros((len(indices), classes), dtype=np.uint8)
+    for row, columns in enumerate(indices):
+        matrix[row, list(columns)] = 1
+    return matrix
 
 
 def _fsync_directory(directory: Path) -> None:

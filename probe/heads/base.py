@@ -172,6 +172,7 @@ class FitData:
     y_val: np.ndarray | None
     classes: np.ndarray
     input_shape: tuple[int, ...]
+    multilabel: bool = False  # y is an (N, K) 0/1 matrix: several classes per sample
 
     @property
     def n_classes(self) -> int:
@@ -187,6 +188,8 @@ class FitData:
 def prepare_fit(X: Any, y: Any, X_val: Any, y_val: Any, classes: Any) -> FitData:
     """Validate fit inputs once, for every head."""
     X = as_features(X, "X")
+    if is_indicator(y):
+        return prepare_multilabel_fit(X, y, X_val, y_val, classes)
     y = as_labels(y, X.shape[0], "y")
     input_shape = tuple(int(s) for s in X.shape[1:])
     if (X_val is None) != (y_val is None):
@@ -207,6 +210,89 @@ def prepare_fit(X: Any, y: Any, X_val: Any, y_val: Any, classes: Any) -> FitData
     names = resolve_classes(classes, y, yv)
     check_training_labels(y, yv, names)
     return FitData(flatten(X), y, Xv, yv, names, input_shape)
+
+
+# --------------------------------------------------------------------------- #
+# Multi-label: y is an (N, K) 0/1 matrix (scikit-learn's multilabel-indicator convention)
+# --------------------------------------------------------------------------- #
+
+
+def is_indicator(y: Any) -> bool:
+    """Whether ``y`` is a multi-label target: a 2-D array with more than one column."""
+    shape = np.shape(y)
+    return len(shape) == 2 and shape[1] > 1
+
+
+def as_indicator(y: Any, n: int, name: str = "y", K: int | None = None) -> np.ndarray:
+    """Return ``y`` as an (n, K) int64 0/1 matrix (one column per class)."""
+    arr = np.asarray(y)
+    if arr.ndim != 2 or arr.shape[0] != n:
+        x_name = "X" if name == "y" else "X_val"
+        raise DatasetError(
+            f"`{x_name}` and `{name}` must have the same number of samples, `{name}` one 0/1 column "
+            f"per class. Received: {x_name} with {n} samples, {name}.shape={arr.shape}")
+    if K is not None and arr.shape[1] != K:
+        raise DatasetError(f"`{name}` must have one column per class ({K}). Received: {name}.shape={arr.shape}")
+    if arr.dtype.kind not in "fiub" or not np.isin(arr, (0, 1)).all():
+        raise DatasetError(
+            f"a 2-D `{name}` is a multi-label target and must hold only 0 and 1 (1: the sample "
+            f"carries that class). Received: values {np.unique(arr)[:5].tolist()}")
+    return arr.astype(np.int64)
+
+
+def check_multilabel_training(y: np.ndarray, classes: np.ndarray) -> None:
+    """Every class has training samples with and without it (one binary problem each)."""
+    names = [str(c) for c in classes]
+    positives = y.sum(axis=0)
+    never = [names[k] for k in np.flatnonzero(positives == 0)]
+    always = [names[k] for k in np.flatnonzero(positives == y.shape[0])]
+    if never or always:
+        raise DatasetError(
+            "every class of a multi-label dataset needs training samples with and without it; "
+            + (f"class(es) {never} are on no training sample" if never else "")
+            + ("; " if never and always else "")
+            + (f"class(es) {always} are on every training sample" if always else "")
+            + ". Add images, remove the class, or change the split seed. "
+            f"Received: {y.shape[0]} training samples, positives per class {positives.tolist()}")
+
+
+def prepare_multilabel_fit(X: np.ndarray, y: Any, X_val: Any, y_val: Any, classes: Any) -> FitData:
+    """Validate multi-label fit inputs: ``y`` and ``y_val`` (N, K) 0/1 matrices."""
+    Y = as_indicator(y, X.shape[0], "y")
+    K = Y.shape[1]
+    if (X_val is None) != (y_val is None):
+        raise DatasetError(
+            "pass both `X_val` and `y_val`, or neither. "
+            f"Received: X_val={'None' if X_val is None else 'array'}, y_val={'None' if y_val is None else 'array'}")
+    Xv = Yv = None
+    if X_val is not None:
+        Xv = as_features(X_val, "X_val")
+        Yv = as_indicator(y_val, Xv.shape[0], "y_val", K)
+        if Xv.shape[1:] != X.shape[1:]:
+            raise DatasetError("`X_val` must have the same per-sample shape as `X`. "
+                               f"Received: X.shape={X.shape}, X_val.shape={Xv.shape}")
+        Xv = flatten(Xv)
+    if classes is None:
+        names = np.array([str(i) for i in range(K)], dtype=str)
+    else:
+        names = resolve_classes(classes, np.array([K - 1]), None)
+        if len(names) != K:
+            raise DatasetError(f"`classes` must name the {K} columns of `y`. Received: {len(names)} classes")
+    check_multilabel_training(Y, names)
+    return FitData(flatten(X), Y, Xv, Yv, names, tuple(int(s) for s in X.shape[1:]), True)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """The logistic function, without overflow for large negative logits."""
+    return np.exp(-np.logaddexp(0.0, -np.asarray(logits, dtype=np.float64)))
+
+
+def balanced_label_weights(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, the weights of its positive and negative samples under "balanced"
+    (each class its own binary problem: n / (2 n_positive), n / (2 n_negative))."""
+    n = y.shape[0]
+    positives = y.sum(axis=0).astype(np.float64)
+    return n / (2 * np.maximum(positives, 1)), n / (2 * np.maximum(n - positives, 1))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from probe.errors import ProbeError
 
 from .estimator import Head
 from .options import head_options
-from .base import PREDICT_CHUNK, Curves, FitData, check_params, corrupt, \
+from .base import PREDICT_CHUNK, Curves, FitData, balanced_label_weights, check_params, corrupt, \
     keras_class_weight
 
 HEAD_KERAS = "head.keras"
@@ -149,6 +149,62 @@ class DenseHead(Head):
             self.best_epoch_ = len(self.history_.get("loss", []))
         self.model_ = model
 
+    # -- multi-label: sigmoid outputs, binary cross-entropy ------------------------- #
+    def _build_multilabel(self, X: np.ndarray, Y: np.ndarray):
+        """As `_build`, with one sigmoid output per class and binary cross-entropy (with
+        class_weight="balanced": each class's positives and negatives weighted apart)."""
+        from probe._keras import keras
+
+        inputs = keras.Input(shape=(X.shape[1],), name="features")
+        variance = X.var(axis=0)
+        variance = np.maximum(variance, _VARIANCE_FLOOR * variance.mean() + 1e-12)
+        x = keras.layers.Normalization(mean=X.mean(axis=0), variance=variance, name="standardize")(inputs)
+        if self.hidden_units:
+            x = keras.layers.Dense(int(self.hidden_units), activation="relu", name="hidden")(x)
+            if self.dropout:
+                x = keras.layers.Dropout(float(self.dropout), name="dropout")(x)
+        outputs = keras.layers.Dense(Y.shape[1], activation="sigmoid", name="predictions")(x)
+        model = keras.Model(inputs, outputs, name="dense_head")
+        loss = ("binary_crossentropy" if self.class_weight != "balanced"
+                else weighted_binary_crossentropy(*balanced_label_weights(Y)))
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate=float(self.learning_rate)),
+                      loss=loss, metrics=[keras.metrics.BinaryAccuracy(name="accuracy")])
+        return model
+
+    def _train_multilabel(self, X, Y, epochs: int, validation=None):
+        """A multi-label model trained from a fresh seed; with validation, early-stopped on it."""
+        from probe._keras import keras
+
+        keras.utils.set_random_seed(int(self.seed))
+        model = self._build_multilabel(X, Y)
+        callbacks = []
+        if validation is not None:
+            callbacks.append(keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=int(self.patience), restore_best_weights=True))
+        history = model.fit(X.astype(np.float32), Y.astype(np.float32), validation_data=validation,
+                            epochs=int(epochs), batch_size=int(self.batch_size), callbacks=callbacks,
+                            shuffle=True, verbose=self.verbose)
+        return keras.Model(model.inputs[0], model.outputs[0], name="dense_head"), history.history
+
+    def _fit_multilabel(self, data: FitData) -> np.ndarray | None:
+        K = data.n_classes
+        self._check_size(data.X.shape[1], K)
+        validation = None if data.X_val is None else (data.X_val.astype(np.float32),
+                                                      data.y_val.astype(np.float32))
+        model, history = self._train_multilabel(data.X, data.y, self.epochs, validation)
+        self.history_ = {k: [float(v) for v in vals] for k, vals in history.items()}
+        self.model_ = model
+        val_proba = None
+        if self.history_.get("val_loss"):
+            self.best_epoch_ = int(np.argmin(self.history_["val_loss"])) + 1
+            val_proba = self._predict_flat(data.X_val)  # the early-stopped, train-only model
+            if self.refit:
+                X, Y = data.train_and_val()
+                self.model_, _ = self._train_multilabel(X, Y, self.best_epoch_)
+        else:
+            self.best_epoch_ = len(self.history_.get("loss", []))
+        return val_proba
+
     def _predict_flat(self, X: np.ndarray) -> np.ndarray:
         from probe._keras import keras
 
@@ -214,3 +270,20 @@ class DenseHead(Head):
         self.history_ = {str(k): [float(x) for x in v] for k, v in history.items()}
         self.best_epoch_ = int(meta.get("best_epoch", 0))
         self.model_ = model
+
+
+def weighted_binary_crossentropy(positive: np.ndarray, negative: np.ndarray):
+    """Binary cross-entropy with per-class weights of the positive and negative entries
+    (used for training only: the saved model is not compiled, so it loads in safe mode)."""
+    from probe._keras import keras
+
+    ops = keras.ops
+    pos, neg = positive.astype(np.float32), negative.astype(np.float32)
+
+    def loss(y_true, y_pred):
+        y_true = ops.cast(y_true, "float32")
+        p = ops.clip(y_pred, 1e-7, 1 - 1e-7)
+        weights = y_true * pos + (1 - y_true) * neg
+        return ops.mean(-weights * (y_true * ops.log(p) + (1 - y_true) * ops.log(1 - p)), axis=-1)
+
+    return loss

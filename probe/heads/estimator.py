@@ -15,7 +15,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from probe.errors import DatasetError, NotFittedError, ProbeError
 
-from .base import HEAD_JSON, FORMAT_VERSION, Curves, FitData, HeadOption, as_features, as_labels, \
+from .base import HEAD_JSON, FORMAT_VERSION, Curves, FitData, HeadOption, as_features, as_indicator, as_labels, \
     atomic_write_bytes, check_meta, corrupt, flatten, json_default, prepare_fit, read_head_json
 
 
@@ -39,6 +39,13 @@ class Head(ClassifierMixin, BaseEstimator):
         """Class probabilities of flat, validated features."""
         raise NotImplementedError
 
+    def _fit_multilabel(self, data: FitData) -> np.ndarray | None:
+        """Learn a multi-label model (``data.y`` (N, K) 0/1; sigmoid-like outputs). With
+        validation data, return the validation probabilities of the model chosen on val
+        and fit on train only (the per-class thresholds are chosen on them); else None."""
+        raise ProbeError(f"the {self.name!r} head does not support multi-label targets. "
+                         f"Received: y of shape {data.y.shape}")
+
     def keras_head(self):
         """A Keras model of built-in layers: flat features (None, D) -> probabilities (None, K)."""
         raise NotImplementedError
@@ -61,11 +68,27 @@ class Head(ClassifierMixin, BaseEstimator):
         """Validate, choose settings on (X_val, y_val) when given, learn; returns ``self``."""
         self._check_params()
         data = prepare_fit(X, y, X_val, y_val, classes)
-        self._fit(data)
+        if data.multilabel:
+            self._fit_with_thresholds(data)
+        else:
+            self._fit(data)
+            self.multilabel_ = False
         self.classes_ = data.classes
         self.n_features_in_ = int(data.X.shape[1])
         self.input_shape_ = data.input_shape
         return self
+
+    def _fit_with_thresholds(self, data: FitData) -> None:
+        """Multi-label: fit, then one decision threshold per class, the best F1 on val of
+        the model that never trained on val (0.5 without validation data)."""
+        from probe.evaluate import best_f1_thresholds
+
+        val_proba = self._fit_multilabel(data)
+        self.multilabel_ = True
+        if val_proba is None:
+            self.thresholds_ = np.full(data.n_classes, 0.5)
+        else:
+            self.thresholds_ = best_f1_thresholds(data.y_val, val_proba)
 
     def _check_fitted(self, method: str) -> None:
         try:
@@ -94,16 +117,24 @@ class Head(ClassifierMixin, BaseEstimator):
         return self._predict_flat(self._check_X(X))
 
     def predict(self, X: Any) -> np.ndarray:
-        """Predicted class indices, shape ``(N,)``."""
+        """Predicted class indices, shape ``(N,)``; multi-label: an (N, K) 0/1 matrix, 1
+        where the probability reaches the class's threshold (``thresholds_``)."""
         self._check_fitted("predict")
+        if getattr(self, "multilabel_", False):
+            return (self.predict_proba(X) >= self.thresholds_).astype(np.int64)
         return np.argmax(self.predict_proba(X), axis=1).astype(np.int64)
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
-        """Accuracy of ``predict(X)`` against ``y``."""
+        """Accuracy of ``predict(X)`` against ``y`` (multi-label: exact-match accuracy,
+        every class of the sample right, as scikit-learn's ``accuracy_score``)."""
         self._check_fitted("score")
         X = as_features(X, "X")
-        y = as_labels(y, X.shape[0], "y")
-        hits = (self.predict(X) == y).astype(np.float64)
+        if getattr(self, "multilabel_", False):
+            y = as_indicator(y, X.shape[0], "y", len(self.classes_))
+            hits = np.all(self.predict(X) == y, axis=1).astype(np.float64)
+        else:
+            y = as_labels(y, X.shape[0], "y")
+            hits = (self.predict(X) == y).astype(np.float64)
         return float(np.average(hits, weights=sample_weight))
 
     # -- persistence ------------------------------------------------------ #
@@ -119,7 +150,14 @@ class Head(ClassifierMixin, BaseEstimator):
             "input_shape": [int(s) for s in self.input_shape_],
             "n_features_in": int(self.n_features_in_),
             "params": self._params_json(),
+            **self._multilabel_meta(),
         }
+
+    def _multilabel_meta(self) -> dict[str, Any]:
+        """Multi-label heads record it and their thresholds (single-label: nothing)."""
+        if not getattr(self, "multilabel_", False):
+            return {}
+        return {"multilabel": True, "thresholds": [float(t) for t in self.thresholds_]}
 
     def _save_arrays(self, directory: Path) -> None:
         """Write the learned arrays (``head.npz`` or ``head.keras``)."""
@@ -147,6 +185,12 @@ class Head(ClassifierMixin, BaseEstimator):
         head.classes_ = np.array(meta["classes"], dtype=str)
         head.n_features_in_ = int(meta["n_features_in"])
         head.input_shape_ = tuple(int(s) for s in meta["input_shape"])
+        head.multilabel_ = meta.get("multilabel", False) is True
+        if head.multilabel_:
+            thresholds = np.asarray(meta.get("thresholds"), dtype=np.float64)
+            if thresholds.shape != (len(head.classes_),) or not np.all((thresholds >= 0) & (thresholds <= 1)):
+                raise corrupt(path, "'thresholds' must hold one number in [0, 1] per class")
+            head.thresholds_ = thresholds
         return head
 
     @classmethod

@@ -68,6 +68,16 @@ def vote(sims: np.ndarray, labels: np.ndarray, k: int, temperature: float, n_cla
     return proba / proba.sum(axis=1, keepdims=True)
 
 
+def vote_multilabel(sims: np.ndarray, targets: np.ndarray, k: int, temperature: float) -> np.ndarray:
+    """Multi-label: per class, the similarity-weighted share of the k nearest that carry
+    it (weights exp(similarity / T), normalised to sum to one). ``targets`` are the
+    neighbours' (N, k_max, K) 0/1 rows."""
+    top = sims[:, :k].astype(np.float64)
+    weights = np.exp((top - top[:, :1]) / temperature)
+    weights /= weights.sum(axis=1, keepdims=True)
+    return np.einsum("nj,njc->nc", weights, targets[:, :k].astype(np.float64))
+
+
 class KNNHead(Head):
     """Weighted k-nearest neighbours on L2-normalised features (DINOv2's k-NN protocol).
 
@@ -160,6 +170,8 @@ class KNNHead(Head):
 
     def _predict_flat(self, X: np.ndarray) -> np.ndarray:
         sims, index = nearest(l2_normalise(X), self.bank_, self.k_)
+        if getattr(self, "multilabel_", False):
+            return vote_multilabel(sims, self.bank_labels_[index], self.k_, self.temperature_)
         return vote(sims, self.bank_labels_[index], self.k_, self.temperature_, len(self.classes_))
 
     def keras_head(self):
@@ -180,10 +192,51 @@ class KNNHead(Head):
         weights = ops.exp((top - ops.max(top, axis=-1, keepdims=True)) / self.temperature_)
         label_table = layers.Embedding(n, K, trainable=False, name="knn_labels")
         one_hot = label_table(index)
-        label_table.set_weights([np.eye(K, dtype=np.float32)[self.bank_labels_]])
+        multilabel = getattr(self, "multilabel_", False)
+        rows = self.bank_labels_ if multilabel else np.eye(K)[self.bank_labels_]
+        label_table.set_weights([rows.astype(np.float32)])
         votes = ops.sum(one_hot * ops.expand_dims(weights, -1), axis=1)
-        outputs = votes / ops.sum(votes, axis=-1, keepdims=True)
+        # single-label: votes normalised over the classes; multi-label: each class's
+        # weighted share of the neighbours (the weights normalised)
+        total = ops.sum(weights, axis=-1, keepdims=True) if multilabel else ops.sum(votes, axis=-1, keepdims=True)
+        outputs = votes / total
         return keras.Model(inputs, outputs, name="knn_head")
+
+    # -- multi-label: the weighted share of neighbours carrying each class ----------- #
+    def _fit_multilabel(self, data: FitData) -> np.ndarray | None:
+        """k and T by mean average precision on val (train bank); the bank is then
+        train + val (refit) or train; the val probabilities of the train bank."""
+        from probe.evaluate import mean_average_precision
+
+        bank, targets = l2_normalise(data.X), data.y
+        selection, val_proba = [], None
+        if data.X_val is not None:
+            ks, Ts = self._grid(bank.shape[0])
+            sims, index = nearest(l2_normalise(data.X_val), bank, max(ks))
+            neighbours = targets[index]
+            scored = {}
+            for k in ks:
+                for T in Ts:
+                    scored[k, T] = proba = vote_multilabel(sims, neighbours, k, T)
+                    P = np.clip(proba, 1e-15, 1 - 1e-15)
+                    selection.append({"k": int(k), "T": float(T),
+                                      "val_map": mean_average_precision(data.y_val, proba),
+                                      "val_log_loss": float(-np.mean(data.y_val * np.log(P)
+                                                                     + (1 - data.y_val) * np.log(1 - P)))})
+            best = min(selection, key=lambda r: (-r["val_map"], r["val_log_loss"], r["k"], r["T"]))
+            k, T = best["k"], best["T"]
+            val_proba = scored[k, T]
+            if self.refit:
+                bank = np.concatenate([bank, l2_normalise(data.X_val)])
+                targets = np.concatenate([targets, data.y_val])
+        else:
+            k = self.k if self.k is not None else UNVALIDATED[0]
+            T = self.temperature if self.temperature is not None else UNVALIDATED[1]
+        self.k_, self.temperature_ = int(min(k, bank.shape[0])), float(T)
+        self.selection_ = selection
+        self.bank_labels_ = targets.astype(np.int64)
+        self.bank_ = bank
+        return val_proba
 
     def finetune_refusal(self) -> str | None:
         return ("fine-tuning needs a head that learns by gradient descent; a k-NN head only "
@@ -194,10 +247,12 @@ class KNNHead(Head):
             return None
         ks = sorted({r["k"] for r in self.selection_})
         Ts = sorted({r["T"] for r in self.selection_})
-        table = {(r["k"], r["T"]): r["val_accuracy"] for r in self.selection_}
+        score, title = (("val_map", "Validation mean average precision") if "val_map" in self.selection_[0]
+                        else ("val_accuracy", "Validation accuracy"))
+        table = {(r["k"], r["T"]): r[score] for r in self.selection_}
         series = {f"T={T:g}": [table[(k, T)] for k in ks] for T in Ts}
         return Curves(xlabel="k (neighbours)", x=[float(k) for k in ks],
-                      panels={"Validation accuracy": [(key, key) for key in series]},
+                      panels={title: [(key, key) for key in series]},
                       series=series, chosen=float(self.k_),
                       chosen_label=f"chosen k = {self.k_}, T = {self.temperature_:g}", log_x=True)
 
@@ -219,12 +274,16 @@ class KNNHead(Head):
         if not (is_int(n) and n >= 1 and is_int(k) and 1 <= k <= n
                 and is_real(T) and math.isfinite(T) and 0.001 <= T <= 100):
             raise ValueError(f"'bank_size', 'k_' or 'T_' out of range: {n!r}, {k!r}, {T!r}")
-        arrays = read_npz(directory / HEAD_NPZ, {"bank": ((n, D), "f"), "labels": ((n,), "iu")})
+        label_shape = (n, K) if self.multilabel_ else (n,)
+        arrays = read_npz(directory / HEAD_NPZ, {"bank": ((n, D), "f"), "labels": (label_shape, "iu")})
         labels = arrays["labels"].astype(np.int64)
+        if self.multilabel_ and not np.isin(labels, (0, 1)).all():
+            raise ValueError("multi-label bank labels must be 0 or 1")
         if labels.min() < 0 or labels.max() >= K:
             raise ValueError(f"bank labels must be class indices 0..{K - 1}")
         self.k_, self.temperature_ = int(k), float(T)
-        self.selection_ = [{"k": int(r["k"]), "T": float(r["T"]), "val_accuracy": float(r["val_accuracy"]),
+        score = "val_map" if self.multilabel_ else "val_accuracy"
+        self.selection_ = [{"k": int(r["k"]), "T": float(r["T"]), score: float(r[score]),
                             "val_log_loss": float(r["val_log_loss"])} for r in meta.get("selection", [])]
         self.bank_labels_ = labels
         self.bank_ = arrays["bank"].astype(np.float32)

@@ -15,7 +15,7 @@ from probe.errors import ProbeError
 from .estimator import Head
 from .options import head_options
 from .base import HEAD_NPZ, Curves, FitData, atomic_write_bytes, check_params, \
-    is_real, read_npz, softmax
+    is_real, read_npz, sigmoid, softmax
 
 # The linear-probe grid: 1e-6 ... 1e5, one value per decade (exact decimal values).
 DEFAULT_CS = tuple(10.0 ** exponent for exponent in range(-6, 6))
@@ -223,6 +223,8 @@ class LogisticHead(Head):
     def _predict_flat(self, X: np.ndarray) -> np.ndarray:
         z = (X.astype(np.float64) - self.mean_) / self.scale_
         raw = z @ self.coef_.T + self.intercept_
+        if getattr(self, "multilabel_", False):  # one independent probability per class
+            return sigmoid(raw)
         if self.coef_.shape[0] == 1:  # binary: scikit-learn models P(class 1) = sigmoid(raw)
             raw = np.concatenate([np.zeros_like(raw), raw], axis=1)
         return softmax(raw)
@@ -239,19 +241,20 @@ class LogisticHead(Head):
         coef = self.coef_ / self.scale_  # (K', D)
         W = coef.T.copy()
         b = self.intercept_ - coef @ self.mean_
-        if self.coef_.shape[0] == 1:
+        if self.coef_.shape[0] == 1 and not getattr(self, "multilabel_", False):
             W = np.concatenate([np.zeros_like(W), W], axis=1)
             b = np.concatenate([[0.0], b])
         return W, b
 
     def keras_head(self):
-        """One Dense softmax layer holding the folded standardisation and coefficients."""
+        """One Dense softmax layer (multi-label: sigmoid) holding the folded standardisation and coefficients."""
         from probe._keras import keras
 
         self._check_fitted("keras_head")
         kernel, bias = self.dense_weights()
         inputs = keras.Input(shape=(self.n_features_in_,), name="features")
-        layer = keras.layers.Dense(kernel.shape[1], activation="softmax", name="logistic_head")
+        activation = "sigmoid" if getattr(self, "multilabel_", False) else "softmax"
+        layer = keras.layers.Dense(kernel.shape[1], activation=activation, name="logistic_head")
         outputs = layer(inputs)
         layer.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
         return keras.Model(inputs, outputs, name="logistic_head")
@@ -262,8 +265,9 @@ class LogisticHead(Head):
         return Curves(
             xlabel="C (inverse regularisation)", x=list(self.history_["C"]),
             panels={"Log loss": [("val_log_loss", "validation")],
-                    "Accuracy": [("val_accuracy", "validation")]},
-            series={k: list(self.history_[k]) for k in ("val_log_loss", "val_accuracy")},
+                    **({"Mean average precision": [("val_map", "validation")]}
+                       if "val_map" in self.history_ else {"Accuracy": [("val_accuracy", "validation")]})},
+            series={k: list(v) for k, v in self.history_.items() if k != "C"},
             chosen=self.C_, chosen_label=f"chosen C = {self.C_:g}", log_x=True)
 
     def summary_(self) -> dict[str, Any]:
@@ -280,7 +284,7 @@ class LogisticHead(Head):
 
     def _load_arrays(self, directory: Path, meta: dict) -> None:
         K, D = len(meta["classes"]), int(meta["n_features_in"])
-        rows = 1 if K == 2 else K
+        rows = 1 if K == 2 and not self.multilabel_ else K
         arrays = read_npz(directory / HEAD_NPZ, {
             "mean": ((D,), "f"), "scale": ((D,), "f"), "coef": ((rows, D), "f"), "intercept": ((rows,), "f")})
         if not np.all(arrays["scale"] > 0):
@@ -288,11 +292,112 @@ class LogisticHead(Head):
         C_ = float(meta.get("C_", 1.0))
         if not (math.isfinite(C_) and C_ > 0):
             raise ValueError(f"'C_' must be a positive number, found {C_!r}")
-        sweep = [{k: float(r[k]) for k in ("C", "val_accuracy", "val_log_loss")} for r in meta.get("sweep", [])]
+        keys = _ML_SWEEP_KEYS if self.multilabel_ else ("C", "val_accuracy", "val_log_loss")
+        sweep = [{k: float(r[k]) for k in keys} for r in meta.get("sweep", [])]
         self.C_, self.sweep_ = C_, sweep
-        self.history_ = {key: [r[key] for r in sweep] for key in ("C", "val_accuracy", "val_log_loss")}
+        self.history_ = {key: [r[key] for r in sweep] for key in keys}
         self.n_iter_ = int(meta.get("n_iter", 0))
         self.converged_ = bool(meta.get("converged", True))
         self.mean_, self.scale_ = arrays["mean"].astype(np.float64), arrays["scale"].astype(np.float64)
         self.intercept_ = arrays["intercept"].astype(np.float64)
         self.coef_ = arrays["coef"].astype(np.float64)
+
+    # -- multi-label: one standardised binary logistic regression per class ---------- #
+    def _fit_multilabel(self, data: FitData) -> np.ndarray | None:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1, user_api="blas"):  # as `_fit`
+            return self._fit_multilabel_single_threaded(data)
+
+    def _fit_per_class(self, models: list, Z: np.ndarray, Y: np.ndarray, start=None) -> tuple:
+        """Fit each class's binary model on its column of ``Y`` (warm: from its previous
+        solution, or from ``start``); the stacked (K, D) coefficients, (K,) intercepts and
+        the most iterations any class took."""
+        parts = [self._fit_model(model, Z, Y[:, k],
+                                 None if start is None else (start[0][k:k + 1], start[1][k:k + 1]))
+                 for k, model in enumerate(models)]
+        return (np.vstack([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                max(p[2] for p in parts))
+
+    def _run_multilabel_sweep(self, Z, Y, Zv, Yv, Cs: list[float]) -> tuple[list[dict], dict]:
+        """As `_run_sweep` (all candidates, or coarse-to-fine), ranking each C by the mean
+        average precision on val of its K per-class models."""
+        from probe.evaluate import mean_average_precision
+
+        coarse = Cs if self.sweep == "full" else Cs[::2]
+        models = [self._model(Cs[0], _SWEEP_TOL) for _ in range(Y.shape[1])]
+        records, solutions = [], {}
+
+        def fit_at(C: float, start=None) -> None:
+            for model in models:
+                model.set_params(C=C)
+            solutions[C] = self._fit_per_class(models, Z, Y, start)
+            proba = sigmoid(Zv @ solutions[C][0].T + solutions[C][1])
+            records.append({"C": float(C), "val_map": mean_average_precision(Yv, proba),
+                            "val_log_loss": _binary_log_loss(Yv, proba)})
+
+        worse_in_a_row = 0
+        for C in coarse:
+            fit_at(C)
+            worse_in_a_row = 0 if min(records, key=_ml_rank) is records[-1] else worse_in_a_row + 1
+            if self.sweep == "fast" and worse_in_a_row >= _PATIENCE:
+                break
+        if self.sweep == "fast":
+            i = Cs.index(min(records, key=_ml_rank)["C"])
+            for C in (Cs[j] for j in (i - 1, i + 1) if 0 <= j < len(Cs) and Cs[j] not in solutions):
+                fit_at(C, solutions[min(solutions, key=lambda c: abs(math.log(c / C)))])
+        return sorted(records, key=lambda r: r["C"]), solutions
+
+    def _fit_multilabel_single_threaded(self, data: FitData) -> np.ndarray | None:
+        """C by val mean average precision (the candidates, or the fixed C), then the final
+        fit; the val probabilities of the train-only model at the chosen C."""
+        from sklearn.preprocessing import StandardScaler
+
+        start, sweep, val_proba = None, [], None
+        if data.X_val is not None:
+            scaler = StandardScaler().fit(data.X)
+            Z, Zv = scaler.transform(data.X), scaler.transform(data.X_val)
+            Q = span_basis(Z)
+            if Q is not None:
+                Z, Zv = Z @ Q, Zv @ Q
+            Cs = self._candidates() if self.C is None else [float(self.C)]
+            records, solutions = self._run_multilabel_sweep(Z, data.y, Zv, data.y_val, Cs)
+            C_ = min(records, key=_ml_rank)["C"]
+            sweep = records if self.C is None else []
+            coef, intercept, _ = solutions[C_]
+            val_proba = sigmoid(Zv @ coef.T + intercept)
+            start = (coef if Q is None else coef @ Q.T, intercept)
+        else:
+            C_ = 1.0 if self.C is None else float(self.C)
+        X, Y = data.train_and_val() if self.refit else (data.X, data.y)
+        scaler = StandardScaler().fit(X)
+        Z = scaler.transform(X)
+        Q = span_basis(Z)
+        models = [self._model(C_) for _ in range(Y.shape[1])]
+        if start is not None and Q is not None:
+            start = (start[0] @ Q, start[1])
+        coef, intercept, n_iter = self._fit_per_class(models, Z if Q is None else Z @ Q, Y, start)
+        self.C_, self.sweep_ = float(C_), sweep
+        self.history_ = {key: [r[key] for r in sweep] for key in _ML_SWEEP_KEYS}
+        self.mean_ = np.asarray(scaler.mean_, dtype=np.float64)
+        self.scale_ = np.asarray(scaler.scale_, dtype=np.float64)
+        self.coef_ = np.asarray(coef if Q is None else coef @ Q.T, dtype=np.float64)
+        self.intercept_ = np.asarray(intercept, dtype=np.float64)
+        self.n_iter_ = int(n_iter)
+        self.converged_ = self.n_iter_ < int(self.max_iter)
+        if val_proba is not None and not self.refit:  # the final model is the train-only one
+            val_proba = sigmoid(((data.X_val - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_)
+        return val_proba
+
+
+_ML_SWEEP_KEYS = ("C", "val_map", "val_log_loss")
+
+
+def _ml_rank(record: dict) -> tuple:
+    return (-record["val_map"], record["val_log_loss"], record["C"])
+
+
+def _binary_log_loss(Y: np.ndarray, proba: np.ndarray) -> float:
+    """Mean binary cross-entropy over every (sample, class) entry."""
+    P = np.clip(np.asarray(proba, dtype=np.float64), 1e-15, 1 - 1e-15)
+    return float(-np.mean(Y * np.log(P) + (1 - Y) * np.log(1 - P)))
