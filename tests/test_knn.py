@@ -53,7 +53,8 @@ def test_blockwise_neighbours_equal_the_full_product(monkeypatch):
     rng = np.random.default_rng(1)
     bank, queries = knn.l2_normalise(rng.normal(size=(50, 8))), knn.l2_normalise(rng.normal(size=(23, 8)))
     full = nearest(queries, bank, 4)
-    monkeypatch.setattr(knn, "_BLOCK_ELEMENTS", 50 * 3)  # three queries per block
+    monkeypatch.setattr(knn, "_BLOCK_ELEMENTS", 50 * 3)  # three queries per product
+    monkeypatch.setattr(knn, "_TOP_ELEMENTS", 50 * 2)  # the top k of two queries at a time
     blocked = nearest(queries, bank, 4)
     np.testing.assert_allclose(blocked[0], full[0], atol=1e-6)
     np.testing.assert_array_equal(blocked[1], full[1])
@@ -135,6 +136,7 @@ def _streams(monkeypatch, rows=7, block=40):
 
     monkeypatch.setattr(knn, "_CHUNK_BYTES", 4 * 16 * rows)
     monkeypatch.setattr(knn, "_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(knn, "_TOP_ELEMENTS", block // 2)
 
 
 @pytest.mark.parametrize("refit", [True, False])

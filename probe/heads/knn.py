@@ -30,7 +30,8 @@ DEFAULT_KS = (1, 3, 5, 10, 20, 50)
 DEFAULT_TEMPERATURES = (0.02, 0.07, 0.2)
 UNVALIDATED = (20, 0.07)  # DINOv2's k and T, used when there is no validation data
 BANK_NPY = "bank.npy"  # the bank of a head fit on streamed features, memory-mapped to predict
-_BLOCK_ELEMENTS = 1 << 22  # similarities held at once (16 MB of float32)
+_BLOCK_ELEMENTS = 1 << 24  # similarities of one product (64 MB of float32): few, large products
+_TOP_ELEMENTS = 1 << 20  # similarities whose top k is taken at once (bounds argpartition's indices)
 _CHUNK_BYTES = 64 << 20  # features read (from a stream or a memory-mapped bank) at a time
 _NORM_FLOOR = 1e-12  # squared norm floor, as keras.layers.UnitNormalization
 
@@ -69,8 +70,9 @@ def nearest(queries: np.ndarray, bank: np.ndarray, k: int,
     decreasing order (ties: lower bank index first), and their bank indices.
 
     One pass over the bank, ``bank_rows`` rows at a time (all at once when None; a
-    memory-mapped bank is read once): each part's float32 product with a block of queries
-    gives its top k, merged into the running top k of those queries."""
+    memory-mapped bank is read once): one float32 product of each part with a block of
+    queries, whose top k per row (taken a few rows at a time, so that the indices
+    `argpartition` returns stay small) is merged into the running top k."""
     n = bank.shape[0]
     k = min(int(k), n)
     bank_rows = n if bank_rows is None else max(1, int(bank_rows))
@@ -79,17 +81,28 @@ def nearest(queries: np.ndarray, bank: np.ndarray, k: int,
     for offset in range(0, n, bank_rows):
         part = np.asarray(bank[offset: offset + bank_rows])
         block = max(1, _BLOCK_ELEMENTS // part.shape[0])
+        step = max(1, _TOP_ELEMENTS // part.shape[0])
         for start in range(0, queries.shape[0], block):
-            rows = slice(start, start + block)
-            values, columns = _top(queries[rows] @ part.T, min(k, part.shape[0]))
-            if offset or values.shape[1] < k:  # merge with the top k of the parts before
-                values = np.concatenate([sims[rows], values], axis=1)
-                columns = np.concatenate([index[rows], columns + offset], axis=1)
-                values, kept = _top(values, k)
-                columns = np.take_along_axis(columns, kept, axis=1)
-            sims[rows], index[rows] = values, columns
+            S = queries[start: start + block] @ part.T
+            for first in range(0, S.shape[0], step):
+                part_sims = S[first: first + step]
+                rows = slice(start + first, start + first + part_sims.shape[0])
+                _merge_top(sims[rows], index[rows], part_sims, offset)
     order = np.lexsort((index, -sims), axis=1)
     return np.take_along_axis(sims, order, axis=1), np.take_along_axis(index, order, axis=1)
+
+
+def _merge_top(sims: np.ndarray, index: np.ndarray, S: np.ndarray, offset: int) -> None:
+    """Replace the running top k (sims, index: views, updated in place) of some queries by
+    the top k of them and of S, their similarities to bank rows offset, offset + 1, ..."""
+    k = sims.shape[1]
+    values, columns = _top(S, min(k, S.shape[1]))
+    if offset or values.shape[1] < k:  # merge with the top k of the parts before
+        values = np.concatenate([sims, values], axis=1)
+        columns = np.concatenate([index, columns + offset], axis=1)
+        values, kept = _top(values, k)
+        columns = np.take_along_axis(columns, kept, axis=1)
+    sims[...], index[...] = values, columns
 
 
 def vote(sims: np.ndarray, labels: np.ndarray, k: int, temperature: float, n_classes: int) -> np.ndarray:
@@ -137,8 +150,13 @@ def _fill(bank: np.ndarray, offset: int, X: np.ndarray | FeatureStream) -> None:
     """Copy the rows of X into bank[offset:] and normalise them there, a chunk at a time."""
     for rows, chunk in _chunks(X, chunk_rows(bank.shape[1])):
         target = bank[offset + rows.start: offset + rows.stop]
-        target[...] = chunk
-        normalise_in_place(target)
+        if chunk.dtype == np.float32:  # divided straight into the bank: one pass less
+            norms = np.einsum("ij,ij->i", chunk, chunk)
+            np.sqrt(np.maximum(norms, _NORM_FLOOR, out=norms), out=norms)
+            np.divide(chunk, norms[:, None], out=target)
+        else:
+            target[...] = chunk
+            normalise_in_place(target)
 
 
 class KNNHead(Head):
