@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -211,6 +212,8 @@ def test_fit_streams_the_knn_head_when_the_features_exceed_memory(separable_cach
     from probe import settings
 
     in_memory = probe.fit(separable_cache, "knn", ks=(1, 3, 5), html_report=False)
+    images = sorted(Path(separable_cache.attrs["dataset_root"]).rglob("*.png"))[:6]
+    expected = probe.predict(in_memory.path, images)  # the end-to-end Keras model
     needed = sum(separable_cache.counts.values()) * 512 * 4
     monkeypatch.setattr(settings, "available_memory", lambda: needed - 1)
     monkeypatch.setattr(type(separable_cache), "split", lambda self, name: pytest.fail("read whole"))
@@ -224,3 +227,15 @@ def test_fit_streams_the_knn_head_when_the_features_exceed_memory(separable_cach
         [r["val_accuracy"] for r in in_memory.load_head().selection_]
     with pytest.raises(probe.ProbeError, match="fit in memory"):
         probe.fit(separable_cache, "logreg")
+
+    # predict: the backbone in Keras, then the memory-mapped bank a chunk at a time
+    from probe import inference
+
+    monkeypatch.setattr(settings, "available_memory", lambda: 1000)
+    with pytest.raises(probe.ProbeError, match="`probe predict`"):
+        probe.export(streamed.path, streamed.path.parent / "knn.keras")
+    monkeypatch.setattr(inference, "end_to_end", lambda *a, **k: pytest.fail("Keras head built"))
+    got = probe.predict(streamed.path, images)
+    assert [p.predicted for p in got] == [p.predicted for p in expected]
+    for a, b in zip(got, expected):
+        assert a.probabilities == pytest.approx(b.probabilities, abs=1e-5)

@@ -46,6 +46,11 @@ class Head(ClassifierMixin, BaseEstimator):
         """A Keras model of built-in layers: flat features (None, D) -> probabilities (None, K)."""
         raise NotImplementedError
 
+    def keras_head_fits_in_memory(self) -> bool:
+        """Whether ``keras_head()`` can be built in the memory available (False: predict
+        runs the backbone, then ``predict_proba``)."""
+        return True
+
     def curves_(self) -> Curves | None:
         """The training-curve data, or None when there is nothing to draw."""
         return None

@@ -312,11 +312,17 @@ class KNNHead(Head):
         outputs = votes / ops.sum(votes, axis=-1, keepdims=True)
         return keras.Model(inputs, outputs, name="knn_head")
 
-    def _check_bank_fits_in_memory(self) -> None:
+    def keras_head_fits_in_memory(self) -> bool:
         """A Keras model holds its weights in memory (and TensorFlow a second copy while it
-        builds them): refuse a bank larger than half the memory available, in one line."""
-        needed, available = self.bank_.nbytes, settings.available_memory()
-        if available is not None and 2 * needed > available:
+        builds them): the bank must fit twice in the memory available."""
+        self._check_fitted("keras_head_fits_in_memory")
+        available = settings.available_memory()
+        return available is None or 2 * self.bank_.nbytes <= available
+
+    def _check_bank_fits_in_memory(self) -> None:
+        """Refuse, in one line, a Keras form whose bank does not fit in memory."""
+        if not self.keras_head_fits_in_memory():
+            needed, available = self.bank_.nbytes, settings.available_memory()
             raise RunError(
                 f"expected a k-NN bank that fits in memory to export it as a Keras model; this "
                 f"bank is {needed / 2**30:.1f} GiB ({self.bank_.shape[0]} x {self.bank_.shape[1]} "
