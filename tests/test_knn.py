@@ -131,11 +131,13 @@ def test_fit_knn_run_and_finetune_refuses_it(separable_cache):
 
 
 def _streams(monkeypatch, rows=7, block=40):
-    """Force the streamed paths to work in small pieces: `rows` rows per chunk read,
-    `block` similarities per product."""
+    """Force the streamed paths to work in small pieces: `rows` rows (of 16 features) per
+    chunk read, 11 queries per pass over the bank, `block` similarities per product."""
+    from probe import settings
     from probe.heads import knn
 
     monkeypatch.setattr(knn, "_CHUNK_BYTES", 4 * 16 * rows)
+    monkeypatch.setattr(settings, "available_memory", lambda: 4 * 4 * 16 * 11)
     monkeypatch.setattr(knn, "_BLOCK_ELEMENTS", block)
     monkeypatch.setattr(knn, "_TOP_ELEMENTS", block // 2)
 
@@ -215,9 +217,9 @@ def test_fit_streams_the_knn_head_when_the_features_exceed_memory(separable_cach
     images = sorted(Path(separable_cache.attrs["dataset_root"]).rglob("*.png"))[:6]
     expected = probe.predict(in_memory.path, images)  # the end-to-end Keras model
     needed = sum(separable_cache.counts.values()) * 512 * 4
+    _streams(monkeypatch, rows=3)
     monkeypatch.setattr(settings, "available_memory", lambda: needed - 1)
     monkeypatch.setattr(type(separable_cache), "split", lambda self, name: pytest.fail("read whole"))
-    _streams(monkeypatch, rows=3)
     streamed = probe.fit(separable_cache, "knn", ks=(1, 3, 5))
     assert any("in chunks" in note for note in streamed.notes)
     assert (streamed.path / "head" / "bank.npy").is_file()

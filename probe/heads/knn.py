@@ -54,6 +54,13 @@ def chunk_rows(n_features: int) -> int:
     return max(1, _CHUNK_BYTES // (4 * max(1, n_features)))
 
 
+def query_rows(n_features: int) -> int:
+    """Queries scored per pass over a memory-mapped bank: as many as a quarter of the
+    memory available holds (each pass reads the whole bank), at least one chunk."""
+    available = settings.available_memory() or 0
+    return max(chunk_rows(n_features), available // 4 // (4 * max(1, n_features)))
+
+
 def _top(S: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k largest values of each row of S (in no order) and their columns."""
     n = S.shape[1]
@@ -239,9 +246,9 @@ class KNNHead(Head):
         """`nearest`, reading a memory-mapped bank (and queries) a chunk at a time."""
         if not isinstance(bank, np.memmap):
             return nearest(queries, bank, k)
-        rows = chunk_rows(bank.shape[1])
-        parts = [nearest(np.asarray(queries[start: start + rows]), bank, k, bank_rows=rows)
-                 for start in range(0, queries.shape[0], rows)]
+        rows, group = chunk_rows(bank.shape[1]), query_rows(bank.shape[1])
+        parts = [nearest(np.asarray(queries[start: start + group]), bank, k, bank_rows=rows)
+                 for start in range(0, queries.shape[0], group)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def _fit(self, data: FitData) -> None:
@@ -280,7 +287,7 @@ class KNNHead(Head):
         if not isinstance(X, FeatureStream) and not isinstance(self.bank_, np.memmap):
             return self._proba(l2_normalise(X))
         proba = np.empty((X.shape[0], len(self.classes_)))
-        for rows, chunk in _chunks(X, chunk_rows(self.n_features_in_)):
+        for rows, chunk in _chunks(X, query_rows(self.n_features_in_)):
             proba[rows] = self._proba(l2_normalise(chunk))
         return proba
 
