@@ -156,6 +156,38 @@ def _decode(paths: list[Path], size: int) -> tuple[np.ndarray, list[Path], dict[
     return stacked, good, errors
 
 
+class _BackboneThenHead:
+    """Preprocessing and backbone as a Keras model, then the head's own `predict_proba`:
+    how `predict` runs a head whose Keras form does not fit in memory (a k-NN bank larger
+    than memory, which `predict_proba` reads from disk a chunk at a time)."""
+
+    def __init__(self, config: dict, head) -> None:
+        from ._keras import keras
+
+        backbone_model = rebuild_backbone(config)
+        size = int(config["image_size"])
+        inputs = keras.Input(shape=(size, size, 3), name="image")
+        x = backbone_model(preprocessing_layer(config["preprocessing"])(inputs), training=False)
+        if len(backbone_model.output_shape) > 2:
+            x = keras.layers.Flatten(name="flatten_features")(x)
+        self.features = keras.Model(inputs, x, name=f"probe_{config['backbone']}_features")
+        self.head = head
+
+    def predict_on_batch(self, pixels: np.ndarray) -> np.ndarray:
+        return self.head.predict_proba(np.asarray(self.features.predict_on_batch(pixels)))
+
+
+def _predictor(run: Run):
+    """What `predict` runs on each batch of pixels: the run's end-to-end Keras model, or
+    the backbone then the head where the head's Keras form does not fit in memory."""
+    if run.is_finetuned:
+        return load_model(run)
+    head = run.load_head()
+    if head.keras_head_fits_in_memory():
+        return end_to_end(run.config, head)
+    return _BackboneThenHead(run.config, head)
+
+
 def predict(
     run: str | os.PathLike | Run,
     inputs: Iterable[str | os.PathLike],
@@ -174,7 +206,7 @@ def predict(
     images = collect_images(inputs)
     if output is not None:
         _check_output(Path(output))
-    model = load_model(run)
+    model = _predictor(run)
     size = int(run.config["image_size"])
     classes = run.classes
     thresholds = run.thresholds

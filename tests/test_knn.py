@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,7 +54,8 @@ def test_blockwise_neighbours_equal_the_full_product(monkeypatch):
     rng = np.random.default_rng(1)
     bank, queries = knn.l2_normalise(rng.normal(size=(50, 8))), knn.l2_normalise(rng.normal(size=(23, 8)))
     full = nearest(queries, bank, 4)
-    monkeypatch.setattr(knn, "_BLOCK_ELEMENTS", 50 * 3)  # three queries per block
+    monkeypatch.setattr(knn, "_BLOCK_ELEMENTS", 50 * 3)  # three queries per product
+    monkeypatch.setattr(knn, "_TOP_ELEMENTS", 50 * 2)  # the top k of two queries at a time
     blocked = nearest(queries, bank, 4)
     np.testing.assert_allclose(blocked[0], full[0], atol=1e-6)
     np.testing.assert_array_equal(blocked[1], full[1])
@@ -126,3 +128,116 @@ def test_fit_knn_run_and_finetune_refuses_it(separable_cache):
     assert (run.path / "curves.png").stat().st_size > 1000
     with pytest.raises(FinetuneError, match="k-NN head only stores features"):
         probe.finetune(run.path, epochs=1)
+
+
+def _streams(monkeypatch, rows=7, block=40):
+    """Force the streamed paths to work in small pieces: `rows` rows (of 16 features) per
+    chunk read, 11 queries per pass over the bank, `block` similarities per product."""
+    from probe import settings
+    from probe.heads import knn
+
+    monkeypatch.setattr(knn, "_CHUNK_BYTES", 4 * 16 * rows)
+    monkeypatch.setattr(settings, "available_memory", lambda: 4 * 4 * 16 * 11)
+    monkeypatch.setattr(knn, "_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(knn, "_TOP_ELEMENTS", block // 2)
+
+
+@pytest.mark.parametrize("refit", [True, False])
+def test_streamed_fit_equals_the_in_memory_fit(monkeypatch, tmp_path, refit):
+    from probe.heads import FeatureStream
+
+    X, y = toy(n=120, dim=16, seed=4, sep=0.5)
+    Xv, yv = toy(n=45, dim=16, seed=5, sep=0.5)
+    Q, _ = toy(n=33, dim=16, seed=6, sep=0.5)
+    params = dict(ks=(1, 3, 10, 25), temperatures=(0.05, 0.5), refit=refit)
+    in_memory = KNNHead(**params).fit(X, y, X_val=Xv, y_val=yv)
+    _streams(monkeypatch)
+    streamed = KNNHead(**params).fit(FeatureStream.of_array(X), y, X_val=FeatureStream.of_array(Xv), y_val=yv)
+    assert isinstance(streamed.bank_, np.memmap) and not isinstance(in_memory.bank_, np.memmap)
+    # products of other shapes may round the last bit of a similarity differently
+    assert [{**r, "val_log_loss": pytest.approx(r["val_log_loss"], rel=1e-6)} for r in in_memory.selection_] \
+        == streamed.selection_
+    assert (streamed.k_, streamed.temperature_) == (in_memory.k_, in_memory.temperature_)
+    np.testing.assert_array_equal(np.asarray(streamed.bank_), in_memory.bank_)
+    expected = in_memory.predict_proba(Q)
+    np.testing.assert_allclose(streamed.predict_proba(Q), expected, atol=1e-6)
+    np.testing.assert_allclose(streamed.predict_proba(FeatureStream.of_array(Q)), expected, atol=1e-6)
+    np.testing.assert_array_equal(streamed.predict(Q), in_memory.predict(Q))
+
+    streamed.save(tmp_path / "h")
+    assert sorted(p.name for p in (tmp_path / "h").iterdir()) == ["bank.npy", "head.json", "head.npz"]
+    loaded = load_head(tmp_path / "h")
+    assert isinstance(loaded.bank_, np.memmap) and loaded.bank_.shape == in_memory.bank_.shape
+    np.testing.assert_allclose(loaded.predict_proba(Q), expected, atol=1e-6)
+
+
+def test_a_damaged_memory_mapped_bank_is_refused(monkeypatch, tmp_path):
+    from probe.heads import FeatureStream
+
+    X, y = toy(n=30, dim=16)
+    _streams(monkeypatch)
+    KNNHead(k=3, temperature=0.1).fit(FeatureStream.of_array(X), y).save(tmp_path / "h")
+    bank = np.load(tmp_path / "h" / "bank.npy")
+    np.save(tmp_path / "h" / "bank.npy", bank[:-1])
+    with pytest.raises(RunError, match="bank.npy.*probe fit"):
+        load_head(tmp_path / "h")
+    bank[3, 2] = np.nan
+    np.save(tmp_path / "h" / "bank.npy", bank)
+    with pytest.raises(RunError, match="NaN"):
+        load_head(tmp_path / "h")
+
+
+def test_export_of_a_bank_larger_than_memory_is_refused_in_one_line(monkeypatch):
+    from probe import settings
+
+    X, y = toy(n=30, dim=16)
+    head = KNNHead(k=3, temperature=0.1).fit(X, y)
+    monkeypatch.setattr(settings, "available_memory", lambda: 2 * head.bank_.nbytes - 1)
+    with pytest.raises(RunError, match=r"fits in memory.*`probe predict`") as raised:
+        head.keras_head()
+    assert "\n" not in str(raised.value)
+
+
+def test_iter_features_reads_a_split_in_chunks(separable_cache):
+    from probe.errors import CacheError
+
+    whole = separable_cache.features("train")
+    chunks = list(separable_cache.iter_features("train", 5))
+    assert [rows.start for rows, _ in chunks] == list(range(0, whole.shape[0], 5))
+    assert all(chunk.shape[0] == rows.stop - rows.start <= 5 for rows, chunk in chunks)
+    np.testing.assert_array_equal(np.concatenate([chunk for _, chunk in chunks]), whole)
+    with pytest.raises(CacheError, match="splits"):
+        next(separable_cache.iter_features("nope", 5))
+
+
+def test_fit_streams_the_knn_head_when_the_features_exceed_memory(separable_cache, monkeypatch):
+    from probe import settings
+
+    in_memory = probe.fit(separable_cache, "knn", ks=(1, 3, 5), html_report=False)
+    images = sorted(Path(separable_cache.attrs["dataset_root"]).rglob("*.png"))[:6]
+    expected = probe.predict(in_memory.path, images)  # the end-to-end Keras model
+    needed = sum(separable_cache.counts.values()) * 512 * 4
+    _streams(monkeypatch, rows=3)
+    monkeypatch.setattr(settings, "available_memory", lambda: needed - 1)
+    monkeypatch.setattr(type(separable_cache), "split", lambda self, name: pytest.fail("read whole"))
+    streamed = probe.fit(separable_cache, "knn", ks=(1, 3, 5))
+    assert any("in chunks" in note for note in streamed.notes)
+    assert (streamed.path / "head" / "bank.npy").is_file()
+    assert streamed.metrics["chosen"] == in_memory.metrics["chosen"]
+    assert streamed.metrics["accuracy"] == in_memory.metrics["accuracy"]
+    assert [r["val_accuracy"] for r in streamed.load_head().selection_] == \
+        [r["val_accuracy"] for r in in_memory.load_head().selection_]
+    with pytest.raises(probe.ProbeError, match="fit in memory"):
+        probe.fit(separable_cache, "logreg")
+
+    # predict: the backbone in Keras, then the memory-mapped bank a chunk at a time
+    from probe import inference
+
+    monkeypatch.setattr(settings, "available_memory", lambda: 1000)
+    with pytest.raises(probe.ProbeError, match="`probe predict`"):
+        probe.export(streamed.path, streamed.path.parent / "knn.keras")
+    monkeypatch.setattr(inference, "end_to_end", lambda *a, **k: pytest.fail("Keras head built"))
+    got = probe.predict(streamed.path, images)
+    assert [p.predicted for p in got] == [p.predicted for p in expected]
+    for a, b in zip(got, expected):
+        assert a.probabilities == pytest.approx(b.probabilities, abs=1e-5)

@@ -25,6 +25,9 @@ class Head(ClassifierMixin, BaseEstimator):
     name: ClassVar[str] = ""
     options: ClassVar[tuple[HeadOption, ...]] = ()
     _fitted_attr: ClassVar[str] = "classes_"
+    # True: fit and predict read a `FeatureStream` chunk by chunk (features larger than
+    # memory); other heads receive it whole
+    streams_features: ClassVar[bool] = False
 
     # -- to be provided by each head ------------------------------------- #
     def _check_params(self) -> None:
@@ -50,6 +53,11 @@ class Head(ClassifierMixin, BaseEstimator):
         """A Keras model of built-in layers: flat features (None, D) -> probabilities (None, K)."""
         raise NotImplementedError
 
+    def keras_head_fits_in_memory(self) -> bool:
+        """Whether ``keras_head()`` can be built in the memory available (False: predict
+        runs the backbone, then ``predict_proba``)."""
+        return True
+
     def curves_(self) -> Curves | None:
         """The training-curve data, or None when there is nothing to draw."""
         return None
@@ -67,7 +75,7 @@ class Head(ClassifierMixin, BaseEstimator):
             classes: list[str] | None = None) -> "Head":
         """Validate, choose settings on (X_val, y_val) when given, learn; returns ``self``."""
         self._check_params()
-        data = prepare_fit(X, y, X_val, y_val, classes)
+        data = prepare_fit(X, y, X_val, y_val, classes, stream=self.streams_features)
         if data.multilabel:
             self._fit_with_thresholds(data)
         else:
@@ -101,7 +109,7 @@ class Head(ClassifierMixin, BaseEstimator):
             ) from None
 
     def _check_X(self, X: Any) -> np.ndarray:
-        X = as_features(X, "X")
+        X = as_features(X, "X", stream=self.streams_features)
         shape = tuple(X.shape[1:])
         if shape != tuple(self.input_shape_) and shape != (self.n_features_in_,):
             raise DatasetError(

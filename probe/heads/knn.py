@@ -10,50 +10,106 @@ memory stays bounded whatever the number of queries.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
-from probe.errors import ProbeError
+from probe import settings
+from probe.errors import ProbeError, RunError
 
 from .estimator import Head
 from .options import head_options
-from .base import HEAD_NPZ, Curves, FitData, atomic_write_bytes, check_params, \
+from .base import HEAD_NPZ, Curves, FitData, atomic_write_bytes, check_params, corrupt, \
     is_int, is_real, read_npz
+from .stream import FeatureStream
 
 DEFAULT_KS = (1, 3, 5, 10, 20, 50)
 DEFAULT_TEMPERATURES = (0.02, 0.07, 0.2)
 UNVALIDATED = (20, 0.07)  # DINOv2's k and T, used when there is no validation data
-_BLOCK_ELEMENTS = 1 << 22  # similarities held at once (16 MB of float32)
+BANK_NPY = "bank.npy"  # the bank of a head fit on streamed features, memory-mapped to predict
+_BLOCK_ELEMENTS = 1 << 24  # similarities of one product (64 MB of float32): few, large products
+_TOP_ELEMENTS = 1 << 20  # similarities whose top k is taken at once (bounds argpartition's indices)
+_CHUNK_BYTES = 64 << 20  # features read (from a stream or a memory-mapped bank) at a time
 _NORM_FLOOR = 1e-12  # squared norm floor, as keras.layers.UnitNormalization
 
 
 def l2_normalise(X: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (float32); all-zero rows stay zero."""
-    X = np.asarray(X, dtype=np.float32)
-    squared = np.einsum("ij,ij->i", X, X)
-    return X / np.sqrt(np.maximum(squared, _NORM_FLOOR))[:, None]
+    """Rows scaled to unit length (a new float32 array); all-zero rows stay zero."""
+    return normalise_in_place(np.array(X, dtype=np.float32))
 
 
-def nearest(queries: np.ndarray, bank: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def normalise_in_place(X: np.ndarray) -> np.ndarray:
+    """Scale the rows of a float32 array to unit length in place (no copy); returns it."""
+    norms = np.einsum("ij,ij->i", X, X)
+    np.sqrt(np.maximum(norms, _NORM_FLOOR, out=norms), out=norms)
+    X /= norms[:, None]
+    return X
+
+
+def chunk_rows(n_features: int) -> int:
+    """Rows of features read at a time from a stream or a memory-mapped bank."""
+    return max(1, _CHUNK_BYTES // (4 * max(1, n_features)))
+
+
+def query_rows(n_features: int) -> int:
+    """Queries scored per pass over a memory-mapped bank: as many as a quarter of the
+    memory available holds (each pass reads the whole bank), at least one chunk."""
+    available = settings.available_memory() or 0
+    return max(chunk_rows(n_features), available // 4 // (4 * max(1, n_features)))
+
+
+def _top(S: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest values of each row of S (in no order) and their columns."""
+    n = S.shape[1]
+    if k < n:
+        columns = np.argpartition(S, n - k, axis=1)[:, n - k:]
+    else:
+        columns = np.broadcast_to(np.arange(n), S.shape)
+    return np.take_along_axis(S, columns, axis=1), columns
+
+
+def nearest(queries: np.ndarray, bank: np.ndarray, k: int,
+            bank_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The k largest cosine similarities of each (normalised) query to the bank, in
-    decreasing order, and their bank indices; blockwise float32 products."""
-    k = min(int(k), bank.shape[0])
-    block = max(1, _BLOCK_ELEMENTS // max(1, bank.shape[0]))
-    sims = np.empty((queries.shape[0], k), dtype=np.float32)
-    index = np.empty((queries.shape[0], k), dtype=np.int64)
-    for start in range(0, queries.shape[0], block):
-        S = queries[start: start + block] @ bank.T
-        if k < S.shape[1]:
-            top = np.argpartition(-S, k - 1, axis=1)[:, :k]
-        else:
-            top = np.broadcast_to(np.arange(S.shape[1]), S.shape)
-        values = np.take_along_axis(S, top, axis=1)
-        order = np.argsort(-values, axis=1, kind="stable")
-        sims[start: start + block] = np.take_along_axis(values, order, axis=1)
-        index[start: start + block] = np.take_along_axis(top, order, axis=1)
-    return sims, index
+    decreasing order (ties: lower bank index first), and their bank indices.
+
+    One pass over the bank, ``bank_rows`` rows at a time (all at once when None; a
+    memory-mapped bank is read once): one float32 product of each part with a block of
+    queries, whose top k per row (taken a few rows at a time, so that the indices
+    `argpartition` returns stay small) is merged into the running top k."""
+    n = bank.shape[0]
+    k = min(int(k), n)
+    bank_rows = n if bank_rows is None else max(1, int(bank_rows))
+    sims = np.full((queries.shape[0], k), -np.inf, dtype=np.float32)
+    index = np.zeros((queries.shape[0], k), dtype=np.int64)
+    for offset in range(0, n, bank_rows):
+        part = np.asarray(bank[offset: offset + bank_rows])
+        block = max(1, _BLOCK_ELEMENTS // part.shape[0])
+        step = max(1, _TOP_ELEMENTS // part.shape[0])
+        for start in range(0, queries.shape[0], block):
+            S = queries[start: start + block] @ part.T
+            for first in range(0, S.shape[0], step):
+                part_sims = S[first: first + step]
+                rows = slice(start + first, start + first + part_sims.shape[0])
+                _merge_top(sims[rows], index[rows], part_sims, offset)
+    order = np.lexsort((index, -sims), axis=1)
+    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(index, order, axis=1)
+
+
+def _merge_top(sims: np.ndarray, index: np.ndarray, S: np.ndarray, offset: int) -> None:
+    """Replace the running top k (sims, index: views, updated in place) of some queries by
+    the top k of them and of S, their similarities to bank rows offset, offset + 1, ..."""
+    k = sims.shape[1]
+    values, columns = _top(S, min(k, S.shape[1]))
+    if offset or values.shape[1] < k:  # merge with the top k of the parts before
+        values = np.concatenate([sims, values], axis=1)
+        columns = np.concatenate([index, columns + offset], axis=1)
+        values, kept = _top(values, k)
+        columns = np.take_along_axis(columns, kept, axis=1)
+    sims[...], index[...] = values, columns
 
 
 def vote(sims: np.ndarray, labels: np.ndarray, k: int, temperature: float, n_classes: int) -> np.ndarray:
@@ -76,6 +132,46 @@ def vote_multilabel(sims: np.ndarray, targets: np.ndarray, k: int, temperature: 
     weights = np.exp((top - top[:, :1]) / temperature)
     weights /= weights.sum(axis=1, keepdims=True)
     return np.einsum("nj,njc->nc", weights, targets[:, :k].astype(np.float64))
+def _chunks(X: np.ndarray | FeatureStream, rows: int) -> Iterator[tuple[slice, np.ndarray]]:
+    """(rows, flat float32 features) of an array or a stream, ``rows`` at a time."""
+    if isinstance(X, FeatureStream):
+        yield from X.chunks(rows)
+        return
+    for start in range(0, X.shape[0], rows):
+        yield slice(start, min(start + rows, X.shape[0])), X[start: start + rows]
+
+
+def _bank_storage(n: int, n_features: int, in_memory: bool) -> np.ndarray:
+    """Room for n normalised rows: in memory, or a float32 array memory-mapped on an
+    anonymous temporary file (TMPDIR; gone when the head is) whose space is reserved first,
+    so that a full disk is an error now rather than a crash on a later write."""
+    if in_memory:
+        return np.empty((n, n_features), dtype=np.float32)
+    size = n * n_features * 4
+    try:
+        with tempfile.TemporaryFile(prefix="probe-knn-bank-") as handle:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(handle.fileno(), 0, size)
+            return np.memmap(handle, dtype=np.float32, mode="w+", shape=(n, n_features))
+    except OSError as error:
+        raise ProbeError(
+            f"the k-NN bank of features larger than memory is kept on disk while it is fit: "
+            f"it needs {size / 2**30:.1f} GiB in the temporary directory "
+            f"'{tempfile.gettempdir()}' ({error.strerror or error}). Free space there or point "
+            "TMPDIR to a disk with room.") from None
+
+
+def _fill(bank: np.ndarray, offset: int, X: np.ndarray | FeatureStream) -> None:
+    """Copy the rows of X into bank[offset:] and normalise them there, a chunk at a time."""
+    for rows, chunk in _chunks(X, chunk_rows(bank.shape[1])):
+        target = bank[offset + rows.start: offset + rows.stop]
+        if chunk.dtype == np.float32:  # divided straight into the bank: one pass less
+            norms = np.einsum("ij,ij->i", chunk, chunk)
+            np.sqrt(np.maximum(norms, _NORM_FLOOR, out=norms), out=norms)
+            np.divide(chunk, norms[:, None], out=target)
+        else:
+            target[...] = chunk
+            normalise_in_place(target)
 
 
 class KNNHead(Head):
@@ -106,6 +202,7 @@ class KNNHead(Head):
     name = "knn"
     options = head_options("knn")
     _fitted_attr = "bank_"
+    streams_features = True  # a FeatureStream goes to a memory-mapped bank (features > memory)
 
     def __init__(self, k: int | None = None, temperature: float | None = None, ks: Any = DEFAULT_KS,
                  temperatures: Any = DEFAULT_TEMPERATURES, refit: bool = True, seed: int = 0) -> None:
@@ -134,10 +231,12 @@ class KNNHead(Head):
         Ts = [self.temperature] if self.temperature is not None else [float(t) for t in np.ravel(self.temperatures)]
         return sorted({min(k, bank_size) for k in ks}), sorted(set(Ts))
 
-    def _select(self, bank, labels, data: FitData) -> list[dict]:
-        """Score every (k, T) on validation with the train bank."""
+    def _select(self, bank: np.ndarray, labels: np.ndarray, queries: np.ndarray,
+                data: FitData) -> list[dict]:
+        """Score every (k, T) on validation with the train bank: one pass over the bank
+        for the top max(k), then every vote from that same list."""
         ks, Ts = self._grid(bank.shape[0])
-        sims, index = nearest(l2_normalise(data.X_val), bank, max(ks))
+        sims, index = self._neighbours(queries, bank, max(ks))
         neighbour_labels = labels[index]
         rows = np.arange(data.y_val.size)
         records = []
@@ -150,15 +249,39 @@ class KNNHead(Head):
                                 "val_log_loss": float(-np.mean(np.log(true)))})
         return records
 
+    @staticmethod
+    def _neighbours(queries: np.ndarray, bank: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`nearest`, reading a memory-mapped bank (and queries) a chunk at a time."""
+        if not isinstance(bank, np.memmap):
+            return nearest(queries, bank, k)
+        rows, group = chunk_rows(bank.shape[1]), query_rows(bank.shape[1])
+        parts = [nearest(np.asarray(queries[start: start + group]), bank, k, bank_rows=rows)
+                 for start in range(0, queries.shape[0], group)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
     def _fit(self, data: FitData) -> None:
-        bank, labels = l2_normalise(data.X), data.y
-        selection = []
-        if data.X_val is not None:
-            selection = self._select(bank, labels, data)
+        """The bank is allocated once (train, then val when it joins) and normalised in
+        place; the val rows of the bank are the selection's queries, so nothing is copied
+        or computed twice. Streamed features go to a memory-mapped bank."""
+        n, n_features = data.X.shape
+        streamed = isinstance(data.X, FeatureStream)
+        with_val = data.X_val is not None
+        joins = with_val and self.refit
+        bank = _bank_storage(n + (data.X_val.shape[0] if joins else 0), n_features, not streamed)
+        _fill(bank, 0, data.X)
+        labels, selection = data.y, []
+        if with_val:
+            if joins:
+                _fill(bank, n, data.X_val)
+                queries = bank[n:]
+            else:
+                queries = _bank_storage(data.X_val.shape[0], n_features,
+                                        not isinstance(data.X_val, FeatureStream))
+                _fill(queries, 0, data.X_val)
+            selection = self._select(bank[:n], labels, queries, data)
             best = min(selection, key=lambda r: (-r["val_accuracy"], r["val_log_loss"], r["k"], r["T"]))
             k, T = best["k"], best["T"]
-            if self.refit:
-                bank = np.concatenate([bank, l2_normalise(data.X_val)])
+            if joins:
                 labels = np.concatenate([labels, data.y_val])
         else:
             k = self.k if self.k is not None else UNVALIDATED[0]
@@ -168,8 +291,16 @@ class KNNHead(Head):
         self.bank_labels_ = labels.astype(np.int64)
         self.bank_ = bank
 
-    def _predict_flat(self, X: np.ndarray) -> np.ndarray:
-        sims, index = nearest(l2_normalise(X), self.bank_, self.k_)
+    def _predict_flat(self, X: np.ndarray | FeatureStream) -> np.ndarray:
+        if not isinstance(X, FeatureStream) and not isinstance(self.bank_, np.memmap):
+            return self._proba(l2_normalise(X))
+        proba = np.empty((X.shape[0], len(self.classes_)))
+        for rows, chunk in _chunks(X, query_rows(self.n_features_in_)):
+            proba[rows] = self._proba(l2_normalise(chunk))
+        return proba
+
+    def _proba(self, queries: np.ndarray) -> np.ndarray:
+        sims, index = self._neighbours(queries, self.bank_, self.k_)
         if getattr(self, "multilabel_", False):
             return vote_multilabel(sims, self.bank_labels_[index], self.k_, self.temperature_)
         return vote(sims, self.bank_labels_[index], self.k_, self.temperature_, len(self.classes_))
@@ -181,6 +312,7 @@ class KNNHead(Head):
         from probe._keras import keras
 
         self._check_fitted("keras_head")
+        self._check_bank_fits_in_memory()
         ops, layers = keras.ops, keras.layers
         n, K = self.bank_.shape[0], len(self.classes_)
         inputs = keras.Input(shape=(self.n_features_in_,), name="features")
@@ -237,6 +369,23 @@ class KNNHead(Head):
         self.bank_labels_ = targets.astype(np.int64)
         self.bank_ = bank
         return val_proba
+    def keras_head_fits_in_memory(self) -> bool:
+        """A Keras model holds its weights in memory (and TensorFlow a second copy while it
+        builds them): the bank must fit twice in the memory available."""
+        self._check_fitted("keras_head_fits_in_memory")
+        available = settings.available_memory()
+        return available is None or 2 * self.bank_.nbytes <= available
+
+    def _check_bank_fits_in_memory(self) -> None:
+        """Refuse, in one line, a Keras form whose bank does not fit in memory."""
+        if not self.keras_head_fits_in_memory():
+            needed, available = self.bank_.nbytes, settings.available_memory()
+            raise RunError(
+                f"expected a k-NN bank that fits in memory to export it as a Keras model; this "
+                f"bank is {needed / 2**30:.1f} GiB ({self.bank_.shape[0]} x {self.bank_.shape[1]} "
+                f"float32) and a model holds it twice, with {available / 2**30:.1f} GiB "
+                "available. Use `probe predict` with the run instead: it reads the bank from "
+                "disk a chunk at a time.")
 
     def finetune_refusal(self) -> str | None:
         return ("fine-tuning needs a head that learns by gradient descent; a k-NN head only "
@@ -261,12 +410,26 @@ class KNNHead(Head):
 
     # -- persistence ----------------------------------------------------- #
     def _save_arrays(self, directory: Path) -> None:
-        arrays = dict(bank=self.bank_, labels=self.bank_labels_)
-        atomic_write_bytes(directory / HEAD_NPZ, lambda handle: np.savez(handle, **arrays))
+        """A bank in memory goes into head.npz; a memory-mapped one (fit on streamed
+        features) into bank.npy, written a chunk at a time and memory-mapped when loaded."""
+        if not isinstance(self.bank_, np.memmap):
+            arrays = dict(bank=self.bank_, labels=self.bank_labels_)
+            atomic_write_bytes(directory / HEAD_NPZ, lambda handle: np.savez(handle, **arrays))
+            return
+        atomic_write_bytes(directory / BANK_NPY, self._write_bank)
+        atomic_write_bytes(directory / HEAD_NPZ, lambda handle: np.savez(handle, labels=self.bank_labels_))
+
+    def _write_bank(self, handle) -> None:
+        np.lib.format.write_array_header_1_0(handle, {"descr": "<f4", "fortran_order": False,
+                                                      "shape": self.bank_.shape})
+        for start in range(0, self.bank_.shape[0], chunk_rows(self.bank_.shape[1])):
+            handle.write(np.ascontiguousarray(self.bank_[start: start + chunk_rows(self.bank_.shape[1])],
+                                              dtype="<f4").tobytes())
 
     def _meta(self) -> dict[str, Any]:
+        bank_file = {"bank_file": BANK_NPY} if isinstance(self.bank_, np.memmap) else {}
         return {**super()._meta(), "k_": self.k_, "T_": self.temperature_,
-                "bank_size": int(self.bank_.shape[0]), "selection": self.selection_}
+                "bank_size": int(self.bank_.shape[0]), **bank_file, "selection": self.selection_}
 
     def _load_arrays(self, directory: Path, meta: dict) -> None:
         n, D, K = meta["bank_size"], int(meta["n_features_in"]), len(meta["classes"])
@@ -274,8 +437,13 @@ class KNNHead(Head):
         if not (is_int(n) and n >= 1 and is_int(k) and 1 <= k <= n
                 and is_real(T) and math.isfinite(T) and 0.001 <= T <= 100):
             raise ValueError(f"'bank_size', 'k_' or 'T_' out of range: {n!r}, {k!r}, {T!r}")
+        if meta.get("bank_file", None) not in (None, BANK_NPY):
+            raise ValueError(f"'bank_file' must be {BANK_NPY!r}")
+        mapped = meta.get("bank_file") == BANK_NPY
         label_shape = (n, K) if self.multilabel_ else (n,)
-        arrays = read_npz(directory / HEAD_NPZ, {"bank": ((n, D), "f"), "labels": (label_shape, "iu")})
+        expected = ({"labels": (label_shape, "iu")} if mapped
+                    else {"bank": ((n, D), "f"), "labels": (label_shape, "iu")})
+        arrays = read_npz(directory / HEAD_NPZ, expected)
         labels = arrays["labels"].astype(np.int64)
         if self.multilabel_ and not np.isin(labels, (0, 1)).all():
             raise ValueError("multi-label bank labels must be 0 or 1")
@@ -286,4 +454,19 @@ class KNNHead(Head):
         self.selection_ = [{"k": int(r["k"]), "T": float(r["T"]), score: float(r[score]),
                             "val_log_loss": float(r["val_log_loss"])} for r in meta.get("selection", [])]
         self.bank_labels_ = labels
-        self.bank_ = arrays["bank"].astype(np.float32)
+        self.bank_ = _mapped_bank(directory / BANK_NPY, (n, D)) if mapped else arrays["bank"].astype(np.float32)
+
+
+def _mapped_bank(path: Path, shape: tuple[int, int]) -> np.memmap:
+    """bank.npy memory-mapped read-only, checked (shape, float32, finite, a chunk at a
+    time) like every saved array."""
+    try:
+        bank = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise corrupt(path, f"{type(error).__name__}: {error}") from None
+    if not isinstance(bank, np.memmap) or bank.shape != shape or bank.dtype != np.dtype("<f4"):
+        raise corrupt(path, f"expected a float32 array of shape {shape}")
+    for start in range(0, shape[0], chunk_rows(shape[1])):
+        if not np.isfinite(bank[start: start + chunk_rows(shape[1])]).all():
+            raise corrupt(path, "the bank holds NaN or infinite values")
+    return bank
