@@ -28,6 +28,7 @@ import json
 import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -45,6 +46,7 @@ SELECTION_MIN_PER_CLASS = 4
 HOLDOUT_FRACTION = 0.25
 MAX_SHOTS = 1_000_000
 MAX_REPEATS = 1000
+MAX_WORKERS = 4
 CSV_COLUMNS = ("head", "shots", "repeat", "n_train", "short_classes", "accuracy", "balanced_accuracy",
                "selection", "chosen", "split", "split_role")
 
@@ -126,12 +128,10 @@ def _fit_one(name: str, params: dict, X: np.ndarray, y: np.ndarray, classes: lis
     """A head fitted on one subset, with settings chosen inside it (or the fixed protocol)."""
     head = heads_mod.make_head(name, **{"seed": seed, **params, "refit": True})
     split = selection_split(y, seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if split is None:
-            return head.fit(X, y, classes=classes), "fixed"
-        fit_part, held_out = split
-        head.fit(X[fit_part], y[fit_part], X_val=X[held_out], y_val=y[held_out], classes=classes)
+    if split is None:
+        return head.fit(X, y, classes=classes), "fixed"
+    fit_part, held_out = split
+    head.fit(X[fit_part], y[fit_part], X_val=X[held_out], y_val=y[held_out], classes=classes)
     return head, "held-out quarter"
 
 
@@ -178,16 +178,44 @@ def curve_records(train: Split, evaluated: Split, classes: list[str], shots: lis
     """Fit every head on every subset of `train` and score it on `evaluated` (see the
     module docstring); one record per head, shot count and repeat."""
     orders = nested_orders(train.labels, repeats, seed)
-    total = len(shots) * repeats
-    emit(progress, Started("curve", total=total, details={"heads": list(names)}))
+    tasks = [(repeat, shots_value) for repeat in range(repeats) for shots_value in shots]
+    emit(progress, Started("curve", total=len(tasks), details={"heads": list(names)}))
+
+    def run(task: tuple[int, int | str]) -> list[dict]:
+        repeat, shots_value = task
+        return _records_for(shots_value, repeat, subset(orders[repeat], shots_value), train, evaluated,
+                            names, head_params or {}, classes, seed, split_role)
+
     records: list[dict] = []
-    for repeat, order in enumerate(orders):
-        for shots_value in shots:
-            records += _records_for(shots_value, repeat, subset(order, shots_value), train, evaluated,
-                                    names, head_params or {}, classes, seed, split_role)
-            emit(progress, Advanced("curve", done=len(records) // len(names), total=total,
-                                    details={"shots": shots_value, "repeat": repeat}))
+    # The subsets are independent and the heads' work is NumPy and BLAS calls that release
+    # the interpreter lock: a few threads keep every core busy. Each BLAS call runs on one
+    # thread (many small products: spinning BLAS threads cost more than they give), and the
+    # warnings filter is set here once: it is process-wide, not per thread.
+    from threadpoolctl import threadpool_limits
+
+    with warnings.catch_warnings(), threadpool_limits(1, user_api="blas"), \
+            ThreadPoolExecutor(max_workers=curve_workers()) as pool:
+        warnings.simplefilter("ignore")
+        # the largest subsets first, so that no thread is left with a long one at the end
+        futures = {task: pool.submit(run, task) for task in sorted(tasks, key=_task_cost, reverse=True)}
+        for done, task in enumerate(tasks, 1):
+            records += futures[task].result()
+            emit(progress, Advanced("curve", done=done, total=len(tasks),
+                                    details={"shots": task[1], "repeat": task[0]}))
     return records
+
+
+def curve_workers() -> int:
+    """Threads for the subsets: the cores this process may use, at most MAX_WORKERS."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cores))
+
+
+def _task_cost(task: tuple[int, int | str]) -> float:
+    return float("inf") if task[1] == "all" else float(task[1])
 
 
 def curve(
