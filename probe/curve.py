@@ -61,6 +61,7 @@ class Curve:
     summary: list[dict]
     split: str
     notes: list[str] = field(default_factory=list)
+    seconds: float | None = None  # the time the fits and scores took
 
 
 def parse_shots(shots: str | Iterable[Any] | None) -> list[int | str]:
@@ -154,15 +155,17 @@ def _records_for(shots, repeat, subset_index, train, evaluated, names, params, c
 
 
 def summarise(records: list[dict]) -> list[dict]:
-    """Mean and standard deviation over repeats, per head and shot count."""
+    """Mean and standard deviation over repeats, per head and shot count (and backbone,
+    when the records name one: a comparison's curves)."""
     groups: dict[tuple, list[dict]] = {}
     for record in records:
-        groups.setdefault((record["head"], record["shots"]), []).append(record)
+        groups.setdefault((record.get("backbone"), record["head"], record["shots"]), []).append(record)
     rows = []
-    for (name, shots), group in groups.items():
+    for (backbone, name, shots), group in groups.items():
         accuracy = np.array([r["accuracy"] for r in group])
         balanced = np.array([r["balanced_accuracy"] for r in group])
-        rows.append({"head": name, "shots": shots, "repeats": len(group),
+        rows.append({**({"backbone": backbone} if backbone is not None else {}),
+                     "head": name, "shots": shots, "repeats": len(group),
                      "n_train": int(np.mean([r["n_train"] for r in group])),
                      "accuracy": float(accuracy.mean()), "accuracy_std": float(accuracy.std()),
                      "balanced_accuracy": float(balanced.mean()),
@@ -242,8 +245,29 @@ def curve(
     >>> result = probe.curve(shots="1,5,all", repeats=3, heads="logreg,knn")
     >>> result.summary[0]["accuracy"], result.path
     """
-    from .compare import parse_names
     from .runs import new_run_dir, resolve_cache
+
+    shot_counts, names, repeats, params = check_settings(shots, repeats, heads, seed, head_params)
+    chosen, note = resolve_cache(cache, backbone, cache_dir)
+    result = cache_curve(chosen, shot_counts, repeats, names, seed=seed, head_params=params,
+                         progress=progress)
+    if note:
+        result.notes.insert(0, note)
+        emit(progress, Note("curve", kind="curve-note", details={"message": note}))
+    if write:
+        result.path = new_run_dir(runs_dir or (chosen.path.parent / "runs"), chosen.backbone, "curve")
+        write_curve_csv(result.path / "curve.csv", result.records)
+        plot_curve(result, result.path / "curve.png", len(chosen.classes),
+                   title=f"{chosen.backbone}: accuracy on {result.split}")
+    emit(progress, Finished("curve", details={"seconds": result.seconds,
+                                              "path": str(result.path) if result.path else None}))
+    return result
+
+
+def check_settings(shots, repeats, heads, seed, head_params) -> tuple[list, list[str], int, dict]:
+    """Shot counts, head names, repeats and head parameters, refused before any work when
+    wrong (an unknown head or parameter, a shot count or repeats out of range)."""
+    from .compare import parse_names
 
     shot_counts = parse_shots(shots)
     names = parse_names(heads, DEFAULT_HEADS)
@@ -256,49 +280,68 @@ def curve(
     params = dict(head_params or {})
     for name in names:
         heads_mod.make_head(name, **{"seed": seed, **params.get(name, {})})._check_params()
-    chosen, note = resolve_cache(cache, backbone, cache_dir)
-    notes = [note] if note else []
-    reporting = "test" if chosen.counts.get("test") else ("val" if chosen.counts.get("val") else None)
+    return shot_counts, names, int(repeats), params
+
+
+def cache_curve(cache: FeatureCache, shot_counts: list[int | str], repeats: int, names: list[str], *,
+                seed: int = 0, head_params: dict[str, dict[str, Any]] | None = None,
+                progress: ProgressCallback | None = None) -> Curve:
+    """The curve of one cache (checked settings, see `check_settings`), scored on its test
+    split, else its validation split (said in the notes); nothing written."""
+    reporting = "test" if cache.counts.get("test") else ("val" if cache.counts.get("val") else None)
     if reporting is None:
-        raise CacheError(f"expected a test or validation split to evaluate on; cache '{chosen.path}' has "
+        raise CacheError(f"expected a test or validation split to evaluate on; cache '{cache.path}' has "
                          "only train. Extract with --test-fraction > 0 or add a test/ folder.")
     split_role = "test" if reporting == "test" else "validation (not used for selection by the curve)"
+    notes = []
     if reporting == "val":
         notes.append("no test split: the curve is scored on the validation split, which it never "
                      "uses for selection")
-    train, evaluated = chosen.split("train"), chosen.split(reporting)
+    train, evaluated = cache.split("train"), cache.split(reporting)
     started = time.perf_counter()
-    records = curve_records(train, evaluated, chosen.classes, shot_counts, int(repeats), names,
-                            seed=int(seed), head_params=params, split_role=split_role, progress=progress)
+    records = curve_records(train, evaluated, cache.classes, shot_counts, repeats, names,
+                            seed=int(seed), head_params=head_params or {}, split_role=split_role,
+                            progress=progress)
     result = Curve(None, records, summarise(records), reporting, notes)
+    result.seconds = round(time.perf_counter() - started, 3)
     for note_text in notes:
         emit(progress, Note("curve", kind="curve-note", details={"message": note_text}))
-    if write:
-        result.path = new_run_dir(runs_dir or (chosen.path.parent / "runs"), chosen.backbone, "curve")
-        write_curve_csv(result.path / "curve.csv", records)
-        plot_curve(result, result.path / "curve.png", len(chosen.classes), title=f"{chosen.backbone}: accuracy on {reporting}")
-    emit(progress, Finished("curve", details={"seconds": round(time.perf_counter() - started, 3),
-                                              "path": str(result.path) if result.path else None}))
     return result
 
 
-def write_curve_csv(path: Path, records: list[dict]) -> None:
-    """One row per head, shot count and repeat; `chosen` as JSON."""
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+def write_comparison_curves(directory: Path, curves: dict[str, Curve], n_classes: int) -> Curve:
+    """The curves of several backbones as one: `curve.csv` (a `backbone` column first) and
+    `curve.png` (one line per backbone and head) in `directory`."""
+    records = [{"backbone": backbone, **record} for backbone, one in curves.items()
+               for record in one.records]
+    splits = sorted({one.split for one in curves.values()})
+    notes = list(dict.fromkeys(note for one in curves.values() for note in one.notes))
+    result = Curve(directory, records, summarise(records), "/".join(splits) or "test", notes)
+    write_curve_csv(directory / "curve.csv", records, ("backbone", *CSV_COLUMNS))
+    plot_curve(result, directory / "curve.png", n_classes, title=f"Backbones: accuracy on {result.split}")
+    return result
+
+
+def write_curve_csv(path: Path, records: list[dict], columns: tuple[str, ...] = CSV_COLUMNS) -> None:
+    """One row per head, shot count and repeat (and backbone); `chosen` as JSON."""
+    from . import store
+
+    with store.atomic_write(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(CSV_COLUMNS)
+        writer.writerow(columns)
         for record in records:
             writer.writerow([json.dumps(record[c], sort_keys=True) if c == "chosen" else record[c]
-                             for c in CSV_COLUMNS])
+                             for c in columns])
 
 
 def plot_curve(result: Curve, path: Path, n_classes: int, title: str = "") -> Path:
     """Mean accuracy ± standard deviation against images per class (log axis), one line per
-    head; "all" is placed at the mean number of training images per class."""
+    head (per backbone and head for a comparison's curves); "all" is placed at the mean
+    number of training images per class."""
     fig = report._new_figure(7.0, 4.5)
     ax = fig.add_subplot(1, 1, 1)
-    for name in dict.fromkeys(r["head"] for r in result.summary):
-        rows = [r for r in result.summary if r["head"] == name]
+    for name in dict.fromkeys(_line_name(r) for r in result.summary):
+        rows = [r for r in result.summary if _line_name(r) == name]
         xs = [r["shots"] if r["shots"] != "all" else r["n_train"] / max(1, n_classes) for r in rows]
         means = np.array([r["accuracy"] for r in rows])
         stds = np.array([r["accuracy_std"] for r in rows])
@@ -309,5 +352,10 @@ def plot_curve(result: Curve, path: Path, n_classes: int, title: str = "") -> Pa
     ax.set_ylabel(f"accuracy on {result.split}" + (" (validation)" if result.split == "val" else ""))
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(title="head")
+    ax.legend(title="backbone + head" if any("backbone" in r for r in result.summary) else "head",
+              fontsize=8)
     return report._save(fig, path)
+
+
+def _line_name(row: dict) -> str:
+    return f"{row['backbone']} + {row['head']}" if "backbone" in row else row["head"]
