@@ -253,6 +253,26 @@ class FeatureCache:
         """The features of one split (N, *feature_shape)."""
         return self._datasets(split, "features")[0]
 
+    def iter_features(self, split: str, chunk_rows: int) -> Iterator[tuple[slice, np.ndarray]]:
+        """The features of one split a chunk of at most `chunk_rows` rows at a time, as
+        (rows, float32 array (rows, *feature_shape)), in order: memory stays bounded
+        whatever the cache's size. Read through one open file (a cache replaced meanwhile
+        can not mix two versions); a chunk with NaN or infinity is a `CacheError`."""
+        if not (isinstance(chunk_rows, int) and chunk_rows >= 1):
+            raise ValueError(f"chunk_rows must be a positive integer. Received: {chunk_rows!r}")
+        if split not in self.counts:
+            raise CacheError(
+                f"expected one of the cache's splits {self.splits}. Received: split='{split}'"
+            )
+        with self._read() as handle:
+            dataset = handle[split]["features"]
+            for start in range(0, dataset.shape[0], chunk_rows):
+                rows = slice(start, min(start + chunk_rows, dataset.shape[0]))
+                chunk = np.asarray(dataset[rows], dtype=np.float32)
+                if not np.isfinite(chunk).all():
+                    raise _damaged(self.path, f"'{split}/features' holds NaN or infinite values")
+                yield rows, chunk
+
     def labels(self, split: str) -> np.ndarray:
         """The class indices of one split (N,), without reading the features."""
         return self._datasets(split, "labels")[0]

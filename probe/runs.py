@@ -24,6 +24,7 @@ import numpy as np
 from . import cache as cache_mod, evaluate, heads, html, report, settings, store
 from .cache import FeatureCache
 from .errors import CacheError, RunError
+from .heads.stream import FeatureStream
 
 CONFIG = "config.json"
 METRICS = "metrics.json"
@@ -143,9 +144,9 @@ def fit(
     model = heads.make_head(head, **head_params)
     if roles.report == "val":
         model.set_params(refit=False)  # the reported split must not be training data
-    check_features_fit_in_memory(chosen)
-    fit_seconds = train_head(model, chosen, roles)
-    reported = chosen.split(roles.report)
+    stream = check_features_fit_in_memory(chosen, streams=model.streams_features)
+    fit_seconds = train_head(model, chosen, roles, stream)
+    reported = read_split(chosen, roles.report, stream)
     proba = model.predict_proba(reported.features)
     settings_chosen = model.summary_()  # C; k and T; epochs
     metrics = {**roles.describe(), **evaluate.compute_metrics(reported.labels, proba, chosen.classes),
@@ -161,7 +162,12 @@ def fit(
                                 reported.labels, proba, chosen.classes)
 
     directory = save_run(runs, (chosen.backbone, head), write)
-    notes += html.after_fit(chosen, directory, report=html_report)
+    if stream:
+        notes.append("the features are larger than the memory available: the head read them "
+                     "in chunks; the duplicate check and report.html, which need them all in "
+                     "memory, were skipped")
+    else:
+        notes += html.after_fit(chosen, directory, report=html_report)
     return Run(directory, config, metrics, notes)
 
 
@@ -219,10 +225,20 @@ def source_notes(cache: FeatureCache, strict: bool) -> list[str]:
     return notes
 
 
-def train_head(model: Any, cache: FeatureCache, roles: SplitRoles) -> float:
-    """Fit `model` on train (selecting on val when there is one); the seconds it took."""
-    train = cache.split("train")
-    val = cache.split(roles.select) if roles.select else None
+def read_split(cache: FeatureCache, name: str, stream: bool = False) -> cache_mod.Split:
+    """One split of the cache; with `stream`, its features as a `FeatureStream` (read a
+    chunk at a time by the head) instead of an array."""
+    if not stream:
+        return cache.split(name)
+    paths, labels = cache.index(name)
+    return cache_mod.Split(name, FeatureStream.of_cache(cache, name), labels, paths)
+
+
+def train_head(model: Any, cache: FeatureCache, roles: SplitRoles, stream: bool = False) -> float:
+    """Fit `model` on train (selecting on val when there is one); the seconds it took.
+    With `stream`, the head reads the features a chunk at a time."""
+    train = read_split(cache, "train", stream)
+    val = read_split(cache, roles.select, stream) if roles.select else None
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -277,18 +293,24 @@ def _remove(temporary: Path, final: Path | None) -> None:
         final.rmdir()
 
 
-def check_features_fit_in_memory(cache: FeatureCache, available: int | None = None) -> None:
-    """Refuse, before loading anything, a cache whose features (every split, float32) need
-    more memory than is available: a head is fit on all of them in memory."""
+def check_features_fit_in_memory(cache: FeatureCache, available: int | None = None,
+                                 streams: bool = False) -> bool:
+    """Whether the head must read the features in chunks: False when they (every split,
+    float32) fit in the memory available; True when they do not and the head streams
+    (`streams_features`); otherwise a refusal, before anything is loaded."""
     needed = sum(cache.counts.values()) * int(np.prod(cache.feature_shape)) * 4
     available = settings.available_memory() if available is None else available
-    if available and needed > available:
-        raise CacheError(
-            f"expected the features of cache '{cache.path}' to fit in memory: they need "
-            f"{needed / 2**30:.1f} GiB ({sum(cache.counts.values())} images x "
-            f"{int(np.prod(cache.feature_shape))} values x 4 bytes), {available / 2**30:.1f} GiB "
-            "is available. Fit on a subsample (a smaller dataset folder or --labels CSV), "
-            "extract with --pooling avg (smaller features), or use a machine with more memory.")
+    if not available or needed <= available:
+        return False
+    if streams:
+        return True
+    raise CacheError(
+        f"expected the features of cache '{cache.path}' to fit in memory: they need "
+        f"{needed / 2**30:.1f} GiB ({sum(cache.counts.values())} images x "
+        f"{int(np.prod(cache.feature_shape))} values x 4 bytes), {available / 2**30:.1f} GiB "
+        "is available. Fit on a subsample (a smaller dataset folder or --labels CSV), "
+        "extract with --pooling avg (smaller features), use a head that reads the cache "
+        "in chunks (--head knn), or use a machine with more memory.")
 
 
 def run_config(cache: FeatureCache, **extra: Any) -> dict:

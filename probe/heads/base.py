@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 from probe.errors import DatasetError, ProbeError, RunError
 
+from .stream import FeatureStream
+
 HEAD_JSON = "head.json"
 HEAD_NPZ = "head.npz"
 FORMAT_VERSION = 1
@@ -44,8 +46,11 @@ MAX_SEED = 2**32 - 1  # numpy's and Keras' seeds are unsigned 32-bit
 # --------------------------------------------------------------------------- #
 
 
-def as_features(X: Any, name: str = "X") -> np.ndarray:
-    """Return ``X`` as a float array of shape ``(N, ...)`` with finite values."""
+def as_features(X: Any, name: str = "X", stream: bool = False) -> np.ndarray:
+    """Return ``X`` as a float array of shape ``(N, ...)`` with finite values (a
+    `FeatureStream` as it is with ``stream``: it checks its chunks as they are read)."""
+    if isinstance(X, FeatureStream) and stream:
+        return X
     try:
         arr = np.asarray(X)
     except Exception as exc:  # ragged lists and the like
@@ -104,7 +109,7 @@ def as_labels(y: Any, n: int, name: str = "y") -> np.ndarray:
 
 
 def flatten(X: np.ndarray) -> np.ndarray:
-    return X.reshape(X.shape[0], -1)
+    return X.flat() if isinstance(X, FeatureStream) else X.reshape(X.shape[0], -1)
 
 
 def resolve_classes(classes: Any, y: np.ndarray, y_val: np.ndarray | None) -> np.ndarray:
@@ -184,9 +189,10 @@ class FitData:
         return np.concatenate([self.X, self.X_val]), np.concatenate([self.y, self.y_val])
 
 
-def prepare_fit(X: Any, y: Any, X_val: Any, y_val: Any, classes: Any) -> FitData:
-    """Validate fit inputs once, for every head."""
-    X = as_features(X, "X")
+def prepare_fit(X: Any, y: Any, X_val: Any, y_val: Any, classes: Any, stream: bool = False) -> FitData:
+    """Validate fit inputs once, for every head (``stream``: the head reads a
+    `FeatureStream` chunk by chunk itself)."""
+    X = as_features(X, "X", stream)
     y = as_labels(y, X.shape[0], "y")
     input_shape = tuple(int(s) for s in X.shape[1:])
     if (X_val is None) != (y_val is None):
@@ -196,7 +202,7 @@ def prepare_fit(X: Any, y: Any, X_val: Any, y_val: Any, classes: Any) -> FitData
         )
     Xv = yv = None
     if X_val is not None:
-        Xv = as_features(X_val, "X_val")
+        Xv = as_features(X_val, "X_val", stream)
         yv = as_labels(y_val, Xv.shape[0], "y_val")
         if Xv.shape[1:] != X.shape[1:]:
             raise DatasetError(

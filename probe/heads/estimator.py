@@ -25,6 +25,9 @@ class Head(ClassifierMixin, BaseEstimator):
     name: ClassVar[str] = ""
     options: ClassVar[tuple[HeadOption, ...]] = ()
     _fitted_attr: ClassVar[str] = "classes_"
+    # True: fit and predict read a `FeatureStream` chunk by chunk (features larger than
+    # memory); other heads receive it whole
+    streams_features: ClassVar[bool] = False
 
     # -- to be provided by each head ------------------------------------- #
     def _check_params(self) -> None:
@@ -60,7 +63,7 @@ class Head(ClassifierMixin, BaseEstimator):
             classes: list[str] | None = None) -> "Head":
         """Validate, choose settings on (X_val, y_val) when given, learn; returns ``self``."""
         self._check_params()
-        data = prepare_fit(X, y, X_val, y_val, classes)
+        data = prepare_fit(X, y, X_val, y_val, classes, stream=self.streams_features)
         self._fit(data)
         self.classes_ = data.classes
         self.n_features_in_ = int(data.X.shape[1])
@@ -78,7 +81,7 @@ class Head(ClassifierMixin, BaseEstimator):
             ) from None
 
     def _check_X(self, X: Any) -> np.ndarray:
-        X = as_features(X, "X")
+        X = as_features(X, "X", stream=self.streams_features)
         shape = tuple(X.shape[1:])
         if shape != tuple(self.input_shape_) and shape != (self.n_features_in_,):
             raise DatasetError(
