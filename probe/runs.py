@@ -310,7 +310,13 @@ def check_features_fit_in_memory(cache: FeatureCache, available: int | None = No
         f"{int(np.prod(cache.feature_shape))} values x 4 bytes), {available / 2**30:.1f} GiB "
         "is available. Fit on a subsample (a smaller dataset folder or --labels CSV), "
         "extract with --pooling avg (smaller features), use a head that reads the cache "
-        "in chunks (--head knn), or use a machine with more memory.")
+        f"in chunks ({streaming_heads()}), or use a machine with more memory.")
+
+
+def streaming_heads() -> str:
+    """The heads that read features larger than memory in chunks, as options."""
+    return " or ".join(f"--head {name}" for name in heads.list_heads()
+                       if heads.HEADS[name].streams_features)
 
 
 def run_config(cache: FeatureCache, **extra: Any) -> dict:

@@ -13,12 +13,24 @@ from probe.errors import ProbeError
 
 from .estimator import Head
 from . import network
+from .stream import FeatureStream
 from .options import head_options
 from .base import PREDICT_CHUNK, Curves, FitData, check_params, corrupt, \
     keras_class_weight
 
 HEAD_KERAS = "head.keras"
 MAX_WEIGHTS = 200_000_000  # 800 MB of float32 in the first layer
+
+
+def _source(parts: list[tuple]) -> "network.BatchSource":
+    """Arrays in memory as one (concatenated) source; `FeatureStream` parts (features
+    larger than memory) as a `network.Streamed` source that reads blocks of rows."""
+    if not any(isinstance(X, FeatureStream) for X, _ in parts):
+        if len(parts) == 1:
+            return network.InMemory(*parts[0])
+        return network.InMemory(np.concatenate([X for X, _ in parts]), np.concatenate([y for _, y in parts]))
+    streams = [(X if isinstance(X, FeatureStream) else FeatureStream.of_array(X), y) for X, y in parts]
+    return network.Streamed(streams, network.STREAM_CHUNK_BYTES, network.STREAM_BLOCK_ROWS)
 
 
 class DenseHead(Head):
@@ -55,6 +67,7 @@ class DenseHead(Head):
     name = "dense"
     options = head_options("dense")
     _fitted_attr = "network_"
+    streams_features = True  # features larger than memory are read a block at a time
 
     def __init__(
         self,
@@ -122,14 +135,14 @@ class DenseHead(Head):
     def _fit(self, data: FitData) -> None:
         K = data.n_classes
         self._check_size(data.X.shape[1], K)
-        validation = None if data.X_val is None else network.InMemory(data.X_val, data.y_val)
-        net, history, best_epoch = self._train(network.InMemory(data.X, data.y), data.y, K,
-                                               self.epochs, validation)
+        train = _source([(data.X, data.y)])
+        validation = None if data.X_val is None else _source([(data.X_val, data.y_val)])
+        net, history, best_epoch = self._train(train, data.y, K, self.epochs, validation)
         self.history_ = {k: [float(v) for v in vals] for k, vals in history.items()}
         self.best_epoch_ = best_epoch if validation is not None else len(self.history_["loss"])
         if validation is not None and self.refit:
-            X, y = data.train_and_val()
-            net, _, _ = self._train(network.InMemory(X, y), y, K, self.best_epoch_)
+            both = _source([(data.X, data.y), (data.X_val, data.y_val)])
+            net, _, _ = self._train(both, np.concatenate([data.y, data.y_val]), K, self.best_epoch_)
         self._set_network(net)
 
     def _set_network(self, net: "network.Network", model=None) -> None:
@@ -148,9 +161,12 @@ class DenseHead(Head):
             self.__dict__["_model"] = network.keras_model(self.network_, self.dropout if self.hidden_units else 0)
         return self.__dict__["_model"]
 
-    def _predict_flat(self, X: np.ndarray) -> np.ndarray:
-        proba = [self.network_.proba(X[i: i + PREDICT_CHUNK]) for i in range(0, X.shape[0], PREDICT_CHUNK)]
-        return np.concatenate(proba).astype(np.float64)
+    def _predict_flat(self, X) -> np.ndarray:
+        if isinstance(X, FeatureStream):  # larger than memory: a chunk at a time
+            chunks = (chunk for _, chunk in X.chunks(PREDICT_CHUNK))
+        else:
+            chunks = (X[i: i + PREDICT_CHUNK] for i in range(0, X.shape[0], PREDICT_CHUNK))
+        return np.concatenate([self.network_.proba(chunk) for chunk in chunks]).astype(np.float64)
 
     def keras_head(self):
         """The trained network itself (fine-tuning trains these very layers)."""

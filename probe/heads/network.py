@@ -25,6 +25,8 @@ import numpy as np
 VARIANCE_FLOOR = 0.1  # relative to the mean variance over the feature dimensions
 _EPSILON = 1e-7  # keras.backend.epsilon(): Normalization's and Adam's
 _BETA_1, _BETA_2 = 0.9, 0.999
+STREAM_CHUNK_BYTES = 64 << 20  # features in memory at once when they are streamed
+STREAM_BLOCK_ROWS = 256  # contiguous rows read together (random order between blocks)
 
 
 class BatchSource(Protocol):
@@ -54,6 +56,57 @@ class InMemory:
         else:
             order = rng.permutation(self.n_rows)
             yield self.X[order], self.y[order]
+
+
+@dataclass
+class Streamed:
+    """A BatchSource over features larger than memory: one or more `FeatureStream` parts
+    (train, or train + val for a refit) with their labels.
+
+    In order (statistics, scores): each part's chunks as they are stored. Shuffled
+    (training): the rows are cut into blocks of ``block_rows``; each epoch takes the blocks
+    of every part in a random order, reads ``blocks_per_chunk`` of them at a time into one
+    chunk (about ``chunk_bytes``) and shuffles its rows. A cache stores its rows sorted by
+    path, so usually one class after another: a chunk made of blocks from all over the
+    split mixes the classes, where a run of consecutive rows would hold one or two.
+    A stream without random access is shuffled within its chunks only."""
+
+    parts: list  # [(FeatureStream, labels)]
+    chunk_bytes: int = STREAM_CHUNK_BYTES
+    block_rows: int = STREAM_BLOCK_ROWS
+
+    @property
+    def n_rows(self) -> int:
+        return sum(len(labels) for _, labels in self.parts)
+
+    def _chunk_rows(self) -> int:
+        n_features = self.parts[0][0].n_features
+        return max(self.block_rows, self.chunk_bytes // (4 * max(1, n_features)))
+
+    def chunks(self, rng=None):
+        if rng is None or any(stream.read_rows is None for stream, _ in self.parts):
+            yield from self._in_order(rng)
+            return
+        blocks = [(part, slice(start, min(start + self.block_rows, len(labels))))
+                  for part, (_, labels) in enumerate(self.parts)
+                  for start in range(0, len(labels), self.block_rows)]
+        per_chunk = max(1, self._chunk_rows() // self.block_rows)
+        order = rng.permutation(len(blocks))
+        for first in range(0, len(order), per_chunk):
+            chosen = [blocks[i] for i in order[first: first + per_chunk]]
+            X = np.concatenate([self.parts[part][0].block(rows) for part, rows in chosen])
+            y = np.concatenate([self.parts[part][1][rows] for part, rows in chosen])
+            shuffle = rng.permutation(y.size)
+            yield X[shuffle], y[shuffle]
+
+    def _in_order(self, rng):
+        for stream, labels in self.parts:
+            for rows, X in stream.chunks(self._chunk_rows()):
+                y = labels[rows]
+                if rng is not None:
+                    shuffle = rng.permutation(y.size)
+                    X, y = X[shuffle], y[shuffle]
+                yield X, y
 
 
 def moments(source: BatchSource) -> tuple[np.ndarray, np.ndarray]:
