@@ -146,12 +146,12 @@ class Network:
         layers = []
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
             limit = np.sqrt(6.0 / (fan_in + fan_out))
-            layers.append((rng.uniform(-limit, limit, (fan_in, fan_out)).astype(np.float32),
-                           np.zeros(fan_out, np.float32)))
+            kernel = rng.uniform(-limit, limit, (fan_in, fan_out)).astype(np.float32)
+            layers.append((np.asfortranarray(kernel), np.zeros(fan_out, np.float32)))
         return cls(mean, variance, layers)
 
     def copy(self) -> "Network":
-        return Network(self.mean, self.variance, [(W.copy(), b.copy()) for W, b in self.layers])
+        return Network(self.mean, self.variance, [(W.copy(order="K"), b.copy()) for W, b in self.layers])
 
     def standardise(self, X: np.ndarray) -> np.ndarray:
         scale = np.maximum(np.sqrt(self.variance), _EPSILON)
@@ -161,9 +161,19 @@ class Network:
         """Class probabilities (float32) of raw features, dropout off."""
         h = self.standardise(X)
         for W, b in self.layers[:-1]:
-            h = np.maximum(h @ W + b, 0)
+            h = np.maximum(affine(h, W, b), 0)
         W, b = self.layers[-1]
-        return softmax(h @ W + b)
+        return softmax(affine(h, W, b))
+
+
+def affine(h: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``h @ W + b``, computed as ``(W.T @ h.T).T``: with the kernel in column-major order
+    (as `Network.initial` makes it) OpenBLAS runs this product of a thin batch 1.6 times
+    faster on one thread than ``h @ W`` (measured: 1.9 ms against 3.0 ms for 32 x 2,048 by
+    2,048 x 256)."""
+    out = (W.T @ h.T).T
+    out += b
+    return out
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -223,7 +233,7 @@ def _train_batch(network: Network, optimiser: Adam, Z: np.ndarray, y: np.ndarray
     activations, masks = [Z], []
     h = Z
     for W, b in network.layers[:-1]:
-        h = np.maximum(h @ W + b, 0)
+        h = np.maximum(affine(h, W, b), 0)
         if schedule.dropout:
             keep = (rng.random(h.shape, dtype=np.float32) >= schedule.dropout)
             mask = keep.astype(np.float32) / np.float32(1 - schedule.dropout)
@@ -233,7 +243,7 @@ def _train_batch(network: Network, optimiser: Adam, Z: np.ndarray, y: np.ndarray
         masks.append(mask)
         activations.append(h)
     W, b = network.layers[-1]
-    proba = softmax(h @ W + b)
+    proba = softmax(np.ascontiguousarray(affine(h, W, b)))
     rows = np.arange(y.size)
     weights = np.ones(y.size, np.float32) if schedule.class_weights is None else schedule.class_weights[y]
     losses = -np.log(np.maximum(proba[rows, y], 1e-7)) * weights  # Keras clips at epsilon
@@ -244,7 +254,7 @@ def _train_batch(network: Network, optimiser: Adam, Z: np.ndarray, y: np.ndarray
     gradients = []
     for i in range(len(network.layers) - 1, -1, -1):
         W, _ = network.layers[i]
-        np.matmul(activations[i].T, delta, out=kernel_gradients[i])
+        np.matmul(delta.T, activations[i], out=kernel_gradients[i].T)  # column-major, as W
         gradients.append((kernel_gradients[i], delta.sum(axis=0)))
         if i:
             delta = delta @ W.T
@@ -291,7 +301,7 @@ def train(network: Network, source: BatchSource, schedule: Schedule, rng: np.ran
     the history (loss, accuracy, val_loss, val_accuracy per epoch) and the 1-based epoch
     whose weights were kept."""
     optimiser = Adam(network, schedule.learning_rate)
-    kernel_gradients = [np.empty_like(W) for W, _ in network.layers]
+    kernel_gradients = [np.empty_like(W, order="F") for W, _ in network.layers]
     history: dict[str, list[float]] = {"loss": [], "accuracy": []}
     if validation is not None:
         history.update(val_loss=[], val_accuracy=[])
@@ -342,6 +352,6 @@ def from_keras(model) -> Network:
     norm = model.get_layer("standardize")
     mean = np.asarray(norm.mean, dtype=np.float32).reshape(-1)
     variance = np.asarray(norm.variance, dtype=np.float32).reshape(-1)
-    layers = [tuple(np.asarray(w, dtype=np.float32) for w in layer.get_weights())
+    layers = [tuple(np.asfortranarray(w, dtype=np.float32) for w in layer.get_weights())
               for layer in model.layers if layer.name in ("hidden", "predictions")]
     return Network(mean, variance, layers)
