@@ -20,7 +20,8 @@ Every figure is printed on its own line, `<scope> <figure> <value>`; times are t
   val included) and the logistic head's fit time over it;
 * `knn_fit_10000x2048_s`: a k-NN fit on 10,000 x 2,048 features with 1,500 validation rows;
 * `curve_s`: `probe.curve`'s work (6 shot counts x 5 repeats x logreg, knn, dense) on a
-  10-class set of 2,000 images.
+  10-class set of 2,000 images: wall-clock and CPU seconds (every thread), the threads
+  used, the load average around it and each head's mean accuracy with every image.
 
     PYTHONPATH=. python benchmarks/heads.py
     PYTHONPATH=. python benchmarks/heads.py --quick
@@ -122,14 +123,26 @@ def knn_large(repeat: int, n: int = 10000) -> None:
 
 
 def curve_figure() -> None:
+    import importlib
+
+    # one thread where the curve has no thread pool (an older probe, for a baseline)
+    curve_workers = getattr(importlib.import_module("probe.curve"), "curve_workers", lambda: 1)
     Xtr, ytr, Xv, yv, Xte, yte = blobs()
     train, test = Split("train", Xtr, ytr, []), Split("test", Xte, yte, [])
+    print(f"curve load_average_1min_before {os.getloadavg()[0]:.2f}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        started = time.perf_counter()
-        curve_records(train, test, [str(c) for c in range(10)], [1, 2, 5, 10, 25, "all"], 5,
-                      ["logreg", "knn", "dense"])
+        started, cpu = time.perf_counter(), time.process_time()
+        records = curve_records(train, test, [str(c) for c in range(10)], [1, 2, 5, 10, 25, "all"], 5,
+                                ["logreg", "knn", "dense"])
     print(f"curve 6_shots_x_5_repeats_x_3_heads_s {time.perf_counter() - started:.1f}")
+    # CPU seconds of every thread: what the work costs whatever else the machine runs
+    print(f"curve 6_shots_x_5_repeats_x_3_heads_cpu_s {time.process_time() - cpu:.1f}")
+    print(f"curve threads {curve_workers()}")
+    print(f"curve load_average_1min_after {os.getloadavg()[0]:.2f}")
+    for name in ("logreg", "knn", "dense"):
+        mean = np.mean([r["accuracy"] for r in records if r["head"] == name and r["shots"] == "all"])
+        print(f"curve {name}_accuracy_all_shots {mean:.4f}")
 
 
 def main() -> None:

@@ -305,6 +305,20 @@ class FeatureCache:
         paths, labels = self._datasets(split, "paths", "labels")
         return paths, labels
 
+    def read_rows(self, split: str, rows: slice) -> np.ndarray:
+        """The features of a contiguous range of rows of one split (float32); NaN or
+        infinity is a `CacheError`. What a head that shuffles features larger than memory
+        reads, a block at a time in random order."""
+        if split not in self.counts:
+            raise CacheError(
+                f"expected one of the cache's splits {self.splits}. Received: split='{split}'"
+            )
+        with self._read() as handle:
+            block = np.asarray(handle[split]["features"][rows], dtype=np.float32)
+        if not np.isfinite(block).all():
+            raise _damaged(self.path, f"'{split}/features' holds NaN or infinite values")
+        return block
+
     def _datasets(self, split: str, *names: str) -> list:
         if split not in self.counts:
             raise CacheError(

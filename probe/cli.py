@@ -432,17 +432,23 @@ def curve_command(cache_path, backbone, cache_dir, shots, repeats, heads, seed) 
                    backbone=backbone, cache_dir=cache_dir)
     for note in result.notes:
         click.echo(note, err=True)
-    split = "validation" if result.split == "val" else result.split
-    rows = [{"head": r["head"], "shots": str(r["shots"]), "n_train": r["n_train"],
-             f"{split} accuracy": f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}",
-             "balanced accuracy": f"{r['balanced_accuracy']:.4f} ± {r['balanced_accuracy_std']:.4f}",
-             "short classes": r["short_classes"]} for r in result.summary]
-    click.echo(format_table(rows, list(rows[0])))
+    click.echo(format_table(*_curve_rows(result)))
     short = max((r["short_classes"] for r in result.summary), default=0)
     if short:
         click.echo(f"short classes: classes with fewer training images than the shot count "
                    f"(they use all they have); up to {short} here")
     click.echo(f"Run: {result.path}")
+
+
+def _curve_rows(result) -> tuple[list[dict], list[str]]:
+    """A curve's summary as table rows (mean ± standard deviation) and their columns."""
+    split = "validation" if result.split == "val" else result.split
+    rows = [{**({"backbone": r["backbone"]} if "backbone" in r else {}),
+             "head": r["head"], "shots": str(r["shots"]), "n_train": r["n_train"],
+             f"{split} accuracy": f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}",
+             "balanced accuracy": f"{r['balanced_accuracy']:.4f} ± {r['balanced_accuracy_std']:.4f}",
+             "short classes": r["short_classes"]} for r in result.summary]
+    return rows, list(rows[0])
 
 
 @main.command("predict")
@@ -634,6 +640,8 @@ class _Events:
                 self._say(f"[{details['index'] + 1}/{details['total']}] {details['backbone']}")
             elif event.kind == "extraction-failed":
                 self._say(f"  {details['backbone']} failed: {details['error']}")
+            elif event.kind == "curve-failed":
+                self._say(f"  {details['backbone']} curve failed: {details['error']}")
             elif event.kind == "extracted" and details["up_to_date"]:
                 self._say(f"  cache up to date: {details['path']}")
         elif isinstance(event, Advanced):
@@ -701,6 +709,9 @@ def _show_comparison(result) -> None:
         click.echo(f"{', '.join(rows)} failed: {error}", err=True)
     report = ", report.html" if (result.path / "report.html").is_file() else ""
     click.echo(f"Wrote {result.path}/compare.csv, compare.md, compare.png{report}")
+    if result.curve is not None:
+        click.echo(format_table(*_curve_rows(result.curve)))
+        click.echo(f"Wrote {result.path}/curve.csv, curve.png")
     best = result.best
     if best is None:
         raise click.ClickException("no backbone and head finished; see the errors above")
@@ -724,11 +735,16 @@ def _show_comparison(result) -> None:
         *DATASET_OPTIONS, *HEAD_PARAMETER_OPTIONS, *ENGINE_OPTIONS)
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines or bars.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html files.")
+@click.option("--shots", default=None,
+              help="Add label-efficiency curves of every backbone and head at these labelled "
+                   "images per class, e.g. 1,10,all (see `probe curve`).")
+@click.option("--repeats", type=int, default=5, show_default=True,
+              help="With --shots: seeded random subsets per shot count.")
 @_fail_cleanly
 def compare_command(dataset, backbones, heads, weights, image_size, pooling, batch_size,
                     cache_dir, runs_dir, labels, val_fraction, test_fraction, seed, engine,
                     ray_address, workers, gpus_per_worker, shard_size, quiet, no_report,
-                    **options) -> None:
+                    shots, repeats, **options) -> None:
     """Compare backbones and heads on DATASET and rank them.
 
     Extracts what is not cached yet (every existing cache is reused), fits every head on
@@ -739,6 +755,7 @@ def compare_command(dataset, backbones, heads, weights, image_size, pooling, bat
     overlaps the best one's are marked tied. A backbone that fails gets a row saying why;
     the others still run.
     --engine ray extracts on a Ray cluster, as `probe extract --engine ray` does.
+    --shots 1,10,all adds every backbone's label-efficiency curve (curve.csv, curve.png).
 
     Example: probe compare cats_vs_dogs/ --backbones vgg16,resnet50,densenet121 --heads logreg,dense
     """
@@ -751,7 +768,7 @@ def compare_command(dataset, backbones, heads, weights, image_size, pooling, bat
                          cache_dir=cache_dir, runs_dir=runs_dir, head_params=params,
                          progress=shown, html_report=not no_report, engine=engine,
                          ray=RayOptions(ray_address, workers, gpus_per_worker, shard_size)
-                         if engine == "ray" else None)
+                         if engine == "ray" else None, shots=shots, repeats=repeats)
     finally:
         shown.close()
     _show_comparison(result)

@@ -103,6 +103,7 @@ class Comparison(list):
         super().__init__(records)
         self.path = path
         self.settings = settings
+        self.curve = None  # with `shots`: the label-efficiency curves (a probe.curve.Curve)
 
     @property
     def multilabel(self) -> bool:
@@ -222,6 +223,8 @@ class _Plan:
     found: Any  # data.Dataset
     extraction: dict  # the keyword arguments of every extraction
     html_report: bool = True  # report.html in every run directory
+    shots: list | None = None  # label-efficiency curves of every backbone at these shot counts
+    repeats: int = 5
 
     @property
     def total(self) -> int:
@@ -248,6 +251,8 @@ def compare(
     html_report: bool = True,
     engine: str = "local",
     ray: RayOptions | None = None,
+    shots: str | Iterable[Any] | None = None,
+    repeats: int = 5,
 ) -> Comparison:
     """Fit every head on every backbone's features of `dataset` and rank the results.
 
@@ -259,7 +264,10 @@ def compare(
     head seed. `progress` receives the events of the comparison (stage "compare") and of
     each extraction (stage "extract"). `html_report=True` writes report.html into the
     comparison directory and every run directory. `engine="ray"` extracts on a Ray
-    cluster (`ray`: `RayOptions`), as in `probe.extract`.
+    cluster (`ray`: `RayOptions`), as in `probe.extract`. `shots` (e.g. "1,10,all") adds
+    the label-efficiency curve of every backbone (`probe.curve`, `repeats` subsets per shot
+    count, every head): `curve.csv` and `curve.png` (one line per backbone and head) in the
+    comparison directory, and `Comparison.curve`.
 
     Returns a `Comparison`: the ranked records (backbone, head, accuracy and its 95%
     interval, tied (with the best), balanced_accuracy, macro_f1, split_role, ...).
@@ -274,6 +282,11 @@ def compare(
                       test_fraction=test_fraction, seed=seed, batch_size=batch_size,
                       engine=engine, ray=ray))
     plan = dataclasses.replace(plan, html_report=html_report)
+    if shots is not None:
+        from .curve import check_settings
+
+        shot_counts, _, repeats, _ = check_settings(shots, repeats, plan.heads, seed, plan.params)
+        plan = dataclasses.replace(plan, shots=shot_counts, repeats=repeats)
     directory = cache_mod.resolve_cache_dir(cache_dir)
     runs = Path(runs_dir) if runs_dir else directory / "runs"
     check_writable(runs)
@@ -282,16 +295,23 @@ def compare(
                            details={"backbones": [s.name for s in plan.specs], "heads": plan.heads,
                                     "path": str(out)}))
     records: list[dict] = []
+    curves: dict[str, Any] = {}
     for index, (spec, size) in enumerate(zip(plan.specs, plan.sizes)):
         emit(progress, Note("compare", kind="backbone",
                             details={"backbone": spec.name, "index": index, "total": len(plan.specs)}))
         cache, base = _extract_one(plan, spec, size, directory, progress)
         records += _fit_heads(plan, cache, base, out, len(records), progress)
+        if plan.shots and cache is not None:
+            curves.update(_curve_one(plan, spec.name, cache, progress))
     multilabel = bool(plan.found.multilabel)
     result = Comparison(rank(records, multilabel), out,
                         _settings(plan, weights, image_size, pooling, labels, seed, val_fraction,
                                   test_fraction, multilabel))
     write_files(result)
+    if curves:
+        from .curve import write_comparison_curves
+
+        result.curve = write_comparison_curves(out, curves, len(plan.found.classes))
     if html_report:
         html.write_report(result)
     emit(progress, Finished("compare", details={"path": str(out), "runs": len(result),
@@ -384,6 +404,20 @@ def _fit_heads(plan: _Plan, cache, base: dict, out: Path, done: int,
                                     "accuracy_ci", "split", "split_role", "fit_seconds",
                                     *ML_SCORES[:1], *ML_INTERVAL_KEYS[:1]) if key in record}))
     return records
+
+
+def _curve_one(plan: _Plan, backbone: str, cache, progress: ProgressCallback | None) -> dict:
+    """{backbone: its curve}, or nothing when the curve failed (a Note says why)."""
+    from .curve import cache_curve
+
+    try:
+        return {backbone: cache_curve(cache, plan.shots, plan.repeats, plan.heads,
+                                      seed=plan.extraction["seed"], head_params=plan.params,
+                                      progress=progress)}
+    except Exception as error:  # noqa: BLE001 - one backbone must not stop the others
+        emit(progress, Note("compare", kind="curve-failed",
+                            details={"backbone": backbone, "error": _message(error)}))
+        return {}
 
 
 def _record(base: dict, head: str, run) -> dict:

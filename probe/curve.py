@@ -28,6 +28,7 @@ import json
 import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -45,6 +46,7 @@ SELECTION_MIN_PER_CLASS = 4
 HOLDOUT_FRACTION = 0.25
 MAX_SHOTS = 1_000_000
 MAX_REPEATS = 1000
+MAX_WORKERS = 4
 CSV_COLUMNS = ("head", "shots", "repeat", "n_train", "short_classes", "accuracy", "balanced_accuracy",
                "selection", "chosen", "split", "split_role")
 
@@ -59,6 +61,7 @@ class Curve:
     summary: list[dict]
     split: str
     notes: list[str] = field(default_factory=list)
+    seconds: float | None = None  # the time the fits and scores took
 
 
 def parse_shots(shots: str | Iterable[Any] | None) -> list[int | str]:
@@ -126,12 +129,10 @@ def _fit_one(name: str, params: dict, X: np.ndarray, y: np.ndarray, classes: lis
     """A head fitted on one subset, with settings chosen inside it (or the fixed protocol)."""
     head = heads_mod.make_head(name, **{"seed": seed, **params, "refit": True})
     split = selection_split(y, seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if split is None:
-            return head.fit(X, y, classes=classes), "fixed"
-        fit_part, held_out = split
-        head.fit(X[fit_part], y[fit_part], X_val=X[held_out], y_val=y[held_out], classes=classes)
+    if split is None:
+        return head.fit(X, y, classes=classes), "fixed"
+    fit_part, held_out = split
+    head.fit(X[fit_part], y[fit_part], X_val=X[held_out], y_val=y[held_out], classes=classes)
     return head, "held-out quarter"
 
 
@@ -154,15 +155,17 @@ def _records_for(shots, repeat, subset_index, train, evaluated, names, params, c
 
 
 def summarise(records: list[dict]) -> list[dict]:
-    """Mean and standard deviation over repeats, per head and shot count."""
+    """Mean and standard deviation over repeats, per head and shot count (and backbone,
+    when the records name one: a comparison's curves)."""
     groups: dict[tuple, list[dict]] = {}
     for record in records:
-        groups.setdefault((record["head"], record["shots"]), []).append(record)
+        groups.setdefault((record.get("backbone"), record["head"], record["shots"]), []).append(record)
     rows = []
-    for (name, shots), group in groups.items():
+    for (backbone, name, shots), group in groups.items():
         accuracy = np.array([r["accuracy"] for r in group])
         balanced = np.array([r["balanced_accuracy"] for r in group])
-        rows.append({"head": name, "shots": shots, "repeats": len(group),
+        rows.append({**({"backbone": backbone} if backbone is not None else {}),
+                     "head": name, "shots": shots, "repeats": len(group),
                      "n_train": int(np.mean([r["n_train"] for r in group])),
                      "accuracy": float(accuracy.mean()), "accuracy_std": float(accuracy.std()),
                      "balanced_accuracy": float(balanced.mean()),
@@ -178,16 +181,44 @@ def curve_records(train: Split, evaluated: Split, classes: list[str], shots: lis
     """Fit every head on every subset of `train` and score it on `evaluated` (see the
     module docstring); one record per head, shot count and repeat."""
     orders = nested_orders(train.labels, repeats, seed)
-    total = len(shots) * repeats
-    emit(progress, Started("curve", total=total, details={"heads": list(names)}))
+    tasks = [(repeat, shots_value) for repeat in range(repeats) for shots_value in shots]
+    emit(progress, Started("curve", total=len(tasks), details={"heads": list(names)}))
+
+    def run(task: tuple[int, int | str]) -> list[dict]:
+        repeat, shots_value = task
+        return _records_for(shots_value, repeat, subset(orders[repeat], shots_value), train, evaluated,
+                            names, head_params or {}, classes, seed, split_role)
+
     records: list[dict] = []
-    for repeat, order in enumerate(orders):
-        for shots_value in shots:
-            records += _records_for(shots_value, repeat, subset(order, shots_value), train, evaluated,
-                                    names, head_params or {}, classes, seed, split_role)
-            emit(progress, Advanced("curve", done=len(records) // len(names), total=total,
-                                    details={"shots": shots_value, "repeat": repeat}))
+    # The subsets are independent and the heads' work is NumPy and BLAS calls that release
+    # the interpreter lock: a few threads keep every core busy. Each BLAS call runs on one
+    # thread (many small products: spinning BLAS threads cost more than they give), and the
+    # warnings filter is set here once: it is process-wide, not per thread.
+    from threadpoolctl import threadpool_limits
+
+    with warnings.catch_warnings(), threadpool_limits(1, user_api="blas"), \
+            ThreadPoolExecutor(max_workers=curve_workers()) as pool:
+        warnings.simplefilter("ignore")
+        # the largest subsets first, so that no thread is left with a long one at the end
+        futures = {task: pool.submit(run, task) for task in sorted(tasks, key=_task_cost, reverse=True)}
+        for done, task in enumerate(tasks, 1):
+            records += futures[task].result()
+            emit(progress, Advanced("curve", done=done, total=len(tasks),
+                                    details={"shots": task[1], "repeat": task[0]}))
     return records
+
+
+def curve_workers() -> int:
+    """Threads for the subsets: the cores this process may use, at most MAX_WORKERS."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cores))
+
+
+def _task_cost(task: tuple[int, int | str]) -> float:
+    return float("inf") if task[1] == "all" else float(task[1])
 
 
 def curve(
@@ -214,8 +245,29 @@ def curve(
     >>> result = probe.curve(shots="1,5,all", repeats=3, heads="logreg,knn")
     >>> result.summary[0]["accuracy"], result.path
     """
-    from .compare import parse_names
     from .runs import new_run_dir, resolve_cache
+
+    shot_counts, names, repeats, params = check_settings(shots, repeats, heads, seed, head_params)
+    chosen, note = resolve_cache(cache, backbone, cache_dir)
+    result = cache_curve(chosen, shot_counts, repeats, names, seed=seed, head_params=params,
+                         progress=progress)
+    if note:
+        result.notes.insert(0, note)
+        emit(progress, Note("curve", kind="curve-note", details={"message": note}))
+    if write:
+        result.path = new_run_dir(runs_dir or (chosen.path.parent / "runs"), chosen.backbone, "curve")
+        write_curve_csv(result.path / "curve.csv", result.records)
+        plot_curve(result, result.path / "curve.png", len(chosen.classes),
+                   title=f"{chosen.backbone}: accuracy on {result.split}")
+    emit(progress, Finished("curve", details={"seconds": result.seconds,
+                                              "path": str(result.path) if result.path else None}))
+    return result
+
+
+def check_settings(shots, repeats, heads, seed, head_params) -> tuple[list, list[str], int, dict]:
+    """Shot counts, head names, repeats and head parameters, refused before any work when
+    wrong (an unknown head or parameter, a shot count or repeats out of range)."""
+    from .compare import parse_names
 
     shot_counts = parse_shots(shots)
     names = parse_names(heads, DEFAULT_HEADS)
@@ -228,49 +280,68 @@ def curve(
     params = dict(head_params or {})
     for name in names:
         heads_mod.make_head(name, **{"seed": seed, **params.get(name, {})})._check_params()
-    chosen, note = resolve_cache(cache, backbone, cache_dir)
-    notes = [note] if note else []
-    reporting = "test" if chosen.counts.get("test") else ("val" if chosen.counts.get("val") else None)
+    return shot_counts, names, int(repeats), params
+
+
+def cache_curve(cache: FeatureCache, shot_counts: list[int | str], repeats: int, names: list[str], *,
+                seed: int = 0, head_params: dict[str, dict[str, Any]] | None = None,
+                progress: ProgressCallback | None = None) -> Curve:
+    """The curve of one cache (checked settings, see `check_settings`), scored on its test
+    split, else its validation split (said in the notes); nothing written."""
+    reporting = "test" if cache.counts.get("test") else ("val" if cache.counts.get("val") else None)
     if reporting is None:
-        raise CacheError(f"expected a test or validation split to evaluate on; cache '{chosen.path}' has "
+        raise CacheError(f"expected a test or validation split to evaluate on; cache '{cache.path}' has "
                          "only train. Extract with --test-fraction > 0 or add a test/ folder.")
     split_role = "test" if reporting == "test" else "validation (not used for selection by the curve)"
+    notes = []
     if reporting == "val":
         notes.append("no test split: the curve is scored on the validation split, which it never "
                      "uses for selection")
-    train, evaluated = chosen.split("train"), chosen.split(reporting)
+    train, evaluated = cache.split("train"), cache.split(reporting)
     started = time.perf_counter()
-    records = curve_records(train, evaluated, chosen.classes, shot_counts, int(repeats), names,
-                            seed=int(seed), head_params=params, split_role=split_role, progress=progress)
+    records = curve_records(train, evaluated, cache.classes, shot_counts, repeats, names,
+                            seed=int(seed), head_params=head_params or {}, split_role=split_role,
+                            progress=progress)
     result = Curve(None, records, summarise(records), reporting, notes)
+    result.seconds = round(time.perf_counter() - started, 3)
     for note_text in notes:
         emit(progress, Note("curve", kind="curve-note", details={"message": note_text}))
-    if write:
-        result.path = new_run_dir(runs_dir or (chosen.path.parent / "runs"), chosen.backbone, "curve")
-        write_curve_csv(result.path / "curve.csv", records)
-        plot_curve(result, result.path / "curve.png", len(chosen.classes), title=f"{chosen.backbone}: accuracy on {reporting}")
-    emit(progress, Finished("curve", details={"seconds": round(time.perf_counter() - started, 3),
-                                              "path": str(result.path) if result.path else None}))
     return result
 
 
-def write_curve_csv(path: Path, records: list[dict]) -> None:
-    """One row per head, shot count and repeat; `chosen` as JSON."""
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+def write_comparison_curves(directory: Path, curves: dict[str, Curve], n_classes: int) -> Curve:
+    """The curves of several backbones as one: `curve.csv` (a `backbone` column first) and
+    `curve.png` (one line per backbone and head) in `directory`."""
+    records = [{"backbone": backbone, **record} for backbone, one in curves.items()
+               for record in one.records]
+    splits = sorted({one.split for one in curves.values()})
+    notes = list(dict.fromkeys(note for one in curves.values() for note in one.notes))
+    result = Curve(directory, records, summarise(records), "/".join(splits) or "test", notes)
+    write_curve_csv(directory / "curve.csv", records, ("backbone", *CSV_COLUMNS))
+    plot_curve(result, directory / "curve.png", n_classes, title=f"Backbones: accuracy on {result.split}")
+    return result
+
+
+def write_curve_csv(path: Path, records: list[dict], columns: tuple[str, ...] = CSV_COLUMNS) -> None:
+    """One row per head, shot count and repeat (and backbone); `chosen` as JSON."""
+    from . import store
+
+    with store.atomic_write(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(CSV_COLUMNS)
+        writer.writerow(columns)
         for record in records:
             writer.writerow([json.dumps(record[c], sort_keys=True) if c == "chosen" else record[c]
-                             for c in CSV_COLUMNS])
+                             for c in columns])
 
 
 def plot_curve(result: Curve, path: Path, n_classes: int, title: str = "") -> Path:
     """Mean accuracy ± standard deviation against images per class (log axis), one line per
-    head; "all" is placed at the mean number of training images per class."""
+    head (per backbone and head for a comparison's curves); "all" is placed at the mean
+    number of training images per class."""
     fig = report._new_figure(7.0, 4.5)
     ax = fig.add_subplot(1, 1, 1)
-    for name in dict.fromkeys(r["head"] for r in result.summary):
-        rows = [r for r in result.summary if r["head"] == name]
+    for name in dict.fromkeys(_line_name(r) for r in result.summary):
+        rows = [r for r in result.summary if _line_name(r) == name]
         xs = [r["shots"] if r["shots"] != "all" else r["n_train"] / max(1, n_classes) for r in rows]
         means = np.array([r["accuracy"] for r in rows])
         stds = np.array([r["accuracy_std"] for r in rows])
@@ -281,5 +352,10 @@ def plot_curve(result: Curve, path: Path, n_classes: int, title: str = "") -> Pa
     ax.set_ylabel(f"accuracy on {result.split}" + (" (validation)" if result.split == "val" else ""))
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(title="head")
+    ax.legend(title="backbone + head" if any("backbone" in r for r in result.summary) else "head",
+              fontsize=8)
     return report._save(fig, path)
+
+
+def _line_name(row: dict) -> str:
+    return f"{row['backbone']} + {row['head']}" if "backbone" in row else row["head"]

@@ -209,11 +209,27 @@ def _multilabel_loss(job: _Job):
     """Binary cross-entropy; with the source head's class_weight="balanced", each class's
     positives and negatives weighted apart (as the dense head trains)."""
     from .heads.base import balanced_label_weights
-    from .heads.dense import weighted_binary_crossentropy
 
     if (job.source.config.get("head_params") or {}).get("class_weight") != "balanced":
         return "binary_crossentropy"
-    return weighted_binary_crossentropy(*balanced_label_weights(job.splits["train"][1]))
+    return _weighted_binary_crossentropy(*balanced_label_weights(job.splits["train"][1]))
+
+
+def _weighted_binary_crossentropy(positive: np.ndarray, negative: np.ndarray):
+    """Binary cross-entropy with per-class weights of the positive and negative entries
+    (for training only: the saved model is not compiled, so it loads in safe mode)."""
+    from ._keras import keras
+
+    ops = keras.ops
+    pos, neg = positive.astype(np.float32), negative.astype(np.float32)
+
+    def loss(y_true, y_pred):
+        y_true = ops.cast(y_true, "float32")
+        p = ops.clip(y_pred, 1e-7, 1 - 1e-7)
+        weights = y_true * pos + (1 - y_true) * neg
+        return ops.mean(-weights * (y_true * ops.log(p) + (1 - y_true) * ops.log(1 - p)), axis=-1)
+
+    return loss
 
 
 def _score(job: _Job, split: str, proba: np.ndarray, thresholds: np.ndarray | None) -> dict:

@@ -278,3 +278,38 @@ def test_compare_ranks_ties_by_interval_overlap():
                    {"backbone": "e", "head": "logreg", "status": "failed"}])
     assert [(r["backbone"], r["rank"], r["tied"]) for r in ranked] == [
         ("d", 1, "best"), ("a", 2, "yes"), ("b", 3, "yes"), ("c", 4, "no"), ("e", None, None)]
+
+
+def test_compare_with_shots_adds_every_backbones_curve(colours, cache_dir):
+    table = probe.compare(colours, "vgg16,resnet50", "logreg,knn", weights="none", image_size=32,
+                          head_params=FAST, shots="1,2,all", repeats=2, html_report=False)
+    curve = table.curve
+    assert curve.path == table.path
+    rows = list(csv.DictReader(open(table.path / "curve.csv", encoding="utf-8")))
+    assert len(rows) == len(curve.records) == 2 * 2 * 3 * 2  # backbones x heads x shots x repeats
+    assert {(r["backbone"], r["head"]) for r in rows} == {
+        (b, h) for b in ("vgg16", "resnet50") for h in ("logreg", "knn")}
+    assert {r["shots"] for r in rows} == {"1", "2", "all"}
+    assert {r["split_role"] for r in rows} == {"test"}
+    # each backbone's records are its own curve: the same as probe.curve on its cache
+    for backbone in ("vgg16", "resnet50"):
+        cache = probe.FeatureCache.open(next(r["cache"] for r in table if r["backbone"] == backbone))
+        alone = probe.curve(cache, shots="1,2,all", repeats=2, heads="logreg,knn",
+                            head_params=FAST, write=False)
+        mine = [r for r in curve.records if r["backbone"] == backbone]
+        assert [(r["head"], r["shots"], r["repeat"], r["accuracy"]) for r in mine] == \
+               [(r["head"], r["shots"], r["repeat"], r["accuracy"]) for r in alone.records]
+    # one summary line per backbone x head x shot count; the figure has one line per pair
+    assert len(curve.summary) == 2 * 2 * 3
+    assert (table.path / "curve.png").stat().st_size > 0
+
+
+def test_compare_shots_on_the_command_line(colours, cache_dir):
+    result = cli("compare", colours, "--backbones", "vgg16", "--heads", "logreg,knn",
+                 "--weights", "none", "--image-size", 32, "--C", 1.0, "--shots", "1,all",
+                 "--repeats", 2, "--no-report", "-q")
+    assert result.exit_code == 0, result.output
+    assert "curve.csv, curve.png" in result.output
+    assert "vgg16" in result.output and "± " in result.output
+    bad = cli("compare", colours, "--weights", "none", "--shots", "0,all")
+    assert bad.exit_code != 0 and "shot count" in bad.output and "Traceback" not in bad.output

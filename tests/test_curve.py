@@ -107,3 +107,18 @@ def test_curve_writes_csv_and_png_and_the_cli_prints_the_table(separable_cache):
     assert "test accuracy" in printed.output and "±" in printed.output and "Run:" in printed.output
     refused = CliRunner().invoke(main, ["curve", "--shots", "0"])
     assert refused.exit_code == 1 and "shot count" in refused.output and "Traceback" not in refused.output
+
+
+def test_records_do_not_depend_on_the_number_of_threads(monkeypatch):
+    train, test = gaussian_split("train", 12), gaussian_split("test", 5, seed=1)
+    params = {"dense": {"hidden_units": 8, "epochs": 5}}
+
+    def records(workers):
+        monkeypatch.setattr(curve_mod, "curve_workers", lambda: workers)
+        return curve_mod.curve_records(train, test, list("abcd"), [1, 5, "all"], 2,
+                                       ["logreg", "knn", "dense"], head_params=params)
+
+    one, three = records(1), records(3)
+    assert [(r["head"], r["shots"], r["repeat"]) for r in one] == [
+        (h, s, rep) for rep in range(2) for s in (1, 5, "all") for h in ("logreg", "knn", "dense")]
+    assert one == three

@@ -1,5 +1,6 @@
-"""The dense head: a small Keras network (standardise -> Dense(relu) -> Dropout -> softmax)
-trained with Adam, the epoch chosen on validation by early stopping."""
+"""The dense head: a small network (standardise -> Dense(relu) -> Dropout -> softmax)
+trained with Adam (in NumPy, see ``network.py``), the epoch chosen on validation by early
+stopping; saved, exported and fine-tuned as a Keras model of built-in layers."""
 
 from __future__ import annotations
 
@@ -11,17 +12,31 @@ import numpy as np
 from probe.errors import ProbeError
 
 from .estimator import Head
+from . import network
+from .stream import FeatureStream
 from .options import head_options
 from .base import PREDICT_CHUNK, Curves, FitData, balanced_label_weights, check_params, corrupt, \
     keras_class_weight
 
 HEAD_KERAS = "head.keras"
-_VARIANCE_FLOOR = 0.1  # relative to the mean variance over the feature dimensions
 MAX_WEIGHTS = 200_000_000  # 800 MB of float32 in the first layer
 
 
+def _source(parts: list[tuple]) -> "network.BatchSource":
+    """Arrays in memory as one (concatenated) source; `FeatureStream` parts (features
+    larger than memory) as a `network.Streamed` source that reads blocks of rows."""
+    if not any(isinstance(X, FeatureStream) for X, _ in parts):
+        if len(parts) == 1:
+            return network.InMemory(*parts[0])
+        return network.InMemory(np.concatenate([X for X, _ in parts]), np.concatenate([y for _, y in parts]))
+    streams = [(X if isinstance(X, FeatureStream) else FeatureStream.of_array(X), y) for X, y in parts]
+    return network.Streamed(streams, network.STREAM_CHUNK_BYTES, network.STREAM_BLOCK_ROWS)
+
+
 class DenseHead(Head):
-    """A small Keras classifier: standardise -> Dense(relu) -> Dropout -> Dense(softmax).
+    """A small Keras classifier: standardise -> Dense(relu) -> Dropout -> Dense(softmax); with
+    a multi-label ``y`` (an (N, K) 0/1 matrix) one sigmoid output per class and binary
+    cross-entropy.
 
     Parameters
     ----------
@@ -35,23 +50,26 @@ class DenseHead(Head):
         ``patience`` epochs and the best weights are restored: the epoch is chosen on val.
     class_weight : None or "balanced"
     seed : int
-        Passed to ``keras.utils.set_random_seed`` before the model is built, so that fits
-        are repeatable.
+        Seeds the initial weights, the shuffling and the dropout masks, so that fits are
+        repeatable.
     verbose : int
-        Keras ``fit`` verbosity.
+        0, 1 or 2; accepted so that scripts and saved heads that set it keep working.
+        Training reports nothing itself (``history_`` holds every epoch).
     refit : bool
         With validation data: True trains again from scratch on train + val for the chosen
         number of epochs; False keeps the early-stopped model, fitted on train only.
 
-    Learned attributes: ``classes_``, ``n_features_in_``, ``input_shape_``, ``model_``
-    (the Keras model, input ``(None, D)``, not compiled), ``history_`` (Keras history dict
+    Learned attributes: ``classes_``, ``n_features_in_``, ``input_shape_``, ``network_``
+    (standardisation and weights as arrays), ``model_`` (the same as a Keras model, input
+    ``(None, D)``, not compiled, built on first use), ``history_`` (Keras-style history dict
     of the run with validation: loss, accuracy, val_loss, val_accuracy), ``best_epoch_``
     (1-based epoch whose weights were kept).
     """
 
     name = "dense"
     options = head_options("dense")
-    _fitted_attr = "model_"
+    _fitted_attr = "network_"
+    streams_features = True  # features larger than memory are read a block at a time
 
     def __init__(
         self,
@@ -95,125 +113,88 @@ class DenseHead(Head):
                 f"Received: hidden_units={self.hidden_units}"
             )
 
-    def _build(self, X: np.ndarray, n_classes: int):
-        from probe._keras import keras
+    def _schedule(self, epochs: int, y: np.ndarray, n_classes: int):
+        return network.Schedule(
+            batch_size=int(self.batch_size), dropout=float(self.dropout) if self.hidden_units else 0.0,
+            learning_rate=float(self.learning_rate), epochs=int(epochs), patience=int(self.patience),
+            class_weights=self._class_weights(y, n_classes))
 
-        inputs = keras.Input(shape=(X.shape[1],), name="features")
-        # Standardise with the training statistics, inside the model so that it travels
-        # with the saved head and the exported model: backbone features can have tiny or
-        # wildly different scales per dimension, which Adam with one learning rate handles
-        # badly. The variance floor keeps nearly constant dimensions (units that hardly
-        # fire on a small training set) from being blown up into noise.
-        variance = X.var(axis=0)
-        variance = np.maximum(variance, _VARIANCE_FLOOR * variance.mean() + 1e-12)
-        x = keras.layers.Normalization(mean=X.mean(axis=0), variance=variance, name="standardize")(inputs)
-        if self.hidden_units:
-            x = keras.layers.Dense(int(self.hidden_units), activation="relu", name="hidden")(x)
-            if self.dropout:
-                x = keras.layers.Dropout(float(self.dropout), name="dropout")(x)
-        outputs = keras.layers.Dense(n_classes, activation="softmax", name="predictions")(x)
-        model = keras.Model(inputs, outputs, name="dense_head")
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate=float(self.learning_rate)),
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        return model
+    def _class_weights(self, y: np.ndarray, n_classes: int) -> np.ndarray | None:
+        """None, the (K,) weight of each class's samples, or multi-label (a 2-D ``y``) the
+        (2, K) weights of each class's negative and positive entries."""
+        if y.ndim == 2:
+            if self.class_weight != "balanced":
+                return None
+            positive, negative = balanced_label_weights(y)
+            return np.stack([negative, positive]).astype(np.float32)
+        weights = keras_class_weight(self.class_weight, y, n_classes)
+        return None if weights is None else np.array([weights[k] for k in range(n_classes)],
+                                                     dtype=np.float32)
 
-    def _train(self, X, y, n_classes: int, epochs: int, validation=None):
-        """A model trained from a fresh seed; with validation, early-stopped on it."""
-        from probe._keras import keras
+    def _train(self, source, y, n_classes: int, epochs: int, validation=None):
+        """A network trained from a fresh seed (standardised with the statistics of
+        `source`); with validation, early-stopped on it."""
+        rng = np.random.default_rng(int(self.seed))
+        mean, variance = network.moments(source)
+        sizes = [mean.size, *([int(self.hidden_units)] if self.hidden_units else []), n_classes]
+        start = network.Network.initial(mean, variance, sizes, rng, multilabel=y.ndim == 2)
+        from threadpoolctl import threadpool_limits
 
-        keras.utils.set_random_seed(int(self.seed))
-        model = self._build(X, n_classes)
-        callbacks = []
-        if validation is not None:
-            callbacks.append(keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=int(self.patience), restore_best_weights=True))
-        history = model.fit(X.astype(np.float32), y, validation_data=validation, epochs=int(epochs),
-                            batch_size=int(self.batch_size),
-                            class_weight=keras_class_weight(self.class_weight, y, n_classes),
-                            callbacks=callbacks, shuffle=True, verbose=self.verbose)
-        # a plain (uncompiled) model of the same layers: saved without optimizer state
-        return keras.Model(model.inputs[0], model.outputs[0], name="dense_head"), history.history
+        # many small matrix products: a second BLAS thread costs more than it gives
+        with threadpool_limits(1, user_api="blas"):
+            return network.train(start, source, self._schedule(epochs, y, n_classes), rng, validation)
 
     def _fit(self, data: FitData) -> None:
-        K = data.n_classes
-        self._check_size(data.X.shape[1], K)
-        validation = None if data.X_val is None else (data.X_val.astype(np.float32), data.y_val)
-        model, history = self._train(data.X, data.y, K, self.epochs, validation)
-        self.history_ = {k: [float(v) for v in vals] for k, vals in history.items()}
-        if self.history_.get("val_loss"):
-            self.best_epoch_ = int(np.argmin(self.history_["val_loss"])) + 1
-            if self.refit:
-                X, y = data.train_and_val()
-                model, _ = self._train(X, y, K, self.best_epoch_)
-        else:
-            self.best_epoch_ = len(self.history_.get("loss", []))
-        self.model_ = model
-
-    # -- multi-label: sigmoid outputs, binary cross-entropy ------------------------- #
-    def _build_multilabel(self, X: np.ndarray, Y: np.ndarray):
-        """As `_build`, with one sigmoid output per class and binary cross-entropy (with
-        class_weight="balanced": each class's positives and negatives weighted apart)."""
-        from probe._keras import keras
-
-        inputs = keras.Input(shape=(X.shape[1],), name="features")
-        variance = X.var(axis=0)
-        variance = np.maximum(variance, _VARIANCE_FLOOR * variance.mean() + 1e-12)
-        x = keras.layers.Normalization(mean=X.mean(axis=0), variance=variance, name="standardize")(inputs)
-        if self.hidden_units:
-            x = keras.layers.Dense(int(self.hidden_units), activation="relu", name="hidden")(x)
-            if self.dropout:
-                x = keras.layers.Dropout(float(self.dropout), name="dropout")(x)
-        outputs = keras.layers.Dense(Y.shape[1], activation="sigmoid", name="predictions")(x)
-        model = keras.Model(inputs, outputs, name="dense_head")
-        loss = ("binary_crossentropy" if self.class_weight != "balanced"
-                else weighted_binary_crossentropy(*balanced_label_weights(Y)))
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate=float(self.learning_rate)),
-                      loss=loss, metrics=[keras.metrics.BinaryAccuracy(name="accuracy")])
-        return model
-
-    def _train_multilabel(self, X, Y, epochs: int, validation=None):
-        """A multi-label model trained from a fresh seed; with validation, early-stopped on it."""
-        from probe._keras import keras
-
-        keras.utils.set_random_seed(int(self.seed))
-        model = self._build_multilabel(X, Y)
-        callbacks = []
-        if validation is not None:
-            callbacks.append(keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=int(self.patience), restore_best_weights=True))
-        history = model.fit(X.astype(np.float32), Y.astype(np.float32), validation_data=validation,
-                            epochs=int(epochs), batch_size=int(self.batch_size), callbacks=callbacks,
-                            shuffle=True, verbose=self.verbose)
-        return keras.Model(model.inputs[0], model.outputs[0], name="dense_head"), history.history
+        self._fit_network(data)
 
     def _fit_multilabel(self, data: FitData) -> np.ndarray | None:
+        """Sigmoid outputs and binary cross-entropy; the validation probabilities of the
+        early-stopped model that trained on train only (for the thresholds)."""
+        return self._fit_network(data)
+
+    def _fit_network(self, data: FitData) -> np.ndarray | None:
+        """Train (early-stopped on val when given), refit on train + val for the chosen
+        epochs when ``refit``; returns the train-only network's val probabilities."""
         K = data.n_classes
         self._check_size(data.X.shape[1], K)
-        validation = None if data.X_val is None else (data.X_val.astype(np.float32),
-                                                      data.y_val.astype(np.float32))
-        model, history = self._train_multilabel(data.X, data.y, self.epochs, validation)
+        train = _source([(data.X, data.y)])
+        validation = None if data.X_val is None else _source([(data.X_val, data.y_val)])
+        net, history, best_epoch = self._train(train, data.y, K, self.epochs, validation)
         self.history_ = {k: [float(v) for v in vals] for k, vals in history.items()}
-        self.model_ = model
-        val_proba = None
-        if self.history_.get("val_loss"):
-            self.best_epoch_ = int(np.argmin(self.history_["val_loss"])) + 1
-            val_proba = self._predict_flat(data.X_val)  # the early-stopped, train-only model
-            if self.refit:
-                X, Y = data.train_and_val()
-                self.model_, _ = self._train_multilabel(X, Y, self.best_epoch_)
-        else:
-            self.best_epoch_ = len(self.history_.get("loss", []))
+        self.best_epoch_ = best_epoch if validation is not None else len(self.history_["loss"])
+        val_proba = None if validation is None else self._proba_of(net, data.X_val)
+        if validation is not None and self.refit:
+            both = _source([(data.X, data.y), (data.X_val, data.y_val)])
+            net, _, _ = self._train(both, np.concatenate([data.y, data.y_val]), K, self.best_epoch_)
+        self._set_network(net)
         return val_proba
 
-    def _predict_flat(self, X: np.ndarray) -> np.ndarray:
-        from probe._keras import keras
+    def _set_network(self, net: "network.Network", model=None) -> None:
+        self.network_ = net
+        self.__dict__.pop("_model", None)
+        if model is not None:
+            self.__dict__["_model"] = model
 
-        X = X.astype(np.float32)
-        # Direct (eager) calls in fixed-size chunks: no tf.function is traced per
-        # model, which keeps many small heads in one process quiet and fast.
-        chunks = [keras.ops.convert_to_numpy(self.model_(X[i: i + PREDICT_CHUNK], training=False))
-                  for i in range(0, X.shape[0], PREDICT_CHUNK)]
-        return np.concatenate(chunks).astype(np.float64)
+    @property
+    def model_(self):
+        """The trained network as a Keras model of built-in layers (input ``(None, D)``,
+        not compiled), built on first use."""
+        if "network_" not in self.__dict__:
+            raise AttributeError("model_")
+        if "_model" not in self.__dict__:
+            self.__dict__["_model"] = network.keras_model(self.network_, self.dropout if self.hidden_units else 0)
+        return self.__dict__["_model"]
+
+    def _predict_flat(self, X) -> np.ndarray:
+        return self._proba_of(self.network_, X)
+
+    @staticmethod
+    def _proba_of(net: "network.Network", X) -> np.ndarray:
+        if isinstance(X, FeatureStream):  # larger than memory: a chunk at a time
+            chunks = (chunk for _, chunk in X.chunks(PREDICT_CHUNK))
+        else:
+            chunks = (X[i: i + PREDICT_CHUNK] for i in range(0, X.shape[0], PREDICT_CHUNK))
+        return np.concatenate([net.proba(chunk) for chunk in chunks]).astype(np.float64)
 
     def keras_head(self):
         """The trained network itself (fine-tuning trains these very layers)."""
@@ -269,21 +250,4 @@ class DenseHead(Head):
             raise ValueError("'history' must be an object")
         self.history_ = {str(k): [float(x) for x in v] for k, v in history.items()}
         self.best_epoch_ = int(meta.get("best_epoch", 0))
-        self.model_ = model
-
-
-def weighted_binary_crossentropy(positive: np.ndarray, negative: np.ndarray):
-    """Binary cross-entropy with per-class weights of the positive and negative entries
-    (used for training only: the saved model is not compiled, so it loads in safe mode)."""
-    from probe._keras import keras
-
-    ops = keras.ops
-    pos, neg = positive.astype(np.float32), negative.astype(np.float32)
-
-    def loss(y_true, y_pred):
-        y_true = ops.cast(y_true, "float32")
-        p = ops.clip(y_pred, 1e-7, 1 - 1e-7)
-        weights = y_true * pos + (1 - y_true) * neg
-        return ops.mean(-weights * (y_true * ops.log(p) + (1 - y_true) * ops.log(1 - p)), axis=-1)
-
-    return loss
+        self._set_network(network.from_keras(model), model)

@@ -28,12 +28,16 @@ class FeatureStream:
     shape: tuple[int, ...]
     read: Callable[[int], Chunks]
     source: str = "features"
+    # random access to a range of rows (a head that shuffles reads blocks in random order)
+    read_rows: Callable[[slice], np.ndarray] | None = None
 
     @classmethod
     def of_cache(cls, cache: Any, split: str) -> "FeatureStream":
-        """One split of a `FeatureCache`, read with `FeatureCache.iter_features`."""
+        """One split of a `FeatureCache`, read with `FeatureCache.iter_features` (in order)
+        and `FeatureCache.read_rows` (any range of rows)."""
         return cls((int(cache.counts[split]), *cache.feature_shape),
-                   lambda rows: cache.iter_features(split, rows), f"{cache.path}:{split}")
+                   lambda rows: cache.iter_features(split, rows), f"{cache.path}:{split}",
+                   lambda rows: cache.read_rows(split, rows))
 
     @classmethod
     def of_array(cls, X: np.ndarray) -> "FeatureStream":
@@ -44,7 +48,7 @@ class FeatureStream:
             for start in range(0, X.shape[0], rows):
                 yield slice(start, min(start + rows, X.shape[0])), X[start: start + rows]
 
-        return cls(tuple(int(s) for s in X.shape), read, "array")
+        return cls(tuple(int(s) for s in X.shape), read, "array", lambda rows: X[rows])
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -61,18 +65,28 @@ class FeatureStream:
         """The same rows, each flattened to (n_features,)."""
         return replace(self, shape=(self.shape[0], self.n_features))
 
+    def block(self, rows: slice) -> np.ndarray:
+        """Flat float32 features of a range of rows (needs ``read_rows``), checked as
+        chunks are."""
+        if self.read_rows is None:
+            raise DatasetError(f"`{self.source}` can only be read in order, not by ranges of rows")
+        return self._checked(rows, self.read_rows(rows))
+
     def chunks(self, chunk_rows: int) -> Chunks:
         """(rows, flat float32 features of those rows), at most ``chunk_rows`` rows each."""
         for rows, chunk in self.read(max(1, int(chunk_rows))):
-            chunk = np.asarray(chunk, dtype=np.float32).reshape(rows.stop - rows.start, -1)
-            if chunk.shape[1] != self.n_features:
-                raise DatasetError(f"expected chunks of {self.n_features} features per row from "
-                                   f"{self.source}. Received: {chunk.shape[1]}")
-            if not np.isfinite(chunk).all():
-                raise DatasetError(f"`{self.source}` contains NaN or infinite features in rows "
-                                   f"{rows.start}..{rows.stop - 1}; the feature cache may be "
-                                   "corrupt, rebuild it with `probe extract`.")
-            yield rows, chunk
+            yield rows, self._checked(rows, chunk)
+
+    def _checked(self, rows: slice, chunk: Any) -> np.ndarray:
+        chunk = np.asarray(chunk, dtype=np.float32).reshape(rows.stop - rows.start, -1)
+        if chunk.shape[1] != self.n_features:
+            raise DatasetError(f"expected chunks of {self.n_features} features per row from "
+                               f"{self.source}. Received: {chunk.shape[1]}")
+        if not np.isfinite(chunk).all():
+            raise DatasetError(f"`{self.source}` contains NaN or infinite features in rows "
+                               f"{rows.start}..{rows.stop - 1}; the feature cache may be "
+                               "corrupt, rebuild it with `probe extract`.")
+        return chunk
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = np.empty(self.shape, dtype=np.float32)
