@@ -349,3 +349,27 @@ def test_the_multilabel_attribute_is_in_the_attributes_checksum(voc):
     assert cache_mod.attrs_checksum({**cache.attrs, "multilabel": False}) != \
         cache.attrs["attrs_checksum"]
     assert cache_mod.attrs_checksum(cache.attrs) == cache.attrs["attrs_checksum"]
+
+
+def test_the_command_line_reads_a_voc_directory_and_shows_a_multilabel_cache(tmp_path, cache_dir):
+    from click.testing import CliRunner
+
+    from probe.cli import main
+
+    root = tmp_path / "VOC2007"
+    make_voc(root)
+    main_dir = root / "ImageSets" / "Main"
+    run = lambda *args: CliRunner().invoke(main, [str(a) for a in args])  # noqa: E731
+    result = run("extract", root, "--labels", main_dir, "--weights", "none",
+                 "--image-size", 32, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "multi-label, 3 classes" in result.output
+    assert "Kept 3 labels marked difficult" in result.output
+    info = run("cache", "info", next(cache_dir.glob("*.h5")))
+    assert info.exit_code == 0, info.output
+    assert "multi-label (images per class)" in info.output
+    assert "train: car 9, dog 5, person 6" in info.output
+    (main_dir / "car_val.txt").unlink()
+    failed = run("extract", root, "--labels", main_dir, "--weights", "none", "--image-size", 32)
+    assert failed.exit_code != 0 and "Traceback" not in failed.output
+    assert "the val split has no list of 1 classes" in failed.output
