@@ -18,7 +18,10 @@ Every figure is printed on its own line, `<scope> <figure> <value>`; times are t
   accuracy of the fast sweep's C against the best of the full grid (goal: within 0.5 point);
 * `knn_fit_s`, `logreg_fit_over_knn_fit`: the k-NN head's fit (selection of k and T on
   val included) and the logistic head's fit time over it;
-* `knn_fit_10000x2048_s`: a k-NN fit on 10,000 x 2,048 features with 1,500 validation rows;
+* `knn_fit_10000x2048_s`: a k-NN fit on 10,000 x 2,048 features with 1,500 validation rows,
+  over one 1,500 x 10,000 similarity product (fit and product alternated, best of each;
+  the load average printed before and after), and the same ratio in CPU seconds with BLAS
+  on one thread (insensitive to other jobs on the machine);
 * `curve_s`: `probe.curve`'s work (6 shot counts x 5 repeats x logreg, knn, dense) on a
   10-class set of 2,000 images: wall-clock and CPU seconds (every thread), the threads
   used, the load average around it and each head's mean accuracy with every image.
@@ -120,6 +123,20 @@ def knn_large(repeat: int, n: int = 10000) -> None:
     print(f"knn one_similarity_product_s {product_s:.3f}")
     print(f"knn fit_over_one_similarity_product {fit_s / product_s:.2f}")
     print(f"knn load_average_1min_after {os.getloadavg()[0]:.2f}")
+    # the same ratio in CPU time of one thread (BLAS on one thread): what the fit adds to the
+    # product, unaffected by other jobs sharing the cores
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        fit_cpu = min(thread_seconds(lambda: KNNHead().fit(X, y, X_val=Xv, y_val=yv)) for _ in range(repeat))
+        product_cpu = min(thread_seconds(lambda: Xv @ X.T) for _ in range(repeat))
+    print(f"knn fit_over_one_similarity_product_cpu_one_thread {fit_cpu / product_cpu:.3f}")
+
+
+def thread_seconds(function) -> float:
+    started = time.thread_time()
+    function()
+    return time.thread_time() - started
 
 
 def curve_figure() -> None:

@@ -225,6 +225,9 @@ def test_fit_streams_the_knn_head_when_the_features_exceed_memory(separable_cach
     assert (streamed.path / "head" / "bank.npy").is_file()
     assert streamed.metrics["chosen"] == in_memory.metrics["chosen"]
     assert streamed.metrics["accuracy"] == in_memory.metrics["accuracy"]
+    rows = [(run.path / "test_predictions.csv").read_text().splitlines() for run in (streamed, in_memory)]
+    assert [line.split(",")[:3] for line in rows[0]] == [line.split(",")[:3] for line in rows[1]]
+    assert len(rows[0]) == 1 + separable_cache.counts["test"]
     assert [r["val_accuracy"] for r in streamed.load_head().selection_] == \
         [r["val_accuracy"] for r in in_memory.load_head().selection_]
     with pytest.raises(probe.ProbeError, match="fit in memory"):

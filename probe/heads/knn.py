@@ -4,7 +4,9 @@ A query's k most similar bank features (cosine similarity) vote for their classe
 weight ``exp(similarity / T)``; the votes, normalised to sum to one, are the probabilities.
 k and T are chosen on validation; the bank is then train + val (``refit=True``) or train
 only. Similarities are float32 matrix products computed a block of queries at a time, so
-memory stays bounded whatever the number of queries.
+memory stays bounded whatever the number of queries. Fit on `FeatureStream`s (features
+larger than memory), the bank is memory-mapped on a temporary file and read a part at a
+time, each part's top k merged into the running top k; it is saved as ``bank.npy``.
 """
 
 from __future__ import annotations
@@ -195,7 +197,9 @@ class KNNHead(Head):
         the same ``--seed``.
 
     Learned attributes: ``classes_``, ``n_features_in_``, ``input_shape_``, ``bank_``
-    (normalised float32 features), ``bank_labels_``, ``k_``, ``temperature_``,
+    (normalised float32 features; an ``np.memmap`` when fit on streams or loaded from
+    ``bank.npy``),
+    ``bank_labels_``, ``k_``, ``temperature_``,
     ``selection_`` (list of ``{"k", "T", "val_accuracy", "val_log_loss"}``).
     """
 
