@@ -283,8 +283,9 @@ def compare(
                       engine=engine, ray=ray))
     plan = dataclasses.replace(plan, html_report=html_report)
     if shots is not None:
-        from .curve import check_settings
+        from .curve import check_settings, check_single_label
 
+        check_single_label(bool(plan.found.multilabel), f"dataset '{plan.found.root}'")
         shot_counts, _, repeats, _ = check_settings(shots, repeats, plan.heads, seed, plan.params)
         plan = dataclasses.replace(plan, shots=shot_counts, repeats=repeats)
     directory = cache_mod.resolve_cache_dir(cache_dir)

@@ -167,3 +167,16 @@ def test_finetune_trains_a_multilabel_run_with_binary_cross_entropy(comparison):
     assert set(tuned.config["thresholds"]) == set(COLOURS)
     assert json.loads((tuned.path / "config.json").read_text())["multilabel"] is True
     assert (tuned.path / "precision_recall.png").is_file()
+
+
+def test_label_efficiency_curves_refuse_a_multilabel_dataset_in_one_line(comparison):
+    root, _, _, _ = comparison
+    cache_dir = root.parent / "cache"
+    curve = cli("curve", "--cache-dir", cache_dir, "--shots", "1,all")
+    assert curve.exit_code == 1 and "Traceback" not in curve.output
+    assert len(curve.output.strip().splitlines()) == 1 and "multi-label" in curve.output
+    compared = cli("compare", root, "--labels", root / "ImageSets" / "Main", "--backbones", "vgg16",
+                   "--heads", "logreg", "--weights", "none", "--image-size", 32,
+                   "--cache-dir", cache_dir, "--shots", "1,all", "--quiet")
+    assert compared.exit_code == 1 and "multi-label" in compared.output
+    assert len(compared.output.strip().splitlines()) == 1
