@@ -25,7 +25,7 @@ import json
 import math
 import numbers
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -172,10 +172,26 @@ class FitData:
     y_val: np.ndarray | None
     classes: np.ndarray
     input_shape: tuple[int, ...]
+    views: np.ndarray | None = None  # (N, V, D): augmented views of each training row
 
     @property
     def n_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def n_views(self) -> int:
+        """Augmented views per training row (0: none)."""
+        return 0 if self.views is None else int(self.views.shape[1])
+
+    def with_views_as_rows(self) -> "FitData":
+        """Every view as a training row of its own with its image's label (clean rows
+        first, then the views image by image); no views left apart."""
+        if not self.n_views:
+            return replace(self, views=None)
+        n, count = self.views.shape[:2]
+        X = np.concatenate([self.X, self.views.reshape(n * count, -1)])
+        return replace(self, X=X, y=np.concatenate([self.y, np.repeat(self.y, count)]),
+                       views=None)
 
     def train_and_val(self) -> tuple[np.ndarray, np.ndarray]:
         """Train + val (train alone without validation)."""
@@ -184,8 +200,10 @@ class FitData:
         return np.concatenate([self.X, self.X_val]), np.concatenate([self.y, self.y_val])
 
 
-def prepare_fit(X: Any, y: Any, X_val: Any, y_val: Any, classes: Any) -> FitData:
-    """Validate fit inputs once, for every head."""
+def prepare_fit(X: Any, y: Any, X_val: Any, y_val: Any, classes: Any,
+                views: Any = None) -> FitData:
+    """Validate fit inputs once, for every head (`views`: (N, V, ...) augmented views of the
+    training rows, or None)."""
     X = as_features(X, "X")
     y = as_labels(y, X.shape[0], "y")
     input_shape = tuple(int(s) for s in X.shape[1:])
@@ -206,7 +224,24 @@ def prepare_fit(X: Any, y: Any, X_val: Any, y_val: Any, classes: Any) -> FitData
         Xv = flatten(Xv)
     names = resolve_classes(classes, y, yv)
     check_training_labels(y, yv, names)
-    return FitData(flatten(X), y, Xv, yv, names, input_shape)
+    return FitData(flatten(X), y, Xv, yv, names, input_shape, check_views(views, X))
+
+
+def check_views(views: Any, X: np.ndarray) -> np.ndarray | None:
+    """`views` as a float array (N, V, D) whose row i holds the views of training row i."""
+    if views is None:
+        return None
+    arr = np.asarray(views)
+    if arr.ndim < 3 or arr.shape[0] != X.shape[0] or arr.shape[2:] != X.shape[1:]:
+        raise DatasetError(
+            f"`views` must have shape (N, V, *per-sample shape) = ({X.shape[0]}, V, "
+            f"{', '.join(map(str, X.shape[1:]))}): V augmented views of each row of X, in "
+            f"its order (`cache.views('train')`). Received: views.shape={arr.shape}"
+        )
+    if arr.shape[1] == 0:
+        return None
+    arr = as_features(arr, "views")
+    return arr.reshape(arr.shape[0], arr.shape[1], -1)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

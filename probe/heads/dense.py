@@ -14,6 +14,7 @@ from .estimator import Head
 from .options import head_options
 from .base import PREDICT_CHUNK, Curves, FitData, check_params, corrupt, \
     keras_class_weight
+from .views import VIEW_SAMPLINGS, candidates, one_view_per_epoch
 
 HEAD_KERAS = "head.keras"
 _VARIANCE_FLOOR = 0.1  # relative to the mean variance over the feature dimensions
@@ -42,6 +43,10 @@ class DenseHead(Head):
     refit : bool
         With validation data: True trains again from scratch on train + val for the chosen
         number of epochs; False keeps the early-stopped model, fitted on train only.
+    view_sampling : "all" or "sample"
+        With augmented views (``fit(..., views=V)``): "all" trains on every view as a row
+        of its own each epoch; "sample" sees each image once per epoch, as its clean
+        features or one of its views drawn at random (seeded).
 
     Learned attributes: ``classes_``, ``n_features_in_``, ``input_shape_``, ``model_``
     (the Keras model, input ``(None, D)``, not compiled), ``history_`` (Keras history dict
@@ -65,6 +70,7 @@ class DenseHead(Head):
         seed: int = 0,
         verbose: int = 0,
         refit: bool = True,
+        view_sampling: str = "all",
     ) -> None:
         self.hidden_units = hidden_units
         self.dropout = dropout
@@ -76,6 +82,7 @@ class DenseHead(Head):
         self.seed = seed
         self.verbose = verbose
         self.refit = refit
+        self.view_sampling = view_sampling
 
     def _check_params(self) -> None:
         check_params(class_weight=self.class_weight, hidden_units=self.hidden_units,
@@ -84,6 +91,38 @@ class DenseHead(Head):
                      refit=self.refit)
         if self.verbose not in (0, 1, 2):
             raise ProbeError(f"`verbose` must be 0, 1 or 2. Received: verbose={self.verbose!r}")
+        if self.view_sampling not in VIEW_SAMPLINGS:
+            raise ProbeError(f"`view_sampling` must be one of {', '.join(VIEW_SAMPLINGS)}. "
+                             f"Received: view_sampling={self.view_sampling!r}")
+
+    def _use_views(self, data: FitData) -> FitData:
+        """"sample" keeps the views apart, drawn per epoch (`_train_sampled`)."""
+        if self.view_sampling == "sample" and data.views is not None:
+            return data
+        return data.with_views_as_rows()
+
+    def _train_sampled(self, data: FitData, epochs: int, validation=None, with_val=False):
+        """`_train` drawing one of (clean, views...) per image per epoch
+        (`views.one_view_per_epoch`); with `with_val`, the validation rows join (clean)."""
+        from probe._keras import keras
+
+        keras.utils.set_random_seed(int(self.seed))
+        blocks = [(candidates(data.X, data.views), data.y)]
+        if with_val:
+            blocks.append((candidates(data.X_val, None), data.y_val))
+        every = np.concatenate([block.reshape(-1, block.shape[2]) for block, _ in blocks])
+        model = self._build(every, data.n_classes)
+        labels = np.concatenate([y for _, y in blocks])
+        dataset = one_view_per_epoch(blocks, int(self.batch_size), int(self.seed),
+                                     keras_class_weight(self.class_weight, labels, data.n_classes))
+        callbacks = []
+        if validation is not None:
+            callbacks.append(keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=int(self.patience), restore_best_weights=True))
+        history = model.fit(dataset, validation_data=validation, epochs=int(epochs),
+                            callbacks=callbacks, verbose=self.verbose)
+        self.view_draws_ = dataset.draws
+        return keras.Model(model.inputs[0], model.outputs[0], name="dense_head"), history.history
 
     def _check_size(self, n_features: int, n_classes: int) -> None:
         weights = n_features * max(int(self.hidden_units), n_classes)
@@ -138,6 +177,8 @@ class DenseHead(Head):
         K = data.n_classes
         self._check_size(data.X.shape[1], K)
         validation = None if data.X_val is None else (data.X_val.astype(np.float32), data.y_val)
+        if data.views is not None:  # view_sampling "sample" (`_use_views`)
+            return self._fit_sampled(data, validation)
         model, history = self._train(data.X, data.y, K, self.epochs, validation)
         self.history_ = {k: [float(v) for v in vals] for k, vals in history.items()}
         if self.history_.get("val_loss"):
@@ -147,6 +188,17 @@ class DenseHead(Head):
                 model, _ = self._train(X, y, K, self.best_epoch_)
         else:
             self.best_epoch_ = len(self.history_.get("loss", []))
+        self.model_ = model
+
+    def _fit_sampled(self, data: FitData, validation) -> None:
+        """`_fit` with one view drawn per image per epoch."""
+        model, history = self._train_sampled(data, self.epochs, validation)
+        self.history_ = {k: [float(v) for v in vals] for k, vals in history.items()}
+        self.best_epoch_ = len(self.history_.get("loss", []))
+        if self.history_.get("val_loss"):
+            self.best_epoch_ = int(np.argmin(self.history_["val_loss"])) + 1
+            if self.refit:
+                model, _ = self._train_sampled(data, self.best_epoch_, with_val=True)
         self.model_ = model
 
     def _predict_flat(self, X: np.ndarray) -> np.ndarray:
