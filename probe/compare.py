@@ -207,6 +207,8 @@ def compare(
     html_report: bool = True,
     engine: str = "local",
     ray: RayOptions | None = None,
+    augment: int = 0,
+    augment_policy: str = "default",
 ) -> Comparison:
     """Fit every head on every backbone's features of `dataset` and rank the results.
 
@@ -218,7 +220,9 @@ def compare(
     head seed. `progress` receives the events of the comparison (stage "compare") and of
     each extraction (stage "extract"). `html_report=True` writes report.html into the
     comparison directory and every run directory. `engine="ray"` extracts on a Ray
-    cluster (`ray`: `RayOptions`), as in `probe.extract`.
+    cluster (`ray`: `RayOptions`), as in `probe.extract`. `augment=K` extracts K augmented
+    views of every training image (`augment_policy`), as in `probe.extract`, and every head
+    trains on them.
 
     Returns a `Comparison`: the ranked records (backbone, head, accuracy and its 95%
     interval, tied (with the best), balanced_accuracy, macro_f1, split_role, ...).
@@ -226,12 +230,15 @@ def compare(
     >>> table = probe.compare("digits/", "vgg16,resnet50", weights="none", image_size=64)
     >>> table.best_run, table.path
     """
+    from .augment import ViewSettings
     from .runs import check_writable, new_run_dir
 
+    ViewSettings.create(augment, augment_policy, seed)  # refused before any work
     plan = _plan(dataset, backbones, heads, image_size, head_params, seed,
                  dict(weights=weights, pooling=pooling, labels=labels, val_fraction=val_fraction,
                       test_fraction=test_fraction, seed=seed, batch_size=batch_size,
-                      engine=engine, ray=ray))
+                      engine=engine, ray=ray, augment=augment,
+                      augment_policy=augment_policy))
     plan = dataclasses.replace(plan, html_report=html_report)
     directory = cache_mod.resolve_cache_dir(cache_dir)
     runs = Path(runs_dir) if runs_dir else directory / "runs"

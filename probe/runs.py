@@ -116,6 +116,7 @@ def fit(
     runs_dir: str | os.PathLike | None = None,
     strict: bool = False,
     html_report: bool = True,
+    views: bool = True,
     **head_params: Any,
 ) -> Run:
     """Train a head on a feature cache, evaluate it and write a run directory.
@@ -129,7 +130,8 @@ def fit(
     `Run.notes` warns with the counts; `strict=True` raises `SourceChangedError` instead.
     The runs directory is checked for writing before any training. `html_report=True`
     writes report.html (probe.html); cross-split duplicates in the cache add a warning to
-    `Run.notes`.
+    `Run.notes`. When the cache holds augmented views (`probe.extract(..., augment=K)`)
+    the head trains on them too, unless `views=False`; `config["views"]` records which.
 
     >>> run = probe.fit(head="logreg")
     >>> run.metrics["accuracy"], run.metrics["accuracy_ci"], run.path
@@ -144,7 +146,7 @@ def fit(
     if roles.report == "val":
         model.set_params(refit=False)  # the reported split must not be training data
     check_features_fit_in_memory(chosen)
-    fit_seconds = train_head(model, chosen, roles)
+    fit_seconds = train_head(model, chosen, roles, views)
     reported = chosen.split(roles.report)
     proba = model.predict_proba(reported.features)
     settings_chosen = model.summary_()  # C; k and T; epochs
@@ -152,7 +154,8 @@ def fit(
                "fit_seconds": round(fit_seconds, 3),
                "skipped_files": [{"path": p, "reason": r} for p, r in chosen.skipped],
                "chosen": settings_chosen, **settings_chosen}
-    config = run_config(chosen, head=head, head_params=model.get_params(), fit_seconds=fit_seconds)
+    config = run_config(chosen, head=head, head_params=model.get_params(), fit_seconds=fit_seconds,
+                        views=views_config(chosen, views))
 
     def write(directory: Path) -> None:
         model.save(directory / HEAD_DIR)
@@ -219,8 +222,19 @@ def source_notes(cache: FeatureCache, strict: bool) -> list[str]:
     return notes
 
 
-def train_head(model: Any, cache: FeatureCache, roles: SplitRoles) -> float:
-    """Fit `model` on train (selecting on val when there is one); the seconds it took."""
+def views_config(cache: FeatureCache, used: bool) -> dict:
+    """What config.json records about augmented views: how many the cache has per training
+    image, with which policy and seed, and whether the head trained on them."""
+    count = cache.view_count
+    return {"per_image": count if used else 0, "available": count,
+            "policy": cache.attrs.get("views_policy") if count else None,
+            "seed": cache.attrs.get("views_seed") if count else None}
+
+
+def train_head(model: Any, cache: FeatureCache, roles: SplitRoles, views: bool = True) -> float:
+    """Fit `model` on train (selecting on the clean val when there is one; with `views`,
+    also on the cache's augmented views of the training images); the seconds it took."""
+    augmented = cache.views("train") if views else None
     train = cache.split("train")
     val = cache.split(roles.select) if roles.select else None
     started = time.perf_counter()
@@ -229,7 +243,7 @@ def train_head(model: Any, cache: FeatureCache, roles: SplitRoles) -> float:
         model.fit(train.features, train.labels,
                   X_val=None if val is None else val.features,
                   y_val=None if val is None else val.labels,
-                  classes=cache.classes)
+                  classes=cache.classes, views=augmented)
     return time.perf_counter() - started
 
 
@@ -280,12 +294,13 @@ def _remove(temporary: Path, final: Path | None) -> None:
 def check_features_fit_in_memory(cache: FeatureCache, available: int | None = None) -> None:
     """Refuse, before loading anything, a cache whose features (every split, float32) need
     more memory than is available: a head is fit on all of them in memory."""
-    needed = sum(cache.counts.values()) * int(np.prod(cache.feature_shape)) * 4
+    rows = sum(cache.counts.values()) + cache.view_count * cache.counts.get("train", 0)
+    needed = rows * int(np.prod(cache.feature_shape)) * 4
     available = settings.available_memory() if available is None else available
     if available and needed > available:
         raise CacheError(
             f"expected the features of cache '{cache.path}' to fit in memory: they need "
-            f"{needed / 2**30:.1f} GiB ({sum(cache.counts.values())} images x "
+            f"{needed / 2**30:.1f} GiB ({rows} feature rows x "
             f"{int(np.prod(cache.feature_shape))} values x 4 bytes), {available / 2**30:.1f} GiB "
             "is available. Fit on a subsample (a smaller dataset folder or --labels CSV), "
             "extract with --pooling avg (smaller features), or use a machine with more memory.")
