@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:
 import probe  # noqa: E402
 from probe import data  # noqa: E402
 from probe.engines.local import build_model  # noqa: E402
+from probe.inference import preprocessing_layer  # noqa: E402
 
 VAL_PER_CLASS = 5
 BACKBONE = "vgg16"
@@ -143,7 +144,7 @@ def keras_recipe(cache, root: Path, size: int, epochs: int, seed: int) -> tuple[
     x = keras.layers.RandomRotation(10 / 360, fill_mode="constant")(x)
     x = keras.layers.RandomZoom((-0.3, 0.0), fill_mode="constant")(x)
     x = keras.layers.RandomContrast(0.2)(x)
-    x = keras.layers.Lambda(spec.preprocess_input)(x)
+    x = preprocessing_layer(spec.preprocessing)(x)  # what `probe export` puts in front
     x = backbone(x, training=False)
     variance = np.maximum(train_features.var(axis=0), 0.1 * train_features.var(axis=0).mean() + 1e-12)
     x = keras.layers.Normalization(mean=train_features.mean(axis=0), variance=variance)(x)
