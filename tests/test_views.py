@@ -118,6 +118,25 @@ def test_raising_k_extracts_only_the_missing_views(tree, tmp_path, forwarded):
     assert none.view_count == 0 and none.views("train") is None
 
 
+def test_a_modified_training_image_gets_new_views_and_the_others_are_reused(tree, tmp_path):
+    from conftest import make_image
+
+    directory = tmp_path / "cache"
+    before = probe.extract(tree, "vgg16", cache_dir=directory, augment=2, **SETTINGS)
+    old_views = dict(zip(before.paths("train"), before.views("train")))
+    changed = next((tree / "train" / "dog").glob("dog_0.*"))
+    make_image(changed, seed=999, size=(50, 41), tint=0)
+    after, report = probe.extract_with_report(tree, "vgg16", cache_dir=directory, augment=2,
+                                              **SETTINGS)
+    assert report.changes["modified"] == 1 and report.extracted == 1
+    assert (report.views_extracted, report.views_reused) == (2, 14)
+    for path, views in zip(after.paths("train"), after.views("train")):
+        if path == str(changed.relative_to(tree)):
+            assert np.abs(views - old_views[path]).max() > 1e-3
+        else:
+            np.testing.assert_array_equal(views, old_views[path])
+
+
 def test_a_kill_during_view_extraction_resumes_to_the_same_views(tree, tmp_path, spawn):
     reference = probe.extract(tree, "vgg16", cache_dir=tmp_path / "reference", augment=3,
                               **SETTINGS)
