@@ -188,6 +188,9 @@ def main() -> None:
                 accuracy, fit = keras_recipe(cache, root, args.image_size, args.epochs, seed)
                 figures.setdefault("recipe_accuracy", []).append(accuracy)
                 figures.setdefault("recipe_fit_s", []).append(fit)
+            print(f"# shots {shots} seed {seed}: " + ", ".join(  # progress, on stderr
+                f"{name} {values[-1]:.3f}" for name, values in figures.items()),
+                file=sys.stderr, flush=True)
         report(f"shots{shots}", figures, args.seeds)
 
 
