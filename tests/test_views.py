@@ -4,6 +4,7 @@ when K grows, resumed after a kill, and seen by the heads as they should."""
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -236,3 +237,28 @@ def test_dense_sample_draws_one_view_per_image_each_epoch():
     assert head.view_draws_ >= 4 + 1 and len(head.history_["loss"]) == 4
     with pytest.raises(probe.ProbeError, match="view_sampling"):
         probe.DenseHead(view_sampling="some").fit(X, y)
+
+
+def test_the_command_line_extracts_shows_and_uses_views(tree, tmp_path):
+    import json
+
+    cache_dir = tmp_path / "cache"
+    runner = CliRunner()
+    extracted = runner.invoke(main, ["extract", str(tree), "--weights", "none", "--image-size",
+                                     "32", "--augment", "2", "--augment-policy", "light",
+                                     "--cache-dir", str(cache_dir), "-q"])
+    assert extracted.exit_code == 0, extracted.output
+    assert "Views: 2 per training image (light): 16 extracted, 0 reused" in extracted.output
+    path = next(cache_dir.glob("*.h5"))
+    info = runner.invoke(main, ["cache", "info", str(path)])
+    assert "views:          2 per training image, policy light, seed 0 (16 rows" in info.output
+    for flags, used in ((["--head", "knn"], 2), (["--head", "knn", "--no-views"], 0)):
+        fitted = runner.invoke(main, ["fit", str(path), "--no-report", *flags])
+        assert fitted.exit_code == 0, fitted.output
+        assert f"Views: {used} augmented views per training image used (of 2" in fitted.output
+        run = fitted.output.strip().splitlines()[-1].removeprefix("Run: ")
+        assert json.loads((Path(run) / "config.json").read_text())["views"]["per_image"] == used
+    refused = runner.invoke(main, ["extract", str(tree), "--augment", "2", "--engine", "ray",
+                                   "--weights", "none", "--cache-dir", str(cache_dir)])
+    assert refused.exit_code != 0
+    assert "augmented views are extracted by the local engine only" in refused.output
