@@ -14,6 +14,9 @@ Layout (documented in the README so anyone with h5py can read it):
                       marked difficult (1: left out of that class's metrics)
     /<split>/paths    UTF-8 strings (N,)              relative to dataset_root
     /<split>/sizes    int64 (N,)  /<split>/mtimes int64 (N,) nanoseconds
+    /<split>/views    float32 (N, V, *feature_shape)  train only, with `probe extract --augment V`:
+                      V augmented views of each training image (attributes views,
+                      views_policy, views_seed); never mixed into features
     /skipped/{paths, reasons, sizes, mtimes, labels, splits[, ignore]}  labels as above
 
 A header in the HDF5 user block carries a sha256 of the whole file, checked before HDF5
@@ -82,6 +85,17 @@ class Row:
     source: str  # path of an .h5 cache or a part .npz
     group: str  # split name in a cache; "" in a part
     index: int
+
+
+@dataclass(frozen=True)
+class ViewRow:
+    """Where the features of one augmented view live: view `view` of row `index` of a
+    cache's train split (`group` "train"), or row `index` of a views part (`group` "")."""
+
+    source: str
+    group: str
+    index: int
+    view: int = 0
 
 
 @dataclass
@@ -199,8 +213,8 @@ class FeatureCache:
                     continue
                 group = handle[name]
                 for key in group:
-                    if key == "features":
-                        _check_features(self.path, group[key], name)
+                    if key in ("features", "views"):
+                        _check_features(self.path, group[key], name, key)
                     else:
                         group[key][()]
         self._verified = True
@@ -330,7 +344,7 @@ class FeatureCache:
                     else group[name][()].astype(np.int64) if name == "labels"
                     else (group[name][()].astype(bool) if name in group else None)
                     if name == "ignore"
-                    else _check_features(self.path, group[name], split) for name in names]
+                    else _check_features(self.path, group[name], split, name) for name in names]
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
@@ -362,6 +376,7 @@ class FeatureCache:
             "created": self.attrs.get("created"),
             "versions": self.attrs.get("versions"),
             "size_bytes": self._identity[2] if self._identity else self.path.stat().st_size,
+            **self._views_info(),
         }
 
     def label_counts(self) -> dict[str, dict[str, int]]:
@@ -374,6 +389,13 @@ class FeatureCache:
                          else np.bincount(labels, minlength=len(self.classes)))
             counts[split] = {name: int(n) for name, n in zip(self.classes, per_class)}
         return counts
+    def _views_info(self) -> dict:
+        """The augmented views, when the cache has some."""
+        if not self.view_count:
+            return {}
+        return {"views": {"per_image": self.view_count, "policy": self.attrs["views_policy"],
+                          "seed": self.attrs["views_seed"], "split": "train",
+                          "rows": self.view_count * self.counts.get("train", 0)}}
 
     def source_records(self) -> SourceRecords:
         """{relative path: (class name, split, size, mtime_ns)} of every source file the
@@ -470,6 +492,32 @@ class FeatureCache:
                     zip(paths, group["sizes"][()], group["mtimes"][()])
                 ):
                     yield path, Row(str(self.path), split, i), int(size), int(mtime)
+
+    @property
+    def view_count(self) -> int:
+        """Augmented views per training image (0: the cache has none)."""
+        return int(self.attrs.get("views") or 0)
+
+    def views(self, split: str = "train") -> np.ndarray | None:
+        """The features of the augmented views of a split's images, (N, V, *feature_shape)
+        row-aligned with `split(name)`; None when it has none (val and test never do)."""
+        if split != "train" or not self.view_count:
+            return None
+        return self._datasets(split, "views")[0]
+
+    def view_rows(self) -> Iterator[tuple[str, int, ViewRow, int, int]]:
+        """(relative path, view index, row, size, mtime) of every stored view, after reading
+        the whole cache (`verify`): views of a damaged cache are never reused."""
+        if not self.view_count:
+            return
+        self.verify()
+        with self._read() as handle:
+            group = handle["train"]
+            paths = _read_strings(group["paths"])
+            for i, (path, size, mtime) in enumerate(zip(paths, group["sizes"][()],
+                                                        group["mtimes"][()])):
+                for view in range(self.view_count):
+                    yield path, view, ViewRow(str(self.path), "train", i, view), int(size), int(mtime)
 
     def skip_records(self) -> Iterator[tuple[str, str, int, int]]:
         """(relative path, reason, size, mtime) of every skipped file."""
@@ -669,12 +717,13 @@ def _check_layout(path: Path, handle, file_size: int) -> tuple[dict, dict[str, i
     for name in [*splits, *(["skipped"] if "skipped" in names else [])]:
         group = handle[name]
         spec = _group_spec(name, multilabel, isinstance(group, h5py.Group) and "ignore" in group)
+        if name == "train" and attrs.get("views"):
+            spec = {**spec, "views": "<f4"}
         if not isinstance(group, h5py.Group) or set(group.keys()) != set(spec):
             raise _damaged(path, f"'{name}' does not hold the datasets {sorted(spec)}")
-        tails = {"features": tuple(attrs["feature_shape"]),
-                 **({"labels": (n_classes,), "ignore": (n_classes,)} if multilabel else {})}
         rows = {key: _check_dataset(path, group[key], f"{name}/{key}", kind,
-                                    tails.get(key, ()), file_size) for key, kind in spec.items()}
+                                    _dataset_tail(attrs, key, multilabel), file_size)
+                for key, kind in spec.items()}
         if len(set(rows.values())) != 1 or (name != "skipped" and not rows["labels"]):
             raise _damaged(path, f"the datasets of '{name}' have {rows} rows")
         _check_labels(path, group, name, n_classes, multilabel)
@@ -708,6 +757,15 @@ def _check_labels(path: Path, group, name: str, n_classes: int, multilabel: bool
                 raise _damaged(path, f"'{name}/{key}' holds values other than 0 and 1")
     elif labels.min() < 0 or labels.max() >= n_classes:
         raise _damaged(path, f"'{name}/labels' holds class indices outside 0..{n_classes - 1}")
+def _dataset_tail(attrs: dict, key: str, multilabel: bool) -> tuple:
+    """The shape of one row of a split's dataset `key`."""
+    if key == "features":
+        return tuple(attrs["feature_shape"])
+    if key == "views":
+        return (int(attrs["views"]), *attrs["feature_shape"])
+    if multilabel and key in ("labels", "ignore"):
+        return (len(attrs["classes"]),)
+    return ()
 
 
 def _check_dataset(path: Path, dataset, name: str, kind, tail: tuple, file_size: int) -> int:
@@ -737,7 +795,7 @@ def _check_dataset(path: Path, dataset, name: str, kind, tail: tuple, file_size:
     return int(shape[0])
 
 
-def _check_features(path: Path, dataset, split: str) -> np.ndarray:
+def _check_features(path: Path, dataset, split: str, key: str = "features") -> np.ndarray:
     """All features of a split, read in blocks that bound memory; NaN or infinity is
     damage (a backbone never produces it)."""
     rows = max(1, VERIFY_BYTES // max(1, dataset.dtype.itemsize * int(np.prod(dataset.shape[1:]))))
@@ -746,7 +804,7 @@ def _check_features(path: Path, dataset, split: str) -> np.ndarray:
         if dataset.shape[0] > rows:
             out[start:start + rows] = dataset[start:start + rows]
         if not np.isfinite(out[start:start + rows]).all():
-            raise _damaged(path, f"'{split}/features' holds NaN or infinite values")
+            raise _damaged(path, f"'{split}/{key}' holds NaN or infinite values")
     return out
 
 
@@ -799,6 +857,9 @@ ATTR_RULES = {  # attribute: (required, rule, what the format promises)
     "created": (False, lambda v: isinstance(v, str), "a date"),
     "versions": (False, lambda v: isinstance(v, dict), "a JSON object"),
     "attrs_checksum": (False, _is_hex, "a sha256"),
+    "views": (False, lambda v: _is_int(v) and 1 <= v <= 4096, "an integer from 1 to 4096"),
+    "views_policy": (False, _is_text, "a policy name"),
+    "views_seed": (False, _is_count, "a seed"),
     **{key: (False, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
              and 0 <= v < float("inf"), "a non-negative number")
        for key in ("extract_images", "extract_seconds", "extract_images_per_second")},

@@ -190,6 +190,16 @@ ENGINE_OPTIONS = (
 )
 
 
+AUGMENT_OPTIONS = (
+    click.option("--augment", type=click.IntRange(0, 256), default=0, show_default=True,
+                 help="Also extract this many augmented views of every training image "
+                      "(val and test stay clean); heads then train on them."),
+    click.option("--augment-policy", type=click.Choice(["light", "default", "strong"]),
+                 default="default", show_default=True,
+                 help="Ranges of the views' crop, flip, rotation and colour jitter (README)."),
+)
+
+
 def _say(message: str) -> None:
     click.echo(message, err=True)
 
@@ -211,6 +221,8 @@ class _Progress:
             self.update(event.done)
         elif isinstance(event, Finished) and event.stage == "extract":
             self.close()
+        elif event.stage == "views":
+            self._views(event)
         elif isinstance(event, Note) and event.stage == "demo":
             if event.kind == "dataset":
                 _say(f"Digits dataset: {event.details['path']} ({event.details['classes']} "
@@ -239,6 +251,24 @@ class _Progress:
             self.bar.__enter__()
             self.started = time.monotonic()
 
+    def _views(self, event: Event) -> None:
+        """The augmented views' own line and bar."""
+        if isinstance(event, Started):
+            info = event.details
+            if not self.quiet:
+                _say(f"Extracting {info['todo']} augmented views ({info['per_image']} per "
+                     f"training image, policy {info['policy']}) of {info['images']} images")
+            if not self.quiet and sys.stderr.isatty():
+                self.bar = click.progressbar(length=info["todo"], file=sys.stderr,
+                                             label="views", show_eta=True,
+                                             item_show_func=lambda _: self._rate())
+                self.bar.__enter__()
+                self.started = time.monotonic()
+        elif isinstance(event, Advanced):
+            self.update(event.done)
+        elif isinstance(event, Finished):
+            self.close()
+
     def _rate(self) -> str:
         elapsed = time.monotonic() - self.started
         return f"{self.last / elapsed:.1f} img/s" if elapsed > 0 and self.last else ""
@@ -262,12 +292,14 @@ class _Progress:
               show_default=True,
               help="bf16: mixed bfloat16, much faster where the CPU/GPU supports it; "
                    "features agree closely, in a cache of their own.")
+@_apply(*AUGMENT_OPTIONS)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any file was skipped.")
 @_fail_cleanly
 def extract_command(dataset, backbone, weights, image_size, pooling, batch_size, cache_dir,
                     labels, val_fraction, test_fraction, seed, engine, ray_address, workers,
-                    gpus_per_worker, shard_size, precision, quiet, strict) -> None:
+                    gpus_per_worker, shard_size, precision, augment, augment_policy, quiet,
+                    strict) -> None:
     """Extract the features of every image of DATASET into an HDF5 cache.
 
     DATASET holds class folders (DIR/CLASS/*.jpg), optionally under train/, val/
@@ -275,7 +307,7 @@ def extract_command(dataset, backbone, weights, image_size, pooling, batch_size,
     with a CSV path,labels[,split] ("dog;person") or a VOC ImageSets/Main directory
     (probe extract --labels VOC2007/ImageSets/Main VOC2007/). A second identical run does
     no backbone work. --engine ray runs the backbone on a Ray cluster and writes the same
-    cache.
+    cache. --augment K also extracts K augmented views of every training image.
 
     Example: probe extract --backbone vgg16 cats_vs_dogs/
     """
@@ -287,7 +319,8 @@ def extract_command(dataset, backbone, weights, image_size, pooling, batch_size,
             dataset, backbone, weights=weights, image_size=image_size, pooling=pooling,
             labels=labels or None, val_fraction=val_fraction, test_fraction=test_fraction,
             seed=seed, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
-            precision=precision, engine=engine, ray=ray)
+            precision=precision, engine=engine, ray=ray, augment=augment,
+            augment_policy=augment_policy)
     finally:
         progress.close()
     counts = ", ".join(f"{split} {n}" for split, n in result.counts.items())
@@ -298,6 +331,10 @@ def extract_command(dataset, backbone, weights, image_size, pooling, batch_size,
     else:
         click.echo(f"Wrote {result.path} ({counts}): {report.extracted} extracted, "
                    f"{report.reused} reused")
+    if result.view_count:
+        click.echo(f"Views: {result.view_count} per training image "
+                   f"({result.attrs['views_policy']}): {report.views_extracted} extracted, "
+                   f"{report.views_reused} reused")
     if report.skipped:
         _say(f"Skipped {report.skipped} files that could not be decoded "
              f"(see `probe cache info {result.path}`)")
@@ -362,9 +399,11 @@ def _option_name(flag: str) -> str:
 @click.option("--seed", type=SEED, default=settings.DEFAULT_SEED, show_default=True)
 @click.option("--strict", is_flag=True, help="Fail if the cache's source images changed.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
+@click.option("--no-views", is_flag=True,
+              help="Train on the clean features only, even when the cache has augmented views.")
 @_fail_cleanly
 def fit_command(cache_file, cache_path, backbone, cache_dir, runs_dir, head, seed, strict,
-                no_report, **options) -> None:
+                no_report, no_views, **options) -> None:
     """Train a head on cached features and report its scores with 95% intervals.
 
     fit reads a feature cache written by `probe extract` (CACHE or --cache: a cache file;
@@ -380,11 +419,15 @@ def fit_command(cache_file, cache_path, backbone, cache_dir, runs_dir, head, see
     cache_path = _fit_cache_argument(cache_file, cache_path)
     params = head_params(head, seed, options)
     run = fit(cache_path, head, backbone=backbone, cache_dir=cache_dir, runs_dir=runs_dir,
-              strict=strict, html_report=not no_report, **params)
+              strict=strict, html_report=not no_report, views=not no_views, **params)
     for note in run.notes:
         click.echo(note, err=True)
     metrics = run.metrics
     click.echo(f"{run.config['backbone']} + {head} on {run.config['cache']}")
+    views = run.config.get("views") or {}
+    if views.get("available"):
+        click.echo(f"Views: {views['per_image']} augmented views per training image used "
+                   f"(of {views['available']}, policy {views['policy']})")
     chosen = metrics.get("chosen") or {}
     if chosen:
         text = ", ".join(f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}"
@@ -633,7 +676,7 @@ class _Events:
         self.bar = None
 
     def __call__(self, event: Event) -> None:
-        handler = {"extract": self.extraction, "demo": self.extraction,
+        handler = {"extract": self.extraction, "demo": self.extraction, "views": self.extraction,
                    "compare": self._compare, "finetune": self._finetune}.get(event.stage)
         if handler is not None:
             handler(event)
@@ -738,7 +781,7 @@ def _show_comparison(result) -> None:
 @click.option("--heads", default="logreg,dense", show_default=True,
               help=f"Comma-separated heads: {', '.join(heads_mod.list_heads())}.")
 @_apply(*EXTRACTION_OPTIONS_FOR(image_size=COMPARE_IMAGE_SIZE_OPTION), RUNS_DIR_OPTION,
-        *DATASET_OPTIONS, *HEAD_PARAMETER_OPTIONS, *ENGINE_OPTIONS)
+        *DATASET_OPTIONS, *HEAD_PARAMETER_OPTIONS, *ENGINE_OPTIONS, *AUGMENT_OPTIONS)
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines or bars.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html files.")
 @click.option("--shots", default=None,
@@ -749,8 +792,8 @@ def _show_comparison(result) -> None:
 @_fail_cleanly
 def compare_command(dataset, backbones, heads, weights, image_size, pooling, batch_size,
                     cache_dir, runs_dir, labels, val_fraction, test_fraction, seed, engine,
-                    ray_address, workers, gpus_per_worker, shard_size, quiet, no_report,
-                    shots, repeats, **options) -> None:
+                    ray_address, workers, gpus_per_worker, shard_size, augment, augment_policy,
+                    quiet, no_report, shots, repeats, **options) -> None:
     """Compare backbones and heads on DATASET and rank them.
 
     Extracts what is not cached yet (every existing cache is reused), fits every head on
@@ -774,7 +817,8 @@ def compare_command(dataset, backbones, heads, weights, image_size, pooling, bat
                          cache_dir=cache_dir, runs_dir=runs_dir, head_params=params,
                          progress=shown, html_report=not no_report, engine=engine,
                          ray=RayOptions(ray_address, workers, gpus_per_worker, shard_size)
-                         if engine == "ray" else None, shots=shots, repeats=repeats)
+                         if engine == "ray" else None, shots=shots, repeats=repeats,
+                         augment=augment, augment_policy=augment_policy)
     finally:
         shown.close()
     _show_comparison(result)
@@ -946,6 +990,11 @@ def cache_info(path, as_json) -> None:
             click.echo(f"  {split}: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
     click.echo(f"{'size:':15} {info['size_bytes'] / 1e6:.2f} MB")
     click.echo(f"{'ignored files:':15} {info['ignored_files']}")
+    if "views" in info:
+        views = info["views"]
+        click.echo(f"{'views:':15} {views['per_image']} per training image, policy "
+                   f"{views['policy']}, seed {views['seed']} ({views['rows']} rows, "
+                   "train/views)")
     click.echo(f"{'skipped:':15} {len(info['skipped'])}")
     for item in info["skipped"]:
         click.echo(f"  {cache_mod.display(item['path'])}: {item['reason']}")

@@ -253,6 +253,8 @@ def compare(
     ray: RayOptions | None = None,
     shots: str | Iterable[Any] | None = None,
     repeats: int = 5,
+    augment: int = 0,
+    augment_policy: str = "default",
 ) -> Comparison:
     """Fit every head on every backbone's features of `dataset` and rank the results.
 
@@ -267,7 +269,9 @@ def compare(
     cluster (`ray`: `RayOptions`), as in `probe.extract`. `shots` (e.g. "1,10,all") adds
     the label-efficiency curve of every backbone (`probe.curve`, `repeats` subsets per shot
     count, every head): `curve.csv` and `curve.png` (one line per backbone and head) in the
-    comparison directory, and `Comparison.curve`.
+    comparison directory, and `Comparison.curve`. `augment=K` extracts K augmented
+    views of every training image (`augment_policy`), as in `probe.extract`, and every head
+    trains on them.
 
     Returns a `Comparison`: the ranked records (backbone, head, accuracy and its 95%
     interval, tied (with the best), balanced_accuracy, macro_f1, split_role, ...).
@@ -275,12 +279,15 @@ def compare(
     >>> table = probe.compare("digits/", "vgg16,resnet50", weights="none", image_size=64)
     >>> table.best_run, table.path
     """
+    from .augment import ViewSettings
     from .runs import check_writable, new_run_dir
 
+    ViewSettings.create(augment, augment_policy, seed)  # refused before any work
     plan = _plan(dataset, backbones, heads, image_size, head_params, seed,
                  dict(weights=weights, pooling=pooling, labels=labels, val_fraction=val_fraction,
                       test_fraction=test_fraction, seed=seed, batch_size=batch_size,
-                      engine=engine, ray=ray))
+                      engine=engine, ray=ray, augment=augment,
+                      augment_policy=augment_policy))
     plan = dataclasses.replace(plan, html_report=html_report)
     if shots is not None:
         from .curve import check_settings, check_single_label

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from . import cache as cache_mod, data, plan as plan_mod, store
+from . import augment as augment_mod, cache as cache_mod, data, plan as plan_mod, store
+from .augment import ViewSettings
 from .cache import FeatureCache
 from .engines import ray as ray_engine
 from .engines.local import bf16_support, build_model, run_batches  # noqa: F401 (API)
@@ -54,6 +55,8 @@ class ExtractionReport:
     changes: dict[str, int] = field(default_factory=dict)  # added / removed / modified
     damaged: str = ""  # why the previous cache was rebuilt
     notes: list[str] = field(default_factory=list)  # what discovery noticed (data.Dataset.notes)
+    views_extracted: int = 0  # augmented views the backbone read in this run
+    views_reused: int = 0  # views taken from existing caches or parts
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +80,8 @@ def extract(
     precision: str = "float32",
     engine: str = "local",
     ray: RayOptions | None = None,
+    augment: int = 0,
+    augment_policy: str = augment_mod.DEFAULT_POLICY,
 ) -> FeatureCache:
     """Extract the features of every image of `dataset` into an HDF5 cache and return it.
 
@@ -90,6 +95,9 @@ def extract(
     `progress` receives Started / Advanced / Finished events (stage "extract").
     `engine="ray"` runs the backbone on a Ray cluster (`ray`: `RayOptions`; needs
     `pip install 'probe[ray]'`) and writes the same cache.
+    `augment=K` also extracts K augmented views of every training image (`augment_policy`
+    "light", "default" or "strong"; seeded by `seed`), stored apart from the clean features
+    (`cache.views("train")`); raising K extracts only the missing views.
 
     >>> cache = probe.extract("cats_vs_dogs/", "vgg16", weights="none", image_size=64)
     """
@@ -97,7 +105,8 @@ def extract(
         dataset, backbone, weights=weights, image_size=image_size, pooling=pooling,
         labels=labels, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
         batch_size=batch_size, cache_dir=cache_dir, workers=workers, progress=progress,
-        precision=precision, engine=engine, ray=ray)[0]
+        precision=precision, engine=engine, ray=ray, augment=augment,
+        augment_policy=augment_policy)[0]
 
 
 def extract_with_report(dataset: str | os.PathLike, backbone: str = "vgg16", *,
@@ -108,6 +117,7 @@ def extract_with_report(dataset: str | os.PathLike, backbone: str = "vgg16", *,
                         cache_dir: str | os.PathLike | None = None, workers: int | None = None,
                         progress: ProgressCallback | None = None, precision: str = "float32",
                         engine: str = "local", ray: RayOptions | None = None,
+                        augment: int = 0, augment_policy: str = augment_mod.DEFAULT_POLICY,
                         ) -> tuple[FeatureCache, ExtractionReport]:
     """`extract`, returning the cache and the `ExtractionReport` of this run.
 
@@ -118,15 +128,22 @@ def extract_with_report(dataset: str | os.PathLike, backbone: str = "vgg16", *,
     extraction = ExtractionSettings.create(backbone, weights, image_size, pooling, precision,
                                            batch_size, seed)
     split = SplitSettings.create(labels, val_fraction, test_fraction, seed)
+    views = ViewSettings.create(augment, augment_policy, seed)
     return run_extraction(root, extraction, split, cache_dir=cache_dir,
-                          engine=resolve_engine(engine, workers, ray), progress=progress)
+                          engine=resolve_engine(engine, workers, ray), progress=progress, views=views)
 
 
 def run_extraction(dataset: str | os.PathLike, extraction: ExtractionSettings,
                    split: SplitSettings, *, cache_dir: str | os.PathLike | None = None,
                    engine: Engine = None, progress: ProgressCallback | None = None,
+                   views: ViewSettings = ViewSettings(),
                    ) -> tuple[FeatureCache, ExtractionReport]:
-    """Extract with validated settings: find, plan, run, store."""
+    """Extract with validated settings: find, plan, run, store (and the augmented views
+    of the training images, `views`)."""
+    if views.count and isinstance(engine, RayOptions):
+        raise ProbeError("expected --engine local with --augment: augmented views are "
+                         f"extracted by the local engine only. Received: engine='ray', "
+                         f"augment={views.count}")
     found = data.discover(dataset_path(dataset), split.labels, split.val_fraction,
                           split.test_fraction, split.seed)
     directory = cache_mod.resolve_cache_dir(cache_dir)
@@ -136,47 +153,63 @@ def run_extraction(dataset: str | os.PathLike, extraction: ExtractionSettings,
     previous, damaged = store.open_existing(target.path)
     previous_attrs = previous.attrs if previous is not None else None
     plan_mod.check_previous(previous_attrs, target, extraction)
-    if plan_mod.is_up_to_date(previous_attrs, fingerprint):
+    if plan_mod.is_up_to_date(previous_attrs, fingerprint, views):
         store.tidy_up_to_date(directory, _lock_path(directory, target), _parts(directory, target),
                               previous)
         report = ExtractionReport("up to date", 0, sum(previous.counts.values()),
-                                  len(previous.skipped), found.ignored, notes=found.notes())
+                                  len(previous.skipped), found.ignored, notes=found.notes(),
+                                  views_reused=views.count * previous.counts.get("train", 0))
         emit(progress, Finished(STAGE, details={"path": previous.path, **report.as_dict()}))
         return previous, report
     _make_directory(directory)
     with store.write_errors_as_cache_error(directory), \
             store.CacheLock(_lock_path(directory, target)):
         return _extract_locked(found, extraction, split, target, fingerprint, sources,
-                               unreadable, previous, damaged, engine, progress)
+                               unreadable, previous, damaged, engine, progress, views)
 
 
 def _extract_locked(found: data.Dataset, extraction: ExtractionSettings, split: SplitSettings,
                     target: plan_mod.CacheTarget, fingerprint: str, sources, unreadable,
                     previous: FeatureCache | None, damaged: str, engine: Engine,
-                    progress: ProgressCallback | None) -> tuple[FeatureCache, ExtractionReport]:
+                    progress: ProgressCallback | None, views: ViewSettings = ViewSettings(),
+                    ) -> tuple[FeatureCache, ExtractionReport]:
     """Plan against what is on disk, run the backbone over the rest, write the cache."""
     parts = _parts(target.path.parent, target)
+    view_parts = _view_parts(target.path.parent, target, views)
     store.remove_leftovers(target.path.parent, target.path, parts)
+    view_parts.remove_temporary()
     rows, skips = store.reusable_rows(target.path.parent, target.feature_key, parts)
+    known_views = _known_views(target, views, view_parts)
     plan = plan_mod.make_plan(target, fingerprint, found, sources, unreadable,
                               previous.source_records() if previous is not None else None,
                               rows, skips, len(parts.parts()), damaged)
+    decodable = {s.key: True for s in plan.sources if s.key not in skips}
+    views_needed = bool(plan_mod.views_todo(plan.sources, decodable, known_views, views.count))
     # The model (and its weights) first: a download or a bad weights file fails before
     # anything announces an extraction (the Ray engine's workers build their own).
-    model = _build(extraction) if plan.todo and not isinstance(engine, RayOptions) else None
+    model = _build(extraction) if (plan.todo or views_needed) \
+        and not isinstance(engine, RayOptions) else None
     emit(progress, Started(STAGE, total=len(plan.todo), details=_start_details(plan)))
     speed = {k: previous.attrs[k] for k in SPEED_ATTRS if previous is not None and k in previous.attrs}
     if plan.todo:
         speed = _run(model, extraction, found.root, plan, parts, rows, skips, engine,
                      progress, speed)
     entries, skipped = plan_mod.assemble(plan, rows, skips, found.root)
+    view_todo = plan_mod.views_todo(plan.sources, rows, known_views, views.count)
+    if view_todo:
+        _run_views(model, extraction, found.root, view_todo, view_parts, known_views, views,
+                   progress)
     feature_shape = _feature_shape(model, extraction, rows)
-    attrs = _attrs(plan, extraction, split, found, feature_shape, speed)
-    store.write_cache(target.path, attrs, entries, skipped, feature_shape)
+    attrs = {**_attrs(plan, extraction, split, found, feature_shape, speed), **views.to_attrs()}
+    store.write_cache(target.path, attrs, entries, skipped, feature_shape,
+                      _view_rows(entries, known_views, views))
     parts.clear()
+    view_parts.clear()
     extracted = sum(1 for s in plan.todo if s.key in rows)
+    train_rows = sum(1 for entry in entries if entry.split == "train")
     report = ExtractionReport("extracted", extracted, len(entries) - extracted, len(skipped),
-                              found.ignored, plan.changes, damaged, found.notes())
+                              found.ignored, plan.changes, damaged, found.notes(),
+                              len(view_todo), views.count * train_rows - len(view_todo))
     emit(progress, Finished(STAGE, details={"path": target.path, **report.as_dict()}))
     return FeatureCache.open(target.path), report
 
@@ -217,6 +250,66 @@ def _run_local(model, extraction: ExtractionSettings, root: Path, plan: Extracti
         for path, reason, size, mtime in batch.skipped:
             skips[(path, size, mtime)] = reason
         yield len(batch)
+
+
+VIEWS_STAGE = "views"
+
+
+def _run_views(model, extraction: ExtractionSettings, root: Path,
+               todo: tuple[plan_mod.ViewSource, ...], parts: store.PartStore,
+               known: dict, views: ViewSettings, progress: ProgressCallback | None) -> None:
+    """The backbone over the augmented views still missing, one part per batch (as for
+    clean features: a kill loses at most the batch being computed); `known` gets their
+    rows. Progress events of stage "views"."""
+    def load(item: plan_mod.ViewSource) -> np.ndarray:
+        return augment_mod.load_view(root / item.sample.path, item.sample.path,
+                                     extraction.image_size, item.view, views)
+
+    images = len({item.source.key for item in todo})
+    emit(progress, Started(VIEWS_STAGE, total=len(todo),
+                           details={"todo": len(todo), "images": images,
+                                    "per_image": views.count, "policy": views.policy}))
+    done = 0
+    for batch in run_batches(model, extraction.spec, root, todo, extraction.image_size,
+                             extraction.batch_size, load=load):
+        if batch.skipped:
+            path, reason = batch.skipped[0][:2]
+            raise ProbeError(f"expected every training image with features to give its "
+                             f"augmented views; '{path}' did not ({reason}). Check the file "
+                             "and run again (finished batches are kept).")
+        part = parts.write(batch.features, [s.sample.path for s in batch.done],
+                           [s.size for s in batch.done], [s.mtime for s in batch.done], [],
+                           views=[s.view for s in batch.done])
+        for i, item in enumerate(batch.done):
+            known[item.key] = cache_mod.ViewRow(str(part), "", i, item.view)
+        done += len(batch)
+        emit(progress, Advanced(VIEWS_STAGE, done=done, total=len(todo)))
+    emit(progress, Finished(VIEWS_STAGE, details={"extracted": len(todo)}))
+
+
+def _known_views(target: plan_mod.CacheTarget, views: ViewSettings,
+                 view_parts: store.PartStore) -> dict:
+    """Views already computed with these features, policy and seed."""
+    if not views.count:
+        return {}
+    return store.reusable_view_rows(target.path.parent, target.feature_key, views.policy,
+                                    views.seed, view_parts)
+
+
+def _view_rows(entries: list[plan_mod.Entry], known: dict, views: ViewSettings) -> dict | None:
+    """The rows of views 0..count-1 of every training entry, for `store.write_cache`."""
+    if not views.count:
+        return None
+    return {(e.path, e.size, e.mtime): [known[(e.path, e.size, e.mtime, v)]
+                                        for v in range(views.count)]
+            for e in entries if e.split == "train"}
+
+
+def _view_parts(directory: Path, target: plan_mod.CacheTarget,
+                views: ViewSettings) -> store.PartStore:
+    """Finished batches of views of one policy and seed (under the lock of the features)."""
+    key = cache_mod.fingerprint(views.identity)[:8]
+    return store.PartStore(directory / f".parts-{target.short_key}-views-{key}")
 
 
 def _read_parts(parts: store.PartStore, rows: dict, skips: dict) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from . import cache as cache_mod, data
 from .cache import Row
 from .errors import CacheMismatchError, ProbeError
+from .augment import ViewSettings
 from .settings import ExtractionSettings, SplitSettings
 
 RowKey = tuple[str, int, int]  # (relative path, size, mtime_ns): a file's content as probe sees it
@@ -32,6 +33,30 @@ class Source:
     @property
     def key(self) -> RowKey:
         return (self.sample.path, self.size, self.mtime)
+
+
+@dataclass(frozen=True)
+class ViewSource:
+    """One augmented view still to extract: view `view` of a training source."""
+
+    source: Source
+    view: int
+
+    @property
+    def sample(self) -> data.Sample:
+        return self.source.sample
+
+    @property
+    def size(self) -> int:
+        return self.source.size
+
+    @property
+    def mtime(self) -> int:
+        return self.source.mtime
+
+    @property
+    def key(self) -> tuple[str, int, int, int]:
+        return (*self.source.key, self.view)
 
 
 @dataclass
@@ -122,8 +147,23 @@ def check_previous(previous_attrs: Mapping[str, Any] | None, target: CacheTarget
     )
 
 
-def is_up_to_date(previous_attrs: Mapping[str, Any] | None, fingerprint: str) -> bool:
-    return previous_attrs is not None and previous_attrs.get("source_fingerprint") == fingerprint
+def is_up_to_date(previous_attrs: Mapping[str, Any] | None, fingerprint: str,
+                  views: ViewSettings = ViewSettings()) -> bool:
+    """The cache holds these source files, and exactly the views asked for."""
+    return (previous_attrs is not None
+            and previous_attrs.get("source_fingerprint") == fingerprint
+            and ViewSettings.from_attrs(previous_attrs) == views)
+
+
+def views_todo(sources: tuple[Source, ...], done: Mapping[RowKey, Any],
+               known_views: Mapping[tuple[str, int, int, int], Any],
+               count: int) -> tuple[ViewSource, ...]:
+    """The views 0..count-1 of every training source in `done` (with clean features, or
+    not known to be undecodable) that no cache or part holds yet, the views of one image
+    together."""
+    return tuple(ViewSource(s, view) for s in sources
+                 if s.sample.split == "train" and s.key in done
+                 for view in range(count) if (*s.key, view) not in known_views)
 
 
 def make_plan(target: CacheTarget, fingerprint: str, found: data.Dataset, sources: list[Source],

@@ -131,6 +131,7 @@ def fit(
     runs_dir: str | os.PathLike | None = None,
     strict: bool = False,
     html_report: bool = True,
+    views: bool = True,
     **head_params: Any,
 ) -> Run:
     """Train a head on a feature cache, evaluate it and write a run directory.
@@ -144,7 +145,8 @@ def fit(
     `Run.notes` warns with the counts; `strict=True` raises `SourceChangedError` instead.
     The runs directory is checked for writing before any training. `html_report=True`
     writes report.html (probe.html); cross-split duplicates in the cache add a warning to
-    `Run.notes`.
+    `Run.notes`. When the cache holds augmented views (`probe.extract(..., augment=K)`)
+    the head trains on them too, unless `views=False`; `config["views"]` records which.
 
     >>> run = probe.fit(head="logreg")
     >>> run.metrics["accuracy"], run.metrics["accuracy_ci"], run.path
@@ -158,8 +160,9 @@ def fit(
     model = heads.make_head(head, **head_params)
     if roles.report == "val":
         model.set_params(refit=False)  # the reported split must not be training data
-    stream = check_features_fit_in_memory(chosen, streams=model.streams_features)
-    fit_seconds = train_head(model, chosen, roles, stream)
+    stream = check_features_fit_in_memory(chosen, streams=model.streams_features, views=views)
+    views = views and not stream  # views are read into memory; a streamed fit goes without
+    fit_seconds = train_head(model, chosen, roles, stream, views)
     reported = read_split(chosen, roles.report, stream)
     proba = model.predict_proba(reported.features)
     settings_chosen = model.summary_()  # C; k and T; epochs
@@ -168,7 +171,7 @@ def fit(
                "skipped_files": [{"path": p, "reason": r} for p, r in chosen.skipped],
                "chosen": settings_chosen, **settings_chosen}
     config = run_config(chosen, head=head, head_params=model.get_params(), fit_seconds=fit_seconds,
-                        **thresholds_config(model, chosen.classes))
+                        **thresholds_config(model, chosen.classes), views=views_config(chosen, views))
 
     def write(directory: Path) -> None:
         model.save(directory / HEAD_DIR)
@@ -300,9 +303,21 @@ def read_split(cache: FeatureCache, name: str, stream: bool = False) -> cache_mo
     return cache_mod.Split(name, FeatureStream.of_cache(cache, name), labels, paths)
 
 
-def train_head(model: Any, cache: FeatureCache, roles: SplitRoles, stream: bool = False) -> float:
-    """Fit `model` on train (selecting on val when there is one); the seconds it took.
+def views_config(cache: FeatureCache, used: bool) -> dict:
+    """What config.json records about augmented views: how many the cache has per training
+    image, with which policy and seed, and whether the head trained on them."""
+    count = cache.view_count
+    return {"per_image": count if used else 0, "available": count,
+            "policy": cache.attrs.get("views_policy") if count else None,
+            "seed": cache.attrs.get("views_seed") if count else None}
+
+
+def train_head(model: Any, cache: FeatureCache, roles: SplitRoles, stream: bool = False,
+               views: bool = True) -> float:
+    """Fit `model` on train (selecting on the clean val when there is one; with `views`,
+    also on the cache's augmented views of the training images); the seconds it took.
     With `stream`, the head reads the features a chunk at a time."""
+    augmented = cache.views("train") if views else None
     train = read_split(cache, "train", stream)
     val = read_split(cache, roles.select, stream) if roles.select else None
     started = time.perf_counter()
@@ -311,7 +326,7 @@ def train_head(model: Any, cache: FeatureCache, roles: SplitRoles, stream: bool 
         model.fit(train.features, train.labels,
                   X_val=None if val is None else val.features,
                   y_val=None if val is None else val.labels,
-                  classes=cache.classes)
+                  classes=cache.classes, views=augmented)
     return time.perf_counter() - started
 
 
@@ -360,11 +375,14 @@ def _remove(temporary: Path, final: Path | None) -> None:
 
 
 def check_features_fit_in_memory(cache: FeatureCache, available: int | None = None,
-                                 streams: bool = False) -> bool:
+                                 streams: bool = False, views: bool = False) -> bool:
     """Whether the head must read the features in chunks: False when they (every split,
-    float32) fit in the memory available; True when they do not and the head streams
-    (`streams_features`); otherwise a refusal, before anything is loaded."""
-    needed = sum(cache.counts.values()) * int(np.prod(cache.feature_shape)) * 4
+    with `views` the augmented views too, float32) fit in the memory available; True when
+    they do not and the head streams (`streams_features`); otherwise a refusal, before
+    anything is loaded."""
+    rows = sum(cache.counts.values()) + (cache.view_count * cache.counts.get("train", 0)
+                                         if views else 0)
+    needed = rows * int(np.prod(cache.feature_shape)) * 4
     available = settings.available_memory() if available is None else available
     if not available or needed <= available:
         return False
@@ -372,7 +390,7 @@ def check_features_fit_in_memory(cache: FeatureCache, available: int | None = No
         return True
     raise CacheError(
         f"expected the features of cache '{cache.path}' to fit in memory: they need "
-        f"{needed / 2**30:.1f} GiB ({sum(cache.counts.values())} images x "
+        f"{needed / 2**30:.1f} GiB ({rows} feature rows x "
         f"{int(np.prod(cache.feature_shape))} values x 4 bytes), {available / 2**30:.1f} GiB "
         "is available. Fit on a subsample (a smaller dataset folder or --labels CSV), "
         "extract with --pooling avg (smaller features), use a head that reads the cache "

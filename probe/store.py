@@ -21,7 +21,7 @@ from typing import IO, Any, Iterable, Iterator
 import numpy as np
 
 from . import cache as cache_mod
-from .cache import (SPLIT_NAMES, FeatureCache, Row, _attr, _h5open, _h5py, _read_error,
+from .cache import (SPLIT_NAMES, FeatureCache, Row, ViewRow, _attr, _h5open, _h5py, _read_error,
                     attrs_checksum, display, header_size, seal)
 from .errors import CacheError
 from .plan import Entry
@@ -186,9 +186,11 @@ class PartStore:
         mtimes: list[int],
         skipped: list[tuple[str, str, int, int]],
         name: str | None = None,
+        views: list[int] | None = None,
     ) -> Path:
         """Write one batch as `part-NNNNNN.npz`, or `part-<name>.npz` when several
-        processes write into the directory at once (the Ray engine's shards)."""
+        processes write into the directory at once (the Ray engine's shards). `views`:
+        the view index of each row, in a part of augmented views."""
         self.directory.mkdir(parents=True, exist_ok=True)
         if name is not None:
             final = self.directory / f"part-{name}.npz"
@@ -205,6 +207,7 @@ class PartStore:
                 skipped_reasons=_encode([s[1] for s in skipped]),
                 skipped_sizes=np.asarray([s[2] for s in skipped], dtype=np.int64),
                 skipped_mtimes=np.asarray([s[3] for s in skipped], dtype=np.int64),
+                **({} if views is None else {"views": np.asarray(views, dtype=np.int64)}),
             )
         return final
 
@@ -227,6 +230,14 @@ class PartStore:
                 zip(index["paths"], index["sizes"], index["mtimes"])
             ):
                 yield path, Row(str(part), "", i), size, mtime
+
+    def view_rows(self) -> Iterator[tuple[str, int, ViewRow, int, int]]:
+        """(path, view index, row, size, mtime) of every row of the parts of views."""
+        for part, index in self._scan():
+            for i, (path, view, size, mtime) in enumerate(
+                zip(index["paths"], index["views"], index["sizes"], index["mtimes"])
+            ):
+                yield path, view, ViewRow(str(part), "", i, view), size, mtime
 
     def skip_records(self) -> Iterator[tuple[str, str, int, int]]:
         for _, index in self._scan():
@@ -288,6 +299,7 @@ def _read_part_index(part: Path) -> dict:
                 _decode(data["skipped_paths"]), _decode(data["skipped_reasons"]),
                 (int(v) for v in data["skipped_sizes"]), (int(v) for v in data["skipped_mtimes"]),
             )),
+            "views": [int(v) for v in data["views"]] if "views" in data.files else [],
         }
     with zipfile.ZipFile(part) as archive:
         if archive.testzip() is not None:
@@ -299,7 +311,8 @@ def _read_part_index(part: Path) -> dict:
             else:
                 shape = np.lib.format.read_array_header_2_0(member)[0]
     n = len(index["paths"])
-    if shape[0] != n or len(index["sizes"]) != n or len(index["mtimes"]) != n:
+    if shape[0] != n or len(index["sizes"]) != n or len(index["mtimes"]) != n \
+            or len(index["views"]) not in (0, n):
         raise ValueError("inconsistent part")
     return index
 
@@ -364,6 +377,30 @@ def reusable_rows(directory: Path, feature_key: str, parts: PartStore):
     return rows, skips
 
 
+ViewKey = tuple[str, int, int, int]  # (relative path, size, mtime_ns, view index)
+
+
+def reusable_view_rows(directory: Path, feature_key: str, views_policy: str, views_seed: int,
+                       parts: PartStore) -> dict[ViewKey, ViewRow]:
+    """Views already computed with the same features, policy and seed: in any cache of this
+    dataset (every view index it holds) and in parts of an interrupted run."""
+    found: dict[ViewKey, ViewRow] = {}
+    for existing in cache_mod.list_caches(directory):
+        attrs = existing.attrs
+        if (attrs.get("feature_key"), attrs.get("views_policy"), attrs.get("views_seed")) != \
+                (feature_key, views_policy, views_seed):
+            continue
+        try:
+            rows = list(existing.view_rows())
+        except CacheError:
+            continue  # damaged: nothing in it is trusted
+        for path, view, row, size, mtime in rows:
+            found.setdefault((path, size, mtime, view), row)
+    for path, view, row, size, mtime in parts.view_rows():
+        found[(path, size, mtime, view)] = row
+    return found
+
+
 # --- the final cache file ---------------------------------------------------------------
 
 
@@ -373,15 +410,18 @@ def write_cache(
     entries: list[Entry],
     skipped: list[tuple[str, str, int, int, int, str]],
     feature_shape: tuple[int, ...],
+    views: "dict[tuple[str, int, int], list[ViewRow]] | None" = None,
 ) -> None:
     """Write a complete cache file under a temporary name, then rename it into place.
+    `views` (with the attribute `views` = V): the V view rows of every training image,
+    keyed by (path, size, mtime), written as `train/views`.
     The attributes carry their checksum (`cache.attrs_checksum`) where the reader checks
     one. A write error (full disk, read-only directory) is one `CacheError`, raised after
     every HDF5 object is closed."""
     attrs = {**attrs, "attrs_checksum": attrs_checksum(attrs)}
     try:
         with atomic_path(target) as temporary:
-            _write_file(temporary, attrs, entries, skipped, feature_shape)
+            _write_file(temporary, attrs, entries, skipped, feature_shape, views)
             seal(temporary)  # the whole-file checksum header, checked before HDF5 reads
     except (OSError, RuntimeError) as error:  # HDF5 reports some write failures as RuntimeError
         failure = _write_failure(target.parent, error)
@@ -391,7 +431,7 @@ def write_cache(
 
 
 def _write_file(path: Path, attrs: dict, entries: list[Entry], skipped: list,
-                feature_shape: tuple[int, ...]) -> None:
+                feature_shape: tuple[int, ...], views=None) -> None:
     """The HDF5 file itself; every HDF5 object it opens is closed when it returns or
     raises."""
     readers = _RowReader()  # one for every split: parts and caches opened once
@@ -405,6 +445,8 @@ def _write_file(path: Path, attrs: dict, entries: list[Entry], skipped: list,
                 rows = [entry for entry in entries if entry.split == split]
                 if rows:
                     _write_split(handle, split, rows, feature_shape, readers, classes)
+                if rows and split == "train" and views:
+                    _write_views(handle[split], rows, feature_shape, views, readers)
             group = handle.create_group("skipped")
             _strings(group, "paths", [s[0] for s in skipped])
             _strings(group, "reasons", [s[1] for s in skipped])
@@ -438,6 +480,24 @@ def _write_split(handle, split: str, rows: list[Entry], feature_shape: tuple[int
     del features, group  # no HDF5 object outlives the file, even in a traceback
 
 
+def _write_views(group, rows: list[Entry], feature_shape: tuple[int, ...], views: dict,
+                 readers: "_RowReader") -> None:
+    """`train/views` (N, V, *feature_shape): the views of each training row, in its order."""
+    n, count = len(rows), len(views[(rows[0].path, rows[0].size, rows[0].mtime)])
+    per_image = count * max(1, 4 * int(np.prod(feature_shape)))
+    dataset = group.create_dataset(
+        "views", shape=(n, count, *feature_shape), dtype=np.float32,
+        chunks=(max(1, min(n, (1 << 20) // per_image)), count, *feature_shape),
+        fletcher32=True)
+    block_rows = max(1, ASSEMBLE_ROWS // count)
+    for start in range(0, n, block_rows):
+        block = rows[start:start + block_rows]
+        flat = [row for r in block for row in views[(r.path, r.size, r.mtime)]]
+        dataset[start:start + len(block)] = readers.read_views(flat, feature_shape).reshape(
+            len(block), count, *feature_shape)
+    del dataset
+
+
 class _RowReader:
     """Reads feature rows from cache files and parts, keeping files open across blocks."""
 
@@ -468,6 +528,30 @@ class _RowReader:
                     with np.load(source, allow_pickle=False) as data:
                         self._parts[source] = data["features"]
                 out[positions] = self._parts[source][indices]
+        return out
+
+    def read_views(self, rows: list[ViewRow], feature_shape: tuple[int, ...]) -> np.ndarray:
+        """The features of view rows: from parts as rows, from caches as (image, view)."""
+        out = np.empty((len(rows), *feature_shape), dtype=np.float32)
+        by_source: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
+        for position, row in enumerate(rows):
+            by_source.setdefault((row.source, row.group), []).append(
+                (row.index, row.view, position))
+        for (source, group), triples in by_source.items():
+            if not group:
+                out[[p for _, _, p in triples]] = self.read(
+                    [Row(source, "", i) for i, _, _ in triples], feature_shape)
+                continue
+            images = sorted({i for i, _, _ in triples})
+            try:
+                if source not in self._h5:
+                    self._h5[source] = _h5open(source, "r")
+                block = self._h5[source][group]["views"][images]
+            except (OSError, KeyError, ValueError) as error:
+                raise _read_error(source, error) from None
+            where = {image: k for k, image in enumerate(images)}
+            for index, view, position in triples:
+                out[position] = block[where[index], view]
         return out
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -38,8 +38,12 @@ class Batch:
 
 
 def run_batches(model, spec: backbones.BackboneSpec, root: Path, todo: Sequence[Source],
-                image_size: int, batch_size: int, workers: int | None = None) -> Iterator[Batch]:
+                image_size: int, batch_size: int, workers: int | None = None,
+                load: Callable[..., np.ndarray] | None = None) -> Iterator[Batch]:
     """Yield one `Batch` per `batch_size` sources of `todo`, in order.
+
+    `load(item)` gives an item's RGB pixels (default: the file decoded at `image_size`);
+    augmented views pass their own (`plan.ViewSource` items, `augment.load_view`).
 
     A producer thread decodes the next batches (in a small thread pool) and applies the
     backbone's preprocessing, so the model, in this thread, never waits for anything but
@@ -51,7 +55,7 @@ def run_batches(model, spec: backbones.BackboneSpec, root: Path, todo: Sequence[
     pool = ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2)))
     producer = threading.Thread(
         target=_produce, daemon=True,
-        args=(pool, spec, root, todo, image_size, batch_size, results, stop))
+        args=(pool, spec, root, todo, image_size, batch_size, results, stop, load))
     producer.start()
     try:
         while (item := results.get()) is not None:
@@ -70,12 +74,15 @@ def run_batches(model, spec: backbones.BackboneSpec, root: Path, todo: Sequence[
 
 
 def _produce(pool, spec, root: Path, todo: Sequence[Source], image_size: int,
-             batch_size: int, results: queue.Queue, stop: threading.Event) -> None:
+             batch_size: int, results: queue.Queue, stop: threading.Event,
+             load: Callable[..., np.ndarray] | None = None) -> None:
     """Decode and preprocess each batch into `results`; None at the end; an exception is
     handed to the consuming thread."""
 
     def decode(source: Source):
         try:
+            if load is not None:
+                return load(source), None
             return data.load_image(root / source.sample.path, image_size), None
         except data.BadImage as error:
             return None, str(error)

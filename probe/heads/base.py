@@ -25,7 +25,7 @@ import json
 import math
 import numbers
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -178,10 +178,26 @@ class FitData:
     classes: np.ndarray
     input_shape: tuple[int, ...]
     multilabel: bool = False  # y is an (N, K) 0/1 matrix: several classes per sample
+    views: np.ndarray | None = None  # (N, V, D): augmented views of each training row
 
     @property
     def n_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def n_views(self) -> int:
+        """Augmented views per training row (0: none)."""
+        return 0 if self.views is None else int(self.views.shape[1])
+
+    def with_views_as_rows(self) -> "FitData":
+        """Every view as a training row of its own with its image's label (clean rows
+        first, then the views image by image); no views left apart."""
+        if not self.n_views:
+            return replace(self, views=None)
+        n, count = self.views.shape[:2]
+        X = np.concatenate([self.X, self.views.reshape(n * count, -1)])
+        return replace(self, X=X, y=np.concatenate([self.y, np.repeat(self.y, count, axis=0)]),
+                       views=None)
 
     def train_and_val(self) -> tuple[np.ndarray, np.ndarray]:
         """Train + val (train alone without validation)."""
@@ -190,12 +206,14 @@ class FitData:
         return np.concatenate([self.X, self.X_val]), np.concatenate([self.y, self.y_val])
 
 
-def prepare_fit(X: Any, y: Any, X_val: Any, y_val: Any, classes: Any, stream: bool = False) -> FitData:
+def prepare_fit(X: Any, y: Any, X_val: Any, y_val: Any, classes: Any, views: Any = None,
+                stream: bool = False) -> FitData:
     """Validate fit inputs once, for every head (``stream``: the head reads a
-    `FeatureStream` chunk by chunk itself)."""
+    `FeatureStream` chunk by chunk itself; `views`: (N, V, ...) augmented views of the
+    training rows, or None)."""
     X = as_features(X, "X", stream)
     if is_indicator(y):
-        return prepare_multilabel_fit(X, y, X_val, y_val, classes)
+        return prepare_multilabel_fit(X, y, X_val, y_val, classes, views)
     y = as_labels(y, X.shape[0], "y")
     input_shape = tuple(int(s) for s in X.shape[1:])
     if (X_val is None) != (y_val is None):
@@ -215,7 +233,24 @@ def prepare_fit(X: Any, y: Any, X_val: Any, y_val: Any, classes: Any, stream: bo
         Xv = flatten(Xv)
     names = resolve_classes(classes, y, yv)
     check_training_labels(y, yv, names)
-    return FitData(flatten(X), y, Xv, yv, names, input_shape)
+    return FitData(flatten(X), y, Xv, yv, names, input_shape, views=check_views(views, X))
+
+
+def check_views(views: Any, X: np.ndarray) -> np.ndarray | None:
+    """`views` as a float array (N, V, D) whose row i holds the views of training row i."""
+    if views is None:
+        return None
+    arr = np.asarray(views)
+    if arr.ndim < 3 or arr.shape[0] != X.shape[0] or arr.shape[2:] != X.shape[1:]:
+        raise DatasetError(
+            f"`views` must have shape (N, V, *per-sample shape) = ({X.shape[0]}, V, "
+            f"{', '.join(map(str, X.shape[1:]))}): V augmented views of each row of X, in "
+            f"its order (`cache.views('train')`). Received: views.shape={arr.shape}"
+        )
+    if arr.shape[1] == 0:
+        return None
+    arr = as_features(arr, "views")
+    return arr.reshape(arr.shape[0], arr.shape[1], -1)
 
 
 # --------------------------------------------------------------------------- #
@@ -262,7 +297,8 @@ def check_multilabel_training(y: np.ndarray, classes: np.ndarray) -> None:
             f"Received: {y.shape[0]} training samples, positives per class {positives.tolist()}")
 
 
-def prepare_multilabel_fit(X: np.ndarray, y: Any, X_val: Any, y_val: Any, classes: Any) -> FitData:
+def prepare_multilabel_fit(X: np.ndarray, y: Any, X_val: Any, y_val: Any, classes: Any,
+                           views: Any = None) -> FitData:
     """Validate multi-label fit inputs: ``y`` and ``y_val`` (N, K) 0/1 matrices."""
     Y = as_indicator(y, X.shape[0], "y")
     K = Y.shape[1]
@@ -285,7 +321,8 @@ def prepare_multilabel_fit(X: np.ndarray, y: Any, X_val: Any, y_val: Any, classe
         if len(names) != K:
             raise DatasetError(f"`classes` must name the {K} columns of `y`. Received: {len(names)} classes")
     check_multilabel_training(Y, names)
-    return FitData(flatten(X), Y, Xv, Yv, names, tuple(int(s) for s in X.shape[1:]), True)
+    return FitData(flatten(X), Y, Xv, Yv, names, tuple(int(s) for s in X.shape[1:]),
+                   multilabel=True, views=check_views(views, X))
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:

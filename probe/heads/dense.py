@@ -17,6 +17,7 @@ from .stream import FeatureStream
 from .options import head_options
 from .base import PREDICT_CHUNK, Curves, FitData, balanced_label_weights, check_params, corrupt, \
     keras_class_weight
+from .views import VIEW_SAMPLINGS, OneViewPerEpoch, candidates
 
 HEAD_KERAS = "head.keras"
 MAX_WEIGHTS = 200_000_000  # 800 MB of float32 in the first layer
@@ -58,6 +59,10 @@ class DenseHead(Head):
     refit : bool
         With validation data: True trains again from scratch on train + val for the chosen
         number of epochs; False keeps the early-stopped model, fitted on train only.
+    view_sampling : "all" or "sample"
+        With augmented views (``fit(..., views=V)``): "all" trains on every view as a row
+        of its own each epoch; "sample" sees each image once per epoch, as its clean
+        features or one of its views drawn at random (seeded).
 
     Learned attributes: ``classes_``, ``n_features_in_``, ``input_shape_``, ``network_``
     (standardisation and weights as arrays), ``model_`` (the same as a Keras model, input
@@ -83,6 +88,7 @@ class DenseHead(Head):
         seed: int = 0,
         verbose: int = 0,
         refit: bool = True,
+        view_sampling: str = "all",
     ) -> None:
         self.hidden_units = hidden_units
         self.dropout = dropout
@@ -94,6 +100,7 @@ class DenseHead(Head):
         self.seed = seed
         self.verbose = verbose
         self.refit = refit
+        self.view_sampling = view_sampling
 
     def _check_params(self) -> None:
         check_params(class_weight=self.class_weight, hidden_units=self.hidden_units,
@@ -102,6 +109,15 @@ class DenseHead(Head):
                      refit=self.refit)
         if self.verbose not in (0, 1, 2):
             raise ProbeError(f"`verbose` must be 0, 1 or 2. Received: verbose={self.verbose!r}")
+        if self.view_sampling not in VIEW_SAMPLINGS:
+            raise ProbeError(f"`view_sampling` must be one of {', '.join(VIEW_SAMPLINGS)}. "
+                             f"Received: view_sampling={self.view_sampling!r}")
+
+    def _use_views(self, data: FitData) -> FitData:
+        """"sample" keeps the views apart, drawn per epoch (`_training_source`)."""
+        if self.view_sampling == "sample" and data.views is not None:
+            return data
+        return data.with_views_as_rows()
 
     def _check_size(self, n_features: int, n_classes: int) -> None:
         weights = n_features * max(int(self.hidden_units), n_classes)
@@ -157,17 +173,30 @@ class DenseHead(Head):
         epochs when ``refit``; returns the train-only network's val probabilities."""
         K = data.n_classes
         self._check_size(data.X.shape[1], K)
-        train = _source([(data.X, data.y)])
+        train = self._training_source(data, with_val=False)
         validation = None if data.X_val is None else _source([(data.X_val, data.y_val)])
         net, history, best_epoch = self._train(train, data.y, K, self.epochs, validation)
         self.history_ = {k: [float(v) for v in vals] for k, vals in history.items()}
         self.best_epoch_ = best_epoch if validation is not None else len(self.history_["loss"])
         val_proba = None if validation is None else self._proba_of(net, data.X_val)
         if validation is not None and self.refit:
-            both = _source([(data.X, data.y), (data.X_val, data.y_val)])
+            both = self._training_source(data, with_val=True)
             net, _, _ = self._train(both, np.concatenate([data.y, data.y_val]), K, self.best_epoch_)
         self._set_network(net)
         return val_proba
+
+    def _training_source(self, data: FitData, with_val: bool) -> "network.BatchSource":
+        """The training rows (with ``with_val``, the validation rows join them); views kept
+        apart (view_sampling "sample") are drawn one per image per epoch."""
+        if data.views is None:
+            return _source([(data.X, data.y), *([(data.X_val, data.y_val)] if with_val else [])])
+        blocks = [(candidates(data.X, data.views), data.y),
+                  *([(candidates(data.X_val, None), data.y_val)] if with_val else [])]
+        self.view_draws_ = 0
+        return OneViewPerEpoch(blocks, on_draw=self._count_draw)
+
+    def _count_draw(self) -> None:
+        self.view_draws_ += 1
 
     def _set_network(self, net: "network.Network", model=None) -> None:
         self.network_ = net

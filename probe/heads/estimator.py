@@ -66,16 +66,28 @@ class Head(ClassifierMixin, BaseEstimator):
         """The chosen settings, for metrics.json (e.g. {"C": 1.0})."""
         return {}
 
+    def _use_views(self, data: FitData) -> FitData:
+        """How this head trains on augmented views: by default each view is one more
+        training row with its image's label (a head may keep them apart instead)."""
+        return data.with_views_as_rows()
+
     def finetune_refusal(self) -> str | None:
         """Why fine-tuning can not start from this head (None: it can)."""
         return None
 
     # -- the estimator contract ------------------------------------------ #
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None,
-            classes: list[str] | None = None) -> "Head":
-        """Validate, choose settings on (X_val, y_val) when given, learn; returns ``self``."""
+            classes: list[str] | None = None, views: Any = None) -> "Head":
+        """Validate, choose settings on (X_val, y_val) when given, learn; returns ``self``.
+
+        ``views`` (N, V, ...): V augmented views of each row of ``X`` (``cache.views``),
+        trained on with their row's label; selection still uses the clean ``X_val``.
+        Being indexed like ``X``, they follow their rows through ``GridSearchCV`` and
+        ``cross_val_score`` splits (``params={"views": V}``)."""
         self._check_params()
-        data = prepare_fit(X, y, X_val, y_val, classes, stream=self.streams_features)
+        data = prepare_fit(X, y, X_val, y_val, classes, stream=self.streams_features, views=views)
+        self.n_views_ = data.n_views
+        data = self._use_views(data)
         if data.multilabel:
             self._fit_with_thresholds(data)
         else:

@@ -24,6 +24,10 @@ CATALOG: dict[str, tuple[str, str, str, tuple[HeadOption, ...]]] = {
         HeadOption("patience", "--patience", int,
                    "dense: early-stopping patience on validation loss [default: 5]"),
         _CLASS_WEIGHT,
+        HeadOption("view_sampling", "--views", str,
+                   "dense, with a cache of augmented views: 'all' views every epoch, or "
+                   "'sample' one random view (or the clean image) per image per epoch "
+                   "[default: all]", ("all", "sample")),
     )),
     "knn": ("probe.heads.knn", "KNNHead", "weighted k nearest neighbours, k and T chosen on validation", (
         HeadOption("k", "--k", int, "knn: fix the number of neighbours [default: chosen on val]"),
