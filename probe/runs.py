@@ -188,7 +188,8 @@ def fit(
     if stream:
         notes.append("the features are larger than the memory available: the head read them "
                      "in chunks; the duplicate check and report.html, which need them all in "
-                     "memory, were skipped")
+                     "memory, were skipped"
+                     + ("; the augmented views were not used" if chosen.view_count else ""))
     else:
         notes += html.after_fit(chosen, directory, report=html_report)
     return Run(directory, config, metrics, notes)
