@@ -96,7 +96,8 @@ DATASET_OPTIONS = (
     click.option("--labels", "labels", multiple=True, metavar="[SPLIT=]FILE",
                  help="CSV path,label[,split] or a 'name label' list with 1/-1/0 labels; "
                       "SPLIT=FILE (train, val, test, trainval) gives one file per split "
-                      "(repeat the option)."),
+                      "(repeat the option). Multi-label: a CSV path,labels[,split] with "
+                      "';'-separated classes, or a VOC ImageSets/Main directory."),
     click.option("--val-fraction", type=float, default=settings.VAL_FRACTION,
                  show_default=True, help="Validation share when the dataset has no split folders; also "
                                     "carved from train when no val split is given (0: none)."),
@@ -235,8 +236,11 @@ def extract_command(dataset, backbone, weights, image_size, pooling, batch_size,
     """Extract the features of every image of DATASET into an HDF5 cache.
 
     DATASET holds class folders (DIR/CLASS/*.jpg), optionally under train/, val/
-    (or validation/) and test/. A second identical run does no backbone work.
-    --engine ray runs the backbone on a Ray cluster and writes the same cache.
+    (or validation/) and test/, or images named by --labels files. Multi-label: --labels
+    with a CSV path,labels[,split] ("dog;person") or a VOC ImageSets/Main directory
+    (probe extract --labels VOC2007/ImageSets/Main VOC2007/). A second identical run does
+    no backbone work. --engine ray runs the backbone on a Ray cluster and writes the same
+    cache.
 
     Example: probe extract --backbone vgg16 cats_vs_dogs/
     """
@@ -252,6 +256,8 @@ def extract_command(dataset, backbone, weights, image_size, pooling, batch_size,
     finally:
         progress.close()
     counts = ", ".join(f"{split} {n}" for split, n in result.counts.items())
+    if result.multilabel:
+        counts += f"; multi-label, {len(result.classes)} classes"
     if report.status == "up to date":
         click.echo(f"Cache up to date: {result.path} ({counts})")
     else:
@@ -882,6 +888,10 @@ def cache_info(path, as_json) -> None:
                 "preprocessing", "feature_shape", "classes", "created"):
         click.echo(f"{key + ':':15} {info[key]}")
     click.echo(f"{'splits:':15} " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
+    if info["multilabel"]:
+        click.echo(f"{'labels:':15} multi-label (images per class)")
+        for split, counts in info["label_counts"].items():
+            click.echo(f"  {split}: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
     click.echo(f"{'size:':15} {info['size_bytes'] / 1e6:.2f} MB")
     click.echo(f"{'ignored files:':15} {info['ignored_files']}")
     click.echo(f"{'skipped:':15} {len(info['skipped'])}")

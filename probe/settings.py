@@ -307,7 +307,8 @@ class ExtractionSettings:
 @dataclass(frozen=True)
 class SplitSettings:
     """How samples get their split. `label_sources` pairs a split name ("" for a file that
-    labels every split, optionally with a split column) with a labels file path."""
+    labels every split, optionally with a split column, or a VOC ImageSets/Main directory,
+    whose list names give the splits) with a labels file path."""
 
     label_sources: tuple[tuple[str, str], ...] = ()
     val_fraction: float = VAL_FRACTION

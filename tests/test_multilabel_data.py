@@ -349,3 +349,57 @@ def test_the_multilabel_attribute_is_in_the_attributes_checksum(voc):
     assert cache_mod.attrs_checksum({**cache.attrs, "multilabel": False}) != \
         cache.attrs["attrs_checksum"]
     assert cache_mod.attrs_checksum(cache.attrs) == cache.attrs["attrs_checksum"]
+
+
+def test_the_command_line_reads_a_voc_directory_and_shows_a_multilabel_cache(tmp_path, cache_dir):
+    from click.testing import CliRunner
+
+    from probe.cli import main
+
+    root = tmp_path / "VOC2007"
+    make_voc(root)
+    main_dir = root / "ImageSets" / "Main"
+    run = lambda *args: CliRunner().invoke(main, [str(a) for a in args])  # noqa: E731
+    result = run("extract", root, "--labels", main_dir, "--weights", "none",
+                 "--image-size", 32, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "multi-label, 3 classes" in result.output
+    assert "Kept 3 labels marked difficult" in result.output
+    info = run("cache", "info", next(cache_dir.glob("*.h5")))
+    assert info.exit_code == 0, info.output
+    assert "multi-label (images per class)" in info.output
+    assert "train: car 9, dog 5, person 6" in info.output
+    (main_dir / "car_val.txt").unlink()
+    failed = run("extract", root, "--labels", main_dir, "--weights", "none", "--image-size", 32)
+    assert failed.exit_code != 0 and "Traceback" not in failed.output
+    assert "the val split has no list of 1 classes" in failed.output
+
+
+def test_an_interrupted_multilabel_extraction_resumes_with_the_labels_of_now(tmp_path, monkeypatch):
+    """Parts hold features only: labels come from the dataset when the cache is assembled,
+    so a run resumed after the labels changed writes the new labels."""
+    from probe import store
+
+    root = csv_dataset(tmp_path, csv_rows())
+    written = []
+    real_write = store.PartStore.write
+
+    def write_then_stop(self, *args, **kwargs):
+        written.append(real_write(self, *args, **kwargs))
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        return written[-1]
+
+    monkeypatch.setattr(store.PartStore, "write", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        _extract(root, tmp_path / "tags.csv", batch_size=4)
+    monkeypatch.setattr(store.PartStore, "write", real_write)
+    rows = csv_rows()
+    rows[0] = "p0.png,dog;person,train"  # was car
+    (tmp_path / "tags.csv").write_text("path,labels,split\n" + "\n".join(rows) + "\n")
+    cache, report = _extract(root, tmp_path / "tags.csv", batch_size=4)
+    assert report.reused == 8 and report.extracted == 4
+    labels = {p: row for s in cache.splits for p, row in zip(cache.paths(s), cache.labels(s).tolist())}
+    expected = {f"p{i}.png": indicator(OBJECTS[i % 6]) for i in range(12)}
+    expected["p0.png"] = [0, 1, 1]
+    assert labels == expected
