@@ -194,3 +194,24 @@ def test_multilabel_targets_are_checked():
         make_head("knn").fit(X, np.array([[1, 0]] * 3 + [[1, 1]] * 3))
     with pytest.raises(DatasetError, match="one column per class"):
         make_head("knn").fit(X, np.array([[1, 0], [0, 1]] * 3), X, np.zeros((6, 3)))
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_random_labels_score_at_chance(name):
+    """No score looks like learning when the labels are noise: the mean average precision
+    stays at the labels' prevalence, its interval covers it, and the macro F1 at the
+    thresholds chosen on val is no better than calling every class present."""
+    rng = np.random.default_rng(7)
+
+    def noise(n):
+        return rng.normal(size=(n, 32)), (rng.random((n, len(CLASSES))) < 0.3).astype(int)
+
+    (X, Y), (Xv, Yv), (Xt, Yt) = noise(240), noise(80), noise(200)
+    head = make_head(name).fit(X, Y, Xv, Yv)
+    metrics = compute_multilabel_metrics(Yt, head.predict_proba(Xt), CLASSES, head.thresholds_)
+    prevalence = Yt.mean(axis=0)
+    low, high = metrics["mean_average_precision_ci"]
+    assert low <= prevalence.mean() <= high, metrics
+    assert metrics["mean_average_precision"] < prevalence.mean() + 0.08
+    all_positive_f1 = np.mean(2 * prevalence / (1 + prevalence))
+    assert metrics["macro_f1"] < all_positive_f1 + 0.05, metrics
