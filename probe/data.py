@@ -25,7 +25,7 @@ import stat as stat_mod
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, NamedTuple, Sequence, Union
+from typing import Iterator, Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
 
@@ -804,21 +804,27 @@ def _read_list(root: Path, labels_file: Path, text: str) -> tuple[list[_Entry], 
     negative = f"not_{positive}"
     rows = []
     difficult = 0
+    for _, name, flag in _list_lines(text, labels_file):
+        if flag is None:
+            difficult += 1
+            continue
+        rows.append((name, positive if flag else negative, None))
+    return _locate(root, labels_file, rows), 0, difficult
+
+
+def _list_lines(text: str, path: Path) -> Iterator[tuple[int, str, bool | None]]:
+    """(line number, image name, flag) of every `name 1|-1|0` line of a VOC-style list:
+    True for 1, False for -1, None for 0 (difficult)."""
     for number, line in enumerate(text.splitlines(), start=1):
         parts = line.split()
         if not parts:
             continue
         if len(parts) != 2 or parts[1] not in LIST_LABELS:
             raise DatasetError(
-                f"expected lines 'name label' with label 1, -1 or 0 (difficult, left out). "
-                f"Received: line {number} '{line.strip()}' in '{labels_file}'"
+                f"expected lines 'name label' with label 1, -1 or 0 (difficult). "
+                f"Received: line {number} '{line.strip()}' in '{path}'"
             )
-        flag = LIST_LABELS[parts[1]]
-        if flag is None:
-            difficult += 1
-            continue
-        rows.append((parts[0], positive if flag else negative, None))
-    return _locate(root, labels_file, rows), 0, difficult
+        yield number, parts[0], LIST_LABELS[parts[1]]
 
 
 def _locate(root: Path, labels_file: Path, rows) -> list[_Entry]:
@@ -907,23 +913,14 @@ def _read_voc_list(path: Path, name: str, images: dict[str, tuple[set[str], set[
     """Add one class's list (`image 1|-1|0` lines) to `images`; returns its 0 marks."""
     seen: set[str] = set()
     difficult = 0
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) != 2 or parts[1] not in LIST_LABELS:
+    for number, image, flag in _list_lines(_read_text(path), path):
+        if image in seen:
             raise DatasetError(
-                f"expected lines 'name label' with label 1, -1 or 0 (difficult). "
-                f"Received: line {number} '{line.strip()}' in '{path}'"
-            )
-        if parts[0] in seen:
-            raise DatasetError(
-                f"expected each image once in a list; '{parts[0]}' is listed again on line "
+                f"expected each image once in a list; '{image}' is listed again on line "
                 f"{number} of '{path}'. Remove the repeated line."
             )
-        seen.add(parts[0])
-        targets, hard = images.setdefault(parts[0], (set(), set()))
-        flag = LIST_LABELS[parts[1]]
+        seen.add(image)
+        targets, hard = images.setdefault(image, (set(), set()))
         if flag:
             targets.add(name)
         elif flag is None:

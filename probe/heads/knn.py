@@ -373,6 +373,7 @@ class KNNHead(Head):
         self.bank_labels_ = targets.astype(np.int64)
         self.bank_ = bank
         return val_proba
+
     def keras_head_fits_in_memory(self) -> bool:
         """A Keras model holds its weights in memory (and TensorFlow a second copy while it
         builds them): the bank must fit twice in the memory available."""
