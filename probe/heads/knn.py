@@ -288,12 +288,8 @@ class KNNHead(Head):
             if joins:
                 labels = np.concatenate([labels, data.y_val])
         else:
-            k = self.k if self.k is not None else UNVALIDATED[0]
-            T = self.temperature if self.temperature is not None else UNVALIDATED[1]
-        self.k_, self.temperature_ = int(min(k, bank.shape[0])), float(T)
-        self.selection_ = selection
-        self.bank_labels_ = labels.astype(np.int64)
-        self.bank_ = bank
+            k, T = self._unvalidated()
+        self._keep(bank, labels, k, T, selection)
 
     def _predict_flat(self, X: np.ndarray | FeatureStream) -> np.ndarray:
         if not isinstance(X, FeatureStream) and not isinstance(self.bank_, np.memmap):
@@ -366,13 +362,23 @@ class KNNHead(Head):
                 bank = np.concatenate([bank, l2_normalise(data.X_val)])
                 targets = np.concatenate([targets, data.y_val])
         else:
-            k = self.k if self.k is not None else UNVALIDATED[0]
-            T = self.temperature if self.temperature is not None else UNVALIDATED[1]
+            k, T = self._unvalidated()
+        self._keep(bank, targets, k, T, selection)
+        return val_proba
+
+    def _unvalidated(self) -> tuple[int, float]:
+        """k and T without validation data: the ones given, else DINOv2's."""
+        return (self.k if self.k is not None else UNVALIDATED[0],
+                self.temperature if self.temperature is not None else UNVALIDATED[1])
+
+    def _keep(self, bank: np.ndarray, labels: np.ndarray, k: int, T: float,
+              selection: list[dict]) -> None:
+        """The fitted state: the bank, its labels, the chosen k (at most the bank's size)
+        and T, and the selection table."""
         self.k_, self.temperature_ = int(min(k, bank.shape[0])), float(T)
         self.selection_ = selection
-        self.bank_labels_ = targets.astype(np.int64)
+        self.bank_labels_ = labels.astype(np.int64)
         self.bank_ = bank
-        return val_proba
 
     def keras_head_fits_in_memory(self) -> bool:
         """A Keras model holds its weights in memory (and TensorFlow a second copy while it
