@@ -187,6 +187,11 @@ ENGINE_OPTIONS = (
                  help="ray: GPUs per actor (1: one actor per GPU)."),
     click.option("--shard-size", type=click.IntRange(1), default=256, show_default=True,
                  help="ray: images per shard (one part file each)."),
+    click.option("--runtime", type=click.Choice(["auto", "tensorflow", "openvino"]),
+                 default="auto", show_default=True,
+                 help="What runs the backbone locally. openvino: faster on the CPU, the same "
+                      "features (pip install 'probe[openvino]'); auto: openvino where "
+                      "installed, for float32 on a machine without a GPU."),
 )
 
 
@@ -298,8 +303,8 @@ class _Progress:
 @_fail_cleanly
 def extract_command(dataset, backbone, weights, image_size, pooling, batch_size, cache_dir,
                     labels, val_fraction, test_fraction, seed, engine, ray_address, workers,
-                    gpus_per_worker, shard_size, precision, augment, augment_policy, quiet,
-                    strict) -> None:
+                    gpus_per_worker, shard_size, runtime, precision, augment, augment_policy,
+                    quiet, strict) -> None:
     """Extract the features of every image of DATASET into an HDF5 cache.
 
     DATASET holds class folders (DIR/CLASS/*.jpg), optionally under train/, val/
@@ -320,7 +325,7 @@ def extract_command(dataset, backbone, weights, image_size, pooling, batch_size,
             labels=labels or None, val_fraction=val_fraction, test_fraction=test_fraction,
             seed=seed, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
             precision=precision, engine=engine, ray=ray, augment=augment,
-            augment_policy=augment_policy)
+            augment_policy=augment_policy, runtime=runtime)
     finally:
         progress.close()
     counts = ", ".join(f"{split} {n}" for split, n in result.counts.items())
@@ -792,8 +797,8 @@ def _show_comparison(result) -> None:
 @_fail_cleanly
 def compare_command(dataset, backbones, heads, weights, image_size, pooling, batch_size,
                     cache_dir, runs_dir, labels, val_fraction, test_fraction, seed, engine,
-                    ray_address, workers, gpus_per_worker, shard_size, augment, augment_policy,
-                    quiet, no_report, shots, repeats, **options) -> None:
+                    ray_address, workers, gpus_per_worker, shard_size, runtime, augment,
+                    augment_policy, quiet, no_report, shots, repeats, **options) -> None:
     """Compare backbones and heads on DATASET and rank them.
 
     Extracts what is not cached yet (every existing cache is reused), fits every head on
@@ -818,7 +823,7 @@ def compare_command(dataset, backbones, heads, weights, image_size, pooling, bat
                          progress=shown, html_report=not no_report, engine=engine,
                          ray=RayOptions(ray_address, workers, gpus_per_worker, shard_size)
                          if engine == "ray" else None, shots=shots, repeats=repeats,
-                         augment=augment, augment_policy=augment_policy)
+                         augment=augment, augment_policy=augment_policy, runtime=runtime)
     finally:
         shown.close()
     _show_comparison(result)

@@ -255,6 +255,7 @@ def compare(
     repeats: int = 5,
     augment: int = 0,
     augment_policy: str = "default",
+    runtime: str = "auto",
 ) -> Comparison:
     """Fit every head on every backbone's features of `dataset` and rank the results.
 
@@ -271,7 +272,8 @@ def compare(
     count, every head): `curve.csv` and `curve.png` (one line per backbone and head) in the
     comparison directory, and `Comparison.curve`. `augment=K` extracts K augmented
     views of every training image (`augment_policy`), as in `probe.extract`, and every head
-    trains on them.
+    trains on them. `runtime` runs the backbones ("auto", "tensorflow", "openvino"), as in
+    `probe.extract`.
 
     Returns a `Comparison`: the ranked records (backbone, head, accuracy and its 95%
     interval, tied (with the best), balanced_accuracy, macro_f1, split_role, ...).
@@ -287,7 +289,7 @@ def compare(
                  dict(weights=weights, pooling=pooling, labels=labels, val_fraction=val_fraction,
                       test_fraction=test_fraction, seed=seed, batch_size=batch_size,
                       engine=engine, ray=ray, augment=augment,
-                      augment_policy=augment_policy))
+                      augment_policy=augment_policy, runtime=runtime))
     plan = dataclasses.replace(plan, html_report=html_report)
     if shots is not None:
         from .curve import check_settings, check_single_label
@@ -332,6 +334,7 @@ def _plan(dataset, backbones, heads, image_size, head_params, seed, extraction) 
     backbone's minimum, a bad pooling or weights value, head parameters, the dataset, an
     engine that can not run."""
     from .extract import resolve_engine
+    from .runtime import check_runtime
 
     names = parse_names(backbones, DEFAULT_BACKBONES, backbones_mod.list_backbones())
     head_names = parse_names(heads, DEFAULT_HEADS)
@@ -341,6 +344,7 @@ def _plan(dataset, backbones, heads, image_size, head_params, seed, extraction) 
         raise ProbeError(f"expected at least one head. Received: heads={heads!r}")
     specs = [backbones_mod.get(name) for name in names]  # an unknown name is refused here
     resolve_engine(extraction["engine"], None, extraction["ray"])  # once, not per backbone
+    check_runtime(extraction["runtime"])
     sizes = image_sizes(specs, image_size)
     backbones_mod.check_pooling(extraction["pooling"])
     # a weights file is hashed once, not per backbone; label files resolved once

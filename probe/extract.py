@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from . import augment as augment_mod, cache as cache_mod, data, plan as plan_mod, store
+from . import augment as augment_mod, cache as cache_mod, data, plan as plan_mod
+from . import runtime as runtime_mod, store
 from .augment import ViewSettings
 from .cache import FeatureCache
 from .engines import ray as ray_engine
@@ -40,7 +41,8 @@ STAGE = "extract"
 Engine = "int | None | RayOptions"
 # Speed of the largest backbone work that went into the cache: an incremental update of a
 # few images would mostly measure start-up.
-SPEED_ATTRS = ("extract_images", "extract_seconds", "extract_images_per_second")
+SPEED_ATTRS = ("extract_images", "extract_seconds", "extract_images_per_second",
+               "extract_runtime")
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ def extract(
     ray: RayOptions | None = None,
     augment: int = 0,
     augment_policy: str = augment_mod.DEFAULT_POLICY,
+    runtime: str = "auto",
 ) -> FeatureCache:
     """Extract the features of every image of `dataset` into an HDF5 cache and return it.
 
@@ -98,6 +101,9 @@ def extract(
     `augment=K` also extracts K augmented views of every training image (`augment_policy`
     "light", "default" or "strong"; seeded by `seed`), stored apart from the clean features
     (`cache.views("train")`); raising K extracts only the missing views.
+    `runtime` runs the backbone: "tensorflow", "openvino" (`pip install 'probe[openvino]'`,
+    faster on the CPU, the same features up to float rounding) or "auto" (OpenVINO where
+    it is installed and the precision is float32, on a machine without a GPU).
 
     >>> cache = probe.extract("cats_vs_dogs/", "vgg16", weights="none", image_size=64)
     """
@@ -106,7 +112,7 @@ def extract(
         labels=labels, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
         batch_size=batch_size, cache_dir=cache_dir, workers=workers, progress=progress,
         precision=precision, engine=engine, ray=ray, augment=augment,
-        augment_policy=augment_policy)[0]
+        augment_policy=augment_policy, runtime=runtime)[0]
 
 
 def extract_with_report(dataset: str | os.PathLike, backbone: str = "vgg16", *,
@@ -118,7 +124,7 @@ def extract_with_report(dataset: str | os.PathLike, backbone: str = "vgg16", *,
                         progress: ProgressCallback | None = None, precision: str = "float32",
                         engine: str = "local", ray: RayOptions | None = None,
                         augment: int = 0, augment_policy: str = augment_mod.DEFAULT_POLICY,
-                        ) -> tuple[FeatureCache, ExtractionReport]:
+                        runtime: str = "auto") -> tuple[FeatureCache, ExtractionReport]:
     """`extract`, returning the cache and the `ExtractionReport` of this run.
 
     >>> cache, report = probe.extract_with_report("cats_vs_dogs/", "vgg16", weights="none")
@@ -126,7 +132,7 @@ def extract_with_report(dataset: str | os.PathLike, backbone: str = "vgg16", *,
     """
     root = dataset_path(dataset)
     extraction = ExtractionSettings.create(backbone, weights, image_size, pooling, precision,
-                                           batch_size, seed)
+                                           batch_size, seed, runtime)
     split = SplitSettings.create(labels, val_fraction, test_fraction, seed)
     views = ViewSettings.create(augment, augment_policy, seed)
     return run_extraction(root, extraction, split, cache_dir=cache_dir,
@@ -187,8 +193,8 @@ def _extract_locked(found: data.Dataset, extraction: ExtractionSettings, split: 
     views_needed = bool(plan_mod.views_todo(plan.sources, decodable, known_views, views.count))
     # The model (and its weights) first: a download or a bad weights file fails before
     # anything announces an extraction (the Ray engine's workers build their own).
-    model = _build(extraction) if (plan.todo or views_needed) \
-        and not isinstance(engine, RayOptions) else None
+    model = runtime_mod.load_backbone(extraction, target.path.parent) \
+        if (plan.todo or views_needed) and not isinstance(engine, RayOptions) else None
     emit(progress, Started(STAGE, total=len(plan.todo), details=_start_details(plan)))
     speed = {k: previous.attrs[k] for k in SPEED_ATTRS if previous is not None and k in previous.attrs}
     if plan.todo:
@@ -234,7 +240,8 @@ def _run(model, extraction: ExtractionSettings, root: Path, plan: ExtractionPlan
     if len(plan.todo) < int(speed.get("extract_images", 0)):
         return speed
     return {"extract_images": len(plan.todo), "extract_seconds": round(seconds, 3),
-            "extract_images_per_second": round(len(plan.todo) / max(seconds, 1e-9), 2)}
+            "extract_images_per_second": round(len(plan.todo) / max(seconds, 1e-9), 2),
+            "extract_runtime": "tensorflow" if model is None else runtime_mod.runtime_of(model)}
 
 
 def _run_local(model, extraction: ExtractionSettings, root: Path, plan: ExtractionPlan,
@@ -342,12 +349,6 @@ def resolve_engine(engine: str, workers: int | None, ray: RayOptions | None) -> 
         ray_engine.require_ray()
         return ray or RayOptions()
     raise ProbeError(f"expected engine 'local' or 'ray'. Received: engine='{engine}'")
-
-
-def _build(extraction: ExtractionSettings):
-    weights = extraction.weights
-    return build_model(extraction.spec, weights.source, extraction.image_size,
-                       extraction.pooling, weights.seed, extraction.precision)
 
 
 def _start_details(plan: ExtractionPlan) -> dict[str, Any]:

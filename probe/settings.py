@@ -232,6 +232,7 @@ class ExtractionSettings:
     pooling: str = "avg"
     precision: str = "float32"
     batch_size: int = DEFAULT_BATCH_SIZE  # how, not what: not part of the features
+    runtime: str = "auto"  # how, not what: probe.runtime (TensorFlow or OpenVINO)
 
     @classmethod
     def create(
@@ -243,14 +244,20 @@ class ExtractionSettings:
         precision: str = "float32",
         batch_size: int = DEFAULT_BATCH_SIZE,
         seed: int = DEFAULT_SEED,
+        runtime: str = "auto",
     ) -> "ExtractionSettings":
-        """Validate every value once; `seed` seeds random weights (`weights="none"`)."""
+        """Validate every value once; `seed` seeds random weights (`weights="none"`);
+        `runtime` is what runs the backbone (`probe.runtime`: auto, tensorflow, openvino)."""
+        from .runtime import check_runtime
+
         spec = backbones.get(backbone)
         size = spec.check_image_size(image_size)
         backbones.check_pooling(pooling)
         check_batch_size(batch_size)
         check_precision(precision)
-        return cls(spec.name, Weights.parse(weights, seed), size, pooling, precision, batch_size)
+        check_runtime(runtime, precision)
+        return cls(spec.name, Weights.parse(weights, seed), size, pooling, precision, batch_size,
+                   runtime)
 
     @property
     def spec(self) -> backbones.BackboneSpec:

@@ -48,6 +48,17 @@ def make_tree(root: Path, classes=CLASSES, per_class: int = 6, splits: bool = Fa
 
 
 @pytest.fixture(autouse=True)
+def tensorflow_runtime(request, monkeypatch) -> None:
+    """Extraction runs on TensorFlow (what every test but the runtime's own checks), also in
+    the probe processes a test starts: converting each tiny model to OpenVINO would cost
+    more than it saves. Tests marked `openvino` choose for themselves."""
+    if request.node.get_closest_marker("openvino") is None:
+        monkeypatch.setenv("PROBE_RUNTIME", "tensorflow")
+    else:
+        monkeypatch.delenv("PROBE_RUNTIME", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch) -> Path:
     directory = tmp_path / "cache"
     monkeypatch.setenv("PROBE_CACHE_DIR", str(directory))

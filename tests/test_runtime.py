@@ -1,0 +1,111 @@
+"""The extraction runtime (probe/runtime.py): OpenVINO gives TensorFlow's features within
+float rounding, keeps its converted model beside the caches and reads it back, replaces a
+damaged copy, and is refused in one line where it can not run."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import probe
+from conftest import make_tree
+from probe import runtime
+from probe.cli import main
+
+pytestmark = pytest.mark.openvino
+pytest.importorskip("openvino")
+
+
+def features_by_path(cache) -> dict[str, np.ndarray]:
+    rows = {}
+    for name in cache.splits:
+        part = cache.split(name)
+        rows.update(zip(part.paths, part.features))
+    return rows
+
+
+def assert_same_features(a, b) -> None:
+    """The same images with features equal within the 1e-4 relative that probe treats as
+    the same features (BatchNormalization folding is held to the same); `a` and `b` are
+    caches or their `features_by_path`."""
+    rows_a, rows_b = (x if isinstance(x, dict) else features_by_path(x) for x in (a, b))
+    assert sorted(rows_a) == sorted(rows_b) and rows_a
+    stacked_a = np.stack([rows_a[p] for p in sorted(rows_a)])
+    stacked_b = np.stack([rows_b[p] for p in sorted(rows_a)])
+    assert stacked_a.shape == stacked_b.shape
+    assert np.max(np.abs(stacked_a - stacked_b)) <= 1e-4 * np.max(np.abs(stacked_a))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone,pooling", [("resnet50", "avg"), ("vgg16", "none")])
+def test_openvino_gives_the_tensorflow_features_and_reuses_its_converted_model(
+        tmp_path, monkeypatch, backbone, pooling):
+    root = make_tree(tmp_path / "images", per_class=4)
+    settings = dict(weights="none", image_size=32, pooling=pooling)
+    on_tf = probe.extract(root, backbone, cache_dir=tmp_path / "tf", runtime="tensorflow",
+                          **settings)
+    on_ov = probe.extract(root, backbone, cache_dir=tmp_path / "ov", runtime="openvino",
+                          **settings)
+    assert on_tf.attrs["extract_runtime"] == "tensorflow"
+    assert on_ov.attrs["extract_runtime"] == "openvino"
+    assert on_ov.feature_shape == on_tf.feature_shape
+    assert_same_features(on_tf, on_ov)
+    saved = list((tmp_path / "ov" / runtime.MODELS_DIR).glob(f"{backbone}-*/model.xml"))
+    assert len(saved) == 1
+
+    # another dataset in the same cache directory: the saved model is read back, no Keras
+    # model is built
+    def no_build(*args, **kwargs):
+        raise AssertionError("the backbone was built again instead of read back")
+
+    monkeypatch.setattr("probe.engines.local.build_model", no_build)
+    other = make_tree(tmp_path / "other", per_class=4)
+    again = probe.extract(other, backbone, cache_dir=tmp_path / "ov", runtime="openvino",
+                          **settings)
+    assert again.attrs["extract_runtime"] == "openvino"
+    assert_same_features(on_ov, again)  # the same images under another root
+
+
+@pytest.mark.slow
+def test_a_damaged_converted_model_is_converted_again(tmp_path):
+    root = make_tree(tmp_path / "images", per_class=3)
+    settings = dict(weights="none", image_size=32, runtime="openvino")
+    first = probe.extract(root, "vgg16", cache_dir=tmp_path / "c", **settings)
+    (saved,) = (tmp_path / "c" / runtime.MODELS_DIR).glob("vgg16-*/model.xml")
+    saved.write_text("<net> cut short")
+    first_rows = features_by_path(first)
+    first.path.unlink()  # the next run extracts again and has to load the model
+    second = probe.extract(root, "vgg16", cache_dir=tmp_path / "c", **settings)
+    assert "cut short" not in saved.read_text()
+    assert_same_features(first_rows, second)
+
+
+def test_auto_takes_openvino_where_installed_for_float32_only(monkeypatch):
+    monkeypatch.setattr(runtime, "_tf_gpus", lambda: False)
+    assert runtime.resolve("auto", "float32") == "openvino"
+    assert runtime.resolve("auto", "bf16") == "tensorflow"
+    assert runtime.resolve("tensorflow", "float32") == "tensorflow"
+    monkeypatch.setattr(runtime, "_tf_gpus", lambda: True)
+    assert runtime.resolve("auto", "float32") == "tensorflow"
+    monkeypatch.setattr(runtime, "_tf_gpus", lambda: False)
+    monkeypatch.setenv(runtime.RUNTIME_ENV, "tensorflow")
+    assert runtime.resolve("auto", "float32") == "tensorflow"
+    assert runtime.resolve("openvino", "float32") == "openvino"  # an explicit choice wins
+    monkeypatch.setattr(runtime, "openvino_installed", lambda: False)
+    monkeypatch.delenv(runtime.RUNTIME_ENV)
+    assert runtime.resolve("auto", "float32") == "tensorflow"
+
+
+def test_openvino_that_can_not_run_is_refused_in_one_line(tmp_path, monkeypatch):
+    root = make_tree(tmp_path / "images", per_class=3)
+    monkeypatch.setattr(runtime, "openvino_installed", lambda: False)
+    result = CliRunner().invoke(main, ["extract", str(root), "--weights", "none",
+                                       "--image-size", "32", "--runtime", "openvino", "-q"])
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1
+    assert "pip install 'probe[openvino]'" in result.output
+    assert not (tmp_path / "cache").exists()  # refused before any work
+    monkeypatch.undo()
+    with pytest.raises(probe.ProbeError, match="--precision float32 with --runtime openvino"):
+        runtime.check_runtime("openvino", "bf16")
+    with pytest.raises(probe.ProbeError, match="one of auto, tensorflow, openvino"):
+        runtime.check_runtime("onnx")
