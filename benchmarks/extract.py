@@ -116,13 +116,15 @@ def emit(scope: str, figure: str, value) -> None:
     print(f"{scope} {figure} {value}", flush=True)
 
 
-def measure_model(spec, size: int, root: Path, batch_size: int, precision: str) -> dict:
+def measure_model(spec, size: int, root: Path, batch_size: int, precision: str,
+                  openvino: bool = False) -> dict:
     """The Keras model alone on preprocessed tensors in memory, unfolded and with its
     BatchNormalizations folded (`probe.fold`, what extraction runs), batch by batch in
     turns so that outside load hits both alike; each after one warm-up batch, so tracing
     is not counted. Also the start-up pieces: building the model, folding it, and the
     first call (tracing plus one batch) less one steady batch; and the largest difference
-    between the two models' features relative to the largest feature."""
+    between the two models' features relative to the largest feature. With `openvino`, the
+    folded model converted to OpenVINO (`probe.runtime`) runs in the same turns."""
     from probe import fold
     from probe.extract import build_model
 
@@ -141,6 +143,16 @@ def measure_model(spec, size: int, root: Path, batch_size: int, precision: str) 
     folded = fold.fold_batchnorm(unfolded)
     fold_seconds = time.perf_counter() - started
     models = {"unfolded": unfolded, "folded": folded}
+    convert_seconds = float("nan")
+    if openvino:
+        import openvino as ov
+        from probe import runtime
+
+        started = time.perf_counter()
+        converted = ov.Core().compile_model(runtime.convert(folded, size), "CPU",
+                                            runtime.OPENVINO_CONFIG)
+        models["openvino"] = runtime.OpenVINOBackbone(converted)
+        convert_seconds = time.perf_counter() - started
     first_call, seconds, outputs = {}, {k: 0.0 for k in models}, {k: [] for k in models}
     for key, model in models.items():
         started = time.perf_counter()
@@ -151,14 +163,26 @@ def measure_model(spec, size: int, root: Path, batch_size: int, precision: str) 
             started = time.perf_counter()
             outputs[key].append(np.asarray(model.predict_on_batch(batch), dtype=np.float32))
             seconds[key] += time.perf_counter() - started
-    a, b = np.concatenate(outputs["unfolded"]), np.concatenate(outputs["folded"])
+    features = {k: np.concatenate(v) for k, v in outputs.items()}
+    reference = features["unfolded"]
+
+    def max_rel_diff(key: str) -> float:
+        return float(np.max(np.abs(reference - features[key]))
+                     / max(np.max(np.abs(reference)), 1e-30))
+
     per_batch = {k: seconds[k] / len(batches) for k in models}
-    return {"unfolded": len(inputs) / seconds["unfolded"],
-            "folded": len(inputs) / seconds["folded"],
-            "build_s": build_seconds, "fold_s": fold_seconds,
-            "trace_unfolded_s": first_call["unfolded"] - per_batch["unfolded"],
-            "trace_folded_s": first_call["folded"] - per_batch["folded"],
-            "max_rel_diff": float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-30))}
+    results = {"unfolded": len(inputs) / seconds["unfolded"],
+               "folded": len(inputs) / seconds["folded"],
+               "build_s": build_seconds, "fold_s": fold_seconds,
+               "trace_unfolded_s": first_call["unfolded"] - per_batch["unfolded"],
+               "trace_folded_s": first_call["folded"] - per_batch["folded"],
+               "max_rel_diff": max_rel_diff("folded")}
+    if openvino:
+        results.update({"openvino": len(inputs) / seconds["openvino"],
+                        "convert_s": convert_seconds,
+                        "trace_openvino_s": first_call["openvino"] - per_batch["openvino"],
+                        "openvino_max_rel_diff": max_rel_diff("openvino")})
+    return results
 
 
 def measure_decoding(spec, size: int, root: Path) -> float:
@@ -174,16 +198,17 @@ def measure_decoding(spec, size: int, root: Path) -> float:
 
 
 def measure_extract(name: str, size: int, root: Path, cache_dir: Path, batch_size: int,
-                    precision: str):
+                    precision: str, runtime: str = "tensorflow"):
     """`probe.extract` from files to a finished cache: (seconds, steady images/s, start-up
     seconds, the cache). Steady is the rate after the first batch, once the model is built
     and traced; start-up is the time to the first batch less one batch at the steady rate:
-    the fixed cost every run pays whatever the number of images."""
+    the fixed cost every run pays whatever the number of images (with OpenVINO: a first
+    run's, converting the model)."""
     shutil.rmtree(cache_dir, ignore_errors=True)
     marks: list[tuple[float, int]] = []
     start = time.perf_counter()
     cache = probe.extract(root, name, weights="none", image_size=size, cache_dir=cache_dir,
-                          batch_size=batch_size, precision=precision,
+                          batch_size=batch_size, precision=precision, runtime=runtime,
                           progress=lambda event: isinstance(event, Advanced)
                           and marks.append((time.perf_counter(), event.done)))
     seconds = time.perf_counter() - start
@@ -191,6 +216,24 @@ def measure_extract(name: str, size: int, root: Path, cache_dir: Path, batch_siz
     steady = (last_done - first_done) / (last_time - first_time) if len(marks) > 1 else float("nan")
     startup = first_time - start - first_done / steady if len(marks) > 1 else float("nan")
     return seconds, steady, startup, cache
+
+
+def measure_saved_startup(name: str, size: int, root: Path, cache_dir: Path, batch_size: int,
+                          steady: float) -> float:
+    """Start-up of a later OpenVINO extraction, which reads the model converted by an
+    earlier one from the cache directory: loading it plus the first batch, less one batch
+    at the steady rate."""
+    from probe import runtime
+    from probe.settings import ExtractionSettings
+
+    extraction = ExtractionSettings.create(name, "none", size, batch_size=batch_size,
+                                           runtime="openvino")
+    spec = extraction.spec
+    paths = samples_in_order(root)[:batch_size]
+    inputs = spec.preprocess_input(np.stack([data.load_image(p, size) for p in paths]))
+    started = time.perf_counter()
+    runtime.load_backbone(extraction, cache_dir).predict_on_batch(inputs)
+    return time.perf_counter() - started - len(inputs) / steady
 
 
 def measure_keras_recipe(spec, size: int, root: Path, batch_size: int) -> float:
@@ -325,6 +368,30 @@ def measure_memory(root: Path, name: str, size: int, cache_dir: Path, batch_size
 # --- main ------------------------------------------------------------------------------
 
 
+def emit_openvino(name: str, rate: dict, model: dict, model_figures: dict,
+                  keras: bool) -> None:
+    """The OpenVINO runtime's lines: the model alone against TensorFlow's (folded, the
+    same turns), its features against the unfolded model's, probe extract end to end on
+    it (a first run: converting included; and the start-up of a later run, which reads
+    the converted model back), against the Keras recipe."""
+    emit(name, "limit_openvino_img_per_s", model["openvino"])
+    emit(name, "openvino_over_tensorflow", model["openvino"] / model["folded"])
+    emit(name, "openvino_max_rel_diff", f"{max(model_figures['openvino_max_rel_diff']):.2e}")
+    emit(name, "convert_openvino_s", model["convert_s"])
+    emit(name, "trace_openvino_s", model["trace_openvino_s"])
+    emit(name, "extract_openvino_img_per_s", rate["extract_ov"])
+    emit(name, "extract_openvino_over_extract_tensorflow", rate["extract_ov"] / rate["extract"])
+    emit(name, "extract_openvino_over_limit_openvino", rate["extract_ov"] / rate["limit_ov"])
+    emit(name, "extract_openvino_steady_over_limit_openvino", rate["steady_ov"] / rate["limit_ov"])
+    emit(name, "extract_openvino_startup_first_run_s", rate["startup_ov"])
+    emit(name, "extract_openvino_startup_saved_model_s", rate["startup_ov_saved"])
+    for n in (200, 2000):  # the end-to-end ratio a later run gets on n images
+        projected = n / rate["limit_ov"] / (n / rate["steady_ov"] + rate["startup_ov_saved"])
+        emit(name, f"extract_openvino_over_limit_openvino_at_{n}_saved_model", projected)
+    if keras:
+        emit(name, "extract_openvino_over_keras", rate["extract_ov"] / rate["keras"])
+
+
 def machine() -> str:
     model = platform.processor() or platform.machine()
     try:
@@ -350,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", default="float32,bf16",
                         help="comma-separated; bf16 is skipped where it is not supported")
     parser.add_argument("--no-keras", action="store_true", help="skip the plain Keras recipe")
+    parser.add_argument("--no-openvino", action="store_true",
+                        help="skip the OpenVINO runtime (skipped anyway where not installed)")
     parser.add_argument("--heads", default="logreg,dense",
                         help="heads to time with `probe fit` ('' to skip)")
     parser.add_argument("--memory-sizes", default="500,2000",
@@ -369,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     precisions = ["float32"] + [p for p in args.precisions.split(",") if p and p != "float32"]
     heads = [h for h in args.heads.split(",") if h]
     bf16_reason = bf16_support()
+    from probe import runtime
+
+    openvino = runtime.openvino_installed() and not args.no_openvino
     if "bf16" in precisions and bf16_reason is not None:
         precisions.remove("bf16")
     import keras
@@ -395,19 +467,32 @@ def main(argv: list[str] | None = None) -> int:
         for precision in precisions:
             tag = "" if precision == "float32" else f"_{precision}"
             figures: dict[str, list[float]] = {"limit": [], "extract": [], "keras": [],
-                                               "steady": [], "startup": []}
+                                               "steady": [], "startup": [], "limit_ov": [],
+                                               "extract_ov": [], "steady_ov": [],
+                                               "startup_ov": [], "startup_ov_saved": []}
+            with_ov = openvino and precision == "float32"
             model_figures: dict[str, list[float]] = {}
             for _ in range(args.repeats):
-                measured = measure_model(spec, size, root, args.batch_size, precision)
+                measured = measure_model(spec, size, root, args.batch_size, precision, with_ov)
                 for key, value in measured.items():
                     model_figures.setdefault(key, []).append(value)
                 figures["limit"].append(measured["folded"])
                 seconds, steady, startup, caches[precision] = measure_extract(
                     name, size, root, work / f"cache-{name}-{precision}", args.batch_size,
-                    precision)
+                    precision, "tensorflow")
                 figures["extract"].append(args.n / seconds)
                 figures["steady"].append(steady)
                 figures["startup"].append(startup)
+                if with_ov:
+                    figures["limit_ov"].append(measured["openvino"])
+                    ov_dir = work / f"cache-{name}-openvino"
+                    seconds, steady, startup, _ = measure_extract(
+                        name, size, root, ov_dir, args.batch_size, precision, "openvino")
+                    figures["extract_ov"].append(args.n / seconds)
+                    figures["steady_ov"].append(steady)
+                    figures["startup_ov"].append(startup)
+                    figures["startup_ov_saved"].append(measure_saved_startup(
+                        name, size, root, ov_dir, args.batch_size, steady))
                 if precision == "float32" and not args.no_keras:
                     figures["keras"].append(args.n / measure_keras_recipe(spec, size, root,
                                                                           args.batch_size))
@@ -430,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
             if "keras" in rate:
                 emit(name, "keras_img_per_s", rate["keras"])
                 emit(name, "extract_over_keras", rate["extract"] / rate["keras"])
+            if "limit_ov" in rate:
+                emit_openvino(name, rate, model, model_figures, "keras" in rate)
             if precision == "float32":
                 decode_ms = measure_decoding(spec, size, root)
                 emit(name, "decode_ms_per_image_one_core", decode_ms)

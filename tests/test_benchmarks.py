@@ -2,6 +2,7 @@
 figures: one `<scope> <figure> <value>` line each, ratios that match the rates they are
 made of, and folded features equal to the unfolded ones within 1e-4 relative."""
 
+import importlib.util
 import math
 import os
 import re
@@ -72,3 +73,12 @@ def test_extract_benchmark_prints_consistent_figures(tmp_path):
         assert figures["machine bf16"].startswith("unsupported: ")
         assert f"{scope} speedup_bf16" not in figures
     assert len(list((tmp_path / "photos-15").glob("*/*.jpg"))) == 15
+    if importlib.util.find_spec("openvino") is not None:  # the OpenVINO runtime's lines
+        openvino = {key: number(figures, f"{scope} {key}") for key in (
+            "limit_openvino_img_per_s", "extract_openvino_img_per_s")}
+        assert close(number(figures, f"{scope} openvino_over_tensorflow"),
+                     openvino["limit_openvino_img_per_s"] / rates["limit_img_per_s"])
+        assert close(number(figures, f"{scope} extract_openvino_over_keras"),
+                     openvino["extract_openvino_img_per_s"] / rates["keras_img_per_s"])
+        assert 0 < number(figures, f"{scope} openvino_max_rel_diff") <= 1e-4
+        assert number(figures, f"{scope} convert_openvino_s") > 0
