@@ -860,6 +860,7 @@ ATTR_RULES = {  # attribute: (required, rule, what the format promises)
     "views": (False, lambda v: _is_int(v) and 1 <= v <= 4096, "an integer from 1 to 4096"),
     "views_policy": (False, _is_text, "a policy name"),
     "views_seed": (False, _is_count, "a seed"),
+    "extract_runtime": (False, lambda v: v in ("tensorflow", "openvino"), "tensorflow or openvino"),
     **{key: (False, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
              and 0 <= v < float("inf"), "a non-negative number")
        for key in ("extract_images", "extract_seconds", "extract_images_per_second")},
