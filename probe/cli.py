@@ -334,8 +334,9 @@ def extract_command(dataset, backbone, weights, image_size, pooling, batch_size,
     if report.status == "up to date":
         click.echo(f"Cache up to date: {result.path} ({counts})")
     else:
+        ran = f" (backbone on {report.runtime})" if report.runtime and report.extracted else ""
         click.echo(f"Wrote {result.path} ({counts}): {report.extracted} extracted, "
-                   f"{report.reused} reused")
+                   f"{report.reused} reused{ran}")
     if result.view_count:
         click.echo(f"Views: {result.view_count} per training image "
                    f"({result.attrs['views_policy']}): {report.views_extracted} extracted, "

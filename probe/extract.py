@@ -59,6 +59,7 @@ class ExtractionReport:
     notes: list[str] = field(default_factory=list)  # what discovery noticed (data.Dataset.notes)
     views_extracted: int = 0  # augmented views the backbone read in this run
     views_reused: int = 0  # views taken from existing caches or parts
+    runtime: str = ""  # what ran the backbone in this run ("tensorflow", "openvino"; "": nothing ran)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -213,9 +214,11 @@ def _extract_locked(found: data.Dataset, extraction: ExtractionSettings, split: 
     view_parts.clear()
     extracted = sum(1 for s in plan.todo if s.key in rows)
     train_rows = sum(1 for entry in entries if entry.split == "train")
+    ran = "" if model is None and not (plan.todo and isinstance(engine, RayOptions)) \
+        else runtime_mod.runtime_of(model)
     report = ExtractionReport("extracted", extracted, len(entries) - extracted, len(skipped),
                               found.ignored, plan.changes, damaged, found.notes(),
-                              len(view_todo), views.count * train_rows - len(view_todo))
+                              len(view_todo), views.count * train_rows - len(view_todo), ran)
     emit(progress, Finished(STAGE, details={"path": target.path, **report.as_dict()}))
     return FeatureCache.open(target.path), report
 

@@ -59,8 +59,9 @@ def test_openvino_gives_the_tensorflow_features_and_reuses_its_converted_model(
 
     monkeypatch.setattr("probe.engines.local.build_model", no_build)
     other = make_tree(tmp_path / "other", per_class=4)
-    again = probe.extract(other, backbone, cache_dir=tmp_path / "ov", runtime="openvino",
-                          **settings)
+    again, report = probe.extract_with_report(other, backbone, cache_dir=tmp_path / "ov",
+                                              runtime="openvino", **settings)
+    assert report.runtime == "openvino" and report.extracted == len(features_by_path(on_ov))
     assert again.attrs["extract_runtime"] == "openvino"
     assert_same_features(on_ov, again)  # the same images under another root
 
@@ -97,6 +98,7 @@ def test_auto_takes_openvino_where_installed_for_float32_only(monkeypatch):
 
 def test_openvino_that_can_not_run_is_refused_in_one_line(tmp_path, monkeypatch):
     root = make_tree(tmp_path / "images", per_class=3)
+    installed = runtime.openvino_installed
     monkeypatch.setattr(runtime, "openvino_installed", lambda: False)
     result = CliRunner().invoke(main, ["extract", str(root), "--weights", "none",
                                        "--image-size", "32", "--runtime", "openvino", "-q"])
@@ -104,7 +106,12 @@ def test_openvino_that_can_not_run_is_refused_in_one_line(tmp_path, monkeypatch)
     assert len(result.output.strip().splitlines()) == 1
     assert "pip install 'probe[openvino]'" in result.output
     assert not (tmp_path / "cache").exists()  # refused before any work
-    monkeypatch.undo()
+    monkeypatch.setattr(runtime, "openvino_installed", installed)
+    result = CliRunner().invoke(main, ["extract", str(root), "--weights", "none",
+                                       "--backbone", "vgg16", "--image-size", "32",
+                                       "--runtime", "openvino", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "9 extracted, 0 reused (backbone on openvino)" in result.output
     with pytest.raises(probe.ProbeError, match="--precision float32 with --runtime openvino"):
         runtime.check_runtime("openvino", "bf16")
     with pytest.raises(probe.ProbeError, match="one of auto, tensorflow, openvino"):
