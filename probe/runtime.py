@@ -175,6 +175,8 @@ def _save(model, directory: Path) -> None:
     directory that can not be written only costs the next run a conversion."""
     import openvino as ov
 
+    from .store import replace_directory
+
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
         temporary = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
@@ -183,7 +185,7 @@ def _save(model, directory: Path) -> None:
     try:
         # weights stay float32: save_model would otherwise store them as float16
         ov.save_model(model, str(temporary / MODEL_FILE), compress_to_fp16=False)
-        os.replace(temporary, directory)
+        replace_directory(temporary, directory)
     except OSError:
         pass  # another process put its copy there first, or the disk is full
     finally:
