@@ -22,6 +22,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,9 @@ RUNTIMES = ("auto", "tensorflow", "openvino")
 RUNTIME_ENV = "PROBE_RUNTIME"
 MODELS_DIR = "models"
 MODEL_FILE = "model.xml"  # and model.bin beside it
+# A temporary folder of a model being saved that is older than this was left by a killed
+# run (saving takes seconds): the next save of that model removes it.
+STALE_SECONDS = 3600
 # OpenVINO's CPU plugin: float32 arithmetic (no bfloat16 or float16 downcast where the CPU
 # has it) and one stream using every core, for one batch at a time.
 OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
@@ -177,6 +181,7 @@ def _save(model, directory: Path) -> None:
 
     from .store import replace_directory
 
+    _remove_stale_temporaries(directory)
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
         temporary = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
@@ -190,3 +195,13 @@ def _save(model, directory: Path) -> None:
         pass  # another process put its copy there first, or the disk is full
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Temporary folders of this model left by killed runs (see STALE_SECONDS)."""
+    for leftover in directory.parent.glob(f".{directory.name}-*"):
+        try:
+            if time.time() - leftover.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            continue

@@ -2,6 +2,9 @@
 float rounding, keeps its converted model beside the caches and reads it back, replaces a
 damaged copy, and is refused in one line where it can not run."""
 
+import os
+import time
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -67,17 +70,26 @@ def test_openvino_gives_the_tensorflow_features_and_reuses_its_converted_model(
 
 
 @pytest.mark.slow
-def test_a_damaged_converted_model_is_converted_again(tmp_path):
+def test_a_damaged_converted_model_is_converted_again_and_stale_leftovers_go(tmp_path):
     root = make_tree(tmp_path / "images", per_class=3)
     settings = dict(weights="none", image_size=32, runtime="openvino")
     first = probe.extract(root, "vgg16", cache_dir=tmp_path / "c", **settings)
     (saved,) = (tmp_path / "c" / runtime.MODELS_DIR).glob("vgg16-*/model.xml")
     saved.write_text("<net> cut short")
+    # a temporary folder left by a run killed while saving, and one being written now
+    stale = saved.parent.with_name(f".{saved.parent.name}-killed")
+    fresh = saved.parent.with_name(f".{saved.parent.name}-writing")
+    for leftover in (stale, fresh):
+        leftover.mkdir()
+        (leftover / runtime.MODEL_FILE).write_text("half")
+    long_ago = time.time() - 2 * runtime.STALE_SECONDS
+    os.utime(stale, (long_ago, long_ago))
     first_rows = features_by_path(first)
     first.path.unlink()  # the next run extracts again and has to load the model
     second = probe.extract(root, "vgg16", cache_dir=tmp_path / "c", **settings)
     assert "cut short" not in saved.read_text()
     assert_same_features(first_rows, second)
+    assert not stale.exists() and fresh.exists()
 
 
 def test_auto_takes_openvino_where_installed_for_float32_only(monkeypatch):
