@@ -197,6 +197,17 @@ def measure_decoding(spec, size: int, root: Path) -> float:
     return (time.thread_time() - started) / len(paths) * 1e3
 
 
+def steady_and_startup(marks: list[tuple[float, int]], start: float) -> tuple[float, float]:
+    """From (time, images done) at the end of each batch of a run started at `start`: the
+    rate after the first batch, and the time to the first batch less one batch at that
+    rate (NaN for a run of one batch)."""
+    if len(marks) < 2:
+        return float("nan"), float("nan")
+    (first_time, first_done), (last_time, last_done) = marks[0], marks[-1]
+    steady = (last_done - first_done) / (last_time - first_time)
+    return steady, first_time - start - first_done / steady
+
+
 def measure_extract(name: str, size: int, root: Path, cache_dir: Path, batch_size: int,
                     precision: str, runtime: str = "tensorflow"):
     """`probe.extract` from files to a finished cache: (seconds, steady images/s, start-up
@@ -212,10 +223,7 @@ def measure_extract(name: str, size: int, root: Path, cache_dir: Path, batch_siz
                           progress=lambda event: isinstance(event, Advanced)
                           and marks.append((time.perf_counter(), event.done)))
     seconds = time.perf_counter() - start
-    (first_time, first_done), (last_time, last_done) = marks[0], marks[-1]
-    steady = (last_done - first_done) / (last_time - first_time) if len(marks) > 1 else float("nan")
-    startup = first_time - start - first_done / steady if len(marks) > 1 else float("nan")
-    return seconds, steady, startup, cache
+    return (seconds, *steady_and_startup(marks, start), cache)
 
 
 def measure_saved_startup(name: str, size: int, root: Path, cache_dir: Path, batch_size: int,
@@ -262,10 +270,7 @@ def measure_keras_recipe(spec, size: int, root: Path, batch_size: int):
     features = model.predict(dataset, verbose=0, callbacks=[BatchEnds()])
     seconds = time.perf_counter() - start
     assert len(features) == total
-    (first_time, first_done), (last_time, last_done) = marks[0], marks[-1]
-    steady = (last_done - first_done) / (last_time - first_time) if len(marks) > 1 else float("nan")
-    startup = first_time - start - first_done / steady if len(marks) > 1 else float("nan")
-    return seconds, steady, startup
+    return (seconds, *steady_and_startup(marks, start))
 
 
 def at_images(n: int, steady: float, startup: float) -> float:

@@ -244,7 +244,7 @@ def _run(model, extraction: ExtractionSettings, root: Path, plan: ExtractionPlan
         return speed
     return {"extract_images": len(plan.todo), "extract_seconds": round(seconds, 3),
             "extract_images_per_second": round(len(plan.todo) / max(seconds, 1e-9), 2),
-            "extract_runtime": "tensorflow" if model is None else runtime_mod.runtime_of(model)}
+            "extract_runtime": runtime_mod.runtime_of(model)}
 
 
 def _run_local(model, extraction: ExtractionSettings, root: Path, plan: ExtractionPlan,
@@ -390,7 +390,7 @@ def _attrs(plan: ExtractionPlan, extraction: ExtractionSettings, split: SplitSet
         **split.to_attrs(),
         "ignored_files": found.ignored,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": package_versions(),
         **speed,
     }
 
@@ -414,9 +414,13 @@ def _make_directory(directory: Path) -> None:
         ) from None
 
 
-def _versions() -> dict[str, str]:
+CACHE_PACKAGES = ("probe", "keras", "tensorflow", "tensorflow-cpu", "h5py", "numpy", "pillow")
+
+
+def package_versions(packages: tuple[str, ...] = CACHE_PACKAGES) -> dict[str, str]:
+    """The installed version of each of `packages` that is installed."""
     versions = {}
-    for package in ("probe", "keras", "tensorflow", "tensorflow-cpu", "h5py", "numpy", "pillow"):
+    for package in packages:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

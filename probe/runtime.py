@@ -17,7 +17,6 @@ extraction with the same backbone reads it back and builds no Keras model at all
 
 from __future__ import annotations
 
-import importlib.metadata as metadata
 import importlib.util
 import os
 import shutil
@@ -89,7 +88,8 @@ def _tf_gpus() -> bool:
 
 
 def runtime_of(model) -> str:
-    """The runtime a model from `load_backbone` runs on (recorded with the cache's speed)."""
+    """The runtime a model from `load_backbone` runs on (recorded with the cache's speed);
+    TensorFlow for a Keras model, and for None (the Ray engine's workers build their own)."""
     return getattr(model, "runtime", "tensorflow")
 
 
@@ -150,13 +150,9 @@ def model_key(extraction: "ExtractionSettings") -> str:
     features, whether BatchNormalizations are folded, and the versions of the libraries
     that built and converted it."""
     from . import cache as cache_mod, fold
+    from .extract import package_versions
 
-    versions = {}
-    for package in ("probe", "keras", "tensorflow", "tensorflow-cpu", "openvino"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
+    versions = package_versions(("probe", "keras", "tensorflow", "tensorflow-cpu", "openvino"))
     identity = {**extraction.feature_settings(), "fold": fold.enabled(), "versions": versions}
     return f"{extraction.backbone}-{cache_mod.fingerprint(identity)[:16]}"
 
