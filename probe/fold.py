@@ -58,7 +58,7 @@ def fold_batchnorm(model: "keras.Model") -> "keras.Model":
     """
     from ._keras import keras
 
-    pairs = _foldable_pairs(model)
+    pairs = foldable_pairs(model)
     if not pairs:
         return model
     by_conv = {id(pair.conv): pair for pair in pairs}
@@ -77,7 +77,7 @@ def fold_batchnorm(model: "keras.Model") -> "keras.Model":
     return folded
 
 
-def _foldable_pairs(model) -> list[_Pair]:
+def foldable_pairs(model) -> list[_Pair]:
     """(convolution, BatchNormalization) pairs of `model` that can be folded."""
     consumers, outputs, uses = _graph(model)
     pairs = []
@@ -153,12 +153,12 @@ def _folded_conv(pair: _Pair, *args, **kwargs):
             config[key] = "zeros"
     layer = type(conv).from_config(config)
     outputs = layer(*args, **kwargs)
-    layer.set_weights(_folded_weights(conv, pair.norm))
+    layer.set_weights(folded_weights(conv, pair.norm))
     layer.trainable = False
     return outputs
 
 
-def _folded_weights(conv, norm) -> list[np.ndarray]:
+def folded_weights(conv, norm) -> list[np.ndarray]:
     """The weights of `conv` followed by `norm`, as one convolution with a bias."""
     from ._keras import keras
 

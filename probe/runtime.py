@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import ProbeError
+from .fold import for_inference
 
 if TYPE_CHECKING:
     from .settings import ExtractionSettings
@@ -126,16 +127,29 @@ def load_backbone(extraction: "ExtractionSettings", cache_dir: Path):
     directory = Path(cache_dir) / MODELS_DIR / model_key(extraction)
     model = _read_saved(core, directory)
     if model is None:
-        keras_model = build_model(extraction.spec, weights.source, extraction.image_size,
-                                  extraction.pooling, weights.seed)
+        keras_model = extraction.spec.build(weights=weights.source, image_size=extraction.image_size,
+                                            pooling=extraction.pooling, seed=weights.seed)
         model = convert(keras_model, extraction.image_size)
         _save(model, directory)
     return OpenVINOBackbone(core.compile_model(model, "CPU", OPENVINO_CONFIG))
 
 
 def convert(keras_model, image_size: int):
-    """The OpenVINO model of a Keras model taking (batch, size, size, 3) float32 inputs,
-    through the TensorFlow function of its inference call (any batch size)."""
+    """The OpenVINO model of a Keras model taking (batch, size, size, 3) float32 inputs (any
+    batch size), its BatchNormalizations folded: written from its layers
+    (`probe.openvino_graph`), or where it has a layer that module does not write, converted
+    from the TensorFlow function of its inference call."""
+    from . import openvino_graph
+
+    try:
+        return openvino_graph.build(keras_model, image_size)
+    except openvino_graph.UnsupportedLayer:
+        return convert_traced(for_inference(keras_model), image_size)
+
+
+def convert_traced(keras_model, image_size: int):
+    """The OpenVINO model of a Keras model through the TensorFlow function of its inference
+    call, as `openvino.convert_model` reads it (seconds: it is traced like a first call)."""
     import openvino as ov
     import tensorflow as tf
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import probe
 from conftest import make_tree
-from probe import runtime
+from probe import backbones, openvino_graph, runtime
 from probe.cli import main
 
 pytestmark = pytest.mark.openvino
@@ -60,7 +60,7 @@ def test_openvino_gives_the_tensorflow_features_and_reuses_its_converted_model(
     def no_build(*args, **kwargs):
         raise AssertionError("the backbone was built again instead of read back")
 
-    monkeypatch.setattr("probe.engines.local.build_model", no_build)
+    monkeypatch.setattr(backbones.BackboneSpec, "build", no_build)
     other = make_tree(tmp_path / "other", per_class=4)
     again, report = probe.extract_with_report(other, backbone, cache_dir=tmp_path / "ov",
                                               runtime="openvino", **settings)
@@ -90,6 +90,67 @@ def test_a_damaged_converted_model_is_converted_again_and_stale_leftovers_go(tmp
     assert "cut short" not in saved.read_text()
     assert_same_features(first_rows, second)
     assert not stale.exists() and fresh.exists()
+
+
+def calibrate_batchnorms(model, images: np.ndarray, seed: int = 0) -> None:
+    """Random scales and offsets, and moving statistics measured on `images` (Keras' fresh
+    ones are 0/1 and leave random-weight activations vanishingly small), so that every
+    layer's output reaches the features: a layer written wrong anywhere changes them."""
+    rng = np.random.default_rng(seed)
+    norms = [layer for layer in model.layers if type(layer).__name__ == "BatchNormalization"]
+    for layer in norms:
+        if layer.scale:
+            layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape).astype(np.float32))
+        if layer.center:
+            layer.beta.assign(rng.normal(0.0, 0.2, layer.beta.shape).astype(np.float32))
+        layer.trainable, layer.momentum = True, 0.0  # moving statistics := this batch's
+    model(images, training=True)
+    for layer in norms:
+        layer.trainable, layer.momentum = False, 0.99
+        # A channel nearly constant over these few images would amplify float rounding
+        # through the deep random net; kept at the layer's mean variance or more, Keras'
+        # own folded model stays within 5e-5 relative of the unfolded one.
+        variance = np.asarray(layer.moving_variance)
+        layer.moving_variance.assign(np.maximum(variance, variance.mean()))
+
+
+@pytest.mark.parametrize("backbone,pooling,size", [
+    ("resnet50", "none", 64), ("densenet121", "max", 45), ("inceptionv3", "avg", 75),
+    ("xception", "none", 73), ("vgg16", "avg", 35)])
+def test_the_written_graph_computes_the_keras_model(backbone, pooling, size):
+    import openvino as ov
+
+    spec = probe.get_backbone(backbone)
+    model = spec.build(weights="none", image_size=size, pooling=pooling, seed=0)
+    inputs = spec.preprocess_input(
+        np.random.default_rng(1).uniform(0, 255, (8, size, size, 3)).astype(np.float32))
+    calibrate_batchnorms(model, inputs)
+    expected = np.asarray(model.predict_on_batch(inputs))
+    compiled = ov.Core().compile_model(openvino_graph.build(model, size), "CPU",
+                                       runtime.OPENVINO_CONFIG)
+    written = runtime.OpenVINOBackbone(compiled)
+    got = written.predict_on_batch(inputs)
+    assert got.shape == expected.shape and written.output_shape == model.output_shape
+    assert np.max(np.abs(got - expected)) <= 1e-4 * np.max(np.abs(expected))
+
+
+def test_a_model_with_a_layer_the_graph_does_not_write_is_converted_by_tracing():
+    from probe._keras import keras
+
+    inputs = keras.Input((16, 16, 3))
+    hidden = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(inputs))
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Activation("relu")(hidden))
+    model = keras.Model(inputs, keras.layers.Dense(2)(pooled))
+    images = np.random.default_rng(2).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    calibrate_batchnorms(model, images)
+    with pytest.raises(openvino_graph.UnsupportedLayer, match="Dense"):
+        openvino_graph.build(model, 16)
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(runtime.convert(model, 16), "CPU")
+    expected = np.asarray(model.predict_on_batch(images))
+    got = runtime.OpenVINOBackbone(compiled).predict_on_batch(images)
+    assert np.max(np.abs(got - expected)) <= 1e-5 * np.max(np.abs(expected))
 
 
 def test_auto_takes_openvino_where_installed_for_float32_only(monkeypatch):

@@ -1,0 +1,252 @@
+"""The OpenVINO graph of a Keras backbone, written layer by layer from its weights.
+
+`openvino.convert_model` reads a Keras model by tracing its TensorFlow function and
+translating the traced graph: 1.6-7.2 s for the five backbones on two cores, more than the
+rest of a first extraction's start-up together (benchmarks/RESULTS.md). The backbones are
+made of a dozen kinds of layers, each one OpenVINO operation or two, so probe writes the
+graph directly from the layers and their weights in a fraction of a second. A model with
+any other kind of layer (or option) is not written here: `build` raises
+`UnsupportedLayer` and the caller converts it the traced way.
+
+The graph runs channels first (OpenVINO's convolutions are NCHW): the input is transposed
+once, and a spatial output (pooling "none") is transposed back, so the model takes and
+gives the Keras model's NHWC arrays. A BatchNormalization that reads a convolution is
+folded into that convolution's weights as `probe.fold` does (without cloning the Keras
+model, which costs about a second); any other becomes a per-channel multiply and add.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import keras
+
+# Keras channels-last axes of a 4-D tensor, as positions in the channels-first graph.
+NCHW_AXIS = {0: 0, 1: 2, 2: 3, 3: 1, -1: 1, -2: 3, -3: 2, -4: 0}
+
+
+class UnsupportedLayer(Exception):
+    """A layer (or a layer option) this module does not write; convert by tracing."""
+
+
+def build(model: "keras.Model", image_size: int):
+    """The OpenVINO model computing `model` (a functional Keras model of one
+    (batch, size, size, 3) float32 input) from its current weights, any batch size.
+    Raises UnsupportedLayer for a layer it does not know."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    from . import fold
+
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise UnsupportedLayer("expected one input and one output")
+    parameter = ops.parameter([-1, image_size, image_size, 3], np.float32, name="inputs")
+    values = {id(model.inputs[0]): ops.transpose(parameter, _const([0, 3, 1, 2], np.int64))}
+    folded = {id(pair.conv): pair for pair in fold.foldable_pairs(model)} if fold.enabled() else {}
+    skipped = {id(pair.norm) for pair in folded.values()}
+    for node in _nodes_in_order(model):
+        layer = node.operation
+        if type(layer).__name__ == "InputLayer":
+            continue
+        if id(layer) in skipped:  # applied by the convolution before it
+            values[id(node.outputs[0])] = values[id(node.input_tensors[0])]
+            continue
+        write = _WRITERS.get(type(layer).__name__)
+        if write is None:
+            raise UnsupportedLayer(type(layer).__name__)
+        ranks = {len(tensor.shape) for tensor in node.input_tensors}
+        # spatial layers read 4-D tensors; after global pooling only these three may follow
+        if len(node.outputs) != 1 or ranks not in ({4}, {2}) or \
+                (ranks == {2} and write not in (_activation_layer, _add, _concatenate)):
+            raise UnsupportedLayer(f"{layer.name}: inputs of rank {sorted(ranks)}")
+        inputs = [values[id(tensor)] for tensor in node.input_tensors]
+        pair = folded.get(id(layer))
+        weights = fold.folded_weights(pair.conv, pair.norm) if pair else layer.get_weights()
+        values[id(node.outputs[0])] = _output(write(layer, inputs, weights, ops))
+    output_tensor = model.outputs[0]
+    output = values[id(output_tensor)]
+    if len(output_tensor.shape) == 4:
+        output = ops.transpose(output, _const([0, 2, 3, 1], np.int64))
+    return ov.Model([output], [parameter], model.name)
+
+
+def _nodes_in_order(model) -> list:
+    """The model's nodes reached from its output, each after the nodes it reads."""
+    ordered, done = [], set()
+    stack = [(model.outputs[0], False)]
+    while stack:
+        tensor, parents_done = stack.pop()
+        operation, index, _ = tensor._keras_history
+        node = operation._inbound_nodes[index]
+        if id(node) in done:
+            continue
+        if parents_done:
+            done.add(id(node))
+            ordered.append(node)
+            continue
+        stack.append((tensor, True))
+        stack.extend((parent, False) for parent in node.input_tensors)
+    return ordered
+
+
+def _output(value):
+    """The output of an OpenVINO node (operations return nodes, some several outputs)."""
+    return value.output(0) if hasattr(value, "output") else value
+
+
+def _const(values, dtype=np.float32):
+    from openvino import opset13 as ops
+
+    return ops.constant(np.asarray(values, dtype=dtype))
+
+
+def _config(layer, **expected) -> dict:
+    """The layer's config, checked to have the option values this module writes."""
+    config = layer.get_config()
+    for key, allowed in expected.items():
+        if config.get(key) not in allowed:
+            raise UnsupportedLayer(f"{layer.name}: {key}={config.get(key)!r}")
+    return config
+
+
+def _auto_pad(padding: str) -> str:
+    # TensorFlow's "same" puts the extra row and column at the end, as "same_upper" does
+    return {"valid": "valid", "same": "same_upper"}[padding]
+
+
+def _channel_vector(values: np.ndarray):
+    return _const(np.asarray(values, dtype=np.float32).reshape(1, -1, 1, 1))
+
+
+def _activation(name: str, output, ops):
+    if name in ("linear", None):
+        return output
+    if name == "relu":
+        return ops.relu(output)
+    raise UnsupportedLayer(f"activation {name!r}")
+
+
+def _conv_options(layer) -> dict:
+    config = _config(layer, data_format=("channels_last",), padding=("valid", "same"),
+                     activation=("linear", "relu", None))
+    if config.get("groups", 1) != 1:
+        raise UnsupportedLayer(f"{layer.name}: groups={config['groups']}")
+    return dict(strides=list(config["strides"]), pads_begin=[0, 0], pads_end=[0, 0],
+                dilations=list(config["dilation_rate"]), auto_pad=_auto_pad(config["padding"]))
+
+
+def _finish_conv(layer, output, weights: list, kernels: int, ops):
+    """The bias (the weight after the layer's `kernels` kernels, where there is one) and
+    the activation."""
+    if len(weights) > kernels:
+        output = ops.add(output, _channel_vector(weights[kernels]))
+    return _activation(layer.get_config()["activation"], output, ops)
+
+
+def _conv2d(layer, inputs, weights, ops):
+    kernel = np.transpose(weights[0], (3, 2, 0, 1))  # (h, w, in, out) -> (out, in, h, w)
+    output = ops.convolution(inputs[0], _const(kernel), **_conv_options(layer))
+    return _finish_conv(layer, output, weights, 1, ops)
+
+
+def _depthwise(inputs, kernel: np.ndarray, options: dict, ops):
+    """A depthwise convolution of a (h, w, in, multiplier) kernel: one group per input
+    channel, output channel c * multiplier + m as in Keras."""
+    height, width, channels, multiplier = kernel.shape
+    grouped = np.transpose(kernel, (2, 3, 0, 1)).reshape(channels, multiplier, 1, height, width)
+    return ops.group_convolution(inputs, _const(grouped), **options)
+
+
+def _depthwise_conv2d(layer, inputs, weights, ops):
+    output = _depthwise(inputs[0], weights[0], _conv_options(layer), ops)
+    return _finish_conv(layer, output, weights, 1, ops)
+
+
+def _separable_conv2d(layer, inputs, weights, ops):
+    depthwise = _depthwise(inputs[0], weights[0], _conv_options(layer), ops)
+    pointwise = np.transpose(weights[1], (3, 2, 0, 1))
+    output = ops.convolution(depthwise, _const(pointwise), [1, 1], [0, 0], [0, 0], [1, 1])
+    return _finish_conv(layer, output, weights, 2, ops)
+
+
+def _batch_normalization(layer, inputs, weights, ops):
+    if layer.axis not in (-1, 3, [-1], [3]) or getattr(layer, "renorm", False):
+        raise UnsupportedLayer(f"{layer.name}: axis={layer.axis}")
+    mean = np.asarray(layer.moving_mean, dtype=np.float64)
+    variance = np.asarray(layer.moving_variance, dtype=np.float64)
+    ones, zeros = np.ones_like(mean), np.zeros_like(mean)
+    gamma = np.asarray(layer.gamma, dtype=np.float64) if layer.scale else ones
+    beta = np.asarray(layer.beta, dtype=np.float64) if layer.center else zeros
+    scale = gamma / np.sqrt(variance + layer.epsilon)
+    output = ops.multiply(inputs[0], _channel_vector(scale))
+    return ops.add(output, _channel_vector(beta - mean * scale))
+
+
+def _activation_layer(layer, inputs, weights, ops):
+    return _activation(layer.get_config()["activation"], inputs[0], ops)
+
+
+def _pool_options(layer) -> dict:
+    config = _config(layer, data_format=("channels_last",), padding=("valid", "same"))
+    strides = config["strides"] or config["pool_size"]
+    return dict(strides=list(strides), pads_begin=[0, 0], pads_end=[0, 0],
+                kernel_shape=list(config["pool_size"]), rounding_type="floor",
+                auto_pad=_auto_pad(config["padding"]))
+
+
+def _max_pooling2d(layer, inputs, weights, ops):
+    return ops.max_pool(inputs[0], dilations=[1, 1], **_pool_options(layer))  # values, indices
+
+
+def _average_pooling2d(layer, inputs, weights, ops):
+    # TensorFlow's "same" average leaves the padding out of the count
+    return ops.avg_pool(inputs[0], exclude_pad=True, **_pool_options(layer))
+
+
+def _zero_padding2d(layer, inputs, weights, ops):
+    config = _config(layer, data_format=("channels_last",))
+    (top, bottom), (left, right) = config["padding"]
+    return ops.pad(inputs[0], _const([0, 0, top, left], np.int64),
+                   _const([0, 0, bottom, right], np.int64), "constant", _const(0.0))
+
+
+def _global_pooling(reduce: Callable):
+    def write(layer, inputs, weights, ops):
+        config = _config(layer, data_format=("channels_last",), keepdims=(False, None))
+        del config
+        return reduce(ops)(inputs[0], _const([2, 3], np.int64), False)
+    return write
+
+
+def _concatenate(layer, inputs, weights, ops):
+    axis = layer.get_config()["axis"]
+    rank = len(inputs[0].get_partial_shape())
+    if axis not in NCHW_AXIS or (rank == 2 and axis not in (-1, 1)):
+        raise UnsupportedLayer(f"{layer.name}: axis={axis}")
+    return ops.concat(inputs, NCHW_AXIS[axis] if rank == 4 else 1)
+
+
+def _add(layer, inputs, weights, ops):
+    output = inputs[0]
+    for other in inputs[1:]:
+        output = ops.add(output, other)
+    return output
+
+
+_WRITERS = {
+    "Conv2D": _conv2d,
+    "DepthwiseConv2D": _depthwise_conv2d,
+    "SeparableConv2D": _separable_conv2d,
+    "BatchNormalization": _batch_normalization,
+    "Activation": _activation_layer,
+    "MaxPooling2D": _max_pooling2d,
+    "AveragePooling2D": _average_pooling2d,
+    "ZeroPadding2D": _zero_padding2d,
+    "GlobalAveragePooling2D": _global_pooling(lambda ops: ops.reduce_mean),
+    "GlobalMaxPooling2D": _global_pooling(lambda ops: ops.reduce_max),
+    "Concatenate": _concatenate,
+    "Add": _add,
+}
