@@ -125,8 +125,9 @@ def measure_model(spec, size: int, root: Path, batch_size: int, precision: str,
     first call (tracing plus one batch) less one steady batch; and the largest difference
     between the two models' features relative to the largest feature. With `openvino`, the
     unfolded model converted to OpenVINO (`probe.runtime`: written from its layers,
-    BatchNormalizations folded) runs in the same turns, and the time the traced conversion
-    would take is measured for comparison."""
+    BatchNormalizations folded, wide 3x3 convolutions as Winograd ones) runs in the same
+    turns, and so does the same graph with plain convolutions; the time the traced
+    conversion would take is measured for comparison."""
     from probe import fold
     from probe.extract import build_model
 
@@ -158,6 +159,14 @@ def measure_model(spec, size: int, root: Path, batch_size: int, precision: str,
                                             runtime.OPENVINO_CONFIG)
         models["openvino"] = runtime.OpenVINOBackbone(converted)
         convert_seconds = time.perf_counter() - started
+        from probe import openvino_graph  # the same, every convolution a plain one
+
+        os.environ[openvino_graph.WINOGRAD_ENV] = "0"
+        try:
+            models["openvino_plain"] = runtime.OpenVINOBackbone(ov.Core().compile_model(
+                runtime.convert(unfolded, size), "CPU", runtime.OPENVINO_CONFIG))
+        finally:
+            del os.environ[openvino_graph.WINOGRAD_ENV]
     first_call, seconds, outputs = {}, {k: 0.0 for k in models}, {k: [] for k in models}
     for key, model in models.items():
         started = time.perf_counter()
@@ -184,6 +193,7 @@ def measure_model(spec, size: int, root: Path, batch_size: int, precision: str,
                "max_rel_diff": max_rel_diff("folded")}
     if openvino:
         results.update({"openvino": len(inputs) / seconds["openvino"],
+                        "openvino_plain": len(inputs) / seconds["openvino_plain"],
                         "convert_s": convert_seconds, "convert_traced_s": traced_seconds,
                         "trace_openvino_s": first_call["openvino"] - per_batch["openvino"],
                         "openvino_max_rel_diff": max_rel_diff("openvino")})
@@ -404,6 +414,9 @@ def emit_openvino(name: str, rate: dict, model: dict, model_figures: dict,
     the converted model back), against the Keras recipe."""
     emit(name, "limit_openvino_img_per_s", model["openvino"])
     emit(name, "openvino_over_tensorflow", model["openvino"] / model["folded"])
+    # what writing the wide 3x3 convolutions as Winograd ones gives (probe.openvino_graph)
+    emit(name, "limit_openvino_plain_img_per_s", model["openvino_plain"])
+    emit(name, "winograd_speedup", model["openvino"] / model["openvino_plain"])
     emit(name, "openvino_max_rel_diff", f"{max(model_figures['openvino_max_rel_diff']):.2e}")
     emit(name, "convert_openvino_s", model["convert_s"])  # written from the layers, compiled
     emit(name, "convert_traced_openvino_s", model["convert_traced_s"])  # traced, not compiled

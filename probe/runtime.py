@@ -142,7 +142,7 @@ def convert(keras_model, image_size: int):
     from . import openvino_graph
 
     try:
-        return openvino_graph.build(keras_model, image_size)
+        return openvino_graph.build(keras_model)
     except openvino_graph.UnsupportedLayer:
         return convert_traced(for_inference(keras_model), image_size)
 
@@ -161,13 +161,15 @@ def convert_traced(keras_model, image_size: int):
 
 def model_key(extraction: "ExtractionSettings") -> str:
     """Everything that defines the converted model, hashed: the settings that define the
-    features, whether BatchNormalizations are folded, and the versions of the libraries
-    that built and converted it."""
-    from . import cache as cache_mod, fold
+    features, whether BatchNormalizations are folded and which convolutions are Winograd
+    ones, and the versions of the libraries that built and converted it."""
+    from . import cache as cache_mod, fold, openvino_graph
     from .extract import package_versions
 
     versions = package_versions(("probe", "keras", "tensorflow", "tensorflow-cpu", "openvino"))
-    identity = {**extraction.feature_settings(), "fold": fold.enabled(), "versions": versions}
+    identity = {**extraction.feature_settings(), "fold": fold.enabled(), "versions": versions,
+                "winograd": openvino_graph.winograd_enabled() and
+                openvino_graph.WINOGRAD_MIN_CHANNELS}
     return f"{extraction.backbone}-{cache_mod.fingerprint(identity)[:16]}"
 
 

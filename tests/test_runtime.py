@@ -126,12 +126,33 @@ def test_the_written_graph_computes_the_keras_model(backbone, pooling, size):
         np.random.default_rng(1).uniform(0, 255, (8, size, size, 3)).astype(np.float32))
     calibrate_batchnorms(model, inputs)
     expected = np.asarray(model.predict_on_batch(inputs))
-    compiled = ov.Core().compile_model(openvino_graph.build(model, size), "CPU",
+    compiled = ov.Core().compile_model(openvino_graph.build(model), "CPU",
                                        runtime.OPENVINO_CONFIG)
     written = runtime.OpenVINOBackbone(compiled)
     got = written.predict_on_batch(inputs)
     assert got.shape == expected.shape and written.output_shape == model.output_shape
     assert np.max(np.abs(got - expected)) <= 1e-4 * np.max(np.abs(expected))
+
+
+@pytest.mark.parametrize("size", [6, 7])
+def test_wide_3x3_convolutions_are_written_as_winograd_ones_with_the_same_output(
+        size, monkeypatch):
+    import openvino as ov
+    from probe._keras import keras
+
+    inputs = keras.Input((size, size, 128))
+    hidden = keras.layers.Conv2D(128, 3, padding="same", activation="relu")(inputs)
+    narrow = keras.layers.Conv2D(64, 3, padding="same")(hidden)  # narrower: a plain one
+    model = keras.Model(inputs, keras.layers.Conv2D(128, 3, padding="same")(narrow))
+    images = np.random.default_rng(3).normal(size=(2, size, size, 128)).astype(np.float32)
+    expected = np.asarray(model.predict_on_batch(images))
+    for enabled, written in (("1", 1), ("0", 0)):
+        monkeypatch.setenv(openvino_graph.WINOGRAD_ENV, enabled)
+        graph = openvino_graph.build(model)
+        kinds = [op.get_type_name() for op in graph.get_ops()]
+        assert kinds.count("DepthToSpace") == written and kinds.count("Convolution") == 3 - written
+        got = ov.Core().compile_model(graph, "CPU", runtime.OPENVINO_CONFIG)({0: images})[0]
+        assert np.max(np.abs(got - expected)) <= 1e-5 * np.max(np.abs(expected))
 
 
 def test_a_model_with_a_layer_the_graph_does_not_write_is_converted_by_tracing():
@@ -144,7 +165,7 @@ def test_a_model_with_a_layer_the_graph_does_not_write_is_converted_by_tracing()
     images = np.random.default_rng(2).normal(size=(2, 16, 16, 3)).astype(np.float32)
     calibrate_batchnorms(model, images)
     with pytest.raises(openvino_graph.UnsupportedLayer, match="Dense"):
-        openvino_graph.build(model, 16)
+        openvino_graph.build(model)
     import openvino as ov
 
     compiled = ov.Core().compile_model(runtime.convert(model, 16), "CPU")
