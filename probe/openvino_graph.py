@@ -31,10 +31,13 @@ NCHW_AXIS = {0: 0, 1: 2, 2: 3, 3: 1, -1: 1, -2: 3, -3: 2, -4: 0}
 
 # Set to 0 to write every convolution as a plain one (for comparisons).
 WINOGRAD_ENV = "PROBE_WINOGRAD"
-# Input and output channels from which a 3x3 convolution is written as a Winograd one: on
-# narrower ones the transforms cost more than they save (64 -> 64: 0.73x, 128 -> 128: 1.03x,
-# 256 -> 256: 1.42x, 512 -> 512: 1.66x on two AVX2 cores; benchmarks/RESULTS.md).
-WINOGRAD_MIN_CHANNELS = 128
+# Where a 3x3 convolution is written as a Winograd one: elsewhere the transforms cost as
+# much as they save or more. Measured on two AVX2 cores, batch 32 (Winograd's speed-up):
+# 512 -> 512 at 28x28 1.66, at 14x14 1.58, at 8x8 1.24, at 7x7 0.86; 256 -> 256 at 56x56
+# 1.42, at 8x8 1.02; 128 -> 256 at 56x56 1.15; 128 -> 128 at 16-112 0.93-1.03; 64 -> 64 at
+# 224x224 0.73.
+WINOGRAD_MIN_CHANNEL_PRODUCT = 128 * 256  # input channels x filters
+WINOGRAD_MIN_SIZE = 8  # height and width
 
 
 class UnsupportedLayer(Exception):
@@ -161,7 +164,8 @@ def _finish_conv(layer, output, weights: list, kernels: int, ops):
 
 def _conv2d(layer, inputs, weights, ops):
     options = _conv_options(layer)
-    if winograd_enabled() and _winograd_pays(weights[0], options):
+    size = tuple(inputs[0].get_partial_shape()[axis].get_length() for axis in (2, 3))
+    if winograd_enabled() and _winograd_pays(weights[0], options, size):
         output = _winograd_conv3x3(inputs[0], weights[0], ops)
     else:
         kernel = np.transpose(weights[0], (3, 2, 0, 1))  # (h, w, in, out) -> (out, in, h, w)
@@ -176,13 +180,15 @@ def winograd_enabled() -> bool:
     return os.environ.get(WINOGRAD_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _winograd_pays(kernel: np.ndarray, options: dict) -> bool:
-    """A 3x3 convolution of stride 1 and "same" padding, wide enough that the transforms
-    cost less than the multiplications they save (measured: benchmarks/RESULTS.md)."""
-    height, width, channels, filters = kernel.shape
-    return ((height, width) == (3, 3) and options["strides"] == [1, 1]
+def _winograd_pays(kernel: np.ndarray, options: dict, size: tuple[int, int]) -> bool:
+    """A 3x3 convolution of stride 1 and "same" padding, wide and large enough (`size`: its
+    input's height and width) that the transforms cost less than the multiplications they
+    save (WINOGRAD_MIN_CHANNEL_PRODUCT)."""
+    rows, columns, channels, filters = kernel.shape
+    return ((rows, columns) == (3, 3) and options["strides"] == [1, 1]
             and options["dilations"] == [1, 1] and options["auto_pad"] == "same_upper"
-            and channels >= WINOGRAD_MIN_CHANNELS and filters >= WINOGRAD_MIN_CHANNELS)
+            and channels * filters >= WINOGRAD_MIN_CHANNEL_PRODUCT
+            and min(size) >= WINOGRAD_MIN_SIZE)
 
 
 def _winograd_conv3x3(inputs, kernel: np.ndarray, ops):

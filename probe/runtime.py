@@ -168,8 +168,8 @@ def model_key(extraction: "ExtractionSettings") -> str:
 
     versions = package_versions(("probe", "keras", "tensorflow", "tensorflow-cpu", "openvino"))
     identity = {**extraction.feature_settings(), "fold": fold.enabled(), "versions": versions,
-                "winograd": openvino_graph.winograd_enabled() and
-                openvino_graph.WINOGRAD_MIN_CHANNELS}
+                "winograd": openvino_graph.winograd_enabled() and (
+                    openvino_graph.WINOGRAD_MIN_CHANNEL_PRODUCT, openvino_graph.WINOGRAD_MIN_SIZE)}
     return f"{extraction.backbone}-{cache_mod.fingerprint(identity)[:16]}"
 
 

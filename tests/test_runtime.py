@@ -134,16 +134,16 @@ def test_the_written_graph_computes_the_keras_model(backbone, pooling, size):
     assert np.max(np.abs(got - expected)) <= 1e-4 * np.max(np.abs(expected))
 
 
-@pytest.mark.parametrize("size", [6, 7])
+@pytest.mark.parametrize("size", [8, 9])
 def test_wide_3x3_convolutions_are_written_as_winograd_ones_with_the_same_output(
         size, monkeypatch):
     import openvino as ov
     from probe._keras import keras
 
     inputs = keras.Input((size, size, 128))
-    hidden = keras.layers.Conv2D(128, 3, padding="same", activation="relu")(inputs)
+    hidden = keras.layers.Conv2D(256, 3, padding="same", activation="relu")(inputs)
     narrow = keras.layers.Conv2D(64, 3, padding="same")(hidden)  # narrower: a plain one
-    model = keras.Model(inputs, keras.layers.Conv2D(128, 3, padding="same")(narrow))
+    model = keras.Model(inputs, keras.layers.Conv2D(256, 3, padding="same")(narrow))
     images = np.random.default_rng(3).normal(size=(2, size, size, 128)).astype(np.float32)
     expected = np.asarray(model.predict_on_batch(images))
     for enabled, written in (("1", 1), ("0", 0)):
