@@ -9,10 +9,14 @@ TensorFlow's caches. "auto" takes OpenVINO where it is installed, the precision 
 and TensorFlow sees no GPU; TensorFlow otherwise. Only extraction uses it: prediction,
 export and fine-tuning keep the Keras model.
 
-Converting a backbone takes seconds (it is traced like a first call), so the converted model
-is kept on disk next to the caches (`<cache dir>/models/<key>/`), under a key made of
-everything that defines it (backbone, weights, size, pooling, the library versions). A later
-extraction with the same backbone reads it back and builds no Keras model at all.
+The OpenVINO graph is written from the Keras model's layers and weights
+(`probe.openvino_graph`: BatchNormalizations folded, wide 3x3 convolutions as Winograd
+ones), in a fraction of a second; a model with a layer that module does not write is traced
+and converted instead (seconds, like a first call). Either way the converted model is kept
+on disk next to the caches (`<cache dir>/models/<key>/`), under a key made of everything
+that defines it (backbone, weights, size, pooling, how it is written, the library
+versions): a later extraction with the same backbone reads it back and builds no Keras
+model at all.
 """
 
 from __future__ import annotations
