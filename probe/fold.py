@@ -158,25 +158,29 @@ def _folded_conv(pair: _Pair, *args, **kwargs):
     return outputs
 
 
+def batchnorm_affine(norm) -> tuple[np.ndarray, np.ndarray]:
+    """A frozen BatchNormalization as `z = y * scale + shift` per channel (float64)."""
+    mean = np.asarray(norm.moving_mean, dtype=np.float64)
+    variance = np.asarray(norm.moving_variance, dtype=np.float64)
+    gamma = np.asarray(norm.gamma, dtype=np.float64) if norm.scale else np.ones_like(mean)
+    beta = np.asarray(norm.beta, dtype=np.float64) if norm.center else np.zeros_like(mean)
+    scale = gamma / np.sqrt(variance + norm.epsilon)
+    return scale, beta - mean * scale
+
+
 def folded_weights(conv, norm) -> list[np.ndarray]:
     """The weights of `conv` followed by `norm`, as one convolution with a bias."""
     from ._keras import keras
 
     weights = conv.get_weights()
     kernel = weights[-2] if conv.use_bias else weights[-1]
-    channels = kernel.shape[-1] * (kernel.shape[-2] if isinstance(
-        conv, keras.layers.DepthwiseConv2D) else 1)
-    bias = weights[-1].astype(np.float64) if conv.use_bias else np.zeros(channels)
     # The per-channel factors in float64; the kernel is scaled in float32 (one rounding).
-    mean = np.asarray(norm.moving_mean, dtype=np.float64)
-    variance = np.asarray(norm.moving_variance, dtype=np.float64)
-    gamma = np.asarray(norm.gamma, dtype=np.float64) if norm.scale else np.ones(channels)
-    beta = np.asarray(norm.beta, dtype=np.float64) if norm.center else np.zeros(channels)
-    scale = gamma / np.sqrt(variance + norm.epsilon)
+    scale, shift = batchnorm_affine(norm)
+    bias = weights[-1].astype(np.float64) if conv.use_bias else np.zeros_like(scale)
     # Output channel c of a depthwise kernel (h, w, in, multiplier) is in*multiplier + m;
     # every other kernel ends with its output channels.
     new_kernel = kernel * scale.astype(np.float32).reshape(kernel.shape[-2:] if isinstance(
         conv, keras.layers.DepthwiseConv2D) else (-1,))
-    new_bias = (bias - mean) * scale + beta
+    new_bias = bias * scale + shift
     leading = weights[:-2] if conv.use_bias else weights[:-1]  # separable: depthwise kernel
     return [w.astype(np.float32) for w in (*leading, new_kernel, new_bias)]

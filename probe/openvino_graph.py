@@ -266,14 +266,10 @@ def _separable_conv2d(layer, inputs, weights, ops):
 def _batch_normalization(layer, inputs, weights, ops):
     if layer.axis not in (-1, 3, [-1], [3]) or getattr(layer, "renorm", False):
         raise UnsupportedLayer(f"{layer.name}: axis={layer.axis}")
-    mean = np.asarray(layer.moving_mean, dtype=np.float64)
-    variance = np.asarray(layer.moving_variance, dtype=np.float64)
-    ones, zeros = np.ones_like(mean), np.zeros_like(mean)
-    gamma = np.asarray(layer.gamma, dtype=np.float64) if layer.scale else ones
-    beta = np.asarray(layer.beta, dtype=np.float64) if layer.center else zeros
-    scale = gamma / np.sqrt(variance + layer.epsilon)
-    output = ops.multiply(inputs[0], _channel_vector(scale))
-    return ops.add(output, _channel_vector(beta - mean * scale))
+    from .fold import batchnorm_affine
+
+    scale, shift = batchnorm_affine(layer)
+    return ops.add(ops.multiply(inputs[0], _channel_vector(scale)), _channel_vector(shift))
 
 
 def _activation_layer(layer, inputs, weights, ops):
@@ -306,8 +302,7 @@ def _zero_padding2d(layer, inputs, weights, ops):
 
 def _global_pooling(reduce: Callable):
     def write(layer, inputs, weights, ops):
-        config = _config(layer, data_format=("channels_last",), keepdims=(False, None))
-        del config
+        _config(layer, data_format=("channels_last",), keepdims=(False, None))
         return reduce(ops)(inputs[0], _const([2, 3], np.int64), False)
     return write
 
