@@ -81,25 +81,37 @@ def make_photo(rng: np.random.Generator, label: int, width: int, height: int) ->
 
 
 def make_dataset(root: Path, n: int, seed: int = 0) -> Path:
-    """n JPEGs of about 500x375 (landscape and portrait, varied) in class folders.
-    An existing folder with the same count is reused."""
-    from PIL import Image
+    """n JPEGs of about 500x375 (landscape and portrait, varied) in class folders, written
+    by one process per core (each image drawn from its own seed, so the set does not
+    depend on the number of cores). An existing folder with the same count is reused."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     marker = root / ".complete"
     if marker.exists() and marker.read_text() == str(n):
         return root
     shutil.rmtree(root, ignore_errors=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        label = i % len(CLASSES)
-        width, height = int(rng.integers(440, 561)), int(rng.integers(330, 421))
-        if rng.random() < 0.2:
-            width, height = height, width
-        path = root / CLASSES[label] / f"{i:05d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(make_photo(rng, label, width, height)).save(path, quality=90)
+    for name in CLASSES:
+        (root / name).mkdir(parents=True)
+    # spawned, not forked: the parent may already run a Keras backend's threads
+    with ProcessPoolExecutor(os.cpu_count(), multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(write_photo, [(root, seed, i) for i in range(n)], chunksize=16))
     marker.write_text(str(n))
     return root
+
+
+def write_photo(job: tuple[Path, int, int]) -> None:
+    """Image number i of the dataset at root, drawn from the generator seeded (seed, i)."""
+    from PIL import Image
+
+    root, seed, i = job
+    rng = np.random.default_rng([seed, i])
+    label = i % len(CLASSES)
+    width, height = int(rng.integers(440, 561)), int(rng.integers(330, 421))
+    if rng.random() < 0.2:
+        width, height = height, width
+    path = root / CLASSES[label] / f"{i:05d}.jpg"
+    Image.fromarray(make_photo(rng, label, width, height)).save(path, quality=90)
 
 
 def samples_in_order(root: Path) -> list[Path]:
@@ -204,12 +216,40 @@ def measure_decoding(spec, size: int, root: Path) -> float:
     """Milliseconds of one core to decode one image and apply the backbone's
     preprocessing (what the decoding threads do per image). Counted in this thread's CPU
     time (Pillow and numpy do this work in the calling thread), so that other processes
-    sharing the cores do not inflate it."""
-    paths = samples_in_order(root)
+    sharing the cores do not inflate it. The first 256 images are enough."""
+    paths = samples_in_order(root)[:256]
     started = time.thread_time()
     for path in paths:
         spec.preprocess_input(data.load_image(path, size)[None])
     return (time.thread_time() - started) / len(paths) * 1e3
+
+
+class NoModel:
+    """A model that computes nothing: what the batch loop delivers without one is the
+    ceiling decoding puts on extraction (what a fast GPU would see)."""
+
+    output_shape = (None, 1)
+
+    def predict_on_batch(self, inputs: np.ndarray) -> np.ndarray:
+        return np.zeros((len(inputs), 1), np.float32)
+
+
+def measure_pipeline(spec, size: int, root: Path, batch_size: int,
+                     workers: int | None = None) -> tuple[float, int]:
+    """Images/s of the local engine's batch loop (decoding threads, preprocessing, batch
+    assembly) feeding a model that computes nothing, and its number of decoding threads
+    (`workers`, or probe's default)."""
+    from probe.engines import local
+    from probe.plan import Source
+
+    paths = samples_in_order(root)
+    todo = [Source(data.Sample(str(p.relative_to(root)), 0, "train"), p.stat().st_size, 0)
+            for p in paths]
+    started = time.perf_counter()
+    done = sum(len(batch) for batch in local.run_batches(NoModel(), spec, root, todo, size,
+                                                          batch_size, workers))
+    assert done == len(todo)
+    return done / (time.perf_counter() - started), local.decoding_threads(workers)
 
 
 def steady_and_startup(marks: list[tuple[float, int]], start: float) -> tuple[float, float]:
@@ -452,6 +492,26 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
+def backend_version() -> str:
+    """The Keras backend and its version (TensorFlow unless KERAS_BACKEND says otherwise)."""
+    import importlib
+
+    import keras
+
+    name = keras.config.backend()
+    module = importlib.import_module({"tensorflow": "tensorflow", "jax": "jax",
+                                      "torch": "torch"}.get(name, name))
+    return f"{name} {getattr(module, '__version__', '?')}"
+
+
+def accelerator() -> str:
+    """The GPU the Keras backend computes on, or "none"."""
+    from probe.extract import backend_gpus
+
+    return ", ".join(f"{gpu.name} (compute capability {gpu.capability})"
+                     for gpu in backend_gpus()) or "none"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=96, help="images of the speed dataset")
@@ -492,11 +552,11 @@ def main(argv: list[str] | None = None) -> int:
     if "bf16" in precisions and bf16_reason is not None:
         precisions.remove("bf16")
     import keras
-    import tensorflow as tf
 
     emit("machine", "cpu", machine())
-    emit("machine", "versions", f"python {platform.python_version()}, tensorflow "
-         f"{tf.__version__}, keras {keras.__version__}")
+    emit("machine", "versions", f"python {platform.python_version()}, keras "
+         f"{keras.__version__} on {backend_version()}")
+    emit("machine", "accelerator", accelerator())
     emit("machine", "bf16", "supported" if bf16_reason is None else f"unsupported: {bf16_reason}")
     emit("setting", "command", " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])))
     emit("machine", "load_average_1min", os.getloadavg()[0])
@@ -579,6 +639,15 @@ def main(argv: list[str] | None = None) -> int:
                 decode_ms = measure_decoding(spec, size, root)
                 emit(name, "decode_ms_per_image_one_core", decode_ms)
                 emit(name, "decode_img_per_s_per_core", 1e3 / decode_ms)
+                # how many cores must decode to keep the model alone busy (the decoding
+                # threads do nothing else; the batch assembly is not counted)
+                emit(name, "decode_cores_to_feed_limit", rate["limit"] * decode_ms / 1e3)
+                pipeline, threads = measure_pipeline(spec, size, root, args.batch_size)
+                emit(name, "pipeline_img_per_s", pipeline)
+                emit(name, "pipeline_threads", threads)
+                # the share of the decoding threads' cores that reaches the model
+                emit(name, "pipeline_over_decode_cores", pipeline * decode_ms / 1e3 / threads)
+                emit(name, "pipeline_over_limit", pipeline / rate["limit"])
                 emit(name, "load_average_1min", os.getloadavg()[0])
                 extract_seconds = args.n / rate["extract"]
                 if args.image_size is None:
@@ -587,6 +656,9 @@ def main(argv: list[str] | None = None) -> int:
                 fit_heads(caches["float32"], name, extract_seconds, work / "runs", heads)
             else:
                 emit(name, f"speedup{tag}", rate["extract"] / figures_fp32["extract"])
+                emit(name, f"limit_speedup{tag}", rate["limit"] / figures_fp32["limit"])
+                emit(name, f"decode_cores_to_feed_limit{tag}",
+                     rate["limit"] * decode_ms / 1e3)
                 paths_a, a = all_features(caches["float32"])
                 paths_b, b = all_features(caches[precision])
                 assert paths_a == paths_b

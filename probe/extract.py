@@ -24,7 +24,8 @@ from . import runtime as runtime_mod, store
 from .augment import ViewSettings
 from .cache import FeatureCache
 from .engines import ray as ray_engine
-from .engines.local import bf16_support, build_model, run_batches  # noqa: F401 (API)
+from .engines.local import (  # noqa: F401 (API)
+    GPU, backend_gpus, bf16_support, build_model, run_batches)
 from .engines.ray import RayOptions
 from .errors import CacheError, ProbeError
 from .plan import ExtractionPlan, Source
@@ -33,10 +34,10 @@ from .settings import (DEFAULT_BATCH_SIZE, DEFAULT_SEED, TEST_FRACTION, VAL_FRAC
                        ExtractionSettings, SplitSettings, check_precision, dataset_path)
 
 __all__ = ["extract", "extract_with_report", "run_extraction", "ExtractionReport",
-           "bf16_support", "build_model", "check_precision"]
+           "GPU", "backend_gpus", "bf16_support", "build_model", "check_precision"]
 
 STAGE = "extract"
-# The local engine with its number of decoding threads (None: one per core, at most 8), or
+# The local engine with its number of decoding threads (None: one per core, `engines.local.decoding_threads`), or
 # the Ray engine with its options.
 Engine = "int | None | RayOptions"
 # Speed of the largest backbone work that went into the cache: an incremental update of a

@@ -79,17 +79,16 @@ def resolve(runtime: str, precision: str) -> str:
         runtime = os.environ[RUNTIME_ENV].strip()
     if check_runtime(runtime, precision) == "openvino":
         return "openvino"
-    if runtime == "auto" and precision == "float32" and openvino_installed() and not _tf_gpus():
+    if runtime == "auto" and precision == "float32" and openvino_installed() and not _gpus():
         return "openvino"
     return "tensorflow"
 
 
-def _tf_gpus() -> bool:
-    """Whether TensorFlow sees a GPU (where the backbone belongs on TensorFlow)."""
-    from ._keras import keras  # noqa: F401  (imports TensorFlow quietly)
-    import tensorflow as tf
+def _gpus() -> bool:
+    """Whether the Keras backend computes on a GPU (where the backbone belongs on it)."""
+    from .engines.local import backend_gpus
 
-    return bool(tf.config.list_physical_devices("GPU"))
+    return bool(backend_gpus())
 
 
 def runtime_of(model) -> str:

@@ -33,7 +33,7 @@ MAX_BATCH_SIZE = 4096
 PRECISIONS = ("float32", "bf16")
 LABEL_SPLITS = ("train", "val", "test", "trainval")
 # Batches held in memory at once while extracting: the one in the model, the ones decoded
-# ahead (engines.local.PREFETCH_BATCHES) and the one being decoded.
+# ahead (engines.local.PREFETCH_BATCHES) and the ones being decoded (DECODING_BATCHES).
 BATCHES_IN_MEMORY = 4
 
 

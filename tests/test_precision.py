@@ -28,3 +28,26 @@ def test_bf16_gets_its_own_cache_and_close_features(image_tree):
     assert b.dtype == np.float32 and a.shape == b.shape
     cosine = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cosine.min() > 0.98
+
+
+def test_bf16_is_offered_on_a_gpu_of_compute_capability_8_or_more(monkeypatch):
+    from probe.engines import local
+    from probe._keras import keras
+
+    backend = keras.config.backend()
+
+    def gpus(*found):
+        monkeypatch.setitem(local._GPU_LISTERS, backend, lambda: list(found))
+
+    def broken():
+        raise RuntimeError("no CUDA here")
+
+    gpus()
+    without_gpu = bf16_support()  # what the CPU alone allows
+    gpus(local.GPU("NVIDIA H200", (9, 0)))
+    assert local.backend_gpus() == [local.GPU("NVIDIA H200", (9, 0))]
+    assert bf16_support() is None
+    gpus(local.GPU("Tesla T4", (7, 5)), local.GPU("unnamed", None))
+    assert bf16_support() == without_gpu
+    monkeypatch.setitem(local._GPU_LISTERS, backend, broken)
+    assert local.backend_gpus() == [] and bf16_support() == without_gpu

@@ -175,13 +175,13 @@ def test_a_model_with_a_layer_the_graph_does_not_write_is_converted_by_tracing()
 
 
 def test_auto_takes_openvino_where_installed_for_float32_only(monkeypatch):
-    monkeypatch.setattr(runtime, "_tf_gpus", lambda: False)
+    monkeypatch.setattr(runtime, "_gpus", lambda: False)
     assert runtime.resolve("auto", "float32") == "openvino"
     assert runtime.resolve("auto", "bf16") == "tensorflow"
     assert runtime.resolve("tensorflow", "float32") == "tensorflow"
-    monkeypatch.setattr(runtime, "_tf_gpus", lambda: True)
+    monkeypatch.setattr(runtime, "_gpus", lambda: True)
     assert runtime.resolve("auto", "float32") == "tensorflow"
-    monkeypatch.setattr(runtime, "_tf_gpus", lambda: False)
+    monkeypatch.setattr(runtime, "_gpus", lambda: False)
     monkeypatch.setenv(runtime.RUNTIME_ENV, "tensorflow")
     assert runtime.resolve("auto", "float32") == "tensorflow"
     assert runtime.resolve("openvino", "float32") == "openvino"  # an explicit choice wins

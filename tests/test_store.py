@@ -142,6 +142,38 @@ def test_a_short_job_is_not_padded_to_the_batch_size(tmp_path):
     assert [len(b) for b in batches] == [5] and batches[0].features.shape == (5, 4)
 
 
+class _InputsModel:
+    """Features that are the inputs themselves, flattened: what reached each row."""
+
+    def __init__(self):
+        self.batches = []
+
+    def predict_on_batch(self, inputs):
+        self.batches.append(inputs.copy())
+        return inputs.reshape(len(inputs), -1)
+
+
+def test_each_row_gets_its_own_image_around_files_that_can_not_be_decoded(tmp_path):
+    root = make_tree(tmp_path / "ds")
+    todo = _todo(root, 10)
+    for broken in (todo[1], todo[2], todo[8]):  # two in the first batch, one in the last
+        (root / broken.sample.path).write_bytes(b"not a jpeg")
+    spec, model = backbones.get("resnet50"), _InputsModel()
+    batches = list(run_batches(model, spec, root, todo, 32, 4))
+    assert [[s.sample.path for s in b.done] for b in batches] == [
+        [todo[0].sample.path, todo[3].sample.path], [s.sample.path for s in todo[4:8]],
+        [todo[9].sample.path]]
+    assert [path for b in batches for path, *_ in b.skipped] == \
+        [todo[i].sample.path for i in (1, 2, 8)]
+    for batch in batches:
+        for source, row in zip(batch.done, batch.features):
+            expected = spec.preprocess_input(data.load_image(root / source.sample.path, 32))
+            np.testing.assert_array_equal(row, expected.ravel())
+    # the rows after a batch's decoded images are zeros, whatever was decoded there first
+    assert all(len(inputs) == 4 for inputs in model.batches)
+    assert not model.batches[0][2:].any() and not model.batches[2][1:].any()
+
+
 def test_the_last_batch_is_padded_to_one_traced_shape(tmp_path):
     root = make_tree(tmp_path / "ds")
     model = _RecordingModel()
@@ -150,3 +182,6 @@ def test_the_last_batch_is_padded_to_one_traced_shape(tmp_path):
     assert [b.features.shape[0] for b in batches] == [4, 3]
     assert [s.sample.path for b in batches for s in b.done] == \
         [s.sample.path for s in _todo(root, 7)]
+    inputs_model = _InputsModel()
+    list(run_batches(inputs_model, backbones.get("vgg16"), root, _todo(root, 7), 32, 4))
+    assert inputs_model.batches[1][:3].any() and not inputs_model.batches[1][3:].any()

@@ -1,13 +1,15 @@
 """The batch loop: a thread pool decodes the next batches while the model runs on this one.
 
-Decoding runs one batch ahead of the model (at most PREFETCH_BATCHES batches wait), so the
-backbone's forward pass is the only thing the user waits for. Each batch carries its own
+Decoding runs ahead of the model (PREFETCH_BATCHES batches wait, DECODING_BATCHES are being
+decoded), so the backbone's forward pass is the only thing the user waits for. Each batch carries its own
 samples from decoding to its features, so features and samples can not get out of order.
 `run_batches` is what a worker runs on its shard of the samples.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import os
 import queue
 import threading
@@ -21,7 +23,14 @@ import numpy as np
 from .. import backbones, data, settings
 from ..plan import Source
 
-PREFETCH_BATCHES = 2
+# Batches decoded and waiting for the model, and batches being decoded (the producer holds
+# one of them while it waits to hand it on): with the one the model runs,
+# settings.BATCHES_IN_MEMORY in all
+PREFETCH_BATCHES = 1
+DECODING_BATCHES = 2
+# Beyond 8 threads decoding gets no faster (on 16 cores: about 1,000-1,150 images/s with 8,
+# 12 or 16 threads, benchmarks/pipeline.py): the threads' Python steps share one interpreter.
+MAX_DEFAULT_DECODING_THREADS = 8
 
 
 @dataclass
@@ -52,7 +61,7 @@ def run_batches(model, spec: backbones.BackboneSpec, root: Path, todo: Sequence[
     settings.check_batch_memory(batch_size, image_size)
     results: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
     stop = threading.Event()
-    pool = ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2)))
+    pool = ThreadPoolExecutor(max_workers=decoding_threads(workers))
     producer = threading.Thread(
         target=_produce, daemon=True,
         args=(pool, spec, root, todo, image_size, batch_size, results, stop, load))
@@ -73,49 +82,78 @@ def run_batches(model, spec: backbones.BackboneSpec, root: Path, todo: Sequence[
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def decoding_threads(workers: int | None) -> int:
+    """The number of decoding threads: `workers`, or by default one per core, at most
+    MAX_DEFAULT_DECODING_THREADS."""
+    return workers or min(MAX_DEFAULT_DECODING_THREADS, os.cpu_count() or 2)
+
+
 def _produce(pool, spec, root: Path, todo: Sequence[Source], image_size: int,
              batch_size: int, results: queue.Queue, stop: threading.Event,
              load: Callable[..., np.ndarray] | None = None) -> None:
     """Decode and preprocess each batch into `results`; None at the end; an exception is
-    handed to the consuming thread."""
+    handed to the consuming thread.
 
-    def decode(source: Source):
+    Each image is decoded and preprocessed by a pool thread straight into its row of the
+    batch's input array, and the next batch's images are already in the pool while this
+    one's last images finish: the threads never wait at a batch boundary, and nothing is
+    left for this thread but handing batches on. At most DECODING_BATCHES batches are
+    being decoded."""
+
+    def fill(inputs: np.ndarray, row: int, source: Source) -> str | None:
         try:
             if load is not None:
-                return load(source), None
-            return data.load_image(root / source.sample.path, image_size), None
+                pixels = load(source)
+            else:
+                pixels = data.load_image(root / source.sample.path, image_size)
         except data.BadImage as error:
-            return None, str(error)
+            return str(error)
+        inputs[row] = spec.preprocess_input(pixels)
+        return None
+
+    def submit(start: int):
+        batch = todo[start:start + batch_size]
+        # the short last batch is padded with zeros: see `_finish`
+        inputs = (np.empty if len(batch) == batch_size else np.zeros)(
+            (batch_size, image_size, image_size, 3), np.float32)
+        return batch, inputs, [pool.submit(fill, inputs, row, source)
+                               for row, source in enumerate(batch)]
 
     try:
-        for start in range(0, len(todo), batch_size):
+        pending = collections.deque()
+        starts = iter(range(0, len(todo), batch_size))
+        for start in itertools.islice(starts, DECODING_BATCHES):
+            pending.append(submit(start))
+        while pending:
             if stop.is_set():
                 return
-            batch = todo[start:start + batch_size]
-            decoded = list(pool.map(decode, batch))
-            good = [s for s, (pixels, _) in zip(batch, decoded) if pixels is not None]
-            skipped = [(s.sample.path, reason, s.size, s.mtime)
-                       for s, (pixels, reason) in zip(batch, decoded) if pixels is None]
-            pixels = [p for p, _ in decoded if p is not None]
-            del decoded
-            results.put((good, skipped, _prepare(spec, pixels, batch_size) if good else None))
+            batch, inputs, futures = pending.popleft()
+            results.put(_finish(batch, inputs, [future.result() for future in futures]))
+            if (start := next(starts, None)) is not None:  # after the put: memory stays bounded
+                pending.append(submit(start))
         results.put(None)
     except BaseException as error:  # hand any failure to the consuming thread
         results.put(error)
 
 
-def _prepare(spec: backbones.BackboneSpec, pixels: list[np.ndarray], batch_size: int) -> np.ndarray:
-    """Model inputs of one batch: the backbone's own preprocessing of the RGB pixels.
+def _finish(batch: Sequence[Source], inputs: np.ndarray, reasons: list[str | None]):
+    """(decoded sources, skipped files, model inputs or None) of one decoded batch.
 
-    The short last batch is padded with zeros to the batch size: the compiled model then
-    keeps one input shape instead of being traced again for the last batch (seconds for a
-    large backbone). This costs no more memory than a full batch, which was checked, and
-    the batch size is never larger than the job (`run_batches`)."""
-    inputs = spec.preprocess_input(np.stack(pixels))
-    if len(inputs) < batch_size:
-        padding = np.zeros((batch_size - len(inputs), *inputs.shape[1:]), dtype=inputs.dtype)
-        inputs = np.concatenate([inputs, padding])
-    return inputs
+    The decoded images' rows move up over the rows of files that could not be decoded,
+    and rows past them are zeros. A short batch keeps the batch size: the compiled model
+    then keeps one input shape instead of being traced again for the last batch (seconds
+    for a large backbone). This costs no more memory than a full batch, which was checked,
+    and the batch size is never larger than the job (`run_batches`)."""
+    good = [s for s, reason in zip(batch, reasons) if reason is None]
+    skipped = [(s.sample.path, reason, s.size, s.mtime)
+               for s, reason in zip(batch, reasons) if reason is not None]
+    if not good:
+        return good, skipped, None
+    if skipped:
+        rows = [row for row, reason in enumerate(reasons) if reason is None]
+        inputs[:len(rows)] = inputs[rows]
+        inputs[len(rows):] = 0
+    return good, skipped, inputs
 
 
 def _forward(model, inputs: np.ndarray | None, count: int) -> np.ndarray:
@@ -147,19 +185,61 @@ def build_model(spec: backbones.BackboneSpec, weights, size: int, pooling: str, 
         keras.mixed_precision.set_global_policy(previous)
 
 
+@dataclass(frozen=True)
+class GPU:
+    """A GPU the Keras backend computes on: its name and CUDA compute capability (None
+    where the backend does not say)."""
+
+    name: str
+    capability: tuple[int, int] | None
+
+
+def backend_gpus() -> list[GPU]:
+    """The GPUs of the Keras backend in use (TensorFlow, JAX or PyTorch); empty where it
+    computes on the CPU or its GPU support is missing."""
+    from .._keras import keras  # imports TensorFlow quietly, where that is the backend
+
+    try:
+        return _GPU_LISTERS[keras.config.backend()]()
+    except Exception:  # noqa: BLE001 (a backend without GPU support: the CPU computes)
+        return []
+
+
+def _tensorflow_gpus() -> list[GPU]:
+    import tensorflow as tf
+
+    gpus = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        capability = details.get("compute_capability")
+        gpus.append(GPU(details.get("device_name", gpu.name),
+                        tuple(capability) if capability else None))
+    return gpus
+
+
+def _jax_gpus() -> list[GPU]:
+    import jax
+
+    return [GPU(device.device_kind, tuple(int(part) for part in
+                                          str(device.compute_capability).split(".")[:2]))
+            for device in jax.devices("gpu")]
+
+
+def _torch_gpus() -> list[GPU]:
+    import torch
+
+    return [GPU(torch.cuda.get_device_name(i), tuple(torch.cuda.get_device_capability(i)))
+            for i in range(torch.cuda.device_count())]
+
+
+_GPU_LISTERS = {"tensorflow": _tensorflow_gpus, "jax": _jax_gpus, "torch": _torch_gpus}
+
+
 def bf16_support() -> str | None:
     """None where bfloat16 runs fast (a GPU of compute capability 8.0+, or a CPU with
     AVX512_BF16 / AMX_BF16 / Arm BF16), else the reason it is not offered."""
-    try:
-        from .._keras import keras  # noqa: F401  (imports TensorFlow quietly)
-        import tensorflow as tf
-
-        for gpu in tf.config.list_physical_devices("GPU"):
-            capability = tf.config.experimental.get_device_details(gpu).get("compute_capability")
-            if capability and tuple(capability) >= (8, 0):
-                return None
-    except Exception:  # no TensorFlow GPU support: only the CPU counts
-        pass
+    if any(gpu.capability and gpu.capability >= (8, 0) for gpu in backend_gpus()):
+        return None
     flags: set[str] = set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
