@@ -174,6 +174,23 @@ def test_each_row_gets_its_own_image_around_files_that_can_not_be_decoded(tmp_pa
     assert not model.batches[0][2:].any() and not model.batches[2][1:].any()
 
 
+def test_features_with_nan_or_infinity_stop_the_run_naming_the_image(tmp_path):
+    class Overflowing(_RecordingModel):
+        def predict_on_batch(self, inputs):
+            features = super().predict_on_batch(inputs)
+            if len(self.shapes) == 2:  # the second batch overflows in its second row
+                features[1, 2] = np.inf
+            return features
+
+    root = make_tree(tmp_path / "ds")
+    todo = _todo(root, 8)
+    batches = run_batches(Overflowing(), backbones.get("vgg16"), root, todo, 32, 4)
+    assert len(next(batches)) == 4  # the first batch is fine
+    with pytest.raises(probe.ProbeError, match=rf"1 of 4 images.*'{todo[5].sample.path}'"
+                                               r".*--precision float32"):
+        next(batches)
+
+
 def test_the_last_batch_is_padded_to_one_traced_shape(tmp_path):
     root = make_tree(tmp_path / "ds")
     model = _RecordingModel()

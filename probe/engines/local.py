@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .. import backbones, data, settings
+from ..errors import BackboneError
 from ..plan import Source
 
 # Batches decoded and waiting for the model, and batches being decoded (the producer holds
@@ -71,7 +72,7 @@ def run_batches(model, spec: backbones.BackboneSpec, root: Path, todo: Sequence[
             if isinstance(item, BaseException):
                 raise item
             good, skipped, inputs = item
-            yield Batch(_forward(model, inputs, len(good)), good, skipped)
+            yield Batch(_check_finite(_forward(model, inputs, len(good)), good), good, skipped)
     finally:
         stop.set()
         while producer.is_alive():
@@ -161,6 +162,21 @@ def _forward(model, inputs: np.ndarray | None, count: int) -> np.ndarray:
     if inputs is None:  # nothing in the batch could be decoded
         return np.zeros((0, *model.output_shape[1:]), dtype=np.float32)
     return np.asarray(model.predict_on_batch(inputs), dtype=np.float32)[:count]
+
+
+def _check_finite(features: np.ndarray, sources: Sequence[Source]) -> np.ndarray:
+    """The features, or an error when a row holds NaN or infinity: nothing learns from
+    those, and a cache of them would pass for a good one."""
+    finite = np.isfinite(features.reshape(len(features), -1)).all(axis=1)
+    if not finite.all():
+        first = sources[int(np.argmin(finite))].sample.path
+        raise BackboneError(
+            f"expected finite features from the backbone; {int((~finite).sum())} of "
+            f"{len(features)} images in a batch gave NaN or infinity (the first: '{first}'). "
+            "A bfloat16 run can overflow where float32 does not: extract again with "
+            "--precision float32; with your own weights file, check it. Finished batches "
+            "are kept.")
+    return features
 
 
 def build_model(spec: backbones.BackboneSpec, weights, size: int, pooling: str, seed: int | None,
