@@ -9,6 +9,7 @@ as it goes through progress events (probe/progress.py, stage "extract").
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib.metadata as metadata
 import os
@@ -25,7 +26,7 @@ from .augment import ViewSettings
 from .cache import FeatureCache
 from .engines import ray as ray_engine
 from .engines.local import (  # noqa: F401 (API)
-    GPU, backend_gpus, bf16_support, build_model, run_batches)
+    GPU, Decoding, backend_gpus, bf16_support, build_model, forward, run_batches)
 from .engines.ray import RayOptions
 from .errors import CacheError, ProbeError
 from .plan import ExtractionPlan, Source
@@ -193,15 +194,22 @@ def _extract_locked(found: data.Dataset, extraction: ExtractionSettings, split: 
                               rows, skips, len(parts.parts()), damaged)
     decodable = {s.key: True for s in plan.sources if s.key not in skips}
     views_needed = bool(plan_mod.views_todo(plan.sources, decodable, known_views, views.count))
-    # The model (and its weights) first: a download or a bad weights file fails before
-    # anything announces an extraction (the Ray engine's workers build their own).
-    model = runtime_mod.load_backbone(extraction, target.path.parent) \
-        if (plan.todo or views_needed) and not isinstance(engine, RayOptions) else None
-    emit(progress, Started(STAGE, total=len(plan.todo), details=_start_details(plan)))
-    speed = {k: previous.attrs[k] for k in SPEED_ATTRS if previous is not None and k in previous.attrs}
-    if plan.todo:
-        speed = _run(model, extraction, found.root, plan, parts, rows, skips, engine,
-                     progress, speed)
+    local_engine = not isinstance(engine, RayOptions)
+    with contextlib.ExitStack() as running:
+        # Decoding starts first: the first batches are ready when the model is built.
+        decoding = running.enter_context(Decoding(
+            extraction.spec, found.root, plan.todo, extraction.image_size,
+            extraction.batch_size, engine)) if plan.todo and local_engine else None
+        # The model (and its weights) before anything announces an extraction: a
+        # download or a bad weights file fails first (Ray's workers build their own).
+        model = runtime_mod.load_backbone(extraction, target.path.parent) \
+            if (plan.todo or views_needed) and local_engine else None
+        emit(progress, Started(STAGE, total=len(plan.todo), details=_start_details(plan)))
+        speed = {k: previous.attrs[k] for k in SPEED_ATTRS
+                 if previous is not None and k in previous.attrs}
+        if plan.todo:
+            speed = _run(model, extraction, found.root, plan, parts, rows, skips, engine,
+                         progress, speed, decoding)
     entries, skipped = plan_mod.assemble(plan, rows, skips, found.root)
     view_todo = plan_mod.views_todo(plan.sources, rows, known_views, views.count)
     if view_todo:
@@ -226,15 +234,17 @@ def _extract_locked(found: data.Dataset, extraction: ExtractionSettings, split: 
 
 def _run(model, extraction: ExtractionSettings, root: Path, plan: ExtractionPlan,
          parts: store.PartStore, rows: dict, skips: dict, engine: Engine,
-         progress: ProgressCallback | None, speed: dict) -> dict:
-    """Run the backbone over the plan's to-do list, one part per batch (local) or per shard
-    (Ray); returns the speed attributes to record (this run's, when it did the most work)."""
+         progress: ProgressCallback | None, speed: dict, decoding: Decoding | None) -> dict:
+    """Run the backbone over the plan's to-do list, one part per batch (local: the batches
+    of `decoding`) or per shard (Ray); returns the speed attributes to record (this run's,
+    when it did the most work; timed from here, the model's loading left out as before,
+    though the first batches may have been decoded while it loaded)."""
     started, done = time.perf_counter(), 0
     if isinstance(engine, RayOptions):
         steps = ray_engine.run_shards(extraction.to_attrs(), extraction.batch_size, root,
                                       plan.todo, parts.directory, engine)
     else:
-        steps = _run_local(model, extraction, root, plan, parts, rows, skips, engine)
+        steps = _run_local(model, parts, rows, skips, decoding)
     for count in steps:
         done += count
         emit(progress, Advanced(STAGE, done=done, total=len(plan.todo)))
@@ -248,11 +258,9 @@ def _run(model, extraction: ExtractionSettings, root: Path, plan: ExtractionPlan
             "extract_runtime": runtime_mod.runtime_of(model)}
 
 
-def _run_local(model, extraction: ExtractionSettings, root: Path, plan: ExtractionPlan,
-               parts: store.PartStore, rows: dict, skips: dict, workers: int | None):
+def _run_local(model, parts: store.PartStore, rows: dict, skips: dict, decoding: Decoding):
     """The local engine: one part per batch; yields each batch's number of images."""
-    for batch in run_batches(model, extraction.spec, root, plan.todo, extraction.image_size,
-                             extraction.batch_size, workers):
+    for batch in forward(model, decoding):
         part = parts.write(batch.features, [s.sample.path for s in batch.done],
                            [s.size for s in batch.done], [s.mtime for s in batch.done],
                            batch.skipped)

@@ -134,3 +134,42 @@ def test_extraction_speed_of_the_largest_work_is_kept(image_tree):
     assert report.extracted == 1
     assert updated.attrs["extract_images"] == 20
     assert updated.attrs["extract_images_per_second"] == first.attrs["extract_images_per_second"]
+
+
+def test_decoding_starts_while_the_model_is_built(image_tree, monkeypatch):
+    import threading
+
+    from probe import runtime
+
+    decoded, load_image, load_backbone = threading.Event(), data.load_image, runtime.load_backbone
+
+    def decoding(*args, **kwargs):
+        decoded.set()
+        return load_image(*args, **kwargs)
+
+    def loading_once_decoding_has_begun(*args, **kwargs):
+        assert decoded.wait(timeout=10), "no image was decoded while the model was built"
+        return load_backbone(*args, **kwargs)
+
+    monkeypatch.setattr(data, "load_image", decoding)
+    monkeypatch.setattr(runtime, "load_backbone", loading_once_decoding_has_begun)
+    cache = probe.extract(image_tree, "vgg16", weights="none", image_size=32,
+                          cache_dir=image_tree.parent / "cache", batch_size=4)
+    assert sum(cache.counts.values()) == 18 and cache.attrs["extract_images_per_second"] > 0
+
+
+def test_a_model_that_can_not_be_built_stops_the_decoding(image_tree, monkeypatch):
+    import threading
+
+    from probe import runtime
+
+    def failing(*args, **kwargs):
+        raise probe.WeightsError("expected a weights file; received a broken one")
+
+    monkeypatch.setattr(runtime, "load_backbone", failing)
+    threads = threading.active_count()
+    with pytest.raises(probe.WeightsError, match="broken one"):
+        probe.extract(image_tree, "vgg16", weights="none", image_size=32,
+                      cache_dir=image_tree.parent / "cache", batch_size=4)
+    assert threading.active_count() == threads  # the decoding threads are gone
+    assert not list((image_tree.parent / "cache").glob("*.h5"))

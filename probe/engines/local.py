@@ -1,9 +1,10 @@
 """The batch loop: a thread pool decodes the next batches while the model runs on this one.
 
 Decoding runs ahead of the model (PREFETCH_BATCHES batches wait, DECODING_BATCHES are being
-decoded), so the backbone's forward pass is the only thing the user waits for. Each batch carries its own
-samples from decoding to its features, so features and samples can not get out of order.
-`run_batches` is what a worker runs on its shard of the samples.
+decoded), and starts while the model is built, so the backbone's forward pass is the only
+thing the user waits for. Each batch carries its own samples from decoding to its features,
+so features and samples can not get out of order. `run_batches` is what a worker runs on
+its shard of the samples.
 """
 
 from __future__ import annotations
@@ -50,37 +51,63 @@ class Batch:
 def run_batches(model, spec: backbones.BackboneSpec, root: Path, todo: Sequence[Source],
                 image_size: int, batch_size: int, workers: int | None = None,
                 load: Callable[..., np.ndarray] | None = None) -> Iterator[Batch]:
-    """Yield one `Batch` per `batch_size` sources of `todo`, in order.
+    """Yield one `Batch` per `batch_size` sources of `todo`, in order: `Decoding` feeding
+    `forward`.
 
     `load(item)` gives an item's RGB pixels (default: the file decoded at `image_size`);
-    augmented views pass their own (`plan.ViewSource` items, `augment.load_view`).
+    augmented views pass their own (`plan.ViewSource` items, `augment.load_view`)."""
+    with Decoding(spec, root, todo, image_size, batch_size, workers, load) as decoding:
+        yield from forward(model, decoding)
 
-    A producer thread decodes the next batches (in a small thread pool) and applies the
-    backbone's preprocessing, so the model, in this thread, never waits for anything but
-    its own forward pass. The memory the batches need is checked before any is decoded."""
-    batch_size = max(1, min(batch_size, len(todo)))  # a short job is not padded to a batch
-    settings.check_batch_memory(batch_size, image_size)
-    results: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
-    stop = threading.Event()
-    pool = ThreadPoolExecutor(max_workers=decoding_threads(workers))
-    producer = threading.Thread(
-        target=_produce, daemon=True,
-        args=(pool, spec, root, todo, image_size, batch_size, results, stop, load))
-    producer.start()
-    try:
-        while (item := results.get()) is not None:
+
+def forward(model, decoding: "Decoding") -> Iterator[Batch]:
+    """The model over the batches of `decoding`, one `Batch` each, in order."""
+    for good, skipped, inputs in decoding:
+        yield Batch(_check_finite(_forward(model, inputs, len(good)), good), good, skipped)
+
+
+class Decoding:
+    """The batches of `todo`, decoded and preprocessed ahead of the model from the moment
+    this is made: a producer thread hands on the batches its thread pool decodes, so the
+    model never waits for anything but its own forward pass. Made before the model is
+    built, the first batches are ready when it is. The memory the batches need is checked
+    before any is decoded. Iterate once for (decoded sources, skipped files, inputs)
+    tuples; close (or leave the `with` block) to stop."""
+
+    def __init__(self, spec: backbones.BackboneSpec, root: Path, todo: Sequence[Source],
+                 image_size: int, batch_size: int, workers: int | None = None,
+                 load: Callable[..., np.ndarray] | None = None) -> None:
+        batch_size = max(1, min(batch_size, len(todo)))  # a short job is not padded to a batch
+        settings.check_batch_memory(batch_size, image_size)
+        self._results: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=decoding_threads(workers))
+        self._producer = threading.Thread(
+            target=_produce, daemon=True, args=(self._pool, spec, root, todo, image_size,
+                                                batch_size, self._results, self._stop, load))
+        self._producer.start()
+
+    def __iter__(self) -> Iterator[tuple]:
+        while (item := self._results.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
-            good, skipped, inputs = item
-            yield Batch(_check_finite(_forward(model, inputs, len(good)), good), good, skipped)
-    finally:
-        stop.set()
-        while producer.is_alive():
+            yield item
+
+    def close(self) -> None:
+        """Stop decoding and wait for the threads (batches not yet taken are dropped)."""
+        self._stop.set()
+        while self._producer.is_alive():
             try:
-                results.get(timeout=0.1)
+                self._results.get(timeout=0.1)
             except queue.Empty:
                 pass
-        pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "Decoding":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 def decoding_threads(workers: int | None) -> int:
@@ -167,7 +194,7 @@ def _forward(model, inputs: np.ndarray | None, count: int) -> np.ndarray:
 def _check_finite(features: np.ndarray, sources: Sequence[Source]) -> np.ndarray:
     """The features, or an error when a row holds NaN or infinity: nothing learns from
     those, and a cache of them would pass for a good one."""
-    finite = np.isfinite(features.reshape(len(features), -1)).all(axis=1)
+    finite = np.isfinite(features).all(axis=tuple(range(1, features.ndim)))
     if not finite.all():
         first = sources[int(np.argmin(finite))].sample.path
         raise BackboneError(
