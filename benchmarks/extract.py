@@ -6,7 +6,9 @@ For each backbone, at its native size (or --image-size), on N generated photo-li
 1. limit: the Keras model alone on decoded, preprocessed tensors in memory, unfolded and
    with its BatchNormalizations folded into the convolutions (what extraction runs), in
    turns, with the speed-up, the largest relative feature difference and the start-up
-   pieces (build, fold, trace); then one core's decoding rate (Pillow + preprocessing);
+   pieces (build, fold, trace); then one core's decoding rate (Pillow + preprocessing),
+   the cores of decoding the model alone needs, and the batch loop's own ceiling (its
+   decoding threads feeding a model that computes nothing);
 2. extract: `probe.extract` end to end, from the files to a finished cache;
 3. keras: `keras.utils.image_dataset_from_directory` mapped through the backbone's
    `preprocess_input`, then `model.predict`, features kept in memory;
@@ -17,9 +19,12 @@ peak memory of `probe.extract` in a fresh process for two dataset sizes.
 
 Every figure is printed on its own line: `<scope> <figure> <value>`, e.g.
 `vgg16 limit_img_per_s 7.1`. Weights are random (`--weights none`): the speed is the same
-as with ImageNet weights and nothing needs downloading.
+as with ImageNet weights and nothing needs downloading. Any Keras backend runs it (the
+plain Keras recipe needs TensorFlow's tf.data: `--no-keras` elsewhere); a GPU it sees is
+named on the `machine accelerator` line.
 
     python benchmarks/extract.py --n 96
+    KERAS_BACKEND=jax python benchmarks/extract.py --n 1536 --batch-size 64 --no-keras --no-openvino
     python benchmarks/extract.py --n 6 --backbones vgg16 --image-size 32 --memory-sizes ''
 """
 
@@ -499,9 +504,7 @@ def backend_version() -> str:
     import keras
 
     name = keras.config.backend()
-    module = importlib.import_module({"tensorflow": "tensorflow", "jax": "jax",
-                                      "torch": "torch"}.get(name, name))
-    return f"{name} {getattr(module, '__version__', '?')}"
+    return f"{name} {getattr(importlib.import_module(name), '__version__', '?')}"
 
 
 def accelerator() -> str:

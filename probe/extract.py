@@ -38,8 +38,8 @@ __all__ = ["extract", "extract_with_report", "run_extraction", "ExtractionReport
            "GPU", "backend_gpus", "bf16_support", "build_model", "check_precision"]
 
 STAGE = "extract"
-# The local engine with its number of decoding threads (None: one per core, `engines.local.decoding_threads`), or
-# the Ray engine with its options.
+# The local engine with its number of decoding threads (None: the default of
+# `engines.local.decoding_threads`), or the Ray engine with its options.
 Engine = "int | None | RayOptions"
 # Speed of the largest backbone work that went into the cache: an incremental update of a
 # few images would mostly measure start-up.

@@ -59,6 +59,18 @@ def test_extract_benchmark_prints_consistent_figures(tmp_path):
                  rates["extract_img_per_s"] / rates["limit_img_per_s"])
     assert close(number(figures, f"{scope} decode_img_per_s_per_core"),
                  1e3 / number(figures, f"{scope} decode_ms_per_image_one_core"))
+    # the batch loop's ceiling, and the decoding cores the model alone would need
+    decode_s = number(figures, f"{scope} decode_ms_per_image_one_core") / 1e3
+    pipeline = number(figures, f"{scope} pipeline_img_per_s")
+    threads = number(figures, f"{scope} pipeline_threads")
+    assert pipeline > 0 and threads == min(8, os.cpu_count())
+    assert close(number(figures, f"{scope} pipeline_over_decode_cores"),
+                 pipeline * decode_s / threads)
+    assert close(number(figures, f"{scope} pipeline_over_limit"),
+                 pipeline / rates["limit_img_per_s"])
+    assert close(number(figures, f"{scope} decode_cores_to_feed_limit"),
+                 rates["limit_img_per_s"] * decode_s)
+    assert figures["machine accelerator"] and " on tensorflow " in figures["machine versions"]
     # resnet50 has BatchNormalizations to fold: the same features up to float rounding
     difference = number(figures, f"{scope} fold_max_rel_diff")
     assert 0 < difference <= 1e-4
@@ -82,3 +94,21 @@ def test_extract_benchmark_prints_consistent_figures(tmp_path):
                      openvino["extract_openvino_img_per_s"] / rates["keras_img_per_s"])
         assert 0 < number(figures, f"{scope} openvino_max_rel_diff") <= 1e-4
         assert number(figures, f"{scope} convert_openvino_s") > 0
+
+
+def test_pipeline_benchmark_prints_a_rate_and_its_scaling_per_thread_count(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "pipeline.py"), "--n", "12",
+         "--backbones", "vgg16", "--image-size", "32", "--threads", "1,2", "--repeats", "1",
+         "--batch-size", "4", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = dict(LINE.match(line).group(2, 3) for line in result.stdout.splitlines()
+                   if line.startswith("vgg16 "))
+    per_core = float(figures["decode_img_per_s_per_core"])
+    for threads in (1, 2):
+        rate = float(figures[f"pipeline_threads_{threads}_img_per_s"])
+        assert rate > 0
+        assert close(float(figures[f"pipeline_threads_{threads}_scaling"]),
+                     rate / per_core / threads)
