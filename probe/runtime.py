@@ -6,7 +6,7 @@ TensorFlow on the CPU (1.2-1.4x on the five backbones, benchmarks/RESULTS.md), w
 features up to float rounding (largest relative difference about 1e-6, inside the 1e-4 that
 probe treats as the same features, as for BatchNormalization folding), so its features share
 TensorFlow's caches. "auto" takes OpenVINO where it is installed, the precision is float32
-and TensorFlow sees no GPU; TensorFlow otherwise. Only extraction uses it: prediction,
+and the Keras backend sees no GPU; the Keras model otherwise. Only extraction uses it: prediction,
 export and fine-tuning keep the Keras model.
 
 The OpenVINO graph is written from the Keras model's layers and weights

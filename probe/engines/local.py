@@ -30,8 +30,9 @@ from ..plan import Source
 # settings.BATCHES_IN_MEMORY in all
 PREFETCH_BATCHES = 1
 DECODING_BATCHES = 2
-# Beyond 8 threads decoding gets no faster (on 16 cores: about 1,000-1,150 images/s with 8,
-# 12 or 16 threads, benchmarks/pipeline.py): the threads' Python steps share one interpreter.
+# Beyond 8 threads decoding gets no faster (on 16 cores, resnet50's images: 1,141, 1,001 and
+# 1,006 images/s with 8, 12 and 16 threads, benchmarks/pipeline.py): the threads' Python
+# steps share one interpreter.
 MAX_DEFAULT_DECODING_THREADS = 8
 
 
