@@ -12,7 +12,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import BackboneError, WeightsError
 
@@ -127,8 +127,9 @@ class BackboneSpec:
         if pooling != "none":
             return (self.feature_size,)
         size = self.check_image_size(image_size)
-        model = self.build(weights="none", image_size=size, pooling="none", seed=None)
-        return tuple(int(d) for d in model.output_shape[1:])
+        with self.build_for_reading(weights="none", image_size=size, pooling="none",
+                                    seed=None) as model:
+            return tuple(int(d) for d in model.output_shape[1:])
 
     def build(
         self,
@@ -183,6 +184,33 @@ class BackboneSpec:
                 ) from None
         model.trainable = False
         return model
+
+    @contextlib.contextmanager
+    def build_for_reading(
+        self,
+        weights: str | os.PathLike | None = "imagenet",
+        image_size: int | None = None,
+        pooling: str = "avg",
+        seed: int | None = 0,
+    ) -> Iterator["keras.Model"]:
+        """The model `build` makes, with the same weights, for reading its layers and
+        weights (`layer.get_weights()`) inside this context, not for calling it.
+
+        Its variables hold no backend variable: it is built in a `keras.StatelessScope`
+        that keeps their values (loaded from the weights, or drawn by their initialisers
+        as `build` draws them). Creating TensorFlow's variables is most of the time `build`
+        takes, so this takes about half of it (ResNet50: 0.8 s against 1.5 s on two
+        cores; DenseNet121: 1.4 s against 2.7 s). Outside the context the model has no
+        weights.
+        """
+        keras = _keras()
+        with _stateless_scope(keras) as scope:
+            model = self.build(weights=weights, image_size=image_size, pooling=pooling,
+                               seed=seed)
+            for variable in model.weights:
+                if scope.get_current_value(variable) is None:  # not loaded from a file
+                    scope.add_update((variable, variable.value))  # drawn once, here
+            yield model
 
     def block_layers(self, model: "keras.Model") -> list[list["keras.Layer"]]:
         """The layers of each top block of `model` (built by `build`), lowest block first.
@@ -303,6 +331,25 @@ def _inbound_positions(model, position: dict[int, int]) -> dict[int, list[int]]:
                 if id(p._keras_history[0]) in position)
         stack.extend(parents)
     return inbound
+
+
+@contextlib.contextmanager
+def _stateless_scope(keras) -> Iterator[Any]:
+    """A `keras.StatelessScope` whose variables stay uninitialised when it ends.
+
+    Keras lists the variables made in such a scope and initialises them all when the next
+    initialising stateless scope ends (a training step may open one): that would create
+    this model's backend variables after all, and keep the model alive. The list is put
+    back as it was."""
+    from keras.src.backend.common import global_state
+
+    listed = "uninitialized_variables"  # Keras' name for that list
+    before = list(global_state.get_global_attribute(listed, None) or [])
+    try:
+        with keras.StatelessScope(initialize_variables=False) as scope:
+            yield scope
+    finally:
+        global_state.set_global_attribute(listed, before)
 
 
 def _load_weights_file(model: "keras.Model", path: Path) -> None:

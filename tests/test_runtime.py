@@ -210,3 +210,51 @@ def test_openvino_that_can_not_run_is_refused_in_one_line(tmp_path, monkeypatch)
         runtime.check_runtime("openvino", "bf16")
     with pytest.raises(probe.ProbeError, match="one of auto, tensorflow, openvino"):
         runtime.check_runtime("onnx")
+
+
+@pytest.mark.parametrize("weights_format", ["none", "keras", "legacy"])
+def test_the_backbone_written_without_backend_variables_computes_the_keras_model(
+        tmp_path, weights_format):
+    """The first run's graph comes from a model built for reading (no TensorFlow
+    variables): its weights, drawn by the seeded initialisers or read from either weights
+    file layout, must be the ones `build` gives, layer by layer."""
+    import h5py
+    import openvino as ov
+    from keras.src.backend.common import global_state
+    from keras.src.legacy.saving import legacy_h5_format
+
+    from probe.settings import ExtractionSettings, Weights
+
+    spec, size = probe.get_backbone("resnet50"), 32
+    inputs = spec.preprocess_input(
+        np.random.default_rng(1).uniform(0, 255, (4, size, size, 3)).astype(np.float32))
+    source = "none"
+    model = spec.build(weights="none", image_size=size, seed=5)
+    if weights_format != "none":
+        calibrate_batchnorms(model, inputs)  # weights a wrong mapping would show in
+        source = tmp_path / ("w.weights.h5" if weights_format == "keras" else "w.h5")
+        if weights_format == "keras":
+            model.save_weights(source)
+        else:
+            with h5py.File(source, "w") as file:  # the layout of Keras' ImageNet files
+                legacy_h5_format.save_weights_to_hdf5_group(file, model)
+    expected = np.asarray(model.predict_on_batch(inputs))
+    extraction = ExtractionSettings("resnet50", Weights.parse(source, seed=5), size)
+    written = runtime.OpenVINOBackbone(ov.Core().compile_model(
+        runtime.convert_backbone(extraction), "CPU", runtime.OPENVINO_CONFIG))
+    got = written.predict_on_batch(inputs)
+    assert np.max(np.abs(got - expected)) <= 1e-4 * np.max(np.abs(expected))
+    assert np.max(np.abs(expected)) > 0
+    # Keras would otherwise create the read model's variables at the next scope's end
+    assert not global_state.get_global_attribute("uninitialized_variables", None)
+
+
+def test_a_weights_file_that_does_not_fit_fails_the_written_graph_in_one_line(tmp_path):
+    from probe.errors import WeightsError
+    from probe.settings import ExtractionSettings, Weights
+
+    wrong = tmp_path / "vgg.weights.h5"
+    probe.get_backbone("vgg16").build("none", 32).save_weights(wrong)
+    extraction = ExtractionSettings("resnet50", Weights.parse(wrong), 32)
+    with pytest.raises(WeightsError, match="could not load the weights file"):
+        runtime.convert_backbone(extraction)
