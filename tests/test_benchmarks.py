@@ -112,3 +112,36 @@ def test_pipeline_benchmark_prints_a_rate_and_its_scaling_per_thread_count(tmp_p
         assert rate > 0
         assert close(float(figures[f"pipeline_threads_{threads}_scaling"]),
                      rate / per_core / threads)
+
+
+def test_ceiling_benchmark_counts_the_convolutions_work_and_what_the_goal_needs(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ceiling.py"), "--n", "12",
+         "--backbones", "resnet50", "--image-size", "32", "--repeats", "1",
+         "--batch-size", "4", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [LINE.match(line) for line in result.stdout.splitlines()]
+    assert all(lines), result.stdout
+    figures = {f"{m[1]} {m[2]}": m[3] for m in lines}
+    value = {key: float(v) for key, v in figures.items() if re.fullmatch(r"[-+0-9.e]+", v)}
+
+    # the work of the Keras model's convolutions, counted on its layers
+    import probe
+    from probe._keras import keras
+
+    model = probe.get_backbone("resnet50").build(weights="none", image_size=32)
+    expected = sum(
+        2 * math.prod(layer.kernel.shape) * math.prod(layer.output.shape[1:3])
+        for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
+    assert close(value["resnet50 gflop_per_image"], expected / 1e9)
+    gflop, recipe = value["resnet50 gflop_per_image"], value["resnet50 recipe_img_per_s"]
+    plain = value["resnet50 openvino_plain_img_per_s"]
+    assert close(value["resnet50 openvino_plain_gflop_per_s"], plain * gflop)
+    assert close(value["resnet50 recipe_gflop_per_s"], recipe * gflop)
+    assert close(value["resnet50 openvino_over_plain"],
+                 value["resnet50 openvino_img_per_s"] / plain)
+    assert close(value["resnet50 needed_over_openvino_plain"], 1.3 * recipe / plain)
+    assert close(value["resnet50 needed_over_matmul"],
+                 1.3 * recipe * gflop / value["machine matmul_gflop_per_s"])
