@@ -29,7 +29,6 @@ import contextlib
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -122,21 +121,13 @@ def model_rates(graphs: dict, inputs: np.ndarray, repeats: int) -> dict[str, flo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=128, help="images of the recipe's dataset")
-    parser.add_argument("--backbones", default=",".join(probe.list_backbones()))
-    parser.add_argument("--image-size", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workdir", default=None)
+    bench.add_dataset_options(parser, n=128)
     args = parser.parse_args(argv)
 
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="probe-bench-"))
-    bench.emit("machine", "cpu", bench.machine())
-    bench.emit("setting", "command", " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])))
+    root, names = bench.start(args, argv)
     matmul = matmul_gflop_per_s()
     bench.emit("machine", "matmul_gflop_per_s", matmul)
-    root = bench.make_dataset(work / f"photos-{args.n}", args.n)
-    for name in [b.strip() for b in args.backbones.split(",") if b.strip()]:
+    for name in names:
         spec = probe.get_backbone(name)
         size = args.image_size or spec.native_size
         graphs = openvino_graphs(name, size)

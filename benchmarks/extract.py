@@ -515,6 +515,27 @@ def accelerator() -> str:
                      for gpu in backend_gpus()) or "none"
 
 
+def add_dataset_options(parser: argparse.ArgumentParser, n: int) -> None:
+    """The options of the benchmarks that measure backbones on this module's dataset
+    (pipeline.py, ceiling.py)."""
+    parser.add_argument("--n", type=int, default=n, help="images of the dataset")
+    parser.add_argument("--backbones", default=",".join(probe.list_backbones()))
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", default=None)
+
+
+def start(args: argparse.Namespace, argv: list[str] | None) -> tuple[Path, list[str]]:
+    """Print the machine and command lines and make the dataset of `add_dataset_options`:
+    its root and the backbones to measure."""
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="probe-bench-"))
+    emit("machine", "cpu", machine())
+    emit("setting", "command", " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])))
+    root = make_dataset(work / f"photos-{args.n}", args.n)
+    return root, [name.strip() for name in args.backbones.split(",") if name.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=96, help="images of the speed dataset")

@@ -17,7 +17,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,22 +27,14 @@ import probe  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=512, help="images of the dataset")
-    parser.add_argument("--backbones", default=",".join(probe.list_backbones()))
-    parser.add_argument("--image-size", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=32)
+    bench.add_dataset_options(parser, n=512)
     parser.add_argument("--threads", default=",".join(
         str(2 ** i) for i in range(6) if 2 ** i <= (os.cpu_count() or 1)))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workdir", default=None)
     args = parser.parse_args(argv)
 
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="probe-bench-"))
-    bench.emit("machine", "cpu", bench.machine())
-    bench.emit("setting", "command", " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])))
-    root = bench.make_dataset(work / f"photos-{args.n}", args.n)
+    root, names = bench.start(args, argv)
     threads = [int(t) for t in args.threads.split(",")]
-    for name in [b.strip() for b in args.backbones.split(",") if b.strip()]:
+    for name in names:
         spec = probe.get_backbone(name)
         size = args.image_size or spec.native_size
         decode_ms = bench.measure_decoding(spec, size, root)
