@@ -198,10 +198,10 @@ class BackboneSpec:
 
         Its variables hold no backend variable: it is built in a `keras.StatelessScope`
         that keeps their values (loaded from the weights, or drawn by their initialisers
-        as `build` draws them). Creating TensorFlow's variables is most of the time `build`
-        takes, so this takes about half of it (ResNet50: 0.8 s against 1.5 s on two
-        cores; DenseNet121: 1.4 s against 2.7 s). Outside the context the model has no
-        weights.
+        as `build` draws them). Creating and tracking TensorFlow's variables is about half
+        the time `build` takes, so this takes about half of it (ResNet50: 0.8 s against
+        1.5 s on two cores; DenseNet121: 1.4 s against 2.7 s). Outside the context the
+        model has no weights.
         """
         keras = _keras()
         with _stateless_scope(keras) as scope:

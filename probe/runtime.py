@@ -12,8 +12,8 @@ export and fine-tuning keep the Keras model.
 The OpenVINO graph is written from the Keras model's layers and weights
 (`probe.openvino_graph`: BatchNormalizations folded, wide 3x3 convolutions as Winograd
 ones), in a fraction of a second, from a Keras model built without backend variables
-(`BackboneSpec.build_for_reading`, half the time of a full build); a model with a layer that module does not write is traced
-and converted instead (seconds, like a first call). Either way the converted model is kept
+(`BackboneSpec.build_for_reading`, half the time of a full build); a model with a layer
+that module does not write is traced and converted instead (seconds, like a first call). Either way the converted model is kept
 on disk next to the caches (`<cache dir>/models/<key>/`), under a key made of everything
 that defines it (backbone, weights, size, pooling, how it is written, the library
 versions): a later extraction with the same backbone reads it back and builds no Keras
@@ -141,7 +141,7 @@ def convert_backbone(extraction: "ExtractionSettings"):
     BatchNormalizations folded: written from the layers of a model built for reading
     (`BackboneSpec.build_for_reading`, no backend variables: about half the time of
     building the Keras model), or where it has a layer `probe.openvino_graph` does not
-    write, from the Keras model (`convert`)."""
+    write, traced from the Keras model (`convert_traced`)."""
     from . import openvino_graph
 
     spec, weights = extraction.spec, extraction.weights
