@@ -127,9 +127,9 @@ class BackboneSpec:
         if pooling != "none":
             return (self.feature_size,)
         size = self.check_image_size(image_size)
-        with self.build_for_reading(weights="none", image_size=size, pooling="none",
-                                    seed=None) as model:
-            return tuple(int(d) for d in model.output_shape[1:])
+        with _stateless_scope(_keras()):  # no weights needed: none are created or drawn
+            model = self.build(weights="none", image_size=size, pooling="none", seed=None)
+        return tuple(int(d) for d in model.output_shape[1:])
 
     def build(
         self,

@@ -6,18 +6,18 @@ TensorFlow on the CPU (1.2-1.4x on the five backbones, benchmarks/RESULTS.md), w
 features up to float rounding (largest relative difference about 1e-6, inside the 1e-4 that
 probe treats as the same features, as for BatchNormalization folding), so its features share
 TensorFlow's caches. "auto" takes OpenVINO where it is installed, the precision is float32
-and the Keras backend sees no GPU; the Keras model otherwise. Only extraction uses it: prediction,
-export and fine-tuning keep the Keras model.
+and the Keras backend sees no GPU; the Keras model otherwise. Only extraction uses it:
+prediction, export and fine-tuning keep the Keras model.
 
 The OpenVINO graph is written from the Keras model's layers and weights
 (`probe.openvino_graph`: BatchNormalizations folded, wide 3x3 convolutions as Winograd
 ones), in a fraction of a second, from a Keras model built without backend variables
 (`BackboneSpec.build_for_reading`, half the time of a full build); a model with a layer
-that module does not write is traced and converted instead (seconds, like a first call). Either way the converted model is kept
-on disk next to the caches (`<cache dir>/models/<key>/`), under a key made of everything
-that defines it (backbone, weights, size, pooling, how it is written, the library
-versions): a later extraction with the same backbone reads it back and builds no Keras
-model at all.
+that module does not write is traced and converted instead (seconds, like a first call).
+Either way the converted model is kept on disk next to the caches
+(`<cache dir>/models/<key>/`), under a key made of everything that defines it (backbone,
+weights, size, pooling, how it is written, the library versions): a later extraction with
+the same backbone reads it back and builds no Keras model at all.
 """
 
 from __future__ import annotations
