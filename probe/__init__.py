@@ -2,7 +2,7 @@
 an HDF5 feature cache and heads that train in seconds."""
 
 from .backbones import BackboneSpec, get as get_backbone, list_backbones
-from .cache import FeatureCache, SourceChanges, Split, list_caches
+from .cache import FeatureCache, SourceChanges, Split, list_caches, list_unsealed
 from .data import Dataset, Sample, discover, load_image
 from .errors import (
     BackboneError,
@@ -13,6 +13,7 @@ from .errors import (
     ProbeError,
     RunError,
     SourceChangedError,
+    UnsealedCacheError,
     WeightsError,
 )
 from .engines.ray import RayOptions
@@ -26,6 +27,7 @@ from .compare import Comparison, compare; from .demo import run_demo, write_digi
 from .curve import curve
 from .duplicates import DuplicateGroup, DuplicateImage, DuplicatePair, Duplicates, find_duplicates
 from .html import write_report
+from .store import reseal as reseal_cache
 
 
 def __getattr__(name: str):
@@ -40,10 +42,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackboneSpec", "get_backbone", "list_backbones",
-    "FeatureCache", "SourceChanges", "Split", "list_caches",
+    "FeatureCache", "SourceChanges", "Split", "list_caches", "list_unsealed", "reseal_cache",
     "Dataset", "Sample", "discover", "load_image",
     "ProbeError", "BackboneError", "WeightsError", "DatasetError", "CacheError",
-    "CacheMismatchError", "SourceChangedError", "NotFittedError", "RunError",
+    "CacheMismatchError", "SourceChangedError", "UnsealedCacheError", "NotFittedError",
+    "RunError",
     "extract", "extract_with_report", "ExtractionReport", "RayOptions",
     "ExtractionSettings", "SplitSettings", "Weights", "fit", "predict", "export", "load_images",
     "Run", "Prediction",

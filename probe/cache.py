@@ -39,7 +39,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import CacheError, CacheMismatchError, SourceChangedError
+from .errors import CacheError, CacheMismatchError, SourceChangedError, UnsealedCacheError
 
 FORMAT = "probe-feature-cache"
 FORMAT_VERSION = 1
@@ -169,19 +169,20 @@ class FeatureCache:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "FeatureCache":
-        """Open and check a cache file: its checksums, and the type and shape of every
+        """Open and check a sealed cache file: its checksums, and the type and shape of every
         dataset and attribute against the format. A clear `CacheError` if it is not a
-        cache, is damaged or changes while it is checked."""
-        path = Path(path).expanduser()
-        if not path.is_file():
-            what = "it is a directory (caches are its *.h5 files; see `probe cache ls`)" \
-                if path.is_dir() else "it does not exist"
-            raise CacheError(
-                f"expected a feature cache file; {what}. Run `probe extract` "
-                f"first or pass an existing file. Received: path='{path}'"
-            )
+        cache, is damaged or changes while it is checked; an `UnsealedCacheError` for a file
+        without the checksum header, which HDF5 never parses in this process."""
+        return cls._open(_existing_file(path), allow_unsealed=False)
+
+    @classmethod
+    def _open(cls, path: Path, allow_unsealed: bool) -> "FeatureCache":
+        """`open`; with `allow_unsealed`, an unsealed file is parsed as well: only ever in a
+        child process (`store.reseal`), where a crash or hang in HDF5 costs nothing."""
         with _guard(path):
             identity, header = _read_header(path, check_body=True)
+            if header is None and not allow_unsealed:
+                raise unsealed_error(path)
             cache = cls(path, {}, {}, identity, sealed=header is not None, checked=False)
             with _h5open(path, "r") as handle:
                 cache._same_file(handle)
@@ -195,11 +196,11 @@ class FeatureCache:
     @classmethod
     def _listed(cls, path: Path) -> "FeatureCache":
         """A cache known from its header alone (no HDF5, no full read): enough to list it.
-        Its contents are checked on first read. A cache without header is opened fully."""
+        Its contents are checked on first read. `UnsealedCacheError` without a header."""
         with _guard(path):
             identity, header = _read_header(path, check_body=False)
         if header is None:
-            return cls.open(path)
+            raise unsealed_error(path)
         return cls(path, header["attrs"], header["counts"], identity, sealed=True, checked=False)
 
     def verify(self) -> None:
@@ -221,15 +222,11 @@ class FeatureCache:
 
     def damage(self) -> str:
         """Why this cache can not be trusted as it is ("" when it can): damage found by
-        `verify()`, or no checksum at all (a cache written by an older probe; `probe
-        extract` writes it again, reusing its features)."""
+        `verify()`."""
         try:
             self.verify()
         except CacheError as error:
             return str(error)
-        if not self.sealed:
-            return (f"cache file '{display(self.path)}' carries no checksum (written by an "
-                    "older probe); it is written again with one, reusing its features")
         return ""
 
     def _same_file(self, handle) -> None:
@@ -439,29 +436,8 @@ class FeatureCache:
         >>> changes = cache.check_source()
         >>> if changes: print(changes.message())
         """
-        from . import data
-        from .errors import DatasetError
-        from .settings import SplitSettings
-
         old = self.source_records()
-        problem = ""
-        try:
-            split = SplitSettings.from_attrs(self.attrs)  # label files per split, too
-            found = data.discover(self.attrs["dataset_root"], split.labels, split.val_fraction,
-                                  split.test_fraction, split.seed)
-        except DatasetError as error:
-            new: SourceRecords = {}
-            problem = str(error)
-        else:
-            new = {}
-            for sample in found.samples:
-                try:
-                    stat = os.stat(found.root / sample.path)
-                    size, mtime = int(stat.st_size), int(stat.st_mtime_ns)
-                except OSError:
-                    size, mtime = -1, -1
-                new[sample.path] = (sample.describe(found.classes, found.multilabel),
-                                    sample.split, size, mtime)
+        new, problem = current_source_records(self.attrs)
         changes = diff_sources(str(self.path), old, new, problem)
         if strict and changes:
             raise SourceChangedError(changes.message() + " (--strict)", changes)
@@ -537,7 +513,7 @@ class FeatureCache:
         anywhere inside (a truncated file, a checksum that does not match) becomes a
         `CacheError` naming the file and the fix."""
         if not self._checked:
-            opened = FeatureCache.open(self.path)
+            opened = FeatureCache._open(self.path, allow_unsealed=not self.sealed)
             if opened._identity != self._identity:
                 raise CacheError(
                     f"cache file '{display(self.path)}' changed while it was read (another "
@@ -555,7 +531,46 @@ class FeatureCache:
 
 
 def list_caches(cache_dir: str | os.PathLike | None = None) -> list[FeatureCache]:
-    """Every readable cache in the directory, most recently written first."""
+    """Every readable sealed cache in the directory, most recently written first (unsealed
+    ones: `list_unsealed`)."""
+    caches = []
+    for path in _cache_files(cache_dir):
+        try:  # the header only: a damaged or unrelated file costs nothing and breaks nothing
+            caches.append(FeatureCache._listed(path))
+        except CacheError:
+            continue
+    return caches
+
+
+def list_unsealed(cache_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The cache files in the directory without the checksum header (written by an older
+    probe), most recently written first: found from their first bytes alone, HDF5 never
+    parses them here. `probe cache reseal` rewrites them sealed."""
+    return [path for path in _cache_files(cache_dir) if is_unsealed(path)]
+
+
+def is_unsealed(path: str | os.PathLike) -> bool:
+    """Whether the file is an HDF5 file without probe's header: it starts with HDF5's
+    signature, where a sealed cache starts with the header."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
+    except OSError:
+        return False
+
+
+def unsealed_error(path: str | os.PathLike) -> UnsealedCacheError:
+    shown = display(path)
+    return UnsealedCacheError(
+        f"expected a sealed cache; '{shown}' carries no checksum (written by an older probe "
+        "or another program), so probe does not read it in its own process. Rewrite it "
+        f"sealed with `probe cache reseal '{shown}'` (rows whose images changed since are "
+        "left out; `probe extract` extracts them again)."
+    )
+
+
+def _cache_files(cache_dir: str | os.PathLike | None) -> list[Path]:
+    """The *.h5 files of the cache directory, most recently written first."""
     directory = resolve_cache_dir(cache_dir)
     if not directory.is_dir():
         return []
@@ -565,13 +580,44 @@ def list_caches(cache_dir: str | os.PathLike | None = None) -> list[FeatureCache
             found.append((path.stat().st_mtime, path))
         except OSError:  # removed since the listing
             continue
-    caches = []
-    for _, path in sorted(found, reverse=True):
-        try:  # the header only: a damaged or unrelated file costs nothing and breaks nothing
-            caches.append(FeatureCache._listed(path))
-        except CacheError:
-            continue
-    return caches
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def current_source_records(attrs: dict) -> tuple[SourceRecords, str]:
+    """The source records of the dataset a cache was built from, as it is on disk now
+    (found again with the cache's own split settings), and why it could not be read ("")."""
+    from . import data
+    from .errors import DatasetError
+    from .settings import SplitSettings
+
+    try:
+        split = SplitSettings.from_attrs(attrs)  # label files per split, too
+        found = data.discover(attrs["dataset_root"], split.labels, split.val_fraction,
+                              split.test_fraction, split.seed)
+    except DatasetError as error:
+        return {}, str(error)
+    records = {}
+    for sample in found.samples:
+        try:
+            stat = os.stat(found.root / sample.path)
+            size, mtime = int(stat.st_size), int(stat.st_mtime_ns)
+        except OSError:
+            size, mtime = -1, -1
+        records[sample.path] = (sample.describe(found.classes, found.multilabel),
+                                sample.split, size, mtime)
+    return records, ""
+
+
+def _existing_file(path: str | os.PathLike) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        what = "it is a directory (caches are its *.h5 files; see `probe cache ls`)" \
+            if path.is_dir() else "it does not exist"
+        raise CacheError(
+            f"expected a feature cache file; {what}. Run `probe extract` "
+            f"first or pass an existing file. Received: path='{path}'"
+        )
+    return path
 
 
 # --- integrity: the seal, the format's promises, the guard ------------------------------
@@ -958,15 +1004,12 @@ def _read_error(path, error: BaseException | str) -> CacheError:
     )
 
 
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
-
 def _has_hdf5_signature(path) -> bool:
     """Whether the file starts like an HDF5 file. A file that neither does nor is named
     like a cache (*.h5), a photo say, must never be called a damaged cache to delete."""
     try:
         with open(path, "rb") as handle:
-            return handle.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE
+            return handle.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
     except OSError:
         return True  # unreadable: keep the damaged-cache message, which names the error
 

@@ -14,7 +14,7 @@ import time
 
 import click
 
-from . import backbones, cache as cache_mod, heads as heads_mod, settings
+from . import backbones, cache as cache_mod, heads as heads_mod, settings, store
 from .compare import compare, headline as compare_headline, parse_names, score_note
 from .demo import DEMO_BACKBONES, DEMO_IMAGE_SIZE, DEMO_PER_CLASS, run_demo
 from .engines.ray import RayOptions
@@ -956,11 +956,16 @@ def cache_ls(cache_dir) -> None:
     """
     caches = cache_mod.list_caches(cache_dir)
     directory = cache_mod.resolve_cache_dir(cache_dir)
+    unsealed = set(cache_mod.list_unsealed(cache_dir))
     listed = {cache.path for cache in caches}
     for path in sorted(directory.glob("*.h5")) if directory.is_dir() else []:
-        if path not in listed:
-            click.echo(f"Not a readable cache (see `probe cache info {cache_mod.display(path)}`): "
-                       f"{cache_mod.display(path)}", err=True)
+        shown = cache_mod.display(path)
+        if path in unsealed:
+            click.echo(f"Unsealed (older format): {shown}; rewrite it sealed with "
+                       f"`probe cache reseal '{shown}'`", err=True)
+        elif path not in listed:
+            click.echo(f"Not a readable cache (see `probe cache info {shown}`): {shown}",
+                       err=True)
     if not caches:
         click.echo(f"No caches in {cache_mod.resolve_cache_dir(cache_dir)}")
         return
@@ -1004,6 +1009,27 @@ def cache_info(path, as_json) -> None:
     click.echo(f"{'skipped:':15} {len(info['skipped'])}")
     for item in info["skipped"]:
         click.echo(f"  {cache_mod.display(item['path'])}: {item['reason']}")
+
+
+@cache_group.command("reseal")
+@click.argument("path", type=click.Path())
+@_fail_cleanly
+def cache_reseal(path) -> None:
+    """Rewrite a cache written by an older probe with the checksum probe now checks.
+
+    The older file is read in a separate process (damage can not crash probe); only rows
+    whose image is unchanged (path, size, modification time, labels, split) are kept, and
+    `probe extract` extracts the rest again. A sealed cache is only checked.
+
+    Example: probe cache reseal .probe/cats_vs_dogs-vgg16-224-avg-1a2b3c4d5e.h5
+    """
+    kept = store.reseal(path)
+    click.echo(f"Sealed: {cache_mod.display(path)} ({kept['kept']} rows kept, "
+               f"{kept['left_out']} left out)")
+    if kept["left_out"]:
+        click.echo(f"Warning: {kept['left_out']} rows were left out (their images changed or "
+                   "the rows were damaged); run `probe extract` on the dataset to extract "
+                   "them again", err=True)
 
 
 @cache_group.command("verify")

@@ -22,6 +22,12 @@ class CacheError(ProbeError):
     """A feature cache that is missing, corrupt, locked or built with other settings."""
 
 
+class UnsealedCacheError(CacheError):
+    """A cache file without the whole-file checksum header (written by an older probe, or
+    an HDF5 file of another program): probe does not parse it in its own process;
+    `probe cache reseal` rewrites it sealed."""
+
+
 class CacheMismatchError(CacheError):
     """A cache whose settings or source files differ from what was asked for."""
 

@@ -159,22 +159,43 @@ def run_extraction(dataset: str | os.PathLike, extraction: ExtractionSettings,
     target = plan_mod.cache_target(extraction, split, found, directory)
     sources, unreadable = stat_sources(found)
     fingerprint = plan_mod.source_fingerprint(found, sources, unreadable)
+    resealed, reseal_failure = _reseal_older_format(directory, target)
     previous, damaged = store.open_existing(target.path)
+    damaged = reseal_failure or damaged
     previous_attrs = previous.attrs if previous is not None else None
     plan_mod.check_previous(previous_attrs, target, extraction)
     if plan_mod.is_up_to_date(previous_attrs, fingerprint, views):
         store.tidy_up_to_date(directory, _lock_path(directory, target), _parts(directory, target),
                               previous)
         report = ExtractionReport("up to date", 0, sum(previous.counts.values()),
-                                  len(previous.skipped), found.ignored, notes=found.notes(),
+                                  len(previous.skipped), found.ignored,
+                                  notes=[*found.notes(), *resealed],
                                   views_reused=views.count * previous.counts.get("train", 0))
         emit(progress, Finished(STAGE, details={"path": previous.path, **report.as_dict()}))
         return previous, report
     _make_directory(directory)
     with store.write_errors_as_cache_error(directory), \
             store.CacheLock(_lock_path(directory, target)):
-        return _extract_locked(found, extraction, split, target, fingerprint, sources,
-                               unreadable, previous, damaged, engine, progress, views)
+        cache, report = _extract_locked(found, extraction, split, target, fingerprint,
+                                        sources, unreadable, previous, damaged, engine,
+                                        progress, views)
+    report.notes[:0] = resealed
+    return cache, report
+
+
+def _reseal_older_format(directory: Path, target: plan_mod.CacheTarget) -> tuple[list[str], str]:
+    """A cache of this key written before caches were sealed is rewritten sealed (in a child
+    process, keeping the rows whose images did not change), so its features are reused:
+    (notes for the report, why it could not be resealed: "" when it was, or there was none)."""
+    if not cache_mod.is_unsealed(target.path):
+        return [], ""
+    try:
+        with store.CacheLock(_lock_path(directory, target)):
+            kept = store.reseal(target.path)
+    except CacheError as error:
+        return [], str(error)
+    return [f"resealed the older-format cache '{cache_mod.display(target.path)}': kept "
+            f"{kept['kept']} rows, left out {kept['left_out']} whose images changed"], ""
 
 
 def _extract_locked(found: data.Dataset, extraction: ExtractionSettings, split: SplitSettings,

@@ -112,8 +112,11 @@ def resolve_cache(
         caches = [c for c in caches if c.backbone == str(backbone).lower()]
     if not caches:
         wanted = f" for backbone '{backbone}'" if backbone else ""
+        unsealed = cache_mod.list_unsealed(directory)
+        older = (f" ({len(unsealed)} older-format cache(s) need `probe cache reseal "
+                 f"'{cache_mod.display(unsealed[0])}'` first)") if unsealed else ""
         raise CacheError(
-            f"expected a feature cache{wanted} in '{directory}'; found none. Run "
+            f"expected a feature cache{wanted} in '{directory}'; found none{older}. Run "
             f"`probe extract{' --backbone ' + backbone if backbone else ''} DATASET` first, "
             "or pass --cache PATH or --cache-dir."
         )

@@ -353,6 +353,113 @@ def open_existing(path: Path) -> tuple[FeatureCache | None, str]:
     return (None, damage) if damage else (cache, "")
 
 
+# --- caches written before the seal ---------------------------------------------------
+
+RESEAL_SECONDS = 120  # time limit of a reseal: this, plus one second per RESEAL_BYTES_PER_S
+RESEAL_BYTES_PER_S = 5 << 20
+
+
+def reseal(path: str | os.PathLike) -> dict[str, int]:
+    """Rewrite a cache file without the checksum header (written by an older probe) sealed,
+    keeping only the rows (and skip records) whose source file is still there with the same
+    path, size, modification time, labels and split: damage a flipped byte made (another
+    path, another label) is left out, never sealed. Those rows are extracted again by the
+    next `probe extract`.
+
+    HDF5 parses the unsealed file only in a child process with a time limit: a damaged
+    byte that crashes or hangs it is one `CacheError` here, and the file is left as it was.
+    Returns {"kept": rows, "left_out": rows, "skipped_kept": skip records}; a cache that is
+    already sealed is only checked ({"kept": rows, "left_out": 0, ...})."""
+    path = Path(path).expanduser()
+    if not cache_mod.is_unsealed(path):
+        cache = FeatureCache.open(path)
+        return {"kept": sum(cache.counts.values()), "left_out": 0,
+                "skipped_kept": len(cache.skipped)}
+    from .isolated import IsolationError, run_isolated
+
+    size = path.stat().st_size
+    try:
+        return run_isolated(_reseal_unsealed, str(path),
+                            timeout=RESEAL_SECONDS + size / RESEAL_BYTES_PER_S,
+                            what=f"reading cache file '{display(path)}'")
+    except IsolationError as error:
+        raise CacheError(
+            f"expected a readable older-format cache; {error}, so the file is damaged. Delete "
+            f"it and run `probe extract` again to rebuild it from the images."
+        ) from None
+
+
+def _reseal_unsealed(path: str) -> dict[str, int]:
+    """The child's side of `reseal` (HDF5 reads the unsealed file here, and only here)."""
+    cache = FeatureCache._open(Path(path), allow_unsealed=True)
+    cache.verify()  # every checksum HDF5 has (Fletcher-32 on the numbers)
+    current, problem = cache_mod.current_source_records(cache.attrs)
+    if problem:
+        raise CacheError(
+            f"expected the dataset of cache '{display(path)}' to reseal it against its images; "
+            f"{problem} Put the dataset back where it was, or delete the cache and run "
+            "`probe extract` again."
+        )
+    still = {p for p, record in cache.source_records().items() if current.get(p) == record}
+    entries, skipped, left_out = _rows_to_keep(cache, still)
+    if not entries:
+        raise CacheError(
+            f"expected rows to keep in cache '{display(path)}'; none of its {left_out} rows "
+            "matches an image of its dataset as it is now. Delete it and run `probe extract` "
+            "again."
+        )
+    attrs = {key: value for key, value in cache.attrs.items() if key != "attrs_checksum"}
+    if left_out:  # never "up to date": the next extraction fills the rows left out
+        attrs["source_fingerprint"] = cache_mod.fingerprint(["resealed", attrs.get(
+            "source_fingerprint"), left_out])
+    views = None
+    if cache.view_count:
+        views = {(e.path, e.size, e.mtime): [ViewRow(path, "train", e.row.index, v)
+                                             for v in range(cache.view_count)]
+                 for e in entries if e.split == "train"}
+    write_cache(Path(path), attrs, entries, skipped, cache.feature_shape, views)
+    return {"kept": len(entries), "left_out": left_out, "skipped_kept": len(skipped)}
+
+
+def _rows_to_keep(cache: FeatureCache, still: set[str]) -> tuple[list[Entry], list, int]:
+    """The entries and skip records of `cache` whose path is in `still`, and how many rows
+    were left out."""
+    entries, skipped, left_out = [], [], 0
+    with cache._read() as handle:
+        for split in [*cache.splits, "skipped"]:
+            if split not in handle:
+                continue
+            group = handle[split]
+            paths = cache_mod._read_strings(group["paths"])
+            labels = group["labels"][()]
+            ignore = group["ignore"][()] if "ignore" in group else None
+            splits = cache_mod._read_strings(group["splits"]) if split == "skipped" \
+                else [split] * len(paths)
+            reasons = cache_mod._read_strings(group["reasons"]) if split == "skipped" else None
+            for i, (name, size, mtime) in enumerate(zip(paths, group["sizes"][()],
+                                                        group["mtimes"][()])):
+                if name not in still:
+                    left_out += split != "skipped"
+                    continue
+                label, targets, ignored = _label_of(labels[i], None if ignore is None
+                                                    else ignore[i])
+                if reasons is not None:
+                    skipped.append((name, reasons[i], int(size), int(mtime), label, splits[i],
+                                    targets, ignored))
+                else:
+                    entries.append(Entry(name, label, split, int(size), int(mtime),
+                                         Row(str(cache.path), split, i), targets, ignored))
+    return entries, skipped, left_out
+
+
+def _label_of(label: np.ndarray, ignore: np.ndarray | None) -> tuple[int, tuple, tuple]:
+    """(class index, targets, ignored) of one stored row, as `Entry` takes them."""
+    if np.ndim(label) == 0:
+        return int(label), (), ()
+    ignored = tuple(int(k) for k in np.flatnonzero(ignore)) if ignore is not None else ()
+    return -1, tuple(int(k) for k in np.flatnonzero(label)), ignored
+
+
 def reusable_rows(directory: Path, feature_key: str, parts: PartStore):
     """Feature rows and skip records already computed with the same settings: in any
     cache of this dataset and backbone settings, and in parts of an interrupted run."""

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 import probe
 from conftest import make_separable_tree
-from probe import cache as cache_mod
+from probe import cache as cache_mod, store
 from probe.cli import main
 
 OPTS = ("--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--quiet")
@@ -159,25 +159,77 @@ def _lose_a_row(handle):
     (_lose_a_row, "'train/features' has lost some of its stored rows"),
 ], ids=lambda value: value if isinstance(value, str) else None)
 def test_the_format_is_checked_on_open(cache, tmp_path, edit, needle):
+    """Where HDF5 parses a file without the header (only in `reseal`'s child process), the
+    format's promises are checked before anything is used."""
     damaged = unsealed_copy(cache.path, tmp_path / "old.h5", edit)
     with pytest.raises(probe.CacheError, match="corrupt or truncated") as raised:
-        probe.FeatureCache.open(damaged)
+        probe.FeatureCache._open(damaged, allow_unsealed=True)
     assert needle in str(raised.value)
-    one_line_error(run("cache", "info", damaged), needle)
+    with pytest.raises(probe.CacheError, match="corrupt or truncated"):
+        store._reseal_unsealed(str(damaged))  # what the child runs
+    one_line_error(run("cache", "info", damaged), "carries no checksum", "probe cache reseal")
 
 
-def test_an_unsealed_cache_is_read_and_rewritten_with_a_checksum(cache, colours):
+def test_an_unsealed_cache_is_resealed_by_extract_and_its_features_reused(cache, colours):
     expected = contents(cache)
     unsealed_copy(cache.path, cache.path.with_name("old.h5"))
     os.replace(cache.path.with_name("old.h5"), cache.path)
-    old = probe.FeatureCache.open(cache.path)
-    assert not old.sealed and same_contents(contents(old), expected)
-    assert "carries no checksum" in old.damage()
+    with pytest.raises(probe.UnsealedCacheError, match="probe cache reseal"):
+        probe.FeatureCache.open(cache.path)  # never parsed in this process
 
     again, report = probe.extract_with_report(colours, "vgg16", weights="none", image_size=32)
-    assert report.status == "extracted" and report.extracted == 0
+    assert report.status == "up to date" and report.extracted == 0  # every row matched
+    assert any(note.startswith("resealed the older-format cache") for note in report.notes)
     assert again.sealed and again.damage() == ""
     assert same_contents(contents(again), expected)
+
+
+def test_reseal_keeps_only_rows_that_match_their_images(cache, colours, cache_dir):
+    """A flipped byte in a path string (not covered by any HDF5 checksum) and an image
+    changed since: both rows are left out of the sealed rewrite, then extracted again."""
+    expected = contents(cache)
+    train = cache.split("train")
+    renamed, touched = train.paths[0], train.paths[1]
+
+    def flip_a_path(handle):
+        paths = [p.decode() if isinstance(p, bytes) else p for p in handle["train/paths"][()]]
+        paths[0] = paths[0][:-6] + "\udc8c" + paths[0][-6:]
+        del handle["train/paths"]
+        handle.create_dataset("train/paths", data=[os.fsencode(p) for p in paths],
+                              dtype=h5py.string_dtype())
+
+    unsealed_copy(cache.path, cache.path.with_name("old.h5"), flip_a_path)
+    os.replace(cache.path.with_name("old.h5"), cache.path)
+    os.utime(colours / touched, ns=(1, 1))
+    result = run("cache", "reseal", cache.path)
+    assert result.exit_code == 0, result.output
+    assert f"{len(train) - 2 + sum(expected[s][1].shape[0] for s in ('val', 'test'))} rows " \
+           "kept, 2 left out" in result.output, result.output
+    resealed = probe.FeatureCache.open(cache.path)  # sealed now: read in this process
+    kept = resealed.split("train")
+    assert renamed not in kept.paths and touched not in kept.paths and len(kept) == len(train) - 2
+    for i, path in enumerate(kept.paths):
+        np.testing.assert_array_equal(kept.features[i], train.features[train.paths.index(path)])
+        assert kept.labels[i] == train.labels[train.paths.index(path)]
+    again, report = probe.extract_with_report(colours, "vgg16", weights="none", image_size=32)
+    assert report.status == "extracted" and report.extracted == 2, report
+    assert sorted(again.split("train").paths) == sorted(train.paths)
+
+
+def test_a_reseal_that_crashes_is_one_line_and_keeps_the_file(cache, tmp_path, monkeypatch):
+    from probe import isolated
+
+    old = unsealed_copy(cache.path, tmp_path / "old.h5")
+    before = old.read_bytes()
+
+    def crashed(*args, what, **kwargs):
+        raise isolated.IsolationError(f"{what} crashed the process that did it (SIGSEGV)",
+                                      "crashed")
+
+    monkeypatch.setattr(isolated, "run_isolated", crashed)
+    one_line_error(run("cache", "reseal", old), "crashed the process", "SIGSEGV",
+                   "Delete it and run `probe extract` again")
+    assert old.read_bytes() == before
 
 
 def test_hdf5_1_10_format_catches_every_flip_of_the_feature_datatype(cache, tmp_path):
@@ -197,8 +249,9 @@ def test_hdf5_1_10_format_catches_every_flip_of_the_feature_datatype(cache, tmp_
             flipped[offset] ^= 0x01
             copy = tmp_path / "flipped.h5"
             copy.write_bytes(bytes(flipped))
-            try:
-                outcomes.add(same_contents(contents(probe.FeatureCache.open(copy)), expected))
+            try:  # in this process, as `reseal`'s child reads it
+                opened = probe.FeatureCache._open(copy, allow_unsealed=True)
+                outcomes.add(same_contents(contents(opened), expected))
             except probe.CacheError:
                 outcomes.add("error")
     assert False not in outcomes, outcomes
@@ -240,14 +293,19 @@ def test_extract_rebuilds_a_damaged_cache(cache, colours, damage):
     assert report.status == "up to date"
 
 
-def test_verify_finds_a_nan_in_a_cache_without_header(cache, tmp_path):
+def test_verify_never_calls_an_unsealed_cache_intact_and_reseal_finds_its_nan(cache, tmp_path):
     damaged = unsealed_copy(cache.path, tmp_path / "old.h5",
                             lambda f: f["val/features"].__setitem__((0, 0), np.nan))
-    opened = probe.FeatureCache.open(damaged)  # the format is fine; the data is not
+    opened = probe.FeatureCache._open(damaged, allow_unsealed=True)  # the format is fine
     assert "NaN or infinite" in opened.damage()
     with pytest.raises(probe.CacheError, match="NaN or infinite"):
         opened.split("val")
-    one_line_error(run("cache", "verify", damaged), "NaN or infinite")
+    before = damaged.read_bytes()
+    verified = run("cache", "verify", damaged)
+    one_line_error(verified, "carries no checksum", "probe cache reseal")
+    assert "intact" not in verified.output
+    one_line_error(run("cache", "reseal", damaged), "NaN or infinite")  # in a child process
+    assert damaged.read_bytes() == before  # nothing resealed, nothing lost
 
 
 # --- only the files needed are opened ---------------------------------------------------
@@ -272,12 +330,22 @@ def test_a_damaged_file_does_not_break_listing_fit_or_other_extractions(cache, t
     (cache_dir / "garbage.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(3000))
     assert {c.path.name for c in probe.list_caches()} == {cache.path.name, "body.h5"}
 
-    listing = run("cache", "ls")
+    with monkeypatch.context() as patch:  # an unsealed file is never parsed in process
+        patch.setattr(cache_mod, "_h5open", no_hdf5)
+        listing = run("cache", "ls")
     assert listing.exit_code == 0, listing.output
-    assert "Not a readable cache" in listing.output and "garbage.h5" in listing.output
-    assert "header.h5" in listing.output
-    os.utime(cache.path)  # the most recent: fit picks it
-    fitted = run("fit", "--head", "logreg")
+    assert "Unsealed (older format)" in listing.output and "garbage.h5" in listing.output
+    assert "probe cache reseal" in listing.output
+    assert "Not a readable cache" in listing.output and "header.h5" in listing.output
+    os.utime(cache.path)  # the most recent sealed cache: fit picks it
+    os.utime(cache_dir / "garbage.h5")  # newer still, but unsealed: never a candidate
+    opened = []
+    real_open = cache_mod._h5open
+    with monkeypatch.context() as patch:
+        patch.setattr(cache_mod, "_h5open",
+                      lambda path, *a, **k: opened.append(Path(path).name) or real_open(path, *a, **k))
+        fitted = run("fit", "--head", "logreg")
+    assert "garbage.h5" not in opened and cache.path.name in opened
     assert fitted.exit_code == 0, fitted.output
     one_line_error(run("fit", "--cache", cache_dir / "body.h5"), "corrupt or truncated")
     other = make_separable_tree(tmp_path / "others", per_class=4, classes=("red", "blue"))
