@@ -122,7 +122,11 @@ def resolve_cache(
         )
     if len(caches) == 1:
         return caches[0], None
-    return caches[0], f"{len(caches)} caches found; using the most recent: {caches[0].path}"
+    others = ", ".join(cache_mod.display(c.path.name) for c in caches[1:4])
+    more = f" and {len(caches) - 4} more" if len(caches) > 4 else ""
+    return caches[0], (f"{len(caches)} caches found; using the most recent: {caches[0].path} "
+                       f"(others: {others}{more}; choose one with --cache PATH or --backbone "
+                       "NAME, see `probe cache ls`)")
 
 
 def fit(

@@ -12,7 +12,8 @@ def run(*args):
 
 
 def test_help_has_examples():
-    for command in (["extract"], ["backbones"], ["cache", "ls"], ["cache", "info"]):
+    for command in (["extract"], ["backbones"], ["cache", "ls"], ["cache", "info"],
+                    ["cache", "reseal"]):
         result = run(*command, "--help")
         assert result.exit_code == 0
         assert "Example: probe" in result.output
@@ -163,3 +164,15 @@ def test_usage_errors_are_one_line_with_the_help_command(args, expected):
 def test_probe_alone_still_prints_the_help():
     result = run()
     assert "Commands:" in result.output and "extract" in result.output
+
+
+def test_fit_among_several_caches_names_the_others_and_how_to_choose(tmp_path, cache_dir):
+    for name in ("first", "second"):
+        made = run("extract", make_tree(tmp_path / name, per_class=4), "--weights", "none",
+                   "--image-size", 32, "--quiet")
+        assert made.exit_code == 0, made.output
+    fitted = run("fit", "--head", "knn", "--no-report")
+    assert fitted.exit_code == 0, fitted.output
+    assert "2 caches found; using the most recent" in fitted.output
+    other = [p.name for p in cache_dir.glob("first-*.h5")]
+    assert f"others: {other[0]}" in fitted.output and "--cache PATH" in fitted.output
