@@ -762,7 +762,8 @@ def _read_text(labels_file: Path) -> str:
     try:
         mode = os.stat(labels_file).st_mode
         if not stat_mod.S_ISREG(mode):
-            kind = "a directory" if stat_mod.S_ISDIR(mode) else "not a regular file (a pipe, socket or device)"
+            kind = ("a directory" if stat_mod.S_ISDIR(mode)
+                    else "not a regular file (a pipe, socket or device)")
             raise DatasetError(
                 f"expected a labels file to read; '{_shown(str(labels_file))}' is {kind}. "
                 f"Received: labels='{_shown(str(labels_file))}'. Give a text file, or "
