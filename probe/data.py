@@ -271,8 +271,11 @@ def _check_root(root) -> Path:
         )
     root_path = Path(root).expanduser()
     if not root_path.exists():
+        # a link loop or a dangling link also "does not exist": say which
+        what = ("it is a symbolic link that leads nowhere (a loop, or to a missing place)"
+                if os.path.islink(root_path) else "it does not exist")
         raise DatasetError(
-            f"expected a dataset directory; it does not exist. Received: path='{root}'"
+            f"expected a dataset directory; {what}. Received: path='{root}'"
         )
     if not root_path.is_dir():
         raise DatasetError(

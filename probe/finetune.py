@@ -109,11 +109,13 @@ def finetune(
 
     The last `unfreeze` top blocks of the backbone train (1 = the last block), with every
     BatchNormalization layer frozen in inference mode; the head starts from the run's
-    trained head's Keras form (`keras_head()`; a k-NN head is refused). Training uses
+    trained head's Keras form (`keras_head()`; a k-NN head is refused), fit again on train
+    only when the run's head was refit on train + val (`_starting_head`, recorded in
+    `config["finetune"]["start_head"]`): val judges every epoch. Training uses
     Adam with a low `learning_rate`, random flips, small rotations and zooms
     (`augment=False`: none) and early stopping on validation loss whose baseline is epoch
     0 (the model before training): the best epoch's weights are kept, and when no epoch
-    beats epoch 0 the model stays the source run's (`metrics["best_epoch"] == 0`, and a
+    beats epoch 0 the model stays the starting one (`metrics["best_epoch"] == 0`, and a
     Note event of kind "no-improvement"). The source images are checked like `fit` does:
     a change is a Note ("source-changed"), or `SourceChangedError` with `strict=True`.
     `progress` receives the events of the stage "finetune": Started, Advanced per batch

@@ -298,6 +298,12 @@ def test_a_labels_file_that_is_a_link_loop_or_a_directory_is_a_one_line_error(tm
         data.discover(root, labels={"train": tmp_path / "train.csv", "test": tmp_path / "test.csv"})
 
 
+def test_a_dataset_directory_that_is_a_link_loop_is_named_as_one(tmp_path):
+    (tmp_path / "ds").symlink_to("ds")
+    with pytest.raises(DatasetError, match="a symbolic link that leads nowhere"):
+        data.discover(tmp_path / "ds")
+
+
 def test_a_link_loop_among_class_folders_is_noted_not_raised(tmp_path):
     root = make_tree(tmp_path / "ds", per_class=3)
     (root / "loop").symlink_to("loop")
