@@ -720,6 +720,7 @@ class _Events:
                 self._say(estimate_line(event.details))
         elif isinstance(event, Started):
             self._say(start_line(event.details))
+            self._say(f"baseline: validation loss {event.details['baseline_val_loss']:.4f}")
         elif isinstance(event, Advanced) and event.details.get("unit") == "batch":
             if self.bar is None and not self.quiet:
                 self.bar = click.progressbar(length=event.total, file=sys.stderr,

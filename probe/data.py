@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
+import errno
 import hashlib
+import io
 import json
 import os
 import stat as stat_mod
@@ -40,6 +42,10 @@ LIST_LABELS = {"1": True, "-1": False, "0": None}  # VOC: 0 marks a "difficult" 
 VOC_SPLITS = ("train", "val", "trainval", "test")  # the <class>_<split>.txt lists read
 LABELS_SEPARATOR = ";"  # between the class names of a CSV `labels` cell
 PATH_MAX = 4096  # Linux: longer paths can not be opened by name
+# Every character Python's str.splitlines breaks a line at. A name holding one can not be
+# written one per line: a CSV reader joins the pieces of a quoted one (`b/x<LF>y.png`
+# was read as `b/xy.png`), and a list reader splits it into two lines.
+LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 
 LabelsArg = Union[str, os.PathLike, Mapping[str, Union[str, os.PathLike]],
                   Sequence[tuple[str, Union[str, os.PathLike]]], None]
@@ -265,8 +271,11 @@ def _check_root(root) -> Path:
         )
     root_path = Path(root).expanduser()
     if not root_path.exists():
+        # a link loop or a dangling link also "does not exist": say which
+        what = ("it is a symbolic link that leads nowhere (a loop, or to a missing place)"
+                if os.path.islink(root_path) else "it does not exist")
         raise DatasetError(
-            f"expected a dataset directory; it does not exist. Received: path='{root}'"
+            f"expected a dataset directory; {what}. Received: path='{root}'"
         )
     if not root_path.is_dir():
         raise DatasetError(
@@ -284,7 +293,8 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
 
 
 def _raise_no_images(root, root_path: Path, ignored: int, unreadable) -> None:
-    loose = sum(1 for entry in _list_dir(root_path) if entry.is_file() and is_image_name(entry.name))
+    loose = sum(1 for entry in _list_dir(root_path)
+                if _is_kind(entry, "file") and is_image_name(entry.name))
     if loose:
         found = f"found {loose} images directly in it; move them into one subfolder per class"
     else:
@@ -452,7 +462,7 @@ def _walk_class_folders(root: Path) -> _Walk:
     split_dirs = {
         entry.name: SPLIT_FOLDERS[entry.name.lower()]
         for entry in top
-        if entry.is_dir() and entry.name.lower() in SPLIT_FOLDERS
+        if entry.name.lower() in SPLIT_FOLDERS and _is_kind(entry, "dir")
     }
     walk = _Walk()
     if split_dirs:
@@ -467,7 +477,10 @@ def _walk_class_folders(root: Path) -> _Walk:
         for class_dir in listing:
             if class_dir.name.startswith("."):
                 continue
-            if not class_dir.is_dir():
+            is_dir = _is_kind(class_dir, "dir", walk)
+            if is_dir is None:  # recorded as unreadable
+                continue
+            if not is_dir:
                 walk.ignored += 1
                 continue
             _check_class_name(class_dir.name, base)
@@ -480,7 +493,7 @@ def _walk_class_folders(root: Path) -> _Walk:
 
 
 def _refuse_loose_images(base: Path, listing: list[os.DirEntry]) -> None:
-    loose = [e.name for e in listing if is_image_name(e.name) and not e.is_dir()]
+    loose = [e.name for e in listing if is_image_name(e.name) and _is_kind(e, "file")]
     if loose:
         raise DatasetError(
             f"expected class folders in the split folder '{base.name}/' ({base.name}/CLASS/"
@@ -499,6 +512,18 @@ def _check_class_name(name: str, base: Path) -> None:
             "is not (bytes shown as \\x..). Rename the folder, e.g. with `convmv -f latin1 "
             "-t utf-8`."
         ) from None
+
+
+def _is_kind(entry: os.DirEntry, kind: str, walk: _Walk | None = None) -> bool | None:
+    """Whether a listed entry is a directory ("dir") or a file ("file"), following links;
+    None when that can not be told. DirEntry.is_dir raises on a link loop: such an entry
+    is recorded as unreadable in `walk` when given (a note, not a traceback)."""
+    try:
+        return entry.is_dir() if kind == "dir" else entry.is_file()
+    except OSError as error:
+        if walk is not None:
+            walk.unreadable.append((entry.path, _os_reason(error)))
+        return None
 
 
 def _list_dir(path: Path) -> list[os.DirEntry]:
@@ -626,9 +651,23 @@ def label_sources(labels: LabelsArg) -> tuple[tuple[str, Path], ...]:
         if not str(path).strip():
             raise DatasetError(f"expected a labels file path. Received: an empty path for "
                                f"split '{split or 'all'}'")
-        sources.append((name, Path(path).expanduser().resolve()))
+        sources.append((name, _resolved_source(path)))
     _check_source_splits(sources)
     return tuple(sources)
+
+
+def _resolved_source(path) -> Path:
+    """The absolute path of a labels file or directory. Resolving a symbolic link loop
+    raises (RuntimeError before Python 3.13, OSError after): a one-line error instead."""
+    given = Path(path).expanduser()
+    try:
+        return given.resolve()
+    except (OSError, RuntimeError):
+        raise DatasetError(
+            f"expected a labels file or directory that can be opened; '{_shown(str(given))}' "
+            "is a symbolic link loop (it leads back to itself). Received: "
+            f"labels='{_shown(str(path))}'. Point the link at the real file."
+        ) from None
 
 
 def _check_source_splits(sources: list[tuple[str, Path]]) -> None:
@@ -697,7 +736,7 @@ def _read_label_sources(root: Path, sources) -> tuple[list[_Entry], int, int, li
 
 
 def _read_labels_file(root: Path, labels_file: Path) -> tuple[list[_Entry], int, int]:
-    if not labels_file.is_file():
+    if not os.path.lexists(labels_file):
         raise DatasetError(
             f"expected a labels file (CSV path,label[,split] or path,labels[,split], a "
             f"'name label' list, or a VOC ImageSets/Main directory); it does not exist. "
@@ -720,7 +759,26 @@ def _read_labels_file(root: Path, labels_file: Path) -> tuple[list[_Entry], int,
 
 
 def _read_text(labels_file: Path) -> str:
-    raw = labels_file.read_bytes()
+    """The text of a labels file or VOC list. Anything but a readable regular UTF-8 file
+    (a directory, a link loop or a dangling link, a pipe that would block, no
+    permission) is a `DatasetError` naming the file, never an OSError traceback."""
+    try:
+        mode = os.stat(labels_file).st_mode
+        if not stat_mod.S_ISREG(mode):
+            kind = ("a directory" if stat_mod.S_ISDIR(mode)
+                    else "not a regular file (a pipe, socket or device)")
+            raise DatasetError(
+                f"expected a labels file to read; '{_shown(str(labels_file))}' is {kind}. "
+                f"Received: labels='{_shown(str(labels_file))}'. Give a text file, or "
+                "rename or remove this one."
+            )
+        raw = labels_file.read_bytes()
+    except OSError as error:
+        raise DatasetError(
+            f"expected a readable labels file; could not read '{_shown(str(labels_file))}': "
+            f"{_os_reason(error)}. Received: labels='{_shown(str(labels_file))}'. Fix its "
+            "permissions or links, or remove it."
+        ) from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -732,34 +790,94 @@ def _read_text(labels_file: Path) -> str:
     return text
 
 
+def _os_reason(error: OSError) -> str:
+    """Why a file could not be opened, in words."""
+    if error.errno == errno.ELOOP:
+        return "it is a symbolic link loop (it leads back to itself)"
+    if error.errno == errno.ENOENT:
+        return "it is a symbolic link to a file that does not exist"
+    if error.errno == errno.EISDIR:
+        return "it is a directory"
+    return error.strerror or type(error).__name__
+
+
 def _read_csv(root: Path, labels_file: Path, text: str) -> list[_Entry]:
     """`path,label[,split]` (one class per image) or `path,labels[,split]` (zero or more
     classes per image, separated by `;`)."""
-    reader = csv.DictReader(text.splitlines())
-    columns = [c.strip().lower() for c in (reader.fieldnames or [])]
-    multilabel = _csv_kind(columns, labels_file)
+    columns: list[str] | None = None
+    multilabel = False
     rows = []
-    for row in reader:
-        row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+    for line, cells in _csv_rows(text, labels_file):
+        if columns is None:
+            columns = [c.strip().lower() for c in cells]
+            multilabel = _csv_kind(columns, labels_file)
+            continue
+        # as csv.DictReader: missing cells are empty, cells beyond the header dropped
+        row = {k: cell.strip() for k, cell in zip(columns, cells) if k}
         if not row.get("path"):
             continue
+        _refuse_line_breaks(row, line, labels_file)
         split = _csv_split(row, labels_file)
         if multilabel:
-            rows.append((row["path"], "", split, _csv_targets(row, reader.line_num, labels_file), ()))
+            rows.append((row["path"], "", split, _csv_targets(row, line, labels_file), ()))
             continue
         if LABELS_SEPARATOR in row.get("label", ""):
             raise DatasetError(
-                f"expected one class name in the label column; line {reader.line_num} "
+                f"expected one class name in the label column; line {line} "
                 f"('{row['path']}') has '{row['label']}'. For several classes per image name "
                 f"the column labels (path,labels[,split]). Received: labels='{labels_file}'"
             )
         if not row.get("label"):
             raise DatasetError(
-                f"expected a label on every row; line {reader.line_num} ('{row['path']}') has "
+                f"expected a label on every row; line {line} ('{row['path']}') has "
                 f"none. Give it a label or remove the row. Received: labels='{labels_file}'"
             )
         rows.append((row["path"], row["label"], split))
+    if columns is None:
+        _csv_kind([], labels_file)  # no header at all: the header error
     return _locate(root, labels_file, rows)
+
+
+def _csv_rows(text: str, labels_file: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line the row starts on, cells) of every non-blank CSV row. The reader is given
+    the text with its line ends kept (newline=""), so a quoted line break stays in its
+    cell to be refused, instead of being dropped and joining two names into a third.
+    The reader's own errors (a cell over its field size limit) become a `DatasetError`."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    while True:
+        start = reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            limit = csv.field_size_limit()
+            if "field larger than field limit" in str(error):
+                problem = (f"has a cell longer than the CSV reader's limit of {limit:,} "
+                           "characters (an unclosed quote reads the rest of the file as one "
+                           "cell)")
+            else:
+                problem = f"can not be read as CSV ({error})"
+            raise DatasetError(
+                f"expected CSV rows of path, label(s) and split; line {reader.line_num} of "
+                f"'{labels_file}' {problem}. Received: labels='{labels_file}'. Close the "
+                "quote or shorten the cell."
+            ) from None
+        if cells:
+            yield start, cells
+
+
+def _refuse_line_breaks(row: dict[str, str], line: int, labels_file: Path) -> None:
+    """A line break (any character str.splitlines breaks at) inside a cell: an error."""
+    for column, cell in row.items():
+        breaks = sorted({f"U+{ord(c):04X}" for c in cell if c in LINE_BREAKS})
+        if breaks:
+            raise DatasetError(
+                f"expected no line breaks inside a CSV cell; the {column} cell of the row "
+                f"starting on line {line} of '{labels_file}' holds {', '.join(breaks)}: "
+                f"{cell!r}. Received: labels='{labels_file}'. Remove the line break (rename "
+                "the file if its name holds one): a name must fit on one line."
+            )
 
 
 def _csv_kind(columns: list[str], labels_file: Path) -> bool:
@@ -815,7 +933,17 @@ def _read_list(root: Path, labels_file: Path, text: str) -> tuple[list[_Entry], 
 def _list_lines(text: str, path: Path) -> Iterator[tuple[int, str, bool | None]]:
     """(line number, image name, flag) of every `name 1|-1|0` line of a VOC-style list:
     True for 1, False for -1, None for 0 (difficult)."""
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at \n, \r\n or \r only (as an editor counts them), so the line number
+    # in a message is the one the user sees; a rarer line break inside a line is refused.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    for number, line in enumerate(lines, start=1):
+        breaks = sorted({f"U+{ord(c):04X}" for c in line if c in LINE_BREAKS})
+        if breaks:
+            raise DatasetError(
+                f"expected lines 'name label' without line breaks inside them; line {number} "
+                f"of '{path}' holds {', '.join(breaks)}: {line!r}. Received: labels='{path}'. "
+                "Remove the line break (rename the image if its name holds one)."
+            )
         parts = line.split()
         if not parts:
             continue
@@ -877,7 +1005,9 @@ def _voc_lists(directory: Path) -> tuple[dict[str, dict[str, Path]], list[str]]:
     for entry in _list_dir(directory):
         stem, _, extension = entry.name.rpartition(".")
         name, _, split = stem.rpartition("_")
-        if extension.lower() == "txt" and name and split in VOC_SPLITS and entry.is_file():
+        # no is_file() test here: it raises on a link loop, and a directory or link named
+        # like a list would silently drop that class's labels; _read_text explains them
+        if extension.lower() == "txt" and name and split in VOC_SPLITS:
             lists.setdefault(split, {})[name] = Path(entry.path)
     if not lists:
         raise DatasetError(

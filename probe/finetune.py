@@ -6,9 +6,16 @@ validation / test images, by their cached paths), the class names, the decoding
 (`data.load_image`), the input size, the backbone weights and its preprocessing. The
 result is a new run directory whose `model.keras` `probe predict` and `probe export` use.
 
-Fine-tuning never silently makes things worse: epoch 0 (the source run's head on the
+Fine-tuning never silently makes things worse: epoch 0 (the starting head on the
 backbone, before any training) is the baseline of the early-stopping choice on validation
 loss; when no epoch beats it, the new run says so and its model is that baseline.
+
+The baseline and every epoch are judged on validation images that nothing was fit on: the
+starting head has seen train only. A source head refit on train + val (`refit=True`, the
+default) would score epoch 0 on images it was trained on, an optimistic baseline that
+every honestly judged epoch loses to; it is fit again on the cached train features alone,
+with the settings the run chose on val (`_starting_head`), and the new run records which
+head it started from (`config["finetune"]["start_head"]`).
 """
 
 from __future__ import annotations
@@ -24,10 +31,10 @@ import numpy as np
 from . import backbones, data, evaluate
 from .cache import FeatureCache
 from .errors import DatasetError, FinetuneError, RunError
-from .heads import check_params, keras_class_weight
+from .heads import check_params, keras_class_weight, make_head
 from .progress import Advanced, Finished, Note, ProgressCallback, Started, emit
-from .runs import (MODEL_FILE, Run, check_writable, run_config, save_run, write_multilabel_files,
-                   write_run_files,
+from .runs import (MODEL_FILE, Run, SplitRoles, check_features_fit_in_memory, check_writable,
+                   run_config, save_run, train_head, write_multilabel_files, write_run_files,
                    write_split_predictions)
 
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "top5_accuracy")
@@ -63,6 +70,7 @@ class _Job:
     trainer: Any = None  # the model behind the augmentation layers, compiled
     blocks: list[str] | None = None
     pixels: Any = None
+    start_head: dict | None = None  # which head training started from (`_starting_head`)
 
     @property
     def classes(self) -> list[str]:
@@ -101,11 +109,13 @@ def finetune(
 
     The last `unfreeze` top blocks of the backbone train (1 = the last block), with every
     BatchNormalization layer frozen in inference mode; the head starts from the run's
-    trained head's Keras form (`keras_head()`; a k-NN head is refused). Training uses
+    trained head's Keras form (`keras_head()`; a k-NN head is refused), fit again on train
+    only when the run's head was refit on train + val (`_starting_head`, recorded in
+    `config["finetune"]["start_head"]`): val judges every epoch. Training uses
     Adam with a low `learning_rate`, random flips, small rotations and zooms
     (`augment=False`: none) and early stopping on validation loss whose baseline is epoch
     0 (the model before training): the best epoch's weights are kept, and when no epoch
-    beats epoch 0 the model stays the source run's (`metrics["best_epoch"] == 0`, and a
+    beats epoch 0 the model stays the starting one (`metrics["best_epoch"] == 0`, and a
     Note event of kind "no-improvement"). The source images are checked like `fit` does:
     a change is a Note ("source-changed"), or `SourceChangedError` with `strict=True`.
     `progress` receives the events of the stage "finetune": Started, Advanced per batch
@@ -179,10 +189,7 @@ def _build_models(job: _Job) -> None:
     from . import inference
 
     config, settings = job.source.config, job.settings
-    head = job.source.load_head()
-    refusal = head.finetune_refusal()
-    if refusal:
-        raise FinetuneError(f"{refusal} Received: run='{job.source.path}' with head {config['head']!r}")
+    head = _starting_head(job)
     backbone_model = inference.rebuild_backbone(config)
     job.blocks = job.spec.unfreeze(backbone_model, settings.unfreeze)
     keras.utils.set_random_seed(settings.seed)
@@ -203,6 +210,38 @@ def _build_models(job: _Job) -> None:
         return
     job.trainer.compile(optimizer=keras.optimizers.Adam(learning_rate=settings.learning_rate),
                         loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+
+def _starting_head(job: _Job):
+    """The head fine-tuning starts from, one that has seen the train images only, so that
+    epoch 0 and every epoch are scored on validation images nothing was fit on. A head
+    that never saw val (`refit=False`) is the run's own; a head refit on train + val is
+    fit again on the cached train features alone, with the settings the run chose on
+    val (`summary_()`: the dense head's epochs, the logistic head's C), its own other
+    parameters and seed, and the augmented views it trained on. Sets `job.start_head`."""
+    config = job.source.config
+    head = job.source.load_head()
+    refusal = head.finetune_refusal()
+    if refusal:
+        raise FinetuneError(f"{refusal} Received: run='{job.source.path}' with head {config['head']!r}")
+    params = head.get_params()
+    if not params.get("refit"):
+        job.start_head = {"trained_on": "train", "head": "the source run's head (refit=False)"}
+        return head
+    chosen = head.summary_()
+    train_only = make_head(config["head"], **{**params, **chosen, "refit": False})
+    views = bool((config.get("views") or {}).get("per_image"))
+    stream = check_features_fit_in_memory(job.cache, streams=train_only.streams_features,
+                                          views=views)
+    # select=None: no validation features reach the fit; the report split is not read
+    seconds = train_head(train_only, job.cache, SplitRoles(None, job.evaluation), stream,
+                         views and not stream)
+    job.start_head = {
+        "trained_on": "train",
+        "head": "the source run's head refit on train only (the source head was refit on "
+                "train + val)",
+        "chosen_settings": chosen, "views": views and not stream, "fit_seconds": round(seconds, 3)}
+    return train_only
 
 
 def _multilabel_loss(job: _Job):
@@ -248,7 +287,8 @@ def _metrics_of(job: _Job, split: str) -> dict:
 
 
 def _baseline_loss(job: _Job) -> float:
-    """Epoch 0: the validation loss before any training, measured as Keras measures it."""
+    """Epoch 0: the validation loss before any training, measured as Keras measures it,
+    of the starting head (which has seen train only, see `_starting_head`)."""
     return float(job.trainer.evaluate(job.sequence("val"), verbose=0, return_dict=True)["loss"])
 
 
@@ -263,7 +303,7 @@ def _train(job: _Job, baseline: float, progress: ProgressCallback | None) -> tup
         "backbone": job.spec.name, "blocks": job.blocks, "trainable_parameters": trainable,
         "train": len(job.splits["train"][0]), "val": len(job.splits["val"][0]),
         "epochs": settings.epochs, "steps": len(train_sequence), "device": device,
-        "baseline_val_loss": baseline}))
+        "baseline_val_loss": baseline, "start_head": job.start_head}))
     class_weight = None if job.multilabel else keras_class_weight(
         (job.source.config.get("head_params") or {}).get("class_weight"),
         job.splits["train"][1], len(job.classes))
@@ -307,6 +347,7 @@ def _save(job: _Job, runs: Path, before: dict, history: dict, best: dict, baseli
         "fit_seconds": round(fit_seconds, 3),
         "best_epoch": best["epoch"], "epochs_run": len(history.get("loss", [])),
         "baseline_val_loss": baseline, "kept_baseline": best["epoch"] == 0,
+        "start_head_trained_on": job.start_head["trained_on"],
     }
     finetune_settings = {
         "source_run": str(job.source.path.resolve()), "unfreeze": settings.unfreeze,
@@ -314,7 +355,8 @@ def _save(job: _Job, runs: Path, before: dict, history: dict, best: dict, baseli
         "batch_size": settings.batch_size, "augment": settings.augment,
         "patience": settings.patience, "seed": settings.seed,
         "trainable_parameters": int(sum(np.prod(w.shape) for w in job.trainer.trainable_weights)),
-        "before": "the source run's head on the same images, recomputed end to end",
+        "before": "the starting head (start_head) on the same images, recomputed end to end",
+        "start_head": job.start_head,
     }
     multilabel = {} if thresholds is None else {
         "multilabel": True, "thresholds": {c: float(t) for c, t in zip(job.classes, thresholds)}}

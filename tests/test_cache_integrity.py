@@ -457,7 +457,7 @@ def test_single_byte_flips_give_the_same_results_or_one_clean_error(cache, tmp_p
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent.parent), str(HERE.parent)])}
     try:
         done = subprocess.run([sys.executable, str(HERE), str(cache.path), *copies],
-                              capture_output=True, text=True, timeout=240, env=env)
+                              capture_output=True, text=True, timeout=300, env=env)
         output, crashed = done.stdout, done.returncode != 0 and f"exit {done.returncode}"
     except subprocess.TimeoutExpired as timeout:
         output = (timeout.stdout or b"").decode() if isinstance(timeout.stdout, bytes) \
@@ -476,7 +476,7 @@ def test_single_byte_flips_give_the_same_results_or_one_clean_error(cache, tmp_p
     # the real command line: exit 1, one line on stderr, no traceback
     for copy in (copies[0], copies[40]):
         result = subprocess.run([sys.executable, "-m", "probe.cli", "cache", "info", copy],
-                                capture_output=True, text=True, timeout=120, env=env)
+                                capture_output=True, text=True, timeout=300, env=env)
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 

@@ -177,3 +177,136 @@ def test_images_without_class_folders_are_explained(tmp_path):
 def test_split_folders_are_marked_as_given(tmp_path):
     assert data.discover(make_tree(tmp_path / "s", splits=True)).splits_given
     assert not data.discover(make_tree(tmp_path / "f")).splits_given
+
+
+# --- labels files an adversary wrote: one-line errors, never a wrong label -------------
+
+
+def _tiny_images(root, names):
+    for i, name in enumerate(names):
+        make_image(root / name, seed=i, size=(8, 8))
+    return root
+
+
+@pytest.mark.parametrize("separator", ["\n", "\r", "\r\n", "\u2028", "\u2029", "\x85",
+                                       "\x0b", "\x0c", "\x1c"],
+                         ids=["LF", "CR", "CRLF", "U+2028", "U+2029", "NEL", "VT", "FF", "FS"])
+def test_a_line_break_inside_a_quoted_csv_path_is_refused(tmp_path, separator):
+    """`"b/x<LF>y.png",a` was read as a row for b/xy.png: a label applied to an image
+    the row never named."""
+    root = _tiny_images(tmp_path / "ds", ["a/p.png", "a/q.png", "b/xy.png", "b/z.png"])
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f'path,label\na/p.png,a\n"b/x{separator}y.png",a\nb/z.png,b\n',
+                      newline="")
+    with pytest.raises(DatasetError) as raised:
+        data.discover(root, labels=labels)
+    message = str(raised.value)
+    assert "\n" not in message.replace("\\n", "")
+    assert "line break" in message and "line 3" in message and str(labels) in message
+
+
+def test_an_unquoted_unicode_line_separator_in_a_csv_path_is_refused(tmp_path):
+    root = _tiny_images(tmp_path / "ds", ["a/p.png", "b/xy.png", "b/z.png"])
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\na/p.png,a\nb/x\u2028y.png,b\nb/z.png,b\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"path cell of the row starting on line 3 .*U\+2028"):
+        data.discover(root, labels=labels)
+
+
+def test_a_quoted_comma_in_a_csv_path_is_still_a_path(tmp_path):
+    """Reading with line ends kept changes nothing for ordinary quoting."""
+    root = _tiny_images(tmp_path / "ds", ["a/p,1.png", "a/q.png", "b/r.png", "b/s.png"])
+    labels = tmp_path / "labels.csv"
+    labels.write_text('path,label\r\n"a/p,1.png",a\r\na/q.png,a\r\n\r\nb/r.png,b\r\nb/s.png,b\r\n',
+                      newline="")
+    found = data.discover(root, labels=labels, val_fraction=0, test_fraction=0)
+    assert [s.path for s in found.samples] == ["a/p,1.png", "a/q.png", "b/r.png", "b/s.png"]
+
+
+def test_a_csv_cell_over_the_readers_limit_is_one_line(tmp_path):
+    root = _tiny_images(tmp_path / "ds", ["a/p.png", "b/q.png"])
+    labels = tmp_path / "labels.csv"
+    labels.write_text('path,label\na/p.png,a\n"' + "x" * 140_000 + '",b\n')
+    with pytest.raises(DatasetError, match=r"line 3 of .*limit of 131,072 characters"):
+        data.discover(root, labels=labels)
+
+
+def test_a_line_break_inside_a_list_line_is_refused_on_the_line_an_editor_shows(tmp_path):
+    root = _tiny_images(tmp_path / "voc", ["JPEGImages/x.jpg", "JPEGImages/y.jpg"])
+    listed = tmp_path / "car_train.txt"
+    listed.write_text("x 1\ny\u2028z 1\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"line 2 of .*car_train.txt' holds U\+2028"):
+        data.discover(root, labels=listed)
+
+
+def _voc_main(tmp_path):
+    """The smallest VOC tree: two classes, train and val lists."""
+    root = _tiny_images(tmp_path / "VOC", [f"JPEGImages/{i}.jpg" for i in range(4)])
+    main = root / "ImageSets" / "Main"
+    main.mkdir(parents=True)
+    for split, ids in (("train", (0, 1)), ("val", (2, 3))):
+        for c, name in enumerate(("car", "dog")):
+            (main / f"{name}_{split}.txt").write_text(
+                "".join(f"{i} {'1' if i % 2 == c else '-1'}\n" for i in ids))
+    return root, main
+
+
+def _loop(main):
+    (main / "dog_train.txt").unlink()
+    (main / "dog_train.txt").symlink_to("dog_train.txt")
+
+
+def _folder(main):
+    (main / "dog_train.txt").unlink()
+    (main / "dog_train.txt").mkdir()
+
+
+def _dangling(main):
+    (main / "dog_train.txt").unlink()
+    (main / "dog_train.txt").symlink_to("nowhere.txt")
+
+
+def _latin1(main):
+    (main / "dog_train.txt").write_bytes("0 1\ncaf\xe9 -1\n".encode("latin-1"))
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (_loop, "symbolic link loop"), (_folder, "is a directory"),
+    (_dangling, "link to a file that does not exist"), (_latin1, "byte 0xe9 at offset 7"),
+], ids=["link-loop", "directory", "dangling-link", "not-utf8"])
+def test_an_unreadable_voc_list_is_a_one_line_error(tmp_path, damage, needle):
+    root, main = _voc_main(tmp_path)
+    assert data.discover(root, labels=main).multilabel
+    damage(main)
+    with pytest.raises(DatasetError) as raised:
+        data.discover(root, labels=main)
+    message = str(raised.value)
+    assert needle in message and "dog_train.txt" in message and "\n" not in message
+
+
+def test_a_labels_file_that_is_a_link_loop_or_a_directory_is_a_one_line_error(tmp_path):
+    root = _tiny_images(tmp_path / "ds", ["a/p.png", "b/q.png"])
+    loop = tmp_path / "labels.csv"
+    loop.symlink_to("labels.csv")
+    with pytest.raises(DatasetError, match="labels.csv' is a symbolic link loop"):
+        data.discover(root, labels=loop)
+    with pytest.raises(DatasetError, match="symbolic link loop"):
+        data.discover(root, labels={"train": loop})
+    (tmp_path / "test.csv").mkdir()
+    (tmp_path / "train.csv").write_text("path,label\na/p.png,a\nb/q.png,b\n")
+    with pytest.raises(DatasetError, match="expected a labels file for the test split"):
+        data.discover(root, labels={"train": tmp_path / "train.csv", "test": tmp_path / "test.csv"})
+
+
+def test_a_dataset_directory_that_is_a_link_loop_is_named_as_one(tmp_path):
+    (tmp_path / "ds").symlink_to("ds")
+    with pytest.raises(DatasetError, match="a symbolic link that leads nowhere"):
+        data.discover(tmp_path / "ds")
+
+
+def test_a_link_loop_among_class_folders_is_noted_not_raised(tmp_path):
+    root = make_tree(tmp_path / "ds", per_class=3)
+    (root / "loop").symlink_to("loop")
+    found = data.discover(root)
+    assert len(found.samples) == 9 and found.ignored == 0
+    assert "'" + str(root / "loop") + "': it is a symbolic link loop" in found.notes()[0]

@@ -68,6 +68,26 @@ def test_second_identical_run_does_no_backbone_work(image_tree, monkeypatch):
     np.testing.assert_array_equal(second.features("train"), first.features("train"))
 
 
+def test_a_file_whose_mtime_alone_changed_is_extracted_again(image_tree):
+    """Same size, same bytes, a new modification time: probe can not know the pixels are
+    the same without reading them, so the plan says not up to date and the file is read
+    again (and only it)."""
+    import os
+
+    first = probe.extract(image_tree, "vgg16", weights="none", image_size=32)
+    touched = first.paths("train")[0]
+    content = (image_tree / touched).read_bytes()
+    stat = os.stat(image_tree / touched)
+    os.utime(image_tree / touched, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert (image_tree / touched).read_bytes() == content
+
+    again, report = probe.extract_with_report(image_tree, "vgg16", weights="none", image_size=32)
+    assert report.status == "extracted"
+    assert report.extracted == 1 and report.reused == 17
+    assert report.changes == {"added": 0, "removed": 0, "modified": 1}
+    assert again.path == first.path and not again.check_source()
+
+
 def test_other_split_seed_reuses_features(image_tree, monkeypatch):
     first = probe.extract(image_tree, "vgg16", weights="none", image_size=32, seed=0)
     monkeypatch.setattr(backbones.BackboneSpec, "build",
@@ -148,7 +168,7 @@ def test_decoding_starts_while_the_model_is_built(image_tree, monkeypatch):
         return load_image(*args, **kwargs)
 
     def loading_once_decoding_has_begun(*args, **kwargs):
-        assert decoded.wait(timeout=10), "no image was decoded while the model was built"
+        assert decoded.wait(timeout=300), "no image was decoded while the model was built"
         return load_backbone(*args, **kwargs)
 
     monkeypatch.setattr(data, "load_image", decoding)

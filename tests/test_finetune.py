@@ -148,8 +148,15 @@ def test_finetune_vgg16_run_predict_and_export(tmp_path):
     losses = [metrics["baseline_val_loss"]] + [e.details["logs"]["val_loss"] for e in epochs]
     assert metrics["best_epoch"] == int(np.argmin(losses))
     assert metrics["kept_baseline"] == (metrics["best_epoch"] == 0)
-    assert metrics["before"]["accuracy"] == pytest.approx(source.metrics["accuracy"])
-    assert metrics["before"]["log_loss"] == pytest.approx(source.metrics["log_loss"], abs=1e-3)
+    # the source head was refit on train + val: training started from the same head fit
+    # on train only, and "before" is that head
+    assert config["finetune"]["start_head"]["trained_on"] == "train"
+    assert config["finetune"]["start_head"]["chosen_settings"] == {"epochs": 1}
+    assert metrics["start_head_trained_on"] == "train"
+    train_only = probe.fit(head="dense", epochs=1, hidden_units=16, learning_rate=1e-6,
+                           refit=False, html_report=False)
+    assert metrics["before"]["accuracy"] == pytest.approx(train_only.metrics["accuracy"])
+    assert metrics["before"]["log_loss"] == pytest.approx(train_only.metrics["log_loss"], abs=1e-3)
     assert metrics["comparison"]["accuracy"]["after"] == metrics["accuracy"]
 
     # the trainable weights were exactly block5's and the head's; the kept weights are an
@@ -194,10 +201,12 @@ def test_no_epoch_better_than_epoch_0_keeps_the_source_model(tmp_path):
     assert metrics["best_epoch"] == 0 and metrics["kept_baseline"] is True
     notes = [e for e in events if isinstance(e, Note) and e.kind == "no-improvement"]
     assert len(notes) == 1 and notes[0].details["baseline_val_loss"] == metrics["baseline_val_loss"]
-    # the saved model is the baseline: it scores exactly as the source run's head
+    # the saved model is the baseline: it scores exactly as the source run's head fit on
+    # train only (the source head was refit on train + val)
     assert metrics["accuracy"] == metrics["before"]["accuracy"]
     assert metrics["log_loss"] == pytest.approx(metrics["before"]["log_loss"], abs=1e-5)
-    assert metrics["log_loss"] == pytest.approx(source.metrics["log_loss"], abs=1e-3)
+    train_only = probe.fit(head="dense", epochs=3, hidden_units=16, refit=False, html_report=False)
+    assert metrics["log_loss"] == pytest.approx(train_only.metrics["log_loss"], abs=1e-3)
 
     # the source images are checked as `fit` checks them
     root = probe.FeatureCache.open(source.config["cache"]).attrs["dataset_root"]
@@ -209,6 +218,39 @@ def test_no_epoch_better_than_epoch_0_keeps_the_source_model(tmp_path):
     assert len(changed) == 1 and "1 added" in changed[0].details["message"]
     with pytest.raises(SourceChangedError, match="1 added"):
         probe.finetune(source, unfreeze=1, epochs=1, strict=True)
+
+
+def test_epoch_0_is_judged_on_val_images_no_head_was_fit_on(tmp_path):
+    """Random labels: a head refit on train + val has memorised val, so its val loss is
+    far below chance. Scoring epoch 0 with it gave every honestly judged epoch an
+    impossible target. The baseline is the val loss of the same head fit on train only."""
+    from conftest import make_image
+
+    classes = 4
+    for c in range(classes):  # pure noise: the labels say nothing about the pixels
+        for i in range(10):
+            make_image(tmp_path / "noise" / f"c{c}" / f"{i}.png", seed=100 * c + i, size=(12, 12))
+    cache = probe.extract(tmp_path / "noise", "vgg16", weights="none", image_size=32,
+                          val_fraction=0.3, test_fraction=0.2)
+    params = dict(head="dense", hidden_units=64, learning_rate=1e-2, epochs=20, html_report=False)
+    refit = probe.fit(cache, **params)
+    train_only = probe.fit(cache, **params, refit=False)
+    val = cache.split("val")
+
+    def val_loss(run):  # cross-entropy as Keras computes it (clipped at 1e-7)
+        proba = run.load_head().predict_proba(val.features)[np.arange(len(val.labels)), val.labels]
+        return float(-np.mean(np.log(np.clip(proba, 1e-7, 1.0))))
+
+    events = []
+    run = probe.finetune(refit, unfreeze=1, epochs=1, batch_size=16, augment=False,
+                         progress=events.append)
+    baseline = run.metrics["baseline_val_loss"]
+    assert baseline == pytest.approx(val_loss(train_only), abs=2e-3)
+    assert val_loss(refit) < baseline - 0.5  # the refit head's loss is not the baseline
+    # chance is ln 4 = 1.39; 12 val images: a loss far below it would be memorised val
+    assert baseline > np.log(classes) - 0.3
+    assert events[0].details["baseline_val_loss"] == baseline
+    assert run.config["finetune"]["start_head"]["trained_on"] == "train"
 
 
 def test_batchnorm_statistics_unchanged_resnet50(tmp_path, monkeypatch):
@@ -258,6 +300,7 @@ def test_cli_finetune_a_logistic_run(tmp_path):
                                   "--no-augment", "--batch-size", "8"])
     assert result.exit_code == 0, result.output
     assert "block4, block5 unfrozen" in result.output
+    assert "baseline: validation loss " in result.output
     assert "per epoch on this machine (CPU): about" in result.output  # stderr, mixed in
     assert "metric" in result.output and "before" in result.output and "after" in result.output
     new_run = result.output.strip().splitlines()[-1].removeprefix("Run: ")

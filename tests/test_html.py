@@ -172,7 +172,7 @@ class DevTools:
         self._next = 0
         self.events: list[dict] = []
 
-    def send(self, method: str, session: str | None = None, timeout: float = 60, **params):
+    def send(self, method: str, session: str | None = None, timeout: float = 300, **params):
         self._next += 1
         message = {"id": self._next, "method": method, "params": params}
         if session:
@@ -182,7 +182,7 @@ class DevTools:
         assert "error" not in reply, reply
         return reply.get("result", {})
 
-    def wait(self, matches, timeout: float = 60) -> dict:
+    def wait(self, matches, timeout: float = 300) -> dict:
         deadline = time.monotonic() + timeout
         while True:
             while b"\0" in self._buffer:
@@ -199,11 +199,11 @@ class DevTools:
 
     def close(self) -> None:
         try:
-            self.send("Browser.close", timeout=10)
+            self.send("Browser.close", timeout=300)
         except (AssertionError, OSError):
             pass
         try:
-            self.process.wait(timeout=10)
+            self.process.wait(timeout=300)
         except subprocess.TimeoutExpired:
             self.process.kill()
         os.close(self._writer)

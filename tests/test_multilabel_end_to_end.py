@@ -152,16 +152,21 @@ def test_finetune_trains_a_multilabel_run_with_binary_cross_entropy(comparison):
     tuned = probe.finetune(source, unfreeze=1, epochs=2, learning_rate=1e-4, batch_size=8,
                            augment=False, patience=2)
     assert tuned.metrics["multilabel"] is True
-    # epoch 0's validation loss is the binary cross-entropy of the source run's probabilities
+    # epoch 0's validation loss is the binary cross-entropy of the source run's head fit
+    # on train only (the source head was refit on train + val: it has seen val)
     from probe.cache import FeatureCache
-    from probe.inference import load_model
+    from probe.heads import make_head
 
     cache = FeatureCache.open(tuned.config["cache"])
-    paths, labels = cache.index("val")
-    pixels = probe.load_images([Path(cache.attrs["dataset_root"]) / p for p in paths], source)
-    proba = np.clip(load_model(Run.load(source)).predict(pixels, verbose=0), 1e-7, 1 - 1e-7)
-    bce = -np.mean(labels * np.log(proba) + (1 - labels) * np.log(1 - proba))
+    head = Run.load(source).load_head()
+    assert head.get_params()["refit"] is True
+    train, val = cache.split("train"), cache.split("val")
+    train_only = make_head("logreg", **{**head.get_params(), **head.summary_(), "refit": False})
+    train_only.fit(train.features, train.labels, classes=cache.classes)
+    proba = np.clip(train_only.predict_proba(val.features), 1e-7, 1 - 1e-7)
+    bce = -np.mean(val.labels * np.log(proba) + (1 - val.labels) * np.log(1 - proba))
     assert tuned.metrics["baseline_val_loss"] == pytest.approx(bce, rel=1e-3)
+    assert tuned.config["finetune"]["start_head"]["chosen_settings"] == head.summary_()
     assert "mean_average_precision" in tuned.metrics["before"]
     assert tuned.metrics["mean_average_precision"] > 0.8
     assert set(tuned.config["thresholds"]) == set(COLOURS)

@@ -146,7 +146,7 @@ def test_a_kill_during_view_extraction_resumes_to_the_same_views(tree, tmp_path,
             "--augment", "3", "--cache-dir", cache_dir]
     # 12 images: 3 clean batches, then 24 views: 6 batches; held after the 5th part
     process = spawn(args, "parts:5", "views")
-    wait_for(process.marker.exists, process, seconds=180)
+    wait_for(process.marker.exists, process, seconds=300)
     process.kill()
     assert process.wait() == -signal.SIGKILL
     view_parts = list(cache_dir.glob(".parts-*-views-*/part-*.npz"))
