@@ -588,9 +588,11 @@ def finetune_command(run, unfreeze, epochs, learning_rate, batch_size, no_augmen
     RUN is a run of `probe fit` (a dense or logistic head). Backbone and head become one
     model; the last --unfreeze blocks of the backbone train with a low learning rate (every
     BatchNormalization layer stays frozen), on the run's own train / validation / test
-    images, with augmentation and early stopping on validation loss. Epoch 0 (the run's
-    head before any training) is the baseline: when no epoch beats it, the new model is
-    that baseline and the command says so. Writes a new run directory with the report of
+    images, with augmentation and early stopping on validation loss. Epoch 0 (the starting
+    head before any training: the run's head, or where the run was refit on train + val, the
+    same head fit on train only, so that validation images judge every epoch fairly) is the
+    baseline: when no epoch beats it, the new model is that baseline and the command says
+    so. Writes a new run directory with the report of
     `probe fit`, the before / after comparison on the test split and model.keras, which
     `probe predict` and `probe export` use.
 
@@ -613,8 +615,8 @@ def finetune_command(run, unfreeze, epochs, learning_rate, batch_size, no_augmen
     click.echo(format_table(comparison_rows(metrics), ["metric", "before", "after"]))
     score = "mean_average_precision" if metrics.get("multilabel") else "accuracy"
     click.echo(f"({score_label(metrics)} split, 95% interval of the {score.replace('_', ' ')} after: "
-               f"{format_interval(metrics.get(f'{score}_ci'))}; before: the source run's head "
-               "on the same images)")
+               f"{format_interval(metrics.get(f'{score}_ci'))}; before: the starting head, "
+               "fit on the training images only, on the same images)")
     click.echo(f"Run: {result.path}")
 
 
@@ -665,7 +667,7 @@ def note_line(event) -> str | None:
         return ("no test split: the scores are on the validation split that chose the epoch "
                 "(optimistic); add a test split for an unbiased score")
     if event.kind == "no-improvement":
-        return (f"no epoch beat epoch 0 (the source run's head before any training, validation "
+        return (f"no epoch beat epoch 0 (the starting head before any training, validation "
                 f"loss {details['baseline_val_loss']:.4f}) in {_epochs(details['epochs_run'])}: "
                 "the new run keeps that model")
     return None
