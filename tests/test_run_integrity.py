@@ -186,3 +186,15 @@ def test_nested_keys_are_named_in_full(run_copy):
     with pytest.raises(RunError, match="expected a number or null at 'per_class.green.recall', "
                                        "received a string"):
         probe.Run.load(run_copy)
+
+
+def test_a_curve_directory_has_a_manifest_too(fitted, tmp_path):
+    run, _ = fitted
+    result = probe.curve(run.config["cache"], shots="2", repeats=1, heads="logreg",
+                         runs_dir=tmp_path)
+    run_files.verify_directory(result.path, "curve")
+    with open(result.path / "curve.csv", "a") as handle:
+        handle.write("logreg,2,1,6,,1.0,1.0,fixed,{},test,test\n")
+    with pytest.raises(RunError, match="run file 'curve.csv' .* does not match its checksum .*; "
+                                       "run `probe curve` again"):
+        run_files.verify_directory(result.path, "curve")
