@@ -27,7 +27,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from . import (backbones as backbones_mod, cache as cache_mod, data, evaluate, heads as heads_mod,
-               html, report, store)
+               html, report, run_files, store)
 from .engines.ray import RayOptions
 from .errors import BackboneError, ProbeError
 from .progress import Advanced, Finished, Note, ProgressCallback, Started, emit
@@ -322,6 +322,7 @@ def compare(
         from .curve import write_comparison_curves
 
         result.curve = write_comparison_curves(out, curves, len(plan.found.classes))
+    run_files.write_manifest(out, "comparison")  # last but report.html, which it leaves out
     if html_report:
         html.write_report(result)
     emit(progress, Finished("compare", details={"path": str(out), "runs": len(result),

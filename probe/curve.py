@@ -35,7 +35,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import heads as heads_mod, report
+from . import heads as heads_mod, report, run_files
 from .cache import FeatureCache, Split
 from .errors import CacheError, ProbeError
 from .progress import Advanced, Finished, Note, ProgressCallback, Started, emit
@@ -259,6 +259,7 @@ def curve(
         write_curve_csv(result.path / "curve.csv", result.records)
         plot_curve(result, result.path / "curve.png", len(chosen.classes),
                    title=f"{chosen.backbone}: accuracy on {result.split}")
+        run_files.write_manifest(result.path, "curve")
     emit(progress, Finished("curve", details={"seconds": result.seconds,
                                               "path": str(result.path) if result.path else None}))
     return result

@@ -125,7 +125,7 @@ def finetune(
     >>> run = probe.finetune(".probe/runs/20260101-120000-vgg16-dense", unfreeze=1)
     >>> run.metrics["before"]["accuracy"], run.metrics["accuracy"]
     """
-    source = run if isinstance(run, Run) else Run.load(run)
+    source = Run.open(run)  # verified again: its files may have changed since
     settings, spec = _check_settings(source, unfreeze, epochs, learning_rate, batch_size,
                                      augment, patience, seed)
     cache = _open_cache(source)

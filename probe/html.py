@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from . import store
+from . import run_files, store
 from .errors import RunError
 from .progress import Finished, Note, ProgressCallback, Started, emit
 
@@ -76,7 +76,9 @@ def write_report(
     """Write `report.html` for a run directory (of `probe fit`) or a comparison directory
     (of `probe compare`) and return its path (`out`, default inside the directory).
 
-    `run_or_dir` is a path, a `Run` or a `Comparison`.
+    `run_or_dir` is a path, a `Run` or a `Comparison`. The directory's files are checked
+    against its manifest first (`probe.run_files`): an edited run is refused, not reported.
+    report.html itself is outside the manifest, so writing it changes nothing that is checked.
 
     >>> probe.write_report(".probe/runs/20260101-120000-vgg16-logreg")
     PosixPath('.probe/runs/20260101-120000-vgg16-logreg/report.html')
@@ -86,6 +88,7 @@ def write_report(
     if (directory / "config.json").is_file():
         page = render_run(directory, caps, progress)
     elif (directory / COMPARE_CSV).is_file():
+        run_files.verify_directory(directory, "comparison")  # compare.csv, compare.png
         page = render_comparison(directory)
     else:
         raise RunError(
@@ -137,11 +140,14 @@ class RunInputs:
 
 
 def load_run_inputs(directory: Path) -> RunInputs:
+    """What a run's report reads, once the run's files match its manifest and its JSON
+    files have the types the report uses (`Run.load`; else `RunError` naming the file)."""
     from .cache import FeatureCache
     from .errors import ProbeError
+    from .runs import Run
 
-    config = _read_json(directory / "config.json")
-    metrics = _read_json(directory / "metrics.json") if (directory / "metrics.json").is_file() else {}
+    run = Run.load(directory)
+    config, metrics = run.config, run.metrics
     predictions = read_predictions(directory / PREDICTIONS_FILE, config.get("classes", []))
     cache, problem = None, ""
     if config.get("cache"):
@@ -176,13 +182,6 @@ def read_predictions(path: Path, classes: list[str]) -> list[Prediction]:
                     proba[name] = float("nan")
             rows.append(Prediction(row[0], row[1], row[2], proba))
     return rows
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise RunError(f"'{_display(path)}' can not be read ({error}); re-run `probe fit`.") from None
 
 
 # --- images ---------------------------------------------------------------------------

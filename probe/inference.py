@@ -131,7 +131,7 @@ def load_images(paths: Iterable[str | os.PathLike], run: str | os.PathLike | Run
     >>> pixels = probe.load_images(["cat.jpg"], ".probe/runs/20260101-120000-vgg16-logreg")
     >>> keras.saving.load_model("cats_dogs.keras").predict(pixels)
     """
-    run = run if isinstance(run, Run) else Run.load(run)
+    run = Run.open(run)  # verified again: its files may have changed since
     files = [Path(p) for p in paths]
     pixels, good, errors = _decode(files, int(run.config["image_size"]))
     if errors:
@@ -202,7 +202,7 @@ def predict(
     >>> probe.predict(".probe/runs/20260101-120000-vgg16-logreg", ["new_photos/"])
     """
     settings.check_batch_size(batch_size)
-    run = run if isinstance(run, Run) else Run.load(run)
+    run = Run.open(run)  # verified again: its files may have changed since
     images = collect_images(inputs)
     if output is not None:
         _check_output(Path(output))
@@ -269,7 +269,7 @@ def export(run: str | os.PathLike | Run, out: str | os.PathLike) -> Path:
 
     >>> probe.export(".probe/runs/20260101-120000-vgg16-logreg", "cats_dogs.keras")
     """
-    run = run if isinstance(run, Run) else Run.load(run)
+    run = Run.open(run)  # verified again: its files may have changed since
     out = Path(out).expanduser()
     if out.suffix != ".keras":
         raise ProbeError(f"expected an output file ending in .keras. Received: out='{out}'")

@@ -2,7 +2,9 @@
 
 A run directory (`<cache dir>/runs/<time>-<backbone>-<head>/`) holds `config.json`
 (everything needed to reproduce the run and to rebuild its backbone), `metrics.json`, the
-plots and the head itself (`head/`), or for a fine-tuned run the whole model (`model.keras`).
+plots and the head itself (`head/`), or for a fine-tuned run the whole model (`model.keras`),
+and last `manifest.json`: the checksum of every file, verified whenever the run is read back
+(`probe.run_files`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import cache as cache_mod, evaluate, heads, html, report, settings, store
+from . import cache as cache_mod, evaluate, heads, html, report, run_files, settings, store
 from .cache import FeatureCache
 from .errors import CacheError, RunError
 from .heads.stream import FeatureStream
@@ -43,7 +45,8 @@ class Run:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Run":
-        """Open a run directory written by `probe fit` or `probe finetune`."""
+        """Open a run directory written by `probe fit` or `probe finetune`, once its files
+        match its manifest and its JSON files have the types probe reads (else `RunError`)."""
         directory = Path(path).expanduser()
         config_path = directory / CONFIG
         if not config_path.is_file():
@@ -52,14 +55,10 @@ class Run:
                 f"{'it does not exist' if not directory.exists() else f'found no {CONFIG}'}. "
                 f"Runs are under .probe/runs/. Received: run='{path}'"
             )
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-            metrics_path = directory / METRICS
-            metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
-        except (OSError, ValueError) as error:
-            raise RunError(
-                f"the run file '{config_path}' can not be read ({error}); re-run `probe fit`."
-            ) from None
+        run_files.verify_directory(directory)  # an edited, added or deleted file: refused
+        config = run_files.read_json(directory, CONFIG, run_files.CONFIG_SHAPE)
+        metrics = (run_files.read_json(directory, METRICS, run_files.METRICS_SHAPE)
+                   if (directory / METRICS).is_file() else {})
         missing = [key for key in ("head", "backbone", "classes", "image_size") if key not in config]
         if missing:
             raise RunError(
@@ -89,6 +88,16 @@ class Run:
             raise RunError(f"'{self.path / CONFIG}' records no decision threshold per class for "
                            "this multi-label run; re-run `probe fit`.") from None
         return values
+
+    @classmethod
+    def open(cls, run: "str | os.PathLike | Run") -> "Run":
+        """`Run.load` of a path, or of the directory of a `Run` (read and verified again:
+        its files may have changed since the object was made); the notes are kept."""
+        if isinstance(run, Run):
+            loaded = cls.load(run.path)
+            loaded.notes = list(run.notes)
+            return loaded
+        return cls.load(run)
 
     def load_head(self) -> heads.Head:
         """The trained head (not for a fine-tuned run, whose head is inside its model),
@@ -356,12 +365,14 @@ def check_writable(directory: Path) -> None:
 
 
 def save_run(runs_dir: Path, labels: tuple[str, ...], write: Callable[[Path], None]) -> Path:
-    """Have `write` fill a hidden temporary directory, then give it its final name
-    (`new_run_dir`): a failure half-way leaves no half-written run directory behind."""
+    """Have `write` fill a hidden temporary directory, add its manifest, then give it its
+    final name (`new_run_dir`): a failure half-way leaves no half-written run directory
+    behind."""
     temporary = Path(tempfile.mkdtemp(dir=runs_dir, prefix=".run-"))
     final = None
     try:
         write(temporary)
+        run_files.write_manifest(temporary)  # last: it lists every file written above
         final = new_run_dir(runs_dir, *labels)
         store.replace_directory(temporary, final)  # over the empty reserved one, atomically
         return final

@@ -18,6 +18,7 @@ import probe
 from conftest import make_image, make_tree
 from probe.cli import main
 from probe.html import REPORT_FILE, Caps, esc, script_json, write_report
+from probe.run_files import write_manifest
 
 HOSTILE = '<b>"odd" & \'class\''  # a class folder name that must be escaped everywhere
 SECTIONS = ["settings", "metrics", "plots", "mistakes", "map", "neighbours", "duplicates",
@@ -85,6 +86,7 @@ def test_report_shows_intervals_and_split_role_when_present(hostile_run, tmp_pat
     metrics.update(accuracy_ci=[0.4125, 0.8875], macro_f1_ci={"low": 0.31, "high": 0.72},
                    split_role="validation, used for selection")
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    write_manifest(run_dir)  # an edit the manifest would refuse, accepted once listed
     page = write_report(run_dir).read_text(encoding="utf-8")
     assert "[0.4125, 0.8875]" in page and "[0.3100, 0.7200]" in page
     assert "validation, used for selection" in page
@@ -96,6 +98,7 @@ def test_report_of_a_run_whose_cache_is_gone(hostile_run, tmp_path):
     config = json.loads((run_dir / "config.json").read_text())
     config["cache"] = str(tmp_path / "missing.h5")
     (run_dir / "config.json").write_text(json.dumps(config))
+    write_manifest(run_dir)
     page = write_report(run_dir).read_text(encoding="utf-8")
     assert page.count("Unavailable: expected a feature cache file") == 3  # map, neighbours, duplicates
     assert '<section id="mistakes">' in page

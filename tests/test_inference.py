@@ -5,6 +5,7 @@ import probe
 from probe import data
 from probe.errors import ProbeError, RunError
 from probe.inference import preprocessing_weights
+from probe.run_files import write_manifest
 
 
 @pytest.mark.parametrize("name", ["vgg16", "densenet121", "xception"])
@@ -81,6 +82,9 @@ def test_predict_and_export_errors(separable_cache, tmp_path):
 def test_tampered_head_file_is_a_clear_error(separable_cache):
     run = probe.fit(head="dense", epochs=2)
     (run.path / "head" / "head.keras").write_bytes(b"PK\x03\x04 tampered")
+    with pytest.raises(RunError, match="run file 'head/head.keras' .* does not match its checksum"):
+        probe.predict(run.path, [separable_cache.attrs["dataset_root"]])
+    write_manifest(run.path)  # past the manifest, the head's loader still refuses
     with pytest.raises(RunError, match="re-run `probe fit`"):
         probe.predict(run.path, [separable_cache.attrs["dataset_root"]])
 
