@@ -446,3 +446,43 @@ def test_no_value_from_a_file_runs_in_chromium(hostile_run, tmp_path):
     found, problems = open_in_chromium(report, tmp_path / "profile")
     assert problems == []
     assert found["sections"] == SECTIONS and found["hover"]["shown"]
+
+
+# --- terminal output of text from files ------------------------------------------------
+
+OSC = "\x1b]52;c;b3duZWQ=\x07"  # an OSC 52 sequence: writes to the clipboard
+
+
+def test_fit_prints_no_escape_sequence_from_a_file(hostile_run, tmp_path):
+    """<cache>.duplicates.json and a path with escape sequences: `probe fit` shows them as
+    visible escapes, on stdout and stderr alike. (A class name is no different: fit prints
+    it only inside such messages; the cache's checksums keep a test from editing one in.)"""
+    from probe.duplicates import DEFAULT_THRESHOLD, SIDECAR_SUFFIX
+
+    cache = tmp_path / "cache.h5"
+    shutil.copy(hostile_run.config["cache"], cache)
+    stat = cache.stat()
+    sidecar = {"key": {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                       "threshold": float(DEFAULT_THRESHOLD)},
+               "result": {"pairs": [], "groups": [], "n_images": 1, "threshold": 0.98,
+                          "counts": {"pairs": 1, "cross_split_pairs": f"1{OSC}",
+                                     f"train-test{OSC}": 1}}}
+    cache.with_name(cache.name + SIDECAR_SUFFIX).write_text(json.dumps(sidecar))
+    result = CliRunner().invoke(main, ["fit", "--cache", str(cache), "--no-report", "--head", "knn",
+                                       "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    assert "cross splits" in result.output
+    assert "\\x1b]52;c;b3duZWQ=\\x07" in result.output  # shown, escaped
+    assert not any(c in result.output for c in "\x1b\x07\r")
+    # the one-line error printer: a path from the command line or a file
+    result = CliRunner().invoke(main, ["fit", "--cache", str(tmp_path / f"no{OSC}.h5")])
+    assert result.exit_code == 1 and "\\x1b]52;c;b3duZWQ=\\x07" in result.output
+    assert "\x1b" not in result.output and result.output.count("\n") == 1
+
+
+def test_terminal_text_escapes_controls_but_keeps_text():
+    from probe.terminal import terminal_text
+
+    assert terminal_text(f"a{OSC}b\tc\nd\u202ee\x9bf") == "a\\x1b]52;c;b3duZWQ=\\x07b\\tc\\nd\\u202ee\\x9bf"
+    assert terminal_text("table\nrow", newlines=True) == "table\nrow"
+    assert terminal_text(os.fsdecode(b"caf\xe9 \xc3\xa9")) == "caf\\xe9 é"
