@@ -10,7 +10,10 @@ A run's report reads only what the run directory and its cache hold: config.json
 metrics.json, test_predictions.csv, the plots, the cached features (for the map, the
 nearest neighbours and the duplicates) and the image files under the dataset root (for
 the thumbnails; a missing or undecodable file gets a note instead of a picture). Every
-string that comes from data (paths, class names, messages) is HTML-escaped.
+value that comes from data (paths, class names, messages, and the numbers of metrics.json
+and of the duplicates file, which are files like any other) is HTML-escaped, attributes
+included; the page's Content-Security-Policy allows its own <style> and <script> by hash
+only, so markup that got past the escaping still could not run.
 """
 
 from __future__ import annotations
