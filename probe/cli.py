@@ -27,10 +27,18 @@ from .inference import export, predict
 from .progress import Advanced, Event, Finished, Note, Started
 from .report import format_interval, format_table
 from .runs import Run, fit, score_label, summary_columns, summary_rows
+from .terminal import terminal_text
 from .curve import curve
 
 # A seed any part of probe accepts (NumPy's and Keras' seeds are 32-bit).
 SEED = click.IntRange(0, settings.MAX_SEED)
+
+
+def _echo(message: object = "", err: bool = False, lines: bool = False) -> None:
+    """Print a message whose text may come from files (paths, class names, a cache's or a
+    run's stored values): control characters and escape sequences are shown escaped
+    (`terminal_text`), newlines too unless `lines` (a table or a block probe laid out)."""
+    click.echo(terminal_text(message, newlines=lines), err=err)
 
 
 def _fail_cleanly(command):
@@ -41,10 +49,11 @@ def _fail_cleanly(command):
         try:
             return command(*args, **kwargs)
         except ProbeError as error:
-            raise click.ClickException(str(error)) from None
+            # errors name paths, class names and values read from files
+            raise click.ClickException(terminal_text(str(error))) from None
         except KeyboardInterrupt:
-            click.echo("\nInterrupted; finished batches are kept and the next run resumes.",
-                       err=True)
+            _echo("\nInterrupted; finished batches are kept and the next run resumes.",
+                  err=True, lines=True)
             sys.exit(130)
 
     return wrapper
@@ -55,7 +64,7 @@ class _OneLineUsageError(click.UsageError):
 
     def show(self, file=None) -> None:
         hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
-        click.echo(f"Error: {self.format_message()}{hint}", err=True)
+        _echo(f"Error: {self.format_message()}{hint}", err=True)
 
 
 class _Group(click.Group):
@@ -97,6 +106,9 @@ def main() -> None:
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
+    """A plain-text table; each cell on one line, its control characters escaped."""
+    header = [terminal_text(name) for name in header]
+    rows = [[terminal_text(cell) if isinstance(cell, str) else cell for cell in row] for row in rows]
     return format_table([dict(zip(header, row)) for row in rows], header)
 
 
@@ -111,7 +123,7 @@ def backbones_command() -> None:
         spec = backbones.get(name)
         rows.append([name, str(spec.native_size), str(spec.min_size), str(spec.feature_size),
                      spec.preprocessing])
-    click.echo(_table(rows, ["backbone", "native size", "min size", "features", "preprocessing"]))
+    _echo(_table(rows, ["backbone", "native size", "min size", "features", "preprocessing"]), lines=True)
 
 
 def _apply(*decorators):
@@ -206,7 +218,7 @@ AUGMENT_OPTIONS = (
 
 
 def _say(message: str) -> None:
-    click.echo(message, err=True)
+    _echo(message, err=True)
 
 
 class _Progress:
@@ -332,15 +344,15 @@ def extract_command(dataset, backbone, weights, image_size, pooling, batch_size,
     if result.multilabel:
         counts += f"; multi-label, {len(result.classes)} classes"
     if report.status == "up to date":
-        click.echo(f"Cache up to date: {result.path} ({counts})")
+        _echo(f"Cache up to date: {result.path} ({counts})")
     else:
         ran = f" (backbone on {report.runtime})" if report.runtime and report.extracted else ""
-        click.echo(f"Wrote {result.path} ({counts}): {report.extracted} extracted, "
-                   f"{report.reused} reused{ran}")
+        _echo(f"Wrote {result.path} ({counts}): {report.extracted} extracted, "
+              f"{report.reused} reused{ran}")
     if result.view_count:
-        click.echo(f"Views: {result.view_count} per training image "
-                   f"({result.attrs['views_policy']}): {report.views_extracted} extracted, "
-                   f"{report.views_reused} reused")
+        _echo(f"Views: {result.view_count} per training image "
+              f"({result.attrs['views_policy']}): {report.views_extracted} extracted, "
+              f"{report.views_reused} reused")
     if report.skipped:
         _say(f"Skipped {report.skipped} files that could not be decoded "
              f"(see `probe cache info {result.path}`)")
@@ -427,22 +439,22 @@ def fit_command(cache_file, cache_path, backbone, cache_dir, runs_dir, head, see
     run = fit(cache_path, head, backbone=backbone, cache_dir=cache_dir, runs_dir=runs_dir,
               strict=strict, html_report=not no_report, views=not no_views, **params)
     for note in run.notes:
-        click.echo(note, err=True)
+        _echo(note, err=True)
     metrics = run.metrics
-    click.echo(f"{run.config['backbone']} + {head} on {run.config['cache']}")
+    _echo(f"{run.config['backbone']} + {head} on {run.config['cache']}")
     views = run.config.get("views") or {}
     if views.get("available"):
-        click.echo(f"Views: {views['per_image']} augmented views per training image used "
-                   f"(of {views['available']}, policy {views['policy']})")
+        _echo(f"Views: {views['per_image']} augmented views per training image used "
+              f"(of {views['available']}, policy {views['policy']})")
     chosen = metrics.get("chosen") or {}
     if chosen:
         text = ", ".join(f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}"
                          for key, value in chosen.items())
         source = ("" if metrics.get("selected_on")
                   else " (the defaults: no validation split to choose them on)")
-        click.echo(f"Chosen settings: {text}{source}")
-    click.echo(format_table(summary_rows(metrics), summary_columns(metrics)))
-    click.echo(f"Run: {run.path}")
+        _echo(f"Chosen settings: {text}{source}")
+    _echo(format_table(summary_rows(metrics), summary_columns(metrics)), lines=True)
+    _echo(f"Run: {run.path}")
 
 
 def _fit_cache_argument(cache_file, cache_path):
@@ -486,13 +498,13 @@ def curve_command(cache_path, backbone, cache_dir, shots, repeats, heads, seed) 
     result = curve(cache_path, shots=shots, repeats=repeats, heads=heads, seed=seed,
                    backbone=backbone, cache_dir=cache_dir)
     for note in result.notes:
-        click.echo(note, err=True)
-    click.echo(format_table(*_curve_rows(result)))
+        _echo(note, err=True)
+    _echo(format_table(*_curve_rows(result)), lines=True)
     short = max((r["short_classes"] for r in result.summary), default=0)
     if short:
-        click.echo(f"short classes: classes with fewer training images than the shot count "
-                   f"(they use all they have); up to {short} here")
-    click.echo(f"Run: {result.path}")
+        _echo(f"short classes: classes with fewer training images than the shot count "
+              f"(they use all they have); up to {short} here")
+    _echo(f"Run: {result.path}")
 
 
 def _curve_rows(result) -> tuple[list[dict], list[str]]:
@@ -529,14 +541,14 @@ def predict_command(run, images, output, batch_size) -> None:
             rows.append([r.path, "-", *["" for _ in classes], r.error])
         else:
             rows.append([r.path, r.predicted, *(f"{r.probabilities[c]:.4f}" for c in classes), ""])
-    click.echo(_table(rows, ["path", "predicted", *classes, "error"]))
+    _echo(_table(rows, ["path", "predicted", *classes, "error"]), lines=True)
     failed = sum(1 for r in results if r.error)
     if output:
-        click.echo(f"Wrote {output}", err=True)
+        _echo(f"Wrote {output}", err=True)
     if failed == len(results):
         raise click.ClickException(f"none of the {failed} files could be decoded (see the error column)")
     if failed:
-        click.echo(f"{failed} of {len(results)} files could not be decoded", err=True)
+        _echo(f"{failed} of {len(results)} files could not be decoded", err=True)
 
 
 @main.command("export")
@@ -552,7 +564,7 @@ def export_command(run, out) -> None:
     Example: probe export .probe/runs/20260101-120000-vgg16-logreg cats_dogs.keras
     """
     path = export(run, out)
-    click.echo(f"Wrote {path}")
+    _echo(f"Wrote {path}")
 
 
 def _stop_on_sigterm() -> None:
@@ -609,15 +621,15 @@ def finetune_command(run, unfreeze, epochs, learning_rate, batch_size, no_augmen
         shown.close()
     metrics = result.metrics
     tuned = result.config["finetune"]
-    click.echo(f"{result.config['backbone']} + {result.config['head']}, fine-tuned with "
-               f"{', '.join(tuned['blocks'])} unfrozen: best epoch {metrics['best_epoch']} "
-               f"of {metrics['epochs_run']} (0: before training)")
-    click.echo(format_table(comparison_rows(metrics), ["metric", "before", "after"]))
+    _echo(f"{result.config['backbone']} + {result.config['head']}, fine-tuned with "
+          f"{', '.join(tuned['blocks'])} unfrozen: best epoch {metrics['best_epoch']} "
+          f"of {metrics['epochs_run']} (0: before training)")
+    _echo(format_table(comparison_rows(metrics), ["metric", "before", "after"]), lines=True)
     score = "mean_average_precision" if metrics.get("multilabel") else "accuracy"
-    click.echo(f"({score_label(metrics)} split, 95% interval of the {score.replace('_', ' ')} after: "
-               f"{format_interval(metrics.get(f'{score}_ci'))}; before: the starting head, "
-               "fit on the training images only, on the same images)")
-    click.echo(f"Run: {result.path}")
+    _echo(f"({score_label(metrics)} split, 95% interval of the {score.replace('_', ' ')} after: "
+          f"{format_interval(metrics.get(f'{score}_ci'))}; before: the starting head, "
+          "fit on the training images only, on the same images)")
+    _echo(f"Run: {result.path}")
 
 
 # --- sentences of progress events ---------------------------------------------------------
@@ -716,7 +728,7 @@ class _Events:
             line = note_line(event)
             if line is not None:
                 self._end_bar()
-                click.echo(line, err=True)
+                _echo(line, err=True)
             elif event.kind == "estimate":
                 self._end_bar()
                 self._say(estimate_line(event.details))
@@ -748,7 +760,7 @@ class _Events:
 
     def _say(self, message: str) -> None:
         if not self.quiet:
-            click.echo(message, err=True)
+            _echo(message, err=True)
 
 
 # --- compare and demo -------------------------------------------------------------------
@@ -756,31 +768,31 @@ class _Events:
 
 
 def _show_comparison(result) -> None:
-    click.echo(result.table())
+    _echo(result.table(), lines=True)
     note = score_note(result)
     if note:
-        click.echo(note)
+        _echo(note)
     by_error: dict[str, list[str]] = {}
     for record in result.failed:  # one line per reason: a backbone fails for all its heads
         by_error.setdefault(record["error"], []).append(f"{record['backbone']} + {record['head']}")
     for error, rows in by_error.items():
-        click.echo(f"{', '.join(rows)} failed: {error}", err=True)
+        _echo(f"{', '.join(rows)} failed: {error}", err=True)
     report = ", report.html" if (result.path / "report.html").is_file() else ""
-    click.echo(f"Wrote {result.path}/compare.csv, compare.md, compare.png{report}")
+    _echo(f"Wrote {result.path}/compare.csv, compare.md, compare.png{report}")
     if result.curve is not None:
-        click.echo(format_table(*_curve_rows(result.curve)))
-        click.echo(f"Wrote {result.path}/curve.csv, curve.png")
+        _echo(format_table(*_curve_rows(result.curve)), lines=True)
+        _echo(f"Wrote {result.path}/curve.csv, curve.png")
     best = result.best
     if best is None:
         raise click.ClickException("no backbone and head finished; see the errors above")
     tied = [f"{r['backbone']} + {r['head']}" for r in result if r.get("tied") == "yes"]
     name, value, interval = compare_headline(best)
-    click.echo(f"Best: {best['backbone']} + {best['head']} ({best['split_role']} {name} "
-               f"{value:.4f} {format_interval(interval)}): {best['run']}")
+    _echo(f"Best: {best['backbone']} + {best['head']} ({best['split_role']} {name} "
+          f"{value:.4f} {format_interval(interval)}): {best['run']}")
     if tied:
-        click.echo(f"Tied with the best (overlapping 95% intervals): {', '.join(tied)}")
-    click.echo(f"  probe predict {best['run']} IMAGES...")
-    click.echo(f"  probe export {best['run']} OUT.keras")
+        _echo(f"Tied with the best (overlapping 95% intervals): {', '.join(tied)}")
+    _echo(f"  probe predict {best['run']} IMAGES...")
+    _echo(f"  probe export {best['run']} OUT.keras")
 
 
 @main.command("compare")
@@ -886,7 +898,7 @@ def report_command(directory, output) -> None:
     Example: probe report .probe/runs/20260101-120000-vgg16-logreg
     """
     path = write_report(directory, out=output)
-    click.echo(f"Wrote {path} ({path.stat().st_size / 1e3:.0f} kB)")
+    _echo(f"Wrote {path} ({path.stat().st_size / 1e3:.0f} kB)")
 
 
 @main.command("duplicates")
@@ -913,7 +925,7 @@ def duplicates_command(cache, threshold, strict, as_json, limit, exact) -> None:
     found = find_duplicates(cache, DEFAULT_THRESHOLD if threshold is None else threshold,
                             exact=True if exact else None)
     if as_json:
-        click.echo(json.dumps(found.to_dict(), indent=2, default=cache_mod.display))
+        _echo(json.dumps(found.to_dict(), indent=2, default=cache_mod.display), lines=True)
     else:
         _show_duplicates(found, limit)
     cross = found.cross_split_pairs
@@ -923,25 +935,25 @@ def duplicates_command(cache, threshold, strict, as_json, limit, exact) -> None:
 
 def _show_duplicates(found, limit: int) -> None:
     counts = found.counts()
-    click.echo(f"{found.n_images} images, threshold {found.threshold:g} ({found.method}, "
-               f"{found.seconds:.1f} s): {counts['exact_pairs']} identical-file pairs, "
-               f"{counts['near_pairs']} near pairs in {counts['groups']} groups; "
-               f"{counts['cross_split_pairs']} pairs cross splits")
+    _echo(f"{found.n_images} images, threshold {found.threshold:g} ({found.method}, "
+          f"{found.seconds:.1f} s): {counts['exact_pairs']} identical-file pairs, "
+          f"{counts['near_pairs']} near pairs in {counts['groups']} groups; "
+          f"{counts['cross_split_pairs']} pairs cross splits")
     show = cache_mod.display
     rows = [[p.splits, "identical" if p.exact else "near", f"{p.similarity:.4f}",
              f"{p.first.split}:{show(p.first.path)}", f"{p.second.split}:{show(p.second.path)}"]
             for p in found.pairs[:limit]]
     if rows:
-        click.echo(_table(rows, ["splits", "kind", "similarity", "first", "second"]))
+        _echo(_table(rows, ["splits", "kind", "similarity", "first", "second"]), lines=True)
     if len(found.pairs) > limit:
-        click.echo(f"... {len(found.pairs) - limit} more pairs (--limit, --json)")
+        _echo(f"... {len(found.pairs) - limit} more pairs (--limit, --json)")
     for number, group in enumerate(found.groups[:limit], start=1):
         kind = "identical files" if group.exact else f"similarity >= {group.min_similarity:.4f}"
         members = ", ".join(f"{image.split}:{show(image.path)}" for image in group.images[:8])
         more = f" and {len(group.images) - 8} more" if len(group.images) > 8 else ""
-        click.echo(f"group {number} ({len(group.images)} images, {kind}): {members}{more}")
+        _echo(f"group {number} ({len(group.images)} images, {kind}): {members}{more}")
     for path, reason in found.unreadable:
-        click.echo(f"Could not hash {show(path)}: {reason}", err=True)
+        _echo(f"Could not hash {show(path)}: {reason}", err=True)
 
 
 @main.group("cache")
@@ -964,13 +976,13 @@ def cache_ls(cache_dir) -> None:
     for path in sorted(directory.glob("*.h5")) if directory.is_dir() else []:
         shown = cache_mod.display(path)
         if path in unsealed:
-            click.echo(f"Unsealed (older format): {shown}; rewrite it sealed with "
-                       f"`probe cache reseal '{shown}'`", err=True)
+            _echo(f"Unsealed (older format): {shown}; rewrite it sealed with "
+                  f"`probe cache reseal '{shown}'`", err=True)
         elif path not in listed:
-            click.echo(f"Not a readable cache (see `probe cache info {shown}`): {shown}",
-                       err=True)
+            _echo(f"Not a readable cache (see `probe cache info {shown}`): {shown}",
+                  err=True)
     if not caches:
-        click.echo(f"No caches in {cache_mod.resolve_cache_dir(cache_dir)}")
+        _echo(f"No caches in {cache_mod.resolve_cache_dir(cache_dir)}")
         return
     rows = []
     for cache in caches:
@@ -978,7 +990,8 @@ def cache_ls(cache_dir) -> None:
                      cache.attrs["pooling"], cache.attrs["weights"],
                      " ".join(f"{s}={n}" for s, n in cache.counts.items()),
                      f"{cache.path.stat().st_size / 1e6:.1f} MB"])
-    click.echo(_table(rows, ["cache", "backbone", "size", "pooling", "weights", "rows", "file"]))
+    _echo(_table(rows, ["cache", "backbone", "size", "pooling", "weights", "rows", "file"]),
+          lines=True)
 
 
 @cache_group.command("info")
@@ -992,26 +1005,26 @@ def cache_info(path, as_json) -> None:
     """
     info = cache_mod.FeatureCache.open(path).info()
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        _echo(json.dumps(info, indent=2), lines=True)
         return
     for key in ("path", "dataset_root", "backbone", "weights", "image_size", "pooling",
                 "preprocessing", "feature_shape", "classes", "created"):
-        click.echo(f"{key + ':':15} {info[key]}")
-    click.echo(f"{'splits:':15} " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
+        _echo(f"{key + ':':15} {info[key]}")
+    _echo(f"{'splits:':15} " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
     if info["multilabel"]:
-        click.echo(f"{'labels:':15} multi-label (images per class)")
+        _echo(f"{'labels:':15} multi-label (images per class)")
         for split, counts in info["label_counts"].items():
-            click.echo(f"  {split}: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
-    click.echo(f"{'size:':15} {info['size_bytes'] / 1e6:.2f} MB")
-    click.echo(f"{'ignored files:':15} {info['ignored_files']}")
+            _echo(f"  {split}: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    _echo(f"{'size:':15} {info['size_bytes'] / 1e6:.2f} MB")
+    _echo(f"{'ignored files:':15} {info['ignored_files']}")
     if "views" in info:
         views = info["views"]
-        click.echo(f"{'views:':15} {views['per_image']} per training image, policy "
-                   f"{views['policy']}, seed {views['seed']} ({views['rows']} rows, "
-                   "train/views)")
-    click.echo(f"{'skipped:':15} {len(info['skipped'])}")
+        _echo(f"{'views:':15} {views['per_image']} per training image, policy "
+              f"{views['policy']}, seed {views['seed']} ({views['rows']} rows, "
+              "train/views)")
+    _echo(f"{'skipped:':15} {len(info['skipped'])}")
     for item in info["skipped"]:
-        click.echo(f"  {cache_mod.display(item['path'])}: {item['reason']}")
+        _echo(f"  {cache_mod.display(item['path'])}: {item['reason']}")
 
 
 @cache_group.command("reseal")
@@ -1027,12 +1040,12 @@ def cache_reseal(path) -> None:
     Example: probe cache reseal .probe/cats_vs_dogs-vgg16-224-avg-1a2b3c4d5e.h5
     """
     kept = store.reseal(path)
-    click.echo(f"Sealed: {cache_mod.display(path)} ({kept['kept']} rows kept, "
-               f"{kept['left_out']} left out)")
+    _echo(f"Sealed: {cache_mod.display(path)} ({kept['kept']} rows kept, "
+          f"{kept['left_out']} left out)")
     if kept["left_out"]:
-        click.echo(f"Warning: {kept['left_out']} rows were left out (their images changed or "
-                   "the rows were damaged); run `probe extract` on the dataset to extract "
-                   "them again", err=True)
+        _echo(f"Warning: {kept['left_out']} rows were left out (their images changed or "
+              "the rows were damaged); run `probe extract` on the dataset to extract "
+              "them again", err=True)
 
 
 @cache_group.command("verify")
@@ -1051,11 +1064,11 @@ def cache_verify(path, strict) -> None:
     cache.verify()
     changes = cache.check_source(strict=strict)
     counts = ", ".join(f"{k} {v}" for k, v in cache.counts.items())
-    click.echo(f"Cache intact: {cache_mod.display(cache.path)} ({counts})")
+    _echo(f"Cache intact: {cache_mod.display(cache.path)} ({counts})")
     if changes:
-        click.echo(f"Warning: {changes.message()}", err=True)
+        _echo(f"Warning: {changes.message()}", err=True)
     else:
-        click.echo("Source files unchanged")
+        _echo("Source files unchanged")
 
 
 if __name__ == "__main__":

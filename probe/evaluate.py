@@ -11,6 +11,14 @@ resamples at once from their confusion matrices. A percentile bootstrap can not 
 the reported images: when every one of them is right, every resample scores 1.0 and the
 interval collapses to [1.0, 1.0]; the accuracy's Wilson interval, which does not collapse,
 is the one to read then.
+
+Each resample is scored exactly as the point estimate is: balanced accuracy over the classes
+present in the resample's truth, macro F1 over the classes present in its truth or its
+predictions (scikit-learn's `f1_score(average="macro")` without `labels`). A class that a
+resample happens to miss is left out, not scored 0: scoring it 0 put the interval of a
+perfect 22-image split at [0.8, 1.0]. And an interval always contains its point estimate:
+where the percentiles miss it (a skewed bootstrap on a few images), the interval is widened
+to it.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from probe.errors import DatasetError
 __all__ = ["compute_metrics", "wilson_interval", "bootstrap_intervals", "split_role",
            "SPLIT_ROLES", "CONFIDENCE", "BOOTSTRAP_RESAMPLES", "compute_multilabel_metrics",
            "average_precisions", "mean_average_precision", "weighted_average_precision",
-           "best_f1_thresholds"]
+           "best_f1_thresholds", "percentile_interval"]
 
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 1000
@@ -83,26 +91,41 @@ def _balanced_accuracy(confusions: np.ndarray) -> np.ndarray:
 
 
 def _macro_f1(confusions: np.ndarray) -> np.ndarray:
-    """Per confusion matrix: F1 averaged over every class (0 where undefined)."""
+    """Per confusion matrix: F1 averaged over the classes present as truth or prediction
+    (as scikit-learn's macro F1 without `labels`); a class neither seen nor predicted has
+    no F1 and is left out. A predicted class that never occurs scores 0."""
     correct = np.diagonal(confusions, axis1=1, axis2=2).astype(np.float64)
     predicted = confusions.sum(axis=1)
     actual = confusions.sum(axis=2)
     denominator = predicted + actual
-    f1 = np.where(denominator > 0, 2 * correct / np.maximum(denominator, 1), 0.0)
-    return f1.mean(axis=1)
+    present = denominator > 0  # every matrix has at least one image, so one class
+    f1 = np.where(present, 2 * correct / np.maximum(denominator, 1), 0.0)
+    return f1.sum(axis=1) / present.sum(axis=1)
+
+
+def percentile_interval(values: np.ndarray, point: float) -> list[float]:
+    """The 95% percentile interval of bootstrap `values` (NaN: a resample where the score
+    is undefined, left out), widened to contain `point`; [point, point] when no resample
+    has a score."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if not values.size:
+        return [float(point), float(point)]
+    tail = (1 - CONFIDENCE) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return [float(min(low, point)), float(max(high, point))]
 
 
 def bootstrap_intervals(y: np.ndarray, pred: np.ndarray, k: int, seed: int = 0,
                         resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, list[float]]:
     """95% percentile-bootstrap intervals of balanced accuracy and macro F1 over the
-    images (resampled with replacement, seeded)."""
+    images (resampled with replacement, seeded), each containing its score on all the
+    images."""
     confusions = _resampled_confusions(y, pred, k, resamples, np.random.default_rng(seed))
-    tail = (1 - CONFIDENCE) / 2 * 100
+    whole = np.bincount(y * k + pred, minlength=k * k).reshape(1, k, k)
     intervals = {}
-    for name, values in (("balanced_accuracy", _balanced_accuracy(confusions)),
-                         ("macro_f1", _macro_f1(confusions))):
-        low, high = np.percentile(values, [tail, 100 - tail])
-        intervals[f"{name}_ci"] = [float(low), float(high)]
+    for name, score in (("balanced_accuracy", _balanced_accuracy), ("macro_f1", _macro_f1)):
+        intervals[f"{name}_ci"] = percentile_interval(score(confusions), float(score(whole)[0]))
     return intervals
 
 
@@ -142,8 +165,9 @@ def compute_metrics(y_true: Any, proba: Any, classes: list[str], seed: int = 0) 
     """Classification metrics of ``proba`` (``(N, K)``) against ``y_true`` (``(N,)``).
 
     Returns a JSON-serialisable dict with ``accuracy``, ``balanced_accuracy``,
-    ``macro_f1`` (averaged over all K classes, a class never seen nor predicted
-    counting as 0), each with its 95% interval (``accuracy_ci``: Wilson;
+    ``macro_f1`` (averaged over the classes present as truth or prediction, as
+    scikit-learn's default: a class neither seen nor predicted has no F1 and is left
+    out), each with its 95% interval (``accuracy_ci``: Wilson;
     ``balanced_accuracy_ci``, ``macro_f1_ci``: bootstrap seeded by ``seed``) as
     ``[low, high]``, ``per_class`` (``{name: {precision, recall, f1, support}}``),
     ``confusion_matrix`` (rows = true class), ``log_loss``, ``n_samples`` and, when
@@ -168,7 +192,8 @@ def compute_metrics(y_true: Any, proba: Any, classes: list[str], seed: int = 0) 
         "accuracy": correct / y.size,
         "accuracy_ci": list(wilson_interval(correct, int(y.size))),
         "balanced_accuracy": float(balanced),
-        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        # no `labels`: the classes present in y or pred, as each bootstrap resample
+        "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
         **bootstrap_intervals(y, pred, K, seed),
         "log_loss": float(log_loss(y, P, labels=labels)),
         "per_class": {
@@ -280,18 +305,25 @@ def _bootstrap_map(Y: np.ndarray, P: np.ndarray, ignore: np.ndarray | None,
                 y, ends, counts[start:start + step, columns])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a resample with no positive at all
-        return np.nan_to_num(np.nanmean(per_class, axis=1), nan=0.0)
+        return np.nanmean(per_class, axis=1)  # NaN there: undefined, left out of the interval
 
 
-def _f1_scores(true_positives, predicted, actual) -> tuple[np.ndarray, np.ndarray]:
-    """Micro and macro F1 from per-class counts (..., K); a class never seen nor predicted
-    counts as 0 in the macro mean, as in the single-label metrics."""
+def _f1_scores(true_positives, predicted, actual,
+               undefined: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Micro and macro F1 from per-class counts (..., K). A class neither seen nor
+    predicted has no F1 and is left out of the macro mean, as in the single-label metrics
+    (so a resample that misses a class is not scored down for it); `undefined` where no
+    class is seen nor predicted at all (the point estimate: 0.0; a bootstrap resample:
+    NaN, left out of the interval)."""
     tp, pp, ap = (np.asarray(a, dtype=np.float64) for a in (true_positives, predicted, actual))
     denominator = pp + ap
-    per_class = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1e-300), 0.0)
+    present = denominator > 0
+    per_class = np.where(present, 2 * tp / np.maximum(denominator, 1e-300), 0.0)
     total = denominator.sum(axis=-1)
-    micro = np.where(total > 0, 2 * tp.sum(axis=-1) / np.maximum(total, 1e-300), 0.0)
-    return micro, per_class.mean(axis=-1)
+    counted = present.sum(axis=-1)
+    micro = np.where(total > 0, 2 * tp.sum(axis=-1) / np.maximum(total, 1e-300), undefined)
+    macro = np.where(counted > 0, per_class.sum(axis=-1) / np.maximum(counted, 1), undefined)
+    return micro, macro
 
 
 def _check_multilabel(y_true: Any, proba: Any, names: list[str], thresholds: Any,
@@ -322,21 +354,20 @@ def _check_multilabel(y_true: Any, proba: Any, names: list[str], thresholds: Any
     return Y.astype(np.int64), P, T, mask
 
 
-def _multilabel_intervals(Y, P, pred, mask, seed: int, resamples: int) -> dict[str, list[float]]:
+def _multilabel_intervals(Y, P, pred, mask, seed: int, resamples: int,
+                          points: dict[str, float]) -> dict[str, list[float]]:
     """95% percentile-bootstrap intervals (images resampled, seeded) of mean average
-    precision and micro / macro F1."""
+    precision and micro / macro F1, each widened to contain its score in `points`."""
     counts = _bootstrap_counts(Y.shape[0], resamples, np.random.default_rng(seed))
     keep = np.ones_like(Y, dtype=bool) if mask is None else ~mask
     tp = counts @ ((pred == 1) & (Y == 1) & keep)
     predicted = counts @ ((pred == 1) & keep)
     actual = counts @ ((Y == 1) & keep)
-    micro, macro = _f1_scores(tp, predicted, actual)
-    tail = (1 - CONFIDENCE) / 2 * 100
+    micro, macro = _f1_scores(tp, predicted, actual, undefined=np.nan)
     intervals = {}
     for name, values in (("mean_average_precision", _bootstrap_map(Y, P, mask, counts)),
                          ("micro_f1", micro), ("macro_f1", macro)):
-        low, high = np.percentile(values, [tail, 100 - tail])
-        intervals[f"{name}_ci"] = [float(low), float(high)]
+        intervals[f"{name}_ci"] = percentile_interval(values, points[name])
     return intervals
 
 
@@ -350,7 +381,8 @@ def compute_multilabel_metrics(y_true: Any, proba: Any, classes: list[str], thre
     Threshold-free: ``mean_average_precision`` and per class ``average_precision`` (None
     for a class without a positive image; left out of the mean). At ``thresholds`` (one
     per class, predicted = proba >= threshold): ``micro_f1``, ``macro_f1`` and
-    ``exact_match_accuracy`` (every non-ignored entry of the image right). Intervals:
+    ``exact_match_accuracy`` (every non-ignored entry of the image right; macro F1 over the
+    classes seen or predicted, as in `compute_metrics`). Intervals:
     ``exact_match_accuracy_ci`` Wilson, the others a bootstrap over the images seeded by
     ``seed``. Also ``per_class`` (precision, recall, f1, support, average_precision,
     threshold), ``log_loss`` (mean binary cross-entropy) and ``n_samples``."""
@@ -363,6 +395,7 @@ def compute_multilabel_metrics(y_true: Any, proba: Any, classes: list[str], thre
     micro, macro = _f1_scores(tp, predicted, actual)
     exact = int(np.sum(np.all((pred == Y) | ~keep, axis=1)))
     ap = average_precisions(Y, P, mask)
+    mean_ap = float(np.nanmean(ap)) if np.any(~np.isnan(ap)) else 0.0
     clipped = np.clip(P, 1e-15, 1 - 1e-15)
     bce = -(Y * np.log(clipped) + (1 - Y) * np.log(1 - clipped))
     per_class = {}
@@ -377,13 +410,15 @@ def compute_multilabel_metrics(y_true: Any, proba: Any, classes: list[str], thre
     return {
         "multilabel": True,
         "n_samples": int(Y.shape[0]),
-        "mean_average_precision": float(np.nanmean(ap)) if np.any(~np.isnan(ap)) else 0.0,
+        "mean_average_precision": mean_ap,
         "average_precision": {name: per_class[name]["average_precision"] for name in names},
         "micro_f1": float(micro),
         "macro_f1": float(macro),
         "exact_match_accuracy": exact / Y.shape[0],
         "exact_match_accuracy_ci": list(wilson_interval(exact, int(Y.shape[0]))),
-        **_multilabel_intervals(Y, P, pred, mask, seed, resamples),
+        **_multilabel_intervals(Y, P, pred, mask, seed, resamples,
+                                {"mean_average_precision": mean_ap, "micro_f1": float(micro),
+                                 "macro_f1": float(macro)}),
         "log_loss": float(bce[keep].mean()) if keep.any() else 0.0,
         "thresholds": {name: float(T[k]) for k, name in enumerate(names)},
         "per_class": per_class,

@@ -10,16 +10,22 @@ A run's report reads only what the run directory and its cache hold: config.json
 metrics.json, test_predictions.csv, the plots, the cached features (for the map, the
 nearest neighbours and the duplicates) and the image files under the dataset root (for
 the thumbnails; a missing or undecodable file gets a note instead of a picture). Every
-string that comes from data (paths, class names, messages) is HTML-escaped.
+value that comes from data (paths, class names, messages, and the numbers of metrics.json
+and of the duplicates file, which are files like any other) is HTML-escaped, attributes
+included; the page's Content-Security-Policy allows its own <style> and <script> by hash
+only, so markup that got past the escaping still could not run.
 """
 
 from __future__ import annotations
 
 import base64
 import csv
+import hashlib
 import html
 import io
 import json
+import math
+import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -246,21 +252,40 @@ def esc(value: Any) -> str:
 
 
 def script_json(value: Any) -> str:
-    """JSON that can sit inside a <script> element: no '<' can close it."""
+    """JSON that can sit inside a <script> element: no '<' can close it (nor open a
+    `<!--`, which changes how the element ends), no '&' or '>' either."""
     text = json.dumps(value, ensure_ascii=True, default=_display)
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def _img(uri: str | None, alt: str, problem: str = "", cls: str = "thumb") -> str:
     if uri is None:
-        return f'<div class="{cls} missing" title="{esc(problem)}">{esc(problem or "no image")}</div>'
-    return f'<img class="{cls}" src="{uri}" alt="{esc(alt)}">'
+        return f'<div class="{esc(cls)} missing" title="{esc(problem)}">{esc(problem or "no image")}</div>'
+    return f'<img class="{esc(cls)}" src="{esc(uri)}" alt="{esc(alt)}">'
+
+
+def _is_number(value: Any) -> bool:
+    """A real number (bool is not one: `True` in metrics.json is not a score)."""
+    return isinstance(value, (numbers.Real, np.number)) and not isinstance(value, (bool, np.bool_))
+
+
+def _number_text(value: Any, digits: int = 4) -> str:
+    """Plain text of a value shown where a number belongs: finite floats rounded, NaN and
+    None as '-', anything else (infinities, strings, lists from a hand-edited file) as its
+    text, which the caller escapes like any other string."""
+    if value is None:
+        return "-"
+    if _is_number(value) and not isinstance(value, (numbers.Integral, np.integer)):
+        number = float(value)
+        if number != number:
+            return "-"
+        return f"{number:.{digits}f}" if math.isfinite(number) else str(number)
+    return _display(value)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
-    if isinstance(value, float):
-        return "-" if value != value else f"{value:.{digits}f}"
-    return "-" if value is None else str(value)
+    """HTML of a value shown where a number belongs (escaped: metrics.json is data)."""
+    return esc(_number_text(value, digits))
 
 
 # --- run report -----------------------------------------------------------------------
@@ -301,9 +326,10 @@ def _settings_section(inputs: RunInputs) -> str:
 
 
 def _plain(value: Any) -> str:
+    """Plain (unescaped) text of a setting."""
     if isinstance(value, (dict, list)):
         return json.dumps(value, ensure_ascii=False, default=str)
-    return _fmt(value)
+    return _number_text(value)
 
 
 def _interval(metrics: dict, key: str) -> str:
@@ -312,8 +338,8 @@ def _interval(metrics: dict, key: str) -> str:
     if isinstance(value, dict):
         value = [value.get("low", value.get("lower")), value.get("high", value.get("upper"))]
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(
-            isinstance(v, (int, float)) for v in value):
-        return f"[{value[0]:.4f}, {value[1]:.4f}]"
+            _is_number(v) and math.isfinite(v) for v in value):
+        return f"[{float(value[0]):.4f}, {float(value[1]):.4f}]"
     return ""
 
 
@@ -329,11 +355,12 @@ def _metrics_section(inputs: RunInputs) -> str:
         f"<tr><th>{esc(key)}</th><td>{_fmt(metrics[key])}</td><td>{esc(_interval(metrics, key))}</td></tr>"
         for key in METRIC_KEYS if key in metrics)
     table = f"<table><tr><th>metric</th><th>value</th><th>95% interval</th></tr>{rows}</table>"
-    per_class = metrics.get("per_class") or {}
+    per_class = metrics.get("per_class")
+    per_class = per_class if isinstance(per_class, dict) else {}
     class_rows = "".join(
         f"<tr><td>{esc(name)}</td><td>{_fmt(v.get('precision'))}</td><td>{_fmt(v.get('recall'))}"
-        f"</td><td>{_fmt(v.get('f1'))}</td><td>{esc(v.get('support', '-'))}</td></tr>"
-        for name, v in per_class.items())
+        f"</td><td>{_fmt(v.get('f1'))}</td><td>{_fmt(v.get('support'))}</td></tr>"
+        for name, v in per_class.items() if isinstance(v, dict))
     classes = (f"<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>"
                f"<th>support</th></tr>{class_rows}</table>") if class_rows else ""
     return _section("metrics", "Metrics", f"<p>{caption}</p>{table}{classes}")
@@ -346,7 +373,7 @@ def _plots_section(inputs: RunInputs) -> str:
                         ("curves.png", "Training curves")):
         uri = png_uri(inputs.directory / name)
         if uri:
-            parts.append(f'<figure><img class="plot" src="{uri}" alt="{label}"></figure>')
+            parts.append(f'<figure><img class="plot" src="{esc(uri)}" alt="{esc(label)}"></figure>')
     body = "".join(parts) or "<p>No plots in this run.</p>"
     return _section("plots", "Confusion matrix and training curves", body)
 
@@ -476,16 +503,18 @@ def _map_section(inputs: RunInputs, embedding: Embedding | None, caps: Caps) -> 
         points.append({"p": _display(path), "c": _display(label), "s": where,
                        "w": _display(predicted) if predicted else "", "t": thumb or ""})
         mark = ' class="pt wrong" r="6"' if predicted else ' class="pt" r="4"'
-        circles.append(f'<circle{mark} cx="{x:.1f}" cy="{y:.1f}" fill="{colour.get(label, "#999")}" '
+        circles.append(f'<circle{mark} cx="{x:.1f}" cy="{y:.1f}" fill="{esc(colour.get(label, "#999"))}" '
                        f'data-i="{k}"><title>{esc(path)}</title></circle>')
-    legend = "".join(f'<span class="key"><i style="background:{colour[c]}"></i>{esc(c)}</span>'
-                     for c in classes)
+    # a swatch is an SVG fill, not a style="" attribute: the page's policy allows no
+    # inline style attribute, only its own <style> element
+    legend = "".join(f'<span class="key"><svg class="swatch" viewBox="0 0 10 10"><rect width="10" '
+                     f'height="10" fill="{esc(colour[c])}"/></svg>{esc(c)}</span>' for c in classes)
     svg = (f'<svg id="map-svg" viewBox="0 0 800 560" role="img" aria-label="embedding map">'
            f'{"".join(circles)}</svg>')
     text = (f"<p>{len(chosen)} of {len(embedding.paths)} cached images, {method} of the centred "
             f"features (seed 0); rings mark misclassified {esc(split)} images. Hover a point for "
             f"its thumbnail.</p><div class='legend'>{legend}</div>")
-    tip = (f'<div id="map-tip" hidden><img id="map-tip-img" src="{BLANK_GIF}" alt="">'
+    tip = (f'<div id="map-tip" hidden><img id="map-tip-img" src="{esc(BLANK_GIF)}" alt="">'
            f'<div id="map-tip-text"></div></div>')
     data = f'<script type="application/json" id="map-data">{script_json(points)}</script>'
     return _section("map", "Embedding map", text + f'<div id="map-wrap">{svg}{tip}</div>' + data)
@@ -554,25 +583,38 @@ def _duplicates_section(inputs: RunInputs, caps: Caps) -> str:
     from .duplicates import cached_duplicates
 
     found = cached_duplicates(inputs.cache)
+    try:
+        return _section("duplicates", title, _duplicates_body(inputs, found, caps))
+    except (KeyError, TypeError, AttributeError, ValueError):
+        # <cache>.duplicates.json is a file anyone can edit: a malformed one is a note
+        return _section("duplicates", title,
+                        "<p>Unavailable: the remembered duplicates of the cache are malformed; "
+                        f"run <code>probe duplicates {esc(inputs.cache.path)}</code>.</p>")
+
+
+def _duplicates_body(inputs: RunInputs, found: dict, caps: Caps) -> str:
+    """The duplicates section's HTML from `cached_duplicates`' dict (every value escaped:
+    the dict is read back from a file)."""
     pairs = found["pairs"]
     counts = found["counts"]
-    summary = (f"<p>{counts['pairs']} duplicate pairs among {found['n_images']} cached images "
-               f"(cosine similarity of centred features &ge; {found['threshold']}), "
-               f"{counts['cross_split_pairs']} of them across splits. Run "
+    summary = (f"<p>{_fmt(counts['pairs'])} duplicate pairs among {_fmt(found['n_images'])} cached "
+               f"images (cosine similarity of centred features &ge; {_fmt(found['threshold'], 2)}), "
+               f"{_fmt(counts['cross_split_pairs'])} of them across splits. Run "
                f"<code>probe duplicates {esc(inputs.cache.path)}</code> to hash every file too.</p>")
     rows = []
-    for pair in pairs[:caps.duplicate_pairs]:
+    for pair in list(pairs)[:caps.duplicate_pairs]:
         a, b = pair["first"], pair["second"]
         cells = []
         for image in (a, b):
-            uri, problem = inputs.thumbnail(image["path"], caps.thumbnail_px)
+            uri, problem = inputs.thumbnail(_display(image["path"]), caps.thumbnail_px)
             cells.append(f'<div class="card">{_img(uri, image["path"], problem)}<div class="path" '
                          f'title="{esc(image["path"])}">{esc(image["path"])}</div>'
                          f'<div>{esc(image["split"])} &middot; {esc(image["label"])}</div></div>')
         kind = "identical files" if pair["exact"] else "near"
-        rows.append(f'<div class="nrow{" cross" if pair["first"]["split"] != pair["second"]["split"] else ""}">'
-                    f'{"".join(cells)}<div class="sim">{esc(kind)}<br>{pair["similarity"]:.4f}</div></div>')
-    return _section("duplicates", title, summary + "".join(rows))
+        cross = " cross" if a["split"] != b["split"] else ""
+        rows.append(f'<div class="nrow{cross}">{"".join(cells)}<div class="sim">{esc(kind)}<br>'
+                    f'{_fmt(pair["similarity"])}</div></div>')
+    return summary + "".join(rows)
 
 
 def _skipped_section(inputs: RunInputs, caps: Caps) -> str:
@@ -609,12 +651,12 @@ def render_comparison(directory: Path) -> str:
         cells = [f"<td>{esc(record.get(c) or '-')}</td>" for c in columns[:-1]]
         cells.append(f"<td>{_run_link(directory, record)}</td>")
         row_class = ' class="failed"' if record.get("status") != "ok" else ""
-        error = (f'<tr class="error"><td colspan="{len(columns)}">{esc(record["error"])}</td></tr>'
+        error = (f'<tr class="error"><td colspan="{len(columns):d}">{esc(record["error"])}</td></tr>'
                  if record.get("error") else "")
         body.append(f"<tr{row_class}>{''.join(cells)}</tr>{error}")
     table = f"<table><tr>{head}</tr>{''.join(body)}</table>"
     chart = png_uri(directory / "compare.png")
-    figure = f'<figure><img class="plot" src="{chart}" alt="comparison chart"></figure>' if chart else ""
+    figure = f'<figure><img class="plot" src="{esc(chart)}" alt="comparison chart"></figure>' if chart else ""
     split = next((r.get("split") for r in records if r.get("split")), "test")
     score = "mean average precision" if multilabel else "accuracy"
     text = f"<p>Ranked by {esc(split)} {score}, then macro F1; failed rows last.</p>"
@@ -647,7 +689,7 @@ def _url_quote(part: str) -> str:
 
 
 def _section(anchor: str, title: str, body: str) -> str:
-    return f'<section id="{anchor}"><h2>{esc(title)}</h2>{body}</section>'
+    return f'<section id="{esc(anchor)}"><h2>{esc(title)}</h2>{body}</section>'
 
 
 STYLE = """
@@ -668,7 +710,7 @@ table.kv td{max-width:420px;overflow-wrap:anywhere}
 circle.pt{opacity:.8}circle.wrong{stroke:#000;stroke-width:2}
 #map-tip{position:absolute;background:#fff;border:1px solid #999;padding:4px;font-size:11px;
 pointer-events:none;max-width:200px}#map-tip img{max-width:96px;max-height:96px;display:block}
-.legend .key{margin-right:12px}.legend i{display:inline-block;width:10px;height:10px;margin-right:4px}
+.legend .key{margin-right:12px}.legend .swatch{width:10px;height:10px;margin-right:4px}
 nav a{margin-right:10px}
 """
 
@@ -691,16 +733,35 @@ SCRIPT = """
 """
 
 
+def csp_hash(text: str) -> str:
+    """The Content-Security-Policy source that allows exactly one inline <script> or
+    <style> element whose content is `text`: 'sha256-<base64 of its UTF-8 digest>'."""
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return f"'sha256-{base64.b64encode(digest).decode('ascii')}'"
+
+
+def content_security_policy() -> str:
+    """The page's policy: nothing loaded from anywhere, images only from data: URIs, and
+    only the page's own <style> and <script> (by hash). An element or attribute that data
+    could smuggle in (a <script>, an onerror=, a style=) is refused by the browser even if
+    it got past the escaping."""
+    return (f"default-src 'none'; img-src data:; style-src {csp_hash(STYLE)}; "
+            f"script-src {csp_hash(SCRIPT)}; base-uri 'none'; form-action 'none'")
+
+
 def page(title: str, body: str) -> str:
     """A complete HTML document: inline style and script, no external resource."""
     anchors = [a for a in ("settings", "metrics", "plots", "mistakes", "map", "neighbours",
                            "duplicates", "skipped", "ranking") if f'id="{a}"' in body]
-    nav = "".join(f'<a href="#{a}">{a}</a>' for a in anchors)
+    nav = "".join(f'<a href="#{esc(a)}">{esc(a)}</a>' for a in anchors)
+    policy = content_security_policy()
+    # made of constants and base64 digests only, so it is inserted as it is (escaping
+    # would turn its quotes into &#x27;, the same attribute value but harder to read)
+    assert not set(policy) & set('"&<>'), policy
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "
-        "img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'\">"
+        f"<meta http-equiv=\"Content-Security-Policy\" content=\"{policy}\">"
         f"<link rel=\"icon\" href=\"data:,\"><title>{esc(title)}</title><style>{STYLE}</style>"
         f"</head><body><h1>{esc(title)}</h1><nav>{nav}</nav>{body}"
         f"<script>{SCRIPT}</script></body></html>\n"

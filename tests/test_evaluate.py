@@ -8,8 +8,8 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
 from probe.errors import DatasetError
-from probe.evaluate import (bootstrap_intervals, compute_metrics, split_role,
-                            wilson_interval)
+from probe.evaluate import (bootstrap_intervals, compute_metrics, compute_multilabel_metrics,
+                            percentile_interval, split_role, wilson_interval)
 
 
 def predictions(n, k=3, strength=1.5, seed=0):
@@ -44,7 +44,8 @@ def test_bootstrap_equals_a_plain_loop_over_the_same_resamples(k):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a predicted class absent from a resample
         balanced = [balanced_accuracy_score(y[r], pred[r]) for r in rows]
-    f1 = [f1_score(y[r], pred[r], labels=list(range(k)), average="macro", zero_division=0) for r in rows]
+    # no `labels`: the classes present in the resample's truth or predictions
+    f1 = [f1_score(y[r], pred[r], average="macro", zero_division=0) for r in rows]
     assert fast["balanced_accuracy_ci"] == pytest.approx(list(np.percentile(balanced, [2.5, 97.5])), abs=1e-12)
     assert fast["macro_f1_ci"] == pytest.approx(list(np.percentile(f1, [2.5, 97.5])), abs=1e-12)
 
@@ -70,3 +71,79 @@ def test_intervals_are_seeded_contain_the_score_and_shrink_with_more_images():
 def test_split_roles():
     assert split_role("test") == "test"
     assert split_role("val") == "validation, used for selection"
+
+
+# --- degenerate cases: perfect, all wrong, classes missing from the split or a resample ---
+
+
+def one_hot(labels, k):
+    return np.eye(k)[labels] * 0.9 + 0.1 / k
+
+
+@pytest.mark.parametrize("n, k", [(22, 6), (6, 3), (6, 2), (40, 10)])
+def test_perfect_predictions_have_intervals_of_exactly_one(n, k):
+    y = np.arange(n) % k  # every class present; resamples miss some of them
+    m = compute_metrics(y, one_hot(y, k), [f"c{i}" for i in range(k)])
+    assert m["balanced_accuracy"] == m["macro_f1"] == 1.0
+    assert m["balanced_accuracy_ci"] == [1.0, 1.0]
+    assert m["macro_f1_ci"] == [1.0, 1.0]
+    assert m["accuracy_ci"][1] == 1.0 and m["accuracy_ci"][0] < 1.0  # Wilson does not collapse
+
+
+def test_a_split_with_only_one_class():
+    y = np.zeros(8, dtype=int)
+    m = compute_metrics(y, one_hot(y, 3), ["a", "b", "c"])
+    assert m["macro_f1"] == 1.0 and m["macro_f1_ci"] == [1.0, 1.0]
+    assert m["balanced_accuracy_ci"] == [1.0, 1.0]
+    pred = np.array([0, 0, 0, 0, 0, 1, 1, 2])  # 5 of 8 right, two classes that never occur
+    m = compute_metrics(y, one_hot(pred, 3), ["a", "b", "c"])
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+        low, high = m[f"{key}_ci"]
+        assert low <= m[key] <= high, key
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_all_wrong_predictions_have_intervals_at_zero(k):
+    y = np.arange(24) % k
+    m = compute_metrics(y, one_hot((y + 1) % k, k), [f"c{i}" for i in range(k)])
+    assert m["accuracy"] == m["balanced_accuracy"] == m["macro_f1"] == 0.0
+    assert m["balanced_accuracy_ci"] == [0.0, 0.0] and m["macro_f1_ci"] == [0.0, 0.0]
+    assert m["accuracy_ci"][0] == 0.0 and 0.0 < m["accuracy_ci"][1] < 0.2  # Wilson's upper end
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_every_interval_contains_its_score(seed):
+    rng = np.random.default_rng(seed)
+    n, k = int(rng.integers(3, 30)), int(rng.integers(2, 9))  # often a class is missing
+    y, proba = predictions(n, k, strength=float(rng.uniform(0, 4)), seed=seed)
+    m = compute_metrics(y, proba, [f"c{i}" for i in range(k)], seed=seed)
+    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+        low, high = m[f"{key}_ci"]
+        assert 0.0 <= low <= m[key] <= high <= 1.0, (key, m[key], low, high)
+    Y = (rng.random((n, k)) < rng.uniform(0.05, 0.5)).astype(int)
+    P = np.clip(0.5 * Y + 0.6 * rng.random((n, k)), 0, 1)
+    m = compute_multilabel_metrics(Y, P, [f"c{i}" for i in range(k)], 0.5, seed=seed, resamples=200)
+    for key in ("mean_average_precision", "micro_f1", "macro_f1", "exact_match_accuracy"):
+        low, high = m[f"{key}_ci"]
+        assert 0.0 <= low <= m[key] <= high <= 1.0, (key, m[key], low, high)
+
+
+@pytest.mark.parametrize("n", [6, 22])
+def test_perfect_multilabel_predictions_have_intervals_of_exactly_one(n):
+    Y = np.zeros((n, 4), dtype=int)
+    Y[np.arange(n), np.arange(n) % 3] = 1  # class 3 has no positive; resamples miss others
+    Y[0, 1] = 1
+    P = np.where(Y == 1, 0.9, 0.1)
+    m = compute_multilabel_metrics(Y, P, ["a", "b", "c", "d"], 0.5)
+    for key in ("mean_average_precision", "micro_f1", "macro_f1", "exact_match_accuracy"):
+        assert m[key] == 1.0, key
+    for key in ("mean_average_precision", "micro_f1", "macro_f1"):
+        assert m[f"{key}_ci"] == [1.0, 1.0], key
+
+
+def test_percentile_interval_widens_to_its_point_and_skips_undefined_resamples():
+    assert percentile_interval(np.ones(50), 0.9) == [0.9, 1.0]
+    assert percentile_interval(np.zeros(50), 0.2) == [0.0, 0.2]
+    assert percentile_interval(np.array([np.nan, 1.0, 1.0]), 1.0) == [1.0, 1.0]
+    assert percentile_interval(np.full(5, np.nan), 0.0) == [0.0, 0.0]

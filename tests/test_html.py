@@ -3,12 +3,16 @@ real browser (headless Chromium over the DevTools protocol, without any Python p
 
 from __future__ import annotations
 
+import base64
+import csv
+import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,7 @@ from click.testing import CliRunner
 import probe
 from conftest import make_image, make_tree
 from probe.cli import main
-from probe.html import REPORT_FILE, Caps, esc, script_json, write_report
+from probe.html import REPORT_FILE, Caps, esc, render_comparison, script_json, write_report
 from probe.run_files import write_manifest
 
 HOSTILE = '<b>"odd" & \'class\''  # a class folder name that must be escaped everywhere
@@ -114,8 +118,146 @@ def test_size_is_bounded_by_the_caps(hostile_run, tmp_path):
 
 
 def test_script_json_can_not_close_its_script_element():
-    text = script_json({"p": "</script><script>alert(1)</script>"})
+    text = script_json({"p": "</script><script>alert(1)</script>", "q": "<!--<script>"})
     assert "<" not in text and json.loads(text)["p"].startswith("</script>")
+    assert json.loads(text)["q"] == "<!--<script>"
+
+
+# --- values from files that try to become markup ---------------------------------------
+
+# each breaks out of a text node, an attribute value and a <script> element in turn
+PAYLOAD = '"><img src=x onerror=alert(1)><script>alert(2)</script><!--'
+QUOTED_PATH = 'test/cat/a" onmouseover="alert(3)" x=".jpg'
+
+
+class Elements(HTMLParser):
+    """Every start tag of a page with its attributes, as a browser would parse them."""
+
+    def __init__(self, page: str):
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.scripts: list[str] = []
+        self._in_script = False
+        self.feed(page)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        self._in_script = tag == "script"
+
+    def handle_endtag(self, tag):
+        self._in_script = False
+
+    def handle_data(self, data):
+        if self._in_script:
+            self.scripts.append(data)
+
+    def shapes(self) -> set[tuple[str, frozenset[str]]]:
+        return {(tag, frozenset(attrs)) for tag, attrs in self.tags}
+
+
+def hostile_copy(run, tmp_path: Path) -> Path:
+    """A copy of `run` (and of its cache) whose metrics.json, test_predictions.csv and
+    <cache>.duplicates.json hold PAYLOAD where numbers, names and paths belong."""
+    from probe.duplicates import SIDECAR_SUFFIX, cached_duplicates
+    from probe.cache import FeatureCache
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(run.path, run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    cache_path = tmp_path / "cache.h5"
+    shutil.copy(config["cache"], cache_path)
+    config["cache"] = str(cache_path)
+    (run_dir / "config.json").write_text(json.dumps(config))
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics.update(accuracy=PAYLOAD, log_loss=PAYLOAD, balanced_accuracy=float("inf"),
+                   macro_f1_ci=[PAYLOAD, 1.0], n_samples=PAYLOAD, split_role=PAYLOAD)
+    first = next(iter(metrics["per_class"]))
+    metrics["per_class"][first].update(precision=PAYLOAD, support=PAYLOAD)
+    metrics["per_class"][PAYLOAD] = {"precision": 0.5, "recall": PAYLOAD, "f1": None, "support": 1}
+    metrics["skipped_files"] = [{"path": QUOTED_PATH, "reason": PAYLOAD}]
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+
+    with open(run_dir / "test_predictions.csv", "a", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerow([QUOTED_PATH, PAYLOAD, "cat", "0.9", "0.05", "0.05"])
+
+    cache = FeatureCache.open(cache_path)
+    cached_duplicates(cache)  # the sidecar, keyed by the copy's size and time
+    sidecar = cache_path.with_name(cache_path.name + SIDECAR_SUFFIX)
+    stored = json.loads(sidecar.read_text())
+    found = stored["result"]
+    found["counts"].update(pairs=PAYLOAD, cross_split_pairs=PAYLOAD)
+    found.update(n_images=PAYLOAD, threshold=PAYLOAD)
+    pair = found["pairs"][0]
+    pair["first"].update(path=QUOTED_PATH, label=PAYLOAD, split=PAYLOAD)
+    pair["similarity"] = PAYLOAD
+    sidecar.write_text(json.dumps(stored))
+    return run_dir
+
+
+def test_values_from_files_are_escaped_wherever_they_land(hostile_run, tmp_path):
+    page = write_report(hostile_copy(hostile_run, tmp_path)).read_text(encoding="utf-8")
+    baseline = Elements((hostile_run.path / REPORT_FILE).read_text(encoding="utf-8"))
+    parsed = Elements(page)
+    # no element, and no attribute on an element, that the clean page does not have
+    assert parsed.shapes() <= baseline.shapes(), parsed.shapes() - baseline.shapes()
+    assert [tag for tag, _ in parsed.tags].count("script") == 2  # the map's data, the page's own
+    assert not any(name.startswith("on") for _, attrs in parsed.tags for name in attrs)
+    # each payload is shown as text: metrics, a class's precision, its name, the duplicates
+    assert page.count(esc(PAYLOAD)) >= 12
+    assert "inf" in page  # a non-finite score is shown as text too
+    titles = [attrs.get("title") for _, attrs in parsed.tags]
+    assert titles.count(QUOTED_PATH) >= 2  # the mistake's card and the duplicate's
+
+
+@pytest.mark.parametrize("name", ["run", "comparison"])
+def test_the_policy_allows_only_the_pages_own_script_and_style(hostile_run, tmp_path, name):
+    page = ((hostile_run.path / REPORT_FILE).read_text(encoding="utf-8") if name == "run"
+            else render_comparison(comparison_dir(tmp_path)))
+    parsed = Elements(page)
+    policy = next(attrs["content"] for tag, attrs in parsed.tags
+                  if tag == "meta" and attrs.get("http-equiv") == "Content-Security-Policy")
+    assert "unsafe-inline" not in policy and "unsafe-eval" not in policy
+    directives = dict(part.strip().split(" ", 1) for part in policy.split(";"))
+    assert directives["default-src"] == "'none'" and directives["img-src"] == "data:"
+
+    def sha256(text: str) -> str:
+        return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+    own = re.findall(r"<script>(.*?)</script>", page, flags=re.S)
+    assert len(own) == 1 and directives["script-src"] == sha256(own[0])
+    style = re.findall(r"<style>(.*?)</style>", page, flags=re.S)
+    assert len(style) == 1 and directives["style-src"] == sha256(style[0])
+    assert not any("style" in attrs for _, attrs in parsed.tags)  # the policy refuses style=""
+
+
+def comparison_dir(tmp_path: Path) -> Path:
+    """A comparison directory whose compare.csv holds PAYLOAD, and a run with a quote in
+    its name."""
+    directory = tmp_path / "comparison"
+    run = directory / 'run-"quoted"><b>'
+    run.mkdir(parents=True)
+    (run / REPORT_FILE).write_text("<!DOCTYPE html>")
+    columns = ["rank", "backbone", "head", "accuracy", "balanced_accuracy", "macro_f1",
+               "feature_size", "images_per_second", "fit_seconds", "status", "error", "run", "split"]
+    with open(directory / "compare.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, columns)
+        writer.writeheader()
+        writer.writerow({**{c: PAYLOAD for c in columns}, "run": str(run)})
+    return directory
+
+
+def test_comparison_page_escapes_its_csv(tmp_path):
+    directory = comparison_dir(tmp_path)
+    parsed = Elements(render_comparison(directory))
+    assert [tag for tag, _ in parsed.tags].count("script") == 1
+    assert not any(name.startswith("on") for _, attrs in parsed.tags for name in attrs)
+    assert {tag for tag, _ in parsed.tags} <= {"html", "head", "meta", "link", "title", "style",
+                                               "body", "h1", "nav", "a", "section", "h2", "p",
+                                               "table", "tr", "th", "td", "script"}
+    links = [attrs["href"] for tag, attrs in parsed.tags if tag == "a" and "#" not in attrs["href"]]
+    assert links == ["run-%22quoted%22%3E%3Cb%3E/report.html"]
 
 
 def test_report_command_and_refusal(hostile_run, tmp_path):
@@ -297,3 +439,53 @@ def test_chromium_check_sees_a_broken_image_and_a_request(hostile_run, tmp_path)
     found, problems = open_in_chromium(target, tmp_path / "profile")
     assert len(found["undecoded"]) == 2
     assert problems  # the CSP refusal is a console error, the request an event
+
+
+@needs_chromium
+def test_no_value_from_a_file_runs_in_chromium(hostile_run, tmp_path):
+    """The page with PAYLOAD everywhere loads without an error: no injected script or
+    handler even got as far as being refused by the policy (a refusal is a console error)."""
+    report = write_report(hostile_copy(hostile_run, tmp_path))
+    found, problems = open_in_chromium(report, tmp_path / "profile")
+    assert problems == []
+    assert found["sections"] == SECTIONS and found["hover"]["shown"]
+
+
+# --- terminal output of text from files ------------------------------------------------
+
+OSC = "\x1b]52;c;b3duZWQ=\x07"  # an OSC 52 sequence: writes to the clipboard
+
+
+def test_fit_prints_no_escape_sequence_from_a_file(hostile_run, tmp_path):
+    """<cache>.duplicates.json and a path with escape sequences: `probe fit` shows them as
+    visible escapes, on stdout and stderr alike. (A class name is no different: fit prints
+    it only inside such messages; the cache's checksums keep a test from editing one in.)"""
+    from probe.duplicates import DEFAULT_THRESHOLD, SIDECAR_SUFFIX
+
+    cache = tmp_path / "cache.h5"
+    shutil.copy(hostile_run.config["cache"], cache)
+    stat = cache.stat()
+    sidecar = {"key": {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                       "threshold": float(DEFAULT_THRESHOLD)},
+               "result": {"pairs": [], "groups": [], "n_images": 1, "threshold": 0.98,
+                          "counts": {"pairs": 1, "cross_split_pairs": f"1{OSC}",
+                                     f"train-test{OSC}": 1}}}
+    cache.with_name(cache.name + SIDECAR_SUFFIX).write_text(json.dumps(sidecar))
+    result = CliRunner().invoke(main, ["fit", "--cache", str(cache), "--no-report", "--head", "knn",
+                                       "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    assert "cross splits" in result.output
+    assert "\\x1b]52;c;b3duZWQ=\\x07" in result.output  # shown, escaped
+    assert not any(c in result.output for c in "\x1b\x07\r")
+    # the one-line error printer: a path from the command line or a file
+    result = CliRunner().invoke(main, ["fit", "--cache", str(tmp_path / f"no{OSC}.h5")])
+    assert result.exit_code == 1 and "\\x1b]52;c;b3duZWQ=\\x07" in result.output
+    assert "\x1b" not in result.output and result.output.count("\n") == 1
+
+
+def test_terminal_text_escapes_controls_but_keeps_text():
+    from probe.terminal import terminal_text
+
+    assert terminal_text(f"a{OSC}b\tc\nd\u202ee\x9bf") == "a\\x1b]52;c;b3duZWQ=\\x07b\\tc\\nd\\u202ee\\x9bf"
+    assert terminal_text("table\nrow", newlines=True) == "table\nrow"
+    assert terminal_text(os.fsdecode(b"caf\xe9 \xc3\xa9")) == "caf\\xe9 é"
