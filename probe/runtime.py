@@ -332,10 +332,10 @@ def _identity(key: str, image_size: int) -> dict:
 
 
 def _read_saved(directory: Path, identity: dict) -> tuple[Any, str]:
-    """The model saved in `directory`, its files checked against its manifest before
-    OpenVINO reads them (read once, then handed over as bytes, so what is checked is what
-    is read), and "" ; or None and what is wrong with the copy ("" when there is none). A
-    copy that is there but wrong is removed (the caller converts again)."""
+    """The model saved in `directory` and "", its files checked against its manifest
+    before OpenVINO reads them (read once and handed over as bytes: what is checked is what
+    is read); or None and what is wrong with the copy ("" where there is none). A copy that
+    is there but wrong is removed, for the caller to convert again."""
     if not directory.exists():
         return None, ""
     files, problem = _verified_files(directory, identity)
@@ -387,13 +387,19 @@ def _verified_files(directory: Path, identity: dict) -> tuple[dict[str, bytes] |
 
 def _discard(directory: Path) -> None:
     """Remove a saved model that must not be used: renamed out of the way first (a reader
-    sees the whole copy or none), then deleted."""
-    aside = directory.with_name(f".{directory.name}-discarded-{os.getpid()}")
+    sees the whole copy or none), then deleted. Where that fails (another process removed
+    it first, a read-only folder) the next run checks it again."""
+    aside = None
     try:
-        os.replace(directory, aside)
+        if not directory.is_dir():
+            directory.unlink()
+            return
+        aside = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+        os.replace(directory, aside)  # over the empty folder: one rename
     except OSError:
-        return  # gone already (another process), or a read-only folder: checked again next run
-    shutil.rmtree(aside, ignore_errors=True)
+        pass
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _save(model, directory: Path, identity: dict, notify: Notify | None = None) -> None:
