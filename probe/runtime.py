@@ -410,6 +410,7 @@ def _save(model, directory: Path, identity: dict, notify: Notify | None = None) 
     of it in one sentence."""
     import openvino as ov
 
+    from .settings import file_sha256
     from .store import json_default, replace_directory, write_text
 
     _remove_stale_temporaries(directory)
@@ -419,7 +420,7 @@ def _save(model, directory: Path, identity: dict, notify: Notify | None = None) 
         temporary = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
         # weights stay float32: save_model would otherwise store them as float16
         ov.save_model(model, str(temporary / MODEL_FILE), compress_to_fp16=False)
-        digests = {name: _sha256(temporary / name) for name in MODEL_FILES}
+        digests = {name: file_sha256(temporary / name) for name in MODEL_FILES}
         write_text(temporary / MANIFEST_FILE, json.dumps(
             {**identity, "files": digests}, indent=1, default=json_default))
     except (OSError, RuntimeError) as error:  # OpenVINO raises RuntimeError for its writes
@@ -435,14 +436,6 @@ def _save(model, directory: Path, identity: dict, notify: Notify | None = None) 
         pass  # another process put its copy there first
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _reason(error: Exception) -> str:
