@@ -103,13 +103,10 @@ def openvino_graphs(name: str, size: int) -> dict:
 def model_rates(graphs: dict, inputs: np.ndarray, repeats: int) -> dict[str, float]:
     """Images/s of each compiled graph on `inputs`, median of `repeats` batches in turns
     after one warm-up batch each."""
-    import openvino as ov
-
     from probe import runtime
 
-    core = ov.Core()
-    requests = {kind: core.compile_model(graph, "CPU", runtime.OPENVINO_CONFIG)
-                .create_infer_request() for kind, graph in graphs.items()}
+    requests = {kind: runtime.compile_for_cpu(graph).create_infer_request()
+                for kind, graph in graphs.items()}
     seconds: dict[str, list[float]] = {kind: [] for kind in requests}
     for request in requests.values():
         request.infer({0: inputs})

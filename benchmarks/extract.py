@@ -165,23 +165,21 @@ def measure_model(spec, size: int, root: Path, batch_size: int, precision: str,
     models = {"unfolded": unfolded, "folded": folded}
     convert_seconds = traced_seconds = float("nan")
     if openvino:
-        import openvino as ov
         from probe import runtime
 
         started = time.perf_counter()
         runtime.convert_traced(folded, size)  # how openvino.convert_model would read it
         traced_seconds = time.perf_counter() - started
         started = time.perf_counter()  # what extraction does: written from the layers
-        converted = ov.Core().compile_model(runtime.convert(unfolded, size), "CPU",
-                                            runtime.OPENVINO_CONFIG)
+        converted = runtime.compile_for_cpu(runtime.convert(unfolded, size))
         models["openvino"] = runtime.OpenVINOBackbone(converted)
         convert_seconds = time.perf_counter() - started
         from probe import openvino_graph  # the same, every convolution a plain one
 
         os.environ[openvino_graph.WINOGRAD_ENV] = "0"
         try:
-            models["openvino_plain"] = runtime.OpenVINOBackbone(ov.Core().compile_model(
-                runtime.convert(unfolded, size), "CPU", runtime.OPENVINO_CONFIG))
+            models["openvino_plain"] = runtime.OpenVINOBackbone(
+                runtime.compile_for_cpu(runtime.convert(unfolded, size)))
         finally:
             del os.environ[openvino_graph.WINOGRAD_ENV]
     first_call, seconds, outputs = {}, {k: 0.0 for k in models}, {k: [] for k in models}

@@ -44,8 +44,7 @@ def measure(channels: int, filters: int, size: int, batch: int, repeats: int):
         else:
             output = ops.convolution(parameter, ops.constant(np.transpose(kernel, (3, 2, 0, 1))),
                                      [1, 1], [0, 0], [0, 0], [1, 1], "same_upper")
-        compiled = ov.Core().compile_model(ov.Model([output], [parameter]), "CPU",
-                                           runtime.OPENVINO_CONFIG)
+        compiled = runtime.compile_for_cpu(ov.Model([output], [parameter]))
         requests[kind] = compiled.create_infer_request()
     outputs = {kind: request.infer({0: inputs})[0].copy() for kind, request in requests.items()}
     seconds = {kind: [] for kind in requests}

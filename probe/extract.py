@@ -30,7 +30,7 @@ from .engines.local import (  # noqa: F401 (API)
 from .engines.ray import RayOptions
 from .errors import CacheError, ProbeError
 from .plan import ExtractionPlan, Source
-from .progress import Advanced, Finished, ProgressCallback, Started, emit
+from .progress import Advanced, Finished, Note, ProgressCallback, Started, emit
 from .settings import (DEFAULT_BATCH_SIZE, DEFAULT_SEED, TEST_FRACTION, VAL_FRACTION,
                        ExtractionSettings, SplitSettings, check_precision, dataset_path)
 
@@ -58,7 +58,7 @@ class ExtractionReport:
     ignored: int  # non-image files found
     changes: dict[str, int] = field(default_factory=dict)  # added / removed / modified
     damaged: str = ""  # why the previous cache was rebuilt
-    notes: list[str] = field(default_factory=list)  # what discovery noticed (data.Dataset.notes)
+    notes: list[str] = field(default_factory=list)  # discovery notes, runtime fallbacks
     views_extracted: int = 0  # augmented views the backbone read in this run
     views_reused: int = 0  # views taken from existing caches or parts
     runtime: str = ""  # what ran the backbone in this run ("tensorflow", "openvino"; "": nothing ran)
@@ -223,8 +223,11 @@ def _extract_locked(found: data.Dataset, extraction: ExtractionSettings, split: 
             extraction.batch_size, engine)) if plan.todo and local_engine else None
         # The model (and its weights) before anything announces an extraction: a
         # download or a bad weights file fails first (Ray's workers build their own).
-        model = runtime_mod.load_backbone(extraction, target.path.parent) \
+        runtime_notes: list[str] = []  # what the runtime could not do as asked (probe.runtime)
+        model = runtime_mod.load_backbone(extraction, target.path.parent, runtime_notes.append) \
             if (plan.todo or views_needed) and local_engine else None
+        for note in runtime_notes:
+            emit(progress, Note(STAGE, kind="runtime", details={"message": note}))
         emit(progress, Started(STAGE, total=len(plan.todo), details=_start_details(plan)))
         speed = {k: previous.attrs[k] for k in SPEED_ATTRS
                  if previous is not None and k in previous.attrs}
@@ -247,7 +250,8 @@ def _extract_locked(found: data.Dataset, extraction: ExtractionSettings, split: 
     ran = "" if model is None and not (plan.todo and isinstance(engine, RayOptions)) \
         else runtime_mod.runtime_of(model)
     report = ExtractionReport("extracted", extracted, len(entries) - extracted, len(skipped),
-                              found.ignored, plan.changes, damaged, found.notes(),
+                              found.ignored, plan.changes, damaged,
+                              found.notes() + runtime_notes,
                               len(view_todo), views.count * train_rows - len(view_todo), ran)
     emit(progress, Finished(STAGE, details={"path": target.path, **report.as_dict()}))
     return FeatureCache.open(target.path), report

@@ -14,24 +14,37 @@ The OpenVINO graph is written from the Keras model's layers and weights
 ones), in a fraction of a second, from a Keras model built without backend variables
 (`BackboneSpec.build_for_reading`, half the time of a full build); a model with a layer
 that module does not write is traced and converted instead (seconds, like a first call).
-Either way the converted model is kept on disk next to the caches
-(`<cache dir>/models/<key>/`), under a key made of everything that defines it (backbone,
-weights, size, pooling, how it is written, the library versions): a later extraction with
-the same backbone reads it back and builds no Keras model at all.
+A converted model is used only once it computed what the Keras model computes on a small
+seeded batch (`SAME_FEATURES`); one that does not is neither used nor kept, and the backbone
+runs on TensorFlow. It is kept on disk next to the caches (`<cache dir>/models/<key>/`),
+under a key made of everything that defines it (backbone, weights, size, pooling, how it is
+written, the library versions), with a manifest of the sha256 of its files and what it was
+converted for: a later extraction with the same backbone checks the files against it before
+OpenVINO reads them, and builds no Keras model at all; a damaged or foreign copy is
+converted again and replaced. Where it can not be kept (a full disk, a read-only folder),
+the run uses it from memory and says so.
+
+Every OpenVINO compilation goes through `compile_for_cpu`, which names the inference
+precision: OpenVINO's CPU plugin would otherwise compute in bfloat16 on CPUs with AMX.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from .cache import display
 from .errors import ProbeError
 from .fold import for_inference
 
@@ -43,13 +56,33 @@ RUNTIMES = ("auto", "tensorflow", "openvino")
 # a process and its children, e.g. a machine where one runtime is known to be better).
 RUNTIME_ENV = "PROBE_RUNTIME"
 MODELS_DIR = "models"
-MODEL_FILE = "model.xml"  # and model.bin beside it
+MODEL_FILE = "model.xml"
+WEIGHTS_FILE = "model.bin"
+MODEL_FILES = (MODEL_FILE, WEIGHTS_FILE)  # what OpenVINO writes; nothing else belongs there
+MANIFEST_FILE = "manifest.json"  # the sha256 of MODEL_FILES and what they were converted for
+MANIFEST_FORMAT = 1
 # A temporary folder of a model being saved that is older than this was left by a killed
 # run (saving takes seconds): the next save of that model removes it.
 STALE_SECONDS = 3600
 # OpenVINO's CPU plugin: float32 arithmetic (no bfloat16 or float16 downcast where the CPU
 # has it) and one stream using every core, for one batch at a time.
 OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+PRECISION_HINTS = {"float32": "f32", "bf16": "bf16", "float16": "f16"}
+# The largest difference from the Keras model's features, relative to their largest
+# magnitude, that probe treats as the same features (BatchNormalization folding is held to
+# the same). Float32 rounds each product and sum to 2**-24 (6e-8) relative; a backbone's
+# ~50 layers of sums over a few thousand terms, taken in another order, stay near 1e-6
+# (measured: 2e-7 for ResNet50), so 1e-4 leaves a hundredfold margin without depending on
+# the CPU, while a bfloat16 (2**-9 rounding) or float16 (2**-12) computation, or a weight
+# written wrong, lands far outside it.
+SAME_FEATURES = 1e-4
+# The batch a converted model is checked on against the Keras model before it is used:
+# seeded random pixels, preprocessed as the backbone's images are; two images keep the
+# check to about one batch's time.
+CHECK_IMAGES = 2
+CHECK_SEED = 0
+
+Notify = Callable[[str], None]  # receives one sentence for the user (progress notes)
 
 
 def check_runtime(runtime: str, precision: str = "float32") -> str:
@@ -116,24 +149,119 @@ class OpenVINOBackbone:
         return self._request.get_output_tensor(0).data.copy()
 
 
-def load_backbone(extraction: "ExtractionSettings", cache_dir: Path):
+def compile_for_cpu(model, precision: str = "float32"):
+    """`model` (an OpenVINO model or the path of one) compiled for the CPU with the inference
+    precision named (float32 unless asked otherwise), never the CPU plugin's default, which
+    is bfloat16 where the CPU has AMX. The one place probe, its tests and benchmarks
+    compile."""
+    if precision not in PRECISION_HINTS:
+        raise ProbeError(f"expected precision to be one of {', '.join(PRECISION_HINTS)}. "
+                         f"Received: precision={precision!r}")
+    config = {**OPENVINO_CONFIG, "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}
+    return _core().compile_model(model, "CPU", config)
+
+
+@functools.lru_cache(maxsize=1)
+def _core():
+    """One OpenVINO Core per process (it holds the loaded plugins)."""
+    import openvino as ov
+
+    return ov.Core()
+
+
+def load_backbone(extraction: "ExtractionSettings", cache_dir: Path,
+                  notify: Notify | None = None):
     """The frozen backbone of `extraction` on its runtime: the (folded) Keras model, or an
-    `OpenVINOBackbone` read from `cache_dir/models/` or converted and kept there."""
+    `OpenVINOBackbone` read from `cache_dir/models/` (checked against its manifest) or
+    converted, checked against the Keras model and kept there. A converted model that
+    disagrees with the Keras model gives the Keras model; `notify` hears of that, of a kept
+    copy that was damaged and of a copy that could not be kept."""
     from .engines.local import build_model
 
     weights = extraction.weights
     if resolve(extraction.runtime, extraction.precision) == "tensorflow":
         return build_model(extraction.spec, weights.source, extraction.image_size,
                            extraction.pooling, weights.seed, extraction.precision)
-    import openvino as ov
+    key = model_key(extraction)
+    directory = Path(cache_dir) / MODELS_DIR / key
+    identity = _identity(key, extraction.image_size)
+    model, problem = _read_saved(directory, identity)
+    if model is not None:
+        return OpenVINOBackbone(compile_for_cpu(model))
+    if problem:
+        _tell(notify, f"Converted the OpenVINO model of {extraction.backbone} again: the copy "
+                      f"in '{display(directory)}' {problem}")
+    converted = convert_checked(extraction)
+    if not converted.agrees:
+        _tell(notify, f"The OpenVINO model converted from {extraction.backbone} computed "
+                      f"features {converted.difference:.1e} away from the Keras model's "
+                      f"(relative; at most {SAME_FEATURES:g} expected) on a check batch: it "
+                      "was neither used nor kept, the backbone ran on TensorFlow")
+        if converted.keras_model is not None:
+            return converted.keras_model
+        return build_model(extraction.spec, weights.source, extraction.image_size,
+                           extraction.pooling, weights.seed, extraction.precision)
+    _save(converted.model, directory, identity, notify)
+    return converted.backbone
 
-    core = ov.Core()
-    directory = Path(cache_dir) / MODELS_DIR / model_key(extraction)
-    model = _read_saved(core, directory)
-    if model is None:
-        model = convert_backbone(extraction)
-        _save(model, directory)
-    return OpenVINOBackbone(core.compile_model(model, "CPU", OPENVINO_CONFIG))
+
+@dataclass(frozen=True)
+class Converted:
+    """A converted backbone, compiled, and how it compares with the Keras model."""
+
+    model: Any  # the OpenVINO model (what is saved)
+    backbone: OpenVINOBackbone  # compiled for the CPU
+    difference: float  # largest difference on the check batch, relative (inf: not comparable)
+    keras_model: Any = None  # the folded Keras model, where converting built one (traced)
+
+    @property
+    def agrees(self) -> bool:
+        return self.difference <= SAME_FEATURES
+
+
+def convert_checked(extraction: "ExtractionSettings") -> Converted:
+    """`convert_backbone`'s model, compiled, with its difference from the Keras model on
+    `check_batch`. The Keras output comes from the model the conversion reads (called in
+    its stateless scope, or the one built for tracing): no second Keras model is built."""
+    from . import openvino_graph
+
+    spec, options = extraction.spec, _build_options(extraction)
+    inputs = check_batch(extraction)
+    keras_model = None
+    try:
+        with spec.build_for_reading(**options) as reading:
+            model = openvino_graph.build(reading)
+            expected = np.asarray(reading(inputs, training=False))
+    except openvino_graph.UnsupportedLayer:
+        keras_model = for_inference(spec.build(**options))
+        model = convert_traced(keras_model, extraction.image_size)
+        expected = np.asarray(keras_model.predict_on_batch(inputs))
+    backbone = OpenVINOBackbone(compile_for_cpu(model))
+    difference = relative_difference(backbone.predict_on_batch(inputs), expected)
+    return Converted(model, backbone, difference, keras_model)
+
+
+def check_batch(extraction: "ExtractionSettings") -> np.ndarray:
+    """The fixed batch a converted model is checked on: CHECK_IMAGES images of seeded
+    random pixels at the extraction's size, preprocessed for its backbone."""
+    size = extraction.image_size
+    pixels = np.random.default_rng(CHECK_SEED).uniform(0, 255, (CHECK_IMAGES, size, size, 3))
+    return np.asarray(extraction.spec.preprocess_input(pixels.astype(np.float32)), np.float32)
+
+
+def relative_difference(got: np.ndarray, expected: np.ndarray) -> float:
+    """The largest absolute difference relative to the largest magnitude of `expected`
+    (inf for other shapes or values that are not finite)."""
+    got, expected = np.asarray(got), np.asarray(expected)
+    if got.shape != expected.shape:
+        return float("inf")
+    difference = float(np.max(np.abs(got - expected), initial=0.0))
+    scale = float(np.max(np.abs(expected), initial=0.0))
+    if not (np.isfinite(difference) and np.isfinite(scale)):
+        return float("inf")
+    if scale == 0.0:
+        return 0.0 if difference == 0.0 else float("inf")
+    return difference / scale
 
 
 def convert_backbone(extraction: "ExtractionSettings"):
@@ -144,14 +272,19 @@ def convert_backbone(extraction: "ExtractionSettings"):
     write, traced from the Keras model (`convert_traced`)."""
     from . import openvino_graph
 
-    spec, weights = extraction.spec, extraction.weights
-    options = dict(weights=weights.source, image_size=extraction.image_size,
-                   pooling=extraction.pooling, seed=weights.seed)
+    spec, options = extraction.spec, _build_options(extraction)
     try:
         with spec.build_for_reading(**options) as keras_model:
             return openvino_graph.build(keras_model)
     except openvino_graph.UnsupportedLayer:
         return convert_traced(for_inference(spec.build(**options)), extraction.image_size)
+
+
+def _build_options(extraction: "ExtractionSettings") -> dict:
+    """The arguments of `BackboneSpec.build` (and `build_for_reading`) for `extraction`."""
+    weights = extraction.weights
+    return dict(weights=weights.source, image_size=extraction.image_size,
+                pooling=extraction.pooling, seed=weights.seed)
 
 
 def convert(keras_model, image_size: int):
@@ -193,40 +326,127 @@ def model_key(extraction: "ExtractionSettings") -> str:
     return f"{extraction.backbone}-{cache_mod.fingerprint(identity)[:16]}"
 
 
-def _read_saved(core, directory: Path):
-    """The model saved in `directory`, or None when there is none or it can not be read
-    (a damaged copy is converted again and replaced)."""
-    if not (directory / MODEL_FILE).is_file():
-        return None
+def _identity(key: str, image_size: int) -> dict:
+    """What a saved model was converted for, as its manifest records it."""
+    return {"format": MANIFEST_FORMAT, "key": key, "input_shape": [None, image_size, image_size, 3]}
+
+
+def _read_saved(directory: Path, identity: dict) -> tuple[Any, str]:
+    """The model saved in `directory` and "", its files checked against its manifest
+    before OpenVINO reads them (read once and handed over as bytes: what is checked is what
+    is read); or None and what is wrong with the copy ("" where there is none). A copy that
+    is there but wrong is removed, for the caller to convert again."""
+    if not directory.exists():
+        return None, ""
+    files, problem = _verified_files(directory, identity)
+    model = None
+    if files is not None:
+        try:
+            model = _core().read_model(files[MODEL_FILE], files[WEIGHTS_FILE])
+            shape = model.input(0).get_partial_shape()
+            dims = [dim.get_length() if dim.is_static else None for dim in shape]
+        except Exception:  # noqa: BLE001 (anything OpenVINO can not read: convert again)
+            model, problem = None, "can not be read by OpenVINO"
+        else:
+            if dims != identity["input_shape"]:
+                model, problem = None, f"takes inputs of shape {dims}"
+    if model is None:
+        _discard(directory)
+    return model, problem
+
+
+def _verified_files(directory: Path, identity: dict) -> tuple[dict[str, bytes] | None, str]:
+    """The contents of the saved model's files where they match its manifest (what they
+    were converted for, which files, their sha256), or None and what does not match."""
     try:
-        return core.read_model(str(directory / MODEL_FILE))
-    except Exception:  # noqa: BLE001 (any reading failure means: convert again)
-        shutil.rmtree(directory, ignore_errors=True)
-        return None
+        manifest = json.loads((directory / MANIFEST_FILE).read_bytes())
+    except FileNotFoundError:
+        return None, "has no manifest"
+    except (OSError, ValueError):
+        return None, "has a manifest that can not be read"
+    if not isinstance(manifest, dict) or any(manifest.get(k) != v for k, v in identity.items()):
+        return None, "was converted for other settings"
+    digests = manifest.get("files")
+    try:
+        present = sorted(path.name for path in directory.iterdir() if path.name != MANIFEST_FILE)
+    except OSError:
+        return None, "can not be listed"
+    if not isinstance(digests, dict) or sorted(digests) != sorted(MODEL_FILES) \
+            or present != sorted(MODEL_FILES):
+        return None, f"does not hold the files its manifest lists ({', '.join(MODEL_FILES)})"
+    files = {}
+    for name in MODEL_FILES:
+        try:
+            files[name] = (directory / name).read_bytes()
+        except OSError:
+            return None, f"has a {name} that can not be read"
+        if hashlib.sha256(files[name]).hexdigest() != digests[name]:
+            return None, f"has a {name} that does not match its checksum (damaged)"
+    return files, ""
 
 
-def _save(model, directory: Path) -> None:
-    """Write the model's two files into a temporary folder and rename it into place, so a
-    reader never sees half a model; a concurrent writer's copy is as good as ours. A
-    directory that can not be written only costs the next run a conversion."""
+def _discard(directory: Path) -> None:
+    """Remove a saved model that must not be used: renamed out of the way first (a reader
+    sees the whole copy or none), then deleted. Where that fails (another process removed
+    it first, a read-only folder) the next run checks it again."""
+    aside = None
+    try:
+        if not directory.is_dir():
+            directory.unlink()
+            return
+        aside = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+        os.replace(directory, aside)  # over the empty folder: one rename
+    except OSError:
+        pass
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _save(model, directory: Path, identity: dict, notify: Notify | None = None) -> None:
+    """Write the model's files and their manifest into a temporary folder and rename it
+    into place, so a reader never sees half a model; a concurrent writer's copy is as good
+    as ours. A folder that can not be written (full disk, read-only, OpenVINO's own write
+    error) leaves nothing behind and only costs the next run a conversion: `notify` hears
+    of it in one sentence."""
     import openvino as ov
 
-    from .store import replace_directory
+    from .settings import file_sha256
+    from .store import json_default, replace_directory, write_text
 
     _remove_stale_temporaries(directory)
+    temporary = None
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
         temporary = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    except OSError:
-        return
-    try:
         # weights stay float32: save_model would otherwise store them as float16
         ov.save_model(model, str(temporary / MODEL_FILE), compress_to_fp16=False)
+        digests = {name: file_sha256(temporary / name) for name in MODEL_FILES}
+        write_text(temporary / MANIFEST_FILE, json.dumps(
+            {**identity, "files": digests}, indent=1, default=json_default))
+    except (OSError, RuntimeError) as error:  # OpenVINO raises RuntimeError for its writes
+        _tell(notify, f"Could not keep the converted OpenVINO model in "
+                      f"'{display(directory.parent)}' ({_reason(error)}): this run used it "
+                      "from memory, the next one converts it again")
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+        return
+    try:
         replace_directory(temporary, directory)
     except OSError:
-        pass  # another process put its copy there first, or the disk is full
+        pass  # another process put its copy there first
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _reason(error: Exception) -> str:
+    """An error's message on one line, cut short (OpenVINO's carry source locations)."""
+    reason = " ".join(str(getattr(error, "strerror", None) or error).split())
+    return reason if len(reason) <= 200 else reason[:200] + " ..."
+
+
+def _tell(notify: Notify | None, message: str) -> None:
+    if notify is not None:
+        notify(message)
 
 
 def _remove_stale_temporaries(directory: Path) -> None:

@@ -118,16 +118,13 @@ def calibrate_batchnorms(model, images: np.ndarray, seed: int = 0) -> None:
     ("resnet50", "none", 64), ("densenet121", "max", 45), ("inceptionv3", "avg", 75),
     ("xception", "none", 73), ("vgg16", "avg", 35)])
 def test_the_written_graph_computes_the_keras_model(backbone, pooling, size):
-    import openvino as ov
-
     spec = probe.get_backbone(backbone)
     model = spec.build(weights="none", image_size=size, pooling=pooling, seed=0)
     inputs = spec.preprocess_input(
         np.random.default_rng(1).uniform(0, 255, (8, size, size, 3)).astype(np.float32))
     calibrate_batchnorms(model, inputs)
     expected = np.asarray(model.predict_on_batch(inputs))
-    compiled = ov.Core().compile_model(openvino_graph.build(model), "CPU",
-                                       runtime.OPENVINO_CONFIG)
+    compiled = runtime.compile_for_cpu(openvino_graph.build(model))
     written = runtime.OpenVINOBackbone(compiled)
     got = written.predict_on_batch(inputs)
     assert got.shape == expected.shape and written.output_shape == model.output_shape
@@ -137,7 +134,6 @@ def test_the_written_graph_computes_the_keras_model(backbone, pooling, size):
 @pytest.mark.parametrize("size", [8, 9])
 def test_wide_3x3_convolutions_are_written_as_winograd_ones_with_the_same_output(
         size, monkeypatch):
-    import openvino as ov
     from probe._keras import keras
 
     inputs = keras.Input((size, size, 128))
@@ -151,7 +147,7 @@ def test_wide_3x3_convolutions_are_written_as_winograd_ones_with_the_same_output
         graph = openvino_graph.build(model)
         kinds = [op.get_type_name() for op in graph.get_ops()]
         assert kinds.count("DepthToSpace") == written and kinds.count("Convolution") == 3 - written
-        got = ov.Core().compile_model(graph, "CPU", runtime.OPENVINO_CONFIG)({0: images})[0]
+        got = runtime.compile_for_cpu(graph)({0: images})[0]
         assert np.max(np.abs(got - expected)) <= 1e-5 * np.max(np.abs(expected))
 
 
@@ -166,9 +162,7 @@ def test_a_model_with_a_layer_the_graph_does_not_write_is_converted_by_tracing()
     calibrate_batchnorms(model, images)
     with pytest.raises(openvino_graph.UnsupportedLayer, match="Dense"):
         openvino_graph.build(model)
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(runtime.convert(model, 16), "CPU")
+    compiled = runtime.compile_for_cpu(runtime.convert(model, 16))
     expected = np.asarray(model.predict_on_batch(images))
     got = runtime.OpenVINOBackbone(compiled).predict_on_batch(images)
     assert np.max(np.abs(got - expected)) <= 1e-5 * np.max(np.abs(expected))
@@ -219,7 +213,6 @@ def test_the_backbone_written_without_backend_variables_computes_the_keras_model
     variables): its weights, drawn by the seeded initialisers or read from either weights
     file layout, must be the ones `build` gives, layer by layer."""
     import h5py
-    import openvino as ov
     from keras.src.backend.common import global_state
     from keras.src.legacy.saving import legacy_h5_format
 
@@ -240,8 +233,8 @@ def test_the_backbone_written_without_backend_variables_computes_the_keras_model
                 legacy_h5_format.save_weights_to_hdf5_group(file, model)
     expected = np.asarray(model.predict_on_batch(inputs))
     extraction = ExtractionSettings("resnet50", Weights.parse(source, seed=5), size)
-    written = runtime.OpenVINOBackbone(ov.Core().compile_model(
-        runtime.convert_backbone(extraction), "CPU", runtime.OPENVINO_CONFIG))
+    written = runtime.OpenVINOBackbone(
+        runtime.compile_for_cpu(runtime.convert_backbone(extraction)))
     got = written.predict_on_batch(inputs)
     assert np.max(np.abs(got - expected)) <= 1e-4 * np.max(np.abs(expected))
     assert np.max(np.abs(expected)) > 0
@@ -258,3 +251,245 @@ def test_a_weights_file_that_does_not_fit_fails_the_written_graph_in_one_line(tm
     extraction = ExtractionSettings("resnet50", Weights.parse(wrong), 32)
     with pytest.raises(WeightsError, match="could not load the weights file"):
         runtime.convert_backbone(extraction)
+
+
+# --- the kept converted model is checked before it is used ------------------------------
+
+
+def vgg16_settings(size: int = 32, runtime_name: str = "openvino"):
+    from probe.settings import ExtractionSettings
+
+    return ExtractionSettings.create("vgg16", weights="none", image_size=size,
+                                     runtime=runtime_name)
+
+
+def tensorflow_features(size: int, inputs: np.ndarray) -> np.ndarray:
+    keras_model = runtime.load_backbone(vgg16_settings(size, "tensorflow"), None)
+    return np.asarray(keras_model.predict_on_batch(inputs))
+
+
+def some_images(size: int) -> np.ndarray:
+    """Preprocessed images other than the conversion's check batch."""
+    pixels = np.random.default_rng(7).uniform(0, 255, (3, size, size, 3)).astype(np.float32)
+    return probe.get_backbone("vgg16").preprocess_input(pixels)
+
+
+@pytest.fixture(scope="module")
+def saved_vgg16(tmp_path_factory):
+    """A cache directory holding the converted vgg16 at 32 px (copied by each test that
+    damages it) and that model's features of `some_images`."""
+    cache_dir = tmp_path_factory.mktemp("models")
+    model = runtime.load_backbone(vgg16_settings(32), cache_dir)
+    (folder,) = (cache_dir / runtime.MODELS_DIR).iterdir()
+    return folder, model.predict_on_batch(some_images(32))
+
+
+def copy_model(folder, cache_dir, extraction):
+    import shutil
+
+    target = cache_dir / runtime.MODELS_DIR / runtime.model_key(extraction)
+    shutil.copytree(folder, target)
+    return target
+
+
+def test_a_kept_model_is_read_back_with_its_manifest(saved_vgg16, tmp_path):
+    import hashlib
+    import json
+
+    folder, features = saved_vgg16
+    manifest = json.loads((folder / runtime.MANIFEST_FILE).read_text())
+    assert manifest["input_shape"] == [None, 32, 32, 3] and manifest["key"] == folder.name
+    assert sorted(manifest["files"]) == sorted(runtime.MODEL_FILES)
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
+    extraction = vgg16_settings(32)
+    copy_model(folder, tmp_path, extraction)
+    notes = []
+    again = runtime.load_backbone(extraction, tmp_path, notes.append)
+    assert again.runtime == "openvino" and not notes
+    np.testing.assert_array_equal(again.predict_on_batch(some_images(32)), features)
+
+
+def test_a_kept_model_with_edited_bytes_is_converted_again_never_used(saved_vgg16, tmp_path):
+    folder, _ = saved_vgg16
+    extraction = vgg16_settings(32)
+    target = copy_model(folder, tmp_path, extraction)
+    weights = target / runtime.WEIGHTS_FILE
+    with open(weights, "r+b") as handle:  # 4 KB of weights overwritten: 1.0 is far off He's
+        handle.seek(weights.stat().st_size // 2)
+        handle.write(np.ones(1024, np.float32).tobytes())
+    damaged = weights.read_bytes()
+    notes = []
+    again = runtime.load_backbone(extraction, tmp_path, notes.append)
+    inputs = some_images(32)
+    assert again.runtime == "openvino"
+    assert_same_features({"x": tensorflow_features(32, inputs)},
+                         {"x": again.predict_on_batch(inputs)})
+    assert len(notes) == 1 and "Converted the OpenVINO model of vgg16 again" in notes[0]
+    assert "model.bin that does not match its checksum" in notes[0]
+    assert weights.read_bytes() != damaged  # replaced, and nothing left aside
+    assert sorted(p.name for p in target.iterdir()) == sorted(
+        [*runtime.MODEL_FILES, runtime.MANIFEST_FILE])
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
+
+
+def test_a_model_of_another_image_size_in_the_folder_is_converted_again(saved_vgg16, tmp_path):
+    folder, _ = saved_vgg16
+    extraction = vgg16_settings(40)
+    copy_model(folder, tmp_path, extraction)  # the 32 px model under the 40 px key
+    notes = []
+    again = runtime.load_backbone(extraction, tmp_path, notes.append)
+    inputs = some_images(40)
+    assert_same_features({"x": tensorflow_features(40, inputs)},
+                         {"x": again.predict_on_batch(inputs)})
+    assert len(notes) == 1 and "converted for other settings" in notes[0]
+    assert runtime.load_backbone(extraction, tmp_path, notes.append).runtime == "openvino"
+    assert len(notes) == 1  # the new copy is read back without a word
+
+
+def tiny_model(size: int):
+    """An OpenVINO model of (batch, size, size, 3) inputs, saved in milliseconds."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    parameter = ops.parameter([-1, size, size, 3], np.float32)
+    scale = ops.constant(np.arange(1, 4, dtype=np.float32).reshape(1, 1, 1, 3))
+    return ov.Model([ops.multiply(parameter, scale)], [parameter])
+
+
+def edit_bytes(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGES = {  # what is done to a kept model -> what the run says of it
+    "model.bin edited": (lambda d: edit_bytes(d / "model.bin"), "model.bin that does not match"),
+    "model.xml edited": (lambda d: edit_bytes(d / "model.xml"), "model.xml that does not match"),
+    "model.bin missing": (lambda d: (d / "model.bin").unlink(), "does not hold the files"),
+    "a file added": (lambda d: (d / "extra.bin").write_bytes(b"0"), "does not hold the files"),
+    "manifest missing": (lambda d: (d / "manifest.json").unlink(), "has no manifest"),
+    "manifest cut short": (lambda d: (d / "manifest.json").write_text('{"format'),
+                           "manifest that can not be read"),
+    "manifest of another key": (
+        lambda d: (d / "manifest.json").write_text(
+            (d / "manifest.json").read_text().replace('"tiny"', '"other"')),
+        "converted for other settings"),
+}
+
+
+@pytest.mark.parametrize("damage", [None, *DAMAGES])
+def test_a_kept_model_is_read_only_where_its_manifest_vouches_for_it(tmp_path, damage):
+    directory = tmp_path / runtime.MODELS_DIR / "tiny"
+    identity = runtime._identity("tiny", 4)
+    runtime._save(tiny_model(4), directory, identity)
+    if damage is not None:
+        DAMAGES[damage][0](directory)
+    model, problem = runtime._read_saved(directory, identity)
+    if damage is None:
+        assert model is not None and problem == ""
+        return
+    assert model is None and DAMAGES[damage][1] in problem
+    assert not any(directory.parent.iterdir())  # removed, to be converted again
+
+
+def test_a_kept_model_whose_graph_takes_another_size_is_not_read(tmp_path):
+    """A manifest that vouches for files of another input size (written by hand)."""
+    directory = tmp_path / "tiny"
+    identity = runtime._identity("tiny", 4)
+    runtime._save(tiny_model(5), directory, identity)
+    model, problem = runtime._read_saved(directory, identity)
+    assert model is None and "takes inputs of shape [None, 5, 5, 3]" in problem
+    assert not directory.exists()
+
+
+def test_a_converted_model_that_disagrees_with_keras_is_not_used_nor_kept(
+        tmp_path, monkeypatch):
+    root = make_tree(tmp_path / "images", per_class=3)
+    settings = dict(weights="none", image_size=32)
+    on_tf = probe.extract(root, "vgg16", cache_dir=tmp_path / "tf", runtime="tensorflow",
+                          **settings)
+    predict = runtime.OpenVINOBackbone.predict_on_batch
+    monkeypatch.setattr(runtime.OpenVINOBackbone, "predict_on_batch",
+                        lambda self, inputs: predict(self, inputs) * 1.01)  # 1% off
+    events = []
+    cache, report = probe.extract_with_report(root, "vgg16", cache_dir=tmp_path / "ov",
+                                              runtime="openvino", progress=events.append,
+                                              **settings)
+    assert report.runtime == "tensorflow" and cache.attrs["extract_runtime"] == "tensorflow"
+    assert_same_features(on_tf, cache)
+    notes = [e.details["message"] for e in events if isinstance(e, probe.progress.Note)]
+    assert len(notes) == 1 and "ran on TensorFlow" in notes[0] and "1.0e-02" in notes[0]
+    assert report.notes == notes
+    assert not (tmp_path / "ov" / runtime.MODELS_DIR).exists()  # nothing kept
+
+
+def test_a_converted_model_that_can_not_be_kept_is_used_from_memory(tmp_path, monkeypatch):
+    import openvino as ov
+
+    def failing_save(model, path, **options):
+        with open(path, "w") as half:  # a half-written file, as a full disk leaves it
+            half.write("<net")
+        raise RuntimeError("Exception from src/core/src/pass/\nserialize.cpp:1: basic_ios::clear")
+
+    monkeypatch.setattr(ov, "save_model", failing_save)
+    root = make_tree(tmp_path / "images", per_class=3)
+    cache_dir = tmp_path / "c"
+    result = CliRunner().invoke(main, ["extract", str(root), "--weights", "none",
+                                       "--backbone", "vgg16", "--image-size", "32",
+                                       "--runtime", "openvino", "--cache-dir", str(cache_dir),
+                                       "-q"])
+    assert result.exit_code == 0, result.output
+    assert "(backbone on openvino)" in result.output and "Traceback" not in result.output
+    (notice,) = [line for line in result.output.splitlines() if "Could not keep" in line]
+    assert "basic_ios::clear): this run used it from memory" in notice
+    assert not any((cache_dir / runtime.MODELS_DIR).iterdir())  # no half-written folder
+
+
+@pytest.mark.parametrize("failure", ["disk full", "no folder"])
+def test_a_model_that_can_not_be_written_leaves_nothing_and_says_so(
+        tmp_path, monkeypatch, failure):
+    import openvino as ov
+
+    directory = tmp_path / runtime.MODELS_DIR / "tiny"
+    if failure == "disk full":
+        save = ov.save_model
+
+        def full_disk(model, path, **options):
+            save(model, path, **options)
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(ov, "save_model", full_disk)
+    else:
+        directory.parent.write_text("a file where the folder of models goes")
+    notes = []
+    runtime._save(tiny_model(4), directory, runtime._identity("tiny", 4), notes.append)
+    assert len(notes) == 1 and "Could not keep the converted OpenVINO model" in notes[0]
+    assert ("No space left on device" if failure == "disk full" else "exists") in notes[0]
+    leftovers = sorted(p.name for p in directory.parent.iterdir()) \
+        if directory.parent.is_dir() else []
+    assert leftovers == []
+
+
+def test_every_openvino_compilation_names_its_precision():
+    """OpenVINO's CPU plugin computes in bfloat16 by default on CPUs with AMX: every
+    compilation goes through `runtime.compile_for_cpu`, which names the precision."""
+    import ast
+    from pathlib import Path
+
+    call = "compile_model" + "("  # spelled apart so that this file does not match itself
+    repository = Path(__file__).resolve().parents[1]
+    source = (repository / "probe" / "runtime.py").read_text()
+    (function,) = [node for node in ast.walk(ast.parse(source))
+                   if isinstance(node, ast.FunctionDef) and node.name == "compile_for_cpu"]
+    allowed = set(range(function.lineno, function.end_lineno + 1))
+    found = []
+    for path in sorted(repository.rglob("*.py")):
+        if any(part.startswith(".") for part in path.relative_to(repository).parts):
+            continue  # virtual environments, caches
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if call in line and not (path.name == "runtime.py" and path.parent.name == "probe"
+                                     and number in allowed):
+                found.append(f"{path.relative_to(repository)}:{number}")
+    assert not found, f"compile through runtime.compile_for_cpu instead: {found}"
+    assert call in "\n".join(source.splitlines()[function.lineno - 1:function.end_lineno])
