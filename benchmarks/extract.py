@@ -507,7 +507,7 @@ def backend_version() -> str:
 
 def accelerator() -> str:
     """The GPU the Keras backend computes on, or "none"."""
-    from probe.extract import backend_gpus
+    from probe.device import backend_gpus
 
     return ", ".join(f"{gpu.name} (compute capability {gpu.capability})"
                      for gpu in backend_gpus()) or "none"
@@ -561,16 +561,16 @@ def main(argv: list[str] | None = None) -> int:
                              "generated datasets there are reused")
     args = parser.parse_args(argv)
 
-    from probe.extract import bf16_support
+    from probe import device
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="probe-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     precisions = ["float32"] + [p for p in args.precisions.split(",") if p and p != "float32"]
     heads = [h for h in args.heads.split(",") if h]
-    bf16_reason = bf16_support()
+    bf16_reason = device.bf16_support()
     from probe import runtime
 
-    openvino = runtime.openvino_installed() and not args.no_openvino
+    openvino = device.openvino_installed() and not args.no_openvino
     if "bf16" in precisions and bf16_reason is not None:
         precisions.remove("bf16")
     import keras

@@ -40,6 +40,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import CacheError, CacheMismatchError, SourceChangedError, UnsealedCacheError
+from .files import display
 
 FORMAT = "probe-feature-cache"
 FORMAT_VERSION = 1
@@ -1012,17 +1013,6 @@ def _has_hdf5_signature(path) -> bool:
             return handle.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
     except OSError:
         return True  # unreadable: keep the damaged-cache message, which names the error
-
-
-def display(path) -> str:
-    """A path for messages: bytes that are not UTF-8 are shown escaped (\\xff) instead of
-    failing to print."""
-    return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
-
-
-
-
-
 
 
 def _read_strings(dataset) -> list[str]:

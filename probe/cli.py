@@ -14,8 +14,8 @@ import time
 
 import click
 
-from . import backbones, cache as cache_mod, heads as heads_mod, settings, store
-from .compare import compare, headline as compare_headline, parse_names, score_note
+from . import backbones, cache as cache_mod, files, heads as heads_mod, settings, store
+from .compare import compare, headline as compare_headline, score_note
 from .demo import DEMO_BACKBONES, DEMO_IMAGE_SIZE, DEMO_PER_CLASS, run_demo
 from .engines.ray import RayOptions
 from .duplicates import DEFAULT_THRESHOLD, find_duplicates
@@ -399,7 +399,7 @@ def head_params(head: str, seed: int, options: dict) -> dict:
 def _compare_head_params(heads, seed, options) -> dict:
     """Each compared head's parameters from the options it declares."""
     return {head: head_params(head, seed, options)
-            for head in parse_names(heads, ()) if head in heads_mod.list_heads()}
+            for head in settings.parse_names(heads, ()) if head in heads_mod.list_heads()}
 
 
 def _option_name(flag: str) -> str:
@@ -925,7 +925,7 @@ def duplicates_command(cache, threshold, strict, as_json, limit, exact) -> None:
     found = find_duplicates(cache, DEFAULT_THRESHOLD if threshold is None else threshold,
                             exact=True if exact else None)
     if as_json:
-        _echo(json.dumps(found.to_dict(), indent=2, default=cache_mod.display), lines=True)
+        _echo(json.dumps(found.to_dict(), indent=2, default=files.display), lines=True)
     else:
         _show_duplicates(found, limit)
     cross = found.cross_split_pairs
@@ -939,7 +939,7 @@ def _show_duplicates(found, limit: int) -> None:
           f"{found.seconds:.1f} s): {counts['exact_pairs']} identical-file pairs, "
           f"{counts['near_pairs']} near pairs in {counts['groups']} groups; "
           f"{counts['cross_split_pairs']} pairs cross splits")
-    show = cache_mod.display
+    show = files.display
     rows = [[p.splits, "identical" if p.exact else "near", f"{p.similarity:.4f}",
              f"{p.first.split}:{show(p.first.path)}", f"{p.second.split}:{show(p.second.path)}"]
             for p in found.pairs[:limit]]
@@ -974,7 +974,7 @@ def cache_ls(cache_dir) -> None:
     unsealed = set(cache_mod.list_unsealed(cache_dir))
     listed = {cache.path for cache in caches}
     for path in sorted(directory.glob("*.h5")) if directory.is_dir() else []:
-        shown = cache_mod.display(path)
+        shown = files.display(path)
         if path in unsealed:
             _echo(f"Unsealed (older format): {shown}; rewrite it sealed with "
                   f"`probe cache reseal '{shown}'`", err=True)
@@ -1024,7 +1024,7 @@ def cache_info(path, as_json) -> None:
               "train/views)")
     _echo(f"{'skipped:':15} {len(info['skipped'])}")
     for item in info["skipped"]:
-        _echo(f"  {cache_mod.display(item['path'])}: {item['reason']}")
+        _echo(f"  {files.display(item['path'])}: {item['reason']}")
 
 
 @cache_group.command("reseal")
@@ -1040,7 +1040,7 @@ def cache_reseal(path) -> None:
     Example: probe cache reseal .probe/cats_vs_dogs-vgg16-224-avg-1a2b3c4d5e.h5
     """
     kept = store.reseal(path)
-    _echo(f"Sealed: {cache_mod.display(path)} ({kept['kept']} rows kept, "
+    _echo(f"Sealed: {files.display(path)} ({kept['kept']} rows kept, "
           f"{kept['left_out']} left out)")
     if kept["left_out"]:
         _echo(f"Warning: {kept['left_out']} rows were left out (their images changed or "
@@ -1064,7 +1064,7 @@ def cache_verify(path, strict) -> None:
     cache.verify()
     changes = cache.check_source(strict=strict)
     counts = ", ".join(f"{k} {v}" for k, v in cache.counts.items())
-    _echo(f"Cache intact: {cache_mod.display(cache.path)} ({counts})")
+    _echo(f"Cache intact: {files.display(cache.path)} ({counts})")
     if changes:
         _echo(f"Warning: {changes.message()}", err=True)
     else:

@@ -26,12 +26,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import (backbones as backbones_mod, cache as cache_mod, data, evaluate, heads as heads_mod,
-               html, report, run_files, store)
+from . import (backbones as backbones_mod, cache as cache_mod, data, device, evaluate, files,
+               heads as heads_mod, html, report, run_files)
 from .engines.ray import RayOptions
 from .errors import BackboneError, ProbeError
 from .progress import Advanced, Finished, Note, ProgressCallback, Started, emit
-from .settings import DEFAULT_SEED, TEST_FRACTION, VAL_FRACTION, SplitSettings, Weights, dataset_path
+from .settings import (DEFAULT_SEED, TEST_FRACTION, VAL_FRACTION, SplitSettings, Weights,
+                       dataset_path, parse_names)
 
 __all__ = ["Comparison", "compare", "parse_names", "parse_image_size", "image_sizes",
            "DEFAULT_BACKBONES", "DEFAULT_HEADS"]
@@ -158,24 +159,6 @@ class Comparison(list):
                 "or use the records of this list directly."
             ) from None
         return pandas.DataFrame(list(self), columns=self.csv_columns)
-
-
-def parse_names(value: str | Iterable[str] | None, default: Iterable[str],
-                everything: Iterable[str] | None = None) -> list[str]:
-    """Names from a comma-separated string or a list, lower case, without repeats; "all"
-    stands for `everything` when it is given."""
-    if value is None:
-        items = list(default)
-    elif isinstance(value, str):
-        items = value.split(",")
-    else:
-        items = [str(v) for v in value]
-    names = []
-    for item in items:
-        name = item.strip().lower()
-        expanded = list(everything) if name == "all" and everything is not None else [name]
-        names += [n for n in expanded if n and n not in names]
-    return names
 
 
 def parse_image_size(value: int | str | None) -> int | str | None:
@@ -335,7 +318,6 @@ def _plan(dataset, backbones, heads, image_size, head_params, seed, extraction) 
     backbone's minimum, a bad pooling or weights value, head parameters, the dataset, an
     engine that can not run."""
     from .extract import resolve_engine
-    from .runtime import check_runtime
 
     names = parse_names(backbones, DEFAULT_BACKBONES, backbones_mod.list_backbones())
     head_names = parse_names(heads, DEFAULT_HEADS)
@@ -345,7 +327,7 @@ def _plan(dataset, backbones, heads, image_size, head_params, seed, extraction) 
         raise ProbeError(f"expected at least one head. Received: heads={heads!r}")
     specs = [backbones_mod.get(name) for name in names]  # an unknown name is refused here
     resolve_engine(extraction["engine"], None, extraction["ray"])  # once, not per backbone
-    check_runtime(extraction["runtime"])
+    device.check_runtime(extraction["runtime"])
     sizes = image_sizes(specs, image_size)
     backbones_mod.check_pooling(extraction["pooling"])
     # a weights file is hashed once, not per backbone; label files resolved once
@@ -516,13 +498,13 @@ def score_note(result: "Comparison") -> str | None:
 
 def write_files(result: Comparison) -> None:
     """compare.csv, compare.md and compare.png in the comparison directory."""
-    with store.atomic_write(result.path / CSV_FILE, "w", newline="", encoding="utf-8") as handle:
+    with files.atomic_write(result.path / CSV_FILE, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(result.csv_columns)
         for record in result:
             writer.writerow(["" if record.get(k) is None else _csv_value(record[k])
                              for k in result.csv_columns])
-    store.write_text(result.path / MARKDOWN_FILE, markdown(result))
+    files.write_text(result.path / MARKDOWN_FILE, markdown(result))
     plot_comparison(result, result.path / CHART_FILE)
 
 

@@ -35,10 +35,12 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from . import files
 from . import heads as heads_mod, report, run_files
 from .cache import FeatureCache, Split
 from .errors import CacheError, ProbeError
 from .progress import Advanced, Finished, Note, ProgressCallback, Started, emit
+from .settings import parse_names
 
 DEFAULT_SHOTS = (1, 2, 5, 10, 25, "all")
 DEFAULT_HEADS = ("logreg", "knn")
@@ -268,7 +270,6 @@ def curve(
 def check_settings(shots, repeats, heads, seed, head_params) -> tuple[list, list[str], int, dict]:
     """Shot counts, head names, repeats and head parameters, refused before any work when
     wrong (an unknown head or parameter, a shot count or repeats out of range)."""
-    from .compare import parse_names
 
     shot_counts = parse_shots(shots)
     names = parse_names(heads, DEFAULT_HEADS)
@@ -335,9 +336,7 @@ def write_comparison_curves(directory: Path, curves: dict[str, Curve], n_classes
 
 def write_curve_csv(path: Path, records: list[dict], columns: tuple[str, ...] = CSV_COLUMNS) -> None:
     """One row per head, shot count and repeat (and backbone); `chosen` as JSON."""
-    from . import store
-
-    with store.atomic_write(path, "w", newline="", encoding="utf-8") as handle:
+    with files.atomic_write(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
         for record in records:

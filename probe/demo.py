@@ -16,8 +16,8 @@ from typing import Iterable
 
 import numpy as np
 
-from . import backbones as backbones_mod, cache as cache_mod, store
-from .compare import Comparison, compare, parse_names
+from . import backbones as backbones_mod, cache as cache_mod, files, settings
+from .compare import Comparison, compare
 from .errors import DatasetError, WeightsError
 from .progress import Note, ProgressCallback, emit
 
@@ -76,7 +76,7 @@ def write_digits(out: str | os.PathLike, per_class: int = DEMO_PER_CLASS,
                 continue
             grey = np.round(digits.images[index] * (255 / 16)).astype(np.uint8)
             image = Image.fromarray(grey, mode="L").resize((pixels, pixels), Image.BILINEAR)
-            with store.atomic_path(path, durable=False) as partial:  # rewritten if lost
+            with files.atomic_path(path, durable=False) as partial:  # rewritten if lost
                 image.convert("RGB").save(partial, format="PNG")
     return root
 
@@ -109,7 +109,7 @@ def run_demo(
     >>> table = probe.run_demo(per_class=20)
     >>> print(table.table())
     """
-    names = parse_names(backbones, DEMO_BACKBONES)
+    names = settings.parse_names(backbones, DEMO_BACKBONES)
     root = write_digits(out if out is not None else default_out(cache_dir, per_class), per_class)
     emit(progress, Note("demo", "dataset", {"path": root, "classes": 10, "per_class": per_class}))
     if str(weights).lower() == "auto":

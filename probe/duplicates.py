@@ -18,7 +18,6 @@ measures its speed and its recall). `exact=True` (`--exact`) skips the first pas
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -29,8 +28,9 @@ from typing import Iterable
 
 import numpy as np
 
-from . import store
-from .cache import FeatureCache, display
+from . import files
+from .cache import FeatureCache
+from .files import display, file_sha256
 from .errors import ProbeError
 from .progress import Advanced, Finished, ProgressCallback, Started, emit
 
@@ -323,21 +323,12 @@ def _read_all(cache: FeatureCache) -> tuple[list[DuplicateImage], np.ndarray]:
     return images, np.concatenate(blocks)
 
 
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file's content."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _hash_files(root: Path, images: list[DuplicateImage], wanted: Iterable[int]):
     digests: dict[int, str] = {}
     unreadable: list[tuple[str, str]] = []
     for index in wanted:
         try:
-            digests[int(index)] = file_digest(root / images[index].path)
+            digests[int(index)] = file_sha256(root / images[index].path)
         except OSError as error:
             unreadable.append((images[index].path, error.strerror or type(error).__name__))
     return digests, unreadable
@@ -430,7 +421,7 @@ def cached_duplicates(cache: FeatureCache, threshold: float = DEFAULT_THRESHOLD)
     found["pairs"] = found["pairs"][:STORED_PAIRS]
     found["groups"] = []
     try:
-        store.write_text(sidecar, json.dumps({"key": key, "result": found}))
+        files.write_text(sidecar, json.dumps({"key": key, "result": found}))
     except OSError:  # a read-only cache directory: the check simply runs again next time
         pass
     return found

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import importlib.metadata as metadata
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,12 +20,11 @@ from typing import Any
 import numpy as np
 
 from . import augment as augment_mod, cache as cache_mod, data, plan as plan_mod
-from . import runtime as runtime_mod, store
+from . import device, files, runtime as runtime_mod, store
 from .augment import ViewSettings
 from .cache import FeatureCache
 from .engines import ray as ray_engine
-from .engines.local import (  # noqa: F401 (API)
-    GPU, Decoding, backend_gpus, bf16_support, build_model, forward, run_batches)
+from .engines.local import Decoding, build_model, forward, run_batches  # noqa: F401 (API)
 from .engines.ray import RayOptions
 from .errors import CacheError, ProbeError
 from .plan import ExtractionPlan, Source
@@ -35,7 +33,7 @@ from .settings import (DEFAULT_BATCH_SIZE, DEFAULT_SEED, TEST_FRACTION, VAL_FRAC
                        ExtractionSettings, SplitSettings, check_precision, dataset_path)
 
 __all__ = ["extract", "extract_with_report", "run_extraction", "ExtractionReport",
-           "GPU", "backend_gpus", "bf16_support", "build_model", "check_precision"]
+           "build_model", "check_precision"]
 
 STAGE = "extract"
 # The local engine with its number of decoding threads (None: the default of
@@ -194,7 +192,7 @@ def _reseal_older_format(directory: Path, target: plan_mod.CacheTarget) -> tuple
             kept = store.reseal(target.path)
     except CacheError as error:
         return [], str(error)
-    return [f"resealed the older-format cache '{cache_mod.display(target.path)}': kept "
+    return [f"resealed the older-format cache '{files.display(target.path)}': kept "
             f"{kept['kept']} rows, left out {kept['left_out']} whose images changed"], ""
 
 
@@ -424,7 +422,7 @@ def _attrs(plan: ExtractionPlan, extraction: ExtractionSettings, split: SplitSet
         **split.to_attrs(),
         "ignored_files": found.ignored,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": package_versions(),
+        "versions": device.package_versions(),
         **speed,
     }
 
@@ -444,19 +442,5 @@ def _make_directory(directory: Path) -> None:
         raise CacheError(
             f"expected a cache directory that can be created and written; {error.strerror}. "
             f"Pass a writable --cache-dir or set PROBE_CACHE_DIR. "
-            f"Received: cache_dir='{cache_mod.display(directory)}'"
+            f"Received: cache_dir='{files.display(directory)}'"
         ) from None
-
-
-CACHE_PACKAGES = ("probe", "keras", "tensorflow", "tensorflow-cpu", "h5py", "numpy", "pillow")
-
-
-def package_versions(packages: tuple[str, ...] = CACHE_PACKAGES) -> dict[str, str]:
-    """The installed version of each of `packages` that is installed."""
-    versions = {}
-    for package in packages:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions

@@ -34,8 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from . import run_files, store
-from .errors import RunError
+from . import files, run_files
+from .cache import FeatureCache
+from .duplicates import cached_duplicates, centre, leakage_warning
+from .errors import ProbeError, RunError
+from .run_files import Run
 from .progress import Finished, Note, ProgressCallback, Started, emit
 
 __all__ = ["write_report", "REPORT_FILE", "Caps"]
@@ -103,7 +106,7 @@ def write_report(
             f"Received: '{_display(directory)}'"
         )
     target = Path(out) if out else directory / REPORT_FILE
-    store.write_text(target, page)
+    files.write_text(target, page)
     emit(progress, Finished("report", details={"path": str(target),
                                                "bytes": target.stat().st_size}))
     return target
@@ -148,9 +151,6 @@ class RunInputs:
 def load_run_inputs(directory: Path) -> RunInputs:
     """What a run's report reads, once the run's files match its manifest and its JSON
     files have the types the report uses (`Run.load`; else `RunError` naming the file)."""
-    from .cache import FeatureCache
-    from .errors import ProbeError
-    from .runs import Run
 
     run = Run.load(directory)
     config, metrics = run.config, run.metrics
@@ -418,7 +418,6 @@ class Embedding:
 def _embedding_inputs(inputs: RunInputs, caps: Caps) -> Embedding | None:
     if inputs.cache is None:
         return None
-    from .duplicates import centre
 
     cache = inputs.cache
     classes = cache.classes
@@ -580,7 +579,6 @@ def _duplicates_section(inputs: RunInputs, caps: Caps) -> str:
     title = "Duplicates across splits"
     if inputs.cache is None:
         return _section("duplicates", title, f"<p>Unavailable: {esc(inputs.cache_problem)}</p>")
-    from .duplicates import cached_duplicates
 
     found = cached_duplicates(inputs.cache)
     try:
@@ -773,7 +771,6 @@ def after_fit(cache: Any, directory: Path, report: bool = True) -> list[str]:
     cache has near-duplicate pairs across splits, and report.html (unless `report` is
     False). Returns the notes for the user; a report that fails is a note, never a lost run.
     """
-    from .duplicates import leakage_warning
 
     notes = []
     try:

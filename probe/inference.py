@@ -14,7 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
-from . import backbones, data, settings, store
+from . import backbones, data, files, settings
 from .errors import ProbeError, RunError
 from .runs import MODEL_FILE, Run
 
@@ -249,7 +249,7 @@ def write_predictions(results: list[Prediction], classes: list[str], output: str
     """CSV: path, predicted class, one probability column per class, error."""
     path = Path(output)
     try:
-        with store.atomic_write(path, "w", newline="", encoding="utf-8",
+        with files.atomic_write(path, "w", newline="", encoding="utf-8",
                                 errors="surrogateescape") as handle:
             writer = csv.writer(handle)
             writer.writerow(["path", "predicted", *classes, "error"])
@@ -274,6 +274,6 @@ def export(run: str | os.PathLike | Run, out: str | os.PathLike) -> Path:
     if out.suffix != ".keras":
         raise ProbeError(f"expected an output file ending in .keras. Received: out='{out}'")
     model = load_model(run)
-    with store.atomic_path(out, suffix=".keras") as temporary:
+    with files.atomic_path(out, suffix=".keras") as temporary:
         model.save(temporary)
     return out

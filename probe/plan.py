@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from . import files
 from . import cache as cache_mod, data
 from .cache import Row
 from .errors import CacheMismatchError, ProbeError
@@ -138,7 +139,7 @@ def check_previous(previous_attrs: Mapping[str, Any] | None, target: CacheTarget
         return
     a = previous_attrs
     raise CacheMismatchError(
-        f"cache file '{cache_mod.display(target.path)}' holds features of other settings "
+        f"cache file '{files.display(target.path)}' holds features of other settings "
         f"(backbone {a.get('backbone')!r}, weights {a.get('weights')!r}, size "
         f"{a.get('image_size')!r}, pooling {a.get('pooling')!r}) than asked for "
         f"({extraction.backbone!r}, {extraction.weights.identity!r}, {extraction.image_size}, "

@@ -23,7 +23,6 @@ key against the types probe uses (`CONFIG_SHAPE`, `METRICS_SHAPE`) before any of
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -31,9 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import store
-from .cache import display
+import numpy as np
+
+from . import heads
 from .errors import RunError
+from .files import display, file_sha256, write_text
 
 MANIFEST = "manifest.json"
 FORMAT = "probe-run-manifest"
@@ -52,15 +53,6 @@ READ_BACK = {
 
 
 # --- the manifest -------------------------------------------------------------------------
-
-
-def file_digest(path: Path) -> str:
-    """The SHA-256 of a file, read a chunk at a time."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _covered(directory: Path, kind: str) -> list[str]:
@@ -87,9 +79,9 @@ def write_manifest(directory: str | os.PathLike, kind: str = "run") -> Path:
     files = {}
     for relative in _covered(directory, kind):
         path = directory / relative
-        files[relative] = {"size": path.stat().st_size, "sha256": file_digest(path)}
+        files[relative] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     manifest = {"format": FORMAT, "version": VERSION, "kind": kind, "files": files}
-    return store.write_text(directory / MANIFEST, json.dumps(manifest, indent=2))
+    return write_text(directory / MANIFEST, json.dumps(manifest, indent=2))
 
 
 def verify_directory(directory: str | os.PathLike, kind: str = "run") -> None:
@@ -102,7 +94,7 @@ def verify_directory(directory: str | os.PathLike, kind: str = "run") -> None:
         path = directory / relative
         try:
             size = path.stat().st_size
-            matches = size == entry["size"] and file_digest(path) == entry["sha256"]
+            matches = size == entry["size"] and file_sha256(path) == entry["sha256"]
         except FileNotFoundError:
             raise refused(directory, kind, relative, "is missing (deleted since probe wrote it)") from None
         except OSError as error:
@@ -319,3 +311,82 @@ def read_json(directory: Path, name: str, shape: Shape, kind: str = "run") -> An
         raise RunError(f"{_what(kind)} file '{name}' of {_what(kind)} '{display(directory)}': "
                        f"{mismatch}; {refit_hint(directory, kind)}") from None
     return value
+
+
+# --- a run read back ------------------------------------------------------------------------
+
+CONFIG = "config.json"
+METRICS = "metrics.json"
+HEAD_DIR = "head"
+MODEL_FILE = "model.keras"
+
+
+@dataclass
+class Run:
+    """A finished run: its directory, configuration and test metrics."""
+
+    path: Path
+    config: dict
+    metrics: dict
+    notes: list[str] = field(default_factory=list)  # things the user should be told
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Run":
+        """Open a run directory written by `probe fit` or `probe finetune`, once its files
+        match its manifest and its JSON files have the types probe reads (else `RunError`)."""
+        directory = Path(path).expanduser()
+        config_path = directory / CONFIG
+        if not config_path.is_file():
+            raise RunError(
+                f"expected a run directory written by `probe fit` (with {CONFIG}); "
+                f"{'it does not exist' if not directory.exists() else f'found no {CONFIG}'}. "
+                f"Runs are under .probe/runs/. Received: run='{path}'"
+            )
+        verify_directory(directory)  # an edited, added or deleted file: refused
+        config = read_json(directory, CONFIG, CONFIG_SHAPE)
+        metrics = (read_json(directory, METRICS, METRICS_SHAPE)
+                   if (directory / METRICS).is_file() else {})
+        missing = [key for key in ("head", "backbone", "classes", "image_size") if key not in config]
+        if missing:
+            raise RunError(
+                f"'{config_path}' is not a probe run configuration: it lacks {', '.join(missing)}; "
+                f"re-run `probe fit`. Received: run='{path}'"
+            )
+        return cls(directory, config, metrics)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.config["classes"])
+
+    @property
+    def is_finetuned(self) -> bool:
+        return (self.path / MODEL_FILE).is_file()
+
+    @property
+    def thresholds(self) -> np.ndarray | None:
+        """Multi-label: the decision threshold of each class (in class order), as chosen on
+        validation and recorded in config.json; None for a single-label run."""
+        chosen = self.config.get("thresholds")
+        if not self.config.get("multilabel"):
+            return None
+        try:
+            values = np.array([float(chosen[c]) for c in self.classes])
+        except (KeyError, TypeError, ValueError):
+            raise RunError(f"'{self.path / CONFIG}' records no decision threshold per class for "
+                           "this multi-label run; re-run `probe fit`.") from None
+        return values
+
+    @classmethod
+    def open(cls, run: "str | os.PathLike | Run") -> "Run":
+        """`Run.load` of a path, or of the directory of a `Run` (read and verified again:
+        its files may have changed since the object was made); the notes are kept."""
+        if isinstance(run, Run):
+            loaded = cls.load(run.path)
+            loaded.notes = list(run.notes)
+            return loaded
+        return cls.load(run)
+
+    def load_head(self) -> heads.Head:
+        """The trained head (not for a fine-tuned run, whose head is inside its model),
+        checked against the run's class names."""
+        return heads.load_head(self.path / HEAD_DIR, classes=self.classes)

@@ -17,93 +17,17 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from . import cache as cache_mod, evaluate, heads, html, report, run_files, settings, store
+from . import cache as cache_mod, evaluate, files, heads, html, report, run_files, settings
 from .cache import FeatureCache
 from .errors import CacheError, RunError
 from .heads.stream import FeatureStream
-
-CONFIG = "config.json"
-METRICS = "metrics.json"
-HEAD_DIR = "head"
-MODEL_FILE = "model.keras"
-
-
-@dataclass
-class Run:
-    """A finished run: its directory, configuration and test metrics."""
-
-    path: Path
-    config: dict
-    metrics: dict
-    notes: list[str] = field(default_factory=list)  # things the user should be told
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "Run":
-        """Open a run directory written by `probe fit` or `probe finetune`, once its files
-        match its manifest and its JSON files have the types probe reads (else `RunError`)."""
-        directory = Path(path).expanduser()
-        config_path = directory / CONFIG
-        if not config_path.is_file():
-            raise RunError(
-                f"expected a run directory written by `probe fit` (with {CONFIG}); "
-                f"{'it does not exist' if not directory.exists() else f'found no {CONFIG}'}. "
-                f"Runs are under .probe/runs/. Received: run='{path}'"
-            )
-        run_files.verify_directory(directory)  # an edited, added or deleted file: refused
-        config = run_files.read_json(directory, CONFIG, run_files.CONFIG_SHAPE)
-        metrics = (run_files.read_json(directory, METRICS, run_files.METRICS_SHAPE)
-                   if (directory / METRICS).is_file() else {})
-        missing = [key for key in ("head", "backbone", "classes", "image_size") if key not in config]
-        if missing:
-            raise RunError(
-                f"'{config_path}' is not a probe run configuration: it lacks {', '.join(missing)}; "
-                f"re-run `probe fit`. Received: run='{path}'"
-            )
-        return cls(directory, config, metrics)
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.config["classes"])
-
-    @property
-    def is_finetuned(self) -> bool:
-        return (self.path / MODEL_FILE).is_file()
-
-    @property
-    def thresholds(self) -> np.ndarray | None:
-        """Multi-label: the decision threshold of each class (in class order), as chosen on
-        validation and recorded in config.json; None for a single-label run."""
-        chosen = self.config.get("thresholds")
-        if not self.config.get("multilabel"):
-            return None
-        try:
-            values = np.array([float(chosen[c]) for c in self.classes])
-        except (KeyError, TypeError, ValueError):
-            raise RunError(f"'{self.path / CONFIG}' records no decision threshold per class for "
-                           "this multi-label run; re-run `probe fit`.") from None
-        return values
-
-    @classmethod
-    def open(cls, run: "str | os.PathLike | Run") -> "Run":
-        """`Run.load` of a path, or of the directory of a `Run` (read and verified again:
-        its files may have changed since the object was made); the notes are kept."""
-        if isinstance(run, Run):
-            loaded = cls.load(run.path)
-            loaded.notes = list(run.notes)
-            return loaded
-        return cls.load(run)
-
-    def load_head(self) -> heads.Head:
-        """The trained head (not for a fine-tuned run, whose head is inside its model),
-        checked against the run's class names."""
-        return heads.load_head(self.path / HEAD_DIR, classes=self.classes)
-
+from .run_files import CONFIG, HEAD_DIR, METRICS, MODEL_FILE, Run  # noqa: F401 (API)
 
 def resolve_cache(
     cache: str | os.PathLike | FeatureCache | None = None,
@@ -123,7 +47,7 @@ def resolve_cache(
         wanted = f" for backbone '{backbone}'" if backbone else ""
         unsealed = cache_mod.list_unsealed(directory)
         older = (f" ({len(unsealed)} older-format cache(s) need `probe cache reseal "
-                 f"'{cache_mod.display(unsealed[0])}'` first)") if unsealed else ""
+                 f"'{files.display(unsealed[0])}'` first)") if unsealed else ""
         raise CacheError(
             f"expected a feature cache{wanted} in '{directory}'; found none{older}. Run "
             f"`probe extract{' --backbone ' + backbone if backbone else ''} DATASET` first, "
@@ -131,7 +55,7 @@ def resolve_cache(
         )
     if len(caches) == 1:
         return caches[0], None
-    others = ", ".join(cache_mod.display(c.path.name) for c in caches[1:4])
+    others = ", ".join(files.display(c.path.name) for c in caches[1:4])
     more = f" and {len(caches) - 4} more" if len(caches) > 4 else ""
     return caches[0], (f"{len(caches)} caches found; using the most recent: {caches[0].path} "
                        f"(others: {others}{more}; choose one with --cache PATH or --backbone "
@@ -244,7 +168,7 @@ def write_multilabel_files(directory: Path, paths: list[str], labels: np.ndarray
              ";".join(c for c, v, th in zip(classes, row, thresholds) if v >= th),
              *(f"{v:.6f}" for v in row))
             for p, truth, row in zip(paths, labels, proba)]
-    with store.atomic_write(directory / "test_predictions.csv", "w", newline="", encoding="utf-8",
+    with files.atomic_write(directory / "test_predictions.csv", "w", newline="", encoding="utf-8",
                             errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "true", "predicted", *classes])
@@ -374,7 +298,7 @@ def save_run(runs_dir: Path, labels: tuple[str, ...], write: Callable[[Path], No
         write(temporary)
         run_files.write_manifest(temporary)  # last: it lists every file written above
         final = new_run_dir(runs_dir, *labels)
-        store.replace_directory(temporary, final)  # over the empty reserved one, atomically
+        files.replace_directory(temporary, final)  # over the empty reserved one, atomically
         return final
     except OSError as error:
         _remove(temporary, final)
@@ -467,8 +391,8 @@ def new_run_dir(runs_dir: str | os.PathLike, *labels: str) -> Path:
 def write_run_files(directory: Path, config: dict, metrics: dict, history: Any) -> None:
     """config.json, metrics.json, confusion_matrix.png and (with curves: a head's
     `curves_()` or a Keras history dict) curves.png."""
-    store.write_text(directory / CONFIG, json.dumps(config, indent=2, default=store.json_default))
-    store.write_text(directory / METRICS, json.dumps(metrics, indent=2, default=store.json_default))
+    files.write_text(directory / CONFIG, json.dumps(config, indent=2, default=files.json_default))
+    files.write_text(directory / METRICS, json.dumps(metrics, indent=2, default=files.json_default))
     role = metrics.get("split_role") or metrics.get("split", "test")
     if "confusion_matrix" in metrics:  # multi-label runs draw precision-recall curves instead
         report.plot_confusion_matrix(metrics["confusion_matrix"], config["classes"],
@@ -503,7 +427,7 @@ def summary_rows(metrics: dict) -> list[dict]:
 
 def write_split_predictions(path: Path, paths: list[str], labels: np.ndarray, proba: np.ndarray,
                        classes: list[str]) -> None:
-    with store.atomic_write(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+    with files.atomic_write(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "true", "predicted", *classes])
         for p, label, row in zip(paths, labels, proba):

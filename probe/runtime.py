@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -44,17 +43,14 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from .cache import display
+from . import device
 from .errors import ProbeError
+from .files import display, file_sha256, json_default, replace_directory, write_text
 from .fold import for_inference
 
 if TYPE_CHECKING:
     from .settings import ExtractionSettings
 
-RUNTIMES = ("auto", "tensorflow", "openvino")
-# What "auto" means where this is set to "tensorflow" or "openvino" (for every extraction of
-# a process and its children, e.g. a machine where one runtime is known to be better).
-RUNTIME_ENV = "PROBE_RUNTIME"
 MODELS_DIR = "models"
 MODEL_FILE = "model.xml"
 WEIGHTS_FILE = "model.bin"
@@ -83,46 +79,6 @@ CHECK_IMAGES = 2
 CHECK_SEED = 0
 
 Notify = Callable[[str], None]  # receives one sentence for the user (progress notes)
-
-
-def check_runtime(runtime: str, precision: str = "float32") -> str:
-    """A known runtime name that can run here with `precision` (the choice: "auto" is
-    resolved when the backbone is built, by `resolve`)."""
-    if runtime not in RUNTIMES:
-        raise ProbeError(f"expected runtime to be one of {', '.join(RUNTIMES)}. "
-                         f"Received: runtime={runtime!r}")
-    if runtime == "openvino" and not openvino_installed():
-        raise ProbeError("expected OpenVINO to be installed for --runtime openvino; it is "
-                         "not. Install it with `pip install 'probe[openvino]'`, or use "
-                         "--runtime tensorflow. Received: runtime='openvino'")
-    if runtime == "openvino" and precision != "float32":
-        raise ProbeError(f"expected --precision float32 with --runtime openvino (bf16 runs on "
-                         f"TensorFlow). Received: precision={precision!r}")
-    return runtime
-
-
-def openvino_installed() -> bool:
-    return importlib.util.find_spec("openvino") is not None
-
-
-def resolve(runtime: str, precision: str) -> str:
-    """The runtime that will run: "tensorflow" or "openvino". "auto" is PROBE_RUNTIME where
-    that is set, else OpenVINO where it is installed, the precision is float32 and
-    TensorFlow sees no GPU."""
-    if runtime == "auto" and os.environ.get(RUNTIME_ENV, "").strip() in ("tensorflow", "openvino"):
-        runtime = os.environ[RUNTIME_ENV].strip()
-    if check_runtime(runtime, precision) == "openvino":
-        return "openvino"
-    if runtime == "auto" and precision == "float32" and openvino_installed() and not _gpus():
-        return "openvino"
-    return "tensorflow"
-
-
-def _gpus() -> bool:
-    """Whether the Keras backend computes on a GPU (where the backbone belongs on it)."""
-    from .engines.local import backend_gpus
-
-    return bool(backend_gpus())
 
 
 def runtime_of(model) -> str:
@@ -179,7 +135,7 @@ def load_backbone(extraction: "ExtractionSettings", cache_dir: Path,
     from .engines.local import build_model
 
     weights = extraction.weights
-    if resolve(extraction.runtime, extraction.precision) == "tensorflow":
+    if device.resolve(extraction.runtime, extraction.precision) == "tensorflow":
         return build_model(extraction.spec, weights.source, extraction.image_size,
                            extraction.pooling, weights.seed, extraction.precision)
     key = model_key(extraction)
@@ -317,9 +273,8 @@ def model_key(extraction: "ExtractionSettings") -> str:
     features, whether BatchNormalizations are folded and which convolutions are Winograd
     ones, and the versions of the libraries that built and converted it."""
     from . import cache as cache_mod, fold, openvino_graph
-    from .extract import package_versions
 
-    versions = package_versions(("probe", "keras", "tensorflow", "tensorflow-cpu", "openvino"))
+    versions = device.package_versions(("probe", "keras", "tensorflow", "tensorflow-cpu", "openvino"))
     identity = {**extraction.feature_settings(), "fold": fold.enabled(), "versions": versions,
                 "winograd": openvino_graph.winograd_enabled() and (
                     openvino_graph.WINOGRAD_MIN_CHANNEL_PRODUCT, openvino_graph.WINOGRAD_MIN_SIZE)}
@@ -410,8 +365,6 @@ def _save(model, directory: Path, identity: dict, notify: Notify | None = None) 
     of it in one sentence."""
     import openvino as ov
 
-    from .settings import file_sha256
-    from .store import json_default, replace_directory, write_text
 
     _remove_stale_temporaries(directory)
     temporary = None

@@ -15,14 +15,14 @@ seed are separate values; the command line's one `--seed` sets them all.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from . import backbones
+from . import backbones, device
 from .errors import BackboneError, CacheError, DatasetError, ProbeError, WeightsError
+from .files import file_sha256
 
 VAL_FRACTION = 0.15  # the one place the split defaults are written
 TEST_FRACTION = 0.15
@@ -130,14 +130,6 @@ def _recorded_file(identity: str, source: str) -> Weights:
     return Weights("file", path=path, sha256=file_sha256(path))
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --- bounds -----------------------------------------------------------------------------
 
 
@@ -198,9 +190,8 @@ def check_precision(precision: str) -> str:
         raise ProbeError(f"expected precision to be one of {', '.join(PRECISIONS)}. "
                          f"Received: precision='{precision}'")
     if precision == "bf16":
-        from .engines.local import bf16_support  # probes TensorFlow: only when asked for
 
-        reason = bf16_support()
+        reason = device.bf16_support()  # probes TensorFlow: only when asked for
         if reason is not None:
             raise ProbeError(f"bf16 is not available here: {reason}; use float32. "
                              f"Received: precision='{precision}'")
@@ -248,14 +239,13 @@ class ExtractionSettings:
     ) -> "ExtractionSettings":
         """Validate every value once; `seed` seeds random weights (`weights="none"`);
         `runtime` is what runs the backbone (`probe.runtime`: auto, tensorflow, openvino)."""
-        from .runtime import check_runtime
 
         spec = backbones.get(backbone)
         size = spec.check_image_size(image_size)
         backbones.check_pooling(pooling)
         check_batch_size(batch_size)
         check_precision(precision)
-        check_runtime(runtime, precision)
+        device.check_runtime(runtime, precision)
         return cls(spec.name, Weights.parse(weights, seed), size, pooling, precision, batch_size,
                    runtime)
 
@@ -421,3 +411,21 @@ def _split_and_path(value: "str | os.PathLike") -> tuple[str, str]:
     if equals and split.strip().lower() in LABEL_SPLITS and path:
         return split.strip().lower(), path
     return "", str(text)  # a file name may contain "=" itself
+
+
+def parse_names(value: str | Iterable[str] | None, default: Iterable[str],
+                everything: Iterable[str] | None = None) -> list[str]:
+    """Names from a comma-separated string or a list, lower case, without repeats; "all"
+    stands for `everything` when it is given."""
+    if value is None:
+        items = list(default)
+    elif isinstance(value, str):
+        items = value.split(",")
+    else:
+        items = [str(v) for v in value]
+    names = []
+    for item in items:
+        name = item.strip().lower()
+        expanded = list(everything) if name == "all" and everything is not None else [name]
+        names += [n for n in expanded if n and n not in names]
+    return names

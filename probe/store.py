@@ -16,81 +16,19 @@ import fcntl
 import os
 import zipfile
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from . import cache as cache_mod
 from .cache import (SPLIT_NAMES, FeatureCache, Row, ViewRow, _attr, _h5open, _h5py, _read_error,
-                    attrs_checksum, display, header_size, seal)
+                    attrs_checksum, header_size, seal)
 from .errors import CacheError
+from .files import TEMP_PREFIX, atomic_path, atomic_write, display
+from .isolated import IsolationError, run_isolated
 from .plan import Entry
 
 ASSEMBLE_ROWS = 512  # rows copied at a time when writing a cache: bounds memory
-TEMP_PREFIX = "."  # a file being written is ".<name>.tmp-<pid>": never listed, never read
-
-
-# --- atomic writes ----------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, suffix: str = "", durable: bool = True) -> Iterator[Path]:
-    """A temporary path next to `target` to write the whole file to (by any library);
-    on success it is flushed to disk (unless `durable` is False: files that can simply be
-    written again) and renamed over `target`; on failure it is deleted. `suffix` keeps an
-    extension a writer insists on (Keras: ".keras")."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f"{TEMP_PREFIX}{target.name}.tmp-{os.getpid()}{suffix}")
-    try:
-        yield temporary
-        if durable and temporary.is_file():
-            with open(temporary, "rb+") as handle:
-                os.fsync(handle.fileno())
-        os.replace(temporary, target)
-        if durable:
-            _fsync_directory(target.parent)
-    finally:
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def atomic_write(target: str | os.PathLike, mode: str = "wb", encoding: str | None = None,
-                 newline: str | None = None, errors: str | None = None) -> Iterator[IO]:
-    """`open(target, mode)` that replaces `target` only once everything is written."""
-    with atomic_path(target) as temporary:
-        with open(temporary, mode, encoding=encoding, newline=newline, errors=errors) as handle:
-            yield handle
-
-
-def json_default(value: Any) -> Any:
-    """The `default` of `json.dumps` for every JSON file probe writes: NumPy scalars and
-    arrays, tuples and paths become plain JSON values."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, tuple):
-        return list(value)
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def replace_directory(temporary: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Give a fully written directory its final name (over an empty one), durably."""
-    os.replace(temporary, target)
-    _fsync_directory(Path(target).parent)
-
-
-def write_text(target: str | os.PathLike, text: str) -> Path:
-    """Replace `target` with `text` (UTF-8) atomically."""
-    with atomic_write(target, "w", encoding="utf-8", errors="surrogateescape") as handle:
-        handle.write(text)
-    return Path(target)
-
-
 @contextlib.contextmanager
 def write_errors_as_cache_error(directory: Path) -> Iterator[None]:
     """A full disk or a directory that turned read-only is one line, not a traceback;
@@ -375,8 +313,6 @@ def reseal(path: str | os.PathLike) -> dict[str, int]:
         cache = FeatureCache.open(path)
         return {"kept": sum(cache.counts.values()), "left_out": 0,
                 "skipped_kept": len(cache.skipped)}
-    from .isolated import IsolationError, run_isolated
-
     size = path.stat().st_size
     try:
         return run_isolated(_reseal_unsealed, str(path),
@@ -710,20 +646,6 @@ def _indicator(indices: list[tuple[int, ...]], classes: int) -> np.ndarray:
     for row, columns in enumerate(indices):
         matrix[row, list(columns)] = 1
     return matrix
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in `directory` durable (best effort: not every platform allows it)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _strings(group, name: str, values: list[str]) -> None:

@@ -249,7 +249,8 @@ def test_help_and_dataframe_without_pandas(tmp_path, monkeypatch):
 
 
 def test_image_size_auto_and_backbones_all():
-    from probe.compare import image_sizes, parse_names
+    from probe.compare import image_sizes
+    from probe.settings import parse_names
 
     every = backbones.list_backbones()
     assert parse_names("all", ()) == ["all"]  # without the registry, "all" is just a name

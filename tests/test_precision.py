@@ -5,7 +5,7 @@ import pytest
 
 import probe
 from probe.errors import ProbeError
-from probe.extract import bf16_support
+from probe.device import bf16_support
 
 
 def test_unknown_precision_is_an_error(image_tree):
@@ -31,7 +31,7 @@ def test_bf16_gets_its_own_cache_and_close_features(image_tree):
 
 
 def test_bf16_is_offered_on_a_gpu_of_compute_capability_8_or_more(monkeypatch):
-    from probe.engines import local
+    from probe import device as local
     from probe._keras import keras
 
     backend = keras.config.backend()

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 import probe
 from conftest import make_separable_tree
-from probe import run_files
+from probe import files, run_files
 from probe.cli import main
 from probe.errors import RunError
 
@@ -72,7 +72,7 @@ def test_a_fresh_run_lists_every_file_it_wrote(fitted):
     assert {"config.json", "metrics.json", "head/head.npz", "head/head.json"} <= written
     entry = manifest["files"]["head/head.npz"]
     assert entry["size"] == (run.path / "head" / "head.npz").stat().st_size
-    assert entry["sha256"] == run_files.file_digest(run.path / "head" / "head.npz")
+    assert entry["sha256"] == files.file_sha256(run.path / "head" / "head.npz")
 
 
 def test_swapped_class_rows_are_refused_by_every_reader(fitted, run_copy, tmp_path):

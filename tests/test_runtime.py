@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import probe
 from conftest import make_tree
-from probe import backbones, openvino_graph, runtime
+from probe import backbones, device, openvino_graph, runtime
 from probe.cli import main
 
 pytestmark = pytest.mark.openvino
@@ -169,41 +169,41 @@ def test_a_model_with_a_layer_the_graph_does_not_write_is_converted_by_tracing()
 
 
 def test_auto_takes_openvino_where_installed_for_float32_only(monkeypatch):
-    monkeypatch.setattr(runtime, "_gpus", lambda: False)
-    assert runtime.resolve("auto", "float32") == "openvino"
-    assert runtime.resolve("auto", "bf16") == "tensorflow"
-    assert runtime.resolve("tensorflow", "float32") == "tensorflow"
-    monkeypatch.setattr(runtime, "_gpus", lambda: True)
-    assert runtime.resolve("auto", "float32") == "tensorflow"
-    monkeypatch.setattr(runtime, "_gpus", lambda: False)
-    monkeypatch.setenv(runtime.RUNTIME_ENV, "tensorflow")
-    assert runtime.resolve("auto", "float32") == "tensorflow"
-    assert runtime.resolve("openvino", "float32") == "openvino"  # an explicit choice wins
-    monkeypatch.setattr(runtime, "openvino_installed", lambda: False)
-    monkeypatch.delenv(runtime.RUNTIME_ENV)
-    assert runtime.resolve("auto", "float32") == "tensorflow"
+    monkeypatch.setattr(device, "_gpus", lambda: False)
+    assert device.resolve("auto", "float32") == "openvino"
+    assert device.resolve("auto", "bf16") == "tensorflow"
+    assert device.resolve("tensorflow", "float32") == "tensorflow"
+    monkeypatch.setattr(device, "_gpus", lambda: True)
+    assert device.resolve("auto", "float32") == "tensorflow"
+    monkeypatch.setattr(device, "_gpus", lambda: False)
+    monkeypatch.setenv(device.RUNTIME_ENV, "tensorflow")
+    assert device.resolve("auto", "float32") == "tensorflow"
+    assert device.resolve("openvino", "float32") == "openvino"  # an explicit choice wins
+    monkeypatch.setattr(device, "openvino_installed", lambda: False)
+    monkeypatch.delenv(device.RUNTIME_ENV)
+    assert device.resolve("auto", "float32") == "tensorflow"
 
 
 def test_openvino_that_can_not_run_is_refused_in_one_line(tmp_path, monkeypatch):
     root = make_tree(tmp_path / "images", per_class=3)
-    installed = runtime.openvino_installed
-    monkeypatch.setattr(runtime, "openvino_installed", lambda: False)
+    installed = device.openvino_installed
+    monkeypatch.setattr(device, "openvino_installed", lambda: False)
     result = CliRunner().invoke(main, ["extract", str(root), "--weights", "none",
                                        "--image-size", "32", "--runtime", "openvino", "-q"])
     assert result.exit_code == 1
     assert len(result.output.strip().splitlines()) == 1
     assert "pip install 'probe[openvino]'" in result.output
     assert not (tmp_path / "cache").exists()  # refused before any work
-    monkeypatch.setattr(runtime, "openvino_installed", installed)
+    monkeypatch.setattr(device, "openvino_installed", installed)
     result = CliRunner().invoke(main, ["extract", str(root), "--weights", "none",
                                        "--backbone", "vgg16", "--image-size", "32",
                                        "--runtime", "openvino", "-q"])
     assert result.exit_code == 0, result.output
     assert "9 extracted, 0 reused (backbone on openvino)" in result.output
     with pytest.raises(probe.ProbeError, match="--precision float32 with --runtime openvino"):
-        runtime.check_runtime("openvino", "bf16")
+        device.check_runtime("openvino", "bf16")
     with pytest.raises(probe.ProbeError, match="one of auto, tensorflow, openvino"):
-        runtime.check_runtime("onnx")
+        device.check_runtime("onnx")
 
 
 @pytest.mark.parametrize("weights_format", ["none", "keras", "legacy"])

@@ -15,7 +15,7 @@ import pytest
 
 import probe
 from conftest import make_tree
-from probe import backbones, data, store
+from probe import backbones, data, files, store
 from probe.engines.local import run_batches
 from probe.plan import Source
 
@@ -27,7 +27,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     target = tmp_path / "config.json"
     store.write_text(target, "old")
     with pytest.raises(RuntimeError):
-        with store.atomic_write(target, "w", encoding="utf-8") as handle:
+        with files.atomic_write(target, "w", encoding="utf-8") as handle:
             handle.write("half of the new")
             raise RuntimeError("killed")
     assert target.read_text() == "old"
@@ -37,15 +37,15 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 
 def test_no_other_file_writes_in_the_package():
-    """Every file probe writes goes through store's helpers (or a library writing to the
+    """Every file probe writes goes through files' helpers (or a library writing to the
     temporary path they give): no bare write_text, os.replace or mkstemp elsewhere."""
     old_heads = ROOT / "probe" / "heads.py"  # being replaced by the probe/heads/ package
     offenders = []
     for path in (ROOT / "probe").rglob("*.py"):
-        if path.name == "store.py" or path == old_heads:
+        if path.name == "files.py" or path == old_heads:
             continue
         text = path.read_text(encoding="utf-8")
-        for needle in (r"os\.replace\(", r"(?<!store)\.write_text\(", r"\.write_bytes\(",
+        for needle in (r"os\.replace\(", r"(?<!files)\.write_text\(", r"\.write_bytes\(",
                        r"mkstemp\("):
             if re.search(needle, text):
                 offenders.append(f"{path.name}: {needle}")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from .. import files
 from ..errors import ProbeError
 from ..plan import Source
 
@@ -263,9 +264,7 @@ def _gpu_memory_growth() -> None:
 
 
 def _maybe_fail_once() -> None:
-    from .. import store
-
     marker = os.environ.get(FAIL_ONCE_VARIABLE)
     if marker and not os.path.exists(marker):
-        store.write_text(marker, str(os.getpid()))
+        files.write_text(marker, str(os.getpid()))
         os._exit(1)  # a lost worker: Ray restarts the actor and retries the shard

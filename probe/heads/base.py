@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 from probe.errors import DatasetError, ProbeError, RunError
 
+from .. import files
+from ..files import json_default  # noqa: F401 (the one default of every JSON file)
 from .stream import FeatureStream
 
 HEAD_JSON = "head.json"
@@ -400,19 +402,10 @@ def keras_class_weight(class_weight: str | None, y: np.ndarray, n_classes: int) 
 # --------------------------------------------------------------------------- #
 
 
-def json_default(value: Any) -> Any:
-    """`store.json_default`: the one `default` of every JSON file probe writes."""
-    from ..store import json_default as default
-
-    return default(value)
-
-
 def atomic_write_bytes(path: Path, write) -> None:
     """Call ``write(handle)`` on a temporary file next to ``path``, then move it in place
-    (`store.atomic_write`: every file probe writes goes through it)."""
-    from .. import store
-
-    with store.atomic_write(path, "wb") as handle:
+    (`files.atomic_write`: every file probe writes goes through it)."""
+    with files.atomic_write(path, "wb") as handle:
         write(handle)
 
 

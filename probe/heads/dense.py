@@ -11,6 +11,7 @@ import numpy as np
 
 from probe.errors import ProbeError
 
+from .. import files
 from .estimator import Head
 from . import network
 from .stream import FeatureStream
@@ -248,9 +249,7 @@ class DenseHead(Head):
 
     # -- persistence ----------------------------------------------------- #
     def _save_arrays(self, directory: Path) -> None:
-        from .. import store
-
-        with store.atomic_path(directory / HEAD_KERAS, suffix=".keras") as temporary:
+        with files.atomic_path(directory / HEAD_KERAS, suffix=".keras") as temporary:
             self.model_.save(temporary)
 
     def _meta(self) -> dict[str, Any]:
