@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from probe import cache as cache_mod
+from probe.features import cache as cache_mod
 
 
 def write(directory: Path, rows: int, dim: int) -> Path:

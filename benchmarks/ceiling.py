@@ -73,7 +73,7 @@ def convolution_flops(model) -> int:
 
 @contextlib.contextmanager
 def winograd(enabled: bool) -> Iterator[None]:
-    from probe import openvino_graph
+    from probe.features import openvino_graph
 
     saved = os.environ.get(openvino_graph.WINOGRAD_ENV)
     os.environ[openvino_graph.WINOGRAD_ENV] = "1" if enabled else "0"
@@ -89,7 +89,7 @@ def winograd(enabled: bool) -> Iterator[None]:
 def openvino_graphs(name: str, size: int) -> dict:
     """The backbone's OpenVINO graph as probe writes it ("probe") and with plain
     convolutions only ("plain"), random weights."""
-    from probe import runtime
+    from probe.features import runtime
     from probe.settings import ExtractionSettings, Weights
 
     extraction = ExtractionSettings(name, Weights.parse("none"), size)
@@ -103,7 +103,7 @@ def openvino_graphs(name: str, size: int) -> dict:
 def model_rates(graphs: dict, inputs: np.ndarray, repeats: int) -> dict[str, float]:
     """Images/s of each compiled graph on `inputs`, median of `repeats` batches in turns
     after one warm-up batch each."""
-    from probe import runtime
+    from probe.features import runtime
 
     requests = {kind: runtime.compile_for_cpu(graph).create_infer_request()
                 for kind, graph in graphs.items()}

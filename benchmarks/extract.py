@@ -9,13 +9,13 @@ For each backbone, at its native size (or --image-size), on N generated photo-li
    pieces (build, fold, trace); then one core's decoding rate (Pillow + preprocessing),
    the cores of decoding the model alone needs, and the batch loop's own ceiling (its
    decoding threads feeding a model that computes nothing);
-2. extract: `probe.extract` end to end, from the files to a finished cache;
+2. extract: `probe.features.extract` end to end, from the files to a finished cache;
 3. keras: `keras.utils.image_dataset_from_directory` mapped through the backbone's
    `preprocess_input`, then `model.predict`, features kept in memory;
 
 then the ratios extract/limit and extract/keras, the bfloat16 speed-up and agreement
 (where the machine supports it), and the time to fit the heads on the cache. Finally the
-peak memory of `probe.extract` in a fresh process for two dataset sizes.
+peak memory of `probe.features.extract` in a fresh process for two dataset sizes.
 
 Every figure is printed on its own line: `<scope> <figure> <value>`, e.g.
 `vgg16 limit_img_per_s 7.1`. Weights are random (`--weights none`): the speed is the same
@@ -136,17 +136,17 @@ def emit(scope: str, figure: str, value) -> None:
 def measure_model(spec, size: int, root: Path, batch_size: int, precision: str,
                   openvino: bool = False) -> dict:
     """The Keras model alone on preprocessed tensors in memory, unfolded and with its
-    BatchNormalizations folded (`probe.fold`, what extraction runs), batch by batch in
+    BatchNormalizations folded (`probe.features.fold`, what extraction runs), batch by batch in
     turns so that outside load hits both alike; each after one warm-up batch, so tracing
     is not counted. Also the start-up pieces: building the model, folding it, and the
     first call (tracing plus one batch) less one steady batch; and the largest difference
     between the two models' features relative to the largest feature. With `openvino`, the
-    unfolded model converted to OpenVINO (`probe.runtime`: written from its layers,
+    unfolded model converted to OpenVINO (`probe.features.runtime`: written from its layers,
     BatchNormalizations folded, wide 3x3 convolutions as Winograd ones) runs in the same
     turns, and so does the same graph with plain convolutions; the time the traced
     conversion would take is measured for comparison."""
-    from probe import fold
-    from probe.extract import build_model
+    from probe.features import fold
+    from probe.features.extract import build_model
 
     pixels = np.stack([data.load_image(p, size) for p in samples_in_order(root)])
     inputs = spec.preprocess_input(pixels)
@@ -165,7 +165,7 @@ def measure_model(spec, size: int, root: Path, batch_size: int, precision: str,
     models = {"unfolded": unfolded, "folded": folded}
     convert_seconds = traced_seconds = float("nan")
     if openvino:
-        from probe import runtime
+        from probe.features import runtime
 
         started = time.perf_counter()
         runtime.convert_traced(folded, size)  # how openvino.convert_model would read it
@@ -174,7 +174,7 @@ def measure_model(spec, size: int, root: Path, batch_size: int, precision: str,
         converted = runtime.compile_for_cpu(runtime.convert(unfolded, size))
         models["openvino"] = runtime.OpenVINOBackbone(converted)
         convert_seconds = time.perf_counter() - started
-        from probe import openvino_graph  # the same, every convolution a plain one
+        from probe.features import openvino_graph  # the same, every convolution a plain one
 
         os.environ[openvino_graph.WINOGRAD_ENV] = "0"
         try:
@@ -242,8 +242,8 @@ def measure_pipeline(spec, size: int, root: Path, batch_size: int,
     """Images/s of the local engine's batch loop (decoding threads, preprocessing, batch
     assembly) feeding a model that computes nothing, and its number of decoding threads
     (`workers`, or probe's default)."""
-    from probe.engines import local
-    from probe.plan import Source
+    from probe.features.engines import local
+    from probe.features.plan import Source
 
     paths = samples_in_order(root)
     todo = [Source(data.Sample(str(p.relative_to(root)), 0, "train"), p.stat().st_size, 0)
@@ -268,7 +268,7 @@ def steady_and_startup(marks: list[tuple[float, int]], start: float) -> tuple[fl
 
 def measure_extract(name: str, size: int, root: Path, cache_dir: Path, batch_size: int,
                     precision: str, runtime: str = "tensorflow"):
-    """`probe.extract` from files to a finished cache: (seconds, steady images/s, start-up
+    """`probe.features.extract` from files to a finished cache: (seconds, steady images/s, start-up
     seconds, the cache). Steady is the rate after the first batch, once the model is built
     and traced; start-up is the time to the first batch less one batch at the steady rate:
     the fixed cost every run pays whatever the number of images (with OpenVINO: a first
@@ -289,7 +289,7 @@ def measure_saved_startup(name: str, size: int, root: Path, cache_dir: Path, bat
     """Start-up of a later OpenVINO extraction, which reads the model converted by an
     earlier one from the cache directory: loading it plus the first batch, less one batch
     at the steady rate."""
-    from probe import runtime
+    from probe.features import runtime
     from probe.settings import ExtractionSettings
 
     extraction = ExtractionSettings.create(name, "none", size, batch_size=batch_size,
@@ -435,7 +435,7 @@ print("MAXRSS_KB", peak)
 
 
 def measure_memory(root: Path, name: str, size: int, cache_dir: Path, batch_size: int):
-    """Peak resident memory (MB) and seconds of one `probe.extract` in a fresh process."""
+    """Peak resident memory (MB) and seconds of one `probe.features.extract` in a fresh process."""
     shutil.rmtree(cache_dir, ignore_errors=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
@@ -457,7 +457,7 @@ def emit_openvino(name: str, rate: dict, model: dict, model_figures: dict,
     the converted model back), against the Keras recipe."""
     emit(name, "limit_openvino_img_per_s", model["openvino"])
     emit(name, "openvino_over_tensorflow", model["openvino"] / model["folded"])
-    # what writing the wide 3x3 convolutions as Winograd ones gives (probe.openvino_graph)
+    # what writing the wide 3x3 convolutions as Winograd ones gives (probe.features.openvino_graph)
     emit(name, "limit_openvino_plain_img_per_s", model["openvino_plain"])
     emit(name, "winograd_speedup", model["openvino"] / model["openvino_plain"])
     emit(name, "openvino_max_rel_diff", f"{max(model_figures['openvino_max_rel_diff']):.2e}")
@@ -568,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     precisions = ["float32"] + [p for p in args.precisions.split(",") if p and p != "float32"]
     heads = [h for h in args.heads.split(",") if h]
     bf16_reason = device.bf16_support()
-    from probe import runtime
+    from probe.features import runtime
 
     openvino = device.openvino_installed() and not args.no_openvino
     if "bf16" in precisions and bf16_reason is not None:

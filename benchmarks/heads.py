@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from probe.cache import Split  # noqa: E402
+from probe.features.cache import Split  # noqa: E402
 from probe.curve import curve_records  # noqa: E402
 from probe.heads import KNNHead, LogisticHead  # noqa: E402
 

@@ -3,7 +3,7 @@
 1. Start-up: the time from "build the model" to the first batch's features, when the
    first call is traced after the first batch is decoded (what extraction does) and when it
    is traced in a background thread while the first batch is decoded. Rounds alternate.
-2. Thread layout and oneDNN: `probe.extract` end to end (folded model, decoding threads)
+2. Thread layout and oneDNN: `probe.features.extract` end to end (folded model, decoding threads)
    in a fresh process per setting, settings applied before TensorFlow starts:
    TensorFlow's defaults; one intra-op thread (the other core left to decoding); one
    decoding worker; oneDNN graph rewrites off (TF_ENABLE_ONEDNN_OPTS=0). The settings are
@@ -95,7 +95,7 @@ def first_features_seconds(spec, size: int, paths: list[Path], batch_size: int,
     import numpy as np
 
     from probe import data
-    from probe.extract import build_model
+    from probe.features.extract import build_model
 
     start = time.perf_counter()
     model = build_model(spec, "none", size, "avg", 0)

@@ -2,7 +2,7 @@
 
 On N generated photo-like JPEGs (those of benchmarks/extract.py), random weights:
 
-1. local: `probe.extract` with the local engine, from the files to a finished cache;
+1. local: `probe.features.extract` with the local engine, from the files to a finished cache;
 2. ray_startup_s: starting a local Ray (2 CPUs or --workers, dashboard off, 127.0.0.1);
 3. ray: `probe.extract(engine="ray")` on that running Ray (actors start, build the
    backbone, extract their shards, the driver assembles the cache);
@@ -34,7 +34,7 @@ for path in (str(HERE.parent), str(HERE)):
 
 import probe  # noqa: E402
 from extract import emit, make_dataset  # noqa: E402  (benchmarks/extract.py)
-from probe.engines.ray import init_local  # noqa: E402
+from probe.features.engines.ray import init_local  # noqa: E402
 
 
 def timed_extract(root: Path, cache_dir: Path, args, **engine) -> float:

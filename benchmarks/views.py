@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:
 
 import probe  # noqa: E402
 from probe import data  # noqa: E402
-from probe.engines.local import build_model  # noqa: E402
+from probe.features.engines.local import build_model  # noqa: E402
 from probe.inference import preprocessing_layer  # noqa: E402
 
 VAL_PER_CLASS = 5

@@ -1,6 +1,6 @@
 """Winograd F(2x2, 3x3) against OpenVINO's plain convolution, one 3x3 "same" convolution
 at a time (float32, batch 32, the CPU), for the shapes of the five backbones: where
-`probe.openvino_graph` writes a Winograd convolution (WINOGRAD_MIN_CHANNEL_PRODUCT,
+`probe.features.openvino_graph` writes a Winograd convolution (WINOGRAD_MIN_CHANNEL_PRODUCT,
 WINOGRAD_MIN_SIZE) comes from these figures.
 
     PYTHONPATH=. python benchmarks/winograd.py [--batch 32] [--repeats 3]
@@ -31,7 +31,7 @@ def measure(channels: int, filters: int, size: int, batch: int, repeats: int):
     import openvino as ov
     from openvino import opset13 as ops
 
-    from probe import openvino_graph, runtime
+    from probe.features import openvino_graph, runtime
 
     rng = np.random.default_rng(0)
     kernel = (rng.normal(size=(3, 3, channels, filters)) / np.sqrt(9 * channels)).astype(np.float32)
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    from probe import openvino_graph
+    from probe.features import openvino_graph
 
     for channels, filters, size in SHAPES:
         plain, winograd, difference = measure(channels, filters, size, args.batch, args.repeats)

@@ -2,7 +2,7 @@
 an HDF5 feature cache and heads that train in seconds."""
 
 from .backbones import BackboneSpec, get as get_backbone, list_backbones
-from .cache import FeatureCache, SourceChanges, Split, list_caches, list_unsealed
+from .features.cache import FeatureCache, SourceChanges, Split, list_caches, list_unsealed
 from .data import Dataset, Sample, discover, load_image
 from .errors import (
     BackboneError,
@@ -16,8 +16,8 @@ from .errors import (
     UnsealedCacheError,
     WeightsError,
 )
-from .engines.ray import RayOptions
-from .extract import ExtractionReport, extract, extract_with_report
+from .features.engines.ray import RayOptions
+from .features.extract import ExtractionReport, extract, extract_with_report
 from .settings import ExtractionSettings, SplitSettings, Weights
 from .finetune import finetune
 from .heads import list_heads, load_head, make_head
@@ -27,7 +27,7 @@ from .compare import Comparison, compare; from .demo import run_demo, write_digi
 from .curve import curve
 from .duplicates import DuplicateGroup, DuplicateImage, DuplicatePair, Duplicates, find_duplicates
 from .html import write_report
-from .store import reseal as reseal_cache
+from .features.store import reseal as reseal_cache
 
 
 def __getattr__(name: str):

@@ -14,13 +14,14 @@ import time
 
 import click
 
-from . import backbones, cache as cache_mod, files, heads as heads_mod, settings, store
+from . import backbones, files, heads as heads_mod, settings
+from .features import cache as cache_mod, store
 from .compare import compare, headline as compare_headline, score_note
 from .demo import DEMO_BACKBONES, DEMO_IMAGE_SIZE, DEMO_PER_CLASS, run_demo
-from .engines.ray import RayOptions
+from .features.engines.ray import RayOptions
 from .duplicates import DEFAULT_THRESHOLD, find_duplicates
 from .errors import ProbeError
-from .extract import extract_with_report
+from .features.extract import extract_with_report
 from .finetune import comparison_rows, finetune
 from .html import write_report
 from .inference import export, predict

@@ -26,9 +26,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import (backbones as backbones_mod, cache as cache_mod, data, device, evaluate, files,
-               heads as heads_mod, html, report, run_files)
-from .engines.ray import RayOptions
+from . import (backbones as backbones_mod, data, device, evaluate, files, heads as heads_mod, html,
+               report, run_files)
+from .features import cache as cache_mod
+from .features.engines.ray import RayOptions
 from .errors import BackboneError, ProbeError
 from .progress import Advanced, Finished, Note, ProgressCallback, Started, emit
 from .settings import (DEFAULT_SEED, TEST_FRACTION, VAL_FRACTION, SplitSettings, Weights,
@@ -264,7 +265,7 @@ def compare(
     >>> table = probe.compare("digits/", "vgg16,resnet50", weights="none", image_size=64)
     >>> table.best_run, table.path
     """
-    from .augment import ViewSettings
+    from .features.augment import ViewSettings
     from .runs import check_writable, new_run_dir
 
     ViewSettings.create(augment, augment_policy, seed)  # refused before any work
@@ -317,7 +318,7 @@ def _plan(dataset, backbones, heads, image_size, head_params, seed, extraction) 
     """Refuse before any work what is wrong for every row: unknown names, sizes below a
     backbone's minimum, a bad pooling or weights value, head parameters, the dataset, an
     engine that can not run."""
-    from .extract import resolve_engine
+    from .features.extract import resolve_engine
 
     names = parse_names(backbones, DEFAULT_BACKBONES, backbones_mod.list_backbones())
     head_names = parse_names(heads, DEFAULT_HEADS)
@@ -345,7 +346,7 @@ def _extract_one(plan: _Plan, spec, size: int, directory: Path,
                  progress: ProgressCallback | None) -> tuple[Any, dict]:
     """The backbone's cache (None when extraction failed) and the columns it gives every
     row of the backbone (with the error when it failed)."""
-    from .extract import extract_with_report
+    from .features.extract import extract_with_report
 
     base = {"backbone": spec.name, "image_size": size, "weights": None, "cache": None,
             "feature_size": None, "images_per_second": None, "extraction": None}

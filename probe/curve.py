@@ -35,9 +35,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import files
-from . import heads as heads_mod, report, run_files
-from .cache import FeatureCache, Split
+from . import files, heads as heads_mod, report, run_files
+from .features.cache import FeatureCache, Split
 from .errors import CacheError, ProbeError
 from .progress import Advanced, Finished, Note, ProgressCallback, Started, emit
 from .settings import parse_names

@@ -16,7 +16,8 @@ from typing import Iterable
 
 import numpy as np
 
-from . import backbones as backbones_mod, cache as cache_mod, files, settings
+from . import backbones as backbones_mod, files, settings
+from .features import cache as cache_mod
 from .compare import Comparison, compare
 from .errors import DatasetError, WeightsError
 from .progress import Note, ProgressCallback, emit

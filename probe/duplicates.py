@@ -29,7 +29,7 @@ from typing import Iterable
 import numpy as np
 
 from . import files
-from .cache import FeatureCache
+from .features.cache import FeatureCache
 from .files import display, file_sha256
 from .errors import ProbeError
 from .progress import Advanced, Finished, ProgressCallback, Started, emit

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import backbones, data, evaluate
-from .cache import FeatureCache
+from .features.cache import FeatureCache
 from .errors import DatasetError, FinetuneError, RunError
 from .heads import check_params, keras_class_weight, make_head
 from .progress import Advanced, Finished, Note, ProgressCallback, Started, emit

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from . import files, run_files
-from .cache import FeatureCache
+from .features.cache import FeatureCache
 from .duplicates import cached_duplicates, centre, leakage_warning
 from .errors import ProbeError, RunError
 from .run_files import Run

@@ -23,8 +23,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import cache as cache_mod, evaluate, files, heads, html, report, run_files, settings
-from .cache import FeatureCache
+from .features import cache as cache_mod
+from . import evaluate, files, heads, html, report, run_files, settings
+from .features.cache import FeatureCache
 from .errors import CacheError, RunError
 from .heads.stream import FeatureStream
 from .run_files import CONFIG, HEAD_DIR, METRICS, MODEL_FILE, Run  # noqa: F401 (API)

@@ -223,7 +223,7 @@ class ExtractionSettings:
     pooling: str = "avg"
     precision: str = "float32"
     batch_size: int = DEFAULT_BATCH_SIZE  # how, not what: not part of the features
-    runtime: str = "auto"  # how, not what: probe.runtime (TensorFlow or OpenVINO)
+    runtime: str = "auto"  # how, not what: probe.device (TensorFlow or OpenVINO)
 
     @classmethod
     def create(
@@ -238,7 +238,7 @@ class ExtractionSettings:
         runtime: str = "auto",
     ) -> "ExtractionSettings":
         """Validate every value once; `seed` seeds random weights (`weights="none"`);
-        `runtime` is what runs the backbone (`probe.runtime`: auto, tensorflow, openvino)."""
+        `runtime` is what runs the backbone (`probe.device`: auto, tensorflow, openvino)."""
 
         spec = backbones.get(backbone)
         size = spec.check_image_size(image_size)

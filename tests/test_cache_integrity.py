@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 import probe
 from conftest import make_separable_tree
-from probe import cache as cache_mod, store
+from probe.features import cache as cache_mod, store
 from probe.cli import main
 
 OPTS = ("--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--quiet")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import probe
-from probe.cache import Split
+from probe.features.cache import Split
 from probe.errors import ProbeError
 
 curve_mod = importlib.import_module("probe.curve")  # `probe.curve` itself is the function

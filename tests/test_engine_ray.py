@@ -8,8 +8,8 @@ import pytest
 
 import probe
 from conftest import make_tree
-from probe.engines.ray import FAIL_ONCE_VARIABLE, RayOptions, init_local, shards
-from probe.plan import Source
+from probe.features.engines.ray import FAIL_ONCE_VARIABLE, RayOptions, init_local, shards
+from probe.features.plan import Source
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs `pip install 'probe[ray]'`")
 pytestmark = pytest.mark.slow
@@ -63,7 +63,7 @@ def test_ray_engine_writes_the_local_engines_cache(tmp_path, local_ray, monkeypa
 
 
 def test_a_missing_shard_is_the_only_work_of_the_next_run(tmp_path, local_ray, monkeypatch):
-    from probe import store
+    from probe.features import store
 
     root = make_tree(tmp_path / "ds")
     options = RayOptions(workers=1, shard_size=6)
@@ -81,7 +81,7 @@ def test_a_missing_shard_is_the_only_work_of_the_next_run(tmp_path, local_ray, m
 
 def test_imagenet_weights_are_fetched_once_by_the_driver(tmp_path, monkeypatch):
     from probe import backbones
-    from probe.engines import ray as ray_engine
+    from probe.features.engines import ray as ray_engine
     from probe.settings import ExtractionSettings
 
     assert ray_engine.imagenet_weights_file("inceptionv3").name == \
@@ -102,7 +102,7 @@ def test_compare_extracts_with_the_ray_engine(image_tree, monkeypatch):
 
     import importlib
 
-    extract_mod = importlib.import_module("probe.extract")
+    extract_mod = importlib.import_module("probe.features.extract")
     from probe.cli import main
 
     seen = []

@@ -4,7 +4,7 @@ import pytest
 import probe
 from conftest import make_image
 from probe import backbones, data
-from probe.cache import FeatureCache
+from probe.features.cache import FeatureCache
 
 SMALL = {"vgg16": 32, "resnet50": 32, "densenet121": 32, "xception": 71, "inceptionv3": 75}
 
@@ -159,7 +159,7 @@ def test_extraction_speed_of_the_largest_work_is_kept(image_tree):
 def test_decoding_starts_while_the_model_is_built(image_tree, monkeypatch):
     import threading
 
-    from probe import runtime
+    from probe.features import runtime
 
     decoded, load_image, load_backbone = threading.Event(), data.load_image, runtime.load_backbone
 
@@ -181,7 +181,7 @@ def test_decoding_starts_while_the_model_is_built(image_tree, monkeypatch):
 def test_a_model_that_can_not_be_built_stops_the_decoding(image_tree, monkeypatch):
     import threading
 
-    from probe import runtime
+    from probe.features import runtime
 
     def failing(*args, **kwargs):
         raise probe.WeightsError("expected a weights file; received a broken one")

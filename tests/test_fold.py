@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import probe
-from probe import backbones, fold
+from probe import backbones
+from probe.features import fold
 from probe._keras import keras
 
 TOLERANCE = 1e-4  # relative to the largest output, float32

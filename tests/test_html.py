@@ -160,7 +160,7 @@ def hostile_copy(run, tmp_path: Path) -> Path:
     """A copy of `run` (and of its cache) whose metrics.json, test_predictions.csv and
     <cache>.duplicates.json hold PAYLOAD where numbers, names and paths belong."""
     from probe.duplicates import SIDECAR_SUFFIX, cached_duplicates
-    from probe.cache import FeatureCache
+    from probe.features.cache import FeatureCache
 
     run_dir = tmp_path / "run"
     shutil.copytree(run.path, run_dir)

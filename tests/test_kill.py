@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 import probe
 from conftest import make_tree
-from probe import store
+from probe.features import store
 from probe.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DRIVER = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    from probe import store as cache
+    from probe.features import store as cache
 
     pause, marker = os.environ["PAUSE"], Path(os.environ["MARKER"])
 

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 import probe
-from probe import cache as cache_mod, data
+from probe.features import cache as cache_mod
+from probe import data
 from probe.errors import CacheError, DatasetError
 from test_cache_integrity import unsealed_copy
 
@@ -378,7 +379,7 @@ def test_the_command_line_reads_a_voc_directory_and_shows_a_multilabel_cache(tmp
 def test_an_interrupted_multilabel_extraction_resumes_with_the_labels_of_now(tmp_path, monkeypatch):
     """Parts hold features only: labels come from the dataset when the cache is assembled,
     so a run resumed after the labels changed writes the new labels."""
-    from probe import store
+    from probe.features import store
 
     root = csv_dataset(tmp_path, csv_rows())
     written = []

@@ -154,7 +154,7 @@ def test_finetune_trains_a_multilabel_run_with_binary_cross_entropy(comparison):
     assert tuned.metrics["multilabel"] is True
     # epoch 0's validation loss is the binary cross-entropy of the source run's head fit
     # on train only (the source head was refit on train + val: it has seen val)
-    from probe.cache import FeatureCache
+    from probe.features.cache import FeatureCache
     from probe.heads import make_head
 
     cache = FeatureCache.open(tuned.config["cache"])

@@ -18,7 +18,8 @@ from PIL import Image
 
 import probe
 from conftest import make_image, make_tree
-from probe import cache as cache_mod, data, store
+from probe.features import cache as cache_mod, store
+from probe import data
 from probe.cli import main
 
 OPTS = ("--weights", "none", "--image-size", "32", "--quiet")

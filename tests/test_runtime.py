@@ -1,4 +1,4 @@
-"""The extraction runtime (probe/runtime.py): OpenVINO gives TensorFlow's features within
+"""The extraction runtime (probe/features/runtime.py): OpenVINO gives TensorFlow's features within
 float rounding, keeps its converted model beside the caches and reads it back, replaces a
 damaged copy, and is refused in one line where it can not run."""
 
@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 import probe
 from conftest import make_tree
-from probe import backbones, device, openvino_graph, runtime
+from probe import backbones, device
+from probe.features import openvino_graph, runtime
 from probe.cli import main
 
 pytestmark = pytest.mark.openvino

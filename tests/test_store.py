@@ -15,9 +15,10 @@ import pytest
 
 import probe
 from conftest import make_tree
-from probe import backbones, data, files, store
-from probe.engines.local import run_batches
-from probe.plan import Source
+from probe import backbones, data, files
+from probe.features import store
+from probe.features.engines.local import run_batches
+from probe.features.plan import Source
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTS = dict(weights="none", image_size=32)
@@ -54,7 +55,7 @@ def test_no_other_file_writes_in_the_package():
 
 DISK_FULL = textwrap.dedent("""
     import errno, sys
-    from probe import store
+    from probe.features import store
 
     where = sys.argv.pop(1)
     def full(*args, **kwargs):

@@ -13,10 +13,11 @@ from click.testing import CliRunner
 
 import probe
 from conftest import make_tree
-from probe import augment, data, runs
-from probe.augment import ViewSettings
+from probe.features import augment
+from probe import data, runs
+from probe.features.augment import ViewSettings
 from probe.cli import main
-from probe.engines import local
+from probe.features.engines import local
 from probe.heads.estimator import Head
 from probe.progress import Started
 from test_kill import spawn, wait_for  # noqa: F401 (the fixture)

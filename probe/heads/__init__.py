@@ -20,7 +20,8 @@ from typing import Any
 
 from probe.errors import ProbeError, RunError
 
-from .base import HEAD_JSON, Curves, HeadOption, check_params, corrupt, keras_class_weight, read_head_json
+from .base import (HEAD_JSON, Curves, HeadOption, check_params, corrupt, keras_class_weight,
+                   read_head_json)
 from .options import CATALOG, head_options
 from .stream import FeatureStream
 

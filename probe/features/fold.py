@@ -56,7 +56,7 @@ def fold_batchnorm(model: "keras.Model") -> "keras.Model":
 
     >>> fast = fold_batchnorm(keras.applications.ResNet50(weights=None, include_top=False))
     """
-    from ._keras import keras
+    from .._keras import keras
 
     pairs = foldable_pairs(model)
     if not pairs:
@@ -122,7 +122,7 @@ def _graph(model):
 
 
 def _is_foldable_conv(layer) -> bool:
-    from ._keras import keras
+    from .._keras import keras
 
     kinds = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)
     if not isinstance(layer, kinds) or not layer.built:
@@ -133,7 +133,7 @@ def _is_foldable_conv(layer) -> bool:
 
 
 def _is_foldable_norm(layer) -> bool:
-    from ._keras import keras
+    from .._keras import keras
 
     if type(layer) is not keras.layers.BatchNormalization or not layer.built:
         return False
@@ -170,7 +170,7 @@ def batchnorm_affine(norm) -> tuple[np.ndarray, np.ndarray]:
 
 def folded_weights(conv, norm) -> list[np.ndarray]:
     """The weights of `conv` followed by `norm`, as one convolution with a bias."""
-    from ._keras import keras
+    from .._keras import keras
 
     weights = conv.get_weights()
     kernel = weights[-2] if conv.use_bias else weights[-1]

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import data
-from .errors import ProbeError
+from .. import data
+from ..errors import ProbeError
 
 MAX_VIEWS = 256  # per image: K views multiply the training images' backbone work by K
 

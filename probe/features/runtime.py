@@ -43,13 +43,13 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from . import device
-from .errors import ProbeError
-from .files import display, file_sha256, json_default, replace_directory, write_text
+from .. import device
+from ..errors import ProbeError
+from ..files import display, file_sha256, json_default, replace_directory, write_text
 from .fold import for_inference
 
 if TYPE_CHECKING:
-    from .settings import ExtractionSettings
+    from ..settings import ExtractionSettings
 
 MODELS_DIR = "models"
 MODEL_FILE = "model.xml"

@@ -11,7 +11,7 @@ any other kind of layer (or option) is not written here: `build` raises
 The graph runs channels first (OpenVINO's convolutions are NCHW): the input is transposed
 once, and a spatial output (pooling "none") is transposed back, so the model takes and
 gives the Keras model's NHWC arrays. A BatchNormalization that reads a convolution is
-folded into that convolution's weights as `probe.fold` does (without cloning the Keras
+folded into that convolution's weights as `probe.features.fold` does (without cloning the Keras
 model, which costs about a second); any other becomes a per-channel multiply and add.
 
 Writing the graph also lets probe choose how a convolution is computed. A wide 3x3

@@ -23,9 +23,9 @@ import numpy as np
 from . import cache as cache_mod
 from .cache import (SPLIT_NAMES, FeatureCache, Row, ViewRow, _attr, _h5open, _h5py, _read_error,
                     attrs_checksum, header_size, seal)
-from .errors import CacheError
-from .files import TEMP_PREFIX, atomic_path, atomic_write, display
-from .isolated import IsolationError, run_isolated
+from ..errors import CacheError
+from ..files import TEMP_PREFIX, atomic_path, atomic_write, display
+from ..isolated import IsolationError, run_isolated
 from .plan import Entry
 
 ASSEMBLE_ROWS = 512  # rows copied at a time when writing a cache: bounds memory

@@ -39,8 +39,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import CacheError, CacheMismatchError, SourceChangedError, UnsealedCacheError
-from .files import display
+from ..errors import CacheError, CacheMismatchError, SourceChangedError, UnsealedCacheError
+from ..files import display
 
 FORMAT = "probe-feature-cache"
 FORMAT_VERSION = 1
@@ -416,7 +416,7 @@ class FeatureCache:
     def _label_texts(self, group) -> list[str]:
         """Each row's labels as `Sample.describe` writes them: the class name, or the
         present and difficult classes of a multi-label row."""
-        from .data import labels_text
+        from ..data import labels_text
 
         classes = self.classes
         labels = group["labels"][()]
@@ -587,9 +587,9 @@ def _cache_files(cache_dir: str | os.PathLike | None) -> list[Path]:
 def current_source_records(attrs: dict) -> tuple[SourceRecords, str]:
     """The source records of the dataset a cache was built from, as it is on disk now
     (found again with the cache's own split settings), and why it could not be read ("")."""
-    from . import data
-    from .errors import DatasetError
-    from .settings import SplitSettings
+    from .. import data
+    from ..errors import DatasetError
+    from ..settings import SplitSettings
 
     try:
         split = SplitSettings.from_attrs(attrs)  # label files per split, too

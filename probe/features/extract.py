@@ -19,17 +19,18 @@ from typing import Any
 
 import numpy as np
 
-from . import augment as augment_mod, cache as cache_mod, data, plan as plan_mod
-from . import device, files, runtime as runtime_mod, store
+from . import augment as augment_mod, cache as cache_mod, plan as plan_mod
+from .. import data, device, files
+from . import runtime as runtime_mod, store
 from .augment import ViewSettings
 from .cache import FeatureCache
 from .engines import ray as ray_engine
 from .engines.local import Decoding, build_model, forward, run_batches  # noqa: F401 (API)
 from .engines.ray import RayOptions
-from .errors import CacheError, ProbeError
+from ..errors import CacheError, ProbeError
 from .plan import ExtractionPlan, Source
-from .progress import Advanced, Finished, Note, ProgressCallback, Started, emit
-from .settings import (DEFAULT_BATCH_SIZE, DEFAULT_SEED, TEST_FRACTION, VAL_FRACTION,
+from ..progress import Advanced, Finished, Note, ProgressCallback, Started, emit
+from ..settings import (DEFAULT_BATCH_SIZE, DEFAULT_SEED, TEST_FRACTION, VAL_FRACTION,
                        ExtractionSettings, SplitSettings, check_precision, dataset_path)
 
 __all__ = ["extract", "extract_with_report", "run_extraction", "ExtractionReport",
@@ -221,7 +222,7 @@ def _extract_locked(found: data.Dataset, extraction: ExtractionSettings, split: 
             extraction.batch_size, engine)) if plan.todo and local_engine else None
         # The model (and its weights) before anything announces an extraction: a
         # download or a bad weights file fails first (Ray's workers build their own).
-        runtime_notes: list[str] = []  # what the runtime could not do as asked (probe.runtime)
+        runtime_notes: list[str] = []  # what the runtime could not do as asked (probe.features.runtime)
         model = runtime_mod.load_backbone(extraction, target.path.parent, runtime_notes.append) \
             if (plan.todo or views_needed) and local_engine else None
         for note in runtime_notes:

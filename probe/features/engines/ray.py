@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .. import files
-from ..errors import ProbeError
+from ... import files
+from ...errors import ProbeError
 from ..plan import Source
 
 # Restarts of a dead actor (and retries of its shard) before the run stops with an error.
@@ -84,7 +84,7 @@ class ShardWorker:
     def __init__(self, attrs: dict[str, Any], batch_size: int, root: str, parts_dir: str,
                  weights_file: str | None = None):
         from .. import store
-        from ..settings import ExtractionSettings
+        from ...settings import ExtractionSettings
         from .local import build_model
 
         _gpu_memory_growth()
@@ -109,7 +109,7 @@ class ShardWorker:
         """Extract one shard into the part file `part-<name>.npz`; returns (name, images)."""
         import numpy as np
 
-        from .. import data
+        from ... import data
         from .local import run_batches
 
         _maybe_fail_once()
@@ -189,7 +189,7 @@ def _weights_file(attrs: dict[str, Any]) -> str | None:
     """The weights file every actor loads: for ImageNet weights, Keras' cached file, fetched
     here once (so N actors never download N copies); None where the settings suffice (random
     weights by seed, or a weights file named in them)."""
-    from ..settings import ExtractionSettings
+    from ...settings import ExtractionSettings
 
     extraction = ExtractionSettings.from_attrs(attrs, 1)
     if extraction.weights.kind != "imagenet":
@@ -254,7 +254,7 @@ def init_local(ray, num_cpus: int, **kwargs: Any):
 def _gpu_memory_growth() -> None:
     """Let several actors share a GPU's memory instead of the first taking all of it."""
     try:
-        from .._keras import keras  # noqa: F401  (imports TensorFlow quietly)
+        from ..._keras import keras  # noqa: F401  (imports TensorFlow quietly)
         import tensorflow as tf
 
         for gpu in tf.config.list_physical_devices("GPU"):

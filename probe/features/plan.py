@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import files
-from . import cache as cache_mod, data
+from .. import files
+from . import cache as cache_mod
+from .. import data
 from .cache import Row
-from .errors import CacheMismatchError, ProbeError
+from ..errors import CacheMismatchError, ProbeError
 from .augment import ViewSettings
-from .settings import ExtractionSettings, SplitSettings
+from ..settings import ExtractionSettings, SplitSettings
 
 RowKey = tuple[str, int, int]  # (relative path, size, mtime_ns): a file's content as probe sees it
 

@@ -21,8 +21,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .. import backbones, data, settings
-from ..errors import BackboneError
+from ... import backbones, data, settings
+from ...errors import BackboneError
 from ..plan import Source
 
 # Batches decoded and waiting for the model, and batches being decoded (the producer holds
@@ -211,14 +211,14 @@ def build_model(spec: backbones.BackboneSpec, weights, size: int, pooling: str, 
                 precision: str = "float32"):
     """The frozen backbone; with precision "bf16" under Keras' "mixed_bfloat16" policy
     (variables stay float32, so the weights are the same). The global policy is restored.
-    BatchNormalizations after convolutions are folded into them (`probe.fold`; the same
+    BatchNormalizations after convolutions are folded into them (`probe.features.fold`; the same
     features up to float rounding, PROBE_FOLD_BATCHNORM=0 turns it off)."""
     from ..fold import for_inference
 
     if precision == "float32":
         return for_inference(spec.build(weights=weights, image_size=size, pooling=pooling,
                                         seed=seed))
-    from .._keras import keras
+    from ..._keras import keras
 
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
