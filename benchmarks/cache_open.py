@@ -19,13 +19,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from probe.features import cache as cache_mod
+from probe.features import cache as cache_mod, format as format_mod, plan, store
 
 
 def write(directory: Path, rows: int, dim: int) -> Path:
     """A finished cache, written as `probe extract` writes one."""
     rng = np.random.default_rng(0)
-    parts = cache_mod.PartStore(directory / "parts")
+    parts = store.PartStore(directory / "parts")
     block = 4096
     entries = []
     for start in range(0, rows, block):
@@ -35,16 +35,16 @@ def write(directory: Path, rows: int, dim: int) -> Path:
                            [1000] * count, [0] * count, [])
         for i, path in enumerate(paths):
             split = ("train",) * 14 + ("val",) * 3 + ("test",) * 3
-            entries.append(cache_mod.Entry(path, (start + i) % 3, split[(start + i) % 20],
+            entries.append(plan.Entry(path, (start + i) % 3, split[(start + i) % 20],
                                            1000, 0, cache_mod.Row(str(part), "", i)))
-    attrs = {"format": cache_mod.FORMAT, "format_version": cache_mod.FORMAT_VERSION,
+    attrs = {"format": format_mod.FORMAT, "format_version": format_mod.FORMAT_VERSION,
              "feature_key": "0" * 64, "source_fingerprint": "1" * 64, "backbone": "vgg16",
              "weights": "none", "image_size": 224, "pooling": "avg", "preprocessing": "caffe",
              "feature_shape": [dim], "classes": ["c0", "c1", "c2"],
              "dataset_root": str(directory / "images"), "labels_file": "", "seed": 0,
              "val_fraction": 0.15, "test_fraction": 0.15}
     target = directory / "bench.h5"
-    cache_mod.write_cache(target, attrs, entries, [], (dim,))
+    store.write_cache(target, attrs, entries, [], (dim,))
     parts.clear()
     return target
 

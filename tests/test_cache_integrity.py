@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 import probe
 from conftest import make_separable_tree
-from probe.features import cache as cache_mod, store
+from probe.features import cache as cache_mod, format as format_mod, store
 from probe.cli import main
 
 OPTS = ("--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--quiet")
@@ -86,15 +86,15 @@ def cache(colours):
 
 def test_a_new_cache_carries_its_checksums(cache):
     assert cache.sealed and cache.damage() == ""
-    assert cache.attrs["attrs_checksum"] == cache_mod.attrs_checksum(cache.attrs)
+    assert cache.attrs["attrs_checksum"] == format_mod.attrs_checksum(cache.attrs)
     reordered = dict(reversed(list(cache.attrs.items())))
-    assert cache_mod.attrs_checksum(reordered) == cache.attrs["attrs_checksum"]
-    assert cache_mod.attrs_checksum({**cache.attrs, "image_size": 33}) != \
+    assert format_mod.attrs_checksum(reordered) == cache.attrs["attrs_checksum"]
+    assert format_mod.attrs_checksum({**cache.attrs, "image_size": 33}) != \
         cache.attrs["attrs_checksum"]
     with h5py.File(cache.path, "r") as handle:  # still plain HDF5 for anyone with h5py
         assert handle.userblock_size >= 4096
         assert handle["train/features"].shape == (cache.counts["train"], 512)
-    assert cache.path.read_bytes().startswith(cache_mod.SEAL_MAGIC)
+    assert cache.path.read_bytes().startswith(format_mod.SEAL_MAGIC)
 
 
 @pytest.mark.parametrize("edit", [
@@ -238,7 +238,7 @@ def test_hdf5_1_10_format_catches_every_flip_of_the_feature_datatype(cache, tmp_
     format; the writer's format (1.10 object headers) carries checksums."""
     expected = contents(cache)
     source = unsealed_copy(cache.path, tmp_path / "v110.h5",
-                           opener=lambda path: cache_mod._h5open(path, "w"))
+                           opener=lambda path: format_mod.h5open(path, "w"))
     data = source.read_bytes()
     float32_message = b"\x11\x20\x1f\x00\x04\x00\x00\x00"
     assert data.count(float32_message) == 3  # features of train, val and test
@@ -340,7 +340,7 @@ def test_a_damaged_file_does_not_break_listing_fit_or_other_extractions(cache, t
     os.utime(cache.path)  # the most recent sealed cache: fit picks it
     os.utime(cache_dir / "garbage.h5")  # newer still, but unsealed: never a candidate
     opened = []
-    real_open = cache_mod._h5open
+    real_open = format_mod.h5open
     with monkeypatch.context() as patch:
         patch.setattr(cache_mod, "_h5open",
                       lambda path, *a, **k: opened.append(Path(path).name) or real_open(path, *a, **k))

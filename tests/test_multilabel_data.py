@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import probe
-from probe.features import cache as cache_mod
+from probe.features import format as format_mod
 from probe import data
 from probe.errors import CacheError, DatasetError
 from test_cache_integrity import unsealed_copy
@@ -347,9 +347,9 @@ def test_the_multilabel_format_is_checked_on_open(voc, tmp_path, edit, needle):
 
 def test_the_multilabel_attribute_is_in_the_attributes_checksum(voc):
     _, _, cache, _ = voc
-    assert cache_mod.attrs_checksum({**cache.attrs, "multilabel": False}) != \
+    assert format_mod.attrs_checksum({**cache.attrs, "multilabel": False}) != \
         cache.attrs["attrs_checksum"]
-    assert cache_mod.attrs_checksum(cache.attrs) == cache.attrs["attrs_checksum"]
+    assert format_mod.attrs_checksum(cache.attrs) == cache.attrs["attrs_checksum"]
 
 
 def test_the_command_line_reads_a_voc_directory_and_shows_a_multilabel_cache(tmp_path, cache_dir):

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import augment as augment_mod, cache as cache_mod, plan as plan_mod
+from . import augment as augment_mod, cache as cache_mod, format as format_mod, plan as plan_mod
 from .. import data, device, files
 from . import runtime as runtime_mod, store
 from .augment import ViewSettings
@@ -186,7 +186,7 @@ def _reseal_older_format(directory: Path, target: plan_mod.CacheTarget) -> tuple
     """A cache of this key written before caches were sealed is rewritten sealed (in a child
     process, keeping the rows whose images did not change), so its features are reused:
     (notes for the report, why it could not be resealed: "" when it was, or there was none)."""
-    if not cache_mod.is_unsealed(target.path):
+    if not format_mod.is_unsealed(target.path):
         return [], ""
     try:
         with store.CacheLock(_lock_path(directory, target)):
@@ -411,8 +411,8 @@ def _feature_shape(model, extraction: ExtractionSettings, rows: dict) -> tuple[i
 def _attrs(plan: ExtractionPlan, extraction: ExtractionSettings, split: SplitSettings,
            found: data.Dataset, feature_shape: tuple[int, ...], speed: dict) -> dict[str, Any]:
     return {
-        "format": cache_mod.FORMAT,
-        "format_version": cache_mod.FORMAT_VERSION,
+        "format": format_mod.FORMAT,
+        "format_version": format_mod.FORMAT_VERSION,
         "feature_key": plan.target.feature_key,
         "source_fingerprint": plan.source_fingerprint,
         **extraction.to_attrs(),

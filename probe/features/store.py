@@ -20,15 +20,18 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import cache as cache_mod
-from .cache import (SPLIT_NAMES, FeatureCache, Row, ViewRow, _attr, _h5open, _h5py, _read_error,
-                    attrs_checksum, header_size, seal)
 from ..errors import CacheError
 from ..files import TEMP_PREFIX, atomic_path, atomic_write, display
 from ..isolated import IsolationError, run_isolated
+from . import cache as cache_mod
+from .cache import FeatureCache, Row, ViewRow
+from .format import (SPLIT_NAMES, attr_value, attrs_checksum, h5open, h5py_module, header_size,
+                     is_unsealed, read_error, read_strings, seal)
 from .plan import Entry
 
 ASSEMBLE_ROWS = 512  # rows copied at a time when writing a cache: bounds memory
+
+
 @contextlib.contextmanager
 def write_errors_as_cache_error(directory: Path) -> Iterator[None]:
     """A full disk or a directory that turned read-only is one line, not a traceback;
@@ -309,7 +312,7 @@ def reseal(path: str | os.PathLike) -> dict[str, int]:
     Returns {"kept": rows, "left_out": rows, "skipped_kept": skip records}; a cache that is
     already sealed is only checked ({"kept": rows, "left_out": 0, ...})."""
     path = Path(path).expanduser()
-    if not cache_mod.is_unsealed(path):
+    if not is_unsealed(path):
         cache = FeatureCache.open(path)
         return {"kept": sum(cache.counts.values()), "left_out": 0,
                 "skipped_kept": len(cache.skipped)}
@@ -366,12 +369,12 @@ def _rows_to_keep(cache: FeatureCache, still: set[str]) -> tuple[list[Entry], li
             if split not in handle:
                 continue
             group = handle[split]
-            paths = cache_mod._read_strings(group["paths"])
+            paths = read_strings(group["paths"])
             labels = group["labels"][()]
             ignore = group["ignore"][()] if "ignore" in group else None
-            splits = cache_mod._read_strings(group["splits"]) if split == "skipped" \
+            splits = read_strings(group["splits"]) if split == "skipped" \
                 else [split] * len(paths)
-            reasons = cache_mod._read_strings(group["reasons"]) if split == "skipped" else None
+            reasons = read_strings(group["reasons"]) if split == "skipped" else None
             for i, (name, size, mtime) in enumerate(zip(paths, group["sizes"][()],
                                                         group["mtimes"][()])):
                 if name not in still:
@@ -481,9 +484,9 @@ def _write_file(path: Path, attrs: dict, entries: list[Entry], skipped: list,
     # multi-label: the number of classes (labels are an (N, K) 0/1 matrix); else None
     classes = len(attrs["classes"]) if attrs.get("multilabel") else None
     try:
-        with _h5open(path, "w", userblock=header_size(attrs)) as handle:
+        with h5open(path, "w", userblock=header_size(attrs)) as handle:
             for key, value in attrs.items():
-                handle.attrs[key] = _attr(value)
+                handle.attrs[key] = attr_value(value)
             for split in SPLIT_NAMES:
                 rows = [entry for entry in entries if entry.split == split]
                 if rows:
@@ -560,10 +563,10 @@ class _RowReader:
             if group:
                 try:
                     if source not in self._h5:
-                        self._h5[source] = _h5open(source, "r")
+                        self._h5[source] = h5open(source, "r")
                     out[positions] = self._h5[source][group]["features"][indices]
                 except (OSError, KeyError, ValueError) as error:
-                    raise _read_error(source, error) from None
+                    raise read_error(source, error) from None
             else:
                 if source not in self._parts:
                     if len(self._parts) > 8:
@@ -588,10 +591,10 @@ class _RowReader:
             images = sorted({i for i, _, _ in triples})
             try:
                 if source not in self._h5:
-                    self._h5[source] = _h5open(source, "r")
+                    self._h5[source] = h5open(source, "r")
                 block = self._h5[source][group]["views"][images]
             except (OSError, KeyError, ValueError) as error:
-                raise _read_error(source, error) from None
+                raise read_error(source, error) from None
             where = {image: k for k, image in enumerate(images)}
             for index, view, position in triples:
                 out[position] = block[where[index], view]
@@ -649,7 +652,7 @@ def _indicator(indices: list[tuple[int, ...]], classes: int) -> np.ndarray:
 
 
 def _strings(group, name: str, values: list[str]) -> None:
-    dtype = _h5py().string_dtype("utf-8")
+    dtype = h5py_module().string_dtype("utf-8")
     data = np.array([os.fsencode(v) for v in values], dtype=object)
     group.create_dataset(name, shape=(len(values),), dtype=dtype, data=data if values else None)
 
