@@ -22,6 +22,7 @@ import probe
 from conftest import make_image, make_tree
 from probe.cli import main
 from probe.html import REPORT_FILE, Caps, esc, render_comparison, script_json, write_report
+from probe import run_files
 from probe.run_files import write_manifest
 
 HOSTILE = '<b>"odd" & \'class\''  # a class folder name that must be escaped everywhere
@@ -156,9 +157,12 @@ class Elements(HTMLParser):
         return {(tag, frozenset(attrs)) for tag, attrs in self.tags}
 
 
-def hostile_copy(run, tmp_path: Path) -> Path:
+def hostile_copy(run, tmp_path: Path, monkeypatch) -> Path:
     """A copy of `run` (and of its cache) whose metrics.json, test_predictions.csv and
-    <cache>.duplicates.json hold PAYLOAD where numbers, names and paths belong."""
+    <cache>.duplicates.json hold PAYLOAD where numbers, names and paths belong. The report's
+    escaping is the second line of defence: the first (the run's manifest, and metrics.json's
+    types checked on reading) is passed here, so that values of any type reach the page."""
+    monkeypatch.setattr(run_files, "METRICS_SHAPE", run_files.OBJECT)
     from probe.duplicates import SIDECAR_SUFFIX, cached_duplicates
     from probe.features.cache import FeatureCache
 
@@ -193,11 +197,13 @@ def hostile_copy(run, tmp_path: Path) -> Path:
     pair["first"].update(path=QUOTED_PATH, label=PAYLOAD, split=PAYLOAD)
     pair["similarity"] = PAYLOAD
     sidecar.write_text(json.dumps(stored))
+    write_manifest(run_dir)
     return run_dir
 
 
-def test_values_from_files_are_escaped_wherever_they_land(hostile_run, tmp_path):
-    page = write_report(hostile_copy(hostile_run, tmp_path)).read_text(encoding="utf-8")
+def test_values_from_files_are_escaped_wherever_they_land(hostile_run, tmp_path, monkeypatch):
+    page = write_report(hostile_copy(hostile_run, tmp_path, monkeypatch)).read_text(
+        encoding="utf-8")
     baseline = Elements((hostile_run.path / REPORT_FILE).read_text(encoding="utf-8"))
     parsed = Elements(page)
     # no element, and no attribute on an element, that the clean page does not have
@@ -442,10 +448,10 @@ def test_chromium_check_sees_a_broken_image_and_a_request(hostile_run, tmp_path)
 
 
 @needs_chromium
-def test_no_value_from_a_file_runs_in_chromium(hostile_run, tmp_path):
+def test_no_value_from_a_file_runs_in_chromium(hostile_run, tmp_path, monkeypatch):
     """The page with PAYLOAD everywhere loads without an error: no injected script or
     handler even got as far as being refused by the policy (a refusal is a console error)."""
-    report = write_report(hostile_copy(hostile_run, tmp_path))
+    report = write_report(hostile_copy(hostile_run, tmp_path, monkeypatch))
     found, problems = open_in_chromium(report, tmp_path / "profile")
     assert problems == []
     assert found["sections"] == SECTIONS and found["hover"]["shown"]
