@@ -344,8 +344,6 @@ def _discard(directory: Path) -> None:
     """Remove a saved model that must not be used: renamed out of the way first (a reader
     sees the whole copy or none), then deleted. Where that fails (another process removed
     it first, a read-only folder) the next run checks it again."""
-    from .store import replace_directory
-
     aside = None
     try:
         if not directory.is_dir():
