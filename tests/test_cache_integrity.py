@@ -226,7 +226,7 @@ def test_a_reseal_that_crashes_is_one_line_and_keeps_the_file(cache, tmp_path, m
         raise isolated.IsolationError(f"{what} crashed the process that did it (SIGSEGV)",
                                       "crashed")
 
-    monkeypatch.setattr(isolated, "run_isolated", crashed)
+    monkeypatch.setattr(store, "run_isolated", crashed)
     one_line_error(run("cache", "reseal", old), "crashed the process", "SIGSEGV",
                    "Delete it and run `probe extract` again")
     assert old.read_bytes() == before
@@ -323,7 +323,7 @@ def test_a_damaged_file_does_not_break_listing_fit_or_other_extractions(cache, t
         raise AssertionError(f"HDF5 opened {path}")
 
     with monkeypatch.context() as patch:  # listing sealed caches reads their headers only
-        patch.setattr(cache_mod, "_h5open", no_hdf5)
+        patch.setattr(cache_mod, "h5open", no_hdf5)
         listed = {c.path.name for c in probe.list_caches()}
     assert listed == {cache.path.name, "body.h5"}
 
@@ -331,7 +331,7 @@ def test_a_damaged_file_does_not_break_listing_fit_or_other_extractions(cache, t
     assert {c.path.name for c in probe.list_caches()} == {cache.path.name, "body.h5"}
 
     with monkeypatch.context() as patch:  # an unsealed file is never parsed in process
-        patch.setattr(cache_mod, "_h5open", no_hdf5)
+        patch.setattr(cache_mod, "h5open", no_hdf5)
         listing = run("cache", "ls")
     assert listing.exit_code == 0, listing.output
     assert "Unsealed (older format)" in listing.output and "garbage.h5" in listing.output
@@ -342,7 +342,7 @@ def test_a_damaged_file_does_not_break_listing_fit_or_other_extractions(cache, t
     opened = []
     real_open = format_mod.h5open
     with monkeypatch.context() as patch:
-        patch.setattr(cache_mod, "_h5open",
+        patch.setattr(cache_mod, "h5open",
                       lambda path, *a, **k: opened.append(Path(path).name) or real_open(path, *a, **k))
         fitted = run("fit", "--head", "logreg")
     assert "garbage.h5" not in opened and cache.path.name in opened

@@ -374,7 +374,7 @@ def test_hdf5_lock_failure_says_what_to_do(image_tree, monkeypatch):
         raise OSError("Unable to synchronously open file (unable to lock file, errno = 37, "
                       "error message = 'No locks available')")
 
-    monkeypatch.setattr(cache_mod, "_h5open", cannot_lock)
+    monkeypatch.setattr(cache_mod, "h5open", cannot_lock)
     result = run("cache", "info", cache.path)
     one_line_error(result, "HDF5_USE_FILE_LOCKING=FALSE", "--cache-dir")
 

@@ -26,14 +26,14 @@ OPTS = dict(weights="none", image_size=32)
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     target = tmp_path / "config.json"
-    store.write_text(target, "old")
+    files.write_text(target, "old")
     with pytest.raises(RuntimeError):
         with files.atomic_write(target, "w", encoding="utf-8") as handle:
             handle.write("half of the new")
             raise RuntimeError("killed")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
-    store.write_text(target, "new")
+    files.write_text(target, "new")
     assert target.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
 
 
