@@ -144,7 +144,7 @@ def test_edited_head_json_values_are_one_clear_error(name, tmp_path):
 def test_class_names_are_cross_checked_on_load(name, tmp_path):
     X, y = blobs(n=45)
     make_head(name, **FAST[name]).fit(X, y, classes=["cat", "dog", "owl"]).save(tmp_path)
-    assert list(load_head(tmp_path, classes=["cat", "dog", "owl"]).classes_) == ["cat", "dog", "owl"]
+    assert list(load_head(tmp_path, classes=["cat", "dog", "owl"]).class_names_) == ["cat", "dog", "owl"]
     for wrong in (["dog", "cat", "owl"], ["cat", "dog"], ["cat", "dog", "owl", "fox"]):
         with pytest.raises(RunError, match="mislabelled"):
             load_head(tmp_path, classes=wrong)
