@@ -150,6 +150,10 @@ def as_label_array(y: Any, n: int, name: str = "y") -> np.ndarray:
             f"`{name}` should be a 1d array of class labels (or, multi-label, an (N, K) 0/1 "
             f"matrix). Received: {name}.shape={arr.shape}")
     _same_length(n, arr.shape[0], name)
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        bad = int(np.sum(~np.isfinite(arr)))
+        raise InputError(f"`{name}` must hold class labels; it contains NaN or infinity in {bad} "
+                         f"sample(s). Fix or drop those samples. Received: {name}.dtype={arr.dtype}")
     from sklearn.utils.multiclass import type_of_target
 
     try:
