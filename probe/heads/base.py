@@ -158,7 +158,7 @@ def as_label_array(y: Any, n: int, name: str = "y") -> np.ndarray:
 
     try:
         kind = type_of_target(arr, input_name=name)
-    except ValueError as exc:  # NaN or infinite values, mixed strings and numbers
+    except ValueError as exc:  # strings mixed with numbers, say
         raise InputError(f"`{name}` must hold class labels ({exc}). Fix or drop those "
                          f"samples. Received: {name}.dtype={arr.dtype}") from None
     if kind not in ("binary", "multiclass"):
@@ -170,8 +170,8 @@ def as_label_array(y: Any, n: int, name: str = "y") -> np.ndarray:
 
 
 def as_labels(y: Any, n: int, name: str = "y") -> np.ndarray:
-    """Return ``y`` as a 1-D int64 array of ``n`` class indices ``0..classes-1`` (the
-    labels probe itself passes, with the class names apart)."""
+    """Return ``y`` as a 1-D int64 array of ``n`` class indices ``0..K-1`` (the labels
+    probe itself passes, with the class names apart)."""
     arr = as_label_array(y, n, name)
     if arr.dtype.kind == "f":  # integral floats: type_of_target let only those through
         arr = arr.astype(np.int64)
