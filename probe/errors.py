@@ -18,6 +18,16 @@ class DatasetError(ProbeError):
     """A dataset directory, CSV or list file that can not be used."""
 
 
+class InputError(DatasetError, ValueError):
+    """Features or labels given to a head that it can not use. Also a `ValueError`, the
+    type scikit-learn (and code written for its estimators) expects of bad input."""
+
+
+class InputTypeError(InputError, TypeError):
+    """Features that can not be converted to numbers (an object array holding a dict, say);
+    also a `TypeError`, as numpy's conversion error is."""
+
+
 class CacheError(ProbeError):
     """A feature cache that is missing, corrupt, locked or built with other settings."""
 
@@ -42,7 +52,9 @@ class SourceChangedError(CacheMismatchError):
 
 
 class NotFittedError(ProbeError, AttributeError):
-    """A head used before `fit` (or `load`)."""
+    """A head used before `fit` (or `load`). The heads raise a subclass that is also
+    scikit-learn's `NotFittedError` (`probe.heads.estimator.HeadNotFittedError`); it is
+    defined there because importing scikit-learn here would slow every command's start."""
 
 
 class RunError(ProbeError):

@@ -65,7 +65,8 @@ def test_logistic_learns_separable_clusters(data):
     proba = head.predict_proba(Xte)
     assert proba.shape == (len(yte), 3)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-12)
-    assert list(head.classes_) == ["cat", "dog", "owl"]
+    assert list(head.class_names_) == ["cat", "dog", "owl"]
+    assert list(head.classes_) == [0, 1, 2]  # fitted with `classes`: y holds indices
     assert head.n_features_in_ == 64
     assert head.predict(Xte).dtype.kind == "i"
 
@@ -74,7 +75,8 @@ def test_dense_learns_separable_clusters(data):
     Xtr, ytr, Xv, yv, Xte, yte = data
     head = DenseHead(**FAST_DENSE).fit(Xtr, ytr, X_val=Xv, y_val=yv)
     assert head.score(Xte, yte) > 0.95
-    assert list(head.classes_) == ["0", "1", "2"]
+    assert list(head.class_names_) == ["0", "1", "2"]
+    assert list(head.classes_) == [0, 1, 2]
     assert set(head.history_) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
     assert len(head.history_["loss"]) == len(head.history_["val_loss"]) >= 1
     assert head.model_.output_shape == (None, 3)
@@ -209,7 +211,8 @@ def test_logistic_save_load_round_trip(data, tmp_path):
     for loaded in (LogisticHead.load(tmp_path / "run"), load_head(tmp_path / "run")):
         assert isinstance(loaded, LogisticHead)
         np.testing.assert_array_equal(loaded.predict_proba(Xte), head.predict_proba(Xte))
-        assert list(loaded.classes_) == ["a", "b", "c"]
+        assert list(loaded.class_names_) == ["a", "b", "c"]
+        assert list(loaded.classes_) == [0, 1, 2]
         assert loaded.C_ == head.C_
         assert loaded.sweep_ == head.sweep_
         np.testing.assert_array_equal(loaded.dense_weights()[0], head.dense_weights()[0])

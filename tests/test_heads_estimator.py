@@ -144,7 +144,7 @@ def test_edited_head_json_values_are_one_clear_error(name, tmp_path):
 def test_class_names_are_cross_checked_on_load(name, tmp_path):
     X, y = blobs(n=45)
     make_head(name, **FAST[name]).fit(X, y, classes=["cat", "dog", "owl"]).save(tmp_path)
-    assert list(load_head(tmp_path, classes=["cat", "dog", "owl"]).classes_) == ["cat", "dog", "owl"]
+    assert list(load_head(tmp_path, classes=["cat", "dog", "owl"]).class_names_) == ["cat", "dog", "owl"]
     for wrong in (["dog", "cat", "owl"], ["cat", "dog"], ["cat", "dog", "owl", "fox"]):
         with pytest.raises(RunError, match="mislabelled"):
             load_head(tmp_path, classes=wrong)
@@ -167,3 +167,96 @@ def test_every_head_declares_its_options():
         params = set(HEADS[name]().get_params())
         assert {o.param for o in HEADS[name].options} <= params
         assert "refit" in params and "seed" in params
+
+
+# --------------------------------------------------------------------------- #
+# Labels in, the same labels out; scikit-learn's error types
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_any_labels_in_the_same_labels_out_and_saved(name, tmp_path):
+    X, y = blobs()
+    words = np.array(["owl", "cat", "dog"])[y]  # not in sorted order: classes_ is sorted
+    head = make_head(name, **FAST[name]).fit(X, words, X_val=X[:30], y_val=words[:30])
+    assert list(head.classes_) == ["cat", "dog", "owl"] and list(head.class_names_) == ["cat", "dog", "owl"]
+    predicted = head.predict(X)
+    assert set(predicted) <= {"cat", "dog", "owl"} and np.mean(predicted == words) > 0.9
+    assert head.score(X, words) == np.mean(predicted == words)
+    head.save(tmp_path)
+    assert json.loads((tmp_path / "head.json").read_text())["labels"] == ["cat", "dog", "owl"]
+    np.testing.assert_array_equal(load_head(tmp_path).predict(X), predicted)
+    # other integers than 0..K-1 keep their values (and their type) through save and load
+    shifted = make_head(name, **FAST[name]).fit(X, y * 10 - 5)
+    assert list(shifted.classes_) == [-5, 5, 15]
+    shifted.save(tmp_path / "shifted")
+    loaded = load_head(tmp_path / "shifted")
+    assert loaded.predict(X[:5]).dtype.kind == "i" and list(loaded.classes_) == [-5, 5, 15]
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_probe_fits_with_class_names_predict_indices_and_save_as_before(name, tmp_path):
+    """probe passes indices and the class names apart: predictions stay indices and
+    head.json has no 'labels', so it reads as every head saved before it existed."""
+    X, y = blobs()
+    head = make_head(name, **FAST[name]).fit(X, y, classes=["cat", "dog", "owl"])
+    assert list(head.classes_) == [0, 1, 2] and list(head.class_names_) == ["cat", "dog", "owl"]
+    assert head.predict(X).dtype == np.int64
+    head.save(tmp_path)
+    meta = json.loads((tmp_path / "head.json").read_text())
+    assert meta["classes"] == ["cat", "dog", "owl"] and "labels" not in meta
+    loaded = load_head(tmp_path, classes=["cat", "dog", "owl"])
+    assert list(loaded.classes_) == [0, 1, 2] and loaded.predict(X).dtype == np.int64
+    np.testing.assert_array_equal(loaded.predict(X), head.predict(X))
+
+
+def test_edited_labels_in_head_json_are_one_clear_error(tmp_path):
+    X, y = blobs()
+    LogisticHead().fit(X, np.array(["a", "b", "c"])[y]).save(tmp_path)
+    meta = json.loads((tmp_path / "head.json").read_text())
+    (tmp_path / "head.json").write_text(json.dumps({**meta, "labels": ["a", "a", "c"]}))
+    with pytest.raises(RunError, match="'labels' must be unique"):
+        load_head(tmp_path)
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_input_errors_are_value_errors_and_unfitted_is_sklearns(name):
+    from sklearn.exceptions import NotFittedError as SklearnNotFitted
+
+    from probe.errors import DatasetError, InputError, NotFittedError
+
+    X, y = blobs()
+    with pytest.raises(SklearnNotFitted) as caught:
+        make_head(name).predict(X)
+    assert isinstance(caught.value, NotFittedError)
+    head = make_head(name, **FAST[name])
+    with pytest.raises(ValueError, match="same number of samples") as caught:
+        head.fit(X, y[:-1])
+    assert isinstance(caught.value, InputError) and isinstance(caught.value, DatasetError)
+    with pytest.raises(ValueError, match="Unknown label type: 'continuous'"):
+        head.fit(X, y + 0.5)
+    head.fit(X, y)
+    with pytest.raises(ValueError, match="X has 3 features, but .*Head is expecting 12 features as input"):
+        head.predict(X[:, :3])
+    with pytest.raises(ValueError, match="Reshape your data"):
+        head.predict(X[0])
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_column_vector_y_warns_and_lists_work(name):
+    from sklearn.exceptions import DataConversionWarning
+
+    X, y = blobs()
+    expected = make_head(name, **FAST[name]).fit(X, y).predict(X)
+    with pytest.warns(DataConversionWarning, match="column-vector y"):
+        column = make_head(name, **FAST[name]).fit(X, y[:, None])
+    np.testing.assert_array_equal(column.predict(X), expected)
+    listed = make_head(name, **FAST[name]).fit(X.tolist(), y.tolist())
+    np.testing.assert_array_equal(listed.predict(X.tolist()), expected)
+
+
+def test_validation_labels_unseen_in_training_are_one_clear_error():
+    X, y = blobs()
+    words = np.array(["cat", "dog", "owl"])[y]
+    with pytest.raises(ValueError, match=r"\['fox'\] of `y_val` have none in `y`"):
+        LogisticHead().fit(X, words, X_val=X[:3], y_val=["cat", "fox", "dog"])

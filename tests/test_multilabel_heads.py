@@ -94,7 +94,8 @@ def test_without_validation_the_thresholds_are_one_half(splits):
     (X, Y), _, _ = splits
     head = make_head("knn").fit(X, Y)
     np.testing.assert_array_equal(head.thresholds_, 0.5)
-    assert list(head.classes_) == ["0", "1", "2", "3"]
+    assert list(head.class_names_) == ["0", "1", "2", "3"]
+    assert list(head.classes_) == [0, 1, 2, 3]
 
 
 def test_best_f1_thresholds_reach_the_best_f1_of_any_cut():

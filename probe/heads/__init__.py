@@ -102,9 +102,9 @@ def load_head(directory: str | os.PathLike, classes: list[str] | None = None):
     if not isinstance(kind, str) or kind not in CATALOG:
         raise corrupt(Path(directory) / HEAD_JSON, f"'kind' must be one of: {', '.join(sorted(CATALOG))}; found {kind!r}")
     head = HEADS[kind].load(directory)
-    if classes is not None and [str(c) for c in classes] != [str(c) for c in head.classes_]:
+    if classes is not None and [str(c) for c in classes] != [str(c) for c in head.class_names_]:
         raise RunError(
-            f"the head in '{directory}' was trained on the classes {list(map(str, head.classes_))} but "
+            f"the head in '{directory}' was trained on the classes {list(map(str, head.class_names_))} but "
             f"the run lists {list(map(str, classes))}; its predictions would be mislabelled. Re-run "
             f"`probe fit` to write the run again. Received: classes {list(map(str, classes))}"
         )

@@ -70,6 +70,11 @@ class DenseHead(Head):
     ``(None, D)``, not compiled, built on first use), ``history_`` (Keras-style history dict
     of the run with validation: loss, accuracy, val_loss, val_accuracy), ``best_epoch_``
     (1-based epoch whose weights were kept).
+
+    scikit-learn's estimator checks (``tests/test_sklearn_checks.py``) pass but for
+    ``check_class_weight_classifiers``: ``class_weight`` takes None or "balanced" only, the
+    choices of ``probe fit --class-weight``; a dict keyed by labels would not survive
+    head.json, whose object keys are strings.
     """
 
     name = "dense"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -13,10 +14,31 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import NotFittedError as _SklearnNotFitted
 from sklearn.utils.validation import check_is_fitted
 
-from probe.errors import DatasetError, NotFittedError, ProbeError
+from probe.errors import InputError, NotFittedError, ProbeError
 
-from .base import HEAD_JSON, FORMAT_VERSION, Curves, FitData, HeadOption, as_features, as_indicator, as_labels, \
-    atomic_write_bytes, check_meta, corrupt, flatten, json_default, prepare_fit, read_head_json
+from .base import HEAD_JSON, FORMAT_VERSION, Curves, FitData, HeadOption, as_features, as_indicator, \
+    as_label_array, atomic_write_bytes, check_meta, corrupt, flatten, json_default, prepare_fit, read_head_json
+
+
+class HeadNotFittedError(NotFittedError, _SklearnNotFitted):
+    """A head used before ``fit`` (or ``load``): probe's `NotFittedError` and
+    scikit-learn's (so also a `ValueError` and an `AttributeError`)."""
+
+
+def saved_labels(meta: dict, path: Path) -> np.ndarray:
+    """The label values of a saved head: ``labels`` when head.json has it, else the class
+    indices 0..K-1 (every head saved before labels were recorded was fitted on those)."""
+    K = len(meta["classes"])
+    if "labels" not in meta:
+        return np.arange(K)
+    labels = meta["labels"]
+    if (not isinstance(labels, list) or len(labels) != K
+            or not all(isinstance(v, (str, int, float)) for v in labels)):
+        raise corrupt(path, f"'labels' must list one label (string or number) per class ({K})")
+    values = np.asarray(labels)
+    if np.unique(values).size != K:
+        raise corrupt(path, "'labels' must be unique")
+    return values
 
 
 class Head(ClassifierMixin, BaseEstimator):
@@ -93,7 +115,8 @@ class Head(ClassifierMixin, BaseEstimator):
         else:
             self._fit(data)
             self.multilabel_ = False
-        self.classes_ = data.classes
+        self.classes_ = data.labels
+        self.class_names_ = data.classes
         self.n_features_in_ = int(data.X.shape[1])
         self.input_shape_ = data.input_shape
         return self
@@ -115,7 +138,7 @@ class Head(ClassifierMixin, BaseEstimator):
             check_is_fitted(self, self._fitted_attr)
         except _SklearnNotFitted:
             name = type(self).__name__
-            raise NotFittedError(
+            raise HeadNotFittedError(
                 f"this {name} is not fitted yet; call `fit(X, y)` or `{name}.load(directory)` "
                 f"before `{method}`. Received: an unfitted {name}"
             ) from None
@@ -124,37 +147,43 @@ class Head(ClassifierMixin, BaseEstimator):
         X = as_features(X, "X", stream=self.streams_features)
         shape = tuple(X.shape[1:])
         if shape != tuple(self.input_shape_) and shape != (self.n_features_in_,):
-            raise DatasetError(
-                f"`X` must have per-sample shape {tuple(self.input_shape_)} (or ({self.n_features_in_},) "
-                "flattened), the shape this head was fitted on; use features from the same backbone. "
-                f"Received: X.shape={X.shape}"
+            n = math.prod(shape)
+            # scikit-learn's wording when the number differs (its checks and users look for it)
+            found = (f"X has {n} features, but {type(self).__name__} is expecting "
+                     f"{self.n_features_in_} features as input" if n != self.n_features_in_
+                     else f"X has per-sample shape {shape}")
+            raise InputError(
+                f"{found}: `X` must have per-sample shape {tuple(self.input_shape_)} (or "
+                f"({self.n_features_in_},) flattened), the shape this head was fitted on; use "
+                f"features from the same backbone. Received: X.shape={X.shape}"
             )
         return flatten(X)
 
     def predict_proba(self, X: Any) -> np.ndarray:
-        """Class probabilities, shape ``(N, K)``, float64."""
+        """Class probabilities, shape ``(N, K)``, float64; column k is ``classes_[k]``."""
         self._check_fitted("predict_proba")
         return self._predict_flat(self._check_X(X))
 
     def predict(self, X: Any) -> np.ndarray:
-        """Predicted class indices, shape ``(N,)``; multi-label: an (N, K) 0/1 matrix, 1
-        where the probability reaches the class's threshold (``thresholds_``)."""
+        """Predicted labels (values of ``classes_``: the class indices when fitted with
+        ``classes``), shape ``(N,)``; multi-label: an (N, K) 0/1 matrix, 1 where the
+        probability reaches the class's threshold (``thresholds_``)."""
         self._check_fitted("predict")
         if getattr(self, "multilabel_", False):
             return (self.predict_proba(X) >= self.thresholds_).astype(np.int64)
-        return np.argmax(self.predict_proba(X), axis=1).astype(np.int64)
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
         """Accuracy of ``predict(X)`` against ``y`` (multi-label: exact-match accuracy,
         every class of the sample right, as scikit-learn's ``accuracy_score``)."""
         self._check_fitted("score")
-        X = as_features(X, "X")
+        predicted = self.predict(X)
+        n = predicted.shape[0]
         if getattr(self, "multilabel_", False):
-            y = as_indicator(y, X.shape[0], "y", len(self.classes_))
-            hits = np.all(self.predict(X) == y, axis=1).astype(np.float64)
+            y = as_indicator(y, n, "y", len(self.classes_))
+            hits = np.all(predicted == y, axis=1).astype(np.float64)
         else:
-            y = as_labels(y, X.shape[0], "y")
-            hits = (self.predict(X) == y).astype(np.float64)
+            hits = (predicted == as_label_array(y, n, "y")).astype(np.float64)
         return float(np.average(hits, weights=sample_weight))
 
     # -- persistence ------------------------------------------------------ #
@@ -166,12 +195,20 @@ class Head(ClassifierMixin, BaseEstimator):
         return {
             "kind": self.name,
             "format_version": FORMAT_VERSION,
-            "classes": [str(c) for c in self.classes_],
+            "classes": [str(c) for c in self.class_names_],
+            **self._labels_meta(),
             "input_shape": [int(s) for s in self.input_shape_],
             "n_features_in": int(self.n_features_in_),
             "params": self._params_json(),
             **self._multilabel_meta(),
         }
+
+    def _labels_meta(self) -> dict[str, Any]:
+        """The label values when they are not the class indices 0..K-1 (a head fitted on
+        strings, say); files without them load with index labels, as before."""
+        if np.array_equal(self.classes_, np.arange(len(self.class_names_))) and self.classes_.dtype.kind in "iu":
+            return {}
+        return {"labels": [v.item() if isinstance(v, np.generic) else v for v in self.classes_]}
 
     def _multilabel_meta(self) -> dict[str, Any]:
         """Multi-label heads record it and their thresholds (single-label: nothing)."""
@@ -202,7 +239,8 @@ class Head(ClassifierMixin, BaseEstimator):
             head._check_params()
         except (TypeError, ProbeError) as exc:
             raise corrupt(path, f"bad 'params': {exc}") from None
-        head.classes_ = np.array(meta["classes"], dtype=str)
+        head.class_names_ = np.array(meta["classes"], dtype=str)
+        head.classes_ = saved_labels(meta, path)
         head.n_features_in_ = int(meta["n_features_in"])
         head.input_shape_ = tuple(int(s) for s in meta["input_shape"])
         head.multilabel_ = meta.get("multilabel", False) is True

@@ -80,6 +80,11 @@ class LogisticHead(Head):
     ``coef_`` (``(K, D)``, or ``(1, D)`` for two classes as in scikit-learn),
     ``intercept_``, ``n_iter_``, ``converged_``. ``predict_proba`` only uses these arrays,
     so a loaded head needs no scikit-learn objects.
+
+    scikit-learn's estimator checks (``tests/test_sklearn_checks.py``) pass but for
+    ``check_class_weight_classifiers``: ``class_weight`` takes None or "balanced" only, the
+    choices of ``probe fit --class-weight``; a dict keyed by labels would not survive
+    head.json, whose object keys are strings.
     """
 
     name = "logreg"
