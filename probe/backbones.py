@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
+import random
 import sys
 import tempfile
 import warnings
@@ -141,7 +142,8 @@ class BackboneSpec:
         """The headless Keras model, frozen, with the given weights.
 
         `weights` is "imagenet" (downloaded once into Keras' cache under ~/.keras/models),
-        "none" for a seeded random initialisation, or the path of a local weights file.
+        "none" for a random initialisation drawn from `seed` (None: fresh entropy), or the
+        path of a local weights file. The caller's random state is left as it was.
         """
         keras = _keras()
         size = self.check_image_size(image_size)
@@ -153,11 +155,11 @@ class BackboneSpec:
             input_shape=(size, size, 3),
             pooling=None if pooling == "none" else pooling,
         )
-        if kind == "none" and seed is not None:  # None: leave the global generators alone
-            keras.utils.set_random_seed(seed)
+        # Keras prints its download progress on stdout, which holds probe's results.
+        quiet = contextlib.redirect_stdout(sys.stderr) if kind == "imagenet" \
+            else contextlib.nullcontext()
         try:
-            # Keras prints its download progress on stdout, which holds probe's results.
-            with contextlib.redirect_stdout(sys.stderr):
+            with seeded(seed), quiet:
                 model = constructor(weights="imagenet" if kind == "imagenet" else None, **kwargs)
         except Exception as error:  # Keras raises plain Exception on a failed download
             if kind != "imagenet":
@@ -331,6 +333,23 @@ def _inbound_positions(model, position: dict[int, int]) -> dict[int, list[int]]:
                 if id(p._keras_history[0]) in position)
         stack.extend(parents)
     return inbound
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Keras layers made inside draw their initial weights from `seed` (None: fresh
+    entropy); Python's `random` is put back as it was when the context ends.
+
+    Keras takes each initialiser's and `SeedGenerator`'s seed from Python's global `random`
+    when the layer is made (`keras.random.SeedGenerator`), so seeding it alone draws the
+    same weights as `keras.utils.set_random_seed(seed)`, without changing the caller's
+    random state (NumPy's and TensorFlow's global generators are never touched)."""
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
 
 
 @contextlib.contextmanager

@@ -254,7 +254,6 @@ def init_local(ray, num_cpus: int, **kwargs: Any):
 def _gpu_memory_growth() -> None:
     """Let several actors share a GPU's memory instead of the first taking all of it."""
     try:
-        from ..._keras import keras  # noqa: F401  (imports TensorFlow quietly)
         import tensorflow as tf
 
         for gpu in tf.config.list_physical_devices("GPU"):
