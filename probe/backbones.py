@@ -89,6 +89,9 @@ class BackboneSpec:
     # Layers Keras names automatically (add_3, conv2d_7, ...) get their block from the
     # graph, see `block_layers`.
     top_blocks: tuple[str, ...]
+    # Keras caches the ImageNet "notop" weights in
+    # ~/.keras/models/<stem>_weights_tf_dim_ordering_tf_kernels_notop.h5
+    imagenet_file_stem: str
 
     @property
     def normalization(self) -> Preprocessing:
@@ -452,24 +455,29 @@ register(BackboneSpec(
     name="vgg16", constructor="VGG16", module="vgg16", preprocessing="caffe",
     native_size=224, min_size=32, feature_size=512,
     top_blocks=("block1", "block2", "block3", "block4", "block5"),
+    imagenet_file_stem="vgg16",
 ))
 register(BackboneSpec(
     name="resnet50", constructor="ResNet50", module="resnet50", preprocessing="caffe",
     native_size=224, min_size=32, feature_size=2048,
     top_blocks=("conv2", "conv3", "conv4", "conv5"),
+    imagenet_file_stem="resnet50",
 ))
 register(BackboneSpec(
     name="densenet121", constructor="DenseNet121", module="densenet", preprocessing="torch",
     native_size=224, min_size=32, feature_size=1024,
     top_blocks=("conv2", "conv3", "conv4", "conv5"),
+    imagenet_file_stem="densenet121",
 ))
 register(BackboneSpec(
     name="xception", constructor="Xception", module="xception", preprocessing="tf",
     native_size=299, min_size=71, feature_size=2048,
     top_blocks=tuple(f"block{i}" for i in range(1, 15)),
+    imagenet_file_stem="xception",
 ))
 register(BackboneSpec(
     name="inceptionv3", constructor="InceptionV3", module="inception_v3", preprocessing="tf",
     native_size=299, min_size=75, feature_size=2048,
     top_blocks=tuple(f"mixed{i}" for i in range(11)),
+    imagenet_file_stem="inception_v3",
 ))

@@ -433,7 +433,7 @@ def _head_parameter_options() -> tuple:
 
 
 HEAD_OPTION = click.option(
-    "--head", type=click.Choice(heads_mod.list_heads()), default="logreg", show_default=True,
+    "--head", type=click.Choice(heads_mod.list_heads()), default=heads_mod.DEFAULT_HEAD, show_default=True,
     help="; ".join(f"{name}: {text}" for name, text in heads_mod.describe_heads().items()))
 HEAD_PARAMETER_OPTIONS = _head_parameter_options()
 
@@ -576,7 +576,7 @@ def _curve_rows(result) -> tuple[list[dict], list[str]]:
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="Also write the predictions as CSV.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=int, default=settings.DEFAULT_BATCH_SIZE, show_default=True)
 @_fail_cleanly
 def predict_command(run, images, output, batch_size) -> None:
     """Predict the class of new images with a run's backbone and head.

@@ -169,7 +169,7 @@ def _check_source(cache: FeatureCache, strict: bool, progress: ProgressCallback 
 
 def _read_splits(cache: FeatureCache, progress: ProgressCallback | None) -> tuple[dict, str]:
     """The images of every split, and the split that reports (test, else val)."""
-    splits = {name: _images(cache, name) for name in ("train", "val", "test") if cache.counts.get(name)}
+    splits = {name: _images(cache, name) for name in data.SPLITS if cache.counts.get(name)}
     if "val" not in splits:
         raise FinetuneError(
             f"expected a validation split for early stopping; the run's cache '{cache.path}' "
