@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
+import random
 import sys
 import tempfile
 import warnings
@@ -88,6 +89,9 @@ class BackboneSpec:
     # Layers Keras names automatically (add_3, conv2d_7, ...) get their block from the
     # graph, see `block_layers`.
     top_blocks: tuple[str, ...]
+    # Keras caches the ImageNet "notop" weights in
+    # ~/.keras/models/<stem>_weights_tf_dim_ordering_tf_kernels_notop.h5
+    imagenet_file_stem: str
 
     @property
     def normalization(self) -> Preprocessing:
@@ -141,7 +145,8 @@ class BackboneSpec:
         """The headless Keras model, frozen, with the given weights.
 
         `weights` is "imagenet" (downloaded once into Keras' cache under ~/.keras/models),
-        "none" for a seeded random initialisation, or the path of a local weights file.
+        "none" for a random initialisation drawn from `seed` (None: fresh entropy), or the
+        path of a local weights file. The caller's random state is left as it was.
         """
         keras = _keras()
         size = self.check_image_size(image_size)
@@ -153,11 +158,11 @@ class BackboneSpec:
             input_shape=(size, size, 3),
             pooling=None if pooling == "none" else pooling,
         )
-        if kind == "none" and seed is not None:  # None: leave the global generators alone
-            keras.utils.set_random_seed(seed)
+        # Keras prints its download progress on stdout, which holds probe's results.
+        quiet = contextlib.redirect_stdout(sys.stderr) if kind == "imagenet" \
+            else contextlib.nullcontext()
         try:
-            # Keras prints its download progress on stdout, which holds probe's results.
-            with contextlib.redirect_stdout(sys.stderr):
+            with seeded(seed), quiet:
                 model = constructor(weights="imagenet" if kind == "imagenet" else None, **kwargs)
         except Exception as error:  # Keras raises plain Exception on a failed download
             if kind != "imagenet":
@@ -334,6 +339,23 @@ def _inbound_positions(model, position: dict[int, int]) -> dict[int, list[int]]:
 
 
 @contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Keras layers made inside draw their initial weights from `seed` (None: fresh
+    entropy); Python's `random` is put back as it was when the context ends.
+
+    Keras takes each initialiser's and `SeedGenerator`'s seed from Python's global `random`
+    when the layer is made (`keras.random.SeedGenerator`), so seeding it alone draws the
+    same weights as `keras.utils.set_random_seed(seed)`, without changing the caller's
+    random state (NumPy's and TensorFlow's global generators are never touched)."""
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
+@contextlib.contextmanager
 def _stateless_scope(keras) -> Iterator[Any]:
     """A `keras.StatelessScope` whose variables stay uninitialised when it ends.
 
@@ -433,24 +455,29 @@ register(BackboneSpec(
     name="vgg16", constructor="VGG16", module="vgg16", preprocessing="caffe",
     native_size=224, min_size=32, feature_size=512,
     top_blocks=("block1", "block2", "block3", "block4", "block5"),
+    imagenet_file_stem="vgg16",
 ))
 register(BackboneSpec(
     name="resnet50", constructor="ResNet50", module="resnet50", preprocessing="caffe",
     native_size=224, min_size=32, feature_size=2048,
     top_blocks=("conv2", "conv3", "conv4", "conv5"),
+    imagenet_file_stem="resnet50",
 ))
 register(BackboneSpec(
     name="densenet121", constructor="DenseNet121", module="densenet", preprocessing="torch",
     native_size=224, min_size=32, feature_size=1024,
     top_blocks=("conv2", "conv3", "conv4", "conv5"),
+    imagenet_file_stem="densenet121",
 ))
 register(BackboneSpec(
     name="xception", constructor="Xception", module="xception", preprocessing="tf",
     native_size=299, min_size=71, feature_size=2048,
     top_blocks=tuple(f"block{i}" for i in range(1, 15)),
+    imagenet_file_stem="xception",
 ))
 register(BackboneSpec(
     name="inceptionv3", constructor="InceptionV3", module="inception_v3", preprocessing="tf",
     native_size=299, min_size=75, feature_size=2048,
     top_blocks=tuple(f"mixed{i}" for i in range(11)),
+    imagenet_file_stem="inception_v3",
 ))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.abc
+import importlib.util
 import json
 import os
 import signal
@@ -68,10 +70,60 @@ class _OneLineUsageError(click.UsageError):
         _echo(f"Error: {self.format_message()}{hint}", err=True)
 
 
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports TensorFlow, when a command first needs it, with file descriptor 2 pointed at
+    /dev/null: TensorFlow writes its C++ start-up lines (CUDA probing, CPU features) there
+    before any log setting applies. The import stays lazy, so `probe --help` stays fast."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)  # once, and the real finders find it
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            self.loader, spec.loader = spec.loader, self
+        return spec
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__spec__.loader = module.__loader__ = self.loader
+        sys.stderr.flush()
+        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+            self.loader.exec_module(module)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+        _quiet_tensorflow_logger(module)
+
+
+def _quiet_tensorflow_logger(tensorflow) -> None:
+    # probe builds many small models in one process (compare): TensorFlow's retracing
+    # warnings about that are not the user's concern
+    tensorflow.get_logger().setLevel("ERROR")
+
+
+def _quiet_tensorflow_start_up() -> None:
+    """Keep TensorFlow's start-up and log lines off the terminal (set before it is imported)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" in sys.modules:
+        _quiet_tensorflow_logger(sys.modules["tensorflow"])
+    elif not any(isinstance(finder, _QuietTensorFlowImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
+
+
 class _Group(click.Group):
     """A command group whose usage errors (a bad option value, a missing argument) are
     one line on stderr with exit code 2, like every other error, instead of click's
-    usage block."""
+    usage block. Its `main`, the entry point, keeps TensorFlow's start-up lines quiet."""
+
+    def main(self, *args, **kwargs):
+        _quiet_tensorflow_start_up()
+        return super().main(*args, **kwargs)
 
     def make_context(self, *args, **kwargs):
         with _one_line_usage_errors():
@@ -381,7 +433,7 @@ def _head_parameter_options() -> tuple:
 
 
 HEAD_OPTION = click.option(
-    "--head", type=click.Choice(heads_mod.list_heads()), default="logreg", show_default=True,
+    "--head", type=click.Choice(heads_mod.list_heads()), default=heads_mod.DEFAULT_HEAD, show_default=True,
     help="; ".join(f"{name}: {text}" for name, text in heads_mod.describe_heads().items()))
 HEAD_PARAMETER_OPTIONS = _head_parameter_options()
 
@@ -524,7 +576,7 @@ def _curve_rows(result) -> tuple[list[dict], list[str]]:
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="Also write the predictions as CSV.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=int, default=settings.DEFAULT_BATCH_SIZE, show_default=True)
 @_fail_cleanly
 def predict_command(run, images, output, batch_size) -> None:
     """Predict the class of new images with a run's backbone and head.

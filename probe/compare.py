@@ -32,6 +32,7 @@ from .features import cache as cache_mod
 from .features.engines.ray import RayOptions
 from .errors import BackboneError, ProbeError
 from .progress import Advanced, Finished, Note, ProgressCallback, Started, emit
+from .settings import DEFAULT_BATCH_SIZE
 from .settings import (DEFAULT_SEED, TEST_FRACTION, VAL_FRACTION, SplitSettings, Weights,
                        dataset_path, parse_names)
 
@@ -227,7 +228,7 @@ def compare(
     val_fraction: float = VAL_FRACTION,
     test_fraction: float = TEST_FRACTION,
     seed: int = DEFAULT_SEED,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     cache_dir: str | os.PathLike | None = None,
     runs_dir: str | os.PathLike | None = None,
     head_params: dict[str, dict[str, Any]] | None = None,

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import backbones, data, evaluate
+from ._random_state import global_random_state_kept
 from .features.cache import FeatureCache
 from .errors import DatasetError, FinetuneError, RunError
 from .heads import check_params, keras_class_weight, make_head
@@ -133,10 +134,11 @@ def finetune(
     job = _Job(source, spec, cache, *_read_splits(cache, progress), settings)
     runs = Path(runs_dir) if runs_dir else source.path.parent
     check_writable(runs)
-    _build_models(job)
-    before = _metrics_of(job, job.evaluation)
-    baseline = _baseline_loss(job)
-    history, best, fit_seconds = _train(job, baseline, progress)
+    with global_random_state_kept():  # _build_models seeds the globals training draws from
+        _build_models(job)
+        before = _metrics_of(job, job.evaluation)
+        baseline = _baseline_loss(job)
+        history, best, fit_seconds = _train(job, baseline, progress)
     return _save(job, runs, before, history, best, baseline, fit_seconds)
 
 
@@ -167,7 +169,7 @@ def _check_source(cache: FeatureCache, strict: bool, progress: ProgressCallback 
 
 def _read_splits(cache: FeatureCache, progress: ProgressCallback | None) -> tuple[dict, str]:
     """The images of every split, and the split that reports (test, else val)."""
-    splits = {name: _images(cache, name) for name in ("train", "val", "test") if cache.counts.get(name)}
+    splits = {name: _images(cache, name) for name in data.SPLITS if cache.counts.get(name)}
     if "val" not in splits:
         raise FinetuneError(
             f"expected a validation split for early stopping; the run's cache '{cache.path}' "

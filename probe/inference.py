@@ -191,7 +191,7 @@ def _predictor(run: Run):
 def predict(
     run: str | os.PathLike | Run,
     inputs: Iterable[str | os.PathLike],
-    batch_size: int = 32,
+    batch_size: int = settings.DEFAULT_BATCH_SIZE,
     output: str | os.PathLike | None = None,
 ) -> list[Prediction]:
     """Predict the class of every image under `inputs` with a run's model (multi-label:

@@ -65,7 +65,7 @@ def resolve_cache(
 
 def fit(
     cache: str | os.PathLike | FeatureCache | None = None,
-    head: str = "logreg",
+    head: str = heads.DEFAULT_HEAD,
     *,
     backbone: str | None = None,
     cache_dir: str | os.PathLike | None = None,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from . import backbones, device
+from .data import SPLITS
 from .errors import BackboneError, CacheError, DatasetError, ProbeError, WeightsError
 from .files import file_sha256
 
@@ -31,7 +32,7 @@ MAX_SEED = 2**32 - 1  # NumPy's and Keras' seeds are 32-bit
 DEFAULT_BATCH_SIZE = 32
 MAX_BATCH_SIZE = 4096
 PRECISIONS = ("float32", "bf16")
-LABEL_SPLITS = ("train", "val", "test", "trainval")
+LABEL_SPLITS = (*SPLITS, "trainval")
 # Batches held in memory at once while extracting: the one in the model, the ones decoded
 # ahead (engines.local.PREFETCH_BATCHES) and the ones being decoded (DECODING_BATCHES).
 BATCHES_IN_MEMORY = 4

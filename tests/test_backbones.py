@@ -73,6 +73,48 @@ def test_random_weights_are_seeded():
     assert not np.array_equal(first, other)
 
 
+def _global_draws() -> tuple:
+    """One draw from each global generator: Python's, NumPy's, Keras' and TensorFlow's."""
+    import random
+
+    import keras
+    import tensorflow as tf
+
+    return (random.random(), np.random.random(), float(keras.random.uniform(())),
+            float(tf.random.uniform(())))
+
+
+def test_building_a_model_leaves_the_global_random_state_as_it_was():
+    import random
+
+    import keras
+
+    spec = backbones.get("vgg16")
+    keras.utils.set_random_seed(11)
+    expected = _global_draws()
+    keras.utils.set_random_seed(11)
+    python, numpy = random.getstate(), np.random.get_state()
+    spec.build("none", 32, seed=3)
+    spec.feature_shape(32, "none")  # seed None
+    assert random.getstate() == python
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), numpy))
+    assert _global_draws() == expected
+
+
+def test_seeding_inside_global_random_state_kept_is_undone():
+    import keras
+
+    from probe._random_state import global_random_state_kept
+
+    keras.utils.set_random_seed(11)
+    expected = _global_draws()
+    keras.utils.set_random_seed(11)
+    with global_random_state_kept():
+        keras.utils.set_random_seed(5)
+        _global_draws()
+    assert _global_draws() == expected
+
+
 def test_failed_imagenet_download_names_all_three_options(monkeypatch):
     from keras.src.utils import file_utils
 

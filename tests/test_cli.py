@@ -130,6 +130,29 @@ def test_commands_print_no_tensorflow_start_up_lines(tmp_path):
     assert result.stdout.startswith("Wrote ")
 
 
+def test_importing_the_library_leaves_environment_stderr_and_logging_alone(tmp_path):
+    """Keeping TensorFlow quiet is the CLI's business, not the library's."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, os, sys\n"
+        "env, err = dict(os.environ), sys.stderr\n"
+        "def refuse(*args): raise AssertionError('file descriptor 2 redirected')\n"
+        "os.dup2 = refuse\n"
+        "import probe\n"
+        "assert dict(os.environ) == env and sys.stderr is err\n"
+        "import probe._keras\n"  # TensorFlow sets variables of its own (TPU_*, KMP_*)
+        "assert 'TF_CPP_MIN_LOG_LEVEL' not in os.environ and sys.stderr is err\n"
+        "assert logging.getLogger('tensorflow').level == logging.NOTSET\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_fit_with_a_class_absent_from_validation_is_one_line(tmp_path):
     from conftest import make_image
 

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data import SPLITS
 from ..errors import CacheError, UnsealedCacheError
 from ..files import display
 
 FORMAT = "probe-feature-cache"
 FORMAT_VERSION = 1
-SPLIT_NAMES = ("train", "val", "test")
+SPLIT_NAMES = SPLITS  # the groups of a cache file, in this order
 
 
 def is_unsealed(path: str | os.PathLike) -> bool:

@@ -22,11 +22,11 @@ from probe.errors import ProbeError, RunError
 
 from .base import (HEAD_JSON, Curves, HeadOption, check_params, corrupt, keras_class_weight,
                    read_head_json)
-from .options import CATALOG, head_options
+from .options import CATALOG, DEFAULT_HEAD, head_options
 from .stream import FeatureStream
 
 __all__ = [
-    "DEFAULT_CS", "Curves", "DenseHead", "FeatureStream", "HEADS", "Head", "HeadOption", "KNNHead", "LogisticHead",
+    "DEFAULT_CS", "DEFAULT_HEAD", "Curves", "DenseHead", "FeatureStream", "HEADS", "Head", "HeadOption", "KNNHead", "LogisticHead",
     "check_params", "describe_heads", "head_options", "keras_class_weight", "list_heads",
     "load_head", "make_head",
 ]

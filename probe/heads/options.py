@@ -9,6 +9,8 @@ from .base import HeadOption
 _CLASS_WEIGHT = HeadOption("class_weight", "--class-weight", str,
                            "logreg, dense: 'balanced' for imbalanced classes", ("none", "balanced"))
 
+DEFAULT_HEAD = "logreg"  # the head `fit` trains unless told otherwise
+
 # name: (module, class name, description, options)
 CATALOG: dict[str, tuple[str, str, str, tuple[HeadOption, ...]]] = {
     "logreg": ("probe.heads.logistic", "LogisticHead", "logistic regression, C chosen on validation", (

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ... import files
+from ... import backbones, files
 from ...errors import ProbeError
 from ..plan import Source
 
@@ -180,11 +180,6 @@ def _env() -> dict[str, str]:
         if os.environ.get(FAIL_ONCE_VARIABLE) else {}
 
 
-# The file Keras' applications cache their ImageNet "notop" weights in, per backbone.
-IMAGENET_FILE_STEMS = {"vgg16": "vgg16", "resnet50": "resnet50", "densenet121": "densenet121",
-                       "xception": "xception", "inceptionv3": "inception_v3"}
-
-
 def _weights_file(attrs: dict[str, Any]) -> str | None:
     """The weights file every actor loads: for ImageNet weights, Keras' cached file, fetched
     here once (so N actors never download N copies); None where the settings suffice (random
@@ -213,7 +208,7 @@ def imagenet_weights_file(backbone: str) -> Path:
         home = keras_home()
     except ImportError:  # another Keras layout: its documented default
         home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    stem = IMAGENET_FILE_STEMS[backbone]
+    stem = backbones.get(backbone).imagenet_file_stem
     return Path(home) / "models" / f"{stem}_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 
@@ -254,7 +249,6 @@ def init_local(ray, num_cpus: int, **kwargs: Any):
 def _gpu_memory_growth() -> None:
     """Let several actors share a GPU's memory instead of the first taking all of it."""
     try:
-        from ..._keras import keras  # noqa: F401  (imports TensorFlow quietly)
         import tensorflow as tf
 
         for gpu in tf.config.list_physical_devices("GPU"):
