@@ -558,12 +558,13 @@ for _suffix, _native, _features, _stages in [("b0", 224, 1280, 6), ("b1", 240, 1
         _native, 32, _features, tuple(f"block{i}" for i in range(1, _stages + 1)),
         block_names=_EFFICIENTNET,
     ))
-for _size, _features in [("tiny", 768), ("small", 768), ("base", 1024), ("large", 1536),
-                         ("xlarge", 2048)]:
+for _size, _constructor, _features in [("tiny", "Tiny", 768), ("small", "Small", 768),
+                                       ("base", "Base", 1024), ("large", "Large", 1536),
+                                       ("xlarge", "XLarge", 2048)]:
     # convnext_tiny_stage_1_block_0_... is stage_1; each downsampling_block_N goes with the
     # stage before it, the final layer_normalization with stage_3
     register(BackboneSpec(
-        f"convnext_{_size}", f"ConvNeXt{_size.capitalize()}", "convnext", "none", 224, 32,
+        f"convnext_{_size}", f"ConvNeXt{_constructor}", "convnext", "none", 224, 32,
         _features, ("stage_0", "stage_1", "stage_2", "stage_3"),
         block_names=(r"^convnext_[a-z]+_", ""),
     ))
