@@ -107,7 +107,9 @@ def test_extraction_per_family_equals_plain_keras(name, tmp_path):
     module = getattr(keras.applications, spec.module)
     expected = model.predict_on_batch(module.preprocess_input(pixels))
     assert train.features.shape == (4, spec.feature_size)
-    np.testing.assert_allclose(train.features, expected, rtol=1e-4, atol=1e-4)
+    # relative to the largest feature: random-weight features can be far below 1e-4
+    assert np.max(np.abs(expected)) > 0
+    assert np.max(np.abs(train.features - expected)) <= 1e-4 * np.max(np.abs(expected))
 
 
 def test_backbones_table_says_where_the_pixels_are_preprocessed():
