@@ -5,9 +5,11 @@ where its top blocks start). Keras is imported lazily so `probe --help` stays in
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
 import os
 import random
+import re
 import sys
 import tempfile
 import warnings
@@ -70,6 +72,11 @@ PREPROCESSING = {
     "tf": Preprocessing("tf", (0, 1, 2), 127.5, (1.0, 1.0, 1.0), (1.0, 1.0, 1.0)),
     # to [0, 1], then standardise with the ImageNet mean and std
     "torch": Preprocessing("torch", (0, 1, 2), 255.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # pixels in 0..255 as they are: the model preprocesses them itself (EfficientNet,
+    # EfficientNetV2, ConvNeXt and MobileNetV3 begin with Rescaling / Normalization layers,
+    # and their `preprocess_input` passes the pixels through); the export's affine map is
+    # the identity
+    "none": Preprocessing("none", (0, 1, 2), 1.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
 
 
@@ -80,7 +87,9 @@ class BackboneSpec:
     name: str
     constructor: str  # attribute of keras.applications, e.g. "VGG16"
     module: str  # submodule of keras.applications holding preprocess_input
-    preprocessing: str  # Keras' preprocess_input mode: "caffe", "torch" or "tf"
+    # Keras' preprocess_input mode: "caffe", "torch", "tf", or "none" where the model
+    # preprocesses the pixels itself
+    preprocessing: str
     native_size: int
     min_size: int
     feature_size: int  # channels of the last feature map = pooled feature length
@@ -89,14 +98,30 @@ class BackboneSpec:
     # Layers Keras names automatically (add_3, conv2d_7, ...) get their block from the
     # graph, see `block_layers`.
     top_blocks: tuple[str, ...]
-    # Keras caches the ImageNet "notop" weights in
-    # ~/.keras/models/<stem>_weights_tf_dim_ordering_tf_kernels_notop.h5
-    imagenet_file_stem: str
+    # (pattern, replacement) applied with `re.sub` to a layer name before it is matched
+    # against the markers, where Keras spells a block in several ways: EfficientNet's
+    # block2a_..., block2b_... are block2; MobileNet's conv_dw_5_... and conv_pw_5_... are
+    # block5; ConvNeXt's convnext_tiny_stage_1_... is stage_1.
+    block_names: tuple[str, str] | None = None
+    # The file Keras caches the ImageNet "notop" weights in (~/.keras/models/<file>), where
+    # it is not <name>_weights_tf_dim_ordering_tf_kernels_notop.h5
+    imagenet_file: str = ""
+
+    @property
+    def imagenet_weights_file(self) -> str:
+        """The name of the file Keras caches this backbone's ImageNet notop weights in."""
+        return self.imagenet_file or f"{self.name}_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
     @property
     def normalization(self) -> Preprocessing:
         """The backbone's `preprocess_input` as data (see `Preprocessing`)."""
         return PREPROCESSING[self.preprocessing]
+
+    @property
+    def preprocessed_in(self) -> str:
+        """Where the pixels are preprocessed: "input" (probe applies `preprocess_input`
+        before the model) or "model" (the model's own first layers do it)."""
+        return "model" if self.preprocessing == "none" else "input"
 
     def preprocess_input(self, images: "np.ndarray") -> "np.ndarray":
         """The backbone's own Keras `preprocess_input` on RGB pixels in 0..255 (the same
@@ -271,10 +296,16 @@ class BackboneSpec:
         return blocks
 
     def _block_of(self, layer_name: str) -> int | None:
+        """The index of the marker naming the layer; the longest marker wins, so that
+        MobileNetV3's expanded_conv_1_expand is in expanded_conv_1, not expanded_conv."""
+        if self.block_names is not None:
+            layer_name = _renamer(self.block_names)(layer_name)
+        found, length = None, -1
         for index, marker in enumerate(self.top_blocks):
-            if layer_name == marker or layer_name.startswith(marker + "_"):
-                return index
-        return None
+            if (layer_name == marker or layer_name.startswith(marker + "_")) \
+                    and len(marker) > length:
+                found, length = index, len(marker)
+        return found
 
     def check_unfreeze(self, n: int) -> int:
         """`n` if it is a number of top blocks this backbone has, else a clear error."""
@@ -309,6 +340,13 @@ class BackboneSpec:
                 if not isinstance(layer, keras.layers.BatchNormalization):
                     layer.trainable = True
         return list(self.top_blocks[count - n:])
+
+
+@functools.lru_cache(maxsize=None)
+def _renamer(block_names: tuple[str, str]):
+    """`re.sub` of one compiled (pattern, replacement) pair, on one name."""
+    pattern, replacement = re.compile(block_names[0]), block_names[1]
+    return lambda name: pattern.sub(replacement, name, count=1)
 
 
 def _is_input_layer(layer) -> bool:
@@ -455,29 +493,115 @@ register(BackboneSpec(
     name="vgg16", constructor="VGG16", module="vgg16", preprocessing="caffe",
     native_size=224, min_size=32, feature_size=512,
     top_blocks=("block1", "block2", "block3", "block4", "block5"),
-    imagenet_file_stem="vgg16",
 ))
 register(BackboneSpec(
     name="resnet50", constructor="ResNet50", module="resnet50", preprocessing="caffe",
     native_size=224, min_size=32, feature_size=2048,
     top_blocks=("conv2", "conv3", "conv4", "conv5"),
-    imagenet_file_stem="resnet50",
 ))
 register(BackboneSpec(
     name="densenet121", constructor="DenseNet121", module="densenet", preprocessing="torch",
     native_size=224, min_size=32, feature_size=1024,
     top_blocks=("conv2", "conv3", "conv4", "conv5"),
-    imagenet_file_stem="densenet121",
 ))
 register(BackboneSpec(
     name="xception", constructor="Xception", module="xception", preprocessing="tf",
     native_size=299, min_size=71, feature_size=2048,
     top_blocks=tuple(f"block{i}" for i in range(1, 15)),
-    imagenet_file_stem="xception",
 ))
 register(BackboneSpec(
     name="inceptionv3", constructor="InceptionV3", module="inception_v3", preprocessing="tf",
     native_size=299, min_size=75, feature_size=2048,
     top_blocks=tuple(f"mixed{i}" for i in range(11)),
-    imagenet_file_stem="inception_v3",
+    imagenet_file="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
 ))
+
+# The rest of keras.applications, measured on Keras 3.15: the minimum size is the smallest
+# square input each model builds at (include_top=False), the features are the channels of
+# its last feature map, the markers its stages by layer name.
+_STAGES = ("conv2", "conv3", "conv4", "conv5")
+_EFFICIENTNET = (r"^(block\d)[a-z]_", r"\1_")  # block2a_expand_conv -> block2_expand_conv
+for _name, _constructor, _features in [("resnet101", "ResNet101", 2048),
+                                       ("resnet152", "ResNet152", 2048)]:
+    register(BackboneSpec(_name, _constructor, "resnet", "caffe", 224, 32, _features, _STAGES))
+for _name, _constructor in [("resnet50v2", "ResNet50V2"), ("resnet101v2", "ResNet101V2"),
+                            ("resnet152v2", "ResNet152V2")]:
+    # post_bn / post_relu after conv5 go with conv5
+    register(BackboneSpec(_name, _constructor, "resnet_v2", "tf", 224, 32, 2048, _STAGES))
+for _name, _constructor, _features in [("densenet169", "DenseNet169", 1664),
+                                       ("densenet201", "DenseNet201", 1920)]:
+    register(BackboneSpec(_name, _constructor, "densenet", "torch", 224, 32, _features, _STAGES))
+register(BackboneSpec(
+    name="vgg19", constructor="VGG19", module="vgg19", preprocessing="caffe",
+    native_size=224, min_size=32, feature_size=512,
+    top_blocks=("block1", "block2", "block3", "block4", "block5"),
+))
+register(BackboneSpec(
+    # the layers up to each mixed_* concatenation, the repeated residual units block35_N,
+    # block17_N and block8_N by kind, and the final 1x1 convolution conv_7b
+    name="inceptionresnetv2", constructor="InceptionResNetV2", module="inception_resnet_v2",
+    preprocessing="tf", native_size=299, min_size=75, feature_size=1536,
+    top_blocks=("mixed_5b", "block35", "mixed_6a", "block17", "mixed_7a", "block8", "conv_7b"),
+    imagenet_file="inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+))
+register(BackboneSpec(
+    # the 13 depthwise-separable blocks: conv_pad_N, conv_dw_N_*, conv_pw_N_*
+    name="mobilenet", constructor="MobileNet", module="mobilenet", preprocessing="tf",
+    native_size=224, min_size=32, feature_size=1024,
+    top_blocks=tuple(f"block{i}" for i in range(1, 14)),
+    block_names=(r"^conv_(?:dw|pw|pad)_(\d+)", r"block\1"),
+    imagenet_file="mobilenet_1_0_224_tf_no_top.h5",  # at its native size (Keras: by rows)
+))
+register(BackboneSpec(
+    # the 17 inverted residual blocks; Conv_1 / out_relu go with block_16
+    name="mobilenetv2", constructor="MobileNetV2", module="mobilenet_v2", preprocessing="tf",
+    native_size=224, min_size=32, feature_size=1280,
+    top_blocks=("expanded_conv", *(f"block_{i}" for i in range(1, 17))),
+    imagenet_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+))
+for _name, _constructor, _features, _count in [("mobilenetv3small", "MobileNetV3Small", 576, 11),
+                                               ("mobilenetv3large", "MobileNetV3Large", 960, 15)]:
+    register(BackboneSpec(
+        _name, _constructor, "mobilenet_v3", "none", 224, 32, _features,
+        ("expanded_conv", *(f"expanded_conv_{i}" for i in range(1, _count))),
+        imagenet_file=(f"weights_mobilenet_v3_{_name[len('mobilenetv3'):]}"
+                       "_224_1.0_float_no_top_v2.h5"),
+    ))
+for _name, _constructor, _native, _features in [("nasnetmobile", "NASNetMobile", 224, 1056),
+                                                ("nasnetlarge", "NASNetLarge", 331, 4032)]:
+    # Each NASNet cell reads the two cells before it, so no layer cuts the model between
+    # cells: its cells form one block (unfreeze 1 trains all of them, the stem stays frozen).
+    # The ImageNet weights have the same shapes at every size from 32 up, and Keras loads
+    # them whatever the input size.
+    register(BackboneSpec(
+        _name, _constructor, "nasnet", "tf", _native, 32, _features, ("cells",),
+        block_names=(r"^(?!stem_).*$", "cells"),
+        imagenet_file=f"nasnet_{_name[len('nasnet'):]}_no_top.h5",
+    ))
+for _index, (_native, _features) in enumerate([(224, 1280), (240, 1280), (260, 1408), (300, 1536),
+                                              (380, 1792), (456, 2048), (528, 2304), (600, 2560)]):
+    register(BackboneSpec(
+        f"efficientnetb{_index}", f"EfficientNetB{_index}", "efficientnet", "none", _native, 32,
+        _features, tuple(f"block{i}" for i in range(1, 8)), block_names=_EFFICIENTNET,
+        imagenet_file=f"efficientnetb{_index}_notop.h5",
+    ))
+for _suffix, _native, _features, _stages in [("b0", 224, 1280, 6), ("b1", 240, 1280, 6),
+                                             ("b2", 260, 1408, 6), ("b3", 300, 1536, 6),
+                                             ("s", 384, 1280, 6), ("m", 480, 1280, 7),
+                                             ("l", 480, 1280, 7)]:
+    register(BackboneSpec(
+        f"efficientnetv2{_suffix}", f"EfficientNetV2{_suffix.upper()}", "efficientnet_v2", "none",
+        _native, 32, _features, tuple(f"block{i}" for i in range(1, _stages + 1)),
+        block_names=_EFFICIENTNET, imagenet_file=f"efficientnetv2-{_suffix}_notop.h5",
+    ))
+for _size, _constructor, _features in [("tiny", "Tiny", 768), ("small", "Small", 768),
+                                       ("base", "Base", 1024), ("large", "Large", 1536),
+                                       ("xlarge", "XLarge", 2048)]:
+    # convnext_tiny_stage_1_block_0_... is stage_1; each downsampling_block_N goes with the
+    # stage before it, the final layer_normalization with stage_3
+    register(BackboneSpec(
+        f"convnext_{_size}", f"ConvNeXt{_constructor}", "convnext", "none", 224, 32,
+        _features, ("stage_0", "stage_1", "stage_2", "stage_3"),
+        block_names=(r"^convnext_[a-z]+_", ""), imagenet_file=f"convnext_{_size}_notop.h5",
+    ))
+del _name, _constructor, _features, _count, _native, _index, _suffix, _stages, _size

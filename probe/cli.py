@@ -174,9 +174,12 @@ def backbones_command() -> None:
     rows = []
     for name in backbones.list_backbones():
         spec = backbones.get(name)
+        # "in model": the model's first layers preprocess the pixels (mode "none")
+        where = "in model" if spec.preprocessed_in == "model" else "input"
         rows.append([name, str(spec.native_size), str(spec.min_size), str(spec.feature_size),
-                     spec.preprocessing])
-    _echo(_table(rows, ["backbone", "native size", "min size", "features", "preprocessing"]), lines=True)
+                     spec.preprocessing, where, str(len(spec.top_blocks))])
+    _echo(_table(rows, ["backbone", "native size", "min size", "features", "preprocessing",
+                        "preprocessed", "blocks"]), lines=True)
 
 
 def _apply(*decorators):

@@ -16,7 +16,8 @@ EXPECTED = {
 
 
 def test_registry_lists_every_backbone():
-    assert probe.list_backbones() == sorted(EXPECTED)
+    # the first five among all 40 of keras.applications (test_applications)
+    assert set(EXPECTED) <= set(probe.list_backbones()) and len(probe.list_backbones()) == 40
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -50,7 +51,7 @@ def test_image_size_has_an_upper_bound():
 
 
 def test_unknown_backbone_names_the_choices():
-    with pytest.raises(BackboneError, match="expected one of: densenet121.*Received: backbone='alexnet'"):
+    with pytest.raises(BackboneError, match="expected one of: convnext_base.*Received: backbone='alexnet'"):
         backbones.get("alexnet")
 
 

@@ -208,8 +208,7 @@ def imagenet_weights_file(backbone: str) -> Path:
         home = keras_home()
     except ImportError:  # another Keras layout: its documented default
         home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    stem = backbones.get(backbone).imagenet_file_stem
-    return Path(home) / "models" / f"{stem}_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    return Path(home) / "models" / backbones.get(backbone).imagenet_weights_file
 
 
 def _init(ray, options: RayOptions) -> None:
