@@ -73,6 +73,11 @@ class Comparison(list):
         return Task.of_record(self.settings)
 
     @property
+    def multilabel(self) -> bool:
+        """Whether the dataset is multi-label (ranked by mean average precision)."""
+        return self.task.multilabel
+
+    @property
     def score(self) -> str:
         """The record key the rows are ranked by."""
         return self.task.score
