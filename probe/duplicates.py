@@ -315,7 +315,7 @@ def _read_all(cache: FeatureCache) -> tuple[list[DuplicateImage], np.ndarray]:
     for split in cache.splits:
         part = cache.split(split)
         # multi-label: a (K,) 0/1 row, named by its classes joined with ';'
-        images += [DuplicateImage(split, path, task.label_text(label, classes) or "none")
+        images += [DuplicateImage(split, path, task.label_name(label, classes))
                    for path, label in zip(part.paths, part.labels)]
         blocks.append(np.asarray(part.features, dtype=np.float32).reshape(len(part), -1))
     if not blocks:

@@ -427,7 +427,7 @@ def _embedding_inputs(inputs: RunInputs, caps: Caps) -> Embedding | None:
         part = cache.split(split)
         features.append(np.asarray(part.features, dtype=np.float32).reshape(len(part), -1))
         paths += part.paths
-        labels += [task.label_text(v, classes) or "none" for v in part.labels]
+        labels += [task.label_name(v, classes) for v in part.labels]
         splits += [split] * len(part)
     if not features:
         return None

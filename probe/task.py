@@ -168,6 +168,10 @@ class Task:
         """One image's label as text: its class, or its classes joined by ';'."""
         raise NotImplementedError
 
+    def label_name(self, label: Any, classes: list[str]) -> str:
+        """`label_text` where it is shown on its own: "none" for an image without a class."""
+        return self.label_text(label, classes) or "none"
+
     def write_predictions(self, directory: Path, paths: list[str], labels: Any, proba: np.ndarray,
                           classes: list[str], metrics: Mapping, thresholds: Any = None,
                           ignore: Any = None) -> None:

@@ -40,6 +40,12 @@ def test_the_task_is_obtained_once_from_labels_flags_records_and_rows():
     assert SINGLE_LABEL.flag() == {} and MULTI_LABEL.flag() == {"multilabel": True}
 
 
+def test_each_task_names_a_label():
+    assert SINGLE_LABEL.label_name(np.int64(1), CLASSES) == "dog"
+    assert MULTI_LABEL.label_name(np.array([1, 0, 1]), CLASSES) == "cat;fox"
+    assert MULTI_LABEL.label_name(np.array([0, 0, 0]), CLASSES) == "none"
+
+
 @pytest.mark.parametrize("task, expected", [
     (SINGLE_LABEL, ("accuracy", "accuracy", ["accuracy", "accuracy_95%", "tied", "balanced_acc"])),
     (MULTI_LABEL, ("mean_average_precision", "mean average precision",
