@@ -30,6 +30,7 @@ from .inference import export, predict
 from .progress import Advanced, Event, Finished, Note, Started
 from .report import format_interval, format_table
 from .runs import Run, fit, score_label, summary_columns, summary_rows
+from .task import Task
 from .terminal import terminal_text
 from .curve import curve
 
@@ -397,8 +398,7 @@ def extract_command(dataset, backbone, weights, image_size, pooling, batch_size,
     finally:
         progress.close()
     counts = ", ".join(f"{split} {n}" for split, n in result.counts.items())
-    if result.multilabel:
-        counts += f"; multi-label, {len(result.classes)} classes"
+    counts += Task.of_flag(result.multilabel).cache_summary(result.classes)
     if report.status == "up to date":
         _echo(f"Cache up to date: {result.path} ({counts})")
     else:
@@ -681,9 +681,9 @@ def finetune_command(run, unfreeze, epochs, learning_rate, batch_size, no_augmen
           f"{', '.join(tuned['blocks'])} unfrozen: best epoch {metrics['best_epoch']} "
           f"of {metrics['epochs_run']} (0: before training)")
     _echo(format_table(comparison_rows(metrics), ["metric", "before", "after"]), lines=True)
-    score = "mean_average_precision" if metrics.get("multilabel") else "accuracy"
-    _echo(f"({score_label(metrics)} split, 95% interval of the {score.replace('_', ' ')} after: "
-          f"{format_interval(metrics.get(f'{score}_ci'))}; before: the starting head, "
+    task = Task.of_record(metrics)
+    _echo(f"({score_label(metrics)} split, 95% interval of the {task.score_name} after: "
+          f"{format_interval(metrics.get(f'{task.score}_ci'))}; before: the starting head, "
           "fit on the training images only, on the same images)")
     _echo(f"Run: {result.path}")
 
@@ -1067,10 +1067,8 @@ def cache_info(path, as_json) -> None:
                 "preprocessing", "feature_shape", "classes", "created"):
         _echo(f"{key + ':':15} {info[key]}")
     _echo(f"{'splits:':15} " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
-    if info["multilabel"]:
-        _echo(f"{'labels:':15} multi-label (images per class)")
-        for split, counts in info["label_counts"].items():
-            _echo(f"  {split}: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    for line in Task.of_flag(info["multilabel"]).label_count_lines(info):
+        _echo(line)
     _echo(f"{'size:':15} {info['size_bytes'] / 1e6:.2f} MB")
     _echo(f"{'ignored files:':15} {info['ignored_files']}")
     if "views" in info:

@@ -35,6 +35,9 @@ from .progress import Advanced, Finished, Note, ProgressCallback, Started, emit
 from .settings import DEFAULT_BATCH_SIZE
 from .settings import (DEFAULT_SEED, TEST_FRACTION, VAL_FRACTION, SplitSettings, Weights,
                        dataset_path, parse_names)
+# the columns of each task, importable from here as before
+from .task import (CSV_COLUMNS, INTERVAL_KEYS, ML_CSV_COLUMNS, ML_INTERVAL_KEYS,  # noqa: F401
+                   ML_SCORES, ML_TABLE_COLUMNS, TABLE_COLUMNS, Task)
 
 __all__ = ["Comparison", "compare", "parse_names", "parse_image_size", "image_sizes",
            "DEFAULT_BACKBONES", "DEFAULT_HEADS"]
@@ -42,49 +45,6 @@ __all__ = ["Comparison", "compare", "parse_names", "parse_image_size", "image_si
 DEFAULT_BACKBONES = ("vgg16", "resnet50")
 DEFAULT_HEADS = ("logreg", "dense")
 CSV_FILE, MARKDOWN_FILE, CHART_FILE = "compare.csv", "compare.md", "compare.png"
-
-# (record key, table header) of the ranked table, in order.
-TABLE_COLUMNS = [
-    ("rank", "rank"),
-    ("backbone", "backbone"),
-    ("head", "head"),
-    ("accuracy", "accuracy"),
-    ("accuracy_ci", "accuracy_95%"),
-    ("tied", "tied"),
-    ("balanced_accuracy", "balanced_acc"),
-    ("macro_f1", "macro_f1"),
-    ("feature_size", "features"),
-    ("images_per_second", "extract_img/s"),
-    ("fit_seconds", "fit_s"),
-    ("status", "status"),
-]
-CSV_COLUMNS = [key for key, _ in TABLE_COLUMNS] + [
-    "balanced_accuracy_ci", "macro_f1_ci", "split", "split_role", "n_samples", "extraction",
-    "image_size", "weights", "run", "cache", "error"]
-INTERVAL_KEYS = ("accuracy_ci", "balanced_accuracy_ci", "macro_f1_ci")
-
-# a multi-label dataset: ranked by mean average precision (threshold-free), with the F1
-# scores and exact-match accuracy at each head's thresholds
-ML_TABLE_COLUMNS = [
-    ("rank", "rank"),
-    ("backbone", "backbone"),
-    ("head", "head"),
-    ("mean_average_precision", "mAP"),
-    ("mean_average_precision_ci", "mAP_95%"),
-    ("tied", "tied"),
-    ("micro_f1", "micro_f1"),
-    ("macro_f1", "macro_f1"),
-    ("exact_match_accuracy", "exact_match"),
-    ("feature_size", "features"),
-    ("images_per_second", "extract_img/s"),
-    ("fit_seconds", "fit_s"),
-    ("status", "status"),
-]
-ML_CSV_COLUMNS = [key for key, _ in ML_TABLE_COLUMNS] + [
-    "micro_f1_ci", "macro_f1_ci", "exact_match_accuracy_ci", "split", "split_role", "n_samples",
-    "extraction", "image_size", "weights", "run", "cache", "error"]
-ML_SCORES = ("mean_average_precision", "micro_f1", "macro_f1", "exact_match_accuracy")
-ML_INTERVAL_KEYS = tuple(f"{key}_ci" for key in ML_SCORES)
 
 TEXT_COLUMNS = ("backbone", "head", "status", "tied", "accuracy_ci", "mean_average_precision_ci")
 DECIMALS = {"accuracy": 4, "balanced_accuracy": 4, "macro_f1": 4, "images_per_second": 1,
@@ -109,22 +69,27 @@ class Comparison(list):
         self.curve = None  # with `shots`: the label-efficiency curves (a probe.curve.Curve)
 
     @property
+    def task(self) -> Task:
+        """Single- or multi-label, as the settings record the dataset."""
+        return Task.of_record(self.settings)
+
+    @property
     def multilabel(self) -> bool:
         """Whether the dataset is multi-label (ranked by mean average precision)."""
-        return bool(self.settings.get("multilabel"))
+        return self.task.multilabel
 
     @property
     def score(self) -> str:
         """The record key the rows are ranked by."""
-        return ranking_score(self.multilabel)
+        return self.task.score
 
     @property
     def columns(self) -> list[tuple[str, str]]:
-        return ML_TABLE_COLUMNS if self.multilabel else TABLE_COLUMNS
+        return self.task.table_columns
 
     @property
     def csv_columns(self) -> list[str]:
-        return ML_CSV_COLUMNS if self.multilabel else CSV_COLUMNS
+        return self.task.csv_columns
 
     @property
     def best(self) -> dict | None:
@@ -277,9 +242,9 @@ def compare(
                       augment_policy=augment_policy, runtime=runtime))
     plan = dataclasses.replace(plan, html_report=html_report)
     if shots is not None:
-        from .curve import check_settings, check_single_label
+        from .curve import check_settings
 
-        check_single_label(bool(plan.found.multilabel), f"dataset '{plan.found.root}'")
+        Task.of_flag(plan.found.multilabel).check_curve(f"dataset '{plan.found.root}'")
         shot_counts, _, repeats, _ = check_settings(shots, repeats, plan.heads, seed, plan.params)
         plan = dataclasses.replace(plan, shots=shot_counts, repeats=repeats)
     directory = cache_mod.resolve_cache_dir(cache_dir)
@@ -298,10 +263,10 @@ def compare(
         records += _fit_heads(plan, cache, base, out, len(records), progress)
         if plan.shots and cache is not None:
             curves.update(_curve_one(plan, spec.name, cache, progress))
-    multilabel = bool(plan.found.multilabel)
-    result = Comparison(rank(records, multilabel), out,
+    task = Task.of_flag(plan.found.multilabel)
+    result = Comparison(rank(records, task), out,
                         _settings(plan, weights, image_size, pooling, labels, seed, val_fraction,
-                                  test_fraction, multilabel))
+                                  test_fraction, task))
     write_files(result)
     if curves:
         from .curve import write_comparison_curves
@@ -420,30 +385,18 @@ def _curve_one(plan: _Plan, backbone: str, cache, progress: ProgressCallback | N
 def _record(base: dict, head: str, run) -> dict:
     """The row of a finished fit."""
     metrics = run.metrics
-    if metrics.get("multilabel"):
-        return {**base, "head": head, "status": "ok", "error": None,
-                **{key: metrics[key] for key in ML_SCORES},
-                **{key: metrics.get(key) for key in ML_INTERVAL_KEYS},
-                **{key: metrics.get(key) for key in ("fit_seconds", "split", "n_samples")},
-                "split_role": metrics.get("split_role") or evaluate.split_role(metrics.get("split", "test")),
-                "run": str(run.path)}
     return {
         **base, "head": head, "status": "ok", "error": None,
-        "accuracy": metrics["accuracy"],
-        "balanced_accuracy": metrics["balanced_accuracy"],
-        "macro_f1": metrics["macro_f1"],
-        **{key: metrics.get(key) for key in INTERVAL_KEYS},
-        "fit_seconds": metrics.get("fit_seconds"),
-        "split": metrics.get("split"),
+        **Task.of_record(metrics).row_scores(metrics),
+        **{key: metrics.get(key) for key in ("fit_seconds", "split", "n_samples")},
         "split_role": metrics.get("split_role") or evaluate.split_role(metrics.get("split", "test")),
-        "n_samples": metrics.get("n_samples"),
         "run": str(run.path),
     }
 
 
 def _settings(plan: _Plan, weights, image_size, pooling, labels, seed, val_fraction,
-              test_fraction, multilabel: bool = False) -> dict:
-    return {**({"multilabel": True} if multilabel else {}),
+              test_fraction, task: Task) -> dict:
+    return {**task.flag(),
         "dataset": str(plan.found.root), "classes": plan.found.classes, "weights": plan.extraction["weights"].source,
         "image_size": image_size, "image_sizes": dict(zip([s.name for s in plan.specs], plan.sizes)),
         "pooling": pooling, "labels": plan.extraction["labels"],
@@ -452,19 +405,15 @@ def _settings(plan: _Plan, weights, image_size, pooling, labels, seed, val_fract
     }
 
 
-def ranking_score(multilabel: bool) -> str:
-    """What the rows are ranked by: the kind of dataset decides, not the head (a
-    multi-label dataset: mean average precision; otherwise accuracy)."""
-    return "mean_average_precision" if multilabel else "accuracy"
-
-
-def rank(records: list[dict], multilabel: bool = False) -> list[dict]:
-    """Successful rows by accuracy (a multi-label dataset: mean average precision), then
-    macro F1 (then the given order); failed rows last. Sets each record's `rank` (None
-    for a failed row) and `tied`: "best" for the first, "yes" for a row whose 95%
-    interval of that score overlaps the best one's (their difference may be noise), "no"
-    otherwise."""
-    score = ranking_score(multilabel)
+def rank(records: list[dict], task: Task | None = None, *, multilabel: bool = False) -> list[dict]:
+    """Successful rows by the task's score (the kind of dataset decides, not the head:
+    accuracy, or for a multi-label dataset mean average precision), then macro F1 (then
+    the given order); failed rows last. Sets each record's `rank` (None for a failed row)
+    and `tied`: "best" for the first, "yes" for a row whose 95% interval of that score
+    overlaps the best one's (their difference may be noise), "no" otherwise. Without a
+    `task`, the dataset's `multilabel` flag names it."""
+    task = task or Task.of_flag(multilabel)
+    score = task.score
     ok = [r for r in records if r["status"] == "ok"]
     ok.sort(key=lambda r: (-r[score], -r["macro_f1"]))
     for position, record in enumerate(ok, start=1):
@@ -473,8 +422,7 @@ def rank(records: list[dict], multilabel: bool = False) -> list[dict]:
     failed = [r for r in records if r["status"] != "ok"]
     for record in failed:
         record["rank"] = record["tied"] = None
-    columns = ML_CSV_COLUMNS if multilabel else CSV_COLUMNS
-    return [{key: r.get(key) for key in columns} for r in ok + failed]
+    return [{key: r.get(key) for key in task.csv_columns} for r in ok + failed]
 
 
 def _overlaps(record: dict, best: dict, score: str = "accuracy") -> bool:
@@ -512,7 +460,7 @@ def write_files(result: Comparison) -> None:
 
 def markdown(result: Comparison) -> str:
     """The comparison as a Markdown document: settings, ranked table, best run, failures."""
-    s = result.settings
+    s, task = result.settings, result.task
     columns, score = result.columns, result.score
     name = score.replace("_", " ")
     headers = [header for _, header in columns]
@@ -532,11 +480,8 @@ def markdown(result: Comparison) -> str:
     for record in result:
         lines.append("| " + " | ".join(_text(key, record.get(key)) for key, _ in columns) + " |")
     lines.append("")
-    if result.multilabel:
-        lines.append("Multi-label: ranked by mean average precision (threshold-free); the F1 "
-                     "scores and exact match are at each head's per-class thresholds, chosen "
-                     "on validation.")
-    lines.append(f"Intervals are 95% ({'exact match' if result.multilabel else 'accuracy'}: "
+    lines += task.ranking_notes
+    lines.append(f"Intervals are 95% ({task.exact_score_name}: "
                  "Wilson; the others: bootstrap over the images); "
                  f"`tied`: the row's {name} interval overlaps the best one's, so the "
                  "difference may be noise.")
@@ -599,7 +544,7 @@ def plot_comparison(result: Comparison, path: str | os.PathLike) -> Path:
     ax.set_xticks(range(len(backbone_names)), labels=backbone_names)
     ax.set_ylim(0, 1.12)
     role = best["split_role"] if best else "test"
-    what = "mean average precision" if result.multilabel else "accuracy"
+    what = result.task.score_name
     ax.set_ylabel(f"{what} ({role}), 95% interval" if len(f"{what} ({role})") < 24
                   else f"{what} ({role}),\n95% interval")
     ax.set_title("Backbones and heads" + (f" (best: {best['backbone']} + {best['head']})"
@@ -651,8 +596,8 @@ def _failed(base: dict, message: str) -> dict:
 def headline(record: dict) -> tuple[str, float | None, list | None]:
     """A row's ranking score as (name, value, 95% interval): mean average precision for a
     multi-label row, accuracy otherwise."""
-    score = ranking_score(record.get("mean_average_precision") is not None)
-    return score.replace("_", " "), record.get(score), record.get(f"{score}_ci")
+    task = Task.of_row(record)
+    return task.score_name, record.get(task.score), record.get(f"{task.score}_ci")
 
 
 def _message(error: BaseException, limit: int = MESSAGE_LIMIT) -> str:

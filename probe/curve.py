@@ -40,6 +40,7 @@ from .features.cache import FeatureCache, Split
 from .errors import CacheError, ProbeError
 from .progress import Advanced, Finished, Note, ProgressCallback, Started, emit
 from .settings import parse_names
+from .task import Task
 
 DEFAULT_SHOTS = (1, 2, 5, 10, 25, "all")
 DEFAULT_HEADS = ("logreg", "knn")
@@ -284,21 +285,12 @@ def check_settings(shots, repeats, heads, seed, head_params) -> tuple[list, list
     return shot_counts, names, int(repeats), params
 
 
-def check_single_label(multilabel: bool, where: str) -> None:
-    """Shots are labelled images per class, which only a single-label dataset has."""
-    if multilabel:
-        raise ProbeError(
-            "expected a single-label dataset for a label-efficiency curve (its subsets hold k "
-            f"images of each class); {where} is multi-label, where an image counts for "
-            "several classes. Compare multi-label heads with `probe compare` or `probe fit`.")
-
-
 def cache_curve(cache: FeatureCache, shot_counts: list[int | str], repeats: int, names: list[str], *,
                 seed: int = 0, head_params: dict[str, dict[str, Any]] | None = None,
                 progress: ProgressCallback | None = None) -> Curve:
     """The curve of one cache (checked settings, see `check_settings`), scored on its test
     split, else its validation split (said in the notes); nothing written."""
-    check_single_label(cache.multilabel, str(cache.path))
+    Task.of_flag(cache.multilabel).check_curve(str(cache.path))
     reporting = "test" if cache.counts.get("test") else ("val" if cache.counts.get("val") else None)
     if reporting is None:
         raise CacheError(f"expected a test or validation split to evaluate on; cache '{cache.path}' has "

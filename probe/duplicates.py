@@ -33,6 +33,7 @@ from .features.cache import FeatureCache
 from .files import display, file_sha256
 from .errors import ProbeError
 from .progress import Advanced, Finished, ProgressCallback, Started, emit
+from .task import Task
 
 __all__ = ["DEFAULT_THRESHOLD", "DuplicateImage", "DuplicatePair", "DuplicateGroup",
            "Duplicates", "find_duplicates", "similar_pairs", "cached_duplicates",
@@ -308,14 +309,13 @@ def _row_dots(X: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 65536) -
 
 
 def _read_all(cache: FeatureCache) -> tuple[list[DuplicateImage], np.ndarray]:
-    classes = cache.classes
+    classes, task = cache.classes, Task.of_flag(cache.multilabel)
     images: list[DuplicateImage] = []
     blocks = []
     for split in cache.splits:
         part = cache.split(split)
         # multi-label: a (K,) 0/1 row, named by its classes joined with ';'
-        images += [DuplicateImage(split, path, classes[int(label)] if np.ndim(label) == 0
-                                  else ";".join(c for c, on in zip(classes, label) if on) or "none")
+        images += [DuplicateImage(split, path, task.label_name(label, classes))
                    for path, label in zip(part.paths, part.labels)]
         blocks.append(np.asarray(part.features, dtype=np.float32).reshape(len(part), -1))
     if not blocks:

@@ -32,14 +32,12 @@ from . import backbones, data, evaluate
 from ._random_state import global_random_state_kept
 from .features.cache import FeatureCache
 from .errors import DatasetError, FinetuneError, RunError
-from .heads import check_params, keras_class_weight, make_head
+from .heads import check_params, make_head
 from .progress import Advanced, Finished, Note, ProgressCallback, Started, emit
 from .runs import (MODEL_FILE, Run, SplitRoles, check_features_fit_in_memory, check_writable,
-                   run_config, save_run, train_head, write_multilabel_files, write_run_files,
-                   write_split_predictions)
+                   run_config, save_run, train_head, write_run_files)
+from .task import Objective, Task
 
-HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "top5_accuracy")
-ML_HEADLINE = ("mean_average_precision", "micro_f1", "macro_f1", "exact_match_accuracy", "log_loss")
 _ESTIMATE_AFTER = 3  # batches: the first one also builds the training graph
 _PIXEL_CACHE_BYTES = 512 * 2**20  # decoded images kept in memory between epochs
 
@@ -72,19 +70,21 @@ class _Job:
     blocks: list[str] | None = None
     pixels: Any = None
     start_head: dict | None = None  # which head training started from (`_starting_head`)
+    objective: Objective | None = None  # the task's loss, metrics and class weights
 
     @property
     def classes(self) -> list[str]:
         return list(self.source.config["classes"])
 
     @property
-    def multilabel(self) -> bool:
-        """Whether the labels are (N, K) 0/1 matrices: several classes per image."""
-        return np.ndim(self.splits["train"][1]) == 2
+    def task(self) -> Task:
+        """Single- or multi-label, as the training labels are."""
+        return Task.of_labels(self.splits["train"][1])
 
     def ignore(self, split: str) -> np.ndarray | None:
-        """Multi-label: the entries left out of a class's metrics (VOC's difficult)."""
-        return self.cache.ignore_mask(split) if self.multilabel else None
+        """Multi-label: the entries left out of a class's metrics (VOC's difficult); None
+        when none is (always for single-label)."""
+        return self.cache.ignore_mask(split)
 
     def sequence(self, split: str, training: bool = False):
         paths, labels = self.splits[split]
@@ -205,13 +205,12 @@ def _build_models(job: _Job) -> None:
         x = keras.layers.RandomRotation(0.05, seed=settings.seed, name="augment_rotation")(x)
         x = keras.layers.RandomZoom(0.1, seed=settings.seed, name="augment_zoom")(x)
     job.trainer = keras.Model(inputs, job.model(x), name="finetune_trainer")
-    if job.multilabel:  # independent sigmoid outputs: binary cross-entropy
-        job.trainer.compile(optimizer=keras.optimizers.Adam(learning_rate=settings.learning_rate),
-                            loss=_multilabel_loss(job),
-                            metrics=[keras.metrics.BinaryAccuracy(name="accuracy")])
-        return
+    # the task's loss, metrics and class weights, with the source head's class_weight
+    job.objective = job.task.objective(
+        (config.get("head_params") or {}).get("class_weight"), job.splits["train"][1],
+        len(job.classes))
     job.trainer.compile(optimizer=keras.optimizers.Adam(learning_rate=settings.learning_rate),
-                        loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                        loss=job.objective.loss, metrics=job.objective.metrics)
 
 
 def _starting_head(job: _Job):
@@ -246,40 +245,10 @@ def _starting_head(job: _Job):
     return train_only
 
 
-def _multilabel_loss(job: _Job):
-    """Binary cross-entropy; with the source head's class_weight="balanced", each class's
-    positives and negatives weighted apart (as the dense head trains)."""
-    from .heads.base import balanced_label_weights
-
-    if (job.source.config.get("head_params") or {}).get("class_weight") != "balanced":
-        return "binary_crossentropy"
-    return _weighted_binary_crossentropy(*balanced_label_weights(job.splits["train"][1]))
-
-
-def _weighted_binary_crossentropy(positive: np.ndarray, negative: np.ndarray):
-    """Binary cross-entropy with per-class weights of the positive and negative entries
-    (for training only: the saved model is not compiled, so it loads in safe mode)."""
-    from ._keras import keras
-
-    ops = keras.ops
-    pos, neg = positive.astype(np.float32), negative.astype(np.float32)
-
-    def loss(y_true, y_pred):
-        y_true = ops.cast(y_true, "float32")
-        p = ops.clip(y_pred, 1e-7, 1 - 1e-7)
-        weights = y_true * pos + (1 - y_true) * neg
-        return ops.mean(-weights * (y_true * ops.log(p) + (1 - y_true) * ops.log(1 - p)), axis=-1)
-
-    return loss
-
-
 def _score(job: _Job, split: str, proba: np.ndarray, thresholds: np.ndarray | None) -> dict:
     """Metrics of ``proba`` on one split (multi-label: at ``thresholds``)."""
-    labels = job.splits[split][1]
-    if job.multilabel:
-        return evaluate.compute_multilabel_metrics(labels, proba, job.classes, thresholds,
-                                                   ignore=job.ignore(split), seed=job.settings.seed)
-    return evaluate.compute_metrics(labels, proba, job.classes, seed=job.settings.seed)
+    return job.task.metrics(job.splits[split][1], proba, job.classes, thresholds,
+                            ignore=job.ignore(split), seed=job.settings.seed)
 
 
 def _metrics_of(job: _Job, split: str) -> dict:
@@ -306,9 +275,7 @@ def _train(job: _Job, baseline: float, progress: ProgressCallback | None) -> tup
         "train": len(job.splits["train"][0]), "val": len(job.splits["val"][0]),
         "epochs": settings.epochs, "steps": len(train_sequence), "device": device,
         "baseline_val_loss": baseline, "start_head": job.start_head}))
-    class_weight = None if job.multilabel else keras_class_weight(
-        (job.source.config.get("head_params") or {}).get("class_weight"),
-        job.splits["train"][1], len(job.classes))
+    class_weight = job.objective.class_weight
     keeper = _BestWeights(job.model, baseline, settings.patience)
     callbacks = [keeper, _ProgressCallback(progress, settings.epochs, len(train_sequence),
                                            len(val_sequence), device)]
@@ -333,13 +300,15 @@ def _save(job: _Job, runs: Path, before: dict, history: dict, best: dict, baseli
     settings, config = job.settings, job.source.config
     labels = job.splits[job.evaluation][1]
     proba = _predict(job.model, job.sequence(job.evaluation))
-    thresholds = None
-    if job.multilabel:  # chosen again on val, which also chose the epoch
-        val_proba = proba if job.evaluation == "val" else _predict(job.model, job.sequence("val"))
-        thresholds = evaluate.best_f1_thresholds(job.splits["val"][1], val_proba, job.ignore("val"))
+    task = job.task
+
+    def val_proba() -> np.ndarray:
+        return proba if job.evaluation == "val" else _predict(job.model, job.sequence("val"))
+
+    # multi-label: chosen again on val, which also chose the epoch
+    thresholds = task.choose_thresholds(job.splits["val"][1], val_proba, job.ignore("val"))
     after = _score(job, job.evaluation, proba, thresholds)
-    headline = ML_HEADLINE if job.multilabel else HEADLINE
-    interval = "mean_average_precision_ci" if job.multilabel else "accuracy_ci"
+    headline, interval = task.headline, f"{task.score}_ci"
     metrics = {
         "split": job.evaluation, "split_role": evaluate.split_role(job.evaluation),
         "selected_on": "val", **after,
@@ -360,21 +329,16 @@ def _save(job: _Job, runs: Path, before: dict, history: dict, best: dict, baseli
         "before": "the starting head (start_head) on the same images, recomputed end to end",
         "start_head": job.start_head,
     }
-    multilabel = {} if thresholds is None else {
-        "multilabel": True, "thresholds": {c: float(t) for c, t in zip(job.classes, thresholds)}}
     new_config = run_config(job.cache, head=config["head"], head_params=config.get("head_params"),
-                            finetune=finetune_settings, fit_seconds=fit_seconds, **multilabel)
+                            finetune=finetune_settings, fit_seconds=fit_seconds,
+                            **task.config(job.classes, thresholds))
 
     def write(directory: Path) -> None:
         job.model.save(directory / MODEL_FILE)
         write_run_files(directory, new_config, metrics, history)
         paths = [str(p) for p in job.cache.paths(job.evaluation)]
-        if job.multilabel:
-            write_multilabel_files(directory, paths, labels, job.ignore(job.evaluation), proba,
-                                   thresholds, job.classes, metrics)
-        else:
-            write_split_predictions(directory / "test_predictions.csv", paths, labels, proba,
-                                    job.classes)
+        task.write_predictions(directory, paths, labels, proba, job.classes, metrics, thresholds,
+                               job.ignore(job.evaluation))
 
     labels_ = (job.spec.name, f"{config['head']}-finetune{settings.unfreeze}")
     return Run(save_run(runs, labels_, write), new_config, metrics)

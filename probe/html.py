@@ -40,6 +40,7 @@ from .duplicates import cached_duplicates, centre, leakage_warning
 from .errors import ProbeError, RunError
 from .run_files import Run
 from .progress import Finished, Note, ProgressCallback, Started, emit
+from .task import SINGLE_LABEL, Task
 
 __all__ = ["write_report", "REPORT_FILE", "Caps"]
 
@@ -420,24 +421,17 @@ def _embedding_inputs(inputs: RunInputs, caps: Caps) -> Embedding | None:
         return None
 
     cache = inputs.cache
-    classes = cache.classes
+    classes, task = cache.classes, Task.of_flag(cache.multilabel)
     features, paths, labels, splits = [], [], [], []
     for split in cache.splits:
         part = cache.split(split)
         features.append(np.asarray(part.features, dtype=np.float32).reshape(len(part), -1))
         paths += part.paths
-        labels += [_label_text(v, classes) for v in part.labels]
+        labels += [task.label_name(v, classes) for v in part.labels]
         splits += [split] * len(part)
     if not features:
         return None
     return Embedding(centre(np.concatenate(features)), paths, labels, splits)
-
-
-def _label_text(label: Any, classes: list[str]) -> str:
-    """A sample's class name; multi-label: its classes joined by ';' ("none" for none)."""
-    if np.ndim(label) == 0:
-        return classes[int(label)]
-    return ";".join(c for c, present in zip(classes, label) if present) or "none"
 
 
 def map_coordinates(X: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
@@ -638,10 +632,8 @@ def render_comparison(directory: Path) -> str:
     each run's report."""
     with open(directory / COMPARE_CSV, newline="", encoding="utf-8", errors="surrogateescape") as handle:
         records = list(csv.DictReader(handle))
-    multilabel = bool(records) and "mean_average_precision" in records[0]
-    scores = (["mean_average_precision", "micro_f1", "macro_f1", "exact_match_accuracy"] if multilabel
-              else ["accuracy", "balanced_accuracy", "macro_f1"])
-    columns = ["rank", "backbone", "head", *scores,
+    task = Task.of_row(records[0]) if records else SINGLE_LABEL
+    columns = ["rank", "backbone", "head", *task.scores,
                "feature_size", "images_per_second", "fit_seconds", "status", "report"]
     head = "".join(f"<th>{esc(c)}</th>" for c in columns)
     body = []
@@ -656,8 +648,7 @@ def render_comparison(directory: Path) -> str:
     chart = png_uri(directory / "compare.png")
     figure = f'<figure><img class="plot" src="{esc(chart)}" alt="comparison chart"></figure>' if chart else ""
     split = next((r.get("split") for r in records if r.get("split")), "test")
-    score = "mean average precision" if multilabel else "accuracy"
-    text = f"<p>Ranked by {esc(split)} {score}, then macro F1; failed rows last.</p>"
+    text = f"<p>Ranked by {esc(split)} {task.score_name}, then macro F1; failed rows last.</p>"
     sections = _section("ranking", "Ranked backbones and heads", text + table + figure)
     return page(f"probe comparison: {directory.name}", sections)
 

@@ -17,6 +17,7 @@ import numpy as np
 from . import backbones, data, files, settings
 from .errors import ProbeError, RunError
 from .runs import MODEL_FILE, Run
+from .task import Task
 
 
 @dataclass
@@ -30,15 +31,13 @@ class Prediction:
     labels: list[str] | None = None  # multi-label: the classes at or above their thresholds
 
 
-def _prediction(path: Path, row: np.ndarray, classes: list[str],
+def _prediction(path: Path, row: np.ndarray, classes: list[str], task: Task,
                 thresholds: np.ndarray | None) -> Prediction:
     """One image's prediction: the most probable class, or (multi-label) every class whose
     probability reaches its threshold."""
-    probabilities = {c: float(v) for c, v in zip(classes, row)}
-    if thresholds is None:
-        return Prediction(str(path), classes[int(np.argmax(row))], probabilities)
-    labels = [c for c, v, t in zip(classes, row, thresholds) if v >= t]
-    return Prediction(str(path), ";".join(labels), probabilities, labels=labels)
+    predicted, labels = task.decide(row, classes, thresholds)
+    return Prediction(str(path), predicted, {c: float(v) for c, v in zip(classes, row)},
+                      labels=labels)
 
 
 def preprocessing_weights(mode: str) -> tuple[np.ndarray, np.ndarray]:
@@ -209,7 +208,7 @@ def predict(
     model = _predictor(run)
     size = int(run.config["image_size"])
     classes = run.classes
-    thresholds = run.thresholds
+    task, thresholds = run.task, run.thresholds
     results: list[Prediction] = []
     for start in range(0, len(images), batch_size):
         pixels, good, errors = _decode(images[start:start + batch_size], size)
@@ -217,7 +216,7 @@ def predict(
         if not good:
             continue
         proba = np.asarray(model.predict_on_batch(pixels))
-        results += [_prediction(path, row, classes, thresholds) for path, row in zip(good, proba)]
+        results += [_prediction(path, row, classes, task, thresholds) for path, row in zip(good, proba)]
     order = {str(path): i for i, path in enumerate(images)}
     results.sort(key=lambda r: order[r.path])
     if output is not None:

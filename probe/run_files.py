@@ -35,6 +35,7 @@ import numpy as np
 from . import heads
 from .errors import RunError
 from .files import display, file_sha256, write_text
+from .task import Task
 
 MANIFEST = "manifest.json"
 FORMAT = "probe-run-manifest"
@@ -363,18 +364,15 @@ class Run:
         return (self.path / MODEL_FILE).is_file()
 
     @property
+    def task(self) -> Task:
+        """Single- or multi-label, as config.json records it."""
+        return Task.of_record(self.config)
+
+    @property
     def thresholds(self) -> np.ndarray | None:
         """Multi-label: the decision threshold of each class (in class order), as chosen on
         validation and recorded in config.json; None for a single-label run."""
-        chosen = self.config.get("thresholds")
-        if not self.config.get("multilabel"):
-            return None
-        try:
-            values = np.array([float(chosen[c]) for c in self.classes])
-        except (KeyError, TypeError, ValueError):
-            raise RunError(f"'{self.path / CONFIG}' records no decision threshold per class for "
-                           "this multi-label run; re-run `probe fit`.") from None
-        return values
+        return self.task.recorded_thresholds(self.config, self.classes, self.path / CONFIG)
 
     @classmethod
     def open(cls, run: "str | os.PathLike | Run") -> "Run":

@@ -9,7 +9,6 @@ and last `manifest.json`: the checksum of every file, verified whenever the run 
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import json
 import os
@@ -29,6 +28,8 @@ from .features.cache import FeatureCache
 from .errors import CacheError, RunError
 from .heads.stream import FeatureStream
 from .run_files import CONFIG, HEAD_DIR, METRICS, MODEL_FILE, Run  # noqa: F401 (API)
+from .task import Task
+
 
 def resolve_cache(
     cache: str | os.PathLike | FeatureCache | None = None,
@@ -98,6 +99,7 @@ def fit(
     notes = ([note] if note else []) + source_notes(chosen, strict)
     roles = SplitRoles.of(chosen)
     notes += roles.notes()
+    task = Task.of_flag(chosen.multilabel)
     model = heads.make_head(head, **head_params)
     if roles.report == "val":
         model.set_params(refit=False)  # the reported split must not be training data
@@ -107,23 +109,21 @@ def fit(
     reported = read_split(chosen, roles.report, stream)
     proba = model.predict_proba(reported.features)
     settings_chosen = model.summary_()  # C; k and T; epochs
-    metrics = {**roles.describe(), **score(model, reported, proba, chosen.classes),
+    thresholds = task.head_thresholds(model)
+    metrics = {**roles.describe(),
+               **task.metrics(reported.labels, proba, chosen.classes, thresholds,
+                              ignore=reported.ignore),
                "fit_seconds": round(fit_seconds, 3),
                "skipped_files": [{"path": p, "reason": r} for p, r in chosen.skipped],
                "chosen": settings_chosen, **settings_chosen}
     config = run_config(chosen, head=head, head_params=model.get_params(), fit_seconds=fit_seconds,
-                        **thresholds_config(model, chosen.classes), views=views_config(chosen, views))
+                        **task.config(chosen.classes, thresholds), views=views_config(chosen, views))
 
     def write(directory: Path) -> None:
         model.save(directory / HEAD_DIR)
         write_run_files(directory, config, metrics, model.curves_())
-        if is_multilabel(reported.labels):
-            write_multilabel_files(directory, reported.paths, reported.labels,
-                                   reported.ignore, proba, model.thresholds_,
-                                   chosen.classes, metrics)
-        else:
-            write_split_predictions(directory / "test_predictions.csv", reported.paths,
-                                    reported.labels, proba, chosen.classes)
+        task.write_predictions(directory, reported.paths, reported.labels, proba, chosen.classes,
+                               metrics, thresholds, reported.ignore)
 
     directory = save_run(runs, (chosen.backbone, head), write)
     if stream:
@@ -134,52 +134,6 @@ def fit(
     else:
         notes += html.after_fit(chosen, directory, report=html_report)
     return Run(directory, config, metrics, notes)
-
-
-def is_multilabel(labels: Any) -> bool:
-    """Whether a split's labels are a multi-label (N, K) 0/1 matrix."""
-    return np.ndim(labels) == 2
-
-
-def thresholds_config(model: Any, classes: list[str]) -> dict:
-    """What config.json records of a multi-label head: that it is, and its decision
-    threshold per class (probability >= threshold: the class is predicted)."""
-    if not getattr(model, "multilabel_", False):
-        return {}
-    return {"multilabel": True,
-            "thresholds": {str(c): float(t) for c, t in zip(classes, model.thresholds_)}}
-
-
-def score(model: Any, reported: Any, proba: np.ndarray, classes: list[str]) -> dict:
-    """The metrics of the reported split: single-label (accuracy, ...) or multi-label
-    (mean average precision, ... at the head's thresholds, difficult entries left out)."""
-    if is_multilabel(reported.labels):
-        return evaluate.compute_multilabel_metrics(
-            reported.labels, proba, classes, model.thresholds_,
-            ignore=reported.ignore)
-    return evaluate.compute_metrics(reported.labels, proba, classes)
-
-
-def write_multilabel_files(directory: Path, paths: list[str], labels: np.ndarray,
-                           ignore: np.ndarray | None, proba: np.ndarray, thresholds: np.ndarray,
-                           classes: list[str], metrics: dict) -> None:
-    """test_predictions.csv (the true and predicted label sets, every probability) and
-    precision_recall.png (one curve per class)."""
-    rows = [(p, ";".join(c for c, t in zip(classes, truth) if t),
-             ";".join(c for c, v, th in zip(classes, row, thresholds) if v >= th),
-             *(f"{v:.6f}" for v in row))
-            for p, truth, row in zip(paths, labels, proba)]
-    with files.atomic_write(directory / "test_predictions.csv", "w", newline="", encoding="utf-8",
-                            errors="surrogateescape") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "true", "predicted", *classes])
-        writer.writerows(rows)
-    role = metrics.get("split_role") or metrics.get("split", "test")
-    report.plot_precision_recall(labels, proba, classes, directory / PR_FIGURE, ignore=ignore,
-                                 title=f"Precision-recall per class ({role})")
-
-
-PR_FIGURE = "precision_recall.png"
 
 
 @dataclass(frozen=True)
@@ -390,15 +344,11 @@ def new_run_dir(runs_dir: str | os.PathLike, *labels: str) -> Path:
 
 
 def write_run_files(directory: Path, config: dict, metrics: dict, history: Any) -> None:
-    """config.json, metrics.json, confusion_matrix.png and (with curves: a head's
-    `curves_()` or a Keras history dict) curves.png."""
+    """config.json, metrics.json and (with curves: a head's `curves_()` or a Keras history
+    dict) curves.png; the predictions and their figure are the task's
+    (`Task.write_predictions`)."""
     files.write_text(directory / CONFIG, json.dumps(config, indent=2, default=files.json_default))
     files.write_text(directory / METRICS, json.dumps(metrics, indent=2, default=files.json_default))
-    role = metrics.get("split_role") or metrics.get("split", "test")
-    if "confusion_matrix" in metrics:  # multi-label runs draw precision-recall curves instead
-        report.plot_confusion_matrix(metrics["confusion_matrix"], config["classes"],
-                                     directory / "confusion_matrix.png",
-                                     title=f"Confusion matrix ({role})")
     if history:
         report.plot_curves(history, directory / "curves.png")
 
@@ -424,15 +374,3 @@ def summary_rows(metrics: dict) -> list[dict]:
     return [{"metric": key, label: metrics[key],
              CI_COLUMN: report.format_interval(metrics.get(f"{key}_ci")) if f"{key}_ci" in metrics else None}
             for key in SUMMARY_KEYS if key in metrics]
-
-
-def write_split_predictions(path: Path, paths: list[str], labels: np.ndarray, proba: np.ndarray,
-                       classes: list[str]) -> None:
-    with files.atomic_write(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "true", "predicted", *classes])
-        for p, label, row in zip(paths, labels, proba):
-            writer.writerow([p, classes[int(label)], classes[int(np.argmax(row))],
-                             *(f"{v:.6f}" for v in row)])
-
-
