@@ -118,22 +118,22 @@ def test_batch_size_does_not_change_features(image_tree):
 
 
 def test_progress_is_reported_as_events(image_tree):
-    from probe.progress import Advanced, Finished, Started
+    from probe.progress import Advanced, ExtractionFinished, ExtractionStarted, Stage
 
     events = []
     cache = probe.extract(image_tree, "vgg16", weights="none", image_size=32, batch_size=8,
                           progress=events.append)
-    assert {event.stage for event in events} == {"extract"}
-    assert isinstance(events[0], Started) and isinstance(events[-1], Finished)
-    assert events[0].total == 20 and events[0].details["todo"] == 20
-    assert events[0].details["target"] == cache.path and events[0].details["changes"] == {}
+    assert {event.stage for event in events} == {Stage.EXTRACT}
+    assert isinstance(events[0], ExtractionStarted) and isinstance(events[-1], ExtractionFinished)
+    assert events[0].total == 20 and events[0].images == 20
+    assert events[0].target == cache.path and events[0].changes == {}
     steps = [(e.done, e.total) for e in events if isinstance(e, Advanced)]
     assert steps == [(8, 20), (16, 20), (20, 20)]
-    assert events[-1].details["extracted"] == 18 and events[-1].details["path"] == cache.path
+    assert events[-1].report.extracted == 18 and events[-1].path == cache.path
     again = []
     probe.extract(image_tree, "vgg16", weights="none", image_size=32, progress=again.append)
-    assert [type(e) for e in again] == [Finished]
-    assert again[0].details["status"] == "up to date"
+    assert [type(e) for e in again] == [ExtractionFinished]
+    assert again[0].report.status is probe.ExtractionStatus.UP_TO_DATE
 
 
 def test_fractions_do_not_split_a_dataset_with_split_folders_into_two_caches(tmp_path):
