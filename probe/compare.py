@@ -270,11 +270,10 @@ def compare(
     >>> table = probe.compare("digits/", "vgg16,resnet50", weights="none", image_size=64)
     >>> table.best_run, table.path
     """
-    plan = _plan(dataset, backbones, heads, image_size, head_params, seed,
-                 dict(weights=weights, pooling=pooling, labels=labels, val_fraction=val_fraction,
-                      test_fraction=test_fraction, batch_size=batch_size, engine=engine,
-                      ray=ray, augment=augment, augment_policy=augment_policy,
-                      runtime=runtime))
+    plan = _plan(dataset, backbones, heads, image_size, head_params, seed, weights=weights,
+                 pooling=pooling, labels=labels, val_fraction=val_fraction,
+                 test_fraction=test_fraction, batch_size=batch_size, engine=engine, ray=ray,
+                 augment=augment, augment_policy=augment_policy, runtime=runtime)
     plan = _with_curves(dataclasses.replace(plan, html_report=html_report), shots, repeats)
     directory, out = _output_directories(cache_dir, runs_dir)
     emit(progress, ComparisonStarted(total=plan.total, backbones=tuple(s.name for s in plan.specs),
@@ -289,7 +288,9 @@ def compare(
     return result
 
 
-def _plan(dataset, backbones, heads, image_size, head_params, seed, options: dict) -> _Plan:
+def _plan(dataset, backbones, heads, image_size, head_params, seed: int, *, weights, pooling: str,
+          labels, val_fraction: float, test_fraction: float, batch_size: int, engine: str,
+          ray: RayOptions | None, augment: int, augment_policy: str, runtime: str) -> _Plan:
     """Refuse before any work what is wrong for every row: unknown names, sizes below a
     backbone's minimum, a bad pooling, weights, batch size or runtime, head parameters, the
     augmented views, the dataset, an engine that can not run. The settings are typed once
@@ -297,7 +298,7 @@ def _plan(dataset, backbones, heads, image_size, head_params, seed, options: dic
     from .features.augment import ViewSettings
     from .features.extract import discover, resolve_engine
 
-    views = ViewSettings.create(options["augment"], options["augment_policy"], seed)
+    views = ViewSettings.create(augment, augment_policy, seed)
     names = parse_names(backbones, DEFAULT_BACKBONES, backbones_mod.list_backbones())
     head_names = parse_names(heads, DEFAULT_HEADS)
     if not names:
@@ -305,18 +306,17 @@ def _plan(dataset, backbones, heads, image_size, head_params, seed, options: dic
     if not head_names:
         raise ProbeError(f"expected at least one head. Received: heads={heads!r}")
     specs = [backbones_mod.get(name) for name in names]  # an unknown name is refused here
-    engine = resolve_engine(options["engine"], None, options["ray"])  # once, not per backbone
-    device.check_runtime(options["runtime"])
+    resolved = resolve_engine(engine, None, ray)  # once, not per backbone
+    device.check_runtime(runtime)
     sizes = image_sizes(specs, image_size)
-    backbones_mod.check_pooling(options["pooling"])
-    extraction = ExtractionSettings.create(specs[0].name, options["weights"], sizes[0],
-                                           options["pooling"], batch_size=options["batch_size"],
-                                           seed=seed, runtime=options["runtime"])
-    split = SplitSettings.create(options["labels"], options["val_fraction"],
-                                 options["test_fraction"], seed)
+    # pooling, weights (a file hashed once), batch size: checked once, for every backbone
+    extraction = ExtractionSettings.create(specs[0].name, weights, sizes[0], pooling,
+                                           batch_size=batch_size, seed=seed, runtime=runtime)
+    split = SplitSettings.create(labels, val_fraction, test_fraction, seed)
     params = _head_params(head_names, head_params, seed)
     found = discover(dataset, split)
-    return _Plan(specs, sizes, head_names, params, found, extraction, split, views, engine, seed)
+    return _Plan(specs, sizes, head_names, params, found, extraction, split, views, resolved,
+                 seed)
 
 
 def _with_curves(plan: _Plan, shots, repeats: int) -> _Plan:

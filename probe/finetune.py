@@ -117,11 +117,11 @@ def finetune(
     (`augment=False`: none) and early stopping on validation loss whose baseline is epoch
     0 (the model before training): the best epoch's weights are kept, and when no epoch
     beats epoch 0 the model stays the starting one (`metrics["best_epoch"] == 0`, and a
-    Note event of kind "no-improvement"). The source images are checked like `fit` does:
-    a change is a Note ("source-changed"), or `SourceChangedError` with `strict=True`.
-    `progress` receives the events of the stage "finetune": Started, Advanced per batch
-    (`details["unit"] == "batch"`) and per epoch ("epoch", with the logs), Notes
-    ("estimate", "source-changed", "validation-scores", "no-improvement"), Finished.
+    `NoImprovement` event). The source images are checked like `fit` does: a change is a
+    `SourceChanged` event, or `SourceChangedError` with `strict=True`. `progress` receives
+    the events of the stage "finetune" (probe.progress): `FinetuneStarted`, `BatchDone`
+    per batch, `EpochDone` per epoch (with the logs), the notes `Estimate`,
+    `SourceChanged`, `ValidationScores`, `NoImprovement`, then `FinetuneFinished`.
 
     >>> run = probe.finetune(".probe/runs/20260101-120000-vgg16-dense", unfreeze=1)
     >>> run.metrics["before"]["accuracy"], run.metrics["accuracy"]

@@ -1,5 +1,6 @@
 import csv
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -314,3 +315,49 @@ def test_compare_shots_on_the_command_line(colours, cache_dir):
     assert "vgg16" in result.output and "± " in result.output
     bad = cli("compare", colours, "--weights", "none", "--shots", "0,all")
     assert bad.exit_code != 0 and "shot count" in bad.output and "Traceback" not in bad.output
+
+
+def test_compare_finds_the_dataset_once_and_extracts_with_typed_settings(
+        colours, cache_dir, broken_resnet, monkeypatch):
+    from probe import data
+    from probe.features import extract
+    from probe.progress import (BackboneExtracted, ExtractionFailed, HeadFitted, NextBackbone,
+                                Stage)
+    from probe.settings import ExtractionSettings
+
+    discovered, extractions, events = [], [], []
+    discover, run_extraction = data.discover, extract.run_extraction
+
+    def count(*args, **kwargs):  # who asked (fit's check of the source images aside)
+        caller = sys._getframe(1).f_globals["__name__"]
+        if caller != "probe.features.cache":
+            discovered.append(caller)
+        return discover(*args, **kwargs)
+
+    monkeypatch.setattr(data, "discover", count)
+
+    def spy(found, extraction, split, *args, **kwargs):
+        extractions.append((found, extraction, split))
+        return run_extraction(found, extraction, split, *args, **kwargs)
+
+    monkeypatch.setattr(extract, "run_extraction", spy)
+    table = probe.compare(colours, "vgg16,resnet50", "logreg", weights="none", image_size=32,
+                          head_params=FAST, html_report=False, progress=events.append)
+    assert len(discovered) == 1  # not once more per backbone
+    assert [e.backbone for _, e, _ in extractions] == ["vgg16", "resnet50"]
+    (found, first, split), (found_again, second, split_again) = extractions
+    assert found is found_again and split is split_again  # the same dataset, the same splits
+    assert isinstance(second, ExtractionSettings) and second.weights is first.weights
+    assert [r["status"] for r in table] == ["ok", "failed"]
+    # the comparison tells what happened in typed events
+    compared = [e for e in events if e.stage is Stage.COMPARE]
+    assert [(e.backbone, e.index, e.count) for e in compared if isinstance(e, NextBackbone)] \
+        == [("vgg16", 0, 2), ("resnet50", 1, 2)]
+    extracted = [e for e in compared if isinstance(e, BackboneExtracted)]
+    assert [(e.backbone, e.status, e.up_to_date) for e in extracted] == [
+        ("vgg16", extract.ExtractionStatus.EXTRACTED, False)]
+    failed = [e for e in compared if isinstance(e, ExtractionFailed)]
+    assert [e.backbone for e in failed] == ["resnet50"] and "could not load" in failed[0].error
+    fitted = [e for e in compared if isinstance(e, HeadFitted)]
+    assert [(e.backbone, e.head, e.error is None, e.done, e.total) for e in fitted] == [
+        ("vgg16", "logreg", True, 1, 2), ("resnet50", "logreg", False, 2, 2)]

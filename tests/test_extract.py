@@ -193,3 +193,24 @@ def test_a_model_that_can_not_be_built_stops_the_decoding(image_tree, monkeypatc
                       cache_dir=image_tree.parent / "cache", batch_size=4)
     assert threading.active_count() == threads  # the decoding threads are gone
     assert not list((image_tree.parent / "cache").glob("*.h5"))
+
+
+def test_events_are_typed_and_the_status_is_written_as_its_word():
+    import dataclasses
+    import json
+
+    from probe import progress
+    from probe.features.extract import ExtractionReport, ExtractionStatus
+
+    shapes = {progress.Event, progress.Started, progress.Advanced, progress.Note, progress.Finished}
+    events = [cls for cls in map(progress.__dict__.get, progress.__all__)
+              if isinstance(cls, type) and issubclass(cls, progress.Event)]
+    assert len(events) > 30
+    for cls in events:  # attributes, not a free-form dict or a kind string
+        assert not {f.name for f in dataclasses.fields(cls)} & {"details", "kind"}, cls
+        if cls not in shapes:  # each kind fixes its stage
+            assert isinstance(cls.__dataclass_fields__["stage"].default, progress.Stage), cls
+    report = ExtractionReport(ExtractionStatus.UP_TO_DATE, 0, 3, 0, 0)
+    assert report.status == "up to date" and str(report.status) == "up to date"
+    written = report.as_dict()
+    assert type(written["status"]) is str and json.loads(json.dumps(written))["status"] == "up to date"
