@@ -17,7 +17,7 @@ from .errors import (
     WeightsError,
 )
 from .features.engines.ray import RayOptions
-from .features.extract import ExtractionReport, extract, extract_with_report
+from .features.extract import ExtractionReport, ExtractionStatus, extract, extract_with_report
 from .settings import ExtractionSettings, SplitSettings, Weights
 from .finetune import finetune
 from .heads import list_heads, load_head, make_head
@@ -47,7 +47,7 @@ __all__ = [
     "ProbeError", "BackboneError", "WeightsError", "DatasetError", "CacheError",
     "CacheMismatchError", "SourceChangedError", "UnsealedCacheError", "NotFittedError",
     "RunError",
-    "extract", "extract_with_report", "ExtractionReport", "RayOptions",
+    "extract", "extract_with_report", "ExtractionReport", "ExtractionStatus", "RayOptions",
     "ExtractionSettings", "SplitSettings", "Weights", "fit", "predict", "export", "load_images",
     "Run", "Prediction",
     "LogisticHead", "DenseHead", "KNNHead", "make_head", "load_head", "list_heads", "curve",

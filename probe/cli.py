@@ -27,7 +27,11 @@ from .features.extract import extract_with_report
 from .finetune import comparison_rows, finetune
 from .html import write_report
 from .inference import export, predict
-from .progress import Advanced, Event, Finished, Note, Started
+from .features.extract import ExtractionStatus
+from .progress import (Advanced, BackboneExtracted, BatchDone, CurveFailed, DemoDataset,
+                       EpochDone, Estimate, Event, ExtractionFailed, ExtractionStarted,
+                       FinetuneStarted, Finished, HeadFitted, NextBackbone, NoImprovement, Note,
+                       OfflineWeights, SourceChanged, Stage, ValidationScores, ViewsStarted)
 from .report import format_interval, format_table
 from .runs import Run, fit, score_label, summary_columns, summary_rows
 from .task import Task
@@ -289,59 +293,52 @@ class _Progress:
         self.last = 0
 
     def __call__(self, event: Event) -> None:
-        if isinstance(event, Started) and event.stage == "extract":
-            self.start(event.details)
-        elif isinstance(event, Advanced) and event.stage == "extract":
-            self.update(event.done)
-        elif isinstance(event, Finished) and event.stage == "extract":
-            self.close()
-        elif event.stage == "views":
+        if isinstance(event, ExtractionStarted):
+            self.start(event)
+        elif isinstance(event, ViewsStarted):
             self._views(event)
-        elif isinstance(event, Note) and event.stage == "demo":
-            if event.kind == "dataset":
-                _say(f"Digits dataset: {event.details['path']} ({event.details['classes']} "
-                     f"classes, {event.details['per_class']} images each)")
-            else:
-                _say(event.details["message"])
+        elif isinstance(event, Advanced) and event.stage in (Stage.EXTRACT, Stage.VIEWS):
+            self.update(event.done)
+        elif isinstance(event, Finished) and event.stage in (Stage.EXTRACT, Stage.VIEWS):
+            self.close()
+        elif isinstance(event, DemoDataset):
+            _say(f"Digits dataset: {event.path} ({event.classes} classes, {event.per_class} "
+                 "images each)")
+        elif isinstance(event, OfflineWeights):
+            _say(event.message)
 
-    def start(self, info) -> None:
+    def start(self, event: ExtractionStarted) -> None:
         """What this run is about to do (also with --quiet, which only hides the bar)."""
-        if info.get("damaged"):
-            _say(f"Rebuilding a damaged cache: {info['damaged']}")
-        changes = info["changes"]
+        if event.damaged:
+            _say(f"Rebuilding a damaged cache: {event.damaged}")
+        changes = event.changes
         if changes and any(changes.values()):
             _say("Source changed since the cache was written: "
                  + ", ".join(f"{v} {k}" for k, v in changes.items())
                  + "; extracting only new and modified files")
-        if info["resumed_parts"]:
-            _say(f"Resuming an interrupted extraction ({info['resumed_parts']} batches done).")
-        if self.quiet or not info["todo"]:
+        if event.resumed_parts:
+            _say(f"Resuming an interrupted extraction ({event.resumed_parts} batches done).")
+        if self.quiet or not event.total:
             return
-        _say(f"Extracting {info['todo']} of {info['total']} images")
+        _say(f"Extracting {event.total} of {event.images} images")
         if sys.stderr.isatty():  # a bar in a log file is noise
-            self.bar = click.progressbar(length=info["todo"], file=sys.stderr,
+            self.bar = click.progressbar(length=event.total, file=sys.stderr,
                                          label="extract", show_eta=True,
                                          item_show_func=lambda _: self._rate())
             self.bar.__enter__()
             self.started = time.monotonic()
 
-    def _views(self, event: Event) -> None:
+    def _views(self, event: ViewsStarted) -> None:
         """The augmented views' own line and bar."""
-        if isinstance(event, Started):
-            info = event.details
-            if not self.quiet:
-                _say(f"Extracting {info['todo']} augmented views ({info['per_image']} per "
-                     f"training image, policy {info['policy']}) of {info['images']} images")
-            if not self.quiet and sys.stderr.isatty():
-                self.bar = click.progressbar(length=info["todo"], file=sys.stderr,
-                                             label="views", show_eta=True,
-                                             item_show_func=lambda _: self._rate())
-                self.bar.__enter__()
-                self.started = time.monotonic()
-        elif isinstance(event, Advanced):
-            self.update(event.done)
-        elif isinstance(event, Finished):
-            self.close()
+        if not self.quiet:
+            _say(f"Extracting {event.total} augmented views ({event.per_image} per "
+                 f"training image, policy {event.policy}) of {event.images} images")
+        if not self.quiet and sys.stderr.isatty():
+            self.bar = click.progressbar(length=event.total, file=sys.stderr,
+                                         label="views", show_eta=True,
+                                         item_show_func=lambda _: self._rate())
+            self.bar.__enter__()
+            self.started = time.monotonic()
 
     def _rate(self) -> str:
         elapsed = time.monotonic() - self.started
@@ -399,7 +396,7 @@ def extract_command(dataset, backbone, weights, image_size, pooling, batch_size,
         progress.close()
     counts = ", ".join(f"{split} {n}" for split, n in result.counts.items())
     counts += Task.of_flag(result.multilabel).cache_summary(result.classes)
-    if report.status == "up to date":
+    if report.status is ExtractionStatus.UP_TO_DATE:
         _echo(f"Cache up to date: {result.path} ({counts})")
     else:
         ran = f" (backbone on {report.runtime})" if report.runtime and report.extracted else ""
@@ -704,19 +701,19 @@ def _epochs(n: int) -> str:
     return f"{n} epoch" if n == 1 else f"{n} epochs"
 
 
-def estimate_line(info) -> str:
+def estimate_line(estimate: Estimate) -> str:
     """The time estimate of a fine-tuning as one sentence."""
-    return (f"about {format_duration(info['seconds_per_epoch'])} per epoch on this machine "
-            f"({info['device']}): about {format_duration(info['seconds_total'])} for "
-            f"{_epochs(info['epochs'])}")
+    return (f"about {format_duration(estimate.seconds_per_epoch)} per epoch on this machine "
+            f"({estimate.device}): about {format_duration(estimate.seconds_total)} for "
+            f"{_epochs(estimate.epochs)}")
 
 
-def start_line(info) -> str:
+def start_line(started: FinetuneStarted) -> str:
     """What a fine-tuning is about to do."""
-    slow = " On a CPU this is slow." if info["device"] == "CPU" else ""
-    return (f"Fine-tuning {info['backbone']} with {', '.join(info['blocks'])} unfrozen "
-            f"({info['trainable_parameters']:,} trainable parameters) on {info['train']} "
-            f"training images, up to {_epochs(info['epochs'])}.{slow}")
+    slow = " On a CPU this is slow." if started.device == "CPU" else ""
+    return (f"Fine-tuning {started.backbone} with {', '.join(started.blocks)} unfrozen "
+            f"({started.trainable_parameters:,} trainable parameters) on {started.train} "
+            f"training images, up to {_epochs(started.epochs)}.{slow}")
 
 
 def epoch_line(done: int, total: int, logs) -> str:
@@ -726,17 +723,16 @@ def epoch_line(done: int, total: int, logs) -> str:
     return f"epoch {done}/{total}: " + ", ".join(parts)
 
 
-def note_line(event) -> str | None:
+def note_line(event: Note) -> str | None:
     """The sentence of a Note event that the user must see even with --quiet."""
-    details = event.details
-    if event.kind == "source-changed":
-        return f"warning: {details['message']} (--strict makes this an error)"
-    if event.kind == "validation-scores":
+    if isinstance(event, SourceChanged):
+        return f"warning: {event.message} (--strict makes this an error)"
+    if isinstance(event, ValidationScores):
         return ("no test split: the scores are on the validation split that chose the epoch "
                 "(optimistic); add a test split for an unbiased score")
-    if event.kind == "no-improvement":
+    if isinstance(event, NoImprovement):
         return (f"no epoch beat epoch 0 (the starting head before any training, validation "
-                f"loss {details['baseline_val_loss']:.4f}) in {_epochs(details['epochs_run'])}: "
+                f"loss {event.baseline_val_loss:.4f}) in {_epochs(event.epochs_run)}: "
                 "the new run keeps that model")
     return None
 
@@ -752,56 +748,58 @@ class _Events:
         self.bar = None
 
     def __call__(self, event: Event) -> None:
-        handler = {"extract": self.extraction, "demo": self.extraction, "views": self.extraction,
-                   "compare": self._compare, "finetune": self._finetune}.get(event.stage)
+        handler = {Stage.EXTRACT: self.extraction, Stage.DEMO: self.extraction,
+                   Stage.VIEWS: self.extraction, Stage.COMPARE: self._compare,
+                   Stage.FINETUNE: self._finetune}.get(event.stage)
         if handler is not None:
             handler(event)
 
-    def _compare(self, event) -> None:
-        details = event.details
+    def _compare(self, event: Event) -> None:
         if isinstance(event, Note):
             self.extraction.close()
-            if event.kind == "backbone":
-                self._say(f"[{details['index'] + 1}/{details['total']}] {details['backbone']}")
-            elif event.kind == "extraction-failed":
-                self._say(f"  {details['backbone']} failed: {details['error']}")
-            elif event.kind == "curve-failed":
-                self._say(f"  {details['backbone']} curve failed: {details['error']}")
-            elif event.kind == "extracted" and details["up_to_date"]:
-                self._say(f"  cache up to date: {details['path']}")
-        elif isinstance(event, Advanced):
-            error = details.get("error")
-            if error and not error.startswith("extraction failed"):
-                self._say(f"  {details['head']} failed: {error}")
-            elif not error:
-                name, value, interval = compare_headline(details)
-                self._say(f"  {details['head']}: {details['split_role']} {name} "
-                          f"{value:.4f} {format_interval(interval)} "
-                          f"({details['fit_seconds']:.1f} s)")
+        if isinstance(event, NextBackbone):
+            self._say(f"[{event.index + 1}/{event.count}] {event.backbone}")
+        elif isinstance(event, ExtractionFailed):
+            self._say(f"  {event.backbone} failed: {event.error}")
+        elif isinstance(event, CurveFailed):
+            self._say(f"  {event.backbone} curve failed: {event.error}")
+        elif isinstance(event, BackboneExtracted) and event.up_to_date:
+            self._say(f"  cache up to date: {event.path}")
+        elif isinstance(event, HeadFitted):
+            self._fitted(event)
 
-    def _finetune(self, event) -> None:
+    def _fitted(self, event: HeadFitted) -> None:
+        """A comparison's row: its score, or why its fit failed (a failed extraction was
+        already said once for all the backbone's heads)."""
+        if event.error and not event.error.startswith("extraction failed"):
+            self._say(f"  {event.head} failed: {event.error}")
+        elif not event.error:
+            name, value, interval = compare_headline(event.row)
+            self._say(f"  {event.head}: {event.split_role} {name} {value:.4f} "
+                      f"{format_interval(interval)} ({event.fit_seconds:.1f} s)")
+
+    def _finetune(self, event: Event) -> None:
         if isinstance(event, Note):
             line = note_line(event)
             if line is not None:
                 self._end_bar()
                 _echo(line, err=True)
-            elif event.kind == "estimate":
+            elif isinstance(event, Estimate):
                 self._end_bar()
-                self._say(estimate_line(event.details))
-        elif isinstance(event, Started):
-            self._say(start_line(event.details))
-            self._say(f"baseline: validation loss {event.details['baseline_val_loss']:.4f}")
-        elif isinstance(event, Advanced) and event.details.get("unit") == "batch":
+                self._say(estimate_line(event))
+        elif isinstance(event, FinetuneStarted):
+            self._say(start_line(event))
+            self._say(f"baseline: validation loss {event.baseline_val_loss:.4f}")
+        elif isinstance(event, BatchDone):
             if self.bar is None and not self.quiet:
                 self.bar = click.progressbar(length=event.total, file=sys.stderr,
-                                             label=f"epoch {event.details['epoch']}/"
-                                                   f"{event.details['epochs']}")
+                                             label=f"epoch {event.epoch}/{event.epochs}")
                 self.bar.__enter__()
             if self.bar is not None:
                 self.bar.update(1)
-        elif isinstance(event, Advanced):
+        elif isinstance(event, EpochDone):
             self._end_bar()
-            self._say(epoch_line(event.done, event.total, event.details.get("logs", {})))
+            self._say(epoch_line(event.done, event.total, event.logs))
 
     def _end_bar(self) -> None:
         if self.bar is not None:

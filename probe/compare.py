@@ -31,10 +31,10 @@ from . import (backbones as backbones_mod, data, device, evaluate, files, heads 
 from .features import cache as cache_mod
 from .features.engines.ray import RayOptions
 from .errors import BackboneError, ProbeError
-from .progress import Advanced, Finished, Note, ProgressCallback, Started, emit
-from .settings import DEFAULT_BATCH_SIZE
-from .settings import (DEFAULT_SEED, TEST_FRACTION, VAL_FRACTION, SplitSettings, Weights,
-                       dataset_path, parse_names)
+from .progress import (BackboneExtracted, ComparisonFinished, ComparisonStarted, CurveFailed,
+                       ExtractionFailed, HeadFitted, NextBackbone, ProgressCallback, emit)
+from .settings import (DEFAULT_BATCH_SIZE, DEFAULT_SEED, TEST_FRACTION, VAL_FRACTION,
+                       ExtractionSettings, SplitSettings, parse_names)
 # the columns of each task, importable from here as before
 from .task import (CSV_COLUMNS, INTERVAL_KEYS, ML_CSV_COLUMNS, ML_INTERVAL_KEYS,  # noqa: F401
                    ML_SCORES, ML_TABLE_COLUMNS, TABLE_COLUMNS, Task)
@@ -170,8 +170,12 @@ class _Plan:
     sizes: list[int]
     heads: list[str]
     params: dict[str, dict]
-    found: Any  # data.Dataset
-    extraction: dict  # the keyword arguments of every extraction
+    found: data.Dataset  # discovered once, extracted by every backbone
+    extraction: ExtractionSettings  # of the first backbone: `with_backbone` gives the others
+    split: SplitSettings
+    views: Any  # features.augment.ViewSettings
+    engine: Any  # what features.extract.resolve_engine returned
+    seed: int  # the default seed of the heads and curves
     html_report: bool = True  # report.html in every run directory
     shots: list | None = None  # label-efficiency curves of every backbone at these shot counts
     repeats: int = 5
@@ -231,61 +235,34 @@ def compare(
     >>> table = probe.compare("digits/", "vgg16,resnet50", weights="none", image_size=64)
     >>> table.best_run, table.path
     """
-    from .features.augment import ViewSettings
-    from .runs import check_writable, new_run_dir
-
-    ViewSettings.create(augment, augment_policy, seed)  # refused before any work
-    plan = _plan(dataset, backbones, heads, image_size, head_params, seed,
-                 dict(weights=weights, pooling=pooling, labels=labels, val_fraction=val_fraction,
-                      test_fraction=test_fraction, seed=seed, batch_size=batch_size,
-                      engine=engine, ray=ray, augment=augment,
-                      augment_policy=augment_policy, runtime=runtime))
-    plan = dataclasses.replace(plan, html_report=html_report)
-    if shots is not None:
-        from .curve import check_settings
-
-        Task.of_flag(plan.found.multilabel).check_curve(f"dataset '{plan.found.root}'")
-        shot_counts, _, repeats, _ = check_settings(shots, repeats, plan.heads, seed, plan.params)
-        plan = dataclasses.replace(plan, shots=shot_counts, repeats=repeats)
-    directory = cache_mod.resolve_cache_dir(cache_dir)
-    runs = Path(runs_dir) if runs_dir else directory / "runs"
-    check_writable(runs)
-    out = new_run_dir(runs, "compare")
-    emit(progress, Started("compare", total=plan.total,
-                           details={"backbones": [s.name for s in plan.specs], "heads": plan.heads,
-                                    "path": str(out)}))
-    records: list[dict] = []
-    curves: dict[str, Any] = {}
-    for index, (spec, size) in enumerate(zip(plan.specs, plan.sizes)):
-        emit(progress, Note("compare", kind="backbone",
-                            details={"backbone": spec.name, "index": index, "total": len(plan.specs)}))
-        cache, base = _extract_one(plan, spec, size, directory, progress)
-        records += _fit_heads(plan, cache, base, out, len(records), progress)
-        if plan.shots and cache is not None:
-            curves.update(_curve_one(plan, spec.name, cache, progress))
+    plan = _plan(dataset, backbones, heads, image_size, head_params, seed, weights=weights,
+                 pooling=pooling, labels=labels, val_fraction=val_fraction,
+                 test_fraction=test_fraction, batch_size=batch_size, engine=engine, ray=ray,
+                 augment=augment, augment_policy=augment_policy, runtime=runtime)
+    plan = _with_curves(dataclasses.replace(plan, html_report=html_report), shots, repeats)
+    directory, out = _output_directories(cache_dir, runs_dir)
+    emit(progress, ComparisonStarted(total=plan.total, backbones=tuple(s.name for s in plan.specs),
+                                     heads=tuple(plan.heads), path=out))
+    records, curves = _run_backbones(plan, directory, out, progress)
     task = Task.of_flag(plan.found.multilabel)
     result = Comparison(rank(records, task), out,
-                        _settings(plan, weights, image_size, pooling, labels, seed, val_fraction,
-                                  test_fraction, task))
-    write_files(result)
-    if curves:
-        from .curve import write_comparison_curves
-
-        result.curve = write_comparison_curves(out, curves, len(plan.found.classes))
-    run_files.write_manifest(out, "comparison")  # last but report.html, which it leaves out
-    if html_report:
-        html.write_report(result)
-    emit(progress, Finished("compare", details={"path": str(out), "runs": len(result),
-                                                "failed": len(result.failed)}))
+                        _settings(plan, image_size, pooling, val_fraction, test_fraction, task))
+    _write_outputs(result, plan, curves)
+    emit(progress, ComparisonFinished(path=out, runs=len(result), failed=len(result.failed)))
     return result
 
 
-def _plan(dataset, backbones, heads, image_size, head_params, seed, extraction) -> _Plan:
+def _plan(dataset, backbones, heads, image_size, head_params, seed: int, *, weights, pooling: str,
+          labels, val_fraction: float, test_fraction: float, batch_size: int, engine: str,
+          ray: RayOptions | None, augment: int, augment_policy: str, runtime: str) -> _Plan:
     """Refuse before any work what is wrong for every row: unknown names, sizes below a
-    backbone's minimum, a bad pooling or weights value, head parameters, the dataset, an
-    engine that can not run."""
-    from .features.extract import resolve_engine
+    backbone's minimum, a bad pooling, weights, batch size or runtime, head parameters, the
+    augmented views, the dataset, an engine that can not run. The settings are typed once
+    here (a weights file hashed once, label files resolved once) and the dataset found once."""
+    from .features.augment import ViewSettings
+    from .features.extract import discover, resolve_engine
 
+    views = ViewSettings.create(augment, augment_policy, seed)
     names = parse_names(backbones, DEFAULT_BACKBONES, backbones_mod.list_backbones())
     head_names = parse_names(heads, DEFAULT_HEADS)
     if not names:
@@ -293,26 +270,71 @@ def _plan(dataset, backbones, heads, image_size, head_params, seed, extraction) 
     if not head_names:
         raise ProbeError(f"expected at least one head. Received: heads={heads!r}")
     specs = [backbones_mod.get(name) for name in names]  # an unknown name is refused here
-    resolve_engine(extraction["engine"], None, extraction["ray"])  # once, not per backbone
-    device.check_runtime(extraction["runtime"])
+    resolved = resolve_engine(engine, None, ray)  # once, not per backbone
+    device.check_runtime(runtime)
     sizes = image_sizes(specs, image_size)
-    backbones_mod.check_pooling(extraction["pooling"])
-    # a weights file is hashed once, not per backbone; label files resolved once
-    extraction["weights"] = Weights.parse(extraction["weights"], seed)
-    split = SplitSettings.create(extraction["labels"], extraction["val_fraction"],
-                                 extraction["test_fraction"], seed)
-    extraction["labels"] = split.labels
+    # pooling, weights (a file hashed once), batch size: checked once, for every backbone
+    extraction = ExtractionSettings.create(specs[0].name, weights, sizes[0], pooling,
+                                           batch_size=batch_size, seed=seed, runtime=runtime)
+    split = SplitSettings.create(labels, val_fraction, test_fraction, seed)
     params = _head_params(head_names, head_params, seed)
-    found = data.discover(dataset_path(dataset), split.labels, split.val_fraction,
-                          split.test_fraction, split.seed)
-    return _Plan(specs, sizes, head_names, params, found, extraction)
+    found = discover(dataset, split)
+    return _Plan(specs, sizes, head_names, params, found, extraction, split, views, resolved,
+                 seed)
+
+
+def _with_curves(plan: _Plan, shots, repeats: int) -> _Plan:
+    """The plan with its curves' shot counts and repeats (checked), when `shots` asks."""
+    if shots is None:
+        return plan
+    from .curve import check_settings
+
+    Task.of_flag(plan.found.multilabel).check_curve(f"dataset '{plan.found.root}'")
+    shot_counts, _, repeats, _ = check_settings(shots, repeats, plan.heads, plan.seed, plan.params)
+    return dataclasses.replace(plan, shots=shot_counts, repeats=repeats)
+
+
+def _output_directories(cache_dir, runs_dir) -> tuple[Path, Path]:
+    """The cache directory, and the new comparison directory (its parent checked first)."""
+    from .runs import check_writable, new_run_dir
+
+    directory = cache_mod.resolve_cache_dir(cache_dir)
+    runs = Path(runs_dir) if runs_dir else directory / "runs"
+    check_writable(runs)
+    return directory, new_run_dir(runs, "compare")
+
+
+def _run_backbones(plan: _Plan, directory: Path, out: Path,
+                   progress: ProgressCallback | None) -> tuple[list[dict], dict[str, Any]]:
+    """Each backbone in turn: extract, fit every head, its curve; (records, curves)."""
+    records: list[dict] = []
+    curves: dict[str, Any] = {}
+    for index, (spec, size) in enumerate(zip(plan.specs, plan.sizes)):
+        emit(progress, NextBackbone(backbone=spec.name, index=index, count=len(plan.specs)))
+        cache, base = _extract_one(plan, spec, size, directory, progress)
+        records += _fit_heads(plan, cache, base, out, len(records), progress)
+        if plan.shots and cache is not None:
+            curves.update(_curve_one(plan, spec.name, cache, progress))
+    return records, curves
+
+
+def _write_outputs(result: Comparison, plan: _Plan, curves: dict[str, Any]) -> None:
+    """compare.csv, .md, .png, the curves, the manifest, then report.html."""
+    write_files(result)
+    if curves:
+        from .curve import write_comparison_curves
+
+        result.curve = write_comparison_curves(result.path, curves, len(plan.found.classes))
+    run_files.write_manifest(result.path, "comparison")  # last but report.html, which it leaves out
+    if plan.html_report:
+        html.write_report(result)
 
 
 def _extract_one(plan: _Plan, spec, size: int, directory: Path,
                  progress: ProgressCallback | None) -> tuple[Any, dict]:
     """The backbone's cache (None when extraction failed) and the columns it gives every
     row of the backbone (with the error when it failed)."""
-    from .features.extract import extract_with_report
+    from .features.extract import ExtractionStatus, run_extraction
 
     base = {"backbone": spec.name, "image_size": size, "weights": None, "cache": None,
             "feature_size": None, "images_per_second": None, "extraction": None}
@@ -321,15 +343,14 @@ def _extract_one(plan: _Plan, spec, size: int, directory: Path,
             # Keras warns per layer when a weights file does not fit, then fails: the
             # row says why in one line instead
             warnings.simplefilter("ignore", UserWarning)
-            cache, report_ = extract_with_report(plan.found.root, spec.name, image_size=size,
-                                                 cache_dir=directory, progress=progress,
-                                                 **plan.extraction)
+            extraction = plan.extraction.with_backbone(spec.name, size)
+            cache, report_ = run_extraction(plan.found, extraction, plan.split, plan.views,
+                                            plan.engine, cache_dir=directory, progress=progress)
     except Exception as error:  # noqa: BLE001 - one backbone must not stop the others
         message = _message(error)
-        emit(progress, Note("compare", kind="extraction-failed",
-                            details={"backbone": spec.name, "error": message}))
+        emit(progress, ExtractionFailed(backbone=spec.name, error=message))
         return None, {**base, "error": f"extraction failed: {message}"}
-    up_to_date = report_.status == "up to date"
+    up_to_date = report_.status is ExtractionStatus.UP_TO_DATE
     base.update(
         weights=cache.attrs.get("weights"), cache=str(cache.path),
         feature_size=int(np.prod(cache.feature_shape)),
@@ -337,9 +358,7 @@ def _extract_one(plan: _Plan, spec, size: int, directory: Path,
         extraction=("cached" if up_to_date
                     else f"extracted {report_.extracted}, reused {report_.reused}"),
     )
-    emit(progress, Note("compare", kind="extracted",
-                        details={"backbone": spec.name, "path": str(cache.path),
-                                 "up_to_date": up_to_date}))
+    emit(progress, BackboneExtracted(backbone=spec.name, path=cache.path, status=report_.status))
     return cache, base
 
 
@@ -360,12 +379,18 @@ def _fit_heads(plan: _Plan, cache, base: dict, out: Path, done: int,
             except Exception as error:  # noqa: BLE001 - one fit must not stop the others
                 record = _failed({**base, "head": head}, f"fit failed: {_message(error)}")
         records.append(record)
-        emit(progress, Advanced("compare", done=done + len(records), total=plan.total,
-                                details={key: record.get(key) for key in (
-                                    "backbone", "head", "status", "error", "accuracy",
-                                    "accuracy_ci", "split", "split_role", "fit_seconds",
-                                    *ML_SCORES[:1], *ML_INTERVAL_KEYS[:1]) if key in record}))
+        emit(progress, _fitted(record, done + len(records), plan.total))
     return records
+
+
+def _fitted(record: dict, done: int, total: int) -> HeadFitted:
+    """The event of a finished row, with the columns of its headline score."""
+    row = {key: record.get(key) for key in (
+        "backbone", "head", "status", "error", "accuracy", "accuracy_ci", "split",
+        "split_role", "fit_seconds", *ML_SCORES[:1], *ML_INTERVAL_KEYS[:1]) if key in record}
+    return HeadFitted(done=done, total=total, backbone=record["backbone"], head=record["head"],
+                      error=record.get("error"), split_role=record.get("split_role"),
+                      fit_seconds=record.get("fit_seconds"), row=row)
 
 
 def _curve_one(plan: _Plan, backbone: str, cache, progress: ProgressCallback | None) -> dict:
@@ -374,11 +399,10 @@ def _curve_one(plan: _Plan, backbone: str, cache, progress: ProgressCallback | N
 
     try:
         return {backbone: cache_curve(cache, plan.shots, plan.repeats, plan.heads,
-                                      seed=plan.extraction["seed"], head_params=plan.params,
+                                      seed=plan.seed, head_params=plan.params,
                                       progress=progress)}
     except Exception as error:  # noqa: BLE001 - one backbone must not stop the others
-        emit(progress, Note("compare", kind="curve-failed",
-                            details={"backbone": backbone, "error": _message(error)}))
+        emit(progress, CurveFailed(backbone=backbone, error=_message(error)))
         return {}
 
 
@@ -394,13 +418,13 @@ def _record(base: dict, head: str, run) -> dict:
     }
 
 
-def _settings(plan: _Plan, weights, image_size, pooling, labels, seed, val_fraction,
-              test_fraction, task: Task) -> dict:
+def _settings(plan: _Plan, image_size, pooling, val_fraction, test_fraction,
+              task: Task) -> dict:
     return {**task.flag(),
-        "dataset": str(plan.found.root), "classes": plan.found.classes, "weights": plan.extraction["weights"].source,
+        "dataset": str(plan.found.root), "classes": plan.found.classes, "weights": plan.extraction.weights.source,
         "image_size": image_size, "image_sizes": dict(zip([s.name for s in plan.specs], plan.sizes)),
-        "pooling": pooling, "labels": plan.extraction["labels"],
-        "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
+        "pooling": pooling, "labels": plan.split.labels,
+        "seed": plan.seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -38,7 +38,7 @@ import numpy as np
 from . import files, heads as heads_mod, report, run_files
 from .features.cache import FeatureCache, Split
 from .errors import CacheError, ProbeError
-from .progress import Advanced, Finished, Note, ProgressCallback, Started, emit
+from .progress import CurveFinished, CurveNote, CurveStarted, ProgressCallback, SubsetFitted, emit
 from .settings import parse_names
 from .task import Task
 
@@ -184,7 +184,7 @@ def curve_records(train: Split, evaluated: Split, classes: list[str], shots: lis
     module docstring); one record per head, shot count and repeat."""
     orders = nested_orders(train.labels, repeats, seed)
     tasks = [(repeat, shots_value) for repeat in range(repeats) for shots_value in shots]
-    emit(progress, Started("curve", total=len(tasks), details={"heads": list(names)}))
+    emit(progress, CurveStarted(total=len(tasks), heads=tuple(names)))
 
     def run(task: tuple[int, int | str]) -> list[dict]:
         repeat, shots_value = task
@@ -205,8 +205,7 @@ def curve_records(train: Split, evaluated: Split, classes: list[str], shots: lis
         futures = {task: pool.submit(run, task) for task in sorted(tasks, key=_task_cost, reverse=True)}
         for done, task in enumerate(tasks, 1):
             records += futures[task].result()
-            emit(progress, Advanced("curve", done=done, total=len(tasks),
-                                    details={"shots": task[1], "repeat": task[0]}))
+            emit(progress, SubsetFitted(done=done, total=len(tasks), shots=task[1], repeat=task[0]))
     return records
 
 
@@ -255,15 +254,14 @@ def curve(
                          progress=progress)
     if note:
         result.notes.insert(0, note)
-        emit(progress, Note("curve", kind="curve-note", details={"message": note}))
+        emit(progress, CurveNote(message=note))
     if write:
         result.path = new_run_dir(runs_dir or (chosen.path.parent / "runs"), chosen.backbone, "curve")
         write_curve_csv(result.path / "curve.csv", result.records)
         plot_curve(result, result.path / "curve.png", len(chosen.classes),
                    title=f"{chosen.backbone}: accuracy on {result.split}")
         run_files.write_manifest(result.path, "curve")
-    emit(progress, Finished("curve", details={"seconds": result.seconds,
-                                              "path": str(result.path) if result.path else None}))
+    emit(progress, CurveFinished(seconds=result.seconds, path=result.path))
     return result
 
 
@@ -308,7 +306,7 @@ def cache_curve(cache: FeatureCache, shot_counts: list[int | str], repeats: int,
     result = Curve(None, records, summarise(records), reporting, notes)
     result.seconds = round(time.perf_counter() - started, 3)
     for note_text in notes:
-        emit(progress, Note("curve", kind="curve-note", details={"message": note_text}))
+        emit(progress, CurveNote(message=note_text))
     return result
 
 

@@ -20,7 +20,7 @@ from . import backbones as backbones_mod, files, settings
 from .features import cache as cache_mod
 from .compare import Comparison, compare
 from .errors import DatasetError, WeightsError
-from .progress import Note, ProgressCallback, emit
+from .progress import DemoDataset, OfflineWeights, ProgressCallback, emit
 
 __all__ = ["run_demo", "write_digits", "imagenet_available", "DEMO_BACKBONES", "DEMO_PER_CLASS", "DEMO_IMAGE_SIZE"]
 
@@ -103,8 +103,8 @@ def run_demo(
     """Write the digits dataset, extract, fit both heads on every backbone and compare.
 
     `weights="auto"` tries the ImageNet weights of the first backbone once and falls back
-    to random weights when they can not be loaded, saying so with a Note event (stage
-    "demo", kind "offline-weights"; kind "dataset" names the digits' folder). Any other
+    to random weights when they can not be loaded, saying so with an `OfflineWeights` event
+    (probe.progress; `DemoDataset` names the digits' folder). Any other
     value ("imagenet", "none", a weights file) is used as given.
 
     >>> table = probe.run_demo(per_class=20)
@@ -112,11 +112,11 @@ def run_demo(
     """
     names = settings.parse_names(backbones, DEMO_BACKBONES)
     root = write_digits(out if out is not None else default_out(cache_dir, per_class), per_class)
-    emit(progress, Note("demo", "dataset", {"path": root, "classes": 10, "per_class": per_class}))
+    emit(progress, DemoDataset(path=root, classes=10, per_class=per_class))
     if str(weights).lower() == "auto":
         weights = "imagenet" if names and imagenet_available(names[0], image_size) else "none"
         if weights == "none":
-            emit(progress, Note("demo", "offline-weights", {"message": OFFLINE_NOTE}))
+            emit(progress, OfflineWeights(message=OFFLINE_NOTE))
     return compare(root, names, heads, weights=weights, image_size=image_size, seed=seed,
                    cache_dir=cache_dir, head_params=head_params, progress=progress)
 

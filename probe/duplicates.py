@@ -32,7 +32,7 @@ from . import files
 from .features.cache import FeatureCache
 from .files import display, file_sha256
 from .errors import ProbeError
-from .progress import Advanced, Finished, ProgressCallback, Started, emit
+from .progress import Advanced, DuplicatesFinished, DuplicatesStarted, ProgressCallback, Stage, emit
 from .task import Task
 
 __all__ = ["DEFAULT_THRESHOLD", "DuplicateImage", "DuplicatePair", "DuplicateGroup",
@@ -160,7 +160,7 @@ def find_duplicates(
     chosen = cache if isinstance(cache, FeatureCache) else FeatureCache.open(cache)
     check_threshold(threshold)
     images, features = _read_all(chosen)
-    emit(progress, Started("duplicates", total=len(images), details={"cache": str(chosen.path)}))
+    emit(progress, DuplicatesStarted(total=len(images), cache=chosen.path))
     first, second, similarity, method = similar_pairs(centre(features), threshold,
                                                       exact=exact, progress=progress)
     root = Path(chosen.attrs.get("dataset_root") or ".")
@@ -172,7 +172,7 @@ def find_duplicates(
     result = Duplicates(str(chosen.path), float(threshold), len(images), groups, pairs,
                         hash_all_files, unreadable, method,
                         round(time.perf_counter() - started, 3))
-    emit(progress, Finished("duplicates", details=result.counts()))
+    emit(progress, DuplicatesFinished(counts=result.counts()))
     return result
 
 
@@ -278,7 +278,7 @@ def _blockwise_pairs(X: np.ndarray, cut: float, progress: ProgressCallback | Non
                     f"images are at least {threshold or cut:.3f} similar. Raise --threshold "
                     f"(default {DEFAULT_THRESHOLD})."
                 )
-        emit(progress, Advanced("duplicates", done=min(n, a + BLOCK_ROWS), total=n))
+        emit(progress, Advanced(Stage.DUPLICATES, done=min(n, a + BLOCK_ROWS), total=n))
     if not found_i:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, np.zeros(0, dtype=np.float32)

@@ -33,7 +33,8 @@ from ._random_state import global_random_state_kept
 from .features.cache import FeatureCache
 from .errors import DatasetError, FinetuneError, RunError
 from .heads import check_params, make_head
-from .progress import Advanced, Finished, Note, ProgressCallback, Started, emit
+from .progress import (BatchDone, EpochDone, Estimate, FinetuneFinished, FinetuneStarted,
+                       NoImprovement, ProgressCallback, SourceChanged, ValidationScores, emit)
 from .runs import (MODEL_FILE, Run, SplitRoles, check_features_fit_in_memory, check_writable,
                    run_config, save_run, train_head, write_run_files)
 from .task import Objective, Task
@@ -117,11 +118,11 @@ def finetune(
     (`augment=False`: none) and early stopping on validation loss whose baseline is epoch
     0 (the model before training): the best epoch's weights are kept, and when no epoch
     beats epoch 0 the model stays the starting one (`metrics["best_epoch"] == 0`, and a
-    Note event of kind "no-improvement"). The source images are checked like `fit` does:
-    a change is a Note ("source-changed"), or `SourceChangedError` with `strict=True`.
-    `progress` receives the events of the stage "finetune": Started, Advanced per batch
-    (`details["unit"] == "batch"`) and per epoch ("epoch", with the logs), Notes
-    ("estimate", "source-changed", "validation-scores", "no-improvement"), Finished.
+    `NoImprovement` event). The source images are checked like `fit` does: a change is a
+    `SourceChanged` event, or `SourceChangedError` with `strict=True`. `progress` receives
+    the events of the stage "finetune" (probe.progress): `FinetuneStarted`, `BatchDone`
+    per batch, `EpochDone` per epoch (with the logs), the notes `Estimate`,
+    `SourceChanged`, `ValidationScores`, `NoImprovement`, then `FinetuneFinished`.
 
     >>> run = probe.finetune(".probe/runs/20260101-120000-vgg16-dense", unfreeze=1)
     >>> run.metrics["before"]["accuracy"], run.metrics["accuracy"]
@@ -163,8 +164,7 @@ def _check_source(cache: FeatureCache, strict: bool, progress: ProgressCallback 
     """As `fit`: images changed since extraction are a Note, or an error with `strict`."""
     changes = cache.check_source(strict=strict)
     if changes:
-        emit(progress, Note("finetune", kind="source-changed",
-                            details={"message": changes.message()}))
+        emit(progress, SourceChanged(message=changes.message()))
 
 
 def _read_splits(cache: FeatureCache, progress: ProgressCallback | None) -> tuple[dict, str]:
@@ -178,8 +178,7 @@ def _read_splits(cache: FeatureCache, progress: ProgressCallback | None) -> tupl
         )
     evaluation = "test" if "test" in splits else "val"
     if evaluation == "val":
-        emit(progress, Note("finetune", kind="validation-scores",
-                            details={"split_role": evaluate.split_role("val")}))
+        emit(progress, ValidationScores(split_role=evaluate.split_role("val")))
     return splits, evaluation
 
 
@@ -270,11 +269,11 @@ def _train(job: _Job, baseline: float, progress: ProgressCallback | None) -> tup
     train_sequence, val_sequence = job.sequence("train", True), job.sequence("val")
     device = _device()
     trainable = int(sum(np.prod(w.shape) for w in job.trainer.trainable_weights))
-    emit(progress, Started("finetune", total=settings.epochs, details={
-        "backbone": job.spec.name, "blocks": job.blocks, "trainable_parameters": trainable,
-        "train": len(job.splits["train"][0]), "val": len(job.splits["val"][0]),
-        "epochs": settings.epochs, "steps": len(train_sequence), "device": device,
-        "baseline_val_loss": baseline, "start_head": job.start_head}))
+    emit(progress, FinetuneStarted(
+        total=settings.epochs, backbone=job.spec.name, blocks=tuple(job.blocks),
+        trainable_parameters=trainable, train=len(job.splits["train"][0]),
+        val=len(job.splits["val"][0]), epochs=settings.epochs, steps=len(train_sequence),
+        device=device, baseline_val_loss=baseline, start_head=job.start_head))
     class_weight = job.objective.class_weight
     keeper = _BestWeights(job.model, baseline, settings.patience)
     callbacks = [keeper, _ProgressCallback(progress, settings.epochs, len(train_sequence),
@@ -286,11 +285,10 @@ def _train(job: _Job, baseline: float, progress: ProgressCallback | None) -> tup
     history = {key: [float(v) for v in values] for key, values in fitted.history.items()}
     best = {"epoch": keeper.best_epoch, "val_loss": keeper.best_loss}
     if keeper.best_epoch == 0:
-        emit(progress, Note("finetune", kind="no-improvement", details={
-            "baseline_val_loss": baseline, "epochs_run": len(history.get("loss", []))}))
-    emit(progress, Finished("finetune", details={"best_epoch": keeper.best_epoch,
-                                                 "epochs_run": len(history.get("loss", [])),
-                                                 "seconds": seconds}))
+        emit(progress, NoImprovement(baseline_val_loss=baseline,
+                                     epochs_run=len(history.get("loss", []))))
+    emit(progress, FinetuneFinished(best_epoch=keeper.best_epoch,
+                                    epochs_run=len(history.get("loss", [])), seconds=seconds))
     return history, best, seconds
 
 
@@ -520,21 +518,21 @@ def _progress_callback_class():
 
         def on_train_batch_end(self, batch, logs=None):
             self.times.append(time.perf_counter() - self.batch_started)
-            emit(self.progress, Advanced("finetune", done=batch + 1, total=self.steps, details={
-                "unit": "batch", "epoch": self.epoch, "epochs": self.epochs}))
+            emit(self.progress, BatchDone(done=batch + 1, total=self.steps, epoch=self.epoch,
+                                          epochs=self.epochs))
             if not self.estimated and len(self.times) >= min(_ESTIMATE_AFTER, self.steps):
                 self.estimated = True
                 # the first batch also builds the graph: leave it out when there are others
                 per_batch = float(np.mean(self.times[1:] or self.times))
                 # a validation batch is a forward pass only: about a third of a training batch
                 per_epoch = per_batch * (self.steps + self.val_steps / 3)
-                emit(self.progress, Note("finetune", kind="estimate", details={
-                    "seconds_per_epoch": per_epoch, "seconds_total": per_epoch * self.epochs,
-                    "epochs": self.epochs, "device": self.device}))
+                emit(self.progress, Estimate(seconds_per_epoch=per_epoch,
+                                             seconds_total=per_epoch * self.epochs,
+                                             epochs=self.epochs, device=self.device))
 
         def on_epoch_end(self, epoch, logs=None):
-            emit(self.progress, Advanced("finetune", done=epoch + 1, total=self.epochs, details={
-                "unit": "epoch", "logs": {k: float(v) for k, v in (logs or {}).items()}}))
+            emit(self.progress, EpochDone(done=epoch + 1, total=self.epochs,
+                                          logs={k: float(v) for k, v in (logs or {}).items()}))
 
     return ProgressCallback
 

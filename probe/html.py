@@ -39,7 +39,7 @@ from .features.cache import FeatureCache
 from .duplicates import cached_duplicates, centre, leakage_warning
 from .errors import ProbeError, RunError
 from .run_files import Run
-from .progress import Finished, Note, ProgressCallback, Started, emit
+from .progress import ProgressCallback, ReportFinished, ReportStarted, ReportWithoutCache, emit
 from .task import SINGLE_LABEL, Task
 
 __all__ = ["write_report", "REPORT_FILE", "Caps"]
@@ -94,7 +94,7 @@ def write_report(
     PosixPath('.probe/runs/20260101-120000-vgg16-logreg/report.html')
     """
     directory = Path(getattr(run_or_dir, "path", run_or_dir)).expanduser()
-    emit(progress, Started("report", details={"directory": str(directory)}))
+    emit(progress, ReportStarted(directory=directory))
     if (directory / "config.json").is_file():
         page = render_run(directory, caps, progress)
     elif (directory / COMPARE_CSV).is_file():
@@ -108,8 +108,7 @@ def write_report(
         )
     target = Path(out) if out else directory / REPORT_FILE
     files.write_text(target, page)
-    emit(progress, Finished("report", details={"path": str(target),
-                                               "bytes": target.stat().st_size}))
+    emit(progress, ReportFinished(path=target, size=target.stat().st_size))
     return target
 
 
@@ -306,7 +305,7 @@ def render_run(directory: Path, caps: Caps = Caps(), progress: ProgressCallback 
         _skipped_section(inputs, caps),
     ]
     if inputs.cache_problem:
-        emit(progress, Note("report", kind="no-cache", details={"problem": inputs.cache_problem}))
+        emit(progress, ReportWithoutCache(problem=inputs.cache_problem))
     config = inputs.config
     title = f"probe run: {config.get('backbone', '?')} + {config.get('head', '?')}"
     intro = (f"<p>{esc(directory.name)} &middot; created {esc(config.get('created', '?'))}</p>"

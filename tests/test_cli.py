@@ -199,3 +199,36 @@ def test_fit_among_several_caches_names_the_others_and_how_to_choose(tmp_path, c
     assert "2 caches found; using the most recent" in fitted.output
     other = [p.name for p in cache_dir.glob("first-*.h5")]
     assert f"others: {other[0]}" in fitted.output and "--cache PATH" in fitted.output
+
+
+def test_the_command_line_words_typed_events(capsys):
+    from pathlib import Path
+
+    from probe.cli import _Events, note_line
+    from probe.features.extract import ExtractionStatus
+    from probe.progress import (BackboneExtracted, ExtractionFailed, HeadFitted, NextBackbone,
+                                NoImprovement, SourceChanged)
+
+    events = [
+        NextBackbone(backbone="vgg16", index=0, count=2),
+        BackboneExtracted(backbone="vgg16", path=Path("c.h5"), status=ExtractionStatus.UP_TO_DATE),
+        HeadFitted(done=1, total=2, backbone="vgg16", head="logreg", split_role="test",
+                   fit_seconds=0.5, row={"accuracy": 0.75, "accuracy_ci": [0.5, 0.9]}),
+        ExtractionFailed(backbone="resnet50", error="no weights"),
+        NoImprovement(baseline_val_loss=0.25, epochs_run=3),
+        SourceChanged(message="1 added"),
+    ]
+    for quiet in (False, True):
+        shown = _Events(quiet)
+        for event in events:
+            shown(event)
+        shown.close()
+        err = capsys.readouterr().err
+        assert ("no epoch beat epoch 0 (the starting head before any training, validation loss "
+                "0.2500) in 3 epochs: the new run keeps that model") in err
+        assert "warning: 1 added (--strict makes this an error)" in err
+        lines = ["[1/2] vgg16", "  cache up to date: c.h5",
+                 "  logreg: test accuracy 0.7500 [0.5000, 0.9000] (0.5 s)",
+                 "  resnet50 failed: no weights"]
+        assert all((line in err) != quiet for line in lines), err
+    assert note_line(NextBackbone(backbone="vgg16", index=0, count=1)) is None

@@ -1,5 +1,6 @@
 import csv
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -90,9 +91,37 @@ def test_compare_two_backbones_both_heads(colours, cache_dir):
     assert again.path != table.path
 
 
-def test_a_broken_backbone_gives_failed_rows_not_a_crash(colours, cache_dir, broken_resnet):
+@pytest.fixture
+def spied(monkeypatch):
+    """The calls of `data.discover` (by module; fit's check of the source images aside) and
+    of `run_extraction` (its dataset, settings and splits)."""
+    from probe import data
+    from probe.features import extract
+
+    calls = {"discover": [], "run_extraction": []}
+    discover, run_extraction = data.discover, extract.run_extraction
+
+    def count(*args, **kwargs):
+        caller = sys._getframe(1).f_globals["__name__"]
+        if caller != "probe.features.cache":
+            calls["discover"].append(caller)
+        return discover(*args, **kwargs)
+
+    def spy(found, extraction, split, *args, **kwargs):
+        calls["run_extraction"].append((found, extraction, split))
+        return run_extraction(found, extraction, split, *args, **kwargs)
+
+    monkeypatch.setattr(data, "discover", count)
+    monkeypatch.setattr(extract, "run_extraction", spy)
+    return calls
+
+
+def test_a_broken_backbone_gives_failed_rows_not_a_crash(colours, cache_dir, broken_resnet,
+                                                         spied):
+    events = []
     table = probe.compare(colours, "resnet50,vgg16", "logreg,dense", weights="none",
-                          image_size=32, head_params=FAST)
+                          image_size=32, head_params=FAST, progress=events.append)
+    _found_once_and_told_in_typed_events(spied, events)
     assert len(table) == 4
     assert [r["backbone"] for r in table] == ["vgg16", "vgg16", "resnet50", "resnet50"]
     failed = table.failed
@@ -113,6 +142,34 @@ def test_a_broken_backbone_gives_failed_rows_not_a_crash(colours, cache_dir, bro
     assert "resnet50 + logreg, resnet50 + dense failed: extraction failed: could not load" in result.output
     assert result.output.count("extraction failed: could not load") == 1  # once per reason
     assert any(line.startswith("Best: vgg16 + ") for line in lines)
+
+
+def _found_once_and_told_in_typed_events(spied: dict, events: list) -> None:
+    """The comparison of resnet50 (broken) and vgg16 found its dataset once, extracted
+    each backbone with typed settings, and said so in typed events."""
+    from probe.features.extract import ExtractionStatus
+    from probe.progress import (BackboneExtracted, ExtractionFailed, HeadFitted, NextBackbone,
+                                Stage)
+    from probe.settings import ExtractionSettings
+
+    assert spied["discover"] == ["probe.features.extract"]  # once, not again per backbone
+    extractions = spied["run_extraction"]
+    assert [e.backbone for _, e, _ in extractions] == ["resnet50", "vgg16"]
+    (found, first, split), (found_again, second, split_again) = extractions
+    assert found is found_again and split is split_again  # the same dataset and splits
+    assert isinstance(second, ExtractionSettings) and second.weights is first.weights
+    compared = [e for e in events if e.stage is Stage.COMPARE]
+    assert [(e.backbone, e.index, e.count) for e in compared if isinstance(e, NextBackbone)] \
+        == [("resnet50", 0, 2), ("vgg16", 1, 2)]
+    assert [(e.backbone, e.status) for e in compared if isinstance(e, BackboneExtracted)] \
+        == [("vgg16", ExtractionStatus.EXTRACTED)]
+    failed = [e for e in compared if isinstance(e, ExtractionFailed)]
+    assert [e.backbone for e in failed] == ["resnet50"] and "could not load" in failed[0].error
+    assert [(e.backbone, e.head, e.error is None, e.done) for e in compared
+            if isinstance(e, HeadFitted)] == [("resnet50", "logreg", False, 1),
+                                              ("resnet50", "dense", False, 2),
+                                              ("vgg16", "logreg", True, 3),
+                                              ("vgg16", "dense", True, 4)]
 
 
 def test_settings_wrong_for_every_row_are_refused_up_front(colours, cache_dir):
@@ -314,3 +371,4 @@ def test_compare_shots_on_the_command_line(colours, cache_dir):
     assert "vgg16" in result.output and "± " in result.output
     bad = cli("compare", colours, "--weights", "none", "--shots", "0,all")
     assert bad.exit_code != 0 and "shot count" in bad.output and "Traceback" not in bad.output
+

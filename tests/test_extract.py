@@ -118,22 +118,22 @@ def test_batch_size_does_not_change_features(image_tree):
 
 
 def test_progress_is_reported_as_events(image_tree):
-    from probe.progress import Advanced, Finished, Started
+    from probe.progress import Advanced, ExtractionFinished, ExtractionStarted, Stage
 
     events = []
     cache = probe.extract(image_tree, "vgg16", weights="none", image_size=32, batch_size=8,
                           progress=events.append)
-    assert {event.stage for event in events} == {"extract"}
-    assert isinstance(events[0], Started) and isinstance(events[-1], Finished)
-    assert events[0].total == 20 and events[0].details["todo"] == 20
-    assert events[0].details["target"] == cache.path and events[0].details["changes"] == {}
+    assert {event.stage for event in events} == {Stage.EXTRACT}
+    assert isinstance(events[0], ExtractionStarted) and isinstance(events[-1], ExtractionFinished)
+    assert events[0].total == 20 and events[0].images == 20
+    assert events[0].target == cache.path and events[0].changes == {}
     steps = [(e.done, e.total) for e in events if isinstance(e, Advanced)]
     assert steps == [(8, 20), (16, 20), (20, 20)]
-    assert events[-1].details["extracted"] == 18 and events[-1].details["path"] == cache.path
+    assert events[-1].report.extracted == 18 and events[-1].path == cache.path
     again = []
     probe.extract(image_tree, "vgg16", weights="none", image_size=32, progress=again.append)
-    assert [type(e) for e in again] == [Finished]
-    assert again[0].details["status"] == "up to date"
+    assert [type(e) for e in again] == [ExtractionFinished]
+    assert again[0].report.status is probe.ExtractionStatus.UP_TO_DATE
 
 
 def test_fractions_do_not_split_a_dataset_with_split_folders_into_two_caches(tmp_path):
@@ -193,3 +193,24 @@ def test_a_model_that_can_not_be_built_stops_the_decoding(image_tree, monkeypatc
                       cache_dir=image_tree.parent / "cache", batch_size=4)
     assert threading.active_count() == threads  # the decoding threads are gone
     assert not list((image_tree.parent / "cache").glob("*.h5"))
+
+
+def test_events_are_typed_and_the_status_is_written_as_its_word():
+    import dataclasses
+    import json
+
+    from probe import progress
+    from probe.features.extract import ExtractionReport, ExtractionStatus
+
+    shapes = {progress.Event, progress.Started, progress.Advanced, progress.Note, progress.Finished}
+    events = [cls for cls in map(progress.__dict__.get, progress.__all__)
+              if isinstance(cls, type) and issubclass(cls, progress.Event)]
+    assert len(events) > 30
+    for cls in events:  # attributes, not a free-form dict or a kind string
+        assert not {f.name for f in dataclasses.fields(cls)} & {"details", "kind"}, cls
+        if cls not in shapes:  # each kind fixes its stage
+            assert isinstance(cls.__dataclass_fields__["stage"].default, progress.Stage), cls
+    report = ExtractionReport(ExtractionStatus.UP_TO_DATE, 0, 3, 0, 0)
+    assert report.status == "up to date" and str(report.status) == "up to date"
+    written = report.as_dict()
+    assert type(written["status"]) is str and json.loads(json.dumps(written))["status"] == "up to date"

@@ -11,7 +11,8 @@ import probe
 from probe import backbones, data
 from probe.cli import main
 from probe.errors import BackboneError, FinetuneError, ProbeError, SourceChangedError
-from probe.progress import Advanced, Finished, Note, Started
+from probe.progress import (EpochDone, Estimate, FinetuneFinished, FinetuneStarted, NoImprovement,
+                            SourceChanged)
 
 from conftest import make_separable_tree
 
@@ -132,13 +133,13 @@ def test_finetune_vgg16_run_predict_and_export(tmp_path):
 
     # the validation metric is computed each epoch; before / after on the test split
     assert all(event.stage == "finetune" for event in events)
-    assert isinstance(events[0], Started) and isinstance(events[-1], Finished)
-    assert events[0].details["blocks"] == ["block5"] and events[0].total == 2
-    epochs = [e for e in events if isinstance(e, Advanced) and e.details["unit"] == "epoch"]
-    assert 1 <= len(epochs) <= 2 and {"val_loss", "val_accuracy"} <= set(epochs[0].details["logs"])
+    assert isinstance(events[0], FinetuneStarted) and isinstance(events[-1], FinetuneFinished)
+    assert events[0].blocks == ("block5",) and events[0].total == 2
+    epochs = [e for e in events if isinstance(e, EpochDone)]
+    assert 1 <= len(epochs) <= 2 and {"val_loss", "val_accuracy"} <= set(epochs[0].logs)
     assert [e.done for e in epochs] == list(range(1, len(epochs) + 1))
-    estimate = next(e for e in events if isinstance(e, Note) and e.kind == "estimate")
-    assert estimate.details["seconds_per_epoch"] > 0 and estimate.details["device"] == "CPU"
+    estimate = next(e for e in events if isinstance(e, Estimate))
+    assert estimate.seconds_per_epoch > 0 and estimate.device == "CPU"
     metrics = run.metrics
     assert metrics["split"] == "test" and metrics["split_role"] == "test"
     test_labels = probe.FeatureCache.open(source.config["cache"]).split("test").labels
@@ -147,7 +148,7 @@ def test_finetune_vgg16_run_predict_and_export(tmp_path):
     assert low <= metrics["accuracy"] <= high and high - low > 0
     # epoch 0 is the baseline: the kept epoch is the one with the lowest validation loss,
     # epoch 0 included
-    losses = [metrics["baseline_val_loss"]] + [e.details["logs"]["val_loss"] for e in epochs]
+    losses = [metrics["baseline_val_loss"]] + [e.logs["val_loss"] for e in epochs]
     assert metrics["best_epoch"] == int(np.argmin(losses))
     assert metrics["kept_baseline"] == (metrics["best_epoch"] == 0)
     # the source head was refit on train + val: training started from the same head fit
@@ -201,8 +202,8 @@ def test_no_epoch_better_than_epoch_0_keeps_the_source_model(tmp_path):
                          patience=1, augment=False, progress=events.append)
     metrics = run.metrics
     assert metrics["best_epoch"] == 0 and metrics["kept_baseline"] is True
-    notes = [e for e in events if isinstance(e, Note) and e.kind == "no-improvement"]
-    assert len(notes) == 1 and notes[0].details["baseline_val_loss"] == metrics["baseline_val_loss"]
+    notes = [e for e in events if isinstance(e, NoImprovement)]
+    assert len(notes) == 1 and notes[0].baseline_val_loss == metrics["baseline_val_loss"]
     # the saved model is the baseline: it scores exactly as the source run's head fit on
     # train only (the source head was refit on train + val)
     assert metrics["accuracy"] == metrics["before"]["accuracy"]
@@ -216,8 +217,8 @@ def test_no_epoch_better_than_epoch_0_keeps_the_source_model(tmp_path):
     assert str(tmp_path / "colours") == root
     events.clear()
     probe.finetune(source, unfreeze=1, epochs=1, batch_size=8, progress=events.append)
-    changed = [e for e in events if isinstance(e, Note) and e.kind == "source-changed"]
-    assert len(changed) == 1 and "1 added" in changed[0].details["message"]
+    changed = [e for e in events if isinstance(e, SourceChanged)]
+    assert len(changed) == 1 and "1 added" in changed[0].message
     with pytest.raises(SourceChangedError, match="1 added"):
         probe.finetune(source, unfreeze=1, epochs=1, strict=True)
 
@@ -251,7 +252,7 @@ def test_epoch_0_is_judged_on_val_images_no_head_was_fit_on(tmp_path):
     assert val_loss(refit) < baseline - 0.5  # the refit head's loss is not the baseline
     # chance is ln 4 = 1.39; 12 val images: a loss far below it would be memorised val
     assert baseline > np.log(classes) - 0.3
-    assert events[0].details["baseline_val_loss"] == baseline
+    assert events[0].baseline_val_loss == baseline
     assert run.config["finetune"]["start_head"]["trained_on"] == "train"
 
 

@@ -419,7 +419,7 @@ def test_a_converted_model_that_disagrees_with_keras_is_not_used_nor_kept(
                                               **settings)
     assert report.runtime == "tensorflow" and cache.attrs["extract_runtime"] == "tensorflow"
     assert_same_features(on_tf, cache)
-    notes = [e.details["message"] for e in events if isinstance(e, probe.progress.Note)]
+    notes = [e.message for e in events if isinstance(e, probe.progress.RuntimeNote)]
     assert len(notes) == 1 and "ran on TensorFlow" in notes[0] and "1.0e-02" in notes[0]
     assert report.notes == notes
     assert not (tmp_path / "ov" / runtime.MODELS_DIR).exists()  # nothing kept

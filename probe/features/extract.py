@@ -1,16 +1,18 @@
 """Backbone + samples -> feature cache: settings, then plan, run and store.
 
 `extract()` validates its arguments once into `ExtractionSettings` and `SplitSettings`
-(probe/settings.py); `run_extraction` then finds the samples (data.py), plans what is left
-to do (plan.py), runs the backbone over it in batches (engines/local.py) and writes parts
-and the final cache (store.py). What happened is returned as an `ExtractionReport` and told
-as it goes through progress events (probe/progress.py, stage "extract").
+(probe/settings.py) and finds the samples (data.py); `run_extraction`, the one entry point
+that takes typed settings and a found dataset (`compare` calls it per backbone), plans what
+is left to do (plan.py), runs the backbone over it in batches (engines/local.py) and writes
+parts and the final cache (store.py). What happened is returned as an `ExtractionReport`
+and told as it goes through progress events (probe/progress.py, stage "extract").
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import enum
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,14 +31,15 @@ from .engines.local import Decoding, build_model, forward, run_batches  # noqa: 
 from .engines.ray import RayOptions
 from ..errors import CacheError, ProbeError
 from .plan import ExtractionPlan, Source
-from ..progress import Advanced, Finished, Note, ProgressCallback, Started, emit
+from ..progress import (Advanced, ExtractionFinished, ExtractionStarted, ProgressCallback,
+                        RuntimeNote, Stage, ViewsFinished, ViewsStarted, emit)
 from ..settings import (DEFAULT_BATCH_SIZE, DEFAULT_SEED, TEST_FRACTION, VAL_FRACTION,
                        ExtractionSettings, SplitSettings, check_precision, dataset_path)
 
 __all__ = ["extract", "extract_with_report", "run_extraction", "ExtractionReport",
-           "build_model", "check_precision"]
+           "ExtractionStatus", "build_model", "check_precision"]
 
-STAGE = "extract"
+STAGE = Stage.EXTRACT
 # The local engine with its number of decoding threads (None: the default of
 # `engines.local.decoding_threads`), or the Ray engine with its options.
 Engine = "int | None | RayOptions"
@@ -46,11 +49,21 @@ SPEED_ATTRS = ("extract_images", "extract_seconds", "extract_images_per_second",
                "extract_runtime")
 
 
+class ExtractionStatus(str, enum.Enum):
+    """What an extraction did with the cache; the value is the word files and --json write."""
+
+    EXTRACTED = "extracted"  # the cache was written (some or all rows may be reused)
+    UP_TO_DATE = "up to date"  # the cache was already complete: nothing was written
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class ExtractionReport:
     """What one extraction did."""
 
-    status: str  # "extracted" or "up to date"
+    status: ExtractionStatus
     extracted: int  # images the backbone read in this run
     reused: int  # rows taken from existing caches or parts
     skipped: int  # files that could not be decoded (recorded in the cache)
@@ -63,7 +76,8 @@ class ExtractionReport:
     runtime: str = ""  # what ran the backbone in this run ("tensorflow", "openvino"; "": nothing ran)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain values (the status as its word), ready for JSON."""
+        return {**asdict(self), "status": self.status.value}
 
 
 def extract(
@@ -97,7 +111,8 @@ def extract(
     one labels file, a {split: file} mapping or `--labels` values (`FILE`, `SPLIT=FILE`).
     `precision="bf16"` runs the backbone in Keras' mixed bfloat16 where the CPU or GPU
     supports it (faster, features agree closely but not exactly; a cache of their own).
-    `progress` receives Started / Advanced / Finished events (stage "extract").
+    `progress` receives `ExtractionStarted` / `Advanced` / `ExtractionFinished` events
+    (probe.progress, stage "extract"; "views" for the augmented views).
     `engine="ray"` runs the backbone on a Ray cluster (`ray`: `RayOptions`; needs
     `pip install 'probe[ray]'`) and writes the same cache.
     `augment=K` also extracts K augmented views of every training image (`augment_policy`
@@ -137,23 +152,38 @@ def extract_with_report(dataset: str | os.PathLike, backbone: str = "vgg16", *,
                                            batch_size, seed, runtime)
     split = SplitSettings.create(labels, val_fraction, test_fraction, seed)
     views = ViewSettings.create(augment, augment_policy, seed)
-    return run_extraction(root, extraction, split, cache_dir=cache_dir,
-                          engine=resolve_engine(engine, workers, ray), progress=progress, views=views)
+    resolved = resolve_engine(engine, workers, ray)
+    check_engine_views(resolved, views)
+    found = discover(root, split)
+    return run_extraction(found, extraction, split, views, resolved, cache_dir=cache_dir,
+                          progress=progress)
 
 
-def run_extraction(dataset: str | os.PathLike, extraction: ExtractionSettings,
-                   split: SplitSettings, *, cache_dir: str | os.PathLike | None = None,
-                   engine: Engine = None, progress: ProgressCallback | None = None,
-                   views: ViewSettings = ViewSettings(),
-                   ) -> tuple[FeatureCache, ExtractionReport]:
-    """Extract with validated settings: find, plan, run, store (and the augmented views
-    of the training images, `views`)."""
+def discover(root: str | os.PathLike, split: SplitSettings) -> data.Dataset:
+    """The samples of the dataset at `root` with their labels and splits (`data.discover`)."""
+    return data.discover(dataset_path(root), split.labels, split.val_fraction,
+                         split.test_fraction, split.seed)
+
+
+def check_engine_views(engine: Engine, views: ViewSettings) -> None:
+    """Augmented views run on the local engine only."""
     if views.count and isinstance(engine, RayOptions):
         raise ProbeError("expected --engine local with --augment: augmented views are "
                          f"extracted by the local engine only. Received: engine='ray', "
                          f"augment={views.count}")
-    found = data.discover(dataset_path(dataset), split.labels, split.val_fraction,
-                          split.test_fraction, split.seed)
+
+
+def run_extraction(found: data.Dataset, extraction: ExtractionSettings, split: SplitSettings,
+                   views: ViewSettings = ViewSettings(), engine: Engine = None, *,
+                   cache_dir: str | os.PathLike | None = None,
+                   progress: ProgressCallback | None = None,
+                   ) -> tuple[FeatureCache, ExtractionReport]:
+    """Extract with validated settings from a dataset already found (`discover`, with the
+    same `split`): plan, run, store (and the augmented views of the training images,
+    `views`). `engine` is what `resolve_engine` returns. The settings are trusted: build
+    them with `ExtractionSettings.create` / `with_backbone`, `SplitSettings.create` and
+    `ViewSettings.create`."""
+    check_engine_views(engine, views)
     directory = cache_mod.resolve_cache_dir(cache_dir)
     target = plan_mod.cache_target(extraction, split, found, directory)
     sources, unreadable = stat_sources(found)
@@ -166,11 +196,11 @@ def run_extraction(dataset: str | os.PathLike, extraction: ExtractionSettings,
     if plan_mod.is_up_to_date(previous_attrs, fingerprint, views):
         store.tidy_up_to_date(directory, _lock_path(directory, target), _parts(directory, target),
                               previous)
-        report = ExtractionReport("up to date", 0, sum(previous.counts.values()),
+        report = ExtractionReport(ExtractionStatus.UP_TO_DATE, 0, sum(previous.counts.values()),
                                   len(previous.skipped), found.ignored,
                                   notes=[*found.notes(), *resealed],
                                   views_reused=views.count * previous.counts.get("train", 0))
-        emit(progress, Finished(STAGE, details={"path": previous.path, **report.as_dict()}))
+        emit(progress, ExtractionFinished(path=previous.path, report=report))
         return previous, report
     _make_directory(directory)
     with store.write_errors_as_cache_error(directory), \
@@ -226,8 +256,8 @@ def _extract_locked(found: data.Dataset, extraction: ExtractionSettings, split: 
         model = runtime_mod.load_backbone(extraction, target.path.parent, runtime_notes.append) \
             if (plan.todo or views_needed) and local_engine else None
         for note in runtime_notes:
-            emit(progress, Note(STAGE, kind="runtime", details={"message": note}))
-        emit(progress, Started(STAGE, total=len(plan.todo), details=_start_details(plan)))
+            emit(progress, RuntimeNote(message=note))
+        emit(progress, _started(plan))
         speed = {k: previous.attrs[k] for k in SPEED_ATTRS
                  if previous is not None and k in previous.attrs}
         if plan.todo:
@@ -248,11 +278,11 @@ def _extract_locked(found: data.Dataset, extraction: ExtractionSettings, split: 
     train_rows = sum(1 for entry in entries if entry.split == "train")
     ran = "" if model is None and not (plan.todo and isinstance(engine, RayOptions)) \
         else runtime_mod.runtime_of(model)
-    report = ExtractionReport("extracted", extracted, len(entries) - extracted, len(skipped),
+    report = ExtractionReport(ExtractionStatus.EXTRACTED, extracted, len(entries) - extracted, len(skipped),
                               found.ignored, plan.changes, damaged,
                               found.notes() + runtime_notes,
                               len(view_todo), views.count * train_rows - len(view_todo), ran)
-    emit(progress, Finished(STAGE, details={"path": target.path, **report.as_dict()}))
+    emit(progress, ExtractionFinished(path=target.path, report=report))
     return FeatureCache.open(target.path), report
 
 
@@ -295,7 +325,7 @@ def _run_local(model, parts: store.PartStore, rows: dict, skips: dict, decoding:
         yield len(batch)
 
 
-VIEWS_STAGE = "views"
+VIEWS_STAGE = Stage.VIEWS
 
 
 def _run_views(model, extraction: ExtractionSettings, root: Path,
@@ -309,9 +339,8 @@ def _run_views(model, extraction: ExtractionSettings, root: Path,
                                      extraction.image_size, item.view, views)
 
     images = len({item.source.key for item in todo})
-    emit(progress, Started(VIEWS_STAGE, total=len(todo),
-                           details={"todo": len(todo), "images": images,
-                                    "per_image": views.count, "policy": views.policy}))
+    emit(progress, ViewsStarted(total=len(todo), images=images, per_image=views.count,
+                                policy=views.policy))
     done = 0
     for batch in run_batches(model, extraction.spec, root, todo, extraction.image_size,
                              extraction.batch_size, load=load):
@@ -327,7 +356,7 @@ def _run_views(model, extraction: ExtractionSettings, root: Path,
             known[item.key] = cache_mod.ViewRow(str(part), "", i, item.view)
         done += len(batch)
         emit(progress, Advanced(VIEWS_STAGE, done=done, total=len(todo)))
-    emit(progress, Finished(VIEWS_STAGE, details={"extracted": len(todo)}))
+    emit(progress, ViewsFinished(extracted=len(todo)))
 
 
 def _known_views(target: plan_mod.CacheTarget, views: ViewSettings,
@@ -387,10 +416,10 @@ def resolve_engine(engine: str, workers: int | None, ray: RayOptions | None) -> 
     raise ProbeError(f"expected engine 'local' or 'ray'. Received: engine='{engine}'")
 
 
-def _start_details(plan: ExtractionPlan) -> dict[str, Any]:
-    return {"target": plan.target.path, "todo": len(plan.todo), "total": len(plan.sources),
-            "changes": plan.changes, "resumed_parts": plan.resumed_parts,
-            "damaged": plan.damaged}
+def _started(plan: ExtractionPlan) -> ExtractionStarted:
+    return ExtractionStarted(total=len(plan.todo), target=plan.target.path,
+                             images=len(plan.sources), changes=plan.changes,
+                             resumed_parts=plan.resumed_parts, damaged=plan.damaged)
 
 
 def _feature_shape(model, extraction: ExtractionSettings, rows: dict) -> tuple[int, ...]:
