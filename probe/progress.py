@@ -18,10 +18,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
-if TYPE_CHECKING:  # only for annotations: extract.py imports this module
-    from .features.extract import ExtractionReport, ExtractionStatus
+from .features.outcome import ExtractionReport, ExtractionStatus
+
 
 __all__ = [
     "Stage", "Event", "Started", "Advanced", "Note", "Finished", "ProgressCallback", "emit",
@@ -197,8 +197,6 @@ class BackboneExtracted(Note):
 
     @property
     def up_to_date(self) -> bool:
-        from .features.extract import ExtractionStatus
-
         return self.status is ExtractionStatus.UP_TO_DATE
 
 
