@@ -107,11 +107,11 @@ def test_compare_extracts_with_the_ray_engine(image_tree, monkeypatch):
 
     seen = []
 
-    def record(*args, **kwargs):
-        seen.append((kwargs["engine"], kwargs["ray"]))
+    def record(found, extraction, split, views, engine, **kwargs):
+        seen.append(("ray", engine) if isinstance(engine, RayOptions) else ("local", engine))
         raise probe.ProbeError("recorded")
 
-    monkeypatch.setattr(extract_mod, "extract_with_report", record)
+    monkeypatch.setattr(extract_mod, "run_extraction", record)
     options = RayOptions(workers=2, shard_size=8)
     probe.compare(image_tree, "vgg16", "logreg", weights="none", image_size=32,
                   engine="ray", ray=options)
