@@ -338,7 +338,7 @@ class MultiLabel(Task):
         return Objective(loss, [keras.metrics.BinaryAccuracy(name="accuracy")], None)
 
     def cache_summary(self, classes: list[str]) -> str:
-        return f"; multi-label, {len(classes)} classes"
+        return f"; multi-label, {len(classes)} class{'' if len(classes) == 1 else 'es'}"
 
     def label_count_lines(self, info: Mapping) -> list[str]:
         return [f"{'labels:':15} multi-label (images per class)",

@@ -120,3 +120,9 @@ def test_only_a_single_label_task_has_label_efficiency_curves():
     SINGLE_LABEL.check_curve("dataset 'a'")
     with pytest.raises(ProbeError, match="expected a single-label dataset"):
         MULTI_LABEL.check_curve("dataset 'b'")
+
+
+def test_the_cache_summary_counts_classes_in_words():
+    assert SINGLE_LABEL.cache_summary(["a", "b"]) == ""
+    assert MULTI_LABEL.cache_summary(["a"]) == "; multi-label, 1 class"
+    assert MULTI_LABEL.cache_summary(["a", "b"]) == "; multi-label, 2 classes"
