@@ -181,8 +181,7 @@ def backbones_command(name, show_layers, image_size) -> None:
     if name is not None or show_layers:
         if name is None or not show_layers:
             raise click.UsageError("use `probe backbones NAME --layers` (or no arguments)")
-        weights = "imagenet" if model_backbones.is_model_path(name) else "none"
-        spec = settings.ExtractionSettings.create(name, weights, image_size).spec
+        spec = settings.backbone_spec(name)
         rows = [[layer, "x".join(str(d) for d in shape)]
                 for layer, shape in model_backbones.candidate_layers(spec, image_size)]
         _echo(_table(rows, ["layer", "output shape"]), lines=True)

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import (backbones as backbones_mod, data, device, evaluate, files, heads as heads_mod, html,
+from . import (model_backbones, backbones as backbones_mod, data, device, evaluate, files, heads as heads_mod, html,
                report, run_files)
 from .features import cache as cache_mod
 from .features.engines.ray import RayOptions
@@ -34,7 +34,7 @@ from .errors import BackboneError, ProbeError
 from .progress import Advanced, Finished, Note, ProgressCallback, Started, emit
 from .settings import DEFAULT_BATCH_SIZE
 from .settings import (DEFAULT_SEED, TEST_FRACTION, VAL_FRACTION, SplitSettings, Weights,
-                       dataset_path, parse_names)
+                       backbone_spec, dataset_path, parse_names)
 
 __all__ = ["Comparison", "compare", "parse_names", "parse_image_size", "image_sizes",
            "DEFAULT_BACKBONES", "DEFAULT_HEADS"]
@@ -321,13 +321,15 @@ def _plan(dataset, backbones, heads, image_size, head_params, seed, extraction) 
     engine that can not run."""
     from .features.extract import resolve_engine
 
-    names = parse_names(backbones, DEFAULT_BACKBONES, backbones_mod.list_backbones())
+    names = parse_names(backbones, DEFAULT_BACKBONES, backbones_mod.list_backbones(),
+                        keep_case=model_backbones.is_model_path)
     head_names = parse_names(heads, DEFAULT_HEADS)
     if not names:
         raise ProbeError(f"expected at least one backbone. Received: backbones={backbones!r}")
     if not head_names:
         raise ProbeError(f"expected at least one head. Received: heads={heads!r}")
-    specs = [backbones_mod.get(name) for name in names]  # an unknown name is refused here
+    # an unknown name or a missing or unloadable .keras file is refused here
+    specs = [backbone_spec(name) for name in names]
     resolve_engine(extraction["engine"], None, extraction["ray"])  # once, not per backbone
     device.check_runtime(extraction["runtime"])
     sizes = image_sizes(specs, image_size)
@@ -349,6 +351,8 @@ def _extract_one(plan: _Plan, spec, size: int, directory: Path,
     row of the backbone (with the error when it failed)."""
     from .features.extract import extract_with_report
 
+    # a .keras model file holds its own weights: --weights is for the registry's backbones
+    own = {"weights": "model"} if model_backbones.is_model_path(model_backbones.argument(spec)) else {}
     base = {"backbone": spec.name, "image_size": size, "weights": None, "cache": None,
             "feature_size": None, "images_per_second": None, "extraction": None}
     try:
@@ -356,9 +360,10 @@ def _extract_one(plan: _Plan, spec, size: int, directory: Path,
             # Keras warns per layer when a weights file does not fit, then fails: the
             # row says why in one line instead
             warnings.simplefilter("ignore", UserWarning)
-            cache, report_ = extract_with_report(plan.found.root, spec.name, image_size=size,
+            cache, report_ = extract_with_report(plan.found.root,
+                                                 model_backbones.argument(spec), image_size=size,
                                                  cache_dir=directory, progress=progress,
-                                                 **plan.extraction)
+                                                 **{**plan.extraction, **own})
     except Exception as error:  # noqa: BLE001 - one backbone must not stop the others
         message = _message(error)
         emit(progress, Note("compare", kind="extraction-failed",

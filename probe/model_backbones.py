@@ -216,6 +216,12 @@ class CustomBackbone:
         return [self.check_unfreeze(n)]  # always raises
 
 
+def argument(spec) -> str:
+    """What `--backbone` takes to name `spec` again: a model file's path, else its name."""
+    model_file = getattr(spec, "model_file", None)
+    return str(model_file.path) if model_file is not None else spec.name
+
+
 def load_model_file(path: Path) -> "keras.Model":
     """The model in a .keras file, loaded safely (no arbitrary code), frozen."""
     keras = backbones._keras()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from . import backbones, device, model_backbones
 from .data import SPLITS
@@ -348,6 +348,12 @@ def parse_backbone(backbone: "str | os.PathLike",
     return None, name, ""
 
 
+def backbone_spec(backbone: "str | os.PathLike", preprocess: str | None = None):
+    """The spec of a --backbone value (a registry name or a .keras model file)."""
+    source, name, mode = parse_backbone(backbone, preprocess)
+    return model_backbones.resolve(name, source, (), mode)
+
+
 def _model_weights(weights: Any, name: str) -> Weights:
     """A model file holds its weights: only the default (or "model") is accepted."""
     if isinstance(weights, Weights) and weights.kind in ("model", "imagenet"):
@@ -485,9 +491,11 @@ def _split_and_path(value: "str | os.PathLike") -> tuple[str, str]:
 
 
 def parse_names(value: str | Iterable[str] | None, default: Iterable[str],
-                everything: Iterable[str] | None = None) -> list[str]:
-    """Names from a comma-separated string or a list, lower case, without repeats; "all"
-    stands for `everything` when it is given."""
+                everything: Iterable[str] | None = None,
+                keep_case: Callable[[str], bool] = lambda name: False) -> list[str]:
+    """Names from a comma-separated string or a list, lower case (except those `keep_case`
+    accepts: file paths), without repeats; "all" stands for `everything` when it is
+    given."""
     if value is None:
         items = list(default)
     elif isinstance(value, str):
@@ -496,7 +504,7 @@ def parse_names(value: str | Iterable[str] | None, default: Iterable[str],
         items = [str(v) for v in value]
     names = []
     for item in items:
-        name = item.strip().lower()
+        name = item.strip() if keep_case(item.strip()) else item.strip().lower()
         expanded = list(everything) if name == "all" and everything is not None else [name]
         names += [n for n in expanded if n and n not in names]
     return names

@@ -145,3 +145,12 @@ def test_backbones_layers_lists_the_layers_with_their_shapes(tmp_path):
     tiny_model(tmp_path / "mine.keras")
     result = CliRunner().invoke(main, ["backbones", str(tmp_path / "mine.keras"), "--layers"])
     assert "gap" in result.output and "c2          28x28x16" in result.output
+
+
+def test_compare_mixes_a_registry_name_and_a_model_file(tmp_path):
+    tiny_model(tmp_path / "Mine.keras")
+    root = make_separable_tree(tmp_path / "colours", classes=("blue", "red"), per_class=6)
+    result = probe.compare(root, f"vgg16,{tmp_path / 'Mine.keras'}", "logreg", weights="none",
+                           image_size=32, runs_dir=tmp_path / "cmp")
+    assert sorted(r["backbone"] for r in result) == ["Mine.keras", "vgg16"]
+    assert all(r["status"] == "ok" for r in result), [r.get("error") for r in result]
