@@ -16,7 +16,7 @@ import time
 
 import click
 
-from . import backbones, files, heads as heads_mod, settings
+from . import backbones, files, heads as heads_mod, model_backbones, settings
 from .features import cache as cache_mod, store
 from .compare import compare, headline as compare_headline, score_note
 from .demo import DEMO_BACKBONES, DEMO_IMAGE_SIZE, DEMO_PER_CLASS, run_demo
@@ -171,11 +171,26 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 @main.command("backbones")
-def backbones_command() -> None:
-    """List the registered backbones.
+@click.argument("name", required=False)
+@click.option("--layers", "show_layers", is_flag=True,
+              help="List NAME's layers that --layer can read, with their output shapes.")
+@click.option("--image-size", type=int, default=None,
+              help="Input size the shapes are shown at [default: the backbone's own].")
+@_fail_cleanly
+def backbones_command(name, show_layers, image_size) -> None:
+    """List the registered backbones, or with NAME --layers the layers of one (a registry
+    name or a .keras model file).
 
-    Example: probe backbones
+    Example: probe backbones vgg16 --layers
     """
+    if name is not None or show_layers:
+        if name is None or not show_layers:
+            raise click.UsageError("use `probe backbones NAME --layers` (or no arguments)")
+        spec = settings.backbone_spec(name)
+        rows = [[layer, "x".join(str(d) for d in shape)]
+                for layer, shape in model_backbones.candidate_layers(spec, image_size)]
+        _echo(_table(rows, ["layer", "output shape"]), lines=True)
+        return
     rows = []
     for name in backbones.list_backbones():
         spec = backbones.get(name)
@@ -215,7 +230,16 @@ DATASET_OPTIONS = (
                  help="Seed of the split, of random weights and of the heads."),
 )
 BACKBONE_OPTION = click.option("--backbone", "-b", default="vgg16", show_default=True,
-                               help="Backbone name (see `probe backbones`).")
+                               help="Backbone name (see `probe backbones`) or a .keras model file.")
+LAYER_OPTIONS = (
+    click.option("--layer", default=None, metavar="NAME[,NAME]",
+                 help="Read these layers (pooled, concatenated) instead of the backbone's "
+                      "output; see `probe backbones NAME --layers` [default: the output; a "
+                      ".keras file: the input of its last Dense layer]."),
+    click.option("--preprocess", type=click.Choice(sorted(backbones.PREPROCESSING)),
+                 default=None, help="A .keras file: what its pixels need [default: none, the "
+                                    "model preprocesses them itself]."),
+)
 CACHE_DIR_OPTION = click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
                                 envvar="PROBE_CACHE_DIR", help="Cache directory [default: ./.probe].")
 RUNS_DIR_OPTION = click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
@@ -358,7 +382,7 @@ class _Progress:
 
 @main.command("extract")
 @click.argument("dataset", type=click.Path())
-@_apply(BACKBONE_OPTION, *EXTRACTION_OPTIONS, *DATASET_OPTIONS, *ENGINE_OPTIONS)
+@_apply(BACKBONE_OPTION, *LAYER_OPTIONS, *EXTRACTION_OPTIONS, *DATASET_OPTIONS, *ENGINE_OPTIONS)
 @click.option("--precision", type=click.Choice(["float32", "bf16"]), default="float32",
               show_default=True,
               help="bf16: mixed bfloat16, much faster where the CPU/GPU supports it; "
@@ -367,7 +391,8 @@ class _Progress:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any file was skipped.")
 @_fail_cleanly
-def extract_command(dataset, backbone, weights, image_size, pooling, batch_size, cache_dir,
+def extract_command(dataset, backbone, layer, preprocess, weights, image_size, pooling,
+                    batch_size, cache_dir,
                     labels, val_fraction, test_fraction, seed, engine, ray_address, workers,
                     gpus_per_worker, shard_size, runtime, precision, augment, augment_policy,
                     quiet, strict) -> None:
@@ -391,7 +416,7 @@ def extract_command(dataset, backbone, weights, image_size, pooling, batch_size,
             labels=labels or None, val_fraction=val_fraction, test_fraction=test_fraction,
             seed=seed, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
             precision=precision, engine=engine, ray=ray, augment=augment,
-            augment_policy=augment_policy, runtime=runtime)
+            augment_policy=augment_policy, runtime=runtime, layer=layer, preprocess=preprocess)
     finally:
         progress.close()
     counts = ", ".join(f"{split} {n}" for split, n in result.counts.items())
@@ -1064,6 +1089,10 @@ def cache_info(path, as_json) -> None:
     for key in ("path", "dataset_root", "backbone", "weights", "image_size", "pooling",
                 "preprocessing", "feature_shape", "classes", "created"):
         _echo(f"{key + ':':15} {info[key]}")
+    if "backbone_source" in info:  # a .keras model file: where it was, and its content
+        _echo(f"{'source:':15} {info['backbone_source']} (sha256 {info['backbone_sha256']})")
+    if "layers" in info:
+        _echo(f"{'layers:':15} {', '.join(info['layers'])}")
     _echo(f"{'splits:':15} " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
     for line in Task.of_flag(info["multilabel"]).label_count_lines(info):
         _echo(line)

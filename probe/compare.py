@@ -26,7 +26,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import (backbones as backbones_mod, data, device, evaluate, files, heads as heads_mod, html,
+from . import (model_backbones, backbones as backbones_mod, data, device, evaluate, files, heads as heads_mod, html,
                report, run_files)
 from .features import cache as cache_mod
 from .features.engines.ray import RayOptions
@@ -34,7 +34,7 @@ from .errors import BackboneError, ProbeError
 from .progress import (BackboneExtracted, ComparisonFinished, ComparisonStarted, CurveFailed,
                        ExtractionFailed, HeadFitted, NextBackbone, ProgressCallback, emit)
 from .settings import (DEFAULT_BATCH_SIZE, DEFAULT_SEED, TEST_FRACTION, VAL_FRACTION,
-                       ExtractionSettings, SplitSettings, parse_names)
+                       ExtractionSettings, SplitSettings, backbone_spec, parse_names)
 # the columns of each task, importable from here as before
 from .task import (CSV_COLUMNS, INTERVAL_KEYS, ML_CSV_COLUMNS, ML_INTERVAL_KEYS,  # noqa: F401
                    ML_SCORES, ML_TABLE_COLUMNS, TABLE_COLUMNS, Task)
@@ -263,19 +263,25 @@ def _plan(dataset, backbones, heads, image_size, head_params, seed: int, *, weig
     from .features.extract import discover, resolve_engine
 
     views = ViewSettings.create(augment, augment_policy, seed)
-    names = parse_names(backbones, DEFAULT_BACKBONES, backbones_mod.list_backbones())
+    names = parse_names(backbones, DEFAULT_BACKBONES, backbones_mod.list_backbones(),
+                        keep_case=model_backbones.is_model_path)
     head_names = parse_names(heads, DEFAULT_HEADS)
     if not names:
         raise ProbeError(f"expected at least one backbone. Received: backbones={backbones!r}")
     if not head_names:
         raise ProbeError(f"expected at least one head. Received: heads={heads!r}")
-    specs = [backbones_mod.get(name) for name in names]  # an unknown name is refused here
+    # an unknown name or a missing or unloadable .keras file is refused here
+    specs = [backbone_spec(name) for name in names]
     resolved = resolve_engine(engine, None, ray)  # once, not per backbone
     device.check_runtime(runtime)
     sizes = image_sizes(specs, image_size)
     # pooling, weights (a file hashed once), batch size: checked once, for every backbone
-    extraction = ExtractionSettings.create(specs[0].name, weights, sizes[0], pooling,
-                                           batch_size=batch_size, seed=seed, runtime=runtime)
+    registry = [spec for spec in specs if not _is_model_file(spec)]
+    extraction = ExtractionSettings.create(
+        registry[0].name if registry else model_backbones.argument(specs[0]),
+        weights if registry else "model", (sizes[specs.index(registry[0])] if registry
+                                           else sizes[0]),
+        pooling, batch_size=batch_size, seed=seed, runtime=runtime)
     split = SplitSettings.create(labels, val_fraction, test_fraction, seed)
     params = _head_params(head_names, head_params, seed)
     found = discover(dataset, split)
@@ -330,6 +336,21 @@ def _write_outputs(result: Comparison, plan: _Plan, curves: dict[str, Any]) -> N
         html.write_report(result)
 
 
+def _is_model_file(spec) -> bool:
+    return model_backbones.is_model_path(model_backbones.argument(spec))
+
+
+def _extraction_of(plan: _Plan, spec, size: int) -> ExtractionSettings:
+    """The comparison's settings for one backbone; a .keras model file holds its own weights
+    (--weights is for the registry's backbones)."""
+    if not _is_model_file(spec):
+        return plan.extraction.with_backbone(spec.name, size)
+    shared = plan.extraction
+    return ExtractionSettings.create(model_backbones.argument(spec), "model", size,
+                                     shared.pooling, shared.precision, shared.batch_size,
+                                     plan.seed, shared.runtime)
+
+
 def _extract_one(plan: _Plan, spec, size: int, directory: Path,
                  progress: ProgressCallback | None) -> tuple[Any, dict]:
     """The backbone's cache (None when extraction failed) and the columns it gives every
@@ -343,7 +364,7 @@ def _extract_one(plan: _Plan, spec, size: int, directory: Path,
             # Keras warns per layer when a weights file does not fit, then fails: the
             # row says why in one line instead
             warnings.simplefilter("ignore", UserWarning)
-            extraction = plan.extraction.with_backbone(spec.name, size)
+            extraction = _extraction_of(plan, spec, size)
             cache, report_ = run_extraction(plan.found, extraction, plan.split, plan.views,
                                             plan.engine, cache_dir=directory, progress=progress)
     except Exception as error:  # noqa: BLE001 - one backbone must not stop the others

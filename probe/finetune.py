@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from . import backbones, data, evaluate
+from . import data, evaluate, model_backbones
 from ._random_state import global_random_state_kept
 from .features.cache import FeatureCache
 from .errors import DatasetError, FinetuneError, RunError
@@ -154,10 +154,22 @@ def _check_settings(source: Run, unfreeze, epochs, learning_rate, batch_size, au
             f"Fine-tune its source run ({source.config.get('finetune', {}).get('source_run')}) "
             f"with other settings instead. Received: run='{source.path}'"
         )
-    spec = backbones.get(source.config["backbone"])
+    spec = _run_spec(source.config)
     settings = FinetuneSettings(spec.check_unfreeze(unfreeze), int(epochs), float(learning_rate),
                                 int(batch_size), bool(augment), int(patience), int(seed))
     return settings, spec
+
+
+def _run_spec(config: dict):
+    """The run's backbone spec; a .keras file or a layer cut refuses fine-tuning
+    (`CustomBackbone.check_unfreeze`), before its file is read."""
+    layers = model_backbones.parse_layers(config.get("layers") or None)
+    model_file = None
+    if config.get("backbone_sha256"):
+        model_file = model_backbones.ModelFile(Path(str(config.get("backbone_source"))),
+                                               str(config["backbone_sha256"]))
+    return model_backbones.resolve(str(config["backbone"]), model_file, layers,
+                                   str(config.get("preprocessing") or "") if model_file else "")
 
 
 def _check_source(cache: FeatureCache, strict: bool, progress: ProgressCallback | None) -> None:

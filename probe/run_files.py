@@ -277,6 +277,7 @@ CONFIG_SHAPE = OBJECT.with_keys(
     cache=STRING.or_null, dataset_root=STRING.or_null, feature_key=STRING.or_null,
     source_fingerprint=STRING.or_null, weights=STRING.or_null, weights_source=STRING.or_null,
     weights_sha256=STRING.or_null, pooling=STRING.or_null, preprocessing=STRING.or_null,
+    backbone_source=STRING, backbone_sha256=STRING, layers=LIST.of(STRING),
     feature_shape=LIST.of(INTEGER), splits=OBJECT.of(INTEGER), created=STRING.or_null,
     head_params=OBJECT.or_null, fit_seconds=NUMBER.or_null, multilabel=BOOLEAN,
     thresholds=OBJECT.of(NUMBER).or_null, views=OBJECT.or_null,

@@ -317,6 +317,9 @@ def run_config(cache: FeatureCache, **extra: Any) -> dict:
         "image_size": int(attrs["image_size"]),
         "pooling": attrs.get("pooling"),
         "preprocessing": attrs.get("preprocessing"),
+        # a .keras backbone and chosen layers, where the cache has them
+        **{key: attrs[key] for key in ("backbone_source", "backbone_sha256", "layers")
+           if key in attrs},
         "feature_shape": list(cache.feature_shape),
         "classes": cache.classes,
         "dataset_root": attrs.get("dataset_root"),

@@ -18,12 +18,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
-from . import backbones, device
+from . import backbones, device, model_backbones
 from .data import SPLITS
 from .errors import BackboneError, CacheError, DatasetError, ProbeError, WeightsError
 from .files import file_sha256
+from .model_backbones import ModelFile
 
 VAL_FRACTION = 0.15  # the one place the split defaults are written
 TEST_FRACTION = 0.15
@@ -45,7 +46,9 @@ BATCHES_IN_MEMORY = 4
 class Weights:
     """Where the backbone's weights come from. Build with `Weights.parse`."""
 
-    kind: str  # "imagenet", "none" (seeded random initialisation) or "file"
+    # "imagenet", "none" (seeded random initialisation), "file", or "model": the weights
+    # inside a .keras model file backbone (`ModelFile`, which identifies them)
+    kind: str
     path: Path | None = None  # the weights file (kind "file")
     sha256: str = ""  # of the file, computed once by `parse`
     seed: int = DEFAULT_SEED  # of the random initialisation (kind "none")
@@ -71,7 +74,7 @@ class Weights:
             return f"random(seed={self.seed})"
         if self.kind == "file":
             return f"file:{self.path.name}:sha256={self.sha256[:16]}"
-        return "imagenet"
+        return "model" if self.kind == "model" else "imagenet"
 
     @property
     def source(self) -> str:
@@ -94,6 +97,8 @@ class Weights:
         source = str(attrs.get("weights_source") or "")
         if source == "none":
             weights = cls("none", seed=_recorded_weights_seed(attrs))
+        elif source == "model":
+            weights = cls("model")
         elif source == "imagenet" or (not source and identity == "imagenet"):
             weights = cls("imagenet")
         else:
@@ -218,18 +223,21 @@ class ExtractionSettings:
     here and enter `feature_settings` only when they differ from their default, so the
     keys of existing caches stay valid."""
 
-    backbone: str
+    backbone: str  # a registry name, or the model file's name (`model_file`)
     weights: Weights
     image_size: int
     pooling: str = "avg"
     precision: str = "float32"
     batch_size: int = DEFAULT_BATCH_SIZE  # how, not what: not part of the features
     runtime: str = "auto"  # how, not what: probe.device (TensorFlow or OpenVINO)
+    model_file: ModelFile | None = None  # a .keras backbone, identified by its sha256
+    layers: tuple[str, ...] = ()  # the layers read (): the backbone's default output
+    preprocess: str = ""  # a model file's preprocessing mode ("": the registry's)
 
     @classmethod
     def create(
         cls,
-        backbone: str = "vgg16",
+        backbone: "str | os.PathLike" = "vgg16",
         weights: "str | os.PathLike | Weights | None" = "imagenet",
         image_size: int | None = None,
         pooling: str = "avg",
@@ -237,47 +245,71 @@ class ExtractionSettings:
         batch_size: int = DEFAULT_BATCH_SIZE,
         seed: int = DEFAULT_SEED,
         runtime: str = "auto",
+        layer: "str | Iterable[str] | None" = None,
+        preprocess: str | None = None,
     ) -> "ExtractionSettings":
         """Validate every value once; `seed` seeds random weights (`weights="none"`);
-        `runtime` is what runs the backbone (`probe.device`: auto, tensorflow, openvino)."""
-
-        spec = backbones.get(backbone)
+        `runtime` is what runs the backbone (`probe.device`: auto, tensorflow, openvino).
+        `backbone` is a registry name or the path of a .keras model file (hashed here,
+        once; `preprocess` says what its pixels need, default none); `layer` names the
+        layer(s) whose pooled outputs are the features ("a,b": concatenated)."""
+        source, name, mode = parse_backbone(backbone, preprocess)
+        layers = model_backbones.parse_layers(layer)
+        spec = model_backbones.resolve(name, source, layers, mode)
         size = spec.check_image_size(image_size)
         backbones.check_pooling(pooling)
         check_batch_size(batch_size)
         check_precision(precision)
         device.check_runtime(runtime, precision)
-        return cls(spec.name, Weights.parse(weights, seed), size, pooling, precision, batch_size,
-                   runtime)
+        parsed = _model_weights(weights, name) if source else Weights.parse(weights, seed)
+        made = cls(spec.name, parsed, size, pooling, precision, batch_size, runtime, source,
+                   layers, mode)
+        if layers:
+            made.spec.feature_shape(size, pooling)  # an unknown layer is refused here
+        return made
 
     @property
-    def spec(self) -> backbones.BackboneSpec:
-        return backbones.get(self.backbone)
+    def spec(self) -> "backbones.BackboneSpec | model_backbones.CustomBackbone":
+        return model_backbones.resolve(self.backbone, self.model_file, self.layers,
+                                       self.preprocess)
 
     def with_backbone(self, backbone: str, image_size: int | None = None) -> "ExtractionSettings":
-        """The same settings for another backbone (weights are not hashed again)."""
+        """The same settings for another registry backbone (weights are not hashed again)."""
         spec = backbones.get(backbone)
-        return replace(self, backbone=spec.name, image_size=spec.check_image_size(image_size))
+        return replace(self, backbone=spec.name, image_size=spec.check_image_size(image_size),
+                       model_file=None, layers=(), preprocess="")
 
     def feature_settings(self) -> dict[str, Any]:
-        """The values that define the features (and the cache key)."""
-        settings = {"backbone": self.backbone, "weights": self.weights.identity,
+        """The values that define the features (and the cache key). A model file enters as
+        its content, so renaming or moving it keeps the key."""
+        backbone = self.model_file.identity if self.model_file else self.backbone
+        settings = {"backbone": backbone, "weights": self.weights.identity,
                     "image_size": self.image_size, "pooling": self.pooling,
                     "preprocessing": self.spec.preprocessing}
         if self.precision != "float32":  # float32 caches keep the key they always had
             settings["precision"] = self.precision
+        if self.layers:  # caches of the default layer keep their key
+            settings["layers"] = list(self.layers)
         return settings
 
     def to_attrs(self) -> dict[str, Any]:
-        """The cache attributes these settings write."""
-        return {**self.feature_settings(), **self.weights.to_attrs()}
+        """The cache attributes these settings write (a model file: its name, path at
+        extraction and sha256)."""
+        attrs = {**self.feature_settings(), **self.weights.to_attrs()}
+        if self.model_file:
+            attrs.update(backbone=self.backbone, backbone_source=str(self.model_file.path),
+                         backbone_sha256=self.model_file.sha256)
+        return attrs
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any], batch_size: int = DEFAULT_BATCH_SIZE) -> "ExtractionSettings":
         """The settings a cache (or a run's config, which copies them) was written with;
-        bounds are checked again (the file may have been edited)."""
+        bounds are checked again (the file may have been edited). A model file is read
+        from its recorded path and must still have the recorded sha256."""
         try:
-            spec = backbones.get(str(attrs["backbone"]))
+            source, mode = _recorded_model(attrs)
+            layers = model_backbones.parse_layers(attrs.get("layers") or None)
+            spec = model_backbones.resolve(str(attrs["backbone"]), source, layers, mode)
             size = spec.check_image_size(int(attrs["image_size"]))
             pooling = backbones.check_pooling(str(attrs.get("pooling") or "avg"))
         except (KeyError, TypeError, ValueError, BackboneError) as error:
@@ -290,13 +322,57 @@ class ExtractionSettings:
             raise CacheError(f"expected precision to be one of {', '.join(PRECISIONS)}; the "
                              f"cache says {precision!r}. Extract again with `probe extract`.")
         return cls(spec.name, Weights.from_attrs(attrs), size, pooling, precision,
-                   check_batch_size(batch_size))
+                   check_batch_size(batch_size), "auto", source, layers, mode)
 
     def cache_stem(self, dataset_name: str) -> str:
         """`<dataset>-<backbone>-<size>-<pooling>[-<precision>]` of the cache file name."""
         cleaned = "".join(c if c.isalnum() or c in "-_" else "_" for c in dataset_name)
-        name = f"{cleaned.strip('_') or 'dataset'}-{self.backbone}-{self.image_size}-{self.pooling}"
+        # a model file by its content, so that a renamed file finds its cache
+        backbone = f"file{self.model_file.sha256[:8]}" if self.model_file else self.backbone
+        name = f"{cleaned.strip('_') or 'dataset'}-{backbone}-{self.image_size}-{self.pooling}"
         return name if self.precision == "float32" else f"{name}-{self.precision}"
+
+
+def parse_backbone(backbone: "str | os.PathLike",
+                   preprocess: str | None) -> tuple[ModelFile | None, str, str]:
+    """(model file or None, name, preprocessing mode) of a --backbone value: a registry
+    name, or a path ending in .keras (hashed once). --preprocess is for model files only."""
+    if model_backbones.is_model_path(backbone):
+        source = ModelFile.parse(backbone)
+        return source, source.path.name, model_backbones.check_preprocess(preprocess or "none")
+    name = backbones.get(str(backbone)).name
+    if preprocess not in (None, ""):
+        raise BackboneError(
+            f"--preprocess is for a .keras model file; {name} preprocesses as Keras does "
+            f"({backbones.get(name).preprocessing}). Leave it out. Received: preprocess='{preprocess}'")
+    return None, name, ""
+
+
+def backbone_spec(backbone: "str | os.PathLike", preprocess: str | None = None):
+    """The spec of a --backbone value (a registry name or a .keras model file)."""
+    source, name, mode = parse_backbone(backbone, preprocess)
+    return model_backbones.resolve(name, source, (), mode)
+
+
+def _model_weights(weights: Any, name: str) -> Weights:
+    """A model file holds its weights: only the default (or "model") is accepted."""
+    if isinstance(weights, Weights) and weights.kind in ("model", "imagenet"):
+        return Weights("model")
+    if weights is None or str(weights).lower() not in ("imagenet", "model"):
+        raise WeightsError(
+            f"{name} is a model file and holds its own weights; leave out --weights. "
+            f"Received: weights='{weights}'")
+    return Weights("model")
+
+
+def _recorded_model(attrs: Mapping[str, Any]) -> tuple[ModelFile | None, str]:
+    """The model file and preprocessing mode a cache or run records (None, "": a registry
+    backbone)."""
+    sha256 = attrs.get("backbone_sha256")
+    if not sha256:
+        return None, ""
+    mode = model_backbones.check_preprocess(str(attrs.get("preprocessing") or "none"))
+    return ModelFile.recorded(str(attrs.get("backbone_source") or ""), str(sha256)), mode
 
 
 # --- splits -----------------------------------------------------------------------------
@@ -415,9 +491,11 @@ def _split_and_path(value: "str | os.PathLike") -> tuple[str, str]:
 
 
 def parse_names(value: str | Iterable[str] | None, default: Iterable[str],
-                everything: Iterable[str] | None = None) -> list[str]:
-    """Names from a comma-separated string or a list, lower case, without repeats; "all"
-    stands for `everything` when it is given."""
+                everything: Iterable[str] | None = None,
+                keep_case: Callable[[str], bool] = lambda name: False) -> list[str]:
+    """Names from a comma-separated string or a list, lower case (except those `keep_case`
+    accepts: file paths), without repeats; "all" stands for `everything` when it is
+    given."""
     if value is None:
         items = list(default)
     elif isinstance(value, str):
@@ -426,7 +504,7 @@ def parse_names(value: str | Iterable[str] | None, default: Iterable[str],
         items = [str(v) for v in value]
     names = []
     for item in items:
-        name = item.strip().lower()
+        name = item.strip() if keep_case(item.strip()) else item.strip().lower()
         expanded = list(everything) if name == "all" and everything is not None else [name]
         names += [n for n in expanded if n and n not in names]
     return names

@@ -69,6 +69,8 @@ def extract(
     augment: int = 0,
     augment_policy: str = augment_mod.DEFAULT_POLICY,
     runtime: str = "auto",
+    layer: Any = None,
+    preprocess: str | None = None,
 ) -> FeatureCache:
     """Extract the features of every image of `dataset` into an HDF5 cache and return it.
 
@@ -89,6 +91,8 @@ def extract(
     `runtime` runs the backbone: "tensorflow", "openvino" (`pip install 'probe[openvino]'`,
     faster on the CPU, the same features up to float rounding) or "auto" (OpenVINO where
     it is installed and the precision is float32, on a machine without a GPU).
+    `backbone` may be the path of a .keras model file (`preprocess`: what its pixels need,
+    "none" when the model does it); `layer` "a,b" reads those layers, pooled, concatenated.
 
     >>> cache = probe.extract("cats_vs_dogs/", "vgg16", weights="none", image_size=64)
     """
@@ -97,7 +101,7 @@ def extract(
         labels=labels, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
         batch_size=batch_size, cache_dir=cache_dir, workers=workers, progress=progress,
         precision=precision, engine=engine, ray=ray, augment=augment,
-        augment_policy=augment_policy, runtime=runtime)[0]
+        augment_policy=augment_policy, runtime=runtime, layer=layer, preprocess=preprocess)[0]
 
 
 def extract_with_report(dataset: str | os.PathLike, backbone: str = "vgg16", *,
@@ -109,7 +113,8 @@ def extract_with_report(dataset: str | os.PathLike, backbone: str = "vgg16", *,
                         progress: ProgressCallback | None = None, precision: str = "float32",
                         engine: str = "local", ray: RayOptions | None = None,
                         augment: int = 0, augment_policy: str = augment_mod.DEFAULT_POLICY,
-                        runtime: str = "auto") -> tuple[FeatureCache, ExtractionReport]:
+                        runtime: str = "auto", layer: Any = None,
+                        preprocess: str | None = None) -> tuple[FeatureCache, ExtractionReport]:
     """`extract`, returning the cache and the `ExtractionReport` of this run.
 
     >>> cache, report = probe.extract_with_report("cats_vs_dogs/", "vgg16", weights="none")
@@ -117,7 +122,7 @@ def extract_with_report(dataset: str | os.PathLike, backbone: str = "vgg16", *,
     """
     root = dataset_path(dataset)
     extraction = ExtractionSettings.create(backbone, weights, image_size, pooling, precision,
-                                           batch_size, seed, runtime)
+                                           batch_size, seed, runtime, layer, preprocess)
     split = SplitSettings.create(labels, val_fraction, test_fraction, seed)
     views = ViewSettings.create(augment, augment_policy, seed)
     resolved = resolve_engine(engine, workers, ray)

@@ -324,6 +324,10 @@ ATTR_RULES = {  # attribute: (required, rule, what the format promises)
     "test_fraction": (False, _is_fraction, "a fraction in [0, 1)"),
     "ignored_files": (False, _is_count, "a count"),
     "weights_source": (False, _is_text, "a weights source"),
+    "backbone_source": (False, _is_text, "the path of a .keras model file"),
+    "backbone_sha256": (False, _is_hex, "a sha256"),
+    "layers": (False, lambda v: isinstance(v, list) and len(v) >= 1 and all(
+        _is_text(n) for n in v), "a list of layer names"),
     "created": (False, lambda v: isinstance(v, str), "a date"),
     "versions": (False, lambda v: isinstance(v, dict), "a JSON object"),
     "attrs_checksum": (False, _is_hex, "a sha256"),
