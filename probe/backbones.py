@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     import numpy as np
 
 POOLINGS = ("avg", "max", "none")
+# the tokens of a transformer (a KerasHub preset, `probe.hub_backbones`)
+TOKEN_POOLINGS = ("cls", "mean", "cls+mean")
 # The largest input size probe accepts: the pixels of one 32-image batch at this size take
 # 400 MB, and the backbones' activations many times more.
 MAX_IMAGE_SIZE = 1024
@@ -451,6 +453,11 @@ def parse_weights(weights: str | os.PathLike | None) -> tuple[str, Path | None]:
 
 
 def check_pooling(pooling: str) -> str:
+    if pooling in TOKEN_POOLINGS:
+        raise BackboneError(
+            f"--pooling {pooling} pools the tokens of a transformer (a KerasHub preset, "
+            f"--backbone hub:NAME); this backbone outputs feature maps: use avg, max or none. "
+            f"Received: pooling='{pooling}'")
     if pooling not in POOLINGS:
         raise BackboneError(
             f"expected pooling to be one of {', '.join(POOLINGS)}. Received: pooling='{pooling}'"

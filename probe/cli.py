@@ -230,7 +230,8 @@ DATASET_OPTIONS = (
                  help="Seed of the split, of random weights and of the heads."),
 )
 BACKBONE_OPTION = click.option("--backbone", "-b", default="vgg16", show_default=True,
-                               help="Backbone name (see `probe backbones`) or a .keras model file.")
+                               help="Backbone name (see `probe backbones`), a .keras model file, "
+                                    "hub:PRESET (KerasHub) or a KerasHub preset directory.")
 LAYER_OPTIONS = (
     click.option("--layer", default=None, metavar="NAME[,NAME]",
                  help="Read these layers (pooled, concatenated) instead of the backbone's "
@@ -239,6 +240,9 @@ LAYER_OPTIONS = (
     click.option("--preprocess", type=click.Choice(sorted(backbones.PREPROCESSING)),
                  default=None, help="A .keras file: what its pixels need [default: none, the "
                                     "model preprocesses them itself]."),
+    click.option("--blocks", type=click.IntRange(0, 64), default=0,
+                 help="A KerasHub transformer: concatenate the pooled tokens of its last N "
+                      "blocks (DINOv2's linear evaluation uses 4) [default: 0, its output]."),
 )
 CACHE_DIR_OPTION = click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
                                 envvar="PROBE_CACHE_DIR", help="Cache directory [default: ./.probe].")
@@ -260,8 +264,11 @@ def EXTRACTION_OPTIONS_FOR(image_size=IMAGE_SIZE_OPTION) -> tuple:
         click.option("--weights", default="imagenet", show_default=True,
                      help="'imagenet' (downloaded once), 'none' (random) or a weights file."),
         image_size,
-        click.option("--pooling", type=click.Choice(backbones.POOLINGS), default="avg",
-                     show_default=True, help="'none' keeps the spatial feature map."),
+        click.option("--pooling", type=click.Choice((*backbones.POOLINGS,
+                                                    *backbones.TOKEN_POOLINGS)),
+                     default="avg", show_default=True,
+                     help="'none' keeps the spatial feature map. Transformer tokens (KerasHub): "
+                          "cls, mean (of the patch tokens; avg means mean) or cls+mean."),
         click.option("--batch-size", type=int, default=settings.DEFAULT_BATCH_SIZE,
                      show_default=True, help=f"Images per batch (1 to {settings.MAX_BATCH_SIZE})."),
         CACHE_DIR_OPTION,
@@ -391,7 +398,7 @@ class _Progress:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any file was skipped.")
 @_fail_cleanly
-def extract_command(dataset, backbone, layer, preprocess, weights, image_size, pooling,
+def extract_command(dataset, backbone, layer, preprocess, blocks, weights, image_size, pooling,
                     batch_size, cache_dir,
                     labels, val_fraction, test_fraction, seed, engine, ray_address, workers,
                     gpus_per_worker, shard_size, runtime, precision, augment, augment_policy,
@@ -416,7 +423,8 @@ def extract_command(dataset, backbone, layer, preprocess, weights, image_size, p
             labels=labels or None, val_fraction=val_fraction, test_fraction=test_fraction,
             seed=seed, batch_size=batch_size, cache_dir=cache_dir, progress=progress,
             precision=precision, engine=engine, ray=ray, augment=augment,
-            augment_policy=augment_policy, runtime=runtime, layer=layer, preprocess=preprocess)
+            augment_policy=augment_policy, runtime=runtime, layer=layer, preprocess=preprocess,
+            blocks=blocks)
     finally:
         progress.close()
     counts = ", ".join(f"{split} {n}" for split, n in result.counts.items())
@@ -1091,6 +1099,10 @@ def cache_info(path, as_json) -> None:
         _echo(f"{key + ':':15} {info[key]}")
     if "backbone_source" in info:  # a .keras model file: where it was, and its content
         _echo(f"{'source:':15} {info['backbone_source']} (sha256 {info['backbone_sha256']})")
+    if "hub_source" in info:  # a KerasHub preset: where it was, and its files' content
+        _echo(f"{'source:':15} {info['hub_source']} (sha256 {info['hub_sha256']})")
+    if "blocks" in info:
+        _echo(f"{'blocks:':15} last {info['blocks']}")
     if "layers" in info:
         _echo(f"{'layers:':15} {', '.join(info['layers'])}")
     _echo(f"{'splits:':15} " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))

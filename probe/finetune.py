@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from . import data, evaluate, model_backbones
+from . import data, evaluate, hub_backbones, model_backbones
 from ._random_state import global_random_state_kept
 from .features.cache import FeatureCache
 from .errors import DatasetError, FinetuneError, RunError
@@ -163,6 +163,10 @@ def _check_settings(source: Run, unfreeze, epochs, learning_rate, batch_size, au
 def _run_spec(config: dict):
     """The run's backbone spec; a .keras file or a layer cut refuses fine-tuning
     (`CustomBackbone.check_unfreeze`), before its file is read."""
+    if config.get("hub_sha256"):  # refuses fine-tuning before its files are read
+        source = str(config.get("hub_source"))
+        return hub_backbones.HubBackbone(
+            hub_backbones.HubPreset(source, Path(source), str(config["hub_sha256"])))
     layers = model_backbones.parse_layers(config.get("layers") or None)
     model_file = None
     if config.get("backbone_sha256"):

@@ -278,6 +278,7 @@ CONFIG_SHAPE = OBJECT.with_keys(
     source_fingerprint=STRING.or_null, weights=STRING.or_null, weights_source=STRING.or_null,
     weights_sha256=STRING.or_null, pooling=STRING.or_null, preprocessing=STRING.or_null,
     backbone_source=STRING, backbone_sha256=STRING, layers=LIST.of(STRING),
+    hub_source=STRING, hub_sha256=STRING, blocks=INTEGER,
     feature_shape=LIST.of(INTEGER), splits=OBJECT.of(INTEGER), created=STRING.or_null,
     head_params=OBJECT.or_null, fit_seconds=NUMBER.or_null, multilabel=BOOLEAN,
     thresholds=OBJECT.of(NUMBER).or_null, views=OBJECT.or_null,

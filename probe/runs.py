@@ -318,7 +318,8 @@ def run_config(cache: FeatureCache, **extra: Any) -> dict:
         "pooling": attrs.get("pooling"),
         "preprocessing": attrs.get("preprocessing"),
         # a .keras backbone and chosen layers, where the cache has them
-        **{key: attrs[key] for key in ("backbone_source", "backbone_sha256", "layers")
+        **{key: attrs[key] for key in ("backbone_source", "backbone_sha256", "layers",
+                                   "hub_source", "hub_sha256", "blocks")
            if key in attrs},
         "feature_shape": list(cache.feature_shape),
         "classes": cache.classes,

@@ -20,10 +20,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from . import backbones, device, model_backbones
+from . import backbones, device, hub_backbones, model_backbones
 from .data import SPLITS
 from .errors import BackboneError, CacheError, DatasetError, ProbeError, WeightsError
 from .files import file_sha256
+from .hub_backbones import HubPreset
 from .model_backbones import ModelFile
 
 VAL_FRACTION = 0.15  # the one place the split defaults are written
@@ -233,6 +234,8 @@ class ExtractionSettings:
     model_file: ModelFile | None = None  # a .keras backbone, identified by its sha256
     layers: tuple[str, ...] = ()  # the layers read (): the backbone's default output
     preprocess: str = ""  # a model file's preprocessing mode ("": the registry's)
+    hub: HubPreset | None = None  # a KerasHub preset, identified by its files' sha256
+    blocks: int = 0  # a hub transformer's last blocks read (0: its output)
 
     @classmethod
     def create(
@@ -247,12 +250,21 @@ class ExtractionSettings:
         runtime: str = "auto",
         layer: "str | Iterable[str] | None" = None,
         preprocess: str | None = None,
+        blocks: int = 0,
     ) -> "ExtractionSettings":
         """Validate every value once; `seed` seeds random weights (`weights="none"`);
         `runtime` is what runs the backbone (`probe.device`: auto, tensorflow, openvino).
         `backbone` is a registry name or the path of a .keras model file (hashed here,
         once; `preprocess` says what its pixels need, default none); `layer` names the
-        layer(s) whose pooled outputs are the features ("a,b": concatenated)."""
+        layer(s) whose pooled outputs are the features ("a,b": concatenated). "hub:NAME"
+        or a preset directory is a KerasHub preset (`blocks`: its last transformer blocks)."""
+        if hub_backbones.is_hub_value(backbone):
+            return cls._create_hub(HubPreset.parse(backbone), weights, image_size, pooling,
+                                   precision, batch_size, runtime, layer, preprocess, blocks)
+        if blocks:
+            raise BackboneError(f"--blocks reads the transformer blocks of a KerasHub preset "
+                                f"(--backbone hub:NAME or a preset directory); leave it out for "
+                                f"{backbone}. Received: blocks={blocks!r}")
         source, name, mode = parse_backbone(backbone, preprocess)
         layers = model_backbones.parse_layers(layer)
         spec = model_backbones.resolve(name, source, layers, mode)
@@ -268,8 +280,32 @@ class ExtractionSettings:
             made.spec.feature_shape(size, pooling)  # an unknown layer is refused here
         return made
 
+    @classmethod
+    def _create_hub(cls, preset: HubPreset, weights, image_size, pooling: str, precision: str,
+                    batch_size: int, runtime: str, layer, preprocess,
+                    blocks: int) -> "ExtractionSettings":
+        """`create` for a KerasHub preset: its converter preprocesses, its files hold the
+        weights; avg on tokens is recorded as mean (`HubBackbone.check_pooling`)."""
+        if layer or preprocess:
+            raise BackboneError(
+                f"--layer and --preprocess are not for a KerasHub preset ({preset.name}: its "
+                f"image converter preprocesses; --blocks N reads its last blocks). Received: "
+                f"layer={layer!r}, preprocess={preprocess!r}")
+        spec = hub_backbones.resolve(preset, blocks)
+        size = spec.check_image_size(image_size)
+        pooling = spec.check_pooling(pooling)
+        check_batch_size(batch_size)
+        check_precision(precision)
+        device.check_runtime(runtime, precision)
+        made = cls(spec.name, _model_weights(weights, spec.name), size, pooling, precision,
+                   batch_size, runtime, hub=preset, blocks=blocks)
+        made.spec.feature_shape(size, pooling)  # too many --blocks are refused here
+        return made
+
     @property
     def spec(self) -> "backbones.BackboneSpec | model_backbones.CustomBackbone":
+        if self.hub is not None:
+            return hub_backbones.resolve(self.hub, self.blocks)
         return model_backbones.resolve(self.backbone, self.model_file, self.layers,
                                        self.preprocess)
 
@@ -277,12 +313,13 @@ class ExtractionSettings:
         """The same settings for another registry backbone (weights are not hashed again)."""
         spec = backbones.get(backbone)
         return replace(self, backbone=spec.name, image_size=spec.check_image_size(image_size),
-                       model_file=None, layers=(), preprocess="")
+                       model_file=None, layers=(), preprocess="", hub=None, blocks=0)
 
     def feature_settings(self) -> dict[str, Any]:
         """The values that define the features (and the cache key). A model file enters as
         its content, so renaming or moving it keeps the key."""
-        backbone = self.model_file.identity if self.model_file else self.backbone
+        backbone = (self.hub.identity if self.hub else
+                    self.model_file.identity if self.model_file else self.backbone)
         settings = {"backbone": backbone, "weights": self.weights.identity,
                     "image_size": self.image_size, "pooling": self.pooling,
                     "preprocessing": self.spec.preprocessing}
@@ -290,6 +327,8 @@ class ExtractionSettings:
             settings["precision"] = self.precision
         if self.layers:  # caches of the default layer keep their key
             settings["layers"] = list(self.layers)
+        if self.blocks:
+            settings["blocks"] = self.blocks
         return settings
 
     def to_attrs(self) -> dict[str, Any]:
@@ -299,6 +338,9 @@ class ExtractionSettings:
         if self.model_file:
             attrs.update(backbone=self.backbone, backbone_source=str(self.model_file.path),
                          backbone_sha256=self.model_file.sha256)
+        if self.hub:  # not backbone_sha256: older probes would read it as a model file
+            attrs.update(backbone=self.backbone, hub_source=self.hub.source,
+                         hub_sha256=self.hub.sha256)
         return attrs
 
     @classmethod
@@ -306,6 +348,8 @@ class ExtractionSettings:
         """The settings a cache (or a run's config, which copies them) was written with;
         bounds are checked again (the file may have been edited). A model file is read
         from its recorded path and must still have the recorded sha256."""
+        if attrs.get("hub_sha256"):
+            return cls._from_hub_attrs(attrs, batch_size)
         try:
             source, mode = _recorded_model(attrs)
             layers = model_backbones.parse_layers(attrs.get("layers") or None)
@@ -324,11 +368,33 @@ class ExtractionSettings:
         return cls(spec.name, Weights.from_attrs(attrs), size, pooling, precision,
                    check_batch_size(batch_size), "auto", source, layers, mode)
 
+    @classmethod
+    def _from_hub_attrs(cls, attrs: Mapping[str, Any], batch_size: int) -> "ExtractionSettings":
+        """`from_attrs` of a KerasHub preset: found again at its recorded source with the
+        recorded files (`HubPreset.recorded`)."""
+        preset = HubPreset.recorded(str(attrs.get("hub_source") or ""), str(attrs["hub_sha256"]))
+        try:
+            spec = hub_backbones.resolve(preset, int(attrs.get("blocks") or 0))
+            size = spec.check_image_size(int(attrs["image_size"]))
+            pooling = spec.check_pooling(str(attrs.get("pooling") or "avg"))
+        except (KeyError, TypeError, ValueError, BackboneError) as error:
+            raise CacheError(
+                f"expected the extraction settings of a KerasHub backbone (image_size, "
+                f"pooling, blocks); found unusable values ({error}). Extract again with "
+                "`probe extract`.") from None
+        precision = str(attrs.get("precision") or "float32")
+        if precision not in PRECISIONS:
+            raise CacheError(f"expected precision to be one of {', '.join(PRECISIONS)}; the "
+                             f"cache says {precision!r}. Extract again with `probe extract`.")
+        return cls(spec.name, Weights("model"), size, pooling, precision,
+                   check_batch_size(batch_size), "auto", hub=preset, blocks=spec.blocks)
+
     def cache_stem(self, dataset_name: str) -> str:
         """`<dataset>-<backbone>-<size>-<pooling>[-<precision>]` of the cache file name."""
         cleaned = "".join(c if c.isalnum() or c in "-_" else "_" for c in dataset_name)
         # a model file by its content, so that a renamed file finds its cache
-        backbone = f"file{self.model_file.sha256[:8]}" if self.model_file else self.backbone
+        backbone = (f"hub{self.hub.sha256[:8]}" if self.hub else
+                    f"file{self.model_file.sha256[:8]}" if self.model_file else self.backbone)
         name = f"{cleaned.strip('_') or 'dataset'}-{backbone}-{self.image_size}-{self.pooling}"
         return name if self.precision == "float32" else f"{name}-{self.precision}"
 

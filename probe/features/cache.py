@@ -361,7 +361,8 @@ class FeatureCache:
             "image_size": self.attrs["image_size"],
             "pooling": self.attrs["pooling"],
             "preprocessing": self.attrs["preprocessing"],
-            **{key: self.attrs[key] for key in ("backbone_source", "backbone_sha256", "layers")
+            **{key: self.attrs[key] for key in ("backbone_source", "backbone_sha256", "layers",
+                                "hub_source", "hub_sha256", "blocks")
                if key in self.attrs},
             "feature_shape": list(self.feature_shape),
             "dataset_root": self.attrs["dataset_root"],

@@ -71,6 +71,7 @@ def extract(
     runtime: str = "auto",
     layer: Any = None,
     preprocess: str | None = None,
+    blocks: int = 0,
 ) -> FeatureCache:
     """Extract the features of every image of `dataset` into an HDF5 cache and return it.
 
@@ -93,6 +94,9 @@ def extract(
     it is installed and the precision is float32, on a machine without a GPU).
     `backbone` may be the path of a .keras model file (`preprocess`: what its pixels need,
     "none" when the model does it); `layer` "a,b" reads those layers, pooled, concatenated.
+    `backbone` "hub:NAME" or a preset directory is a KerasHub preset (`pip install
+    'probe[hub]'`; `pooling` "cls", "mean" or "cls+mean" for its tokens, `blocks` N: the
+    last N transformer blocks, pooled, concatenated).
 
     >>> cache = probe.extract("cats_vs_dogs/", "vgg16", weights="none", image_size=64)
     """
@@ -101,7 +105,8 @@ def extract(
         labels=labels, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
         batch_size=batch_size, cache_dir=cache_dir, workers=workers, progress=progress,
         precision=precision, engine=engine, ray=ray, augment=augment,
-        augment_policy=augment_policy, runtime=runtime, layer=layer, preprocess=preprocess)[0]
+        augment_policy=augment_policy, runtime=runtime, layer=layer, preprocess=preprocess,
+        blocks=blocks)[0]
 
 
 def extract_with_report(dataset: str | os.PathLike, backbone: str = "vgg16", *,
@@ -114,7 +119,8 @@ def extract_with_report(dataset: str | os.PathLike, backbone: str = "vgg16", *,
                         engine: str = "local", ray: RayOptions | None = None,
                         augment: int = 0, augment_policy: str = augment_mod.DEFAULT_POLICY,
                         runtime: str = "auto", layer: Any = None,
-                        preprocess: str | None = None) -> tuple[FeatureCache, ExtractionReport]:
+                        preprocess: str | None = None,
+                        blocks: int = 0) -> tuple[FeatureCache, ExtractionReport]:
     """`extract`, returning the cache and the `ExtractionReport` of this run.
 
     >>> cache, report = probe.extract_with_report("cats_vs_dogs/", "vgg16", weights="none")
@@ -122,7 +128,8 @@ def extract_with_report(dataset: str | os.PathLike, backbone: str = "vgg16", *,
     """
     root = dataset_path(dataset)
     extraction = ExtractionSettings.create(backbone, weights, image_size, pooling, precision,
-                                           batch_size, seed, runtime, layer, preprocess)
+                                           batch_size, seed, runtime, layer, preprocess,
+                                           blocks)
     split = SplitSettings.create(labels, val_fraction, test_fraction, seed)
     views = ViewSettings.create(augment, augment_policy, seed)
     resolved = resolve_engine(engine, workers, ray)
@@ -401,7 +408,7 @@ def _feature_shape(model, extraction: ExtractionSettings, rows: dict) -> tuple[i
     if model is not None:
         return tuple(int(d) for d in model.output_shape[1:])
     if extraction.pooling != "none":
-        return (extraction.spec.feature_size,)
+        return tuple(extraction.spec.feature_shape(extraction.image_size, extraction.pooling))
     for row in rows.values():
         if row.group:
             return tuple(FeatureCache.open(row.source).feature_shape)

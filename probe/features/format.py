@@ -311,7 +311,8 @@ ATTR_RULES = {  # attribute: (required, rule, what the format promises)
     "weights": (True, _is_text, "a weights name"),
     "image_size": (True, lambda v: _is_int(v) and 1 <= v <= MAX_IMAGE_SIZE,
                    f"an integer in 1..{MAX_IMAGE_SIZE}"),
-    "pooling": (True, lambda v: v in ("avg", "max", "none"), "avg, max or none"),
+    "pooling": (True, lambda v: v in ("avg", "max", "none", "cls", "mean", "cls+mean"),
+                "avg, max, none, cls, mean or cls+mean"),
     "preprocessing": (True, _is_text, "a preprocessing name"),
     "feature_shape": (True, lambda v: isinstance(v, list) and 1 <= len(v) <= 3 and all(
         _is_int(d) and 1 <= d <= 1 << 20 for d in v), "a list of 1 to 3 positive integers"),
@@ -326,6 +327,9 @@ ATTR_RULES = {  # attribute: (required, rule, what the format promises)
     "weights_source": (False, _is_text, "a weights source"),
     "backbone_source": (False, _is_text, "the path of a .keras model file"),
     "backbone_sha256": (False, _is_hex, "a sha256"),
+    "hub_source": (False, _is_text, "a KerasHub preset (hub:NAME or its directory)"),
+    "hub_sha256": (False, _is_hex, "a sha256"),
+    "blocks": (False, lambda v: _is_int(v) and 1 <= v <= 64, "a count of blocks, 1 to 64"),
     "layers": (False, lambda v: isinstance(v, list) and len(v) >= 1 and all(
         _is_text(n) for n in v), "a list of layer names"),
     "created": (False, lambda v: isinstance(v, str), "a date"),

@@ -1,0 +1,160 @@
+"""KerasHub presets as backbones: a tiny random DINOv2 saved as a preset directory."""
+
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import probe
+from conftest import make_image, make_separable_tree
+from probe import data
+from probe.cli import main
+from probe.errors import BackboneError, WeightsError
+
+pytest.importorskip("keras_hub")
+
+SIZE = 28  # 2x2 patches of 14 pixels
+REGISTERS = 1  # tokens: [class, register, 4 patches]
+
+
+def save_preset(directory, seed=0):
+    """A 2-block DINOv2 (hidden 16, 2 heads) with random weights and its image converter
+    (ImageNet mean/std), saved as a KerasHub preset directory."""
+    import keras
+    import keras_hub
+
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.DINOV2Backbone(
+        patch_size=14, num_layers=2, hidden_dim=16, num_heads=2, intermediate_dim=32,
+        layer_scale_init_value=1.0, num_register_tokens=REGISTERS,
+        image_shape=(SIZE, SIZE, 3), position_embedding_shape=(SIZE, SIZE, 3))
+    std = np.array([0.229, 0.224, 0.225])
+    converter = keras_hub.layers.DINOV2ImageConverter(
+        image_size=(SIZE, SIZE), scale=list(1 / (255 * std)),
+        offset=list(-np.array([0.485, 0.456, 0.406]) / std))
+    backbone.save_to_preset(str(directory))
+    converter.save_to_preset(str(directory))
+    return backbone, converter
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hub") / "tiny_dinov2"
+    backbone, converter = save_preset(directory)
+    return directory, backbone, converter
+
+
+def small_tree(root):
+    for c, cls in enumerate(["a", "b"]):
+        for i in range(3):
+            make_image(root / "train" / cls / f"{i}.png", seed=10 * c + i, size=(30 + i, 20))
+    return root
+
+
+def relative_close(got, expected, tolerance=1e-4):
+    scale = max(float(np.max(np.abs(expected))), 1e-12)
+    assert got.shape == expected.shape
+    assert float(np.max(np.abs(got - expected))) / scale <= tolerance
+
+
+def tokens_of(root, cache, backbone, converter):
+    """The backbone's own output on the converter's output of the cache's images."""
+    pixels = np.stack([data.load_image(root / p, SIZE) for p in cache.split("train").paths])
+    return np.asarray(backbone(converter(pixels.astype("float32"))))
+
+
+def test_token_poolings_are_the_backbones_own_tokens(tmp_path, preset):
+    directory, backbone, converter = preset
+    root = small_tree(tmp_path / "ds")
+    caches = {pooling: probe.extract(root, directory, pooling=pooling, val_fraction=0)
+              for pooling in ("cls", "mean", "cls+mean", "avg")}
+    tokens = tokens_of(root, caches["cls"], backbone, converter)
+    assert tokens.shape[1:] == (1 + REGISTERS + 4, 16)
+    cls, mean = tokens[:, 0], tokens[:, 1 + REGISTERS:].mean(axis=1)  # registers left out
+    relative_close(caches["cls"].split("train").features, cls)
+    relative_close(caches["mean"].split("train").features, mean)
+    relative_close(caches["cls+mean"].split("train").features, np.concatenate([cls, mean], 1))
+    assert caches["cls+mean"].feature_shape == (32,) and caches["cls"].attrs["image_size"] == SIZE
+    assert caches["avg"].path == caches["mean"].path  # avg on tokens is mean
+
+
+def test_blocks_concatenate_the_last_blocks_normalised(tmp_path, preset):
+    import keras
+
+    directory, backbone, converter = preset
+    root = small_tree(tmp_path / "ds")
+    cache = probe.extract(root, directory, pooling="cls", blocks=2, val_fraction=0)
+    assert cache.feature_shape == (32,) and cache.attrs["blocks"] == 2
+    norm = backbone.layers[-1]
+    blocks = keras.Model(backbone.inputs, [norm(backbone.pyramid_outputs[f"stage{i}"])
+                                           for i in (1, 2)])
+    pixels = np.stack([data.load_image(root / p, SIZE) for p in cache.split("train").paths])
+    first, last = (np.asarray(t) for t in blocks(converter(pixels.astype("float32"))))
+    relative_close(cache.split("train").features, np.concatenate([first[:, 0], last[:, 0]], 1))
+    relative_close(last, tokens_of(root, cache, backbone, converter))  # the last is the output
+
+
+def test_moved_preset_reuses_the_cache_and_a_changed_weight_extracts_again(tmp_path):
+    backbone, _ = save_preset(tmp_path / "a")
+    root = small_tree(tmp_path / "ds")
+    first, _ = probe.extract_with_report(root, tmp_path / "a", pooling="cls", val_fraction=0)
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    again, report = probe.extract_with_report(root, tmp_path / "b", pooling="cls", val_fraction=0)
+    assert report.status == "up to date" and again.path == first.path
+    layer = backbone.layers[-1]
+    layer.set_weights([w + 1 for w in layer.get_weights()])
+    backbone.save_to_preset(str(tmp_path / "b"))
+    changed, report = probe.extract_with_report(root, tmp_path / "b", pooling="cls",
+                                                val_fraction=0)
+    assert report.extracted == 6 and changed.path != first.path
+
+
+def test_refusals_are_one_line(tmp_path, preset, monkeypatch):
+    directory = preset[0]
+    root = small_tree(tmp_path / "ds")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (dict(backbone=directory, pooling="max"), "outputs tokens"),
+        (dict(backbone=directory, blocks=3), "expected --blocks from 1 to 2"),
+        (dict(backbone=directory, image_size=56), "takes 28x28 images"),
+        (dict(backbone=directory, layer="x"), "not for a KerasHub preset"),
+        (dict(backbone="vgg16", pooling="cls", weights="none", image_size=32), "outputs feature"),
+        (dict(backbone="vgg16", blocks=2, weights="none", image_size=32), "--blocks reads"),
+        (dict(backbone=tmp_path / "empty"), "lacks config.json"),
+        (dict(backbone="hub:no_such_preset_here"), "--backbone DIR"),
+    ]
+    for kwargs, expected in cases:
+        with pytest.raises(BackboneError, match=expected) as error:
+            probe.extract(root, **kwargs)
+        assert "\n" not in str(error.value)
+    monkeypatch.setitem(sys.modules, "keras_hub", None)  # as if not installed
+    result = CliRunner().invoke(main, ["extract", str(root), "--backbone", str(directory)])
+    assert result.exit_code != 0 and "pip install 'probe[hub]'" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_fit_predict_export_and_a_changed_preset_is_refused(tmp_path):
+    import keras
+    import keras_hub  # noqa: F401  (the exported model holds its layers)
+
+    backbone, _ = save_preset(tmp_path / "preset")
+    root = make_separable_tree(tmp_path / "colours", classes=("blue", "red"))
+    probe.extract(root, tmp_path / "preset", pooling="cls+mean")
+    run = probe.fit(head="logreg")
+    images = [str(p) for p in sorted((root / "red").iterdir())[:3]]
+    proba = np.array([[r.probabilities[c] for c in run.classes]
+                      for r in probe.predict(run.path, images)])
+    exported = keras.saving.load_model(probe.export(run.path, tmp_path / "out.keras"),
+                                       safe_mode=True)
+    pixels = probe.load_images(images, run.path)
+    np.testing.assert_allclose(exported.predict(pixels, verbose=0), proba, atol=1e-5)
+    with pytest.raises(BackboneError, match="fine-tuning a KerasHub backbone"):
+        probe.finetune(run.path, unfreeze=1)
+    layer = backbone.layers[-1]
+    layer.set_weights([w + 1 for w in layer.get_weights()])
+    backbone.save_to_preset(str(tmp_path / "preset"))
+    with pytest.raises(WeightsError, match="KerasHub preset has changed") as error:
+        probe.predict(run.path, images)
+    assert "\n" not in str(error.value)
