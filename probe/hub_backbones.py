@@ -254,7 +254,7 @@ class HubBackbone:
         size, pooling = self.check_image_size(image_size), self.check_pooling(pooling)
         backbone, converter = self.load(weights=weights != "none")
         inputs = keras.Input((size, size, 3), name="image")
-        outputs = _outputs(keras, backbone, self.blocks, self.name)(converter(inputs))
+        outputs = _call(_outputs(keras, backbone, self.blocks, self.name), converter(inputs))
         outputs = outputs if isinstance(outputs, list) else [outputs]
         pooled = [self._pool(keras, output, pooling, i) for i, output in enumerate(outputs)]
         joined = pooled[0] if len(pooled) == 1 else \
@@ -306,6 +306,15 @@ def _prefix_tokens(backbone, shape: tuple, size: int) -> int:
     if patch and shape[1]:
         return int(shape[1]) - (size // int(patch)) ** 2
     return 1 + int(getattr(backbone, "num_register_tokens", 0))
+
+
+def _call(model: "keras.Model", images):
+    """`model` on `images`, passed in its own input structure (KerasHub backbones take a
+    dict {"images": ...}; a bare tensor works but warns)."""
+    names = getattr(model, "_inputs_struct", None)
+    if isinstance(names, dict) and len(names) == 1:
+        return model({next(iter(names)): images})
+    return model(images)
 
 
 def _outputs(keras, backbone: "keras.Model", blocks: int, name: str) -> "keras.Model":

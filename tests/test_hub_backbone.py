@@ -62,7 +62,7 @@ def relative_close(got, expected, tolerance=1e-4):
 def tokens_of(root, cache, backbone, converter):
     """The backbone's own output on the converter's output of the cache's images."""
     pixels = np.stack([data.load_image(root / p, SIZE) for p in cache.split("train").paths])
-    return np.asarray(backbone(converter(pixels.astype("float32"))))
+    return np.asarray(backbone({"images": converter(pixels.astype("float32"))}))
 
 
 def test_token_poolings_are_the_backbones_own_tokens(tmp_path, preset):
