@@ -30,8 +30,8 @@ from .engines.local import Decoding, build_model, forward, run_batches  # noqa: 
 from .engines.ray import RayOptions
 from ..errors import CacheError, ProbeError
 from .plan import ExtractionPlan, Source
-from ..progress import (Advanced, ExtractionFinished, ExtractionStarted, ProgressCallback,
-                        RuntimeNote, Stage, ViewsFinished, ViewsStarted, emit)
+from ..progress import (Advanced, Bf16Available, ExtractionFinished, ExtractionStarted,
+                        ProgressCallback, RuntimeNote, Stage, ViewsFinished, ViewsStarted, emit)
 from ..settings import (DEFAULT_BATCH_SIZE, DEFAULT_SEED, TEST_FRACTION, VAL_FRACTION,
                        ExtractionSettings, SplitSettings, check_precision, dataset_path)
 
@@ -230,6 +230,8 @@ def _extract_locked(found: data.Dataset, extraction: ExtractionSettings, split: 
             if (plan.todo or views_needed) and local_engine else None
         for note in runtime_notes:
             emit(progress, RuntimeNote(message=note))
+        if model is not None and extraction.precision == "float32" and device.bf16_pays():
+            emit(progress, Bf16Available())  # advice: the CLI says it once per run
         emit(progress, _started(plan))
         speed = {k: previous.attrs[k] for k in SPEED_ATTRS
                  if previous is not None and k in previous.attrs}
