@@ -1,7 +1,7 @@
 """The runtime the frozen backbone runs on while extracting: TensorFlow (Keras' own) or
 OpenVINO.
 
-OpenVINO (`pip install 'probe[openvino]'`) runs the same float32 graph faster than
+OpenVINO (a dependency of probe) runs the same float32 graph faster than
 TensorFlow on the CPU (1.2-1.4x on the five backbones, benchmarks/RESULTS.md), with the same
 features up to float rounding (largest relative difference about 1e-6, inside the 1e-4 that
 probe treats as the same features, as for BatchNormalization folding), so its features share
