@@ -484,15 +484,24 @@ def emit_openvino(name: str, rate: dict, model: dict, model_figures: dict,
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
+    """The CPU's model name and cores."""
+    from probe.device import cpu_name
+
+    return f"{cpu_name()}, {os.cpu_count()} cores"
+
+
+def cpu_flags() -> str:
+    """Which of the flags that decide bfloat16's speed the CPU has and lacks (AVX-512,
+    AVX512_BF16, AMX), and what OpenVINO's CPU device says it computes natively: the
+    figures of bf16 (and of float32 against them) depend on these."""
+    from probe import device
+
+    flags = device.cpu_flags()
+    has = [flag for flag in device.NOTED_CPU_FLAGS if flag in flags]
+    lacks = [flag for flag in device.NOTED_CPU_FLAGS if flag not in flags]
+    line = f"has {' '.join(has) or 'none of them'}; lacks {' '.join(lacks) or 'none'}"
+    capabilities = device.openvino_capabilities()
+    return line + (f"; openvino cpu {' '.join(capabilities)}" if capabilities else "")
 
 
 def backend_version() -> str:
@@ -529,6 +538,7 @@ def start(args: argparse.Namespace, argv: list[str] | None) -> tuple[Path, list[
     its root and the backbones to measure."""
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="probe-bench-"))
     emit("machine", "cpu", machine())
+    emit("machine", "cpu_flags", cpu_flags())
     emit("setting", "command", " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])))
     root = make_dataset(work / f"photos-{args.n}", args.n)
     return root, [name.strip() for name in args.backbones.split(",") if name.strip()]
@@ -576,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     import keras
 
     emit("machine", "cpu", machine())
+    emit("machine", "cpu_flags", cpu_flags())
     emit("machine", "versions", f"python {platform.python_version()}, keras "
          f"{keras.__version__} on {backend_version()}")
     emit("machine", "accelerator", accelerator())

@@ -71,6 +71,10 @@ def test_extract_benchmark_prints_consistent_figures(tmp_path):
     assert close(number(figures, f"{scope} decode_cores_to_feed_limit"),
                  rates["limit_img_per_s"] * decode_s)
     assert figures["machine accelerator"] and " on tensorflow " in figures["machine versions"]
+    # the CPU named first: its model, then the flags that decide bf16's speed
+    assert list(figures)[:2] == ["machine cpu", "machine cpu_flags"]
+    assert re.fullmatch(r"has .+; lacks .+", figures["machine cpu_flags"])
+    assert all(flag in figures["machine cpu_flags"] for flag in ("avx512f", "amx_bf16"))
     # resnet50 has BatchNormalizations to fold: the same features up to float rounding
     difference = number(figures, f"{scope} fold_max_rel_diff")
     assert 0 < difference <= 1e-4

@@ -30,8 +30,8 @@ from .engines.local import Decoding, build_model, forward, run_batches  # noqa: 
 from .engines.ray import RayOptions
 from ..errors import CacheError, ProbeError
 from .plan import ExtractionPlan, Source
-from ..progress import (Advanced, ExtractionFinished, ExtractionStarted, ProgressCallback,
-                        RuntimeNote, Stage, ViewsFinished, ViewsStarted, emit)
+from ..progress import (Advanced, Bf16Available, ExtractionFinished, ExtractionStarted,
+                        ProgressCallback, RuntimeNote, Stage, ViewsFinished, ViewsStarted, emit)
 from ..settings import (DEFAULT_BATCH_SIZE, DEFAULT_SEED, TEST_FRACTION, VAL_FRACTION,
                        ExtractionSettings, SplitSettings, check_precision, dataset_path)
 
@@ -80,18 +80,20 @@ def extract(
     run does no backbone work; `extract_with_report` also says what this run did.
     `weights` is "imagenet", "none" (random, seeded by `seed`) or a weights file; `labels`
     one labels file, a {split: file} mapping or `--labels` values (`FILE`, `SPLIT=FILE`).
-    `precision="bf16"` runs the backbone in Keras' mixed bfloat16 where the CPU or GPU
-    supports it (faster, features agree closely but not exactly; a cache of their own).
+    `precision="bf16"` runs the backbone in bfloat16 (OpenVINO's bf16 hint or Keras' mixed
+    bfloat16, the faster here) where the CPU or GPU supports it (faster, features agree
+    closely but not exactly; a cache of their own).
     `progress` receives `ExtractionStarted` / `Advanced` / `ExtractionFinished` events
-    (probe.progress, stage "extract"; "views" for the augmented views).
+    (probe.progress, stage "extract"; "views" for the augmented views), and for float32 on
+    a CPU that computes bfloat16, `Bf16Available` (advice).
     `engine="ray"` runs the backbone on a Ray cluster (`ray`: `RayOptions`; needs
     `pip install 'probe[ray]'`) and writes the same cache.
     `augment=K` also extracts K augmented views of every training image (`augment_policy`
     "light", "default" or "strong"; seeded by `seed`), stored apart from the clean features
     (`cache.views("train")`); raising K extracts only the missing views.
-    `runtime` runs the backbone: "tensorflow", "openvino" (`pip install 'probe[openvino]'`,
-    faster on the CPU, the same features up to float rounding) or "auto" (OpenVINO where
-    it is installed and the precision is float32, on a machine without a GPU).
+    `runtime` runs the backbone: "tensorflow", "openvino" (faster on the CPU, the same
+    features up to float rounding) or "auto" (OpenVINO where it is installed, on a machine
+    without a GPU, for float32, and for bf16 where it is the faster: `device.resolve`).
     `backbone` may be the path of a .keras model file (`preprocess`: what its pixels need,
     "none" when the model does it); `layer` "a,b" reads those layers, pooled, concatenated.
     `backbone` "hub:NAME" or a preset directory is a KerasHub preset (`pip install
@@ -237,6 +239,8 @@ def _extract_locked(found: data.Dataset, extraction: ExtractionSettings, split: 
             if (plan.todo or views_needed) and local_engine else None
         for note in runtime_notes:
             emit(progress, RuntimeNote(message=note))
+        if model is not None and extraction.precision == "float32" and device.bf16_pays():
+            emit(progress, Bf16Available())  # advice: the CLI says it once per run
         emit(progress, _started(plan))
         speed = {k: previous.attrs[k] for k in SPEED_ATTRS
                  if previous is not None and k in previous.attrs}

@@ -1,13 +1,20 @@
 """The runtime the frozen backbone runs on while extracting: TensorFlow (Keras' own) or
 OpenVINO.
 
-OpenVINO (`pip install 'probe[openvino]'`) runs the same float32 graph faster than
+OpenVINO (a dependency of probe) runs the same float32 graph faster than
 TensorFlow on the CPU (1.2-1.4x on the five backbones, benchmarks/RESULTS.md), with the same
 features up to float rounding (largest relative difference about 1e-6, inside the 1e-4 that
 probe treats as the same features, as for BatchNormalization folding), so its features share
-TensorFlow's caches. "auto" takes OpenVINO where it is installed, the precision is float32
-and the Keras backend sees no GPU; the Keras model otherwise. Only extraction uses it:
-prediction, export and fine-tuning keep the Keras model.
+TensorFlow's caches. "auto" takes OpenVINO where it is installed and the Keras backend sees
+no GPU, for float32, and for bf16 where OpenVINO's CPU device runs BF16 (AMX or
+AVX512_BF16) and the backbone is not one that runs faster on TensorFlow's mixed_bfloat16
+(`device.resolve`); the Keras model otherwise. Only extraction uses it: prediction, export
+and fine-tuning keep the Keras model.
+
+bf16 compiles the same graph with OpenVINO's bf16 inference precision hint: a converted
+model is checked against the float32 Keras model within `BF16_FEATURES` instead of
+`SAME_FEATURES`, kept under a key of its own (the precision is part of the settings that
+define it), and its features go into the bf16 cache, apart from float32's.
 
 The OpenVINO graph is written from the Keras model's layers and weights
 (`probe.openvino_graph`: BatchNormalizations folded, wide 3x3 convolutions as Winograd
@@ -30,7 +37,6 @@ precision: OpenVINO's CPU plugin would otherwise compute in bfloat16 on CPUs wit
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -72,6 +78,15 @@ PRECISION_HINTS = {"float32": "f32", "bf16": "bf16", "float16": "f16"}
 # the CPU, while a bfloat16 (2**-9 rounding) or float16 (2**-12) computation, or a weight
 # written wrong, lands far outside it.
 SAME_FEATURES = 1e-4
+# The same check for a graph compiled with the bf16 hint, against the float32 Keras model:
+# bfloat16 keeps 8 significant bits, so each rounding of a weight or an activation is off by
+# up to 2**-9 (0.2%) relative, 2**-8 (0.4%) per op with the sums accumulated in float32.
+# Over ~50 layers such errors mostly cancel (a random walk: sqrt(50) * 2**-9 = 1.4%);
+# features differ by about 0.5% of their largest magnitude in practice. 5e-2 leaves a
+# tenfold margin over that, while a weight written wrong or a layer left out moves features
+# by their own size (order 1).
+BF16_FEATURES = 5e-2
+TOLERANCES = {"float32": SAME_FEATURES, "bf16": BF16_FEATURES}
 # The batch a converted model is checked on against the Keras model before it is used:
 # seeded random pixels, preprocessed as the backbone's images are; two images keep the
 # check to about one batch's time.
@@ -117,12 +132,9 @@ def compile_for_cpu(model, precision: str = "float32"):
     return _core().compile_model(model, "CPU", config)
 
 
-@functools.lru_cache(maxsize=1)
 def _core():
-    """One OpenVINO Core per process (it holds the loaded plugins)."""
-    import openvino as ov
-
-    return ov.Core()
+    """One OpenVINO Core per process (it holds the loaded plugins; `device` asks it too)."""
+    return device.openvino_core()
 
 
 def load_backbone(extraction: "ExtractionSettings", cache_dir: Path,
@@ -135,15 +147,16 @@ def load_backbone(extraction: "ExtractionSettings", cache_dir: Path,
     from .engines.local import build_model
 
     weights = extraction.weights
-    if device.resolve(extraction.runtime, extraction.precision) == "tensorflow":
+    if device.resolve(extraction.runtime, extraction.precision,
+                      extraction.backbone) == "tensorflow":
         return build_model(extraction.spec, weights.source, extraction.image_size,
                            extraction.pooling, weights.seed, extraction.precision)
     key = model_key(extraction)
     directory = Path(cache_dir) / MODELS_DIR / key
-    identity = _identity(key, extraction.image_size)
+    identity = _identity(key, extraction.image_size, extraction.precision)
     model, problem = _read_saved(directory, identity)
     if model is not None:
-        return OpenVINOBackbone(compile_for_cpu(model))
+        return OpenVINOBackbone(compile_for_cpu(model, extraction.precision))
     if problem:
         _tell(notify, f"Converted the OpenVINO model of {extraction.backbone} again: the copy "
                       f"in '{display(directory)}' {problem}")
@@ -151,7 +164,8 @@ def load_backbone(extraction: "ExtractionSettings", cache_dir: Path,
     if not converted.agrees:
         _tell(notify, f"The OpenVINO model converted from {extraction.backbone} computed "
                       f"features {converted.difference:.1e} away from the Keras model's "
-                      f"(relative; at most {SAME_FEATURES:g} expected) on a check batch: it "
+                      f"(relative; at most {converted.tolerance:g} expected) on a check "
+                      "batch: it "
                       "was neither used nor kept, the backbone ran on TensorFlow")
         if converted.keras_model is not None:
             return converted.keras_model
@@ -169,15 +183,16 @@ class Converted:
     backbone: OpenVINOBackbone  # compiled for the CPU
     difference: float  # largest difference on the check batch, relative (inf: not comparable)
     keras_model: Any = None  # the folded Keras model, where converting built one (traced)
+    tolerance: float = SAME_FEATURES  # the largest difference that agrees (its precision's)
 
     @property
     def agrees(self) -> bool:
-        return self.difference <= SAME_FEATURES
+        return self.difference <= self.tolerance
 
 
 def convert_checked(extraction: "ExtractionSettings") -> Converted:
-    """`convert_backbone`'s model, compiled, with its difference from the Keras model on
-    `check_batch`. The Keras output comes from the model the conversion reads (called in
+    """`convert_backbone`'s model, compiled at the extraction's precision, with its
+    difference from the (float32) Keras model on `check_batch`. The Keras output comes from the model the conversion reads (called in
     its stateless scope, or the one built for tracing): no second Keras model is built."""
     from . import openvino_graph
 
@@ -192,9 +207,10 @@ def convert_checked(extraction: "ExtractionSettings") -> Converted:
         keras_model = for_inference(spec.build(**options))
         model = convert_traced(keras_model, extraction.image_size)
         expected = np.asarray(keras_model.predict_on_batch(inputs))
-    backbone = OpenVINOBackbone(compile_for_cpu(model))
+    backbone = OpenVINOBackbone(compile_for_cpu(model, extraction.precision))
     difference = relative_difference(backbone.predict_on_batch(inputs), expected)
-    return Converted(model, backbone, difference, keras_model)
+    return Converted(model, backbone, difference, keras_model,
+                     TOLERANCES[extraction.precision])
 
 
 def check_batch(extraction: "ExtractionSettings") -> np.ndarray:
@@ -281,9 +297,12 @@ def model_key(extraction: "ExtractionSettings") -> str:
     return f"{extraction.backbone}-{cache_mod.fingerprint(identity)[:16]}"
 
 
-def _identity(key: str, image_size: int) -> dict:
-    """What a saved model was converted for, as its manifest records it."""
-    return {"format": MANIFEST_FORMAT, "key": key, "input_shape": [None, image_size, image_size, 3]}
+def _identity(key: str, image_size: int, precision: str = "float32") -> dict:
+    """What a saved model was converted for, as its manifest records it (the precision only
+    where it is not float32, so float32 copies kept before keep matching)."""
+    identity = {"format": MANIFEST_FORMAT, "key": key,
+                "input_shape": [None, image_size, image_size, 3]}
+    return identity if precision == "float32" else {**identity, "precision": precision}
 
 
 def _read_saved(directory: Path, identity: dict) -> tuple[Any, str]:
