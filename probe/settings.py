@@ -361,10 +361,7 @@ class ExtractionSettings:
                 f"expected the extraction settings of a cache (backbone, image_size, pooling); "
                 f"found unusable values ({error}). Extract again with `probe extract`."
             ) from None
-        precision = str(attrs.get("precision") or "float32")
-        if precision not in PRECISIONS:
-            raise CacheError(f"expected precision to be one of {', '.join(PRECISIONS)}; the "
-                             f"cache says {precision!r}. Extract again with `probe extract`.")
+        precision = _recorded_precision(attrs)
         return cls(spec.name, Weights.from_attrs(attrs), size, pooling, precision,
                    check_batch_size(batch_size), "auto", source, layers, mode)
 
@@ -382,10 +379,7 @@ class ExtractionSettings:
                 f"expected the extraction settings of a KerasHub backbone (image_size, "
                 f"pooling, blocks); found unusable values ({error}). Extract again with "
                 "`probe extract`.") from None
-        precision = str(attrs.get("precision") or "float32")
-        if precision not in PRECISIONS:
-            raise CacheError(f"expected precision to be one of {', '.join(PRECISIONS)}; the "
-                             f"cache says {precision!r}. Extract again with `probe extract`.")
+        precision = _recorded_precision(attrs)
         return cls(spec.name, Weights("model"), size, pooling, precision,
                    check_batch_size(batch_size), "auto", hub=preset, blocks=spec.blocks)
 
@@ -418,6 +412,15 @@ def backbone_spec(backbone: "str | os.PathLike", preprocess: str | None = None):
     """The spec of a --backbone value (a registry name or a .keras model file)."""
     source, name, mode = parse_backbone(backbone, preprocess)
     return model_backbones.resolve(name, source, (), mode)
+
+
+def _recorded_precision(attrs: Mapping[str, Any]) -> str:
+    """The precision a cache records, checked (float32 for caches written before bf16)."""
+    precision = str(attrs.get("precision") or "float32")
+    if precision not in PRECISIONS:
+        raise CacheError(f"expected precision to be one of {', '.join(PRECISIONS)}; the "
+                         f"cache says {precision!r}. Extract again with `probe extract`.")
+    return precision
 
 
 def _model_weights(weights: Any, name: str) -> Weights:

@@ -98,3 +98,18 @@ def separable_cache(tmp_path):
 
     root = make_separable_tree(tmp_path / "colours", classes=("blue", "green", "red"))
     return probe.extract(root, "vgg16", weights="none", image_size=32)
+
+
+def small_tree(root: Path) -> Path:
+    """Two classes of three small images, in a train folder only."""
+    for c, cls in enumerate(["a", "b"]):
+        for i in range(3):
+            make_image(root / "train" / cls / f"{i}.png", seed=10 * c + i, size=(30 + i, 20))
+    return root
+
+
+def assert_relative_close(got, expected, tolerance: float) -> None:
+    """Same shape, and every difference within `tolerance` of the largest expected value."""
+    scale = max(float(np.max(np.abs(expected))), 1e-12)
+    assert got.shape == expected.shape
+    assert float(np.max(np.abs(got - expected))) / scale <= tolerance

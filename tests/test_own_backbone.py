@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 import probe
-from conftest import make_image, make_separable_tree
+from conftest import assert_relative_close, make_separable_tree, small_tree
 from probe import backbones, data
 from probe.cli import main
 from probe.errors import BackboneError, WeightsError
@@ -30,17 +30,8 @@ def tiny_model(path, lambda_layer=False, seed=0):
     return model
 
 
-def small_tree(root):
-    for c, cls in enumerate(["a", "b"]):
-        for i in range(3):
-            make_image(root / "train" / cls / f"{i}.png", seed=10 * c + i, size=(30 + i, 20))
-    return root
-
-
 def relative_close(got, expected, tolerance=1e-5):
-    scale = max(float(np.max(np.abs(expected))), 1e-12)
-    assert got.shape == expected.shape
-    assert float(np.max(np.abs(got - expected))) / scale <= tolerance
+    assert_relative_close(got, expected, tolerance)
 
 
 def pixels_of(root, cache, size=32):
