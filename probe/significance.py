@@ -27,7 +27,8 @@ import numpy as np
 from . import evaluate
 from .errors import ProbeError
 
-__all__ = ["mcnemar_exact", "holm", "paired_bootstrap_p", "BOOTSTRAP_METRICS", "SIGNIFICANCE"]
+__all__ = ["mcnemar_exact", "holm", "paired_bootstrap_p", "pairwise_bootstrap_p",
+           "pairwise_mcnemar", "format_p", "explain", "BOOTSTRAP_METRICS", "SIGNIFICANCE"]
 
 SIGNIFICANCE = 0.05  # below it, a difference is called significant
 # resampled images held at once (rows of the (resamples x images) count matrix)
@@ -43,9 +44,19 @@ def mcnemar_exact(b: int, c: int) -> float:
     n = b + c
     if n == 0:
         return 1.0
-    # exact in integers, then one division: no underflow of 0.5**n for large n
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
-    return min(1.0, 2 * tail / 2**n)
+    k = min(b, c)
+    if n <= 1000:  # exact in integers, then one division (no underflow of 0.5**n)
+        term = tail = 1
+        for i in range(k):
+            term = term * (n - i) // (i + 1)  # C(n, i + 1), exactly
+            tail += term
+        return min(1.0, 2 * tail / 2**n)
+    # many discordant images: the same sum in logarithms (relative error ~1e-12)
+    steps = np.log((n - np.arange(k)) / (np.arange(k) + 1.0))
+    logs = np.concatenate([[0.0], np.cumsum(steps)])
+    top = logs.max()
+    log_tail = top + math.log(np.exp(logs - top).sum()) - n * math.log(2)
+    return min(1.0, 2 * math.exp(log_tail))
 
 
 def holm(p_values) -> np.ndarray:
@@ -120,31 +131,50 @@ def paired_bootstrap_p(metric: str, truth, first, second, *, ignore=None,
     and p = 1 when d = 0. The +1 counts the observed sample as a resample, so p is never
     0 and at least 2 / (B + 1): conservative, as a p-value from a finite bootstrap must be.
     """
+    return float(pairwise_bootstrap_p(metric, truth, [first, second], ignore=ignore,
+                                      resamples=resamples, seed=seed)[0, 1])
+
+
+def pairwise_bootstrap_p(metric: str, truth, rows: list, *, ignore=None,
+                         resamples: int = evaluate.BOOTSTRAP_RESAMPLES,
+                         seed: int = 0) -> np.ndarray:
+    """(R, R) p-values of `paired_bootstrap_p` between every two of the R `rows` (each
+    row's predictions as there), all scored on the same resamples (1 on the diagonal)."""
     if metric not in BOOTSTRAP_METRICS:
         raise ProbeError(f"expected a metric of the paired bootstrap: "
                          f"{', '.join(BOOTSTRAP_METRICS)}. Received: metric={metric!r}")
     truth = np.asarray(truth)
     n = truth.shape[0]
-    if n == 0 or np.shape(first)[0] != n or np.shape(second)[0] != n:
-        raise ProbeError("expected the truth and both rows' predictions on the same images "
-                         f"(at least one). Received: {n}, {np.shape(first)[0]} and "
-                         f"{np.shape(second)[0]} images")
-    score_first = BOOTSTRAP_METRICS[metric](truth, first, ignore)
-    score_second = BOOTSTRAP_METRICS[metric](truth, second, ignore)
-    whole = np.ones((1, n), dtype=np.int32)
-    observed = float(score_first(whole)[0] - score_second(whole)[0])
-    if observed == 0 or not math.isfinite(observed):
-        return 1.0
+    if n == 0 or any(np.shape(row)[0] != n for row in rows):
+        raise ProbeError("expected the truth and every row's predictions on the same images "
+                         f"(at least one). Received: {n} labels and "
+                         f"{[np.shape(row)[0] for row in rows]} predictions")
+    scorers = [BOOTSTRAP_METRICS[metric](truth, row, ignore) for row in rows]
+    whole = np.array([score(np.ones((1, n), dtype=np.int32))[0] for score in scorers])
+    sign = np.sign(whole[:, None] - whole[None, :])  # of each observed difference
     rng = np.random.default_rng(seed)
-    flips = drawn = 0
+    flips = np.zeros(sign.shape)
+    drawn = np.zeros(sign.shape)
     step = max(1, _CELLS // n)
     for start in range(0, resamples, step):
         counts = _resample_counts(n, min(step, resamples - start), rng)
-        difference = score_first(counts) - score_second(counts)
-        difference = difference[~np.isnan(difference)]
-        flips += int(np.sum(np.sign(observed) * difference <= 0))
-        drawn += difference.size
-    return min(1.0, 2 * (1 + flips) / (1 + drawn))
+        scores = np.array([score(counts) for score in scorers])  # (R, resamples)
+        difference = scores[:, None, :] - scores[None, :, :]
+        defined = ~np.isnan(difference)
+        flips += np.sum(defined & (sign[:, :, None] * np.nan_to_num(difference) <= 0), axis=2)
+        drawn += defined.sum(axis=2)
+    p = np.minimum(1.0, 2 * (1 + flips) / (1 + drawn))
+    p[(sign == 0) | np.isnan(sign)] = 1.0  # no observed difference: no evidence
+    return p
+
+
+def pairwise_mcnemar(correct) -> np.ndarray:
+    """(R, R) `mcnemar_exact` p-values between every two of R rows, from `correct`, an
+    (R, N) bool matrix: which of the same N images each row gets right."""
+    right = np.asarray(correct, dtype=np.int64)
+    only = right @ (1 - right).T  # [i, j]: images i gets right and j wrong
+    return np.array([[mcnemar_exact(only[i, j], only[j, i]) for j in range(len(right))]
+                     for i in range(len(right))])
 
 
 def _resample_counts(n: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
@@ -153,3 +183,23 @@ def _resample_counts(n: int, resamples: int, rng: np.random.Generator) -> np.nda
     offsets = np.arange(resamples)[:, None] * n
     return np.bincount((drawn + offsets).ravel(),
                        minlength=resamples * n).reshape(resamples, n).astype(np.int32)
+
+
+def format_p(value) -> str:
+    """A p-value as text: 3 decimals, "<0.001" below that ("-" for none)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    value = float(value)
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def explain(score: str) -> str:
+    """What a comparison's `p_vs_best` and `tied` mean when rows are ranked by `score`."""
+    test = ("the exact McNemar test on the images that exactly one of the two gets right"
+            if score == "accuracy" else
+            "a paired bootstrap (both rows scored on the same resampled images)")
+    return (f"`p_vs_best`: each row against the best on the same images, {test}, "
+            "Holm-adjusted over the rows. `tied`: yes where p >= 0.05 (no significant "
+            "difference from the best), no where p < 0.05; not comparable: scored on other "
+            "images (or failed). A paired test sees what overlapping intervals can not: two "
+            "rows scored on the same images differ only where their predictions differ.")
