@@ -822,10 +822,10 @@ def _chance_line(ax, chance: float | None) -> None:
     """A dashed labelled line at the chance level (nothing when it is unknown)."""
     if chance is None:
         return
-    ax.axhline(chance, color="dimgray", linestyle="--", linewidth=1, gid="chance",
+    ax.axhline(chance, color="black", linestyle="--", linewidth=1.2, gid="chance", zorder=3,
                label="_chance")  # "_": not a head of the legend
-    ax.text(0.01, chance + 0.01, f"chance {chance:.3f}", transform=ax.get_yaxis_transform(),
-            ha="left", va="bottom", fontsize=8, color="dimgray")
+    ax.text(1.01, chance, f"chance\n{chance:.3f}", transform=ax.get_yaxis_transform(),
+            ha="left", va="center", fontsize=8)
 
 
 def chart_title(result: Comparison) -> str:
@@ -835,9 +835,8 @@ def chart_title(result: Comparison) -> str:
         return "Backbones and heads"
     tied = len(result.tied)
     if tied:
-        others = "other" if tied == 1 else "others"
-        return (f"Backbones and heads (no significant best: {best['backbone']} + "
-                f"{best['head']} tied with {tied} {others})")
+        return (f"Backbones and heads ({tied + 1} tied at the top, no significant best; "
+                f"first: {best['backbone']} + {best['head']})")
     return f"Backbones and heads (best: {best['backbone']} + {best['head']})"
 
 

@@ -639,8 +639,8 @@ def render_comparison(directory: Path) -> str:
     with open(directory / COMPARE_CSV, newline="", encoding="utf-8", errors="surrogateescape") as handle:
         records = list(csv.DictReader(handle))
     task = Task.of_row(records[0]) if records else SINGLE_LABEL
-    columns = ["rank", "backbone", "head", task.score, f"{task.score}_ci", "p_value_vs_best",
-               "tied", *task.scores[1:], "feature_size", "images_per_second", "fit_seconds",
+    columns = ["rank", "backbone", "head", task.score, f"{task.score}_ci", "tied",
+               "p_value_vs_best", *task.scores[1:], "feature_size", "images_per_second", "fit_seconds",
                "status", "report"]
     head = "".join(f"<th>{esc(_COMPARE_HEADERS.get(c, c.replace('_ci', ' 95%')))}</th>"
                    for c in columns)
@@ -656,7 +656,8 @@ def render_comparison(directory: Path) -> str:
     split = next((r.get("split") for r in records if r.get("split")), "test")
     text = (f"<p>Ranked by {esc(split)} {esc(task.score_name)}, then macro F1; failed rows "
             f"last. Intervals are 95%.</p>")
-    meaning = f"<p>{esc(significance.explain(task.score).replace('`', ''))}</p>"
+    meaning = significance.explain(task.score).replace("`p_vs_best`", "p vs best")
+    meaning = f"<p>{esc(meaning.replace('`', ''))}</p>"
     sections = _section("ranking", "Ranked backbones and heads",
                         text + table + meaning + _compare_figure(directory, "compare.png",
                                                                  "comparison chart"))

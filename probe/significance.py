@@ -199,7 +199,8 @@ def explain(score: str) -> str:
             if score == "accuracy" else
             "a paired bootstrap (both rows scored on the same resampled images)")
     return (f"`p_vs_best`: each row against the best on the same images, {test}, "
-            "Holm-adjusted over the rows. `tied`: yes where p >= 0.05 (no significant "
+            "Holm-adjusted over every pair of rows (the best is chosen on these same "
+            "images). `tied`: yes where p >= 0.05 (no significant "
             "difference from the best), no where p < 0.05; not comparable: scored on other "
             "images (or failed). A paired test sees what overlapping intervals can not: two "
             "rows scored on the same images differ only where their predictions differ.")

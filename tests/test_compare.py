@@ -55,10 +55,10 @@ def test_compare_two_backbones_both_heads(colours, cache_dir):
         for key in ("accuracy", "balanced_accuracy", "macro_f1", "accuracy_ci", "macro_f1_ci"):
             assert record[key] == metrics[key], key
         assert record["split_role"] == "test"
-        # tied: the intervals overlap the best row's
-        best_low = table[0]["accuracy_ci"][0]
-        assert record["tied"] == ("best" if record is table[0]
-                                  else "yes" if record["accuracy_ci"][1] >= best_low else "no")
+        # tied: a paired test against the best on the same images (3 test images: never
+        # significant)
+        assert record["tied"] == ("best" if record is table[0] else "yes")
+        assert (record["p_value_vs_best"] is None) == (record is table[0])
         assert record["feature_size"] == {"vgg16": 512, "resnet50": 2048}[record["backbone"]]
         assert record["images_per_second"] > 0 and record["fit_seconds"] >= 0
         assert record["split"] == "test" and record["n_samples"] == 3
@@ -75,8 +75,11 @@ def test_compare_two_backbones_both_heads(colours, cache_dir):
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == CSV_COLUMNS and len(rows) == 4
     assert [row["backbone"] for row in rows] == [r["backbone"] for r in table]
+    assert rows[0]["p_value_vs_best"] == "" and 0 < float(rows[1]["p_value_vs_best"]) <= 1
     md = (table.path / "compare.md").read_text()
-    assert "| rank | backbone | head | accuracy | accuracy_95% | tied |" in md
+    assert "| rank | backbone | head | accuracy | accuracy_95% | tied | p_vs_best |" in md
+    assert "McNemar" in md and "Chance level on these images: accuracy 0.3333" in md
+    assert "split seed 0 (val 0.15, test 0.15)" in md  # a dataset without split folders
     assert f"`{table[0]['run']}`" in md and "95%" in md
     png = table.path / "compare.png"
     assert png.stat().st_size > 5000 and Image.open(png).format == "PNG"
@@ -136,8 +139,8 @@ def test_a_broken_backbone_gives_failed_rows_not_a_crash(colours, cache_dir, bro
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].split() == ["rank", "backbone", "head", "accuracy", "accuracy_95%", "tied",
-                                "balanced_acc", "macro_f1", "features", "extract_img/s",
-                                "fit_s", "status"]
+                                "p_vs_best", "balanced_acc", "macro_f1", "features",
+                                "extract_img/s", "fit_s", "status"]
     assert sum(1 for line in lines[2:6] if line.split()[-1] == "failed") == 2
     assert "resnet50 + logreg, resnet50 + dense failed: extraction failed: could not load" in result.output
     assert result.output.count("extraction failed: could not load") == 1  # once per reason
@@ -324,7 +327,7 @@ def test_image_size_auto_and_backbones_all():
     assert image_sizes(specs[:1], "48") == [48]
 
 
-def test_compare_ranks_ties_by_interval_overlap():
+def test_compare_ranks_and_marks_rows_without_predictions_not_comparable():
     from probe.compare import rank
 
     def row(name, accuracy, low, high, f1=0.5):
@@ -334,8 +337,11 @@ def test_compare_ranks_ties_by_interval_overlap():
     ranked = rank([row("c", 0.70, 0.55, 0.78), row("a", 0.90, 0.80, 0.96),
                    row("b", 0.85, 0.74, 0.92), row("d", 0.90, 0.80, 0.96, f1=0.6),
                    {"backbone": "e", "head": "logreg", "status": "failed"}])
-    assert [(r["backbone"], r["rank"], r["tied"]) for r in ranked] == [
-        ("d", 1, "best"), ("a", 2, "yes"), ("b", 3, "yes"), ("c", 4, "no"), ("e", None, None)]
+    # no predictions to pair: overlapping intervals alone make no one "tied"
+    assert [(r["backbone"], r["rank"], r["tied"], r["p_value_vs_best"]) for r in ranked] == [
+        ("d", 1, "best", None), ("a", 2, "not comparable", None),
+        ("b", 3, "not comparable", None), ("c", 4, "not comparable", None),
+        ("e", None, "not comparable", None)]
 
 
 def test_compare_with_shots_adds_every_backbones_curve(colours, cache_dir):
