@@ -1,6 +1,7 @@
 import csv
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -378,3 +379,81 @@ def test_compare_shots_on_the_command_line(colours, cache_dir):
     bad = cli("compare", colours, "--weights", "none", "--shots", "0,all")
     assert bad.exit_code != 0 and "shot count" in bad.output and "Traceback" not in bad.output
 
+
+
+@pytest.mark.slow
+def test_random_labels_give_rows_tied_with_the_best(tmp_path, cache_dir):
+    """Labels independent of the pixels, in train/ and test/ folders: no row is
+    significantly worse than the best, the chance level is the majority share of the test
+    images, and the split is described as the dataset gives it (val carved from train)."""
+    from conftest import make_image
+
+    labels = np.random.default_rng(0).integers(0, 2, 80)
+    for i, label in enumerate(labels):
+        split = "train" if i < 40 else "test"
+        make_image(tmp_path / "data" / split / "ab"[label] / f"{i}.png", seed=1000 + i,
+                   size=(20, 20))
+    table = probe.compare(tmp_path / "data", "vgg16", "logreg,knn,dense", weights="none",
+                          image_size=32, head_params=FAST, html_report=False)
+    assert [r["tied"] for r in table] == ["best", "yes", "yes"]
+    assert all(0.05 <= r["p_value_vs_best"] <= 1 for r in table[1:])
+    majority = max(np.mean(labels[40:]), 1 - np.mean(labels[40:]))
+    assert table.chance["accuracy"] == pytest.approx(majority)
+    md = (table.path / "compare.md").read_text()
+    assert "splits as the dataset gives them, val carved from train (val 0.15, seed 0)" in md
+    assert "test 0.15" not in md
+    assert f"Chance level on these images: accuracy {majority:.4f}" in md
+
+
+def _chart_of(table, monkeypatch, tmp_path):
+    """The figure plot_comparison saves, caught before it is written."""
+    from probe import report
+    from probe.compare import plot_comparison
+
+    caught = []
+    save = report._save
+    monkeypatch.setattr(report, "_save", lambda fig, path: (caught.append(fig), save(fig, path))[1])
+    plot_comparison(table, tmp_path / "chart.png")
+    return caught[0].axes[0]
+
+
+def test_the_chart_draws_the_chance_level_and_names_no_best_that_is_tied(tmp_path, monkeypatch):
+    def row(head, accuracy, tied):
+        return {"backbone": "vgg16", "head": head, "status": "ok", "accuracy": accuracy,
+                "accuracy_ci": [accuracy - 0.1, accuracy + 0.05], "tied": tied,
+                "split_role": "test", "macro_f1": 0.5}
+
+    table = probe.Comparison([row("logreg", 0.62, "best"), row("knn", 0.58, "yes"),
+                              row("dense", 0.2, "no")], tmp_path, {})
+    table.chance = {"accuracy": 0.55, "balanced_accuracy": 0.5}
+    ax = _chart_of(table, monkeypatch, tmp_path)
+    chance = [line for line in ax.get_lines() if line.get_gid() == "chance"]
+    assert len(chance) == 1 and list(chance[0].get_ydata()) == [0.55, 0.55]
+    low, high = ax.get_ylim()
+    assert low <= 0.55 <= high and low == 0
+    assert any(text.get_text() == "chance\n0.550" for text in ax.texts)
+    assert "best:" not in ax.get_title() and "2 tied at the top" in ax.get_title()
+    ticks = [ax.yaxis.get_major_formatter()(value) for value in (0.0, 1.0)]
+    assert ticks == ["0.0", "1.0"]  # plain numbers
+    # nobody tied: the best is named; no chance level known: no line
+    table[1]["tied"] = "no"
+    table.chance = {}
+    ax = _chart_of(table, monkeypatch, tmp_path)
+    assert ax.get_title() == "Backbones and heads (best: vgg16 + logreg)"
+    assert not [line for line in ax.get_lines() if line.get_gid() == "chance"]
+
+
+def test_markdown_names_the_split_fractions_only_where_they_were_used(tmp_path):
+    from probe.compare import markdown
+
+    settings = {"dataset": "/data/pets", "classes": ["a", "b"], "weights": "imagenet",
+                "image_size": None, "pooling": "avg", "seed": 3, "val_fraction": 0.2,
+                "test_fraction": 0.1, "created": "now"}
+    table = probe.Comparison([], tmp_path, settings)
+    assert "split seed 3 (val 0.2, test 0.1)" in markdown(table)  # older settings: fractions
+    table.settings["split_source"] = "dataset"
+    text = markdown(table)
+    assert "splits as the dataset gives them" in text and "0.2" not in text and "0.1" not in text
+    table.settings["split_source"] = "val carved"
+    assert "val carved from train (val 0.2, seed 3)" in markdown(table)
+    assert "test 0.1" not in markdown(table)
