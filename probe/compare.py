@@ -4,7 +4,9 @@
 cache is reused), fits every head on every backbone's features with identical splits, and
 ranks the results. It writes a comparison directory `<cache dir>/runs/<time>-compare/` with
 `compare.csv`, `compare.md` and a bar chart `compare.png`; each (backbone, head) fit is a
-normal run directory inside it, ready for `probe predict` / `probe export`.
+normal run directory inside it, ready for `probe predict` / `probe export`. Every row is
+tested against the best on the same images (their test_predictions.csv, matched by path):
+`p_value_vs_best` and `tied` (probe.significance).
 
 A backbone or a fit that fails (weights that can not be loaded, for example) gets a row that
 says why; the other rows still run. Settings that are wrong for every row (an unknown
@@ -264,7 +266,9 @@ def compare(
     `probe.extract`.
 
     Returns a `Comparison`: the ranked records (backbone, head, accuracy and its 95%
-    interval, tied (with the best), balanced_accuracy, macro_f1, split_role, ...).
+    interval, tied and p_value_vs_best (a paired test against the best on the same images,
+    see `paired_tests`), balanced_accuracy, macro_f1, split_role, ...) and `chance`, the
+    scores of a predictor that knows nothing on the reported images.
 
     >>> table = probe.compare("digits/", "vgg16,resnet50", weights="none", image_size=64)
     >>> table.best_run, table.path
