@@ -646,7 +646,8 @@ def render_comparison(directory: Path) -> str:
                    for c in columns)
     body = []
     for record in records:
-        cells = [f"<td>{_compare_cell(c, record.get(c))}</td>" for c in columns[:-1]]
+        cells = [f"<td>{_compare_cell(c, record.get(c))}{_secondary_interval(c, record)}</td>"
+                 for c in columns[:-1]]
         cells.append(f"<td>{_run_link(directory, record)}</td>")
         row_class = ' class="failed"' if record.get("status") != "ok" else ""
         error = (f'<tr class="error"><td colspan="{len(columns):d}">{esc(record["error"])}</td></tr>'
@@ -671,6 +672,15 @@ def render_comparison(directory: Path) -> str:
 def _compare_figure(directory: Path, name: str, alt: str) -> str:
     uri = png_uri(directory / name)
     return f'<figure><img class="plot" src="{esc(uri)}" alt="{esc(alt)}"></figure>' if uri else ""
+
+
+def _secondary_interval(column: str, record: dict) -> str:
+    """' [low, high]' after a score other than the ranking one, when compare.csv has its
+    interval ('' otherwise: the ranking score's interval has its own column)."""
+    if (column not in METRIC_KEYS or column == Task.of_row(record).score
+            or not record.get(f"{column}_ci")):
+        return ""
+    return " " + _compare_cell(f"{column}_ci", record[f"{column}_ci"])
 
 
 def _compare_cell(column: str, text: str | None) -> str:
