@@ -640,8 +640,8 @@ def render_comparison(directory: Path) -> str:
         records = list(csv.DictReader(handle))
     task = Task.of_row(records[0]) if records else SINGLE_LABEL
     columns = ["rank", "backbone", "head", task.score, f"{task.score}_ci", "tied",
-               "p_value_vs_best", *task.scores[1:], "feature_size", "images_per_second", "fit_seconds",
-               "status", "report"]
+               "p_value_vs_best", *task.scores[1:], "feature_size", "images_per_second",
+               "fit_seconds", "status", "report"]
     head = "".join(f"<th>{esc(_COMPARE_HEADERS.get(c, c.replace('_ci', ' 95%')))}</th>"
                    for c in columns)
     body = []
