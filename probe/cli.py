@@ -885,12 +885,16 @@ def _show_comparison(result) -> None:
     best = result.best
     if best is None:
         raise click.ClickException("no backbone and head finished; see the errors above")
-    tied = [f"{r['backbone']} + {r['head']}" for r in result if r.get("tied") == "yes"]
+    tied = [f"{r['backbone']} + {r['head']}" for r in result.tied]
+    apart = [f"{r['backbone']} + {r['head']}" for r in result.not_comparable]
     name, value, interval = compare_headline(best)
     _echo(f"Best: {best['backbone']} + {best['head']} ({best['split_role']} {name} "
           f"{value:.4f} {format_interval(interval)}): {best['run']}")
     if tied:
-        _echo(f"Tied with the best (overlapping 95% intervals): {', '.join(tied)}")
+        _echo(f"Tied with the best (paired test on the same images, Holm-adjusted p >= 0.05: "
+              f"no significant difference): {', '.join(tied)}")
+    if apart:
+        _echo(f"Not comparable with the best (scored on other images): {', '.join(apart)}")
     _echo(f"  probe predict {best['run']} IMAGES...")
     _echo(f"  probe export {best['run']} OUT.keras")
 
@@ -921,8 +925,9 @@ def compare_command(dataset, backbones, heads, weights, image_size, pooling, bat
     every backbone's features with identical splits and prints a ranked table. Writes
     compare.csv, compare.md, compare.png and report.html into .probe/runs/<time>-compare/,
     with one run directory per backbone and head; the best run is ready for `probe predict`
-    and `probe export`. Each accuracy comes with its 95% interval; rows whose interval
-    overlaps the best one's are marked tied. A backbone that fails gets a row saying why;
+    and `probe export`. Each accuracy comes with its 95% interval; every row is tested
+    against the best on the same test images (exact McNemar test, Holm-adjusted over the
+    rows: p_vs_best) and marked tied where p >= 0.05. A backbone that fails gets a row saying why;
     the others still run.
     --engine ray extracts on a Ray cluster, as `probe extract --engine ray` does.
     --shots 1,10,all adds every backbone's label-efficiency curve (curve.csv, curve.png).

@@ -4,7 +4,9 @@
 cache is reused), fits every head on every backbone's features with identical splits, and
 ranks the results. It writes a comparison directory `<cache dir>/runs/<time>-compare/` with
 `compare.csv`, `compare.md` and a bar chart `compare.png`; each (backbone, head) fit is a
-normal run directory inside it, ready for `probe predict` / `probe export`.
+normal run directory inside it, ready for `probe predict` / `probe export`. Every row is
+tested against the best on the same images (their test_predictions.csv, matched by path):
+`p_value_vs_best` and `tied` (probe.significance).
 
 A backbone or a fit that fails (weights that can not be loaded, for example) gets a row that
 says why; the other rows still run. Settings that are wrong for every row (an unknown
@@ -17,6 +19,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as _dt
+import itertools
 import math
 import os
 import warnings
@@ -27,7 +30,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from . import (model_backbones, backbones as backbones_mod, data, device, evaluate, files, heads as heads_mod, html,
-               report, run_files)
+               report, run_files, significance)
 from .features import cache as cache_mod
 from .features.engines.ray import RayOptions
 from .errors import BackboneError, ProbeError
@@ -35,9 +38,8 @@ from .progress import (BackboneExtracted, ComparisonFinished, ComparisonStarted,
                        ExtractionFailed, HeadFitted, NextBackbone, ProgressCallback, emit)
 from .settings import (DEFAULT_BATCH_SIZE, DEFAULT_SEED, TEST_FRACTION, VAL_FRACTION,
                        ExtractionSettings, SplitSettings, backbone_spec, parse_names)
-# the columns of each task, importable from here as before
-from .task import (CSV_COLUMNS, INTERVAL_KEYS, ML_CSV_COLUMNS, ML_INTERVAL_KEYS,  # noqa: F401
-                   ML_SCORES, ML_TABLE_COLUMNS, TABLE_COLUMNS, Task)
+from .task import INTERVAL_KEYS, ML_INTERVAL_KEYS, ML_SCORES, MULTI_LABEL, PREDICTIONS_FILE, \
+    SINGLE_LABEL, Task
 
 __all__ = ["Comparison", "compare", "parse_names", "parse_image_size", "image_sizes",
            "DEFAULT_BACKBONES", "DEFAULT_HEADS"]
@@ -49,8 +51,29 @@ CSV_FILE, MARKDOWN_FILE, CHART_FILE = "compare.csv", "compare.md", "compare.png"
 TEXT_COLUMNS = ("backbone", "head", "status", "tied", "accuracy_ci", "mean_average_precision_ci")
 DECIMALS = {"accuracy": 4, "balanced_accuracy": 4, "macro_f1": 4, "images_per_second": 1,
             "fit_seconds": 2, "mean_average_precision": 4, "micro_f1": 4, "exact_match_accuracy": 4}
-# the "tied" column: the best row, and rows whose accuracy interval overlaps the best's
-BEST, TIED = "best", "yes"
+# the "tied" column: the best row; rows whose paired test against the best finds no
+# significant difference (Holm-adjusted p >= 0.05), those where it does, and rows that were
+# not scored on the best's images (or failed)
+BEST, TIED, NOT_TIED, NOT_COMPARABLE = "best", "yes", "no", "not comparable"
+P_COLUMN = ("p_value_vs_best", "p_vs_best")
+
+
+def table_columns(task: Task) -> list[tuple[str, str]]:
+    """(record key, header) of a comparison's table: the task's, with the Holm-adjusted
+    p-value against the best after `tied`."""
+    keys = [key for key, _ in task.table_columns]
+    at = keys.index("tied") + 1
+    return [*task.table_columns[:at], P_COLUMN, *task.table_columns[at:]]
+
+
+def csv_columns(task: Task) -> list[str]:
+    """The columns of compare.csv: the task's, with `p_value_vs_best` after `tied`."""
+    at = task.csv_columns.index("tied") + 1
+    return [*task.csv_columns[:at], P_COLUMN[0], *task.csv_columns[at:]]
+
+
+TABLE_COLUMNS, ML_TABLE_COLUMNS = table_columns(SINGLE_LABEL), table_columns(MULTI_LABEL)
+CSV_COLUMNS, ML_CSV_COLUMNS = csv_columns(SINGLE_LABEL), csv_columns(MULTI_LABEL)
 
 MESSAGE_LIMIT = 400
 
@@ -67,6 +90,9 @@ class Comparison(list):
         self.path = path
         self.settings = settings
         self.curve = None  # with `shots`: the label-efficiency curves (a probe.curve.Curve)
+        # what a predictor that knows nothing scores on the reported images ({score: value}):
+        # `chance_levels` of the best row's predictions
+        self.chance: dict[str, float] = {}
 
     @property
     def task(self) -> Task:
@@ -85,11 +111,21 @@ class Comparison(list):
 
     @property
     def columns(self) -> list[tuple[str, str]]:
-        return self.task.table_columns
+        return table_columns(self.task)
 
     @property
     def csv_columns(self) -> list[str]:
-        return self.task.csv_columns
+        return csv_columns(self.task)
+
+    @property
+    def tied(self) -> list[dict]:
+        """The rows whose paired test finds no significant difference from the best."""
+        return [r for r in self if r.get("tied") == TIED]
+
+    @property
+    def not_comparable(self) -> list[dict]:
+        """The successful rows that were not scored on the best row's images."""
+        return [r for r in self if r["status"] == "ok" and r.get("tied") == NOT_COMPARABLE]
 
     @property
     def best(self) -> dict | None:
@@ -230,7 +266,9 @@ def compare(
     `probe.extract`.
 
     Returns a `Comparison`: the ranked records (backbone, head, accuracy and its 95%
-    interval, tied (with the best), balanced_accuracy, macro_f1, split_role, ...).
+    interval, tied and p_value_vs_best (a paired test against the best on the same images,
+    see `paired_tests`), balanced_accuracy, macro_f1, split_role, ...) and `chance`, the
+    scores of a predictor that knows nothing on the reported images.
 
     >>> table = probe.compare("digits/", "vgg16,resnet50", weights="none", image_size=64)
     >>> table.best_run, table.path
@@ -245,8 +283,11 @@ def compare(
                                      heads=tuple(plan.heads), path=out))
     records, curves = _run_backbones(plan, directory, out, progress)
     task = Task.of_flag(plan.found.multilabel)
-    result = Comparison(rank(records, task), out,
+    predictions = read_predictions(records, task)
+    result = Comparison(rank(records, task, predictions=predictions, seed=plan.seed), out,
                         _settings(plan, image_size, pooling, val_fraction, test_fraction, task))
+    if result.best:
+        result.chance = chance_levels(predictions.get(result.best["run"]), task)
     _write_outputs(result, plan, curves)
     emit(progress, ComparisonFinished(path=out, runs=len(result), failed=len(result.failed)))
     return result
@@ -446,37 +487,187 @@ def _settings(plan: _Plan, image_size, pooling, val_fraction, test_fraction,
         "image_size": image_size, "image_sizes": dict(zip([s.name for s in plan.specs], plan.sizes)),
         "pooling": pooling, "labels": plan.split.labels,
         "seed": plan.seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
+        "split_source": ("fractions" if not plan.found.splits_given
+                         else "val carved" if plan.found.val_carved else "dataset"),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def rank(records: list[dict], task: Task | None = None, *, multilabel: bool = False) -> list[dict]:
+def rank(records: list[dict], task: Task | None = None, *, multilabel: bool = False,
+         predictions: dict | None = None, seed: int = DEFAULT_SEED) -> list[dict]:
     """Successful rows by the task's score (the kind of dataset decides, not the head:
     accuracy, or for a multi-label dataset mean average precision), then macro F1 (then
-    the given order); failed rows last. Sets each record's `rank` (None for a failed row)
-    and `tied`: "best" for the first, "yes" for a row whose 95% interval of that score
-    overlaps the best one's (their difference may be noise), "no" otherwise. Without a
-    `task`, the dataset's `multilabel` flag names it."""
+    the given order); failed rows last. Sets each record's `rank` (None for a failed row),
+    `p_value_vs_best` and `tied` (see `paired_tests`); `predictions` maps a record's "run"
+    to its `RowPredictions` (`read_predictions`), `seed` seeds the paired bootstrap.
+    Without a `task`, the dataset's `multilabel` flag names it."""
     task = task or Task.of_flag(multilabel)
     score = task.score
     ok = [r for r in records if r["status"] == "ok"]
     ok.sort(key=lambda r: (-r[score], -r["macro_f1"]))
     for position, record in enumerate(ok, start=1):
         record["rank"] = position
-        record["tied"] = BEST if position == 1 else ("yes" if _overlaps(record, ok[0], score) else "no")
     failed = [r for r in records if r["status"] != "ok"]
     for record in failed:
-        record["rank"] = record["tied"] = None
-    return [{key: r.get(key) for key in task.csv_columns} for r in ok + failed]
+        record["rank"], record["tied"], record["p_value_vs_best"] = None, NOT_COMPARABLE, None
+    paired_tests(ok, task, predictions or {}, seed)
+    return [{key: r.get(key) for key in csv_columns(task)} for r in ok + failed]
 
 
-def _overlaps(record: dict, best: dict, score: str = "accuracy") -> bool:
-    """Whether the intervals of the ranking score of two rows overlap (no interval:
-    treated as tied)."""
-    mine, theirs = record.get(f"{score}_ci"), best.get(f"{score}_ci")
-    if not mine or not theirs:
-        return True
-    return mine[1] >= theirs[0] and theirs[1] >= mine[0]
+def paired_tests(ranked: list[dict], task: Task, predictions: dict, seed: int) -> None:
+    """Test the first row (the best) against every other on the same images and set each
+    row's `p_value_vs_best` and `tied`: "best" for the first, "yes" where the adjusted
+    p-value is >= 0.05 (no significant difference), "no" where it is below, "not
+    comparable" (p None) for a row without predictions on exactly the best's images
+    (another split or image set, or no predictions file).
+
+    The test is the one of the ranking score: the exact McNemar test on the images that
+    exactly one of two rows gets right for accuracy, the paired bootstrap
+    (`significance.pairwise_bootstrap_p`, seeded by `seed`) for mean average precision.
+    Holm's adjustment runs over every pair of comparable rows, not only the pairs with
+    the best: the best is chosen on the same images, and only the family of all pairs
+    keeps the chance of any false "no" at 5% when no row is better than another."""
+    if not ranked:
+        return
+    ranked[0].update(tied=BEST, p_value_vs_best=None)
+    for record in ranked[1:]:
+        record.update(tied=NOT_COMPARABLE, p_value_vs_best=None)
+    best = predictions.get(ranked[0].get("run"))
+    if best is None:
+        return
+    orders = {i: best.aligned(predictions.get(r.get("run"))) for i, r in enumerate(ranked)}
+    group = [i for i in range(len(ranked)) if i == 0 or orders[i] is not None]
+    rows = [predictions[ranked[i]["run"]] for i in group]
+    p = _pairwise_p(task, best, rows, [orders[i] for i in group], seed)
+    pairs = list(itertools.combinations(range(len(group)), 2))
+    adjusted = dict(zip(pairs, significance.holm([p[a, b] for a, b in pairs])))
+    for member in range(1, len(group)):
+        value = float(adjusted[(0, member)])
+        ranked[group[member]].update(
+            p_value_vs_best=value, tied=TIED if value >= significance.SIGNIFICANCE else NOT_TIED)
+
+
+def _pairwise_p(task: Task, best: "RowPredictions", rows: list, orders: list,
+                seed: int) -> np.ndarray:
+    """The unadjusted p-values between every two of `rows` (each put in the order of the
+    best's images by `orders`)."""
+    if task.score == "accuracy":
+        return significance.pairwise_mcnemar(
+            [row.correct()[order] for row, order in zip(rows, orders)])
+    return significance.pairwise_bootstrap_p(
+        task.score, best.truth, [row.scores[order] for row, order in zip(rows, orders)],
+        ignore=best.ignore, seed=seed)
+
+
+@dataclass(frozen=True)
+class RowPredictions:
+    """One row's predictions on the images it was scored on, as its run's
+    test_predictions.csv records them."""
+
+    split: str | None
+    classes: tuple[str, ...]
+    paths: tuple[str, ...]
+    truth: np.ndarray  # (N,) class indices, or (N, K) 0/1 for a multi-label dataset
+    predicted: np.ndarray  # (N,) predicted class indices (single-label; -1 for multi-label)
+    scores: np.ndarray  # (N, K) probabilities
+    ignore: np.ndarray | None = None  # (N, K) entries left out of the metrics (multi-label)
+
+    def correct(self) -> np.ndarray:
+        """(N,) bool: the images predicted right (single-label)."""
+        return self.predicted == self.truth
+
+    def aligned(self, other: "RowPredictions | None") -> np.ndarray | None:
+        """The positions in `other` of this row's images, in this row's order; None unless
+        `other` was scored on exactly the same images (same split, same paths, each with
+        the same label, same classes)."""
+        if (other is None or other.split != self.split or other.classes != self.classes
+                or len(other.paths) != len(self.paths)):
+            return None
+        where = {path: i for i, path in enumerate(other.paths)}
+        if len(where) != len(other.paths) or set(where) != set(self.paths):
+            return None
+        order = np.array([where[path] for path in self.paths], dtype=np.int64)
+        return order if np.array_equal(other.truth[order], self.truth) else None
+
+
+def read_predictions(records: list[dict], task: Task) -> dict[str, RowPredictions]:
+    """{run directory: its `RowPredictions`} of every successful row whose run holds a
+    readable test_predictions.csv (a row without one can not be compared image by image).
+    Multi-label: with the "difficult" entries of the row's cache, left out as the row's
+    metrics left them out."""
+    found: dict[str, RowPredictions] = {}
+    for record in records:
+        run = record.get("run")
+        if record.get("status") == "ok" and run:
+            row = _read_row_predictions(Path(run), task, record.get("split"))
+            if row is not None:
+                found[run] = _with_ignore(row, record.get("cache")) if task.multilabel else row
+    return found
+
+
+def _read_row_predictions(directory: Path, task: Task, split: str | None) -> RowPredictions | None:
+    """A run's test_predictions.csv (path, true, predicted, one probability per class), or
+    None when it is missing or not in that shape."""
+    try:
+        with open(directory / PREDICTIONS_FILE, newline="", encoding="utf-8",
+                  errors="surrogateescape") as handle:
+            rows = list(csv.reader(handle))
+    except OSError:
+        return None
+    if not rows or rows[0][:3] != ["path", "true", "predicted"]:
+        return None
+    classes, body = tuple(rows[0][3:]), rows[1:]
+    index = {name: k for k, name in enumerate(classes)}
+    try:
+        scores = np.array([[float(v) for v in row[3:]] for row in body],
+                          dtype=np.float64).reshape(len(body), len(classes))
+        if task.multilabel:
+            truth = np.zeros((len(body), len(classes)), dtype=np.int64)
+            for i, row in enumerate(body):
+                truth[i, [index[name] for name in row[1].split(";") if name]] = 1
+            predicted = np.full(len(body), -1, dtype=np.int64)
+        else:
+            truth = np.array([index[row[1]] for row in body], dtype=np.int64)
+            predicted = np.array([index[row[2]] for row in body], dtype=np.int64)
+    except (KeyError, ValueError, IndexError):
+        return None
+    return RowPredictions(split, classes, tuple(row[0] for row in body), truth, predicted, scores)
+
+
+def _with_ignore(row: RowPredictions, cache_path: str | None) -> RowPredictions:
+    """The row with the "difficult" entries its cache records for its images (none when
+    the cache records none or can not be read)."""
+    try:
+        cache = cache_mod.FeatureCache.open(cache_path)
+        mask = cache.ignore_mask(row.split)
+        paths = cache.paths(row.split)
+    except (ProbeError, OSError, TypeError):
+        return row
+    if mask is None:
+        return row
+    at = {path: i for i, path in enumerate(paths)}
+    if not all(path in at for path in row.paths):
+        return row
+    return dataclasses.replace(row, ignore=mask[[at[path] for path in row.paths]])
+
+
+def chance_levels(predictions: RowPredictions | None, task: Task) -> dict[str, float]:
+    """What a predictor that knows nothing scores on the reported images: accuracy, the
+    share of the most frequent class (always answering it); balanced accuracy, 1/K over the
+    K classes present; mean average precision, the mean over the classes with a positive of
+    their positive rate (the average precision of a random ranking). {} without
+    predictions."""
+    if predictions is None or not len(predictions.paths):
+        return {}
+    truth = predictions.truth
+    if not task.multilabel:
+        counts = np.bincount(truth, minlength=len(predictions.classes))
+        return {"accuracy": float(counts.max() / counts.sum()),
+                "balanced_accuracy": float(1 / np.count_nonzero(counts))}
+    keep = np.ones_like(truth, dtype=bool) if predictions.ignore is None else ~predictions.ignore
+    positives, entries = (truth.astype(bool) & keep).sum(axis=0), keep.sum(axis=0)
+    rates = positives[positives > 0] / entries[positives > 0]
+    return {"mean_average_precision": float(rates.mean())} if rates.size else {}
 
 
 def score_note(result: "Comparison") -> str | None:
@@ -515,8 +706,7 @@ def markdown(result: Comparison) -> str:
         f"- dataset: `{s['dataset']}` ({len(s['classes'])} classes)",
         f"- weights: {s['weights']}; image size: {s['image_size'] or 'native'} "
         f"({', '.join(f'{k} {v}' for k, v in s.get('image_sizes', {}).items())}); "
-        f"pooling: {s['pooling']}; split seed {s['seed']} "
-        f"(val {s['val_fraction']}, test {s['test_fraction']})",
+        f"pooling: {s['pooling']}; {split_text(s)}",
         f"- created: {s['created']}",
         "",
         "| " + " | ".join(headers) + " |",
@@ -527,9 +717,11 @@ def markdown(result: Comparison) -> str:
     lines.append("")
     lines += task.ranking_notes
     lines.append(f"Intervals are 95% ({task.exact_score_name}: "
-                 "Wilson; the others: bootstrap over the images); "
-                 f"`tied`: the row's {name} interval overlaps the best one's, so the "
-                 "difference may be noise.")
+                 "Wilson; the others: bootstrap over the images).")
+    lines += ["", tied_text(task)]
+    chance = chance_text(result)
+    if chance:
+        lines += ["", chance]
     note = score_note(result)
     if note:
         lines += ["", f"**Note:** {note}"]
@@ -539,6 +731,9 @@ def markdown(result: Comparison) -> str:
         lines.append(f"Best: **{best['backbone']} + {best['head']}** "
                      f"({best['split_role']} {name} {best[score]:.4f} "
                      f"{_text(f'{score}_ci', best.get(f'{score}_ci'))}), run `{best['run']}`")
+        if result.tied:
+            lines.append(f"(ranked first, but not significantly better than "
+                         f"{', '.join(r['backbone'] + ' + ' + r['head'] for r in result.tied)})")
         lines.append("")
         lines.append(f"    probe predict {best['run']} IMAGES...")
         lines.append(f"    probe export {best['run']} model.keras")
@@ -550,53 +745,103 @@ def markdown(result: Comparison) -> str:
     return "\n".join(lines) + "\n"
 
 
+def split_text(settings: dict) -> str:
+    """How the images were split, naming the seed and fractions only where they were used
+    (a dataset with train/val/test folders or a split column is split as it says)."""
+    source = settings.get("split_source", "fractions")
+    if source == "dataset":
+        return "splits as the dataset gives them"
+    if source == "val carved":
+        return (f"splits as the dataset gives them, val carved from train (val "
+                f"{settings['val_fraction']}, seed {settings['seed']})")
+    return (f"split seed {settings['seed']} (val {settings['val_fraction']}, "
+            f"test {settings['test_fraction']})")
+
+
+def tied_text(task: Task) -> str:
+    """What `tied` and `p_vs_best` mean, in one paragraph."""
+    return significance.explain(task.score)
+
+
+def chance_text(result: Comparison) -> str:
+    """One line: what a predictor that knows nothing scores on the reported images."""
+    what = {"accuracy": "accuracy {:.4f} (always the most frequent class)",
+            "balanced_accuracy": "balanced accuracy {:.4f} (1/K)",
+            "mean_average_precision": "mean average precision {:.4f} (each class's "
+                                      "positive rate)"}
+    parts = [what[key].format(value) for key, value in result.chance.items() if key in what]
+    return f"Chance level on these images: {'; '.join(parts)}." if parts else ""
+
+
 def plot_comparison(result: Comparison, path: str | os.PathLike) -> Path:
-    """A grouped bar chart: accuracy per backbone with its 95% interval, one bar per head;
-    failed rows are marked 'failed'; the best bar is outlined; the axis names the split's
+    """A grouped bar chart: the ranking score per backbone with its 95% interval, one bar
+    per head; failed rows are marked 'failed'; the best bar and those tied with it are
+    outlined; a dashed line (gid "chance") marks the chance level of the reported images;
+    the title names a best only when no row is tied with it; the axis names the split's
     role (test, or validation used for selection)."""
     backbone_names = list(dict.fromkeys(r["backbone"] for r in result))
     head_names = list(dict.fromkeys(r["head"] for r in result))
-    by_key = {(r["backbone"], r["head"]): r for r in result}
     width = 0.8 / max(1, len(head_names))
     fig = report._new_figure(max(5.0, 1.3 * len(backbone_names) * max(1, len(head_names)) + 2), 4.5)
     ax = fig.add_subplot(1, 1, 1)
-    best = result.best
     score = result.score
-    for h, head in enumerate(head_names):
-        xs, heights, labels, errors = [], [], [], ([], [])
-        for b, backbone in enumerate(backbone_names):
-            record = by_key.get((backbone, head))
-            if record is None:
-                continue
-            xs.append(b + (h - (len(head_names) - 1) / 2) * width)
-            ok = record["status"] == "ok"
-            heights.append(record[score] if ok else 0.0)
-            labels.append(f"{record[score]:.3f}" if ok else "failed")
-            interval = record.get(f"{score}_ci") if ok else None
-            errors[0].append(record[score] - interval[0] if interval else 0.0)
-            errors[1].append(interval[1] - record[score] if interval else 0.0)
-        bars = ax.bar(xs, heights, width=width * 0.95, label=head, yerr=errors, capsize=3,
-                      error_kw={"elinewidth": 1})
-        for bar, text, x in zip(bars, labels, xs):
-            ax.text(x, bar.get_height() + 0.01, text, ha="center", va="bottom", fontsize=8,
-                    color="black" if text != "failed" else "firebrick")
-    if best:
-        b = backbone_names.index(best["backbone"])
-        h = head_names.index(best["head"])
-        x = b + (h - (len(head_names) - 1) / 2) * width
-        ax.bar([x], [best[score]], width=width * 0.95, fill=False, edgecolor="black",
-               linewidth=2)
+
+    def x_of(record: dict) -> float:
+        h = head_names.index(record["head"])
+        return backbone_names.index(record["backbone"]) + (h - (len(head_names) - 1) / 2) * width
+
+    for head in head_names:
+        rows = [r for r in result if r["head"] == head]
+        xs = [x_of(r) for r in rows]
+        ok = [r["status"] == "ok" for r in rows]
+        heights = [r[score] if good else 0.0 for r, good in zip(rows, ok)]
+        intervals = [r.get(f"{score}_ci") if good else None for r, good in zip(rows, ok)]
+        errors = ([h - i[0] if i else 0.0 for h, i in zip(heights, intervals)],
+                  [i[1] - h if i else 0.0 for h, i in zip(heights, intervals)])
+        ax.bar(xs, heights, width=width * 0.95, label=head, yerr=errors, capsize=3,
+               error_kw={"elinewidth": 1})
+        for x, height, good in zip(xs, heights, ok):
+            ax.text(x, height + 0.01, f"{height:.3f}" if good else "failed", ha="center",
+                    va="bottom", fontsize=8, color="black" if good else "firebrick")
+    top = [r for r in result if r.get("tied") in (BEST, TIED)]
+    if top:
+        ax.bar([x_of(r) for r in top], [r[score] for r in top], width=width * 0.95, fill=False,
+               edgecolor="black", linewidth=2)
+    _chance_line(ax, result.chance.get(score))
     ax.set_xticks(range(len(backbone_names)), labels=backbone_names)
-    ax.set_ylim(0, 1.12)
+    ax.set_ylim(0, 1.12)  # holds every score, its interval and the chance level
+    ax.yaxis.set_major_formatter("{x:.1f}")  # plain numbers, never an offset or 2x10^0
+    best = result.best
     role = best["split_role"] if best else "test"
     what = result.task.score_name
     ax.set_ylabel(f"{what} ({role}), 95% interval" if len(f"{what} ({role})") < 24
                   else f"{what} ({role}),\n95% interval")
-    ax.set_title("Backbones and heads" + (f" (best: {best['backbone']} + {best['head']})"
-                                          if best else ""))
+    ax.set_title(chart_title(result))
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(title="head", loc="upper right", fontsize=8)
     return report._save(fig, path)
+
+
+def _chance_line(ax, chance: float | None) -> None:
+    """A dashed labelled line at the chance level (nothing when it is unknown)."""
+    if chance is None:
+        return
+    ax.axhline(chance, color="black", linestyle="--", linewidth=1.2, gid="chance", zorder=3,
+               label="_chance")  # "_": not a head of the legend
+    ax.text(1.01, chance, f"chance\n{chance:.3f}", transform=ax.get_yaxis_transform(),
+            ha="left", va="center", fontsize=8)
+
+
+def chart_title(result: Comparison) -> str:
+    """The chart's title: it names the best only when no row is tied with it."""
+    best = result.best
+    if best is None:
+        return "Backbones and heads"
+    tied = len(result.tied)
+    if tied:
+        return (f"Backbones and heads ({tied + 1} tied at the top, no significant best; "
+                f"first: {best['backbone']} + {best['head']})")
+    return f"Backbones and heads (best: {best['backbone']} + {best['head']})"
 
 
 # --- helpers ----------------------------------------------------------------------------
@@ -663,6 +908,8 @@ def _text(key: str, value) -> str:
         return "-"
     if key in INTERVAL_KEYS or key in ML_INTERVAL_KEYS:
         return f"[{float(value[0]):.3f}, {float(value[1]):.3f}]"
+    if key == P_COLUMN[0]:
+        return significance.format_p(value)
     if key in DECIMALS:
         return f"{float(value):.{DECIMALS[key]}f}"
     return str(value)

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from . import files, run_files
+from . import files, run_files, significance
 from .features.cache import FeatureCache
 from .duplicates import cached_duplicates, centre, leakage_warning
 from .errors import ProbeError, RunError
@@ -626,30 +626,80 @@ def _skipped_section(inputs: RunInputs, caps: Caps) -> str:
 # --- comparison report ----------------------------------------------------------------
 
 
+# how a comparison's numbers are shown: decimals per column (intervals: 3)
+_COMPARE_DIGITS = {"images_per_second": 1, "fit_seconds": 2}
+_COMPARE_HEADERS = {"p_value_vs_best": "p vs best", "images_per_second": "extract img/s",
+                    "fit_seconds": "fit s", "feature_size": "features"}
+
+
 def render_comparison(directory: Path) -> str:
-    """The HTML page of a comparison directory: the ranked table, the chart and a link to
-    each run's report."""
+    """The HTML page of a comparison directory: the ranked table (each score with its 95%
+    interval, the paired test against the best and `tied`), the chart, the label-efficiency
+    curves when the comparison drew them, and a link to each run's report."""
     with open(directory / COMPARE_CSV, newline="", encoding="utf-8", errors="surrogateescape") as handle:
         records = list(csv.DictReader(handle))
     task = Task.of_row(records[0]) if records else SINGLE_LABEL
-    columns = ["rank", "backbone", "head", *task.scores,
-               "feature_size", "images_per_second", "fit_seconds", "status", "report"]
-    head = "".join(f"<th>{esc(c)}</th>" for c in columns)
+    columns = ["rank", "backbone", "head", task.score, f"{task.score}_ci", "tied",
+               "p_value_vs_best", *task.scores[1:], "feature_size", "images_per_second",
+               "fit_seconds", "status", "report"]
+    head = "".join(f"<th>{esc(_COMPARE_HEADERS.get(c, c.replace('_ci', ' 95%')))}</th>"
+                   for c in columns)
     body = []
     for record in records:
-        cells = [f"<td>{esc(record.get(c) or '-')}</td>" for c in columns[:-1]]
+        cells = [f"<td>{_compare_cell(c, record.get(c))}{_secondary_interval(c, record)}</td>"
+                 for c in columns[:-1]]
         cells.append(f"<td>{_run_link(directory, record)}</td>")
         row_class = ' class="failed"' if record.get("status") != "ok" else ""
         error = (f'<tr class="error"><td colspan="{len(columns):d}">{esc(record["error"])}</td></tr>'
                  if record.get("error") else "")
         body.append(f"<tr{row_class}>{''.join(cells)}</tr>{error}")
     table = f"<table><tr>{head}</tr>{''.join(body)}</table>"
-    chart = png_uri(directory / "compare.png")
-    figure = f'<figure><img class="plot" src="{esc(chart)}" alt="comparison chart"></figure>' if chart else ""
     split = next((r.get("split") for r in records if r.get("split")), "test")
-    text = f"<p>Ranked by {esc(split)} {task.score_name}, then macro F1; failed rows last.</p>"
-    sections = _section("ranking", "Ranked backbones and heads", text + table + figure)
+    text = (f"<p>Ranked by {esc(split)} {esc(task.score_name)}, then macro F1; failed rows "
+            f"last. Intervals are 95%.</p>")
+    meaning = significance.explain(task.score).replace("`p_vs_best`", "p vs best")
+    meaning = f"<p>{esc(meaning.replace('`', ''))}</p>"
+    sections = _section("ranking", "Ranked backbones and heads",
+                        text + table + meaning + _compare_figure(directory, "compare.png",
+                                                                 "comparison chart"))
+    curves = _compare_figure(directory, "curve.png", "label-efficiency curves")
+    if curves:
+        sections += _section("curves", "Label-efficiency curves",
+                             "<p>Score against labelled images per class (curve.csv).</p>" + curves)
     return page(f"probe comparison: {directory.name}", sections)
+
+
+def _compare_figure(directory: Path, name: str, alt: str) -> str:
+    uri = png_uri(directory / name)
+    return f'<figure><img class="plot" src="{esc(uri)}" alt="{esc(alt)}"></figure>' if uri else ""
+
+
+def _secondary_interval(column: str, record: dict) -> str:
+    """' [low, high]' after a score other than the ranking one, when compare.csv has its
+    interval ('' otherwise: the ranking score's interval has its own column)."""
+    if (column not in METRIC_KEYS or column == Task.of_row(record).score
+            or not record.get(f"{column}_ci")):
+        return ""
+    return " " + _compare_cell(f"{column}_ci", record[f"{column}_ci"])
+
+
+def _compare_cell(column: str, text: str | None) -> str:
+    """One cell of the comparison table from its compare.csv text: scores with 4
+    decimals, intervals as [low, high] with 3, p-values as `significance.format_p`; text
+    that is not the number it should be is shown as it is (escaped: the file is data)."""
+    if text is None or text == "":
+        return "-"
+    try:
+        if column.endswith("_ci"):
+            low, high = (float(v) for v in text.split())
+            return esc(f"[{_number_text(low, 3)}, {_number_text(high, 3)}]")
+        if column == "p_value_vs_best":
+            return esc(significance.format_p(float(text)))
+        if column in METRIC_KEYS or column in _COMPARE_DIGITS:
+            return _fmt(float(text), _COMPARE_DIGITS.get(column, 4))
+    except ValueError:
+        pass
+    return esc(text)
 
 
 def _run_link(directory: Path, record: dict) -> str:
@@ -740,7 +790,7 @@ def content_security_policy() -> str:
 def page(title: str, body: str) -> str:
     """A complete HTML document: inline style and script, no external resource."""
     anchors = [a for a in ("settings", "metrics", "plots", "mistakes", "map", "neighbours",
-                           "duplicates", "skipped", "ranking") if f'id="{a}"' in body]
+                           "duplicates", "skipped", "ranking", "curves") if f'id="{a}"' in body]
     nav = "".join(f'<a href="#{esc(a)}">{esc(a)}</a>' for a in anchors)
     policy = content_security_policy()
     # made of constants and base64 digests only, so it is inserted as it is (escaping

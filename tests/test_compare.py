@@ -55,10 +55,10 @@ def test_compare_two_backbones_both_heads(colours, cache_dir):
         for key in ("accuracy", "balanced_accuracy", "macro_f1", "accuracy_ci", "macro_f1_ci"):
             assert record[key] == metrics[key], key
         assert record["split_role"] == "test"
-        # tied: the intervals overlap the best row's
-        best_low = table[0]["accuracy_ci"][0]
-        assert record["tied"] == ("best" if record is table[0]
-                                  else "yes" if record["accuracy_ci"][1] >= best_low else "no")
+        # tied: a paired test against the best on the same images (3 test images: never
+        # significant)
+        assert record["tied"] == ("best" if record is table[0] else "yes")
+        assert (record["p_value_vs_best"] is None) == (record is table[0])
         assert record["feature_size"] == {"vgg16": 512, "resnet50": 2048}[record["backbone"]]
         assert record["images_per_second"] > 0 and record["fit_seconds"] >= 0
         assert record["split"] == "test" and record["n_samples"] == 3
@@ -75,8 +75,11 @@ def test_compare_two_backbones_both_heads(colours, cache_dir):
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == CSV_COLUMNS and len(rows) == 4
     assert [row["backbone"] for row in rows] == [r["backbone"] for r in table]
+    assert rows[0]["p_value_vs_best"] == "" and 0 < float(rows[1]["p_value_vs_best"]) <= 1
     md = (table.path / "compare.md").read_text()
-    assert "| rank | backbone | head | accuracy | accuracy_95% | tied |" in md
+    assert "| rank | backbone | head | accuracy | accuracy_95% | tied | p_vs_best |" in md
+    assert "McNemar" in md and "Chance level on these images: accuracy 0.3333" in md
+    assert "split seed 0 (val 0.15, test 0.15)" in md  # a dataset without split folders
     assert f"`{table[0]['run']}`" in md and "95%" in md
     png = table.path / "compare.png"
     assert png.stat().st_size > 5000 and Image.open(png).format == "PNG"
@@ -136,8 +139,8 @@ def test_a_broken_backbone_gives_failed_rows_not_a_crash(colours, cache_dir, bro
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].split() == ["rank", "backbone", "head", "accuracy", "accuracy_95%", "tied",
-                                "balanced_acc", "macro_f1", "features", "extract_img/s",
-                                "fit_s", "status"]
+                                "p_vs_best", "balanced_acc", "macro_f1", "features",
+                                "extract_img/s", "fit_s", "status"]
     assert sum(1 for line in lines[2:6] if line.split()[-1] == "failed") == 2
     assert "resnet50 + logreg, resnet50 + dense failed: extraction failed: could not load" in result.output
     assert result.output.count("extraction failed: could not load") == 1  # once per reason
@@ -324,7 +327,7 @@ def test_image_size_auto_and_backbones_all():
     assert image_sizes(specs[:1], "48") == [48]
 
 
-def test_compare_ranks_ties_by_interval_overlap():
+def test_compare_ranks_and_marks_rows_without_predictions_not_comparable():
     from probe.compare import rank
 
     def row(name, accuracy, low, high, f1=0.5):
@@ -334,8 +337,11 @@ def test_compare_ranks_ties_by_interval_overlap():
     ranked = rank([row("c", 0.70, 0.55, 0.78), row("a", 0.90, 0.80, 0.96),
                    row("b", 0.85, 0.74, 0.92), row("d", 0.90, 0.80, 0.96, f1=0.6),
                    {"backbone": "e", "head": "logreg", "status": "failed"}])
-    assert [(r["backbone"], r["rank"], r["tied"]) for r in ranked] == [
-        ("d", 1, "best"), ("a", 2, "yes"), ("b", 3, "yes"), ("c", 4, "no"), ("e", None, None)]
+    # no predictions to pair: overlapping intervals alone make no one "tied"
+    assert [(r["backbone"], r["rank"], r["tied"], r["p_value_vs_best"]) for r in ranked] == [
+        ("d", 1, "best", None), ("a", 2, "not comparable", None),
+        ("b", 3, "not comparable", None), ("c", 4, "not comparable", None),
+        ("e", None, "not comparable", None)]
 
 
 def test_compare_with_shots_adds_every_backbones_curve(colours, cache_dir):
@@ -372,3 +378,81 @@ def test_compare_shots_on_the_command_line(colours, cache_dir):
     bad = cli("compare", colours, "--weights", "none", "--shots", "0,all")
     assert bad.exit_code != 0 and "shot count" in bad.output and "Traceback" not in bad.output
 
+
+
+@pytest.mark.slow
+def test_random_labels_give_rows_tied_with_the_best(tmp_path, cache_dir):
+    """Labels independent of the pixels, in train/ and test/ folders: no row is
+    significantly worse than the best, the chance level is the majority share of the test
+    images, and the split is described as the dataset gives it (val carved from train)."""
+    from conftest import make_image
+
+    labels = np.random.default_rng(0).integers(0, 2, 80)
+    for i, label in enumerate(labels):
+        split = "train" if i < 40 else "test"
+        make_image(tmp_path / "data" / split / "ab"[label] / f"{i}.png", seed=1000 + i,
+                   size=(20, 20))
+    table = probe.compare(tmp_path / "data", "vgg16", "logreg,knn,dense", weights="none",
+                          image_size=32, head_params=FAST, html_report=False)
+    assert [r["tied"] for r in table] == ["best", "yes", "yes"]
+    assert all(0.05 <= r["p_value_vs_best"] <= 1 for r in table[1:])
+    majority = max(np.mean(labels[40:]), 1 - np.mean(labels[40:]))
+    assert table.chance["accuracy"] == pytest.approx(majority)
+    md = (table.path / "compare.md").read_text()
+    assert "splits as the dataset gives them, val carved from train (val 0.15, seed 0)" in md
+    assert "test 0.15" not in md
+    assert f"Chance level on these images: accuracy {majority:.4f}" in md
+
+
+def _chart_of(table, monkeypatch, tmp_path):
+    """The figure plot_comparison saves, caught before it is written."""
+    from probe import report
+    from probe.compare import plot_comparison
+
+    caught = []
+    save = report._save
+    monkeypatch.setattr(report, "_save", lambda fig, path: (caught.append(fig), save(fig, path))[1])
+    plot_comparison(table, tmp_path / "chart.png")
+    return caught[0].axes[0]
+
+
+def test_the_chart_draws_the_chance_level_and_names_no_best_that_is_tied(tmp_path, monkeypatch):
+    def row(head, accuracy, tied):
+        return {"backbone": "vgg16", "head": head, "status": "ok", "accuracy": accuracy,
+                "accuracy_ci": [accuracy - 0.1, accuracy + 0.05], "tied": tied,
+                "split_role": "test", "macro_f1": 0.5}
+
+    table = probe.Comparison([row("logreg", 0.62, "best"), row("knn", 0.58, "yes"),
+                              row("dense", 0.2, "no")], tmp_path, {})
+    table.chance = {"accuracy": 0.55, "balanced_accuracy": 0.5}
+    ax = _chart_of(table, monkeypatch, tmp_path)
+    chance = [line for line in ax.get_lines() if line.get_gid() == "chance"]
+    assert len(chance) == 1 and list(chance[0].get_ydata()) == [0.55, 0.55]
+    low, high = ax.get_ylim()
+    assert low <= 0.55 <= high and low == 0
+    assert any(text.get_text() == "chance\n0.550" for text in ax.texts)
+    assert "best:" not in ax.get_title() and "2 tied at the top" in ax.get_title()
+    ticks = [ax.yaxis.get_major_formatter()(value) for value in (0.0, 1.0)]
+    assert ticks == ["0.0", "1.0"]  # plain numbers
+    # nobody tied: the best is named; no chance level known: no line
+    table[1]["tied"] = "no"
+    table.chance = {}
+    ax = _chart_of(table, monkeypatch, tmp_path)
+    assert ax.get_title() == "Backbones and heads (best: vgg16 + logreg)"
+    assert not [line for line in ax.get_lines() if line.get_gid() == "chance"]
+
+
+def test_markdown_names_the_split_fractions_only_where_they_were_used(tmp_path):
+    from probe.compare import markdown
+
+    settings = {"dataset": "/data/pets", "classes": ["a", "b"], "weights": "imagenet",
+                "image_size": None, "pooling": "avg", "seed": 3, "val_fraction": 0.2,
+                "test_fraction": 0.1, "created": "now"}
+    table = probe.Comparison([], tmp_path, settings)
+    assert "split seed 3 (val 0.2, test 0.1)" in markdown(table)  # older settings: fractions
+    table.settings["split_source"] = "dataset"
+    text = markdown(table)
+    assert "splits as the dataset gives them" in text and "0.2" not in text and "0.1" not in text
+    table.settings["split_source"] = "val carved"
+    assert "val carved from train (val 0.2, seed 3)" in markdown(table)
+    assert "test 0.1" not in markdown(table)

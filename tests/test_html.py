@@ -266,6 +266,39 @@ def test_comparison_page_escapes_its_csv(tmp_path):
     assert links == ["run-%22quoted%22%3E%3Cb%3E/report.html"]
 
 
+def test_comparison_page_shows_intervals_the_paired_test_and_the_curves(tmp_path):
+    directory = tmp_path / "comparison"
+    directory.mkdir()
+    for name in ("compare.png", "curve.png"):
+        make_image(directory / name, seed=1, fmt="PNG")
+    rows = [{"rank": "1", "backbone": "vgg16", "head": "logreg", "accuracy": "0.0916667",
+             "accuracy_ci": "0.0412 0.18913", "tied": "best", "p_value_vs_best": "",
+             "balanced_accuracy": "0.5", "balanced_accuracy_ci": "0.25 0.75",
+             "macro_f1": "0.333333", "fit_seconds": "1.23456",
+             "images_per_second": "12.3456", "status": "ok", "split": "test"},
+            {"rank": "2", "backbone": "vgg16", "head": "knn", "accuracy": "0.05",
+             "accuracy_ci": "0.01 0.1", "tied": "no", "p_value_vs_best": "0.000123",
+             "balanced_accuracy": "0.5", "macro_f1": "0.3", "status": "ok", "split": "test"},
+            {"rank": "3", "backbone": "resnet50", "head": "knn", "accuracy": "0.04",
+             "accuracy_ci": "0.01 0.1", "tied": "yes", "p_value_vs_best": "0.0612",
+             "balanced_accuracy": "0.5", "macro_f1": "0.3", "status": "ok", "split": "test"}]
+    with open(directory / "compare.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    page = render_comparison(directory)
+    assert "0.0916667" not in page and "<td>0.0917</td>" in page  # formatted, not raw
+    assert "<td>[0.041, 0.189]</td>" in page and "<td>1.23</td>" in page and "<td>12.3</td>" in page
+    assert "<th>tied</th><th>p vs best</th>" in page
+    assert "<td>0.5000 [0.250, 0.750]</td><td>0.3333</td>" in page  # the other intervals too
+    assert "<td>best</td><td>-</td>" in page and "<td>no</td><td>&lt;0.001</td>" in page
+    assert "<td>yes</td><td>0.061</td>" in page and "McNemar" in page
+    parsed = Elements(page)
+    assert [attrs.get("alt") for tag, attrs in parsed.tags if tag == "img"] == [
+        "comparison chart", "label-efficiency curves"]
+    assert '<section id="curves">' in page and 'href="#curves"' in page
+
+
 def test_report_command_and_refusal(hostile_run, tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["report", str(hostile_run.path), "-o", str(tmp_path / "r.html")])
