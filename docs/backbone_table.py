@@ -63,7 +63,7 @@ def count_parameters(name: str) -> int:
 
 
 def millions(count: int) -> str:
-    return f"{count / 1e6:.1f} M"
+    return f"{count / 1e6:,.1f} M"
 
 
 def registry_row(name: str, parameters: str) -> str:
@@ -83,7 +83,7 @@ def table(parameters: Callable[[str], str]) -> str:
     def key(name: str):
         spec = backbones.get(name)
         group = ORDER.index(family(spec)) if family(spec) in ORDER else len(ORDER)
-        return group, float(parameters(name).split()[0]), name
+        return group, float(parameters(name).split()[0].replace(",", "")), name
 
     names = sorted(backbones.list_backbones(), key=key)
     return "\n".join([HEADER, *(registry_row(name, parameters(name)) for name in names)])
@@ -93,7 +93,7 @@ def hub_table() -> str:
     """KerasHub's presets of the families probe's guide names, from their metadata."""
     import keras_hub
 
-    lines = ["| KerasHub class | presets (`--backbone hub:NAME`) | parameters (whole preset) |",
+    lines = ["| KerasHub class | presets | parameters (whole preset) |",
              "|---|---|---|"]
     for class_name in HUB_CLASSES:
         presets = getattr(keras_hub.models, class_name).presets
@@ -118,7 +118,7 @@ def documented_parameters(text: str) -> dict[str, str]:
     return cells
 
 
-def generated() -> str:
+def generated() -> tuple[str, str]:
     """Both tables, freshly computed (builds every model once: about a minute)."""
     applications = table(lambda name, cache={}: cache.setdefault(
         name, millions(count_parameters(name))))
