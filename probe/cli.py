@@ -37,7 +37,7 @@ from .report import format_interval, format_table
 from .runs import Run, fit, score_label, summary_columns, summary_rows
 from .task import Task
 from .terminal import terminal_text
-from .curve import curve
+from .curve import CHANCE_MEANING, SCORE_NAMES, curve
 
 # A seed any part of probe accepts (NumPy's and Keras' seeds are 32-bit).
 SEED = click.IntRange(0, settings.MAX_SEED)
@@ -589,8 +589,10 @@ def curve_command(cache_path, backbone, cache_dir, shots, repeats, heads, seed) 
 
     For each shot count and repeat, a seeded stratified subset of the training split (nested
     across shot counts); settings chosen inside the subset only; scored on the test split
-    (else the validation split, said so). Writes curve.csv and curve.png into
-    .probe/runs/<time>-<backbone>-curve/ and prints mean ± standard deviation.
+    (else the validation split, said so). A multi-label cache gives mean average precision,
+    its subsets stratified on each image's rarest class. Writes curve.csv and curve.png
+    (with the chance level) into .probe/runs/<time>-<backbone>-curve/ and prints mean ±
+    standard deviation and the chance level.
 
     Example: probe curve --shots 1,2,5,10,25,all --repeats 5 --heads logreg,knn,dense
     """
@@ -599,6 +601,7 @@ def curve_command(cache_path, backbone, cache_dir, shots, repeats, heads, seed) 
     for note in result.notes:
         _echo(note, err=True)
     _echo(format_table(*_curve_rows(result)), lines=True)
+    _echo(_chance_line(result))
     short = max((r["short_classes"] for r in result.summary), default=0)
     if short:
         _echo(f"short classes: classes with fewer training images than the shot count "
@@ -609,12 +612,20 @@ def curve_command(cache_path, backbone, cache_dir, shots, repeats, heads, seed) 
 def _curve_rows(result) -> tuple[list[dict], list[str]]:
     """A curve's summary as table rows (mean ± standard deviation) and their columns."""
     split = "validation" if result.split == "val" else result.split
+    scores = result.task.curve_scores
+    names = [f"{split} {SCORE_NAMES[scores[0]]}", *(SCORE_NAMES[s] for s in scores[1:])]
     rows = [{**({"backbone": r["backbone"]} if "backbone" in r else {}),
              "head": r["head"], "shots": str(r["shots"]), "n_train": r["n_train"],
-             f"{split} accuracy": f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}",
-             "balanced accuracy": f"{r['balanced_accuracy']:.4f} ± {r['balanced_accuracy_std']:.4f}",
+             **{name: f"{r[s]:.4f} ± {r[s + '_std']:.4f}" for name, s in zip(names, scores)},
              "short classes": r["short_classes"]} for r in result.summary]
     return rows, list(rows[0])
+
+
+def _chance_line(result) -> str:
+    """What the curve's scores are without learning, e.g. "chance: accuracy 0.3333 (most
+    frequent class), balanced accuracy 0.3333 (1 / classes)"."""
+    return "chance: " + ", ".join(f"{SCORE_NAMES[s]} {v:.4f} ({CHANCE_MEANING[s]})"
+                                  for s, v in result.chance.items())
 
 
 @main.command("predict")
