@@ -175,7 +175,7 @@ def calibrate(workdir: Path, backbones: list[str], image_size: int) -> None:
                 sims = np.array(sims)
                 print(f"{name} {label} copy_{copy_kind}_min {sims.min():.4f} "
                       f"p1 {np.quantile(sims, 0.01):.4f} median {np.median(sims):.4f}")
-            t = duplicates.DEFAULT_THRESHOLD
+            t = duplicates.THRESHOLD_FLOOR
             pairs_same = S[same & upper]
             print(f"{name} {label} at_{t} copies_found {np.mean(pairs_same >= t):.4f} "
                   f"distinct_flagged {np.mean(distinct >= t):.5f}")
@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--dims", type=int, default=2048)
     parser.add_argument("--planted", type=int, default=200)
-    parser.add_argument("--threshold", type=float, default=duplicates.DEFAULT_THRESHOLD)
+    parser.add_argument("--threshold", type=float, default=duplicates.THRESHOLD_FLOOR)
     parser.add_argument("--exact-rows", type=int, default=8192,
                         help="Rows of the exact baseline (0: none).")
     parser.add_argument("--seed", type=int, default=0)

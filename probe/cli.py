@@ -21,7 +21,7 @@ from .features import cache as cache_mod, store
 from .compare import compare, headline as compare_headline, score_note
 from .demo import DEMO_BACKBONES, DEMO_IMAGE_SIZE, DEMO_PER_CLASS, run_demo
 from .features.engines.ray import RayOptions
-from .duplicates import DEFAULT_THRESHOLD, find_duplicates
+from .duplicates import find_duplicates
 from .errors import ProbeError
 from .features.extract import extract_with_report
 from .finetune import comparison_rows, finetune
@@ -1016,7 +1016,7 @@ def report_command(directory, output) -> None:
 @click.argument("cache", type=click.Path())
 @click.option("--threshold", type=float, default=None,
               help="Cosine similarity (of centred features) from which two images are near "
-                   "duplicates [default: 0.95, see the README].")
+                   "duplicates [default: set from the cache's own similarities, see the README].")
 @click.option("--strict", is_flag=True, help="Exit non-zero when a pair crosses splits.")
 @click.option("--json", "as_json", is_flag=True, help="Print every group and pair as JSON.")
 @click.option("--limit", type=int, default=50, show_default=True,
@@ -1033,8 +1033,7 @@ def duplicates_command(cache, threshold, strict, as_json, limit, exact) -> None:
 
     Example: probe duplicates .probe/flowers-vgg16-224-avg-1a2b3c4d5e.h5 --strict
     """
-    found = find_duplicates(cache, DEFAULT_THRESHOLD if threshold is None else threshold,
-                            exact=True if exact else None)
+    found = find_duplicates(cache, threshold, exact=True if exact else None)
     if as_json:
         _echo(json.dumps(found.to_dict(), indent=2, default=files.display), lines=True)
     else:
@@ -1046,7 +1045,8 @@ def duplicates_command(cache, threshold, strict, as_json, limit, exact) -> None:
 
 def _show_duplicates(found, limit: int) -> None:
     counts = found.counts()
-    _echo(f"{found.n_images} images, threshold {found.threshold:g} ({found.method}, "
+    how = found.calibration.describe() if found.calibration else "given"
+    _echo(f"{found.n_images} images, threshold {found.threshold:g} ({how}; {found.method}, "
           f"{found.seconds:.1f} s): {counts['exact_pairs']} identical-file pairs, "
           f"{counts['near_pairs']} near pairs in {counts['groups']} groups; "
           f"{counts['cross_split_pairs']} pairs cross splits")
