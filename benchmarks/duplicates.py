@@ -3,7 +3,8 @@
 Speed (default): N random feature vectors of D dimensions (float32) with P planted
 near-duplicate pairs at similarities just above the threshold; prints the time, the rate
 (pairs of images compared per second) and the recall of the planted pairs, first for the
-projected search `probe duplicates` uses at this size, then (with --exact-rows) the exact
+projected search `probe duplicates` uses at this size, then the time of setting the
+threshold from the vectors (`calibrate_threshold`), then (with --exact-rows) the exact
 blockwise product on a subset, as the baseline measured in the same run.
 
     python benchmarks/duplicates.py --n 100000 --dims 2048
@@ -67,6 +68,11 @@ def speed(n: int, dims: int, planted: int, threshold: float, exact_rows: int, se
     print(f"duplicates planted_recall {len(expected & found) / len(expected):.4f} "
           f"({len(expected & found)} of {len(expected)})")
     print(f"duplicates other_pairs_found {len(found - expected)}")
+    started, cpu = time.perf_counter(), time.process_time()
+    calibration = duplicates.calibrate_threshold(X)
+    print(f"calibration seconds {time.perf_counter() - started:.1f} cpu_seconds "
+          f"{time.process_time() - cpu:.1f} (the threshold a cache of these would get: "
+          f"{calibration.threshold:.4f}, {calibration.describe()})")
     if exact_rows:
         m = min(exact_rows, n)
         started, cpu = time.perf_counter(), time.process_time()

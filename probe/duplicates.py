@@ -58,7 +58,7 @@ THRESHOLD_CEILING = 0.9999  # near-identical copies stay findable in a crowded s
 REFERENCE_PERCENTILE = 99.9  # of the similarities of pairs taken as distinct
 REFERENCE_PAIRS = 200_000  # sampled beyond this many pairs (all of them below)
 MIN_CROSS_CLASS_PAIRS = 100  # fewer pairs sharing no class: any pairs are the reference
-NEIGHBOUR_ROWS = 512  # images whose nearest neighbour is looked for (a seeded sample)
+NEIGHBOUR_ROWS = 256  # images whose nearest neighbour is looked for (a seeded sample)
 CALIBRATED = "calibrated-1"  # the key of a remembered check at the calibrated threshold
 BLOCK_ROWS = 2048  # rows per block: a 2,048 x 8,192 float32 block is 64 MB
 BLOCK_COLUMNS = 8192
@@ -241,36 +241,60 @@ def calibrate_threshold(X: np.ndarray, members: np.ndarray | None = None, *,
     How close distinct images come is measured twice, each robust to the few duplicates:
     the `REFERENCE_PERCENTILE`th percentile similarity of pairs that share no class
     (`members`: the (N, K) bool class matrix; a duplicate is one image with one label;
-    any pairs when fewer than `MIN_CROSS_CLASS_PAIRS` share none), over all pairs of a
-    small cache or `REFERENCE_PAIRS` seeded ones; and the median similarity of an image to
-    its nearest neighbour (`NEIGHBOUR_ROWS` seeded images against all), which catches
-    classes whose images are all alike (plain colours), where pairs across classes say
-    nothing. The threshold is 1 - (1 - q) / 2 for the higher q, clipped to
+    any pairs when fewer than `MIN_CROSS_CLASS_PAIRS` share none), over every pair of a
+    small cache or about `REFERENCE_PAIRS` seeded ones; and the median similarity of an
+    image to its nearest neighbour (`NEIGHBOUR_ROWS` seeded images against all), which
+    catches classes whose images are all alike (plain colours), where pairs across classes
+    say nothing. The threshold is 1 - (1 - q) / 2 for the higher q, clipped to
     [THRESHOLD_FLOOR, THRESHOLD_CEILING]: in a random-weight space it rises above the
     alike but distinct images, and re-encoded or resized copies, far closer to 1, stay
     above it (benchmarks/duplicates.py --calibrate)."""
-    first, second = _reference_pairs(len(X), seed)
+    if len(X) < 2:  # nothing to compare, nothing to find
+        return Calibration(THRESHOLD_FLOOR, "random pairs", 0, REFERENCE_PERCENTILE, -1.0, len(X), -1.0)
+    similarities, cross = _reference_similarities(X, members, seed)
     reference = "random pairs"
-    if members is not None and len(first):
-        cross = ~(members[first] & members[second]).any(axis=1)
-        if cross.sum() >= MIN_CROSS_CLASS_PAIRS:
-            first, second, reference = first[cross], second[cross], "cross-class pairs"
-    if not len(first):  # one image: nothing to compare, nothing to find
-        return Calibration(THRESHOLD_FLOOR, reference, 0, REFERENCE_PERCENTILE, -1.0, len(X), -1.0)
-    q = float(np.percentile(_row_dots(X, first, second), REFERENCE_PERCENTILE))
+    if cross is not None and cross.sum() >= MIN_CROSS_CLASS_PAIRS:
+        similarities, reference = similarities[cross], "cross-class pairs"
+    q = float(np.percentile(similarities, REFERENCE_PERCENTILE))
     rows, nearest = _nearest_similarities(X, seed)
     neighbour = float(np.median(nearest))
     threshold = float(np.clip(1.0 - (1.0 - max(q, neighbour)) / 2.0, THRESHOLD_FLOOR,
                               THRESHOLD_CEILING))
-    return Calibration(round(threshold, 6), reference, int(len(first)), REFERENCE_PERCENTILE,
+    return Calibration(round(threshold, 6), reference, int(similarities.size), REFERENCE_PERCENTILE,
                        round(q, 6), rows, round(neighbour, 6))
+
+
+def _sample(n: int, size: int, seed: list[int]) -> np.ndarray:
+    """All of range(n), or `size` of it drawn without replacement (sorted)."""
+    if n <= size:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+
+
+def _reference_similarities(X: np.ndarray, members: np.ndarray | None,
+                            seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The similarities of every pair (i < j) of a small cache, or of seeded rows against
+    seeded columns (one small product), and which of them share no class (None without
+    `members`)."""
+    n = len(X)
+    if n * (n - 1) // 2 <= REFERENCE_PAIRS:
+        rows = columns = np.arange(n)
+        keep = np.triu(np.ones((n, n), dtype=bool), 1)
+    else:
+        rows = _sample(n, NEIGHBOUR_ROWS, [seed, n, 1])
+        columns = _sample(n, REFERENCE_PAIRS // NEIGHBOUR_ROWS, [seed, n, 2])
+        keep = rows[:, None] != columns[None, :]
+    similarities = (X[rows] @ X[columns].T)[keep]
+    if members is None:
+        return similarities, None
+    M = np.asarray(members, dtype=np.float32)
+    return similarities, (M[rows] @ M[columns].T)[keep] == 0
 
 
 def _nearest_similarities(X: np.ndarray, seed: int) -> tuple[int, np.ndarray]:
     """The similarity of (a seeded sample of) the rows to their nearest other row."""
     n = len(X)
-    rows = np.arange(n) if n <= NEIGHBOUR_ROWS else np.sort(
-        np.random.default_rng([seed, n, 1]).choice(n, NEIGHBOUR_ROWS, replace=False))
+    rows = _sample(n, NEIGHBOUR_ROWS, [seed, n, 1])
     best = np.full(len(rows), -np.inf, dtype=np.float32)
     for b in range(0, n, BLOCK_COLUMNS):
         block = X[rows] @ X[b:b + BLOCK_COLUMNS].T
@@ -278,17 +302,6 @@ def _nearest_similarities(X: np.ndarray, seed: int) -> tuple[int, np.ndarray]:
         block[np.flatnonzero(own), rows[own] - b] = -np.inf  # a row is not its own neighbour
         best = np.maximum(best, block.max(axis=1))
     return len(rows), best
-
-
-def _reference_pairs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every pair (i < j) of n images, or `REFERENCE_PAIRS` seeded random ones."""
-    if n * (n - 1) // 2 <= REFERENCE_PAIRS:
-        first, second = np.triu_indices(n, 1)
-        return first.astype(np.int64), second.astype(np.int64)
-    rng = np.random.default_rng([seed, n])
-    first = rng.integers(0, n, REFERENCE_PAIRS)
-    second = (first + rng.integers(1, n, REFERENCE_PAIRS)) % n  # never the image itself
-    return first, second
 
 
 # --- similarity -----------------------------------------------------------------------
