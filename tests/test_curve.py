@@ -194,26 +194,28 @@ def multilabel_split(name, n, classes=3, dim=16, seed=0, learnable=True, rate=0.
 def test_multilabel_subsets_hold_shots_of_each_rarest_class_and_every_class_both_ways():
     from probe.task import MULTI_LABEL
 
-    Y = np.zeros((40, 3), dtype=int)
-    Y[:20, 0] = 1  # class 0 on 20 images
-    Y[10:30, 1] = 1  # class 1 on 20, 10 of them with class 0
-    Y[25:29, 2] = 1  # class 2 on 4, all of them with class 1: its images count for class 2
-    Y[:, 1] |= Y[:, 2]
+    Y = np.zeros((24, 3), dtype=int)
+    Y[:10, 0] = 1  # class 0 on images 0-9
+    Y[10:20, 2] = 1  # class 2 on 10-19
+    Y[[0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15], 1] = 1  # class 1 only ever with a rarer class
     strata = MULTI_LABEL.curve_strata(Y)
-    assert strata[25:29].tolist() == [2] * 4 and strata[30:].tolist() == [3] * 10  # 3: no class
+    assert strata.tolist() == [0] * 10 + [2] * 10 + [3] * 4  # 3: no class; none is class 1's
     members = MULTI_LABEL.class_matrix(Y, 3)
-    for repeat, order in enumerate(curve_mod.nested_orders(strata, 2, seed=5)):
+    sizes = []
+    for repeat, order in enumerate(curve_mod.nested_orders(strata, 12, seed=5)):
         always = curve_mod.anchors(members, order, [5, repeat])
         previous = np.array([], dtype=int)
         for shots in (1, 2, 4, "all"):
             chosen = curve_mod.subset(order, shots, always)
             counts = np.bincount(strata[chosen], minlength=4)
-            assert (counts >= [min(shots if shots != "all" else 99, c) for c in np.bincount(strata)]).all()
-            present = members[chosen]
-            assert present.any(axis=0).all() and not present.all(axis=0).any()
-            assert set(previous) <= set(chosen)
+            assert (counts >= [min(shots if shots != "all" else 99, c) for c in (10, 0, 10, 4)]).all()
+            present = members[chosen]  # every class with a positive and a negative image
+            assert present.any(axis=0).all() and not present.all(axis=0).any(), (repeat, shots)
+            assert set(previous) <= set(chosen)  # nested
             previous = chosen
-        assert len(previous) == 40
+        sizes.append(len(curve_mod.subset(order, 1, always)))
+        assert len(previous) == 24
+    assert min(sizes) == 3 and max(sizes) == 4  # an image of class 1 added where it lacked one
 
 
 @pytest.mark.slow
