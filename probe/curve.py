@@ -172,7 +172,8 @@ def selection_split(strata: np.ndarray, seed: int,
     """Positions (into `strata`: a subset's classes or strata) of the fitting part and the
     held-out quarter, stratified; None (the fixed protocol) when a stratum has fewer than
     SELECTION_MIN_PER_CLASS images, or when the fitting part would leave a class of
-    `members` (the subset's (N, K) class matrix) without a positive or a negative image."""
+    `members` (the subset's (N, K) class matrix) without the positive or the negative
+    images the subset has."""
     strata = np.asarray(strata)
     values, counts = np.unique(strata, return_counts=True)
     if counts.min() < SELECTION_MIN_PER_CLASS:
@@ -184,9 +185,9 @@ def selection_split(strata: np.ndarray, seed: int,
         held.append(group[: max(1, int(round(HOLDOUT_FRACTION * group.size)))])
     held_out = np.sort(np.concatenate(held))
     fit_part = np.setdiff1d(np.arange(strata.size), held_out)
-    if members is not None:
-        present = members[fit_part]
-        if not (present.any(axis=0) & ~present.all(axis=0)).all():
+    if members is not None:  # the fitting part must keep both kinds the subset has
+        part = members[fit_part]
+        if (part.any(axis=0) != members.any(axis=0)).any() or (part.all(axis=0) != members.all(axis=0)).any():
             return None
     return fit_part, held_out
 

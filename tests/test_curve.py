@@ -245,3 +245,22 @@ def test_a_multilabel_curve_rises_from_chance_and_random_labels_stay_at_it():
     ax = figure_lines(result, 3)
     np.testing.assert_allclose(chance_line(ax).get_ydata(), [chance, chance])
     assert ax.get_ylabel() == "mean average precision on test"
+
+
+def test_selection_falls_back_to_the_fixed_protocol_when_the_fitting_part_would_lose_a_class():
+    from probe.task import MULTI_LABEL, SINGLE_LABEL
+
+    labels = np.repeat([0, 2], 8)  # class 1 has no image at all: selection still runs
+    assert curve_mod.selection_split(labels, 0, SINGLE_LABEL.class_matrix(labels, 3)) is not None
+    Y = np.zeros((16, 2), dtype=int)
+    Y[:8, 0] = 1
+    Y[8:, 1] = 1
+    Y[0, 1] = 1  # class 1's only image among class 0's: held out, the fit could not learn it
+    strata = MULTI_LABEL.curve_strata(Y)
+    fit_part, held_out = curve_mod.selection_split(strata, 0)
+    Y[:, 1] = 0
+    Y[held_out[0], 1] = 1
+    assert curve_mod.selection_split(strata, 0, MULTI_LABEL.class_matrix(Y, 2)) is None
+    Y[:, 1] = 0
+    Y[fit_part[0], 1] = Y[held_out[0], 1] = 1
+    assert curve_mod.selection_split(strata, 0, MULTI_LABEL.class_matrix(Y, 2)) is not None
