@@ -21,7 +21,7 @@ from .features import cache as cache_mod, store
 from .compare import compare, headline as compare_headline, score_note
 from .demo import DEMO_BACKBONES, DEMO_IMAGE_SIZE, DEMO_PER_CLASS, run_demo
 from .features.engines.ray import RayOptions
-from .duplicates import DEFAULT_THRESHOLD, find_duplicates
+from .duplicates import find_duplicates
 from .errors import ProbeError
 from .features.extract import extract_with_report
 from .finetune import comparison_rows, finetune
@@ -37,7 +37,7 @@ from .report import format_interval, format_table
 from .runs import Run, fit, score_label, summary_columns, summary_rows
 from .task import Task
 from .terminal import terminal_text
-from .curve import curve
+from .curve import CHANCE_MEANING, SCORE_NAMES, curve
 
 # A seed any part of probe accepts (NumPy's and Keras' seeds are 32-bit).
 SEED = click.IntRange(0, settings.MAX_SEED)
@@ -589,8 +589,10 @@ def curve_command(cache_path, backbone, cache_dir, shots, repeats, heads, seed) 
 
     For each shot count and repeat, a seeded stratified subset of the training split (nested
     across shot counts); settings chosen inside the subset only; scored on the test split
-    (else the validation split, said so). Writes curve.csv and curve.png into
-    .probe/runs/<time>-<backbone>-curve/ and prints mean ± standard deviation.
+    (else the validation split, said so). A multi-label cache gives mean average precision,
+    its subsets stratified on each image's rarest class. Writes curve.csv and curve.png
+    (with the chance level) into .probe/runs/<time>-<backbone>-curve/ and prints mean ±
+    standard deviation and the chance level.
 
     Example: probe curve --shots 1,2,5,10,25,all --repeats 5 --heads logreg,knn,dense
     """
@@ -599,6 +601,7 @@ def curve_command(cache_path, backbone, cache_dir, shots, repeats, heads, seed) 
     for note in result.notes:
         _echo(note, err=True)
     _echo(format_table(*_curve_rows(result)), lines=True)
+    _echo(_chance_line(result))
     short = max((r["short_classes"] for r in result.summary), default=0)
     if short:
         _echo(f"short classes: classes with fewer training images than the shot count "
@@ -609,12 +612,20 @@ def curve_command(cache_path, backbone, cache_dir, shots, repeats, heads, seed) 
 def _curve_rows(result) -> tuple[list[dict], list[str]]:
     """A curve's summary as table rows (mean ± standard deviation) and their columns."""
     split = "validation" if result.split == "val" else result.split
+    scores = result.task.curve_scores
+    names = [f"{split} {SCORE_NAMES[scores[0]]}", *(SCORE_NAMES[s] for s in scores[1:])]
     rows = [{**({"backbone": r["backbone"]} if "backbone" in r else {}),
              "head": r["head"], "shots": str(r["shots"]), "n_train": r["n_train"],
-             f"{split} accuracy": f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}",
-             "balanced accuracy": f"{r['balanced_accuracy']:.4f} ± {r['balanced_accuracy_std']:.4f}",
+             **{name: f"{r[s]:.4f} ± {r[s + '_std']:.4f}" for name, s in zip(names, scores)},
              "short classes": r["short_classes"]} for r in result.summary]
     return rows, list(rows[0])
+
+
+def _chance_line(result) -> str:
+    """What the curve's scores are without learning, e.g. "chance: accuracy 0.3333 (most
+    frequent class), balanced accuracy 0.3333 (1 / classes)"."""
+    return "chance: " + ", ".join(f"{SCORE_NAMES[s]} {v:.4f} ({CHANCE_MEANING[s]})"
+                                  for s, v in result.chance.items())
 
 
 @main.command("predict")
@@ -1010,7 +1021,7 @@ def report_command(directory, output) -> None:
 @click.argument("cache", type=click.Path())
 @click.option("--threshold", type=float, default=None,
               help="Cosine similarity (of centred features) from which two images are near "
-                   "duplicates [default: 0.95, see the README].")
+                   "duplicates [default: set from the cache's own similarities, see the README].")
 @click.option("--strict", is_flag=True, help="Exit non-zero when a pair crosses splits.")
 @click.option("--json", "as_json", is_flag=True, help="Print every group and pair as JSON.")
 @click.option("--limit", type=int, default=50, show_default=True,
@@ -1027,8 +1038,7 @@ def duplicates_command(cache, threshold, strict, as_json, limit, exact) -> None:
 
     Example: probe duplicates .probe/flowers-vgg16-224-avg-1a2b3c4d5e.h5 --strict
     """
-    found = find_duplicates(cache, DEFAULT_THRESHOLD if threshold is None else threshold,
-                            exact=True if exact else None)
+    found = find_duplicates(cache, threshold, exact=True if exact else None)
     if as_json:
         _echo(json.dumps(found.to_dict(), indent=2, default=files.display), lines=True)
     else:
@@ -1040,7 +1050,8 @@ def duplicates_command(cache, threshold, strict, as_json, limit, exact) -> None:
 
 def _show_duplicates(found, limit: int) -> None:
     counts = found.counts()
-    _echo(f"{found.n_images} images, threshold {found.threshold:g} ({found.method}, "
+    how = found.calibration.describe() if found.calibration else "given"
+    _echo(f"{found.n_images} images, threshold {found.threshold:g} ({how}; {found.method}, "
           f"{found.seconds:.1f} s): {counts['exact_pairs']} identical-file pairs, "
           f"{counts['near_pairs']} near pairs in {counts['groups']} groups; "
           f"{counts['cross_split_pairs']} pairs cross splits")

@@ -6,6 +6,14 @@ subtracting the cache's mean feature vector, is at least `threshold`. A pair who
 sit in different splits (train and test, train and val) inflates every score measured on
 the later split: those pairs are listed first.
 
+A fixed threshold means different things in different feature spaces (random weights put
+distinct images at cosine 0.95 and above), so by default the threshold is set from the
+cache's own similarities (`calibrate_threshold`): halfway to 1 from the closest that
+distinct images come, measured twice (the 99.9th percentile of pairs sharing no class;
+the median similarity of an image to its nearest neighbour, for classes whose images are
+all alike), never below `THRESHOLD_FLOOR` nor above `THRESHOLD_CEILING`. A threshold
+given by the caller is used as it is.
+
 Similarities are computed blockwise in float32 (a block of rows against a block of
 columns, upper triangle only), so memory stays bounded whatever the number of images.
 Beyond `EXACT_BUDGET` multiply-adds, a first pass compares `PROJECTED_DIMS`-dimensional
@@ -35,16 +43,23 @@ from .errors import ProbeError
 from .progress import Advanced, DuplicatesFinished, DuplicatesStarted, ProgressCallback, Stage, emit
 from .task import Task
 
-__all__ = ["DEFAULT_THRESHOLD", "DuplicateImage", "DuplicatePair", "DuplicateGroup",
-           "Duplicates", "find_duplicates", "similar_pairs", "cached_duplicates",
-           "leakage_warning"]
+__all__ = ["THRESHOLD_FLOOR", "DuplicateImage", "DuplicatePair", "DuplicateGroup",
+           "Duplicates", "Calibration", "find_duplicates", "calibrate_threshold",
+           "similar_pairs", "cached_duplicates", "leakage_warning"]
 
-# Calibrated on re-encoded (JPEG q=40), resized (55 %), cropped (8 % per side) copies
-# against distinct images, with random-weight vgg16, resnet50 and densenet121 features
-# (benchmarks/duplicates.py --calibrate; README "Duplicates and leakage"): every identical
-# file and re-encoded copy, 66-88 % of the resized or cropped copies, and 0.2-1.4 % of
-# pairs of distinct but alike images are above it.
-DEFAULT_THRESHOLD = 0.95
+# The lowest threshold the calibration gives (and the fixed one of earlier versions):
+# with random-weight vgg16, resnet50 and densenet121 features it keeps every identical
+# file and re-encoded copy and 66-88 % of resized or cropped copies, but also flags
+# 0.2-1.4 % of pairs of distinct but alike images (benchmarks/duplicates.py --calibrate;
+# README "Duplicates and leakage"), hence the calibration above it.
+THRESHOLD_FLOOR = 0.95
+DEFAULT_THRESHOLD = THRESHOLD_FLOOR  # the name earlier versions exported
+THRESHOLD_CEILING = 0.9999  # near-identical copies stay findable in a crowded space
+REFERENCE_PERCENTILE = 99.9  # of the similarities of pairs taken as distinct
+REFERENCE_PAIRS = 200_000  # sampled beyond this many pairs (all of them below)
+MIN_CROSS_CLASS_PAIRS = 100  # fewer pairs sharing no class: any pairs are the reference
+NEIGHBOUR_ROWS = 256  # images whose nearest neighbour is looked for (a seeded sample)
+CALIBRATED = "calibrated-1"  # the key of a remembered check at the calibrated threshold
 BLOCK_ROWS = 2048  # rows per block: a 2,048 x 8,192 float32 block is 64 MB
 BLOCK_COLUMNS = 8192
 EXACT_BUDGET = 4e10  # n * n * d below this: one exact pass (a second or two)
@@ -98,9 +113,36 @@ class DuplicateGroup:
         return len({image.split for image in self.images}) > 1
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """How a threshold was set from a cache's own similarities: `reference` pairs
+    ("cross-class pairs": sharing no class; "random pairs") and their similarity at the
+    `percentile`; the median similarity of `images` images to their nearest neighbour;
+    and the threshold, halfway to 1 from the higher of the two, clipped."""
+
+    threshold: float
+    reference: str
+    pairs: int
+    percentile: float
+    similarity: float
+    images: int
+    neighbour_similarity: float
+
+    def describe(self) -> str:
+        """e.g. "set from this cache: halfway to 1 from 0.9728 (99.9th percentile of
+        72,900 cross-class pairs; median nearest neighbour 0.8125)"."""
+        bound = ("; the floor" if self.threshold == THRESHOLD_FLOOR else
+                 "; the ceiling" if self.threshold == THRESHOLD_CEILING else "")
+        return (f"set from this cache: halfway to 1 from "
+                f"{max(self.similarity, self.neighbour_similarity):.4f} ({self.percentile:g}th "
+                f"percentile of {self.pairs:,} {self.reference} {self.similarity:.4f}; median "
+                f"nearest neighbour of {self.images:,} images {self.neighbour_similarity:.4f}){bound}")
+
+
 @dataclass
 class Duplicates:
-    """What `find_duplicates` found: groups and pairs, cross-split ones first."""
+    """What `find_duplicates` found: groups and pairs, cross-split ones first;
+    `calibration` says how the threshold was set (None: given by the caller)."""
 
     cache: str
     threshold: float
@@ -111,6 +153,7 @@ class Duplicates:
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     method: str = "exact"
     seconds: float = 0.0
+    calibration: Calibration | None = None
 
     @property
     def cross_split_pairs(self) -> list[DuplicatePair]:
@@ -129,6 +172,7 @@ class Duplicates:
     def to_dict(self) -> dict:
         """A JSON-serialisable form (groups and pairs as lists of dicts)."""
         return {"cache": self.cache, "threshold": self.threshold, "n_images": self.n_images,
+                "calibration": None if self.calibration is None else asdict(self.calibration),
                 "method": self.method, "seconds": self.seconds,
                 "hashed_all_files": self.hashed_all_files, "counts": self.counts(),
                 "groups": [asdict(g) for g in self.groups],
@@ -138,7 +182,7 @@ class Duplicates:
 
 def find_duplicates(
     cache: str | os.PathLike | FeatureCache,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float | None = None,
     *,
     hash_all_files: bool = True,
     exact: bool | None = None,
@@ -147,7 +191,9 @@ def find_duplicates(
     """Exact and near duplicates among every image of a cache, cross-split pairs first.
 
     `threshold` is the cosine similarity (of features centred on the cache's mean) from
-    which two images count as near duplicates. With `hash_all_files` every image file is
+    which two images count as near duplicates; None sets it from the cache's own
+    similarities (`calibrate_threshold`, said in `Duplicates.calibration`). With
+    `hash_all_files` every image file is
     read and hashed, so identical files are found even where their features differ;
     without it only the files of near pairs are hashed (identical files have identical
     features, so they are near pairs too) and no image is read otherwise. `exact=True`
@@ -158,11 +204,14 @@ def find_duplicates(
     """
     started = time.perf_counter()
     chosen = cache if isinstance(cache, FeatureCache) else FeatureCache.open(cache)
-    check_threshold(threshold)
-    images, features = _read_all(chosen)
+    if threshold is not None:
+        check_threshold(threshold)
+    images, features, members = _read_all(chosen)
     emit(progress, DuplicatesStarted(total=len(images), cache=chosen.path))
-    first, second, similarity, method = similar_pairs(centre(features), threshold,
-                                                      exact=exact, progress=progress)
+    X = centre(features)
+    calibration = calibrate_threshold(X, members) if threshold is None else None
+    threshold = calibration.threshold if calibration else threshold
+    first, second, similarity, method = similar_pairs(X, threshold, exact=exact, progress=progress)
     root = Path(chosen.attrs.get("dataset_root") or ".")
     wanted = range(len(images)) if hash_all_files else sorted(set(first) | set(second))
     digests, unreadable = _hash_files(root, images, wanted)
@@ -171,7 +220,7 @@ def find_duplicates(
     groups = _groups(images, first, second, similarity, digests)
     result = Duplicates(str(chosen.path), float(threshold), len(images), groups, pairs,
                         hash_all_files, unreadable, method,
-                        round(time.perf_counter() - started, 3))
+                        round(time.perf_counter() - started, 3), calibration)
     emit(progress, DuplicatesFinished(counts=result.counts()))
     return result
 
@@ -180,9 +229,79 @@ def check_threshold(threshold: float) -> float:
     if not (isinstance(threshold, (int, float)) and 0.0 < float(threshold) < 1.0):
         raise ProbeError(
             f"expected a cosine similarity threshold between 0 and 1 (exclusive), e.g. "
-            f"--threshold {DEFAULT_THRESHOLD}. Received: threshold={threshold!r}"
+            f"--threshold 0.98, or none (set from the cache). Received: threshold={threshold!r}"
         )
     return float(threshold)
+
+
+def calibrate_threshold(X: np.ndarray, members: np.ndarray | None = None, *,
+                        seed: int = 0) -> Calibration:
+    """The near-duplicate threshold of centred unit rows `X`, from their own similarities.
+
+    How close distinct images come is measured twice, each robust to the few duplicates:
+    the `REFERENCE_PERCENTILE`th percentile similarity of pairs that share no class
+    (`members`: the (N, K) bool class matrix; a duplicate is one image with one label;
+    any pairs when fewer than `MIN_CROSS_CLASS_PAIRS` share none), over every pair of a
+    small cache or about `REFERENCE_PAIRS` seeded ones; and the median similarity of an
+    image to its nearest neighbour (`NEIGHBOUR_ROWS` seeded images against all), which
+    catches classes whose images are all alike (plain colours), where pairs across classes
+    say nothing. The threshold is 1 - (1 - q) / 2 for the higher q, clipped to
+    [THRESHOLD_FLOOR, THRESHOLD_CEILING]: in a random-weight space it rises above the
+    alike but distinct images, and re-encoded or resized copies, far closer to 1, stay
+    above it (benchmarks/duplicates.py --calibrate)."""
+    if len(X) < 2:  # nothing to compare, nothing to find
+        return Calibration(THRESHOLD_FLOOR, "random pairs", 0, REFERENCE_PERCENTILE, -1.0, len(X), -1.0)
+    similarities, cross = _reference_similarities(X, members, seed)
+    reference = "random pairs"
+    if cross is not None and cross.sum() >= MIN_CROSS_CLASS_PAIRS:
+        similarities, reference = similarities[cross], "cross-class pairs"
+    q = float(np.percentile(similarities, REFERENCE_PERCENTILE))
+    rows, nearest = _nearest_similarities(X, seed)
+    neighbour = float(np.median(nearest))
+    threshold = float(np.clip(1.0 - (1.0 - max(q, neighbour)) / 2.0, THRESHOLD_FLOOR,
+                              THRESHOLD_CEILING))
+    return Calibration(round(threshold, 6), reference, int(similarities.size), REFERENCE_PERCENTILE,
+                       round(q, 6), rows, round(neighbour, 6))
+
+
+def _sample(n: int, size: int, seed: list[int]) -> np.ndarray:
+    """All of range(n), or `size` of it drawn without replacement (sorted)."""
+    if n <= size:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+
+
+def _reference_similarities(X: np.ndarray, members: np.ndarray | None,
+                            seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The similarities of every pair (i < j) of a small cache, or of seeded rows against
+    seeded columns (one small product), and which of them share no class (None without
+    `members`)."""
+    n = len(X)
+    if n * (n - 1) // 2 <= REFERENCE_PAIRS:
+        rows = columns = np.arange(n)
+        keep = np.triu(np.ones((n, n), dtype=bool), 1)
+    else:
+        rows = _sample(n, NEIGHBOUR_ROWS, [seed, n, 1])
+        columns = _sample(n, REFERENCE_PAIRS // NEIGHBOUR_ROWS, [seed, n, 2])
+        keep = rows[:, None] != columns[None, :]
+    similarities = (X[rows] @ X[columns].T)[keep]
+    if members is None:
+        return similarities, None
+    M = np.asarray(members, dtype=np.float32)
+    return similarities, (M[rows] @ M[columns].T)[keep] == 0
+
+
+def _nearest_similarities(X: np.ndarray, seed: int) -> tuple[int, np.ndarray]:
+    """The similarity of (a seeded sample of) the rows to their nearest other row."""
+    n = len(X)
+    rows = _sample(n, NEIGHBOUR_ROWS, [seed, n, 1])
+    best = np.full(len(rows), -np.inf, dtype=np.float32)
+    for b in range(0, n, BLOCK_COLUMNS):
+        block = X[rows] @ X[b:b + BLOCK_COLUMNS].T
+        own = (rows >= b) & (rows < b + BLOCK_COLUMNS)
+        block[np.flatnonzero(own), rows[own] - b] = -np.inf  # a row is not its own neighbour
+        best = np.maximum(best, block.max(axis=1))
+    return len(rows), best
 
 
 # --- similarity -----------------------------------------------------------------------
@@ -275,8 +394,8 @@ def _blockwise_pairs(X: np.ndarray, cut: float, progress: ProgressCallback | Non
             if total > MAX_PAIRS:
                 raise ProbeError(
                     f"expected duplicates to be rare; more than {MAX_PAIRS:,} pairs of "
-                    f"images are at least {threshold or cut:.3f} similar. Raise --threshold "
-                    f"(default {DEFAULT_THRESHOLD})."
+                    f"images are at least {threshold or cut:.3f} similar. Raise --threshold, "
+                    "or leave it out to set it from the cache."
                 )
         emit(progress, Advanced(Stage.DUPLICATES, done=min(n, a + BLOCK_ROWS), total=n))
     if not found_i:
@@ -308,19 +427,21 @@ def _row_dots(X: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 65536) -
 # --- files, pairs and groups ----------------------------------------------------------
 
 
-def _read_all(cache: FeatureCache) -> tuple[list[DuplicateImage], np.ndarray]:
+def _read_all(cache: FeatureCache) -> tuple[list[DuplicateImage], np.ndarray, np.ndarray]:
+    """The images, their features and their (N, K) bool class matrix."""
     classes, task = cache.classes, Task.of_flag(cache.multilabel)
     images: list[DuplicateImage] = []
-    blocks = []
+    blocks, members = [], []
     for split in cache.splits:
         part = cache.split(split)
         # multi-label: a (K,) 0/1 row, named by its classes joined with ';'
         images += [DuplicateImage(split, path, task.label_name(label, classes))
                    for path, label in zip(part.paths, part.labels)]
         blocks.append(np.asarray(part.features, dtype=np.float32).reshape(len(part), -1))
+        members.append(task.class_matrix(part.labels, len(classes)))
     if not blocks:
-        return [], np.zeros((0, 1), dtype=np.float32)
-    return images, np.concatenate(blocks)
+        return [], np.zeros((0, 1), dtype=np.float32), np.zeros((0, len(classes)), dtype=bool)
+    return images, np.concatenate(blocks), np.concatenate(members)
 
 
 def _hash_files(root: Path, images: list[DuplicateImage], wanted: Iterable[int]):
@@ -399,18 +520,20 @@ def _groups(images, first, second, similarity, digests) -> list[DuplicateGroup]:
 STORED_PAIRS = 200  # pairs kept in the remembered result (cross-split first)
 
 
-def cached_duplicates(cache: FeatureCache, threshold: float = DEFAULT_THRESHOLD) -> dict:
+def cached_duplicates(cache: FeatureCache, threshold: float | None = None) -> dict:
     """The near duplicates of a cache from its features alone (no image read but the
     files of near pairs, hashed to tell identical files), as the dict of
     `Duplicates.to_dict()` with at most `STORED_PAIRS` pairs and no groups.
 
     The result is remembered next to the cache in `<cache>.duplicates.json`, keyed by the
-    cache file's size and modification time and the threshold, so the check `probe fit`
-    makes and the report's section cost a file read after the first time.
+    cache file's size and modification time and the threshold (`CALIBRATED` for the
+    threshold set from the cache, None), so the check `probe fit` makes and the report's
+    section cost a file read after the first time.
     """
     sidecar = cache.path.with_name(cache.path.name + SIDECAR_SUFFIX)
     stat = cache.path.stat()
-    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "threshold": float(threshold)}
+    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+           "threshold": CALIBRATED if threshold is None else float(threshold)}
     try:
         stored = json.loads(sidecar.read_text(encoding="utf-8"))
         if stored.get("key") == key:
@@ -427,11 +550,15 @@ def cached_duplicates(cache: FeatureCache, threshold: float = DEFAULT_THRESHOLD)
     return found
 
 
-def leakage_warning(cache: FeatureCache, threshold: float = DEFAULT_THRESHOLD) -> str | None:
-    """The one-line warning of `probe fit` when the cache has cross-split duplicates."""
-    counts = cached_duplicates(cache, threshold)["counts"]
+def leakage_warning(cache: FeatureCache, threshold: float | None = None) -> str | None:
+    """The one-line warning of `probe fit` when the cache has cross-split duplicates: how
+    many pairs cross splits, and between which (e.g. "2 train-test, 1 train-val")."""
+    found = cached_duplicates(cache, threshold)
+    counts = found["counts"]
     if not counts.get("cross_split_pairs"):
         return None
     where = ", ".join(f"{v} {k}" for k, v in counts.items() if "-" in k)
+    level = found.get("threshold")
+    at = f" at cosine >= {level:.4f}" if isinstance(level, (int, float)) else ""
     return (f"warning: {counts['cross_split_pairs']} near-duplicate image pairs cross splits "
-            f"({where}); scores may be inflated. See `probe duplicates {display(cache.path)}`")
+            f"({where}){at}; scores may be inflated. See `probe duplicates {display(cache.path)}`")

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from . import evaluate, files, report
-from .errors import ProbeError, RunError
+from .errors import RunError
 
 __all__ = ["Task", "SingleLabel", "MultiLabel", "SINGLE_LABEL", "MULTI_LABEL", "Objective",
            "TABLE_COLUMNS", "CSV_COLUMNS", "INTERVAL_KEYS", "ML_TABLE_COLUMNS", "ML_CSV_COLUMNS",
@@ -193,8 +193,28 @@ class Task:
 
     # --- label-efficiency curves and fine-tuning -------------------------------------------
 
+    curve_scores: tuple[str, ...]  # the scores of a label-efficiency curve; the first is plotted
+
     def check_curve(self, where: str) -> None:
-        """Refuse a label-efficiency curve where shots (images per class) mean nothing."""
+        """A hook to refuse a label-efficiency curve; both tasks have curves today."""
+
+    def curve_strata(self, labels: np.ndarray) -> np.ndarray:
+        """Each training image's stratum for a curve's subsets (shots per stratum): its
+        class index; multi-label: its rarest class (see `MultiLabel`)."""
+        raise NotImplementedError
+
+    def class_matrix(self, labels: np.ndarray, n_classes: int) -> np.ndarray:
+        """(N, K) bool: whether each image carries each class."""
+        raise NotImplementedError
+
+    def curve_score_values(self, head: Any, features: np.ndarray, labels: np.ndarray,
+                           ignore: Any = None) -> dict[str, float]:
+        """The `curve_scores` of a fitted head on a split."""
+        raise NotImplementedError
+
+    def chance_levels(self, labels: np.ndarray, ignore: Any = None) -> dict[str, float]:
+        """What each of `curve_scores` is on `labels` without any learning."""
+        raise NotImplementedError
 
     def objective(self, class_weight: str | None, train_labels: np.ndarray,
                   n_classes: int) -> Objective:
@@ -226,6 +246,7 @@ class SingleLabel(Task):
     table_columns = TABLE_COLUMNS
     csv_columns = CSV_COLUMNS
     headline = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "top5_accuracy")
+    curve_scores = ("accuracy", "balanced_accuracy")
 
     def config(self, classes: list[str], thresholds: np.ndarray | None) -> dict:
         return {}
@@ -258,6 +279,27 @@ class SingleLabel(Task):
                                      directory / CONFUSION_FIGURE,
                                      title=f"Confusion matrix ({role})")
 
+    def curve_strata(self, labels: np.ndarray) -> np.ndarray:
+        return np.asarray(labels)
+
+    def class_matrix(self, labels: np.ndarray, n_classes: int) -> np.ndarray:
+        return np.arange(n_classes)[None, :] == np.asarray(labels)[:, None]
+
+    def curve_score_values(self, head: Any, features: np.ndarray, labels: np.ndarray,
+                           ignore: Any = None) -> dict[str, float]:
+        predicted = head.predict(features)
+        recalls = [np.mean(predicted[labels == c] == c) for c in np.unique(labels)]
+        return {"accuracy": float(np.mean(predicted == labels)),
+                "balanced_accuracy": float(np.mean(recalls))}
+
+    def chance_levels(self, labels: np.ndarray, ignore: Any = None) -> dict[str, float]:
+        """Accuracy: the share of the most frequent class (always predicting it);
+        balanced accuracy: 1 / the number of classes present."""
+        counts = np.bincount(np.asarray(labels, dtype=np.int64))
+        present = counts[counts > 0]
+        return {"accuracy": float(present.max() / present.sum()) if present.size else 0.0,
+                "balanced_accuracy": 1.0 / present.size if present.size else 0.0}
+
     def objective(self, class_weight: str | None, train_labels: np.ndarray,
                   n_classes: int) -> Objective:
         from .heads.base import keras_class_weight
@@ -280,6 +322,7 @@ class MultiLabel(Task):
     csv_columns = ML_CSV_COLUMNS
     headline = ("mean_average_precision", "micro_f1", "macro_f1", "exact_match_accuracy",
                 "log_loss")
+    curve_scores = ("mean_average_precision",)
     ranking_notes = ("Multi-label: ranked by mean average precision (threshold-free); the F1 "
                      "scores and exact match are at each head's per-class thresholds, chosen "
                      "on validation.",)
@@ -321,11 +364,36 @@ class MultiLabel(Task):
         report.plot_precision_recall(labels, proba, classes, directory / PR_FIGURE, ignore=ignore,
                                      title=f"Precision-recall per class ({role})")
 
-    def check_curve(self, where: str) -> None:
-        raise ProbeError(
-            "expected a single-label dataset for a label-efficiency curve (its subsets hold k "
-            f"images of each class); {where} is multi-label, where an image counts for "
-            "several classes. Compare multi-label heads with `probe compare` or `probe fit`.")
+    def curve_strata(self, labels: np.ndarray) -> np.ndarray:
+        """The rarest class of each image (fewest training images, then the lower index),
+        as the dataset's splits are stratified (`probe.data`); K for an image without a
+        class, so rare classes reach every subset."""
+        Y = np.asarray(labels, dtype=bool)
+        counts = Y.sum(axis=0)
+        # classes ranked rarest first; an image's stratum is its class of lowest rank
+        rank = np.empty(Y.shape[1], dtype=np.int64)
+        rank[np.lexsort((np.arange(Y.shape[1]), counts))] = np.arange(Y.shape[1])
+        ranked = np.where(Y, rank[None, :], Y.shape[1])
+        by_rank = np.append(np.argsort(rank), Y.shape[1])
+        return by_rank[ranked.min(axis=1, initial=Y.shape[1])]
+
+    def class_matrix(self, labels: np.ndarray, n_classes: int) -> np.ndarray:
+        return np.asarray(labels, dtype=bool)
+
+    def curve_score_values(self, head: Any, features: np.ndarray, labels: np.ndarray,
+                           ignore: Any = None) -> dict[str, float]:
+        return {"mean_average_precision": evaluate.mean_average_precision(
+            labels, head.predict_proba(features), ignore)}
+
+    def chance_levels(self, labels: np.ndarray, ignore: Any = None) -> dict[str, float]:
+        """The mean average precision of a random ranking: per class with a positive, the
+        expectation of its average precision (`expected_random_average_precision`:
+        the positive rate, plus a term that vanishes as the split grows)."""
+        Y = np.asarray(labels)
+        keep = np.ones(Y.shape, dtype=bool) if ignore is None else ~np.asarray(ignore, dtype=bool)
+        values = [expected_random_average_precision(int(Y[keep[:, k], k].sum()), int(keep[:, k].sum()))
+                  for k in range(Y.shape[1]) if Y[keep[:, k], k].any()]
+        return {"mean_average_precision": float(np.mean(values)) if values else 0.0}
 
     def objective(self, class_weight: str | None, train_labels: np.ndarray,
                   n_classes: int) -> Objective:
@@ -344,6 +412,19 @@ class MultiLabel(Task):
         return [f"{'labels:':15} multi-label (images per class)",
                 *(f"  {split}: " + ", ".join(f"{c} {n}" for c, n in counts.items())
                   for split, counts in info["label_counts"].items())]
+
+
+def expected_random_average_precision(positives: int, n: int) -> float:
+    """The expected average precision of a class with `positives` of `n` images under a
+    uniformly random ranking: a positive at rank r has on average (r - 1)(P - 1)/(n - 1)
+    other positives above it, so E[AP] = (1/n) sum_r (1 + (r - 1)(P - 1)/(n - 1)) / r
+    = (P - 1)/(n - 1) + H_n/n (1 - (P - 1)/(n - 1)), H_n the n-th harmonic number.
+    It tends to the positive rate P/n as n grows (0.40 for 10 of 30, against 0.33)."""
+    if positives <= 0 or n <= 0:
+        return 0.0
+    harmonic = float(np.sum(1.0 / np.arange(1, n + 1)))
+    others = (positives - 1) / (n - 1) if n > 1 else 0.0
+    return others + harmonic / n * (1.0 - others)
 
 
 def _weighted_binary_crossentropy(train_labels: np.ndarray):

@@ -499,13 +499,13 @@ def test_fit_prints_no_escape_sequence_from_a_file(hostile_run, tmp_path):
     """<cache>.duplicates.json and a path with escape sequences: `probe fit` shows them as
     visible escapes, on stdout and stderr alike. (A class name is no different: fit prints
     it only inside such messages; the cache's checksums keep a test from editing one in.)"""
-    from probe.duplicates import DEFAULT_THRESHOLD, SIDECAR_SUFFIX
+    from probe.duplicates import CALIBRATED, SIDECAR_SUFFIX
 
     cache = tmp_path / "cache.h5"
     shutil.copy(hostile_run.config["cache"], cache)
     stat = cache.stat()
     sidecar = {"key": {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                       "threshold": float(DEFAULT_THRESHOLD)},
+                       "threshold": CALIBRATED},
                "result": {"pairs": [], "groups": [], "n_images": 1, "threshold": 0.98,
                           "counts": {"pairs": 1, "cross_split_pairs": f"1{OSC}",
                                      f"train-test{OSC}": 1}}}

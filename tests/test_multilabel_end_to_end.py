@@ -174,14 +174,25 @@ def test_finetune_trains_a_multilabel_run_with_binary_cross_entropy(comparison):
     assert (tuned.path / "precision_recall.png").is_file()
 
 
-def test_label_efficiency_curves_refuse_a_multilabel_dataset_in_one_line(comparison):
+def test_label_efficiency_curves_of_a_multilabel_dataset_give_mean_average_precision(comparison):
     root, _, _, _ = comparison
     cache_dir = root.parent / "cache"
-    curve = cli("curve", "--cache-dir", cache_dir, "--shots", "1,all")
-    assert curve.exit_code == 1 and "Traceback" not in curve.output
-    assert len(curve.output.strip().splitlines()) == 1 and "multi-label" in curve.output
+    curve = cli("curve", "--cache-dir", cache_dir, "--shots", "1,all", "--repeats", 2,
+                "--heads", "logreg,knn")
+    assert curve.exit_code == 0, curve.output
+    assert "test mean average precision" in curve.output
+    assert "chance: mean average precision 0." in curve.output and "random ranking" in curve.output
+    run = Path(curve.output.split("Run: ")[-1].strip())
+    with open(run / "curve.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 * 2 * 2 and "accuracy" not in rows[0]
+    full = [float(r["mean_average_precision"]) for r in rows if r["shots"] == "all"]
+    assert min(full) > float(rows[0]["mean_average_precision_chance"]) + 0.2
     compared = cli("compare", root, "--labels", root / "ImageSets" / "Main", "--backbones", "vgg16",
                    "--heads", "logreg", "--weights", "none", "--image-size", 32,
-                   "--cache-dir", cache_dir, "--shots", "1,all", "--quiet")
-    assert compared.exit_code == 1 and "multi-label" in compared.output
-    assert len(compared.output.strip().splitlines()) == 1
+                   "--cache-dir", cache_dir, "--shots", "1,all", "--repeats", 2, "--quiet")
+    assert compared.exit_code == 0, compared.output
+    directory = max((cache_dir / "runs").glob("*-compare"))
+    assert (directory / "curve.png").is_file()
+    with open(directory / "curve.csv", newline="") as handle:
+        assert "mean_average_precision_chance" in next(csv.reader(handle))

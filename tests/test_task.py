@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from probe.errors import ProbeError, RunError
+from probe.errors import RunError
 from probe.task import MULTI_LABEL, SINGLE_LABEL, Task
 
 CLASSES = ["cat", "dog", "fox"]
@@ -116,10 +116,17 @@ def test_thresholds_recorded_in_a_config_read_back(task, data):
             task.recorded_thresholds({"multilabel": True}, CLASSES, Path("config.json"))
 
 
-def test_only_a_single_label_task_has_label_efficiency_curves():
+def test_both_tasks_have_label_efficiency_curves_with_their_strata_and_chance():
     SINGLE_LABEL.check_curve("dataset 'a'")
-    with pytest.raises(ProbeError, match="expected a single-label dataset"):
-        MULTI_LABEL.check_curve("dataset 'b'")
+    MULTI_LABEL.check_curve("dataset 'b'")
+    labels = np.array([0, 2, 2, 1, 2])
+    assert SINGLE_LABEL.curve_strata(labels).tolist() == labels.tolist()
+    assert SINGLE_LABEL.class_matrix(labels, 3).sum(axis=0).tolist() == [1, 1, 3]
+    assert SINGLE_LABEL.chance_levels(labels) == {"accuracy": 3 / 5, "balanced_accuracy": 1 / 3}
+    # classes of 3, 2 and 1 images: an image's stratum is its rarest class; 3: no class
+    Y = np.array([[1, 1, 0], [1, 0, 1], [1, 1, 0], [0, 0, 0]])
+    assert MULTI_LABEL.curve_strata(Y).tolist() == [1, 2, 1, 3]
+    assert MULTI_LABEL.curve_scores == ("mean_average_precision",)
 
 
 def test_the_cache_summary_counts_classes_in_words():
