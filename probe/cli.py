@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.abc
-import importlib.util
 import json
 import os
 import signal
@@ -16,7 +14,7 @@ import time
 
 import click
 
-from . import backbones, files, heads as heads_mod, model_backbones, settings
+from . import backbones, files, heads as heads_mod, model_backbones, quiet, settings
 from .features import cache as cache_mod, store
 from .compare import compare, headline as compare_headline, score_note
 from .demo import DEMO_BACKBONES, DEMO_IMAGE_SIZE, DEMO_PER_CLASS, run_demo
@@ -76,60 +74,10 @@ class _OneLineUsageError(click.UsageError):
         _echo(f"Error: {self.format_message()}{hint}", err=True)
 
 
-class _QuietTensorFlowImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports TensorFlow, when a command first needs it, with file descriptor 2 pointed at
-    /dev/null: TensorFlow writes its C++ start-up lines (CUDA probing, CPU features) there
-    before any log setting applies. The import stays lazy, so `probe --help` stays fast."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "tensorflow":
-            return None
-        sys.meta_path.remove(self)  # once, and the real finders find it
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.loader is not None:
-            self.loader, spec.loader = spec.loader, self
-        return spec
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module) -> None:
-        module.__spec__.loader = module.__loader__ = self.loader
-        sys.stderr.flush()
-        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, 2)
-            self.loader.exec_module(module)
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            os.close(devnull)
-        _quiet_tensorflow_logger(module)
-
-
-def _quiet_tensorflow_logger(tensorflow) -> None:
-    # probe builds many small models in one process (compare): TensorFlow's retracing
-    # warnings about that are not the user's concern
-    tensorflow.get_logger().setLevel("ERROR")
-
-
-def _quiet_tensorflow_start_up() -> None:
-    """Keep TensorFlow's start-up and log lines off the terminal (set before it is imported)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if "tensorflow" in sys.modules:
-        _quiet_tensorflow_logger(sys.modules["tensorflow"])
-    elif not any(isinstance(finder, _QuietTensorFlowImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _QuietTensorFlowImport())
-
-
 class _Group(click.Group):
     """A command group whose usage errors (a bad option value, a missing argument) are
     one line on stderr with exit code 2, like every other error, instead of click's
-    usage block. Its `main`, the entry point, keeps TensorFlow's start-up lines quiet."""
-
-    def main(self, *args, **kwargs):
-        _quiet_tensorflow_start_up()
-        return super().main(*args, **kwargs)
+    usage block."""
 
     def make_context(self, *args, **kwargs):
         with _one_line_usage_errors():
@@ -154,7 +102,10 @@ def _one_line_usage_errors():
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="probe")
-def main() -> None:
+@click.option("--verbose", "-v", is_flag=True, envvar=quiet.VERBOSE_VARIABLE,
+              help="Also show TensorFlow's, Keras', OpenVINO's and Ray's own warnings and "
+                   "log lines (hidden by default).")
+def main(verbose: bool) -> None:
     """probe: transfer learning on small image datasets.
 
     Frozen ImageNet backbones read the images once into an HDF5 feature cache; heads
@@ -162,6 +113,8 @@ def main() -> None:
 
     Example: probe extract --backbone vgg16 cats_vs_dogs/
     """
+    # before any command imports TensorFlow, Keras, OpenVINO or Ray
+    quiet.quiet_process(verbose)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
