@@ -692,15 +692,6 @@ def finetune_command(run, unfreeze, epochs, learning_rate, batch_size, no_augmen
 # --- sentences of progress events ---------------------------------------------------------
 
 
-def format_duration(seconds: float) -> str:
-    """12 s, 3 min, 1.5 h."""
-    if seconds < 90:
-        return f"{max(1, round(seconds))} s"
-    if seconds < 90 * 60:
-        return f"{round(seconds / 60)} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def format_left(seconds: float) -> str:
     """The time left, as precise as it is useful: 40 s, 1 min 10 s, 12 min, 1 h 5 min."""
     seconds = max(0, round(seconds))
@@ -722,8 +713,8 @@ def _epochs(n: int) -> str:
 
 def estimate_line(estimate: Estimate) -> str:
     """The time estimate of a fine-tuning as one sentence."""
-    return (f"about {format_duration(estimate.seconds_per_epoch)} per epoch on this machine "
-            f"({estimate.device}): about {format_duration(estimate.seconds_total)} for "
+    return (f"about {format_left(estimate.seconds_per_epoch)} per epoch on this machine "
+            f"({estimate.device}): about {format_left(estimate.seconds_total)} for "
             f"{_epochs(estimate.epochs)}")
 
 
@@ -767,20 +758,22 @@ def note_line(event: Note) -> str | None:
 
 
 class _StatusLine:
-    """One line on a terminal's stderr, rewritten in place; cleared before other lines."""
+    """One line on a terminal's stderr, rewritten in place (spaces cover a longer line
+    before it); cleared before other lines."""
 
     def __init__(self, enabled: bool):
-        self.enabled, self.shown = enabled, False
+        self.enabled, self.width = enabled, 0
 
     def show(self, text: str) -> None:
         if self.enabled:
-            click.echo("\r" + terminal_text(text) + "\x1b[K", nl=False, err=True)
-            self.shown = True
+            text = terminal_text(text)
+            click.echo("\r" + text.ljust(self.width), nl=False, err=True)
+            self.width = max(self.width, len(text))
 
     def clear(self) -> None:
-        if self.shown:
-            click.echo("\r\x1b[K", nl=False, err=True)
-            self.shown = False
+        if self.width:
+            click.echo("\r" + " " * self.width + "\r", nl=False, err=True)
+            self.width = 0
 
 
 class _Events:
