@@ -512,33 +512,35 @@ def _BestWeights(*args):
 
 
 class TrainingPace:
-    """The time left of a fine-tuning, from measured rates: seconds per training batch and
-    per validation batch (`progress.Rate`, each leaving out its first batch, which builds
-    and compiles its graph), times the batches still to go in every epoch up to the last.
-    Until a validation batch is measured, one counts as a third of a training batch (a
-    forward pass only). Every interval counts, data loading included: a batch's time runs
-    from the end of the one before (or the start of its epoch or validation pass).
-    `clock`: a monotonic clock in seconds (tests pass a fake one)."""
+    """The time left of a fine-tuning, from measured rates (`progress.Rate`): seconds per
+    training batch, per first batch of an epoch (which also pays the epoch's set-up: the
+    data pipeline restarting, the kept weights copied) and per validation batch, times
+    the batches still to go in every epoch up to the last. The very first training and
+    validation batches, which build and compile their graphs, are left out. Until measured,
+    an epoch's first batch counts as a plain one, and a validation batch as a third of a
+    training batch (a forward pass only). Every second counts: a batch's time runs from
+    the end of the step before, whatever happened in between. `clock`: a monotonic clock
+    in seconds (tests pass a fake one)."""
 
     def __init__(self, epochs: int, steps: int, val_steps: int,
                  clock: Clock = time.perf_counter):
         self.epochs, self.steps, self.val_steps, self.clock = epochs, steps, val_steps, clock
-        self.train, self.val = Rate(), Rate()
+        self.train, self.starts, self.val = Rate(warm_up=0), Rate(), Rate()
         self.started = self.last = clock()
         self.epoch, self.batch, self.val_batch = 1, 0, 0
 
     def epoch_begins(self, epoch: int) -> None:
         """Epoch `epoch` (from 1) starts its training batches."""
-        self.epoch, self.batch, self.val_batch, self.last = epoch, 0, 0, self.clock()
+        self.epoch, self.batch, self.val_batch = epoch, 0, 0
 
     def train_batch_done(self, batch: int) -> tuple[float, float | None]:
         """Training batch `batch` (from 1) of the epoch ended: (elapsed, seconds left)."""
-        now = self._measure(self.train)
+        now = self._measure(self.starts if batch == 1 else self.train)
         self.batch = batch
         return now - self.started, self.remaining()
 
     def validation_begins(self) -> None:
-        self.val_batch, self.last = 0, self.clock()
+        self.val_batch = 0
 
     def val_batch_done(self, batch: int) -> tuple[float, float | None]:
         """Validation batch `batch` (from 1) of the epoch ended: (elapsed, seconds left)."""
@@ -556,28 +558,35 @@ class TrainingPace:
     def elapsed(self) -> float:
         return self.clock() - self.started
 
-    def per_batch(self) -> tuple[float, float] | None:
-        """Seconds per (training, validation) batch; None before a training batch after
-        the first was measured."""
-        train = self.train.per_unit
-        if train is None:
+    def per_batch(self) -> tuple[float, float, float] | None:
+        """Seconds per (training, first of an epoch, validation) batch; None before a
+        training batch after the very first was measured."""
+        train, start = self.train.per_unit, self.starts.per_unit
+        if train is None and start is None:
             return None
+        train = start if train is None else train
+        start = train if start is None else start
         val = self.val.per_unit
-        return train, (train / 3 if val is None else val)
+        return train, start, (train / 3 if val is None else val)
 
     def seconds_per_epoch(self) -> float | None:
         rates = self.per_batch()
-        return None if rates is None else rates[0] * self.steps + rates[1] * self.val_steps
+        if rates is None:
+            return None
+        train, start, val = rates
+        return start + train * (self.steps - 1) + val * self.val_steps
 
     def remaining(self) -> float | None:
         """Estimated seconds left if every epoch runs (early stopping may end sooner)."""
         rates = self.per_batch()
         if rates is None:
             return None
+        train, start, val = rates
         later = self.epochs - self.epoch
-        train_left = self.steps * later + (self.steps - self.batch)
+        starts_left = later + (self.batch == 0)
+        train_left = (self.steps - 1) * later + (self.steps - max(self.batch, 1))
         val_left = self.val_steps * later + (self.val_steps - self.val_batch)
-        return rates[0] * train_left + rates[1] * val_left
+        return train * train_left + start * starts_left + val * val_left
 
 
 def _progress_callback_class():

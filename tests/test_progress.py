@@ -81,20 +81,24 @@ def run_epoch(pace: TrainingPace, clock: FakeClock, epoch: int, train: list[floa
 
 def test_fine_tuning_estimate_comes_from_measured_training_and_validation_batches():
     clock = FakeClock()
-    pace = TrainingPace(epochs=2, steps=4, val_steps=2, clock=clock)
+    pace = TrainingPace(epochs=3, steps=4, val_steps=2, clock=clock)
     first = run_epoch(pace, clock, 1, [40, 3, 3, 3], [12, 1])
     # nothing is known while the first (compiling) batch is the only one measured
     assert first[0] is None
-    # after batch 2: 3 s per training batch, a validation batch guessed at a third of that
-    assert first[1] == pytest.approx(3 * (2 + 4) + 1 * (2 + 2))
+    # after batch 2: 3 s a training batch (an epoch's first one too, until one is
+    # measured), a validation batch guessed at a third of that: 1 s
+    assert first[1] == pytest.approx(3 * (2 + 4 + 4) + 1 * (2 + 2 + 2))
     # the first validation batch compiles too; the second is measured: 1 s
-    assert first[-1] == pytest.approx(3 * 4 + 1 * 2)
+    assert first[-1] == pytest.approx(2 * (3 * 4 + 1 * 2))
     assert pace.seconds_per_epoch() == pytest.approx(3 * 4 + 1 * 2)
-    # epoch 2 runs faster: the estimate follows
-    second = run_epoch(pace, clock, 2, [1, 1, 1, 1], [1, 1])
-    assert second[0] == pytest.approx(10 / 4 * 3 + 1 * 2)  # (3 + 3 + 3 + 1) / 4 s a batch
-    assert second[-1] == 0
-    assert pace.elapsed() == pytest.approx(40 + 9 + 13 + 4 + 2)
+    # epoch 2 pays 7 s to start (data pipeline, weights copied), then runs faster
+    second = run_epoch(pace, clock, 2, [7, 1, 1, 1], [1, 1])
+    assert second[0] == pytest.approx(3 * 3 + 1 * 2 + 7 + 3 * 3 + 1 * 2)
+    assert pace.seconds_per_epoch() == pytest.approx(7 + (3 * 3 + 3) / 6 * 3 + 1 * 2)
+    assert second[3] < second[1] < second[0]  # the fast batches bring the estimate down
+    third = run_epoch(pace, clock, 3, [7, 1, 1, 1], [1, 1])
+    assert third[-1] == 0
+    assert pace.elapsed() == pytest.approx(40 + 9 + 13 + 2 * (7 + 3 + 2))
 
 
 def test_a_two_epoch_fine_tuning_says_each_epoch_once(capsys, monkeypatch):
