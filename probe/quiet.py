@@ -81,12 +81,12 @@ def quiet_process(verbose: bool = False) -> None:
         sys.meta_path.insert(0, _QuietTensorFlowImport())
 
 
-def quiet_loggers(*names: str) -> None:
-    """Drop these loggers' records below ERROR (unless verbose)."""
+def quiet_loggers(*names: str, level: int = logging.ERROR) -> None:
+    """Drop these loggers' records below `level` (unless verbose)."""
     if verbose():
         return
     for name in names:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(level)
 
 
 @contextlib.contextmanager
@@ -113,8 +113,8 @@ def ray_init_options() -> dict[str, Any]:
     output forwarded to this process."""
     if verbose():
         return {"log_to_driver": True, "logging_level": logging.INFO}
-    for name in ("RAY_BACKEND_LOG_LEVEL",):  # read by the driver's core worker at ray.init
-        os.environ.setdefault(name, NATIVE_LOG_LEVELS[name])
+    # read by the driver's core worker at ray.init
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", NATIVE_LOG_LEVELS["RAY_BACKEND_LOG_LEVEL"])
     return {"log_to_driver": False, "logging_level": logging.ERROR}
 
 

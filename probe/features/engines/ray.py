@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +154,9 @@ def _run_dataset(ray, attrs: dict[str, Any], batch_size: int, root: Path, parts_
     actors (restarted by Ray Data, their shard retried, when one dies)."""
     import ray.data
 
-    quiet.quiet_loggers("ray.data")  # its start and finish lines, a note on progress bars
+    # its start and finish lines, a note on progress bars, and a failed shard's error,
+    # which reaches the user as probe's own one line (below)
+    quiet.quiet_loggers("ray.data", level=logging.CRITICAL)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
