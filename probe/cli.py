@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.abc
-import importlib.util
 import json
 import os
 import signal
 import sys
 import threading
-import time
 
 import click
 
-from . import backbones, files, heads as heads_mod, model_backbones, settings
+from . import backbones, files, heads as heads_mod, model_backbones, quiet, settings
 from .features import cache as cache_mod, store
 from .compare import compare, headline as compare_headline, score_note
 from .demo import DEMO_BACKBONES, DEMO_IMAGE_SIZE, DEMO_PER_CLASS, run_demo
@@ -76,60 +73,10 @@ class _OneLineUsageError(click.UsageError):
         _echo(f"Error: {self.format_message()}{hint}", err=True)
 
 
-class _QuietTensorFlowImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports TensorFlow, when a command first needs it, with file descriptor 2 pointed at
-    /dev/null: TensorFlow writes its C++ start-up lines (CUDA probing, CPU features) there
-    before any log setting applies. The import stays lazy, so `probe --help` stays fast."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "tensorflow":
-            return None
-        sys.meta_path.remove(self)  # once, and the real finders find it
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.loader is not None:
-            self.loader, spec.loader = spec.loader, self
-        return spec
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module) -> None:
-        module.__spec__.loader = module.__loader__ = self.loader
-        sys.stderr.flush()
-        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, 2)
-            self.loader.exec_module(module)
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            os.close(devnull)
-        _quiet_tensorflow_logger(module)
-
-
-def _quiet_tensorflow_logger(tensorflow) -> None:
-    # probe builds many small models in one process (compare): TensorFlow's retracing
-    # warnings about that are not the user's concern
-    tensorflow.get_logger().setLevel("ERROR")
-
-
-def _quiet_tensorflow_start_up() -> None:
-    """Keep TensorFlow's start-up and log lines off the terminal (set before it is imported)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if "tensorflow" in sys.modules:
-        _quiet_tensorflow_logger(sys.modules["tensorflow"])
-    elif not any(isinstance(finder, _QuietTensorFlowImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _QuietTensorFlowImport())
-
-
 class _Group(click.Group):
     """A command group whose usage errors (a bad option value, a missing argument) are
     one line on stderr with exit code 2, like every other error, instead of click's
-    usage block. Its `main`, the entry point, keeps TensorFlow's start-up lines quiet."""
-
-    def main(self, *args, **kwargs):
-        _quiet_tensorflow_start_up()
-        return super().main(*args, **kwargs)
+    usage block."""
 
     def make_context(self, *args, **kwargs):
         with _one_line_usage_errors():
@@ -154,7 +101,10 @@ def _one_line_usage_errors():
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="probe")
-def main() -> None:
+@click.option("--verbose", "-v", is_flag=True, envvar=quiet.VERBOSE_VARIABLE,
+              help="Also show TensorFlow's, Keras', OpenVINO's and Ray's own warnings and "
+                   "log lines (hidden by default).")
+def main(verbose: bool) -> None:
     """probe: transfer learning on small image datasets.
 
     Frozen ImageNet backbones read the images once into an HDF5 feature cache; heads
@@ -162,6 +112,8 @@ def main() -> None:
 
     Example: probe extract --backbone vgg16 cats_vs_dogs/
     """
+    # before any command imports TensorFlow, Keras, OpenVINO or Ray
+    quiet.quiet_process(verbose)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -328,7 +280,6 @@ class _Progress:
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.bar = None
-        self.started = 0.0
         self.last = 0
         self.advised = False  # the bf16 advice is said once per run, not per backbone
 
@@ -338,7 +289,7 @@ class _Progress:
         elif isinstance(event, ViewsStarted):
             self._views(event)
         elif isinstance(event, Advanced) and event.stage in (Stage.EXTRACT, Stage.VIEWS):
-            self.update(event.done)
+            self.update(event)
         elif isinstance(event, Finished) and event.stage in (Stage.EXTRACT, Stage.VIEWS):
             self.close()
         elif isinstance(event, DemoDataset):
@@ -365,11 +316,7 @@ class _Progress:
             return
         _say(f"Extracting {event.total} of {event.images} images")
         if sys.stderr.isatty():  # a bar in a log file is noise
-            self.bar = click.progressbar(length=event.total, file=sys.stderr,
-                                         label="extract", show_eta=True,
-                                         item_show_func=lambda _: self._rate())
-            self.bar.__enter__()
-            self.started = time.monotonic()
+            self._bar(event.total, "extract")
 
     def _views(self, event: ViewsStarted) -> None:
         """The augmented views' own line and bar."""
@@ -377,20 +324,31 @@ class _Progress:
             _say(f"Extracting {event.total} augmented views ({event.per_image} per "
                  f"training image, policy {event.policy}) of {event.images} images")
         if not self.quiet and sys.stderr.isatty():
-            self.bar = click.progressbar(length=event.total, file=sys.stderr,
-                                         label="views", show_eta=True,
-                                         item_show_func=lambda _: self._rate())
-            self.bar.__enter__()
-            self.started = time.monotonic()
+            self._bar(event.total, "views")
 
-    def _rate(self) -> str:
-        elapsed = time.monotonic() - self.started
-        return f"{self.last / elapsed:.1f} img/s" if elapsed > 0 and self.last else ""
+    def _bar(self, total: int, label: str) -> None:
+        # the ETA is the library's, measured after the first batch: click's own counts
+        # the first batch's warm-up in every estimate
+        self.bar = click.progressbar(length=total, file=sys.stderr, label=label,
+                                     show_eta=False, item_show_func=self._pace)
+        self.bar.__enter__()
 
-    def update(self, done: int) -> None:
+    @staticmethod
+    def _pace(event: Advanced | None) -> str:
+        """Images per second and the time left, as the library measured them."""
+        if event is None:
+            return ""
+        parts = []
+        if event.elapsed and event.done:
+            parts.append(f"{event.done / event.elapsed:.1f} img/s")
+        if event.remaining is not None and event.done != event.total:
+            parts.append(f"about {format_left(event.remaining)} left")
+        return ", ".join(parts)
+
+    def update(self, event: Advanced) -> None:
         if self.bar is not None:
-            self.bar.update(done - self.last, current_item=done)
-            self.last = done
+            self.bar.update(event.done - self.last, current_item=event)
+            self.last = event.done
 
     def close(self) -> None:
         if self.bar is not None:
@@ -745,13 +703,19 @@ def finetune_command(run, unfreeze, epochs, learning_rate, batch_size, no_augmen
 # --- sentences of progress events ---------------------------------------------------------
 
 
-def format_duration(seconds: float) -> str:
-    """12 s, 3 min, 1.5 h."""
-    if seconds < 90:
-        return f"{max(1, round(seconds))} s"
-    if seconds < 90 * 60:
+def format_left(seconds: float) -> str:
+    """The time left, as precise as it is useful: 40 s, 1 min 10 s, 12 min, 1 h 5 min."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{max(1, seconds)} s"
+    if seconds < 10 * 60:
+        minutes, rest = divmod(seconds, 60)
+        rest = 5 * round(rest / 5)  # 1 min 10 s, not 1 min 8 s: it is an estimate
+        return f"{minutes} min {rest} s" if 0 < rest < 60 else f"{minutes + rest // 60} min"
+    if seconds < 60 * 60:
         return f"{round(seconds / 60)} min"
-    return f"{seconds / 3600:.1f} h"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
 
 
 def _epochs(n: int) -> str:
@@ -760,8 +724,8 @@ def _epochs(n: int) -> str:
 
 def estimate_line(estimate: Estimate) -> str:
     """The time estimate of a fine-tuning as one sentence."""
-    return (f"about {format_duration(estimate.seconds_per_epoch)} per epoch on this machine "
-            f"({estimate.device}): about {format_duration(estimate.seconds_total)} for "
+    return (f"about {format_left(estimate.seconds_per_epoch)} per epoch on this machine "
+            f"({estimate.device}): about {format_left(estimate.seconds_total)} for "
             f"{_epochs(estimate.epochs)}")
 
 
@@ -773,11 +737,21 @@ def start_line(started: FinetuneStarted) -> str:
             f"training images, up to {_epochs(started.epochs)}.{slow}")
 
 
-def epoch_line(done: int, total: int, logs) -> str:
-    """One fine-tuning epoch's losses and accuracies."""
+def epoch_line(done: int, total: int, logs, remaining: float | None = None) -> str:
+    """One fine-tuning epoch's losses and accuracies (and the time left for the others)."""
     parts = [f"{key} {logs[key]:.4f}" for key in ("loss", "accuracy", "val_loss", "val_accuracy")
              if key in logs]
-    return f"epoch {done}/{total}: " + ", ".join(parts)
+    left = f" (about {format_left(remaining)} left for {_epochs(total - done)})" \
+        if remaining is not None and done < total else ""
+    return f"epoch {done}/{total}: " + ", ".join(parts) + left
+
+
+def batch_line(event: BatchDone) -> str:
+    """Where a fine-tuning is, and the time left as measured so far."""
+    line = f"epoch {event.epoch}/{event.epochs}, batch {event.done}/{event.total}"
+    if event.remaining is not None:
+        line += f", about {format_left(event.remaining)} left"
+    return line
 
 
 def note_line(event: Note) -> str | None:
@@ -794,15 +768,35 @@ def note_line(event: Note) -> str | None:
     return None
 
 
+class _StatusLine:
+    """One line on a terminal's stderr, rewritten in place (spaces cover a longer line
+    before it); cleared before other lines."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.width = enabled, 0
+
+    def show(self, text: str) -> None:
+        if self.enabled:
+            text = terminal_text(text)
+            click.echo("\r" + text.ljust(self.width), nl=False, err=True)
+            self.width = max(self.width, len(text))
+
+    def clear(self) -> None:
+        if self.width:
+            click.echo("\r" + " " * self.width + "\r", nl=False, err=True)
+            self.width = 0
+
+
 class _Events:
     """Renders the library's progress events on stderr: extraction bars, a line per
-    backbone and fit of a comparison, fine-tuning lines and a bar per epoch. With quiet,
+    backbone and fit of a comparison, a line per fine-tuning epoch and a status line of its
+    batches (on a terminal). With quiet,
     only the notes that change what the results mean."""
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.extraction = _Progress(quiet)
-        self.bar = None
+        self.status = _StatusLine(enabled=not quiet and sys.stderr.isatty())
 
     def __call__(self, event: Event) -> None:
         handler = {Stage.EXTRACT: self.extraction, Stage.DEMO: self.extraction,
@@ -836,38 +830,28 @@ class _Events:
                       f"{format_interval(interval)} ({event.fit_seconds:.1f} s)")
 
     def _finetune(self, event: Event) -> None:
+        """A line per epoch, said once; on a terminal, a status line of the batch and the
+        time left, rewritten in place (a log file gets the epoch lines only)."""
         if isinstance(event, Note):
             line = note_line(event)
             if line is not None:
-                self._end_bar()
+                self.status.clear()
                 _echo(line, err=True)
             elif isinstance(event, Estimate):
-                self._end_bar()
+                self.status.clear()
                 self._say(estimate_line(event))
         elif isinstance(event, FinetuneStarted):
             self._say(start_line(event))
             self._say(f"baseline: validation loss {event.baseline_val_loss:.4f}")
         elif isinstance(event, BatchDone):
-            if self.bar is None and not self.quiet:
-                self.bar = click.progressbar(length=event.total, file=sys.stderr,
-                                             label=f"epoch {event.epoch}/{event.epochs}")
-                self.bar.__enter__()
-            if self.bar is not None:
-                self.bar.update(1)
+            self.status.show(batch_line(event))
         elif isinstance(event, EpochDone):
-            self._end_bar()
-            self._say(epoch_line(event.done, event.total, event.logs))
-
-    def _end_bar(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
+            self.status.clear()
+            self._say(epoch_line(event.done, event.total, event.logs, event.remaining))
 
     def close(self) -> None:
         self.extraction.close()
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
+        self.status.clear()
 
     def _say(self, message: str) -> None:
         if not self.quiet:

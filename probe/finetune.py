@@ -33,13 +33,13 @@ from ._random_state import global_random_state_kept
 from .features.cache import FeatureCache
 from .errors import DatasetError, FinetuneError, RunError
 from .heads import check_params, make_head
-from .progress import (BatchDone, EpochDone, Estimate, FinetuneFinished, FinetuneStarted,
-                       NoImprovement, ProgressCallback, SourceChanged, ValidationScores, emit)
+from .progress import (BatchDone, Clock, EpochDone, Estimate, FinetuneFinished, FinetuneStarted,
+                       NoImprovement, ProgressCallback, Rate, SourceChanged, ValidationScores,
+                       emit)
 from .runs import (MODEL_FILE, Run, SplitRoles, check_features_fit_in_memory, check_writable,
                    run_config, save_run, train_head, write_run_files)
 from .task import Objective, Task
 
-_ESTIMATE_AFTER = 3  # batches: the first one also builds the training graph
 _PIXEL_CACHE_BYTES = 512 * 2**20  # decoded images kept in memory between epochs
 
 
@@ -511,44 +511,124 @@ def _BestWeights(*args):
     return _best_weights_class()(*args)
 
 
+class TrainingPace:
+    """The time left of a fine-tuning, from measured rates (`progress.Rate`): seconds per
+    training batch, per first batch of an epoch (which also pays the epoch's set-up: the
+    data pipeline restarting, the kept weights copied) and per validation batch, times
+    the batches still to go in every epoch up to the last. The very first training and
+    validation batches, which build and compile their graphs, are left out. Until measured,
+    an epoch's first batch counts as a plain one, and a validation batch as a third of a
+    training batch (a forward pass only). Every second counts: a batch's time runs from
+    the end of the step before, whatever happened in between. `clock`: a monotonic clock
+    in seconds (tests pass a fake one)."""
+
+    def __init__(self, epochs: int, steps: int, val_steps: int,
+                 clock: Clock = time.perf_counter):
+        self.epochs, self.steps, self.val_steps, self.clock = epochs, steps, val_steps, clock
+        self.train, self.starts, self.val = Rate(warm_up=0), Rate(), Rate()
+        self.started = self.last = clock()
+        self.epoch, self.batch, self.val_batch = 1, 0, 0
+
+    def epoch_begins(self, epoch: int) -> None:
+        """Epoch `epoch` (from 1) starts its training batches."""
+        self.epoch, self.batch, self.val_batch = epoch, 0, 0
+
+    def train_batch_done(self, batch: int) -> tuple[float, float | None]:
+        """Training batch `batch` (from 1) of the epoch ended: (elapsed, seconds left)."""
+        now = self._measure(self.starts if batch == 1 else self.train)
+        self.batch = batch
+        return now - self.started, self.remaining()
+
+    def validation_begins(self) -> None:
+        self.val_batch = 0
+
+    def val_batch_done(self, batch: int) -> tuple[float, float | None]:
+        """Validation batch `batch` (from 1) of the epoch ended: (elapsed, seconds left)."""
+        now = self._measure(self.val)
+        self.val_batch = batch
+        return now - self.started, self.remaining()
+
+    def _measure(self, rate: Rate) -> float:
+        """The time since the last step, added to `rate`; returns the clock's time."""
+        now = self.clock()
+        rate.add(now - self.last)
+        self.last = now
+        return now
+
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+    def per_batch(self) -> tuple[float, float, float] | None:
+        """Seconds per (training, first of an epoch, validation) batch; None before a
+        training batch after the very first was measured."""
+        train, start = self.train.per_unit, self.starts.per_unit
+        if train is None and start is None:
+            return None
+        train = start if train is None else train
+        start = train if start is None else start
+        val = self.val.per_unit
+        return train, start, (train / 3 if val is None else val)
+
+    def seconds_per_epoch(self) -> float | None:
+        rates = self.per_batch()
+        if rates is None:
+            return None
+        train, start, val = rates
+        return start + train * (self.steps - 1) + val * self.val_steps
+
+    def remaining(self) -> float | None:
+        """Estimated seconds left if every epoch runs (early stopping may end sooner)."""
+        rates = self.per_batch()
+        if rates is None:
+            return None
+        train, start, val = rates
+        later = self.epochs - self.epoch
+        starts_left = later + (self.batch == 0)
+        train_left = (self.steps - 1) * later + (self.steps - max(self.batch, 1))
+        val_left = self.val_steps * later + (self.val_steps - self.val_batch)
+        return train * train_left + start * starts_left + val * val_left
+
+
 def _progress_callback_class():
     from ._keras import keras
 
     class ProgressCallback(keras.callbacks.Callback):
-        """Emits an event per batch and per epoch, and after the first few batches a
-        Note with the estimated time per epoch (training batches plus a validation pass)."""
+        """Emits an event per training batch and per epoch with the time elapsed and the
+        estimated time left (`TrainingPace`, recomputed at every batch), and once, as soon
+        as there is a measured rate, an `Estimate` note."""
 
-        def __init__(self, progress, epochs, steps, val_steps, device):
+        def __init__(self, progress, epochs, steps, val_steps, device, clock=time.perf_counter):
             super().__init__()
-            self.progress, self.epochs, self.steps = progress, epochs, steps
-            self.val_steps, self.device = val_steps, device
-            self.epoch = 0
-            self.times: list[float] = []
+            self.progress, self.epochs, self.steps, self.device = progress, epochs, steps, device
+            self.pace = TrainingPace(epochs, steps, val_steps, clock)
             self.estimated = False
 
         def on_epoch_begin(self, epoch, logs=None):
-            self.epoch = epoch + 1
-
-        def on_train_batch_begin(self, batch, logs=None):
-            self.batch_started = time.perf_counter()
+            self.pace.epoch_begins(epoch + 1)
 
         def on_train_batch_end(self, batch, logs=None):
-            self.times.append(time.perf_counter() - self.batch_started)
-            emit(self.progress, BatchDone(done=batch + 1, total=self.steps, epoch=self.epoch,
-                                          epochs=self.epochs))
-            if not self.estimated and len(self.times) >= min(_ESTIMATE_AFTER, self.steps):
+            elapsed, remaining = self.pace.train_batch_done(batch + 1)
+            emit(self.progress, BatchDone(done=batch + 1, total=self.steps,
+                                          epoch=self.pace.epoch, epochs=self.epochs,
+                                          elapsed=elapsed, remaining=remaining))
+            per_epoch = self.pace.seconds_per_epoch()
+            if not self.estimated and per_epoch is not None and remaining is not None:
                 self.estimated = True
-                # the first batch also builds the graph: leave it out when there are others
-                per_batch = float(np.mean(self.times[1:] or self.times))
-                # a validation batch is a forward pass only: about a third of a training batch
-                per_epoch = per_batch * (self.steps + self.val_steps / 3)
                 emit(self.progress, Estimate(seconds_per_epoch=per_epoch,
-                                             seconds_total=per_epoch * self.epochs,
+                                             seconds_total=elapsed + remaining,
                                              epochs=self.epochs, device=self.device))
+
+        def on_test_begin(self, logs=None):  # the validation pass at the end of an epoch
+            self.pace.validation_begins()
+
+        def on_test_batch_end(self, batch, logs=None):
+            self.pace.val_batch_done(batch + 1)
 
         def on_epoch_end(self, epoch, logs=None):
             emit(self.progress, EpochDone(done=epoch + 1, total=self.epochs,
-                                          logs={k: float(v) for k, v in (logs or {}).items()}))
+                                          logs={k: float(v) for k, v in (logs or {}).items()},
+                                          elapsed=self.pace.elapsed(),
+                                          remaining=self.pace.remaining()))
 
     return ProgressCallback
 

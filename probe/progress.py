@@ -11,11 +11,16 @@ Events are small frozen dataclasses. The four shapes, `Started`, `Advanced`, `No
 beyond `total` and `done` is a subclass with typed fields (`SourceChanged(message)`,
 `NoImprovement(baseline_val_loss, epochs_run)`, `ExtractionFinished(path, report)`, ...),
 read as attributes.
+
+Long work measures its own pace: `Advanced` carries the seconds `elapsed` and the
+estimated seconds `remaining`, from the measured rate of the finished steps, the first
+(warm-up: graph building, compilation, workers starting) left out (`Pace`, `Rate`).
 """
 
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -31,7 +36,7 @@ __all__ = [
     "SubsetFitted", "CurveNote", "CurveFinished", "SourceChanged", "ValidationScores",
     "FinetuneStarted", "BatchDone", "EpochDone", "Estimate", "NoImprovement",
     "FinetuneFinished", "ReportStarted", "ReportWithoutCache", "ReportFinished",
-    "DuplicatesStarted", "DuplicatesFinished",
+    "DuplicatesStarted", "DuplicatesFinished", "Rate", "Pace",
 ]
 
 
@@ -70,10 +75,14 @@ class Started(Event):
 
 @dataclass(frozen=True)
 class Advanced(Event):
-    """`done` of `total` units are finished."""
+    """`done` of `total` units are finished, `elapsed` seconds after the stage began;
+    `remaining`: the seconds still to go, estimated from the measured pace (None when
+    there is no estimate yet, or none is made)."""
 
     done: int = 0
     total: int | None = None
+    elapsed: float | None = None
+    remaining: float | None = None
 
 
 @dataclass(frozen=True)
@@ -87,12 +96,65 @@ class Finished(Event):
 
 
 ProgressCallback = Callable[[Event], None]
+Clock = Callable[[], float]
 
 
 def emit(progress: ProgressCallback | None, event: Event) -> None:
     """Send `event` to `progress` when there is a listener."""
     if progress is not None:
         progress(event)
+
+
+# --- measured pace ------------------------------------------------------------------------
+
+
+class Rate:
+    """Seconds per unit of work, measured: the mean over the steps after the first
+    `warm_up` ones (which also build graphs, compile, start workers: their cost is paid
+    once, and counting it would inflate every later estimate)."""
+
+    def __init__(self, warm_up: int = 1):
+        self.warm_up = max(0, int(warm_up))
+        self.steps = 0
+        self.seconds = 0.0
+        self.units = 0
+
+    def add(self, seconds: float, units: int = 1) -> None:
+        """One step took `seconds` for `units` units of work."""
+        self.steps += 1
+        if self.steps > self.warm_up and units > 0:
+            self.seconds += max(0.0, seconds)
+            self.units += units
+
+    @property
+    def per_unit(self) -> float | None:
+        """Seconds per unit after the warm-up; None before a step past it was measured."""
+        return self.seconds / self.units if self.units else None
+
+
+class Pace:
+    """The time left of a job of `total` units done in steps, from the measured time per
+    unit (`Rate`), recomputed at every step. `clock` is a monotonic clock in seconds
+    (tests pass a fake one)."""
+
+    def __init__(self, total: int, warm_up: int = 1, clock: Clock = time.perf_counter):
+        self.total, self.clock = int(total), clock
+        self.rate = Rate(warm_up)
+        self.started = self.last = clock()
+        self.done = 0
+
+    def advance(self, done: int) -> tuple[float, float | None]:
+        """`done` units are finished (cumulative); (seconds elapsed, estimated seconds
+        left: None until a step after the warm-up was measured)."""
+        now = self.clock()
+        self.rate.add(now - self.last, done - self.done)
+        self.last, self.done = now, done
+        return now - self.started, self.remaining()
+
+    def remaining(self) -> float | None:
+        """Estimated seconds left (None without a measured rate)."""
+        per_unit = self.rate.per_unit
+        return None if per_unit is None else per_unit * max(0, self.total - self.done)
 
 
 # --- extraction (probe.features.extract) --------------------------------------------------
@@ -317,7 +379,8 @@ class FinetuneStarted(Started):
 
 @dataclass(frozen=True, kw_only=True)
 class BatchDone(Advanced):
-    """Batch `done` of `total` of epoch `epoch` (of `epochs`) is trained."""
+    """Batch `done` of `total` of epoch `epoch` (of `epochs`) is trained; `remaining`:
+    the estimated seconds left for every epoch up to `epochs` (validation passes included)."""
 
     stage: Stage = Stage.FINETUNE
     epoch: int
@@ -326,7 +389,8 @@ class BatchDone(Advanced):
 
 @dataclass(frozen=True, kw_only=True)
 class EpochDone(Advanced):
-    """Epoch `done` of `total` ended with these losses and scores (`loss`, `val_loss`, ...)."""
+    """Epoch `done` of `total` ended with these losses and scores (`loss`, `val_loss`, ...);
+    `remaining`: the estimated seconds for the epochs left (early stopping may skip them)."""
 
     stage: Stage = Stage.FINETUNE
     logs: Mapping[str, float] = field(default_factory=dict)
@@ -334,7 +398,10 @@ class EpochDone(Advanced):
 
 @dataclass(frozen=True, kw_only=True)
 class Estimate(Note):
-    """How long the fine-tuning will take, measured on its first batches."""
+    """How long the fine-tuning will take if every epoch runs, from its first measured
+    batches (the first one, which builds the graph, left out): sent once, as soon as there
+    is a measured rate. `seconds_total` counts the time already spent; the `BatchDone` and
+    `EpochDone` events that follow carry the estimate of the time left, kept up to date."""
 
     stage: Stage = Stage.FINETUNE
     seconds_per_epoch: float

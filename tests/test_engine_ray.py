@@ -8,8 +8,10 @@ import pytest
 
 import probe
 from conftest import make_tree
+from probe.features.engines import ray as ray_engine
 from probe.features.engines.ray import FAIL_ONCE_VARIABLE, RayOptions, init_local, shards
 from probe.features.plan import Source
+from probe.progress import Advanced
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs `pip install 'probe[ray]'`")
 pytestmark = pytest.mark.slow
@@ -46,20 +48,48 @@ def test_shards_depend_only_on_the_sorted_list_and_the_size():
     assert len({name for name, _ in first}) == 3
 
 
-def test_ray_engine_writes_the_local_engines_cache(tmp_path, local_ray, monkeypatch):
+def test_ray_engine_writes_the_local_engines_cache(tmp_path, local_ray, monkeypatch, capfd,
+                                                  recwarn):
     root = make_tree(tmp_path / "ds")
     local = probe.extract(root, "vgg16", cache_dir=tmp_path / "local", **OPTS)
     options = RayOptions(workers=2, shard_size=5)
+    capfd.readouterr()
+    events = []
     distributed, report = probe.extract_with_report(
-        root, "vgg16", cache_dir=tmp_path / "ray", engine="ray", ray=options, **OPTS)
+        root, "vgg16", cache_dir=tmp_path / "ray", engine="ray", ray=options,
+        progress=events.append, **OPTS)
     assert report.extracted == 18 and distributed.path.name == local.path.name
     same_cache(local, distributed)
+    # quiet: no deprecated Ray Data argument, none of Ray's log lines on stderr (the
+    # driver's core worker logs an error line for every actor pool unless told not to)
+    assert [str(w.message) for w in recwarn
+            if w.category.__name__ == "RayDeprecationWarning"] == []
+    written = capfd.readouterr()
+    assert not [line for line in written.err.splitlines()
+                if any(mark in line for mark in ("core_worker", "WARNING", "INFO", "Deprecat"))]
+    # the pace of the shards: no estimate while each worker runs its first (start-up) shard
+    advanced = [e for e in events if type(e) is Advanced]
+    assert [e.done for e in advanced] == [5, 10, 15, 18]
+    assert [e.remaining is None for e in advanced] == [True, True, False, False]
+    assert advanced[-1].remaining == 0 and advanced[-1].elapsed > 0
     # a worker that dies during its shard is restarted and the shard retried
     monkeypatch.setenv(FAIL_ONCE_VARIABLE, str(tmp_path / "failed-once"))
     retried = probe.extract(root, "vgg16", cache_dir=tmp_path / "retry", engine="ray",
                             ray=options, **OPTS)
     assert (tmp_path / "failed-once").exists()
     same_cache(local, retried)
+
+
+def test_a_shard_is_attempted_at_most_max_restarts_plus_one_times(tmp_path):
+    parts = tmp_path / "parts"
+    for _ in range(ray_engine.MAX_RESTARTS + 1):
+        ray_engine._count_attempt(parts, "shard-a")
+    with pytest.raises(RuntimeError, match="shard-a was started 4 times"):
+        ray_engine._count_attempt(parts, "shard-a")
+    ray_engine._count_attempt(parts, "shard-b")  # each shard its own count
+    ray_engine._forget_attempts(parts)  # a new run starts afresh
+    ray_engine._count_attempt(parts, "shard-a")
+    assert sorted(p.name for p in parts.iterdir()) == [".attempts-shard-a"]
 
 
 def test_a_missing_shard_is_the_only_work_of_the_next_run(tmp_path, local_ray, monkeypatch):

@@ -11,7 +11,7 @@ import probe
 from probe import backbones, data
 from probe.cli import main
 from probe.errors import BackboneError, FinetuneError, ProbeError, SourceChangedError
-from probe.progress import (EpochDone, Estimate, FinetuneFinished, FinetuneStarted, NoImprovement,
+from probe.progress import (BatchDone, EpochDone, Estimate, FinetuneFinished, FinetuneStarted, NoImprovement,
                             SourceChanged)
 
 from conftest import make_separable_tree
@@ -138,8 +138,16 @@ def test_finetune_vgg16_run_predict_and_export(tmp_path):
     epochs = [e for e in events if isinstance(e, EpochDone)]
     assert 1 <= len(epochs) <= 2 and {"val_loss", "val_accuracy"} <= set(epochs[0].logs)
     assert [e.done for e in epochs] == list(range(1, len(epochs) + 1))
-    estimate = next(e for e in events if isinstance(e, Estimate))
-    assert estimate.seconds_per_epoch > 0 and estimate.device == "CPU"
+    estimates = [e for e in events if isinstance(e, Estimate)]
+    assert len(estimates) == 1  # said once; the batches carry the updates
+    assert estimates[0].seconds_per_epoch > 0 and estimates[0].device == "CPU"
+    batches = [e for e in events if isinstance(e, BatchDone)]
+    assert [(e.epoch, e.done) for e in batches] == [
+        (epoch, batch) for epoch in range(1, len(epochs) + 1)
+        for batch in range(1, batches[0].total + 1)]
+    # no estimate from the first (graph-building) batch alone; measured ones after it
+    assert batches[0].remaining is None and all(e.remaining >= 0 for e in batches[1:])
+    assert epochs[-1].remaining == 0 or len(epochs) < 2
     metrics = run.metrics
     assert metrics["split"] == "test" and metrics["split_role"] == "test"
     test_labels = probe.FeatureCache.open(source.config["cache"]).split("test").labels
@@ -305,6 +313,8 @@ def test_cli_finetune_a_logistic_run(tmp_path):
     assert "block4, block5 unfrozen" in result.output
     assert "baseline: validation loss " in result.output
     assert "per epoch on this machine (CPU): about" in result.output  # stderr, mixed in
+    # not a terminal: no batch lines, the epoch said once
+    assert result.output.count("epoch 1/1") == 1 and "batch" not in result.output
     assert "metric" in result.output and "before" in result.output and "after" in result.output
     new_run = result.output.strip().splitlines()[-1].removeprefix("Run: ")
     assert probe.Run.load(new_run).config["finetune"]["augment"] is False

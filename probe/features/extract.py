@@ -31,7 +31,7 @@ from .engines.ray import RayOptions
 from ..errors import CacheError, ProbeError
 from .plan import ExtractionPlan, Source
 from ..progress import (Advanced, Bf16Available, ExtractionFinished, ExtractionStarted,
-                        ProgressCallback, RuntimeNote, Stage, ViewsFinished, ViewsStarted, emit)
+                        Pace, ProgressCallback, RuntimeNote, Stage, ViewsFinished, ViewsStarted, emit)
 from ..settings import (DEFAULT_BATCH_SIZE, DEFAULT_SEED, TEST_FRACTION, VAL_FRACTION,
                        ExtractionSettings, SplitSettings, check_precision, dataset_path)
 
@@ -281,11 +281,16 @@ def _run(model, extraction: ExtractionSettings, root: Path, plan: ExtractionPlan
     if isinstance(engine, RayOptions):
         steps = ray_engine.run_shards(extraction.to_attrs(), extraction.batch_size, root,
                                       plan.todo, parts.directory, engine)
+        # the first shard of each worker also starts it and builds its model
+        pace = Pace(len(plan.todo), warm_up=engine.workers)
     else:
         steps = _run_local(model, parts, rows, skips, decoding)
+        pace = Pace(len(plan.todo))  # the first batch also traces the model
     for count in steps:
         done += count
-        emit(progress, Advanced(STAGE, done=done, total=len(plan.todo)))
+        elapsed, remaining = pace.advance(done)
+        emit(progress, Advanced(STAGE, done=done, total=len(plan.todo), elapsed=elapsed,
+                                remaining=remaining))
     if isinstance(engine, RayOptions):  # the workers wrote the parts
         _read_parts(parts, rows, skips)
     seconds = time.perf_counter() - started
@@ -325,7 +330,7 @@ def _run_views(model, extraction: ExtractionSettings, root: Path,
     images = len({item.source.key for item in todo})
     emit(progress, ViewsStarted(total=len(todo), images=images, per_image=views.count,
                                 policy=views.policy))
-    done = 0
+    done, pace = 0, Pace(len(todo))
     for batch in run_batches(model, extraction.spec, root, todo, extraction.image_size,
                              extraction.batch_size, load=load):
         if batch.skipped:
@@ -339,7 +344,9 @@ def _run_views(model, extraction: ExtractionSettings, root: Path,
         for i, item in enumerate(batch.done):
             known[item.key] = cache_mod.ViewRow(str(part), "", i, item.view)
         done += len(batch)
-        emit(progress, Advanced(VIEWS_STAGE, done=done, total=len(todo)))
+        elapsed, remaining = pace.advance(done)
+        emit(progress, Advanced(VIEWS_STAGE, done=done, total=len(todo), elapsed=elapsed,
+                                remaining=remaining))
     emit(progress, ViewsFinished(extracted=len(todo)))
 
 

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ... import backbones, files
+from ... import backbones, files, quiet
 from ...errors import ProbeError
 from ..plan import Source
 
@@ -112,6 +113,7 @@ class ShardWorker:
         from ... import data
         from .local import run_batches
 
+        _count_attempt(self.parts.directory, name)
         _maybe_fail_once()
         todo = [Source(data.Sample(path, 0, ""), size, mtime) for path, size, mtime in rows]
         features, done, skipped = [], [], []
@@ -135,6 +137,7 @@ def run_shards(attrs: dict[str, Any], batch_size: int, root: Path, todo: Sequenc
     if started_here:
         _init(ray, options)
     try:
+        _forget_attempts(parts_dir)
         work = shards(todo, options.shard_size)
         if not work:
             return
@@ -151,17 +154,21 @@ def _run_dataset(ray, attrs: dict[str, Any], batch_size: int, root: Path, parts_
     actors (restarted by Ray Data, their shard retried, when one dies)."""
     import ray.data
 
+    # its start and finish lines, a note on progress bars, and a failed shard's error,
+    # which reaches the user as probe's own one line (below)
+    quiet.quiet_loggers("ray.data", level=logging.CRITICAL)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     items = [{"name": name, "rows": json.dumps(rows)} for name, rows in work]
-    extra = {"runtime_env": {"env_vars": _env()}} if _env() else {}
+    # Ray Data restarts a dead actor and retries its shard (its defaults); ShardWorker.run
+    # bounds the attempts at a shard (`_count_attempt`)
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         ShardWorker, batch_size=1, batch_format="numpy",
         fn_constructor_args=(attrs, batch_size, str(root), str(parts_dir), weights_file),
         compute=ray.data.ActorPoolStrategy(size=min(options.workers, len(work))), num_cpus=1,
-        num_gpus=options.gpus_per_worker or None, max_restarts=MAX_RESTARTS,
-        max_task_retries=MAX_RESTARTS, **extra)
+        num_gpus=options.gpus_per_worker or None,
+        runtime_env={"env_vars": _env()} if _env() else None)
     try:
         for row in dataset.iter_rows():
             yield int(row["count"])
@@ -216,7 +223,9 @@ def _init(ray, options: RayOptions) -> None:
     without a dashboard."""
     try:
         if options.address:
-            ray.init(address=options.address, include_dashboard=False, log_to_driver=False)
+            with quiet.quiet_native_stderr():
+                ray.init(address=options.address, include_dashboard=False,
+                         **quiet.ray_init_options())
         else:
             init_local(ray, max(1, options.workers))
     except (ConnectionError, RuntimeError, ValueError) as error:
@@ -240,9 +249,11 @@ def init_local(ray, num_cpus: int, **kwargs: Any):
         ray_constants.ENABLE_RAY_CLUSTER = False
     except ImportError:  # another Ray layout: the variable alone
         pass
-    kwargs.setdefault("log_to_driver", False)
-    return ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                    **kwargs)
+    kwargs = {**quiet.ray_init_options(), **kwargs}
+    # the driver's Ray backend announces its log level on stderr as it starts
+    with quiet.quiet_native_stderr():
+        return ray.init(num_cpus=num_cpus, include_dashboard=False,
+                        _node_ip_address="127.0.0.1", **kwargs)
 
 
 def _gpu_memory_growth() -> None:
@@ -254,6 +265,31 @@ def _gpu_memory_growth() -> None:
             tf.config.experimental.set_memory_growth(gpu, True)
     except Exception:  # no GPU support: nothing to set
         pass
+
+
+ATTEMPTS_PREFIX = ".attempts-"
+
+
+def _count_attempt(parts_dir: Path, name: str) -> None:
+    """Count a start of the shard `name` (in a file beside its part); past MAX_RESTARTS
+    restarts an error, which Ray Data does not retry, stops the run."""
+    marker = parts_dir / f"{ATTEMPTS_PREFIX}{name}"
+    try:
+        attempts = int(marker.read_text(encoding="ascii")) + 1
+    except (OSError, ValueError):
+        attempts = 1
+    if attempts > MAX_RESTARTS + 1:
+        raise RuntimeError(f"shard {name} was started {attempts - 1} times; the worker "
+                           "running it died each time")
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    files.write_text(marker, str(attempts))
+
+
+def _forget_attempts(parts_dir: Path) -> None:
+    """A new run counts the attempts at its shards afresh."""
+    if parts_dir.is_dir():
+        for marker in parts_dir.glob(f"{ATTEMPTS_PREFIX}*"):
+            marker.unlink(missing_ok=True)
 
 
 def _maybe_fail_once() -> None:
