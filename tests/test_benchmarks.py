@@ -10,6 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"^(\w+) (\w+) (\S.*)$")
 
@@ -149,3 +152,45 @@ def test_ceiling_benchmark_counts_the_convolutions_work_and_what_the_goal_needs(
     assert close(value["resnet50 needed_over_openvino_plain"], 1.3 * recipe / plain)
     assert close(value["resnet50 needed_over_matmul"],
                  1.3 * recipe * gflop / value["machine matmul_gflop_per_s"])
+
+
+@pytest.mark.slow
+def test_bf16_accuracy_benchmark_prints_both_accuracies_and_their_difference():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bf16_accuracy.py"), "--backbones", "vgg16",
+         "--n", "100", "--image-size", "32", "--batch-size", "50"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [LINE.match(line) for line in result.stdout.splitlines()]
+    assert all(lines), result.stdout
+    figures = {f"{m[1]} {m[2]}": m[3] for m in lines}
+    assert figures["vgg16 bf16_path"].startswith(("TensorFlow mixed_bfloat16", "--precision bf16"))
+    assert int(figures["vgg16 test_images"]) == 15  # 15% of 100, stratified
+    worst = 0.0
+    for head in ("logreg", "knn"):
+        fp32, bf16 = (float(figures[f"vgg16 {head}_accuracy_{p}"]) for p in ("float32", "bf16"))
+        assert 0 < fp32 <= 1 and 0 < bf16 <= 1
+        assert abs(float(figures[f"vgg16 {head}_diff_points"]) - 100 * (bf16 - fp32)) < 0.01
+        assert 0 <= float(figures[f"vgg16 {head}_same_predictions"]) <= 1
+        worst = max(worst, abs(100 * (bf16 - fp32)))
+    assert abs(float(figures["all largest_abs_diff_points"]) - worst) < 0.01
+    assert 0 < float(figures["vgg16 bf16_max_rel_diff"]) < 0.1  # bfloat16 rounding, not equality
+
+
+def test_bf16_accuracy_digits_are_upscaled_rgb_and_split_once():
+    spec = importlib.util.spec_from_file_location("bf16_accuracy", ROOT / "benchmarks" / "bf16_accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pixels, y = module.digits_images(20, 32)
+    assert pixels.shape == (20, 32, 32, 3) and y.shape == (20,)
+    from sklearn.datasets import load_digits
+
+    first = load_digits().images[0] * (255 / 16)
+    # nearest neighbour: every 4x4 block is one source pixel, the same in each channel
+    assert np.allclose(pixels[0, ::4, ::4, 0], first) and np.allclose(pixels[0, 3::4, 3::4, 2], first)
+    parts = module.split(np.arange(100) % 10)
+    together = np.concatenate(list(parts.values()))
+    assert sorted(together.tolist()) == list(range(100))
+    assert [len(parts[k]) for k in ("train", "val", "test")] == [70, 15, 15]
+    assert parts["test"].tolist() == module.split(np.arange(100) % 10)["test"].tolist()
