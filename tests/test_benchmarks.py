@@ -87,10 +87,15 @@ def test_extract_benchmark_prints_consistent_figures(tmp_path):
     assert number(figures, "machine load_average_1min") >= 0
     if figures["machine bf16"] == "supported":
         assert number(figures, f"{scope} speedup_bf16") > 0
+        assert number(figures, f"{scope} limit_speedup_bf16") > 0
+        assert figures[f"{scope} runtime_bf16"] in ("openvino", "tensorflow")
         assert 0.9 < number(figures, f"{scope} cosine_bf16_vs_float32") <= 1.0 + 1e-6
     else:
         assert figures["machine bf16"].startswith("unsupported: ")
         assert f"{scope} speedup_bf16" not in figures
+        # said again where the backbone's bf16 figures would be, with the reason
+        reason = figures["machine bf16"].removeprefix("unsupported: ")
+        assert figures[f"{scope} bf16"] == f"not available here: {reason}"
     assert len(list((tmp_path / "photos-15").glob("*/*.jpg"))) == 15
     if importlib.util.find_spec("openvino") is not None:  # the OpenVINO runtime's lines
         openvino = {key: number(figures, f"{scope} {key}") for key in (
