@@ -179,10 +179,8 @@ def curve_figure() -> None:
 # `python -c` code: `probe` with the report's 2-D map taken from a randomized SVD of the
 # centred features (2 components, seeded) instead of numpy's full SVD. The axes agree with
 # the exact ones (|cosine| 1.0000 on the resnet50 cache of RESULTS.md), signs fixed as there.
-RANDOMIZED_PCA = """
-import sys
+RANDOMIZED_PCA_FUNCTION = """
 import numpy as np
-import probe.html
 
 
 def pca_2d(X):
@@ -193,7 +191,10 @@ def pca_2d(X):
     axes = axes * np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(axis=1)])[:, None]
     coords = centred @ axes.T
     return np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
-
+"""
+RANDOMIZED_PCA = RANDOMIZED_PCA_FUNCTION + """
+import sys
+import probe.html
 
 probe.html.pca_2d = pca_2d
 from probe.cli import main

@@ -199,3 +199,22 @@ def test_bf16_accuracy_digits_are_upscaled_rgb_and_split_once():
     assert sorted(together.tolist()) == list(range(100))
     assert [len(parts[k]) for k in ("train", "val", "test")] == [70, 15, 15]
     assert parts["test"].tolist() == module.split(np.arange(100) % 10)["test"].tolist()
+
+
+def test_the_recommended_randomized_map_gives_the_reports_coordinates():
+    """benchmarks/heads.py times `probe fit` with the report's 2-D map from a randomized
+    SVD: it must draw the map `probe.html.pca_2d` draws."""
+    spec = importlib.util.spec_from_file_location("heads_benchmark", ROOT / "benchmarks" / "heads.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    namespace: dict = {}
+    exec(module.RANDOMIZED_PCA_FUNCTION, namespace)
+    from probe.html import pca_2d
+
+    rng = np.random.default_rng(0)
+    # pooled-CNN-like: non-negative, correlated, two dominant directions
+    X = np.maximum(rng.normal(size=(300, 3)) * [5, 3, 1] @ rng.normal(size=(3, 400))
+                   + rng.normal(size=(300, 400)), 0).astype(np.float32)
+    exact, randomized = pca_2d(X), namespace["pca_2d"](X)
+    assert randomized.shape == exact.shape == (300, 2)
+    assert np.allclose(randomized, exact, atol=1e-3 * np.abs(exact).max())
