@@ -13,9 +13,17 @@ For each backbone, at its native size (or --image-size), on N generated photo-li
 3. keras: `keras.utils.image_dataset_from_directory` mapped through the backbone's
    `preprocess_input`, then `model.predict`, features kept in memory;
 
-then the ratios extract/limit and extract/keras, the bfloat16 speed-up and agreement
-(where the machine supports it), and the time to fit the heads on the cache. Finally the
-peak memory of `probe.features.extract` in a fresh process for two dataset sizes.
+then the ratios extract/limit and extract/keras, bfloat16 against float32 and the time to
+fit the heads on the cache. Finally the peak memory of `probe.features.extract` in a fresh
+process for two dataset sizes.
+
+bf16 against float32, per backbone, in the same run, where the CPU or GPU computes
+bfloat16: end to end on the runtime `--precision bf16` resolves to (`runtime_bf16`), over
+TensorFlow's float32 (`speedup_bf16`) and OpenVINO's, the default (`speedup_bf16_over_
+openvino_float32`); the model alone on TensorFlow's mixed_bfloat16 (`limit_speedup_bf16`)
+and, where bf16 resolves to OpenVINO, on its bf16 hint (`limit_openvino_bf16_over_*`); the
+features' agreement and the logistic head's accuracy on both. Elsewhere each backbone
+prints `<backbone> bf16 not available here: <why>` in their place (and `machine bf16`).
 
 Every figure is printed on its own line: `<scope> <figure> <value>`, e.g.
 `vgg16 limit_img_per_s 7.1`. Weights are random (`--weights none`): the speed is the same
