@@ -13,9 +13,17 @@ For each backbone, at its native size (or --image-size), on N generated photo-li
 3. keras: `keras.utils.image_dataset_from_directory` mapped through the backbone's
    `preprocess_input`, then `model.predict`, features kept in memory;
 
-then the ratios extract/limit and extract/keras, the bfloat16 speed-up and agreement
-(where the machine supports it), and the time to fit the heads on the cache. Finally the
-peak memory of `probe.features.extract` in a fresh process for two dataset sizes.
+then the ratios extract/limit and extract/keras, bfloat16 against float32 and the time to
+fit the heads on the cache. Finally the peak memory of `probe.features.extract` in a fresh
+process for two dataset sizes.
+
+bf16 against float32, per backbone, in the same run, where the CPU or GPU computes
+bfloat16: end to end on the runtime `--precision bf16` resolves to (`runtime_bf16`), over
+TensorFlow's float32 (`speedup_bf16`) and OpenVINO's, the default (`speedup_bf16_over_
+openvino_float32`); the model alone on TensorFlow's mixed_bfloat16 (`limit_speedup_bf16`)
+and, where bf16 resolves to OpenVINO, on its bf16 hint (`limit_openvino_bf16_over_*`); the
+features' agreement and the logistic head's accuracy on both. Elsewhere each backbone
+prints `<backbone> bf16 not available here: <why>` in their place (and `machine bf16`).
 
 Every figure is printed on its own line: `<scope> <figure> <value>`, e.g.
 `vgg16 limit_img_per_s 7.1`. Weights are random (`--weights none`): the speed is the same
@@ -134,7 +142,7 @@ def emit(scope: str, figure: str, value) -> None:
 
 
 def measure_model(spec, size: int, root: Path, batch_size: int, precision: str,
-                  openvino: bool = False) -> dict:
+                  openvino: bool = False, openvino_bf16: bool = False) -> dict:
     """The Keras model alone on preprocessed tensors in memory, unfolded and with its
     BatchNormalizations folded (`probe.features.fold`, what extraction runs), batch by batch in
     turns so that outside load hits both alike; each after one warm-up batch, so tracing
@@ -144,7 +152,9 @@ def measure_model(spec, size: int, root: Path, batch_size: int, precision: str,
     unfolded model converted to OpenVINO (`probe.features.runtime`: written from its layers,
     BatchNormalizations folded, wide 3x3 convolutions as Winograd ones) runs in the same
     turns, and so does the same graph with plain convolutions; the time the traced
-    conversion would take is measured for comparison."""
+    conversion would take is measured for comparison. With `openvino_bf16` (precision bf16),
+    the float32 model converted to OpenVINO and compiled with the bf16 hint (what
+    `--precision bf16` runs where it resolves to OpenVINO) runs in the same turns."""
     from probe.features import fold
     from probe.features.extract import build_model
 
@@ -182,6 +192,16 @@ def measure_model(spec, size: int, root: Path, batch_size: int, precision: str,
                 runtime.compile_for_cpu(runtime.convert(unfolded, size)))
         finally:
             del os.environ[openvino_graph.WINOGRAD_ENV]
+    if openvino_bf16:
+        from probe.features import runtime
+
+        os.environ[fold.FOLD_ENV] = "0"
+        try:  # OpenVINO converts the float32 Keras model; the hint makes it compute bf16
+            float32_model = build_model(spec, "none", size, "avg", 0, "float32")
+        finally:
+            del os.environ[fold.FOLD_ENV]
+        models["openvino_bf16"] = runtime.OpenVINOBackbone(
+            runtime.compile_for_cpu(runtime.convert(float32_model, size), "bf16"))
     first_call, seconds, outputs = {}, {k: 0.0 for k in models}, {k: [] for k in models}
     for key, model in models.items():
         started = time.perf_counter()
@@ -212,6 +232,8 @@ def measure_model(spec, size: int, root: Path, batch_size: int, precision: str,
                         "convert_s": convert_seconds, "convert_traced_s": traced_seconds,
                         "trace_openvino_s": first_call["openvino"] - per_batch["openvino"],
                         "openvino_max_rel_diff": max_rel_diff("openvino")})
+    if openvino_bf16:
+        results["openvino_bf16"] = len(inputs) / seconds["openvino_bf16"]
     return results
 
 
@@ -483,6 +505,22 @@ def emit_openvino(name: str, rate: dict, model: dict, model_figures: dict,
     emit(name, "extract_openvino_at_2000_over_limit_unfolded", first_run / model["unfolded"])
 
 
+def emit_bf16(name: str, tag: str, runtime: str, rate: dict, model: dict, fp32: dict) -> None:
+    """bf16 against float32, end to end (bf16 where `--precision bf16` resolves, against
+    TensorFlow's float32 and, where measured, OpenVINO's, the default) and the model alone
+    (TensorFlow's mixed_bfloat16 and, where bf16 resolves to it, OpenVINO's bf16 hint)."""
+    emit(name, f"runtime{tag}", runtime)
+    emit(name, f"speedup{tag}", rate["extract"] / fp32["extract"])
+    if "extract_ov" in fp32:
+        emit(name, f"speedup{tag}_over_openvino_float32", rate["extract"] / fp32["extract_ov"])
+    emit(name, f"limit_speedup{tag}", rate["limit"] / fp32["limit"])
+    if "openvino_bf16" in model:
+        emit(name, f"limit_openvino{tag}_img_per_s", model["openvino_bf16"])
+        emit(name, f"limit_openvino{tag}_over_tensorflow_float32", model["openvino_bf16"] / fp32["limit"])
+        if "limit_ov" in fp32:
+            emit(name, f"limit_openvino{tag}_over_openvino_float32", model["openvino_bf16"] / fp32["limit_ov"])
+
+
 def machine() -> str:
     """The CPU's model name and cores."""
     from probe.device import cpu_name
@@ -581,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     from probe.features import runtime
 
     openvino = device.openvino_installed() and not args.no_openvino
-    if "bf16" in precisions and bf16_reason is not None:
+    bf16_refused = "bf16" in precisions and bf16_reason is not None
+    if bf16_refused:
         precisions.remove("bf16")
     import keras
 
@@ -613,15 +652,20 @@ def main(argv: list[str] | None = None) -> int:
                                                "startup_ov": [], "startup_ov_saved": [],
                                                "keras_steady": [], "keras_startup": []}
             with_ov = openvino and precision == "float32"
+            # bf16 end to end runs where `--precision bf16` resolves (OpenVINO's bf16 hint or
+            # TensorFlow's mixed_bfloat16); the model alone on TensorFlow's mixed_bfloat16, and
+            # on OpenVINO's bf16 hint too where bf16 resolves to it
+            runtime = "tensorflow" if precision == "float32" else device.resolve("auto", precision, name)
             model_figures: dict[str, list[float]] = {}
             for _ in range(args.repeats):
-                measured = measure_model(spec, size, root, args.batch_size, precision, with_ov)
+                measured = measure_model(spec, size, root, args.batch_size, precision, with_ov,
+                                         openvino_bf16=runtime == "openvino")
                 for key, value in measured.items():
                     model_figures.setdefault(key, []).append(value)
                 figures["limit"].append(measured["folded"])
                 seconds, steady, startup, caches[precision] = measure_extract(
                     name, size, root, work / f"cache-{name}-{precision}", args.batch_size,
-                    precision, "tensorflow")
+                    precision, runtime)
                 figures["extract"].append(args.n / seconds)
                 figures["steady"].append(steady)
                 figures["startup"].append(startup)
@@ -688,8 +732,7 @@ def main(argv: list[str] | None = None) -> int:
                 emit(name, "extract_s", extract_seconds)
                 fit_heads(caches["float32"], name, extract_seconds, work / "runs", heads)
             else:
-                emit(name, f"speedup{tag}", rate["extract"] / figures_fp32["extract"])
-                emit(name, f"limit_speedup{tag}", rate["limit"] / figures_fp32["limit"])
+                emit_bf16(name, tag, runtime, rate, model, figures_fp32)
                 emit(name, f"decode_cores_to_feed_limit{tag}",
                      rate["limit"] * decode_ms / 1e3)
                 paths_a, a = all_features(caches["float32"])
@@ -701,6 +744,8 @@ def main(argv: list[str] | None = None) -> int:
                 emit(name, f"logreg_test_accuracy{tag}", logreg_accuracy(caches[precision]))
             if precision == "float32":
                 figures_fp32 = rate
+                if bf16_refused:  # said per backbone, where its bf16 figures would be
+                    emit(name, "bf16", f"not available here: {bf16_reason}")
 
     sizes = [int(s) for s in args.memory_sizes.split(",") if s.strip()]
     peaks = []

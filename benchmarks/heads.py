@@ -29,12 +29,26 @@ Every figure is printed on its own line, `<scope> <figure> <value>`; times are t
     PYTHONPATH=. python benchmarks/heads.py
     PYTHONPATH=. python benchmarks/heads.py --quick
     PYTHONPATH=. python benchmarks/heads.py --only curve --repeat 1
+
+`--only fit_vs_extract` times `probe fit --head logreg` against `probe extract` of the same
+cache, each as a user runs it (a whole `probe` process: wall-clock and CPU seconds, the CPU
+seconds being what counts on a machine shared with other jobs): resnet50, random weights,
+`--photos` generated JPEGs (those of `extract.py`) at 224 px. The fit runs on this tree's
+code, on `--baseline` (another checkout, e.g. main's, read only) in the same run, and on
+this tree with the report's 2-D map computed by a randomized SVD (`RANDOMIZED_PCA`: the
+change recommended for `probe/html.py`, which takes most of the fit's time); then where the
+time of one in-process `probe.fit` goes (`stage_*` CPU seconds):
+
+    PYTHONPATH=. python benchmarks/heads.py --only fit_vs_extract --photos 1200 \
+        --baseline /path/to/main --workdir /tmp/fit-vs-extract
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
+import subprocess
 import sys
 import time
 import warnings
@@ -162,13 +176,137 @@ def curve_figure() -> None:
         print(f"curve {name}_accuracy_all_shots {mean:.4f}")
 
 
+# `python -c` code: `probe` with the report's 2-D map taken from a randomized SVD of the
+# centred features (2 components, seeded) instead of numpy's full SVD. The axes agree with
+# the exact ones (|cosine| 1.0000 on the resnet50 cache of RESULTS.md), signs fixed as there.
+RANDOMIZED_PCA_FUNCTION = """
+import numpy as np
+
+
+def pca_2d(X):
+    from sklearn.utils.extmath import randomized_svd
+
+    centred = X - X.mean(axis=0)
+    if min(centred.shape) <= 50:  # small: the exact SVD costs nothing
+        axes = np.linalg.svd(centred, full_matrices=False)[2][:2]
+    else:
+        axes = randomized_svd(centred, 2, random_state=0)[2]
+    axes = axes * np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(axis=1)])[:, None]
+    coords = centred @ axes.T
+    return np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
+"""
+RANDOMIZED_PCA = RANDOMIZED_PCA_FUNCTION + """
+import sys
+import probe.html
+
+probe.html.pca_2d = pca_2d
+from probe.cli import main
+
+sys.argv[0] = "probe"
+main()
+"""
+
+
+def run_probe(code_root: Path, args: list[str], env: dict, python_code: str | None = None) -> tuple[float, float]:
+    """Wall-clock and CPU seconds (user + system, the child's) of one `probe` process run
+    from `code_root`."""
+    env = dict(env, PYTHONPATH=str(code_root))
+    command = [sys.executable] + (["-c", python_code] if python_code else ["-m", "probe.cli"]) + args
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=code_root)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result.returncode != 0:
+        raise RuntimeError(f"probe {' '.join(args)} failed: {result.stderr[-2000:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def fit_stages(cache_path: Path, runs_dir: Path) -> dict[str, float]:
+    """CPU seconds of the parts of one in-process `probe.fit` (logreg) on this tree."""
+    from probe import html, report, runs
+
+    stages: dict[str, float] = {}
+
+    def timed(module, name: str) -> None:
+        function = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            started = time.process_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                stages[name] = stages.get(name, 0.0) + time.process_time() - started
+        setattr(module, name, wrapper)
+
+    for module, name in ((runs, "train_head"), (report, "plot_curves"), (runs, "save_run"),
+                         (html, "pca_2d"), (html, "after_fit")):
+        timed(module, name)
+    import probe
+
+    cache = probe.list_caches(cache_path.parent)[0]
+    started = time.process_time()
+    runs.fit(cache, "logreg", runs_dir=runs_dir)
+    stages["fit"] = time.process_time() - started
+    return stages
+
+
+def fit_vs_extract(photos: int, baseline: Path | None, workdir: Path | None, repeat: int) -> None:
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import extract as bench
+
+    work = workdir or Path(tempfile.mkdtemp(prefix="probe-fit-vs-extract-"))
+    work.mkdir(parents=True, exist_ok=True)
+    root = bench.make_dataset(work / f"photos-{photos}", photos)
+    cache_dir, runs_dir = work / "cache", work / "runs"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PROBE_CACHE_DIR=str(cache_dir))
+    from probe.device import cpu_name
+
+    print(f"machine cpu {cpu_name()}, {os.cpu_count()} cores")
+    print(f"fit_vs_extract load_average_1min_before {os.getloadavg()[0]:.2f}")
+    import shutil
+
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    extract_wall, extract_cpu = run_probe(ROOT, ["extract", "--backbone", "resnet50", "--weights",
+                                                 "none", "--image-size", "224", str(root)], env)
+    cache = next(cache_dir.glob("*.h5"))
+    print(f"fit_vs_extract extract_{photos}_resnet50_224_wall_s {extract_wall:.1f}")
+    print(f"fit_vs_extract extract_{photos}_resnet50_224_cpu_s {extract_cpu:.1f}")
+    fit_args = ["fit", "--head", "logreg", "--cache", str(cache), "--runs-dir", str(runs_dir)]
+    variants = [("this_tree", ROOT, None), ("this_tree_randomized_pca", ROOT, RANDOMIZED_PCA)]
+    if baseline is not None:
+        variants.insert(0, ("baseline", baseline, None))
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in variants}
+    for _ in range(repeat):  # in turns, so that outside load hits every variant alike
+        for name, code_root, code in variants:
+            times[name].append(run_probe(code_root, fit_args, env, code))
+    for name, _, _ in variants:
+        wall, cpu = min(t[0] for t in times[name]), min(t[1] for t in times[name])
+        print(f"fit_vs_extract fit_{name}_wall_s {wall:.2f}")
+        print(f"fit_vs_extract fit_{name}_cpu_s {cpu:.2f}")
+        print(f"fit_vs_extract extract_over_fit_{name}_wall {extract_wall / wall:.1f}")
+        print(f"fit_vs_extract extract_over_fit_{name}_cpu {extract_cpu / cpu:.1f}")
+    for stage, seconds in fit_stages(cache, runs_dir).items():
+        print(f"fit_vs_extract stage_{stage}_cpu_s {seconds:.2f}")
+    print(f"fit_vs_extract load_average_1min_after {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs per timing (best kept)")
     parser.add_argument("--quick", action="store_true", help="small knn bank, no curve")
-    parser.add_argument("--only", choices=("logistic", "knn", "curve"), default=None,
-                        help="one group of figures")
+    parser.add_argument("--only", choices=("logistic", "knn", "curve", "fit_vs_extract"),
+                        default=None, help="one group of figures")
+    parser.add_argument("--photos", type=int, default=1200, help="fit_vs_extract: images")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="fit_vs_extract: a checkout of the code to compare against")
+    parser.add_argument("--workdir", type=Path, default=None, help="fit_vs_extract: work folder")
     args = parser.parse_args()
+    if args.only == "fit_vs_extract":
+        fit_vs_extract(args.photos, args.baseline, args.workdir, args.repeat)
+        return
     if args.only in (None, "logistic"):
         logistic_figures("digits", digits(), args.repeat)
         logistic_figures("blobs", blobs(), args.repeat)

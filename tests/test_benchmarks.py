@@ -10,6 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"^(\w+) (\w+) (\S.*)$")
 
@@ -84,10 +87,15 @@ def test_extract_benchmark_prints_consistent_figures(tmp_path):
     assert number(figures, "machine load_average_1min") >= 0
     if figures["machine bf16"] == "supported":
         assert number(figures, f"{scope} speedup_bf16") > 0
+        assert number(figures, f"{scope} limit_speedup_bf16") > 0
+        assert figures[f"{scope} runtime_bf16"] in ("openvino", "tensorflow")
         assert 0.9 < number(figures, f"{scope} cosine_bf16_vs_float32") <= 1.0 + 1e-6
     else:
         assert figures["machine bf16"].startswith("unsupported: ")
         assert f"{scope} speedup_bf16" not in figures
+        # said again where the backbone's bf16 figures would be, with the reason
+        reason = figures["machine bf16"].removeprefix("unsupported: ")
+        assert figures[f"{scope} bf16"] == f"not available here: {reason}"
     assert len(list((tmp_path / "photos-15").glob("*/*.jpg"))) == 15
     if importlib.util.find_spec("openvino") is not None:  # the OpenVINO runtime's lines
         openvino = {key: number(figures, f"{scope} {key}") for key in (
@@ -149,3 +157,64 @@ def test_ceiling_benchmark_counts_the_convolutions_work_and_what_the_goal_needs(
     assert close(value["resnet50 needed_over_openvino_plain"], 1.3 * recipe / plain)
     assert close(value["resnet50 needed_over_matmul"],
                  1.3 * recipe * gflop / value["machine matmul_gflop_per_s"])
+
+
+@pytest.mark.slow
+def test_bf16_accuracy_benchmark_prints_both_accuracies_and_their_difference():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bf16_accuracy.py"), "--backbones", "vgg16",
+         "--n", "100", "--image-size", "32", "--batch-size", "50"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [LINE.match(line) for line in result.stdout.splitlines()]
+    assert all(lines), result.stdout
+    figures = {f"{m[1]} {m[2]}": m[3] for m in lines}
+    assert figures["vgg16 bf16_path"].startswith(("TensorFlow mixed_bfloat16", "--precision bf16"))
+    assert int(figures["vgg16 test_images"]) == 15  # 15% of 100, stratified
+    worst = 0.0
+    for head in ("logreg", "knn"):
+        fp32, bf16 = (float(figures[f"vgg16 {head}_accuracy_{p}"]) for p in ("float32", "bf16"))
+        assert 0 < fp32 <= 1 and 0 < bf16 <= 1
+        assert abs(float(figures[f"vgg16 {head}_diff_points"]) - 100 * (bf16 - fp32)) < 0.01
+        assert 0 <= float(figures[f"vgg16 {head}_same_predictions"]) <= 1
+        worst = max(worst, abs(100 * (bf16 - fp32)))
+    assert abs(float(figures["all largest_abs_diff_points"]) - worst) < 0.01
+    assert 0 < float(figures["vgg16 bf16_max_rel_diff"]) < 0.1  # bfloat16 rounding, not equality
+
+
+def test_bf16_accuracy_digits_are_upscaled_rgb_and_split_once():
+    spec = importlib.util.spec_from_file_location("bf16_accuracy", ROOT / "benchmarks" / "bf16_accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pixels, y = module.digits_images(20, 32)
+    assert pixels.shape == (20, 32, 32, 3) and y.shape == (20,)
+    from sklearn.datasets import load_digits
+
+    first = load_digits().images[0] * (255 / 16)
+    # nearest neighbour: every 4x4 block is one source pixel, the same in each channel
+    assert np.allclose(pixels[0, ::4, ::4, 0], first) and np.allclose(pixels[0, 3::4, 3::4, 2], first)
+    parts = module.split(np.arange(100) % 10)
+    together = np.concatenate(list(parts.values()))
+    assert sorted(together.tolist()) == list(range(100))
+    assert [len(parts[k]) for k in ("train", "val", "test")] == [70, 15, 15]
+    assert parts["test"].tolist() == module.split(np.arange(100) % 10)["test"].tolist()
+
+
+def test_the_recommended_randomized_map_gives_the_reports_coordinates():
+    """benchmarks/heads.py times `probe fit` with the report's 2-D map from a randomized
+    SVD: it must draw the map `probe.html.pca_2d` draws."""
+    spec = importlib.util.spec_from_file_location("heads_benchmark", ROOT / "benchmarks" / "heads.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    namespace: dict = {}
+    exec(module.RANDOMIZED_PCA_FUNCTION, namespace)
+    from probe.html import pca_2d
+
+    rng = np.random.default_rng(0)
+    # pooled-CNN-like: non-negative, correlated, two dominant directions
+    X = np.maximum(rng.normal(size=(300, 3)) * [5, 3, 1] @ rng.normal(size=(3, 400))
+                   + rng.normal(size=(300, 400)), 0).astype(np.float32)
+    exact, randomized = pca_2d(X), namespace["pca_2d"](X)
+    assert randomized.shape == exact.shape == (300, 2)
+    assert np.allclose(randomized, exact, atol=1e-3 * np.abs(exact).max())
