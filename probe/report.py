@@ -15,12 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from probe import calibration
 from probe.errors import ProbeError
 from probe.evaluate import compute_metrics
 
 __all__ = ["compute_metrics", "format_interval", "format_table", "plot_confusion_matrix",
            "plot_precision_recall",
-           "plot_curves", "printable"]
+           "plot_curves", "plot_reliability", "printable"]
 
 
 def printable(name: str) -> str:
@@ -220,3 +221,41 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     out = [line([str(c) for c in columns]), "  ".join("-" * w for w in widths)]
     out.extend(line([text for text, _ in r]) for r in cells)
     return "\n".join(out)
+
+
+def plot_reliability(calibrated: tuple[Any, Any], path: str | os.PathLike,
+                     before: tuple[Any, Any] | None = None, temperature: float = 1.0,
+                     title: str = "Reliability", bins: int = 15) -> Path:
+    """Write a reliability diagram: per confidence bin (`calibration.reliability_table`),
+    the accuracy against the mean confidence of the probabilities a run reports
+    (`calibrated`: each prediction's confidence and whether it is right), with the
+    diagonal of perfect calibration; `before` (the head's own probabilities) is drawn
+    too when a temperature changed them. Below, how many predictions fall in each bin.
+    The legend gives each one's expected calibration error."""
+    fig = _new_figure(5.5, 6.0)
+    top = fig.add_axes((0.12, 0.36, 0.84, 0.56))
+    bottom = fig.add_axes((0.12, 0.08, 0.84, 0.2), sharex=top)
+    top.plot([0, 1], [0, 1], linestyle="--", color="#7f7f7f", label="perfect calibration")
+    series = [("after temperature" if temperature != 1 else "reported", calibrated, "#1f77b4")]
+    if before is not None and temperature != 1:
+        series.append(("before (the head's own)", before, "#ff7f0e"))
+    for label, (confidence, correct), colour in reversed(series):
+        table = calibration.reliability_table(confidence, correct, bins)
+        index, contribution = calibration.bin_contributions(confidence, correct, bins)
+        ece = float(np.abs(np.bincount(index, weights=contribution, minlength=bins)).sum()
+                    / max(index.size, 1))
+        name = f"{label}: ECE {ece:.4f}" + (f", T = {temperature:.3g}"
+                                             if label == "after temperature" else "")
+        top.plot([r["confidence"] for r in table], [r["accuracy"] for r in table],
+                 marker="o", color=colour, label=name)
+        bottom.bar([(r["low"] + r["high"]) / 2 for r in table], [r["count"] for r in table],
+                   width=1 / bins, color=colour, alpha=0.5, edgecolor="white")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1.02)
+    top.set_ylabel("Accuracy in the bin")
+    top.set_title(title)
+    top.legend(loc="upper left", fontsize="small")
+    top.grid(alpha=0.3)
+    bottom.set_xlabel("Confidence (the predicted probability)")
+    bottom.set_ylabel("Predictions")
+    return _save(fig, path)
