@@ -69,7 +69,8 @@ def test_a_fresh_run_lists_every_file_it_wrote(fitted):
     written = {p.relative_to(run.path).as_posix() for p in run.path.rglob("*")
                if p.is_file() and p.name != run_files.MANIFEST}
     assert set(manifest["files"]) == written
-    assert {"config.json", "metrics.json", "head/head.npz", "head/head.json"} <= written
+    assert {"config.json", "metrics.json", "head/head.npz", "head/head.json",
+            "reliability.png"} <= written
     entry = manifest["files"]["head/head.npz"]
     assert entry["size"] == (run.path / "head" / "head.npz").stat().st_size
     assert entry["sha256"] == files.file_sha256(run.path / "head" / "head.npz")
@@ -161,9 +162,12 @@ def _set(data, key, value):
     ("metrics.json", "per_class", [{"precision": 1.0}], "expected an object at 'per_class', received a list"),
     ("metrics.json", "skipped_files", "none", "expected a list at 'skipped_files', received a string"),
     ("metrics.json", "split", ["test"], "expected a string at 'split', received a list"),
+    ("config.json", "temperature", -2.0, "expected a finite number > 0 at 'temperature', received a number"),
+    ("metrics.json", "expected_calibration_error", "0.1",
+     "expected a number or null at 'expected_calibration_error', received a string"),
 ], ids=["config-list", "metrics-string", "classes-string", "head-params-list",
         "dataset-root-object", "image-size-string", "accuracy-list", "per-class-list",
-        "skipped-files-string", "split-list"])
+        "skipped-files-string", "split-list", "temperature-negative", "ece-string"])
 def test_a_run_file_of_the_wrong_json_shape_is_one_line(fitted, run_copy, name, key, value,
                                                         expected):
     """The manifest is written again after the edit: this is the second line of defence."""
