@@ -103,6 +103,14 @@ def test_the_cli_refuses_an_edited_run_in_one_line(fitted, run_copy, tmp_path, c
     assert "run file 'head/head.npz'" in result.output and "`probe fit --cache" in result.output
 
 
+def _unlist(run_dir: Path, name: str) -> None:
+    """The manifest without the entry of `name`, as if the file were added afterwards."""
+    path = run_dir / run_files.MANIFEST
+    manifest = json.loads(path.read_text())
+    del manifest["files"][name]
+    path.write_text(json.dumps(manifest))
+
+
 @pytest.mark.parametrize("edit, expected", [
     (lambda d: (d / "test_predictions.csv").unlink(),
      "run file 'test_predictions.csv' of run '{run}' is missing"),
@@ -111,8 +119,9 @@ def test_the_cli_refuses_an_edited_run_in_one_line(fitted, run_copy, tmp_path, c
     (lambda d: (d / run_files.MANIFEST).write_text('{"files": [1]'), "run file 'manifest.json' of run '{run}' is damaged"),
     (lambda d: (d / "model.keras").write_bytes(b"PK"), "run file 'model.keras' of run '{run}' is not in its manifest.json"),
     (lambda d: (d / "head" / "extra.npy").write_bytes(b"x"), "run file 'head/extra.npy' of run '{run}' is not in"),
+    (lambda d: _unlist(d, "reliability.png"), "run file 'reliability.png' of run '{run}' is not in"),
 ], ids=["deleted-predictions", "deleted-head-json", "no-manifest", "damaged-manifest",
-        "added-model", "added-head-file"])
+        "added-model", "added-head-file", "unlisted-reliability"])
 def test_a_deleted_added_or_unlisted_file_is_refused(fitted, run_copy, tmp_path, edit, expected):
     _, images = fitted
     edit(run_copy)
