@@ -23,8 +23,8 @@ def _row(top: int, confidence: float, K: int = 10) -> list[float]:
 
 def test_ece_by_hand_with_a_confidence_of_one_and_one_on_a_bin_edge():
     rows = [  # (true class, predicted class, confidence) -> its bin of [i/15, (i+1)/15)
-        (0, 0, 1.0),     # right; 1.0 is in the last bin (14), closed
-        (0, 5, 0.95),    # wrong; bin 14 = [14/15, 1]
+        (1, 0, 1.0),     # wrong; 1.0 is in the last bin (14), closed
+        (5, 5, 0.95),    # right; bin 14 = [14/15, 1]
         (3, 3, 2 / 15),  # right; exactly on the edge 2/15: bin 2, not 1
         (1, 2, 0.15),    # wrong; bin 2 = [2/15, 3/15)
         (2, 1, 0.5),     # wrong; bin 7 = [7/15, 8/15)
