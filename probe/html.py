@@ -376,7 +376,7 @@ def _calibration_text(metrics: dict) -> str:
     T = metrics.get("temperature", 1.0)
     after, before = (metrics.get("expected_calibration_error"),
                      metrics.get("expected_calibration_error_uncalibrated"))
-    text = (f"Calibration: temperature T = {_fmt(T)}; expected calibration error "
+    text = (f"Calibration: temperature T = {T:.3g}; expected calibration error "
             f"{_fmt(before)} before, {_fmt(after)} after (15 confidence bins; 0 is perfectly "
             "calibrated)." if _is_number(T) and T != 1 and before is not None else
             f"Calibration: expected calibration error {_fmt(after)} (15 confidence bins; 0 is "
