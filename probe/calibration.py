@@ -171,18 +171,22 @@ def fit_temperature(y_val: Any, proba_val: Any) -> float:
 
 @dataclass(frozen=True)
 class Temperature:
-    """The temperature a run applies (1.0: none) and, where validation could not choose
-    one, why (`note`)."""
+    """The temperature a run applies (1.0: none), where validation could not choose one,
+    why (`note`), and which predictions it was fitted on (`source`)."""
 
     value: float = 1.0
     note: str | None = None
+    source: str | None = None
 
     def apply(self, proba: Any) -> np.ndarray:
         return apply_temperature(proba, self.value)
 
     def record(self) -> dict:
-        """What metrics.json and config.json record: `temperature`, and `temperature_note`."""
-        return {"temperature": self.value, **({"temperature_note": self.note} if self.note else {})}
+        """What metrics.json records: `temperature`, `temperature_note` and
+        `temperature_from` (the last two where there is something to say)."""
+        return {"temperature": self.value,
+                **({"temperature_note": self.note} if self.note else {}),
+                **({"temperature_from": self.source} if self.source else {})}
 
 
 def choose_temperature(y_val: Any, proba_val: Any | None, where: str = "validation") -> Temperature:

@@ -323,7 +323,8 @@ def _save(job: _Job, runs: Path, before: dict, history: dict, best: dict, baseli
     # multi-label: chosen again on val, which also chose the epoch
     thresholds = task.choose_thresholds(job.splits["val"][1], val_proba, job.ignore("val"))
     # the temperature: on val too, which the model was early-stopped on but never fit on
-    temperature = task_temperature(task, job.splits["val"][1], val_proba)
+    temperature = task_temperature(task, job.splits["val"][1], val_proba,
+                                   "the validation predictions of the fine-tuned model")
     proba = temperature.apply(raw)
     after = _score(job, job.evaluation, proba, thresholds)
     headline, interval = task.headline, f"{task.score}_ci"

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -106,7 +106,7 @@ def fit(
     stream = check_features_fit_in_memory(chosen, streams=model.streams_features, views=views)
     views = views and not stream  # views are read into memory; a streamed fit goes without
     fit_seconds = train_head(model, chosen, roles, stream, views)
-    temperature, calibrated_by = validation_temperature(model, chosen, roles, task, stream, views)
+    temperature = validation_temperature(model, chosen, roles, task, stream, views)
     reported = read_split(chosen, roles.report, stream)
     raw = model.predict_proba(reported.features)
     proba = temperature.apply(raw)  # what the run reports, predict and export give
@@ -116,7 +116,7 @@ def fit(
                **task.metrics(reported.labels, proba, chosen.classes, thresholds,
                               ignore=reported.ignore),
                **uncalibrated_error(task, reported.labels, raw, reported.ignore),
-               **temperature.record(), "temperature_from": calibrated_by,
+               **temperature.record(),
                "fit_seconds": round(fit_seconds, 3),
                "skipped_files": [{"path": p, "reason": r} for p, r in chosen.skipped],
                "chosen": settings_chosen, **settings_chosen}
@@ -184,14 +184,14 @@ class SplitRoles:
 
 
 def validation_temperature(model: Any, cache: FeatureCache, roles: SplitRoles, task: Task,
-                           stream: bool = False, views: bool = True) -> tuple[calibration.Temperature, str | None]:
-    """The temperature of a fitted single-label head (`calibration.choose_temperature`)
-    and where it comes from. It is fitted on the validation predictions of a head that
-    never trained on val: `model` itself when it was fit on train only, otherwise (refit
-    on train + val) a clone of it fit on train only, selecting on val exactly as `model`
-    did before its refit. T = 1 with a note for multi-label runs and without val."""
+                           stream: bool = False, views: bool = True) -> calibration.Temperature:
+    """The temperature of a fitted single-label head (`calibration.choose_temperature`).
+    It is fitted on the validation predictions of a head that never trained on val:
+    `model` itself when it was fit on train only, otherwise (refit on train + val) a
+    clone of it fit on train only, selecting on val exactly as `model` did before its
+    refit. T = 1 with a note for multi-label runs and without val."""
     if task.multilabel or roles.select is None:
-        return task_temperature(task, None, None), None
+        return task_temperature(task, None, None)
     val = read_split(cache, roles.select, stream)
     source, where = model, "the validation predictions of the scored head (fit on train only)"
     if model.get_params().get("refit"):
@@ -201,15 +201,15 @@ def validation_temperature(model: Any, cache: FeatureCache, roles: SplitRoles, t
         train_head(source, cache, roles, stream, views)
         where = ("the validation predictions of the head fit on train only (the scored head "
                  "was refit on train + val)")
-    temperature = task_temperature(task, val.labels, lambda: source.predict_proba(val.features))
-    return temperature, where if temperature.value != 1 else None
+    return task_temperature(task, val.labels, lambda: source.predict_proba(val.features), where)
 
 
-def task_temperature(task: Task, y_val: Any,
-                     proba_val: Callable[[], np.ndarray] | None) -> calibration.Temperature:
+def task_temperature(task: Task, y_val: Any, proba_val: Callable[[], np.ndarray] | None,
+                     source: str | None = None) -> calibration.Temperature:
     """The temperature fitted on validation labels and the probabilities `proba_val()`
     gives, from a model that never trained on them (`calibration.choose_temperature`;
-    None: no validation split). Multi-label: T = 1, with the reason."""
+    None: no validation split), recorded as fitted on `source` where it is not 1.
+    Multi-label: T = 1, with the reason."""
     if task.multilabel:
         return calibration.Temperature(note=(
             "multi-label: not temperature-scaled (each class's decision threshold was chosen "
@@ -217,7 +217,8 @@ def task_temperature(task: Task, y_val: Any,
             "class) entries, each a prediction at 0.5"))
     if proba_val is None:
         return calibration.choose_temperature(None, None)
-    return calibration.choose_temperature(y_val, proba_val())
+    temperature = calibration.choose_temperature(y_val, proba_val())
+    return replace(temperature, source=source) if temperature.value != 1 else temperature
 
 
 def uncalibrated_error(task: Task, labels: Any, raw: np.ndarray, ignore: Any = None,
