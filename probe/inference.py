@@ -214,7 +214,9 @@ def predict(
 ) -> list[Prediction]:
     """Predict the class of every image under `inputs` with a run's model (multi-label:
     `Prediction.labels`, the classes whose probability reaches the threshold recorded in
-    the run, and every probability). A file that can not be decoded gets a row with the reason; the others are still predicted. `output`
+    the run, and every probability). The probabilities are the run's reported ones: the
+    head's divided by the run's temperature (`Run.temperature`, `probe.calibration`).
+    A file that can not be decoded gets a row with the reason; the others are still predicted. `output`
     is checked for writing before any work.
 
     >>> probe.predict(".probe/runs/20260101-120000-vgg16-logreg", ["new_photos/"])
@@ -283,7 +285,8 @@ def write_predictions(results: list[Prediction], classes: list[str], output: str
 def export(run: str | os.PathLike | Run, out: str | os.PathLike) -> Path:
     """Write one Keras model: RGB image in (0-255, the run's input size), probabilities out
     (multi-label: one sigmoid probability per class; the decision thresholds are in the
-    run's config.json, `Run.thresholds`).
+    run's config.json, `Run.thresholds`). The run's temperature (`Run.temperature`) is
+    part of the model (`with_temperature`), so it gives what `predict` gives.
 
     >>> probe.export(".probe/runs/20260101-120000-vgg16-logreg", "cats_dogs.keras")
     """

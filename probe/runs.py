@@ -89,6 +89,8 @@ def fit(
     writes report.html (probe.html); cross-split duplicates in the cache add a warning to
     `Run.notes`. When the cache holds augmented views (`probe.extract(..., augment=K)`)
     the head trains on them too, unless `views=False`; `config["views"]` records which.
+    Calibration: see `validation_temperature` (the temperature, applied to what the run,
+    predict and export give) and `probe.calibration` (`expected_calibration_error`).
 
     >>> run = probe.fit(head="logreg")
     >>> run.metrics["accuracy"], run.metrics["accuracy_ci"], run.path
@@ -132,6 +134,7 @@ def fit(
         write_reliability(directory, task, reported.labels, raw, proba, metrics, reported.ignore)
 
     directory = save_run(runs, (chosen.backbone, head), write)
+    notes += temperature_notes(metrics)
     if stream:
         notes.append("the features are larger than the memory available: the head read them "
                      "in chunks; the duplicate check and report.html, which need them all in "
@@ -189,7 +192,12 @@ def validation_temperature(model: Any, cache: FeatureCache, roles: SplitRoles, t
     It is fitted on the validation predictions of a head that never trained on val:
     `model` itself when it was fit on train only, otherwise (refit on train + val) a
     clone of it fit on train only, selecting on val exactly as `model` did before its
-    refit. T = 1 with a note for multi-label runs and without val."""
+    refit. T = 1 with a note for multi-label runs and without val.
+
+    `fit` applies it to every probability the run reports (test_predictions.csv, the
+    metrics), and records it in config.json (`temperature`, which `probe.predict` and
+    `probe.export` apply) and metrics.json (`temperature`, `temperature_note`,
+    `temperature_from`, beside `expected_calibration_error_uncalibrated`)."""
     if task.multilabel or roles.select is None:
         return task_temperature(task, None, None)
     val = read_split(cache, roles.select, stream)
@@ -244,6 +252,17 @@ def write_reliability(directory: Path, task: Task, labels: Any, raw: np.ndarray,
     report.plot_reliability(after, directory / RELIABILITY_FIGURE, before=before,
                             temperature=metrics.get("temperature", 1.0),
                             title=f"Reliability ({role})")
+
+
+def temperature_notes(metrics: dict) -> list[str]:
+    """A line when the reported probabilities are the head's own divided by a temperature:
+    T and the calibration error before and after."""
+    T = metrics.get("temperature", 1.0)
+    if T == 1 or "expected_calibration_error_uncalibrated" not in metrics:
+        return []
+    return [f"probabilities temperature-scaled (T = {T:.3g}, fitted on validation): expected "
+            f"calibration error {metrics['expected_calibration_error_uncalibrated']:.4f} before, "
+            f"{metrics['expected_calibration_error']:.4f} after; predict and export apply it too"]
 
 
 def source_notes(cache: FeatureCache, strict: bool) -> list[str]:
@@ -427,7 +446,7 @@ def write_run_files(directory: Path, config: dict, metrics: dict, history: Any) 
 
 
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "mean_average_precision", "micro_f1", "macro_f1",
-                "exact_match_accuracy", "log_loss", "top5_accuracy")
+                "exact_match_accuracy", "log_loss", "top5_accuracy", "expected_calibration_error")
 CI_COLUMN = "95% interval"
 
 

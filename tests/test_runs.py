@@ -232,3 +232,14 @@ def test_without_validation_or_multi_label_the_temperature_is_one_and_says_why()
     assert "no validation split" in task_temperature(SINGLE_LABEL, None, None).note
     multi = task_temperature(MULTI_LABEL, np.ones((20, 2)), lambda: np.full((20, 2), 0.5))
     assert multi.value == 1.0 and "multi-label" in multi.note
+
+
+def test_a_temperature_other_than_one_is_a_note_with_the_ece_before_and_after():
+    from probe.runs import temperature_notes
+
+    metrics = {"temperature": 1.7, "expected_calibration_error": 0.041,
+               "expected_calibration_error_uncalibrated": 0.2}
+    assert temperature_notes(metrics) == [
+        "probabilities temperature-scaled (T = 1.7, fitted on validation): expected calibration "
+        "error 0.2000 before, 0.0410 after; predict and export apply it too"]
+    assert temperature_notes({**metrics, "temperature": 1.0}) == []
