@@ -208,6 +208,13 @@ def choose_temperature(y_val: Any, proba_val: Any | None, where: str = "validati
                                 "keeps growing as T falls and validation can not choose a "
                                 "temperature (T = 1)")
     T = fit_temperature(y, P)
-    bound = next((b for b in TEMPERATURE_BOUNDS if math.isclose(T, b, rel_tol=1e-3)), None)
-    note = (f"the fitted temperature is at the bound {bound:g} of the search" if bound else None)
+    low, high = TEMPERATURE_BOUNDS
+    note = None
+    if math.isclose(T, high, rel_tol=1e-3):
+        note = (f"the temperature is at the top of its range ({high:g}): on {where} the "
+                "head's confidence says next to nothing about being right (as with random "
+                "labels), so its probabilities are flattened towards equal")
+    elif math.isclose(T, low, rel_tol=1e-3):
+        note = (f"the temperature is at the bottom of its range ({low:g}): on {where} the "
+                "head is right far more often than its probabilities say")
     return Temperature(round(T, 6), note)

@@ -185,3 +185,12 @@ def test_nll_is_lowest_at_the_fitted_temperature():
 
     assert nll(T) <= min(nll(T * 0.9), nll(T * 1.1), nll(1.0)) + 1e-9
     assert math.isfinite(T) and calibration.TEMPERATURE_BOUNDS[0] <= T <= calibration.TEMPERATURE_BOUNDS[1]
+
+
+def test_a_temperature_at_the_top_of_its_range_says_the_confidence_means_nothing():
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 2, 100)
+    proba = np.tile([0.9, 0.1], (100, 1))  # sure of class 0 whatever the image
+    chosen = choose_temperature(y, proba)
+    assert chosen.value == pytest.approx(calibration.TEMPERATURE_BOUNDS[1], rel=1e-3)
+    assert "next to nothing" in chosen.note
