@@ -33,7 +33,8 @@ from probe.errors import DatasetError
 
 __all__ = ["expected_calibration_error", "fit_temperature", "apply_temperature", "Temperature",
            "choose_temperature", "reliability_table", "bin_contributions",
-           "multilabel_confidence", "BINS", "TEMPERATURE_BOUNDS", "MIN_VALIDATION_IMAGES"]
+           "multilabel_confidence", "top_label", "BINS", "TEMPERATURE_BOUNDS",
+           "MIN_VALIDATION_IMAGES", "SMALLEST"]
 
 BINS = 15
 TEMPERATURE_BOUNDS = (0.05, 20.0)
