@@ -29,12 +29,14 @@ from typing import Any
 
 import numpy as np
 
+from probe import calibration
 from probe.errors import DatasetError
 
 __all__ = ["compute_metrics", "wilson_interval", "bootstrap_intervals", "split_role",
            "SPLIT_ROLES", "CONFIDENCE", "BOOTSTRAP_RESAMPLES", "compute_multilabel_metrics",
            "average_precisions", "mean_average_precision", "weighted_average_precision",
-           "best_f1_thresholds", "percentile_interval"]
+           "best_f1_thresholds", "percentile_interval", "calibration_error",
+           "multilabel_calibration_error"]
 
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 1000
@@ -129,6 +131,65 @@ def bootstrap_intervals(y: np.ndarray, pred: np.ndarray, k: int, seed: int = 0,
     return intervals
 
 
+def _resampled_ece(bin_index: np.ndarray, contribution: np.ndarray, image: np.ndarray,
+                   n: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """The ECE of each of `resamples` bootstrap resamples of the `n` images (drawn as
+    `_resampled_confusions` draws them, so the same seed gives the same resamples):
+    the contributions of each image's predictions (`calibration.bin_contributions`; an
+    image has one, or one per class when multi-label) summed per bin, weighted by how
+    often the image was drawn."""
+    bins = calibration.BINS
+    per_image = np.zeros((n, bins))
+    np.add.at(per_image, (image, bin_index), contribution)
+    predictions = np.bincount(image, minlength=n).astype(np.float64)
+    rows = max(1, _BOOTSTRAP_CELLS // n)
+    values = []
+    for start in range(0, resamples, rows):
+        count = min(rows, resamples - start)
+        drawn = rng.integers(0, n, size=(count, n))
+        weights = np.bincount((drawn + np.arange(count)[:, None] * n).ravel(),
+                              minlength=count * n).reshape(count, n).astype(np.float64)
+        sums = weights @ per_image
+        values.append(np.abs(sums).sum(axis=1) / np.maximum(weights @ predictions, 1))
+    return np.concatenate(values)
+
+
+def _ece_with_interval(name: str, confidence: np.ndarray, correct: np.ndarray,
+                       image: np.ndarray, n: int, seed: int, resamples: int) -> dict[str, Any]:
+    """`name` (the ECE of the predictions) and `name_ci` (its bootstrap interval over
+    the `n` images)."""
+    if confidence.size == 0:
+        return {name: None, f"{name}_ci": None}
+    bin_index, contribution = calibration.bin_contributions(confidence, correct)
+    point = float(np.abs(np.bincount(bin_index, weights=contribution,
+                                     minlength=calibration.BINS)).sum() / confidence.size)
+    values = _resampled_ece(bin_index, contribution, image, n, resamples,
+                            np.random.default_rng(seed))
+    return {name: point, f"{name}_ci": percentile_interval(values, point)}
+
+
+def calibration_error(y_true: Any, proba: Any, seed: int = 0,
+                      resamples: int = BOOTSTRAP_RESAMPLES,
+                      name: str = "expected_calibration_error") -> dict[str, Any]:
+    """Top-label expected calibration error (`calibration.expected_calibration_error`,
+    15 bins) of single-label probabilities, as `name`, with its 95% bootstrap interval
+    over the images (`name_ci`, seeded by `seed`)."""
+    confidence, correct = calibration.top_label(y_true, proba)
+    return _ece_with_interval(name, confidence, correct, np.arange(confidence.size),
+                              confidence.size, seed, resamples)
+
+
+def multilabel_calibration_error(y_true: Any, proba: Any, ignore: Any = None, seed: int = 0,
+                                 resamples: int = BOOTSTRAP_RESAMPLES,
+                                 name: str = "expected_calibration_error") -> dict[str, Any]:
+    """Multi-label: the ECE over every (image, class) entry not in `ignore`, each a
+    binary prediction at 0.5 with confidence max(p, 1 - p)
+    (`calibration.multilabel_confidence`); its interval resamples images."""
+    confidence, correct, image = calibration.multilabel_confidence(y_true, proba, ignore)
+    return _ece_with_interval(name, confidence, correct, image, int(np.shape(y_true)[0]),
+                              seed, resamples)
+
+
 def _checked(y_true: Any, proba: Any, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """y as int64 (N,) and proba as float64 (N, K) rows summing to 1, or a DatasetError."""
     K = len(names)
@@ -170,8 +231,10 @@ def compute_metrics(y_true: Any, proba: Any, classes: list[str], seed: int = 0) 
     out), each with its 95% interval (``accuracy_ci``: Wilson;
     ``balanced_accuracy_ci``, ``macro_f1_ci``: bootstrap seeded by ``seed``) as
     ``[low, high]``, ``per_class`` (``{name: {precision, recall, f1, support}}``),
-    ``confusion_matrix`` (rows = true class), ``log_loss``, ``n_samples`` and, when
-    K > 5, ``top5_accuracy``. Predictions are ``argmax(proba, axis=1)``.
+    ``confusion_matrix`` (rows = true class), ``log_loss``,
+    ``expected_calibration_error`` (top-label, 15 bins) with its bootstrap interval
+    ``expected_calibration_error_ci``, ``n_samples`` and, when K > 5,
+    ``top5_accuracy``. Predictions are ``argmax(proba, axis=1)``.
     """
     from sklearn.metrics import (balanced_accuracy_score, confusion_matrix, f1_score, log_loss,
                                  precision_recall_fscore_support, top_k_accuracy_score)
@@ -196,6 +259,7 @@ def compute_metrics(y_true: Any, proba: Any, classes: list[str], seed: int = 0) 
         "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
         **bootstrap_intervals(y, pred, K, seed),
         "log_loss": float(log_loss(y, P, labels=labels)),
+        **calibration_error(y, P, seed),
         "per_class": {
             name: {"precision": float(precision[k]), "recall": float(recall[k]),
                    "f1": float(f1[k]), "support": int(support[k])}
@@ -385,7 +449,9 @@ def compute_multilabel_metrics(y_true: Any, proba: Any, classes: list[str], thre
     classes seen or predicted, as in `compute_metrics`). Intervals:
     ``exact_match_accuracy_ci`` Wilson, the others a bootstrap over the images seeded by
     ``seed``. Also ``per_class`` (precision, recall, f1, support, average_precision,
-    threshold), ``log_loss`` (mean binary cross-entropy) and ``n_samples``."""
+    threshold), ``log_loss`` (mean binary cross-entropy), ``expected_calibration_error``
+    (over the non-ignored entries, each a binary prediction at 0.5) with its interval, and
+    ``n_samples``."""
     names = [str(c) for c in classes]
     Y, P, T, mask = _check_multilabel(y_true, proba, names, thresholds, ignore)
     pred = (P >= T).astype(np.int64)
@@ -420,6 +486,7 @@ def compute_multilabel_metrics(y_true: Any, proba: Any, classes: list[str], thre
                                 {"mean_average_precision": mean_ap, "micro_f1": float(micro),
                                  "macro_f1": float(macro)}),
         "log_loss": float(bce[keep].mean()) if keep.any() else 0.0,
+        **multilabel_calibration_error(Y, P, mask, seed, resamples),
         "thresholds": {name: float(T[k]) for k, name in enumerate(names)},
         "per_class": per_class,
     }

@@ -38,6 +38,7 @@ from .progress import (BatchDone, Clock, EpochDone, Estimate, FinetuneFinished, 
                        emit)
 from .runs import (MODEL_FILE, Run, SplitRoles, check_features_fit_in_memory, check_writable,
                    run_config, save_run, train_head, write_run_files)
+from .runs import task_temperature, uncalibrated_error, write_reliability  # calibration
 from .task import Objective, Task
 
 _PIXEL_CACHE_BYTES = 512 * 2**20  # decoded images kept in memory between epochs
@@ -313,14 +314,18 @@ def _save(job: _Job, runs: Path, before: dict, history: dict, best: dict, baseli
     """The new run directory: model.keras, the report of `fit`, before / after."""
     settings, config = job.settings, job.source.config
     labels = job.splits[job.evaluation][1]
-    proba = _predict(job.model, job.sequence(job.evaluation))
+    raw = _predict(job.model, job.sequence(job.evaluation))
     task = job.task
 
     def val_proba() -> np.ndarray:
-        return proba if job.evaluation == "val" else _predict(job.model, job.sequence("val"))
+        return raw if job.evaluation == "val" else _predict(job.model, job.sequence("val"))
 
     # multi-label: chosen again on val, which also chose the epoch
     thresholds = task.choose_thresholds(job.splits["val"][1], val_proba, job.ignore("val"))
+    # the temperature: on val too, which the model was early-stopped on but never fit on
+    temperature = task_temperature(task, job.splits["val"][1], val_proba,
+                                   "the validation predictions of the fine-tuned model")
+    proba = temperature.apply(raw)
     after = _score(job, job.evaluation, proba, thresholds)
     headline, interval = task.headline, f"{task.score}_ci"
     metrics = {
@@ -333,6 +338,8 @@ def _save(job: _Job, runs: Path, before: dict, history: dict, best: dict, baseli
         "best_epoch": best["epoch"], "epochs_run": len(history.get("loss", [])),
         "baseline_val_loss": baseline, "kept_baseline": best["epoch"] == 0,
         "start_head_trained_on": job.start_head["trained_on"],
+        **uncalibrated_error(task, labels, raw, job.ignore(job.evaluation), job.settings.seed),
+        **temperature.record(),
     }
     finetune_settings = {
         "source_run": str(job.source.path.resolve()), "unfreeze": settings.unfreeze,
@@ -345,7 +352,7 @@ def _save(job: _Job, runs: Path, before: dict, history: dict, best: dict, baseli
     }
     new_config = run_config(job.cache, head=config["head"], head_params=config.get("head_params"),
                             finetune=finetune_settings, fit_seconds=fit_seconds,
-                            **task.config(job.classes, thresholds))
+                            **task.config(job.classes, thresholds), temperature=temperature.value)
 
     def write(directory: Path) -> None:
         job.model.save(directory / MODEL_FILE)
@@ -353,6 +360,7 @@ def _save(job: _Job, runs: Path, before: dict, history: dict, best: dict, baseli
         paths = [str(p) for p in job.cache.paths(job.evaluation)]
         task.write_predictions(directory, paths, labels, proba, job.classes, metrics, thresholds,
                                job.ignore(job.evaluation))
+        write_reliability(directory, task, labels, raw, proba, metrics, job.ignore(job.evaluation))
 
     labels_ = (job.spec.name, f"{config['head']}-finetune{settings.unfreeze}")
     return Run(save_run(runs, labels_, write), new_config, metrics)

@@ -48,7 +48,8 @@ REPORT_FILE = "report.html"
 PREDICTIONS_FILE = "test_predictions.csv"
 COMPARE_CSV = "compare.csv"
 METRIC_KEYS = ("accuracy", "balanced_accuracy", "mean_average_precision", "micro_f1", "macro_f1",
-               "exact_match_accuracy", "log_loss", "top5_accuracy")
+               "exact_match_accuracy", "log_loss", "top5_accuracy", "expected_calibration_error",
+               "expected_calibration_error_uncalibrated")
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf")
 BLANK_GIF = ("data:image/gif;base64,"
@@ -363,19 +364,41 @@ def _metrics_section(inputs: RunInputs) -> str:
         for name, v in per_class.items() if isinstance(v, dict))
     classes = (f"<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>"
                f"<th>support</th></tr>{class_rows}</table>") if class_rows else ""
-    return _section("metrics", "Metrics", f"<p>{caption}</p>{table}{classes}")
+    return _section("metrics", "Metrics",
+                    f"<p>{caption}</p>{table}{_calibration_text(metrics)}{classes}")
+
+
+def _calibration_text(metrics: dict) -> str:
+    """One paragraph: the temperature applied to the probabilities, the calibration
+    error before and after it, and why no temperature was fitted where none was."""
+    if "expected_calibration_error" not in metrics:
+        return ""
+    T = metrics.get("temperature", 1.0)
+    after, before = (metrics.get("expected_calibration_error"),
+                     metrics.get("expected_calibration_error_uncalibrated"))
+    text = (f"Calibration: temperature T = {T:.3g}; expected calibration error "
+            f"{_fmt(before)} before, {_fmt(after)} after (15 confidence bins; 0 is perfectly "
+            "calibrated)." if _is_number(T) and T != 1 and before is not None else
+            f"Calibration: expected calibration error {_fmt(after)} (15 confidence bins; 0 is "
+            "perfectly calibrated); no temperature applied (T = 1).")
+    note = metrics.get("temperature_note")
+    source = metrics.get("temperature_from")
+    extra = "".join(f" {esc(part[0].upper() + part[1:])}." for part in (source, note)
+                    if isinstance(part, str) and part)
+    return f'<p class="calibration">{esc(text)}{extra}</p>'
 
 
 def _plots_section(inputs: RunInputs) -> str:
     parts = []
     for name, label in (("confusion_matrix.png", "Confusion matrix"),
                         ("precision_recall.png", "Precision-recall per class"),
+                        ("reliability.png", "Reliability diagram"),
                         ("curves.png", "Training curves")):
         uri = png_uri(inputs.directory / name)
         if uri:
             parts.append(f'<figure><img class="plot" src="{esc(uri)}" alt="{esc(label)}"></figure>')
     body = "".join(parts) or "<p>No plots in this run.</p>"
-    return _section("plots", "Confusion matrix and training curves", body)
+    return _section("plots", "Confusion matrix, reliability and training curves", body)
 
 
 def mistakes(predictions: list[Prediction]) -> list[Prediction]:

@@ -14,7 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
-from . import backbones, data, files, settings
+from . import backbones, calibration, data, files, settings
 from .errors import ProbeError, RunError
 from .runs import MODEL_FILE, Run
 from .task import Task
@@ -86,19 +86,36 @@ def end_to_end(config: dict, head, backbone_model=None):
     return keras.Model(inputs, outputs, name=f"probe_{config['backbone']}_{config['head']}")
 
 
+def with_temperature(model, temperature: float):
+    """`model` (images -> probabilities p) followed by the run's temperature:
+    softmax(log max(p, 1e-30) / T), as `calibration.apply_temperature` computes it, in
+    built-in operations and layers (log, Rescaling, Softmax), so that the exported model
+    still loads in safe mode. T == 1 returns `model` itself."""
+    if temperature == 1:
+        return model
+    from ._keras import keras
+
+    logits = keras.ops.log(keras.ops.maximum(model.outputs[0], calibration.SMALLEST))
+    scaled = keras.layers.Rescaling(1.0 / temperature, name="temperature")(logits)
+    outputs = keras.layers.Softmax(name="calibrated_probabilities")(scaled)
+    return keras.Model(model.inputs, outputs, name=model.name)
+
+
 def load_model(run: Run):
-    """The run's end-to-end model: the fine-tuned model, or backbone + head."""
+    """The run's end-to-end model: the fine-tuned model, or backbone + head, and then the
+    run's temperature (`with_temperature`)."""
     if run.is_finetuned:
         from ._keras import keras
 
         try:
-            return keras.saving.load_model(run.path / MODEL_FILE, safe_mode=True, compile=False)
+            model = keras.saving.load_model(run.path / MODEL_FILE, safe_mode=True, compile=False)
         except Exception as error:
             raise RunError(
                 f"the model file '{run.path / MODEL_FILE}' can not be loaded "
                 f"({type(error).__name__}); re-run `probe finetune`."
             ) from None
-    return end_to_end(run.config, run.load_head())
+        return with_temperature(model, run.temperature)
+    return with_temperature(end_to_end(run.config, run.load_head()), run.temperature)
 
 
 def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
@@ -160,7 +177,7 @@ class _BackboneThenHead:
     how `predict` runs a head whose Keras form does not fit in memory (a k-NN bank larger
     than memory, which `predict_proba` reads from disk a chunk at a time)."""
 
-    def __init__(self, config: dict, head) -> None:
+    def __init__(self, config: dict, head, temperature: float = 1.0) -> None:
         from ._keras import keras
 
         backbone_model = rebuild_backbone(config)
@@ -171,9 +188,11 @@ class _BackboneThenHead:
             x = keras.layers.Flatten(name="flatten_features")(x)
         self.features = keras.Model(inputs, x, name=f"probe_{config['backbone']}_features")
         self.head = head
+        self.temperature = temperature
 
     def predict_on_batch(self, pixels: np.ndarray) -> np.ndarray:
-        return self.head.predict_proba(np.asarray(self.features.predict_on_batch(pixels)))
+        proba = self.head.predict_proba(np.asarray(self.features.predict_on_batch(pixels)))
+        return calibration.apply_temperature(proba, self.temperature)
 
 
 def _predictor(run: Run):
@@ -183,8 +202,8 @@ def _predictor(run: Run):
         return load_model(run)
     head = run.load_head()
     if head.keras_head_fits_in_memory():
-        return end_to_end(run.config, head)
-    return _BackboneThenHead(run.config, head)
+        return with_temperature(end_to_end(run.config, head), run.temperature)
+    return _BackboneThenHead(run.config, head, run.temperature)
 
 
 def predict(
@@ -195,7 +214,9 @@ def predict(
 ) -> list[Prediction]:
     """Predict the class of every image under `inputs` with a run's model (multi-label:
     `Prediction.labels`, the classes whose probability reaches the threshold recorded in
-    the run, and every probability). A file that can not be decoded gets a row with the reason; the others are still predicted. `output`
+    the run, and every probability). The probabilities are the run's reported ones: the
+    head's divided by the run's temperature (`Run.temperature`, `probe.calibration`).
+    A file that can not be decoded gets a row with the reason; the others are still predicted. `output`
     is checked for writing before any work.
 
     >>> probe.predict(".probe/runs/20260101-120000-vgg16-logreg", ["new_photos/"])
@@ -264,7 +285,8 @@ def write_predictions(results: list[Prediction], classes: list[str], output: str
 def export(run: str | os.PathLike | Run, out: str | os.PathLike) -> Path:
     """Write one Keras model: RGB image in (0-255, the run's input size), probabilities out
     (multi-label: one sigmoid probability per class; the decision thresholds are in the
-    run's config.json, `Run.thresholds`).
+    run's config.json, `Run.thresholds`). The run's temperature (`Run.temperature`) is
+    part of the model (`with_temperature`), so it gives what `predict` gives.
 
     >>> probe.export(".probe/runs/20260101-120000-vgg16-logreg", "cats_dogs.keras")
     """

@@ -15,12 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from probe import calibration, files
 from probe.errors import ProbeError
 from probe.evaluate import compute_metrics
 
 __all__ = ["compute_metrics", "format_interval", "format_table", "plot_confusion_matrix",
            "plot_precision_recall",
-           "plot_curves", "printable"]
+           "plot_curves", "plot_reliability", "printable"]
 
 
 def printable(name: str) -> str:
@@ -220,3 +221,61 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     out = [line([str(c) for c in columns]), "  ".join("-" * w for w in widths)]
     out.extend(line([text for text, _ in r]) for r in cells)
     return "\n".join(out)
+
+
+def plot_reliability(calibrated: tuple[Any, Any], path: str | os.PathLike,
+                     before: tuple[Any, Any] | None = None, temperature: float = 1.0,
+                     title: str = "Reliability", bins: int = 15) -> Path:
+    """Write a reliability diagram: per confidence bin (`calibration.reliability_table`),
+    the accuracy against the mean confidence of the probabilities a run reports
+    (`calibrated`: each prediction's confidence and whether it is right), with the
+    diagonal of perfect calibration; `before` (the head's own probabilities) is drawn
+    too when a temperature changed them. Below, how many predictions fall in each bin.
+    The legend gives each one's expected calibration error."""
+    fig = _new_figure(4.2, 4.6)  # small: it is embedded in every run's report.html
+    top = fig.add_axes((0.14, 0.38, 0.82, 0.54))
+    bottom = fig.add_axes((0.14, 0.1, 0.82, 0.18), sharex=top)
+    top.plot([0, 1], [0, 1], linestyle="--", color="#7f7f7f", label="perfect calibration")
+    series = [("after temperature" if temperature != 1 else "reported", calibrated, "#1f77b4")]
+    if before is not None and temperature != 1:
+        series.append(("before (the head's own)", before, "#ff7f0e"))
+    for label, (confidence, correct), colour in reversed(series):
+        table = calibration.reliability_table(confidence, correct, bins)
+        index, contribution = calibration.bin_contributions(confidence, correct, bins)
+        ece = float(np.abs(np.bincount(index, weights=contribution, minlength=bins)).sum()
+                    / max(index.size, 1))
+        name = f"{label}: ECE {ece:.4f}" + (f", T = {temperature:.3g}"
+                                             if label == "after temperature" else "")
+        top.plot([r["confidence"] for r in table], [r["accuracy"] for r in table],
+                 marker="o", color=colour, label=name)
+        bottom.bar([(r["low"] + r["high"]) / 2 for r in table], [r["count"] for r in table],
+                   width=1 / bins, color=colour, alpha=0.5, edgecolor="white")
+    top.set_xlim(-0.02, 1.02)  # points at 0 and 1 drawn whole
+    top.set_ylim(-0.02, 1.02)
+    top.set_ylabel("Accuracy in the bin")
+    top.set_title(title)
+    top.legend(loc="upper left", fontsize="small")
+    top.grid(alpha=0.3)
+    bottom.set_xlabel("Confidence (the predicted probability)")
+    bottom.set_ylabel("Predictions")
+    return _save_palette(fig, path)
+
+
+def _save_palette(fig, path: str | os.PathLike, colours: int = 24) -> Path:
+    """Save as a PNG of at most `colours` colours (no dithering) at 80 dpi: a figure of a
+    few flat colours stays legible at a quarter of the space, in every report that
+    embeds it."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight", dpi=80)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        small = image.convert("RGB").quantize(colours, dither=Image.Dither.NONE)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with files.atomic_write(path, "wb") as handle:
+        small.save(handle, format="PNG", optimize=True)
+    return path

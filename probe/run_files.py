@@ -24,6 +24,7 @@ key against the types probe uses (`CONFIG_SHAPE`, `METRICS_SHAPE`) before any of
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ CHUNK = 1 << 20
 # ignored. Everything under a subdirectory of a run (head/) is read back too.
 READ_BACK = {
     "run": {"config.json", "metrics.json", "model.keras", "test_predictions.csv",
-            "confusion_matrix.png", "curves.png", "precision_recall.png"},
+            "confusion_matrix.png", "curves.png", "precision_recall.png", "reliability.png"},
     "comparison": {"compare.csv", "compare.png"},
     "curve": {"curve.csv", "curve.png"},
 }
@@ -262,13 +263,16 @@ STRING = Shape("a string", lambda value: isinstance(value, str))
 BOOLEAN = Shape("true or false", lambda value: isinstance(value, bool))
 LIST = Shape("a list", lambda value: isinstance(value, list))
 OBJECT = Shape("an object", lambda value: isinstance(value, dict))
+POSITIVE = Shape("a finite number > 0",
+                 lambda value: _is_number(value) and math.isfinite(value) and value > 0)
 INTERVAL = Shape("a [low, high] pair",
                  lambda value: isinstance(value, (list, dict)) and all(
                      _is_number(v) or v is None
                      for v in (value.values() if isinstance(value, dict) else value)))
 
 SCORES = ("accuracy", "balanced_accuracy", "mean_average_precision", "micro_f1", "macro_f1",
-          "exact_match_accuracy", "log_loss", "top5_accuracy")
+          "exact_match_accuracy", "log_loss", "top5_accuracy", "expected_calibration_error",
+          "expected_calibration_error_uncalibrated")
 
 # The keys of config.json probe reads, with their types (a key may be absent; the required
 # ones are checked by `runs.Run.load`).
@@ -283,6 +287,7 @@ CONFIG_SHAPE = OBJECT.with_keys(
     head_params=OBJECT.or_null, fit_seconds=NUMBER.or_null, multilabel=BOOLEAN,
     thresholds=OBJECT.of(NUMBER).or_null, views=OBJECT.or_null,
     finetune=OBJECT.with_keys(source_run=STRING),
+    temperature=POSITIVE,  # applied to the head's probabilities (`probe.calibration`)
 )
 
 # The keys of metrics.json probe reads (the report, `probe finetune`'s before / after).
@@ -296,7 +301,8 @@ METRICS_SHAPE = OBJECT.with_keys(
     skipped_files=LIST.of(OBJECT.with_keys(path=STRING, reason=STRING)),
     fit_seconds=NUMBER.or_null, chosen=OBJECT, before=OBJECT, comparison=OBJECT.of(OBJECT),
     best_epoch=INTEGER, epochs_run=INTEGER, baseline_val_loss=NUMBER.or_null,
-    kept_baseline=BOOLEAN,
+    kept_baseline=BOOLEAN, temperature=POSITIVE, temperature_note=STRING.or_null,
+    temperature_from=STRING.or_null,
 )
 
 
@@ -320,6 +326,7 @@ def read_json(directory: Path, name: str, shape: Shape, kind: str = "run") -> An
 
 CONFIG = "config.json"
 METRICS = "metrics.json"
+RELIABILITY_FIGURE = "reliability.png"
 HEAD_DIR = "head"
 MODEL_FILE = "model.keras"
 
@@ -375,6 +382,12 @@ class Run:
         """Multi-label: the decision threshold of each class (in class order), as chosen on
         validation and recorded in config.json; None for a single-label run."""
         return self.task.recorded_thresholds(self.config, self.classes, self.path / CONFIG)
+
+    @property
+    def temperature(self) -> float:
+        """The temperature the run's probabilities are scaled by (`probe.calibration`;
+        1.0 for a multi-label run and for runs written before temperatures existed)."""
+        return float(self.config.get("temperature", 1.0))
 
     @classmethod
     def open(cls, run: "str | os.PathLike | Run") -> "Run":

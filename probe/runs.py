@@ -16,18 +16,18 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from .features import cache as cache_mod
-from . import evaluate, files, heads, html, report, run_files, settings
+from . import calibration, evaluate, files, heads, html, report, run_files, settings
 from .features.cache import FeatureCache
 from .errors import CacheError, RunError
 from .heads.stream import FeatureStream
-from .run_files import CONFIG, HEAD_DIR, METRICS, MODEL_FILE, Run  # noqa: F401 (API)
+from .run_files import CONFIG, HEAD_DIR, METRICS, MODEL_FILE, RELIABILITY_FIGURE, Run  # noqa: F401 (API)
 from .task import Task
 
 
@@ -89,6 +89,8 @@ def fit(
     writes report.html (probe.html); cross-split duplicates in the cache add a warning to
     `Run.notes`. When the cache holds augmented views (`probe.extract(..., augment=K)`)
     the head trains on them too, unless `views=False`; `config["views"]` records which.
+    Calibration: see `validation_temperature` (the temperature, applied to what the run,
+    predict and export give) and `probe.calibration` (`expected_calibration_error`).
 
     >>> run = probe.fit(head="logreg")
     >>> run.metrics["accuracy"], run.metrics["accuracy_ci"], run.path
@@ -106,26 +108,33 @@ def fit(
     stream = check_features_fit_in_memory(chosen, streams=model.streams_features, views=views)
     views = views and not stream  # views are read into memory; a streamed fit goes without
     fit_seconds = train_head(model, chosen, roles, stream, views)
+    temperature = validation_temperature(model, chosen, roles, task, stream, views)
     reported = read_split(chosen, roles.report, stream)
-    proba = model.predict_proba(reported.features)
+    raw = model.predict_proba(reported.features)
+    proba = temperature.apply(raw)  # what the run reports, predict and export give
     settings_chosen = model.summary_()  # C; k and T; epochs
     thresholds = task.head_thresholds(model)
     metrics = {**roles.describe(),
                **task.metrics(reported.labels, proba, chosen.classes, thresholds,
                               ignore=reported.ignore),
+               **uncalibrated_error(task, reported.labels, raw, reported.ignore),
+               **temperature.record(),
                "fit_seconds": round(fit_seconds, 3),
                "skipped_files": [{"path": p, "reason": r} for p, r in chosen.skipped],
                "chosen": settings_chosen, **settings_chosen}
     config = run_config(chosen, head=head, head_params=model.get_params(), fit_seconds=fit_seconds,
-                        **task.config(chosen.classes, thresholds), views=views_config(chosen, views))
+                        **task.config(chosen.classes, thresholds), views=views_config(chosen, views),
+                        temperature=temperature.value)
 
     def write(directory: Path) -> None:
         model.save(directory / HEAD_DIR)
         write_run_files(directory, config, metrics, model.curves_())
         task.write_predictions(directory, reported.paths, reported.labels, proba, chosen.classes,
                                metrics, thresholds, reported.ignore)
+        write_reliability(directory, task, reported.labels, raw, proba, metrics, reported.ignore)
 
     directory = save_run(runs, (chosen.backbone, head), write)
+    notes += temperature_notes(metrics)
     if stream:
         notes.append("the features are larger than the memory available: the head read them "
                      "in chunks; the duplicate check and report.html, which need them all in "
@@ -175,6 +184,85 @@ class SplitRoles:
                     "head's settings (optimistic), from a head fit on train only; add a test "
                     "split (a test/ folder, --test-fraction or test rows) for an unbiased score"]
         return []
+
+
+def validation_temperature(model: Any, cache: FeatureCache, roles: SplitRoles, task: Task,
+                           stream: bool = False, views: bool = True) -> calibration.Temperature:
+    """The temperature of a fitted single-label head (`calibration.choose_temperature`).
+    It is fitted on the validation predictions of a head that never trained on val:
+    `model` itself when it was fit on train only, otherwise (refit on train + val) a
+    clone of it fit on train only, selecting on val exactly as `model` did before its
+    refit. T = 1 with a note for multi-label runs and without val.
+
+    `fit` applies it to every probability the run reports (test_predictions.csv, the
+    metrics), and records it in config.json (`temperature`, which `probe.predict` and
+    `probe.export` apply) and metrics.json (`temperature`, `temperature_note`,
+    `temperature_from`, beside `expected_calibration_error_uncalibrated`)."""
+    if task.multilabel or roles.select is None:
+        return task_temperature(task, None, None)
+    val = read_split(cache, roles.select, stream)
+    source, where = model, "the validation predictions of the scored head (fit on train only)"
+    if model.get_params().get("refit"):
+        from sklearn.base import clone
+
+        source = clone(model).set_params(refit=False)
+        train_head(source, cache, roles, stream, views)
+        where = ("the validation predictions of the head fit on train only (the scored head "
+                 "was refit on train + val)")
+    return task_temperature(task, val.labels, lambda: source.predict_proba(val.features), where)
+
+
+def task_temperature(task: Task, y_val: Any, proba_val: Callable[[], np.ndarray] | None,
+                     source: str | None = None) -> calibration.Temperature:
+    """The temperature fitted on validation labels and the probabilities `proba_val()`
+    gives, from a model that never trained on them (`calibration.choose_temperature`;
+    None: no validation split), recorded as fitted on `source` where it is not 1.
+    Multi-label: T = 1, with the reason."""
+    if task.multilabel:
+        return calibration.Temperature(note=(
+            "multi-label: not temperature-scaled (each class's decision threshold was chosen "
+            "on the probabilities as they are); the calibration error is over the (image, "
+            "class) entries, each a prediction at 0.5"))
+    if proba_val is None:
+        return calibration.choose_temperature(None, None)
+    temperature = calibration.choose_temperature(y_val, proba_val())
+    return replace(temperature, source=source) if temperature.value != 1 else temperature
+
+
+def uncalibrated_error(task: Task, labels: Any, raw: np.ndarray, ignore: Any = None,
+                       seed: int = 0) -> dict:
+    """`expected_calibration_error_uncalibrated` (and its interval): the ECE of the head's
+    own probabilities `raw`, before the temperature (`calibration.Temperature`)."""
+    name = "expected_calibration_error_uncalibrated"
+    if task.multilabel:
+        return evaluate.multilabel_calibration_error(labels, raw, ignore, seed, name=name)
+    return evaluate.calibration_error(labels, raw, seed, name=name)
+
+
+def write_reliability(directory: Path, task: Task, labels: Any, raw: np.ndarray,
+                      proba: np.ndarray, metrics: dict, ignore: Any = None) -> None:
+    """reliability.png: the reliability diagram of the reported probabilities and of the
+    head's own (`report.plot_reliability`); multi-label: of the (image, class) entries."""
+    if task.multilabel:
+        before = calibration.multilabel_confidence(labels, raw, ignore)[:2]
+        after = calibration.multilabel_confidence(labels, proba, ignore)[:2]
+    else:
+        before, after = calibration.top_label(labels, raw), calibration.top_label(labels, proba)
+    role = metrics.get("split_role") or metrics.get("split", "test")
+    report.plot_reliability(after, directory / RELIABILITY_FIGURE, before=before,
+                            temperature=metrics.get("temperature", 1.0),
+                            title=f"Reliability ({role})")
+
+
+def temperature_notes(metrics: dict) -> list[str]:
+    """A line when the reported probabilities are the head's own divided by a temperature:
+    T and the calibration error before and after."""
+    T = metrics.get("temperature", 1.0)
+    if T == 1 or "expected_calibration_error_uncalibrated" not in metrics:
+        return []
+    return [f"probabilities temperature-scaled (T = {T:.3g}, fitted on validation): expected "
+            f"calibration error {metrics['expected_calibration_error_uncalibrated']:.4f} before, "
+            f"{metrics['expected_calibration_error']:.4f} after; predict and export apply it too"]
 
 
 def source_notes(cache: FeatureCache, strict: bool) -> list[str]:
@@ -358,7 +446,7 @@ def write_run_files(directory: Path, config: dict, metrics: dict, history: Any) 
 
 
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "mean_average_precision", "micro_f1", "macro_f1",
-                "exact_match_accuracy", "log_loss", "top5_accuracy")
+                "exact_match_accuracy", "log_loss", "top5_accuracy", "expected_calibration_error")
 CI_COLUMN = "95% interval"
 
 

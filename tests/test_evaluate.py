@@ -147,3 +147,37 @@ def test_percentile_interval_widens_to_its_point_and_skips_undefined_resamples()
     assert percentile_interval(np.zeros(50), 0.2) == [0.0, 0.2]
     assert percentile_interval(np.array([np.nan, 1.0, 1.0]), 1.0) == [1.0, 1.0]
     assert percentile_interval(np.full(5, np.nan), 0.0) == [0.0, 0.0]
+
+
+def test_ece_bootstrap_equals_a_plain_loop_over_the_same_resamples():
+    from probe.calibration import expected_calibration_error
+    from probe.evaluate import calibration_error, multilabel_calibration_error
+
+    y, proba = predictions(70, 3)
+    resamples = 200
+    fast = calibration_error(y, proba, seed=3, resamples=resamples)
+    # the same resamples as the other bootstrap intervals of the seed, scored one at a time
+    rows = np.random.default_rng(3).integers(0, y.size, size=(resamples, y.size))
+    slow = [expected_calibration_error(y[r], proba[r]) for r in rows]
+    point = expected_calibration_error(y, proba)
+    low, high = np.percentile(slow, [2.5, 97.5])
+    assert fast["expected_calibration_error"] == pytest.approx(point, abs=1e-12)
+    assert fast["expected_calibration_error_ci"] == pytest.approx([min(low, point), max(high, point)],
+                                                                  abs=1e-12)
+    # multi-label: the resampled images bring all their (image, class) entries
+    Y = (np.random.default_rng(4).random((40, 3)) < 0.4).astype(int)
+    P = np.random.default_rng(5).random((40, 3))
+    fast = multilabel_calibration_error(Y, P, seed=3, resamples=resamples)
+    rows = np.random.default_rng(3).integers(0, 40, size=(resamples, 40))
+
+    def entries_ece(Yr, Pr):
+        p, t = Pr.ravel(), Yr.ravel()
+        return expected_calibration_error(((p >= 0.5).astype(int) == t).astype(int),
+                                          np.stack([1 - np.maximum(p, 1 - p), np.maximum(p, 1 - p)], 1))
+
+    slow = [entries_ece(Y[r], P[r]) for r in rows]
+    point = entries_ece(Y, P)
+    low, high = np.percentile(slow, [2.5, 97.5])
+    assert fast["expected_calibration_error"] == pytest.approx(point, abs=1e-12)
+    assert fast["expected_calibration_error_ci"] == pytest.approx([min(low, point), max(high, point)],
+                                                                  abs=1e-12)

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 import probe
 from conftest import make_image
+from probe import calibration
 from probe.cli import main
 
 N_IMAGES = 150  # enough that an honest interval is narrower than the gap to a leaked score
@@ -125,6 +126,8 @@ def test_the_reported_split_is_never_fit_on(tmp_path):
         train.features, train.labels, classes=cache.classes)
     paths, saved = _predictions(run)
     assert paths == val.paths
+    # the saved probabilities are the head's under the run's temperature; 1/T undoes it
+    saved = calibration.apply_temperature(saved, 1 / run.config["temperature"])
     # the same model up to the solver's tolerance (the sweep stops early, warm starts);
     # a head refit on train + val moves these probabilities by far more
     np.testing.assert_allclose(saved, train_only.predict_proba(val.features), atol=1e-3)

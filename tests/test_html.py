@@ -60,7 +60,7 @@ def test_fit_writes_a_report_with_every_section(hostile_run):
     page = (hostile_run.path / REPORT_FILE).read_text(encoding="utf-8")
     for section in SECTIONS:
         assert f'<section id="{section}">' in page
-    assert page.count("data:image/png;base64,") == 2  # confusion matrix and C sweep
+    assert page.count("data:image/png;base64,") == 3  # confusion matrix, reliability, C sweep
     assert "data:image/jpeg;base64," in page
     assert "file not found" in page  # the deleted test image
     assert "To keep this file small it shows at most 48 misclassified images" in page

@@ -1,8 +1,10 @@
+import csv
+
 import numpy as np
 import pytest
 
 import probe
-from probe import data
+from probe import calibration, data, heads, inference
 from probe.errors import ProbeError, RunError
 from probe.inference import preprocessing_weights
 from probe.run_files import write_manifest
@@ -16,19 +18,34 @@ def test_preprocessing_layer_equals_preprocess_input(name):
     np.testing.assert_allclose(pixels @ kernel + bias, spec.preprocess_input(pixels), rtol=1e-5, atol=1e-4)
 
 
+def _force_temperature(monkeypatch, T: float) -> None:
+    """Runs fitted from now on get temperature T (the separable validation images are all
+    predicted right, which keeps T = 1 otherwise)."""
+    monkeypatch.setattr(calibration, "choose_temperature",
+                        lambda y, proba, where="validation": calibration.Temperature(T))
+
+
 @pytest.mark.parametrize("head", probe.list_heads())
-def test_predict_matches_the_cache_and_export_matches_predict(separable_cache, head, tmp_path):
+def test_predict_matches_the_cache_and_export_matches_predict(separable_cache, head, tmp_path,
+                                                              monkeypatch):
     import keras
 
+    _force_temperature(monkeypatch, 20.0)  # large: the k-NN votes are one-hot here
     run = probe.fit(head=head, **({"epochs": 10} if head == "dense" else {}))
+    assert run.config["temperature"] == run.metrics["temperature"] == 20.0
     test = separable_cache.split("test")
     root = separable_cache.attrs["dataset_root"]
     images = [f"{root}/{p}" for p in test.paths]
     results = probe.predict(run.path, images, output=tmp_path / "out.csv")
     assert [r.path for r in results] == images
     proba = np.array([[r.probabilities[c] for c in separable_cache.classes] for r in results])
-    expected = run.load_head().predict_proba(test.features)
+    raw = run.load_head().predict_proba(test.features)
+    expected = calibration.apply_temperature(raw, 20.0)  # predict applies the temperature
     np.testing.assert_allclose(proba, expected, atol=1e-4)
+    assert np.abs(proba - raw).max() > 1e-3
+    with open(run.path / "test_predictions.csv", newline="") as handle:  # the run reports them
+        written = np.array([[float(v) for v in row[3:]] for row in list(csv.reader(handle))[1:]])
+    np.testing.assert_allclose(written, proba, atol=1e-4)
     assert (tmp_path / "out.csv").read_text().splitlines()[0] == "path,predicted,blue,green,red,error"
 
     out = probe.export(run.path, tmp_path / "model.keras")
@@ -37,6 +54,21 @@ def test_predict_matches_the_cache_and_export_matches_predict(separable_cache, h
     assert pixels.dtype == np.float32 and pixels.shape == (len(images), 32, 32, 3)
     np.testing.assert_array_equal(pixels, np.stack([data.load_image(p, 32) for p in images]))
     np.testing.assert_allclose(model.predict(pixels, verbose=0), proba, atol=1e-4)
+
+
+def test_predict_without_a_keras_head_applies_the_temperature(separable_cache, monkeypatch):
+    """A head whose Keras form does not fit in memory: backbone, then `predict_proba`,
+    then the temperature, as the Keras model does it."""
+    _force_temperature(monkeypatch, 20.0)
+    run = probe.fit(head="knn")
+    root = separable_cache.attrs["dataset_root"]
+    test = separable_cache.split("test")
+    images = [f"{root}/{p}" for p in test.paths[:4]]
+    monkeypatch.setattr(heads.HEADS["knn"], "keras_head_fits_in_memory", lambda self: False)
+    assert isinstance(inference._predictor(probe.Run.load(run.path)), inference._BackboneThenHead)
+    proba = np.array([[r.probabilities[c] for c in run.classes] for r in probe.predict(run, images)])
+    expected = calibration.apply_temperature(run.load_head().predict_proba(test.features[:4]), 20.0)
+    np.testing.assert_allclose(proba, expected, atol=1e-4)
 
 
 def test_export_with_spatial_features_and_dense_head(tmp_path):

@@ -124,3 +124,48 @@ def test_interval_text_and_class_names_that_are_not_utf8(tmp_path):
     assert printable(name) == "caf\ufffd"
     out = plot_confusion_matrix([[1, 0], [0, 1]], [name, "b"], tmp_path / "cm.png", title="Confusion matrix (test)")
     assert out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plot_reliability_draws_both_series_with_their_ece(tmp_path, monkeypatch):
+    from probe import calibration, report
+
+    y, proba = noisy_predictions()
+    after = calibration.top_label(y, calibration.apply_temperature(proba, 2.0))
+    before = calibration.top_label(y, proba)
+    drawn = []
+    real_new_figure = report._new_figure
+
+    def keep(*args):
+        drawn.append(real_new_figure(*args))
+        return drawn[-1]
+
+    monkeypatch.setattr(report, "_new_figure", keep)
+    out = report.plot_reliability(after, tmp_path / "reliability.png", before=before,
+                                  temperature=2.0, title="Reliability (test)")
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    top = drawn[0].axes[0]
+    labels = [line.get_label() for line in top.get_lines()]
+    expected = calibration.expected_calibration_error(y, proba)
+    assert labels[0] == "perfect calibration"
+    assert f"before (the head's own): ECE {expected:.4f}" in labels
+    assert any(label.startswith("after temperature: ECE") and "T = 2" in label for label in labels)
+    # the points are the bins' mean confidence and accuracy
+    table = calibration.reliability_table(*before)
+    line = next(line for line in top.get_lines() if line.get_label().startswith("before"))
+    np.testing.assert_allclose(line.get_xdata(), [r["confidence"] for r in table])
+    np.testing.assert_allclose(line.get_ydata(), [r["accuracy"] for r in table])
+
+
+def test_the_run_page_states_the_temperature_and_the_ece_before_and_after():
+    from probe import html
+
+    text = html._calibration_text({"expected_calibration_error": 0.031,
+                                   "expected_calibration_error_uncalibrated": 0.2125,
+                                   "temperature": 1.8,
+                                   "temperature_from": "the validation predictions <b>"})
+    assert "T = 1.8" in text and "0.2125 before, 0.0310 after" in text
+    assert "&lt;b&gt;" in text and "<b>" not in text  # escaped
+    plain = html._calibration_text({"expected_calibration_error": 0.05, "temperature": 1.0,
+                                    "temperature_note": "no validation split: ..."})
+    assert "no temperature applied (T = 1)" in plain and "No validation split" in plain
+    assert html._calibration_text({"accuracy": 1.0}) == ""

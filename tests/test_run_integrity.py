@@ -69,7 +69,8 @@ def test_a_fresh_run_lists_every_file_it_wrote(fitted):
     written = {p.relative_to(run.path).as_posix() for p in run.path.rglob("*")
                if p.is_file() and p.name != run_files.MANIFEST}
     assert set(manifest["files"]) == written
-    assert {"config.json", "metrics.json", "head/head.npz", "head/head.json"} <= written
+    assert {"config.json", "metrics.json", "head/head.npz", "head/head.json",
+            "reliability.png"} <= written
     entry = manifest["files"]["head/head.npz"]
     assert entry["size"] == (run.path / "head" / "head.npz").stat().st_size
     assert entry["sha256"] == files.file_sha256(run.path / "head" / "head.npz")
@@ -102,6 +103,14 @@ def test_the_cli_refuses_an_edited_run_in_one_line(fitted, run_copy, tmp_path, c
     assert "run file 'head/head.npz'" in result.output and "`probe fit --cache" in result.output
 
 
+def _unlist(run_dir: Path, name: str) -> None:
+    """The manifest without the entry of `name`, as if the file were added afterwards."""
+    path = run_dir / run_files.MANIFEST
+    manifest = json.loads(path.read_text())
+    del manifest["files"][name]
+    path.write_text(json.dumps(manifest))
+
+
 @pytest.mark.parametrize("edit, expected", [
     (lambda d: (d / "test_predictions.csv").unlink(),
      "run file 'test_predictions.csv' of run '{run}' is missing"),
@@ -110,8 +119,9 @@ def test_the_cli_refuses_an_edited_run_in_one_line(fitted, run_copy, tmp_path, c
     (lambda d: (d / run_files.MANIFEST).write_text('{"files": [1]'), "run file 'manifest.json' of run '{run}' is damaged"),
     (lambda d: (d / "model.keras").write_bytes(b"PK"), "run file 'model.keras' of run '{run}' is not in its manifest.json"),
     (lambda d: (d / "head" / "extra.npy").write_bytes(b"x"), "run file 'head/extra.npy' of run '{run}' is not in"),
+    (lambda d: _unlist(d, "reliability.png"), "run file 'reliability.png' of run '{run}' is not in"),
 ], ids=["deleted-predictions", "deleted-head-json", "no-manifest", "damaged-manifest",
-        "added-model", "added-head-file"])
+        "added-model", "added-head-file", "unlisted-reliability"])
 def test_a_deleted_added_or_unlisted_file_is_refused(fitted, run_copy, tmp_path, edit, expected):
     _, images = fitted
     edit(run_copy)
@@ -161,9 +171,12 @@ def _set(data, key, value):
     ("metrics.json", "per_class", [{"precision": 1.0}], "expected an object at 'per_class', received a list"),
     ("metrics.json", "skipped_files", "none", "expected a list at 'skipped_files', received a string"),
     ("metrics.json", "split", ["test"], "expected a string at 'split', received a list"),
+    ("config.json", "temperature", -2.0, "expected a finite number > 0 at 'temperature', received a number"),
+    ("metrics.json", "expected_calibration_error", "0.1",
+     "expected a number or null at 'expected_calibration_error', received a string"),
 ], ids=["config-list", "metrics-string", "classes-string", "head-params-list",
         "dataset-root-object", "image-size-string", "accuracy-list", "per-class-list",
-        "skipped-files-string", "split-list"])
+        "skipped-files-string", "split-list", "temperature-negative", "ece-string"])
 def test_a_run_file_of_the_wrong_json_shape_is_one_line(fitted, run_copy, name, key, value,
                                                         expected):
     """The manifest is written again after the edit: this is the second line of defence."""

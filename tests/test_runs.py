@@ -179,3 +179,67 @@ def test_fit_cli_hints_extract_for_a_dataset_and_refuses_a_photo(tmp_path):
         assert result.exit_code == 1 and "is not one" in result.output, args
         assert "delete" not in result.output.lower(), args
     assert photo.is_file()
+
+
+def test_the_temperature_comes_from_the_train_only_heads_validation_predictions(separable_cache,
+                                                                                monkeypatch):
+    """The scored head is refit on train + val; its temperature must come from the
+    validation predictions of the same head fit on train only, never from a head that
+    saw those images."""
+    from probe import calibration
+    from probe.heads import make_head
+
+    seen = {}
+    choose = calibration.choose_temperature
+
+    def spy(y, proba, where="validation"):
+        seen["y"], seen["proba"] = np.asarray(y), np.asarray(proba)
+        return choose(y, proba, where)
+
+    monkeypatch.setattr(calibration, "choose_temperature", spy)
+    run = probe.fit(head="logreg", C=1.0)  # a C that learns: the refit changes predictions
+    assert run.config["head_params"]["refit"] is True
+    train, val = separable_cache.split("train"), separable_cache.split("val")
+    train_only = make_head("logreg", **{**run.config["head_params"], "refit": False})
+    train_only.fit(train.features, train.labels, X_val=val.features, y_val=val.labels,
+                   classes=separable_cache.classes)
+    assert np.array_equal(seen["y"], val.labels)
+    np.testing.assert_allclose(seen["proba"], train_only.predict_proba(val.features), atol=1e-8)
+    # the scored head, refit on train + val, predicts val otherwise
+    assert np.abs(seen["proba"] - run.load_head().predict_proba(val.features)).max() > 1e-4
+
+
+def test_a_run_records_its_calibration_and_draws_a_reliability_diagram(separable_cache):
+    run = probe.fit(head="knn")
+    metrics, listed = run.metrics, json.loads((run.path / "manifest.json").read_text())["files"]
+    for key in ("expected_calibration_error", "expected_calibration_error_uncalibrated"):
+        low, high = metrics[f"{key}_ci"]
+        assert 0 <= low <= metrics[key] <= high <= 1
+    # three validation images: too few to fit a temperature, and the run says so
+    assert metrics["temperature"] == run.config["temperature"] == 1.0
+    assert "3 validation images, fewer than 10" in metrics["temperature_note"]
+    assert metrics["expected_calibration_error"] == metrics["expected_calibration_error_uncalibrated"]
+    assert (run.path / "reliability.png").stat().st_size > 1000 and "reliability.png" in listed
+    page = (run.path / "report.html").read_text()
+    assert 'alt="Reliability diagram"' in page and "expected calibration error" in page
+    assert "expected_calibration_error_uncalibrated" in page
+
+
+def test_without_validation_or_multi_label_the_temperature_is_one_and_says_why():
+    from probe.runs import task_temperature
+    from probe.task import MULTI_LABEL, SINGLE_LABEL
+
+    assert "no validation split" in task_temperature(SINGLE_LABEL, None, None).note
+    multi = task_temperature(MULTI_LABEL, np.ones((20, 2)), lambda: np.full((20, 2), 0.5))
+    assert multi.value == 1.0 and "multi-label" in multi.note
+
+
+def test_a_temperature_other_than_one_is_a_note_with_the_ece_before_and_after():
+    from probe.runs import temperature_notes
+
+    metrics = {"temperature": 1.7, "expected_calibration_error": 0.041,
+               "expected_calibration_error_uncalibrated": 0.2}
+    assert temperature_notes(metrics) == [
+        "probabilities temperature-scaled (T = 1.7, fitted on validation): expected calibration "
+        "error 0.2000 before, 0.0410 after; predict and export apply it too"]
+    assert temperature_notes({**metrics, "temperature": 1.0}) == []
