@@ -258,7 +258,7 @@ AUGMENT_OPTIONS = (
                       "(val and test stay clean); heads then train on them."),
     click.option("--augment-policy", type=click.Choice(["light", "default", "strong"]),
                  default="default", show_default=True,
-                 help="Ranges of the views' crop, flip, rotation and colour jitter (README)."),
+                 help="Ranges of the views' crop, flip, rotation and colour jitter (docs/augmentation.md)."),
 )
 
 
@@ -1005,7 +1005,7 @@ def report_command(directory, output) -> None:
 @click.argument("cache", type=click.Path())
 @click.option("--threshold", type=float, default=None,
               help="Cosine similarity (of centred features) from which two images are near "
-                   "duplicates [default: set from the cache's own similarities, see the README].")
+                   "duplicates [default: set from the cache's own similarities, see docs/report.md].")
 @click.option("--strict", is_flag=True, help="Exit non-zero when a pair crosses splits.")
 @click.option("--json", "as_json", is_flag=True, help="Print every group and pair as JSON.")
 @click.option("--limit", type=int, default=50, show_default=True,

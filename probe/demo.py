@@ -25,7 +25,7 @@ from .progress import DemoDataset, OfflineWeights, ProgressCallback, emit
 __all__ = ["run_demo", "write_digits", "imagenet_available", "DEMO_BACKBONES", "DEMO_PER_CLASS", "DEMO_IMAGE_SIZE"]
 
 # Chosen so that the default `probe demo` finishes in well under 3 minutes on a 2-core CPU,
-# TensorFlow start-up included (see README).
+# TensorFlow start-up included (see docs/compare.md).
 DEMO_BACKBONES = ("vgg16", "resnet50", "densenet121")
 DEMO_PER_CLASS = 60
 DEMO_IMAGE_SIZE = 64

@@ -51,7 +51,7 @@ __all__ = ["THRESHOLD_FLOOR", "DuplicateImage", "DuplicatePair", "DuplicateGroup
 # with random-weight vgg16, resnet50 and densenet121 features it keeps every identical
 # file and re-encoded copy and 66-88 % of resized or cropped copies, but also flags
 # 0.2-1.4 % of pairs of distinct but alike images (benchmarks/duplicates.py --calibrate;
-# README "Duplicates and leakage"), hence the calibration above it.
+# docs/report.md "Duplicates and leakage"), hence the calibration above it.
 THRESHOLD_FLOOR = 0.95
 DEFAULT_THRESHOLD = THRESHOLD_FLOOR  # the name earlier versions exported
 THRESHOLD_CEILING = 0.9999  # near-identical copies stay findable in a crowded space
@@ -310,7 +310,7 @@ def _nearest_similarities(X: np.ndarray, seed: int) -> tuple[int, np.ndarray]:
 def centre(features: np.ndarray) -> np.ndarray:
     """Rows minus their mean, scaled to unit length (float32). Centring removes the
     component every image shares (post-ReLU features are all positive), which otherwise
-    makes distinct images look alike (see the calibration in the README)."""
+    makes distinct images look alike (see the calibration in docs/report.md)."""
     X = np.asarray(features, dtype=np.float32).reshape(len(features), -1)
     if len(X) > 1:
         X = X - X.mean(axis=0, dtype=np.float64).astype(np.float32)

@@ -3,7 +3,7 @@
 A view is the image after a random rotation, a random resized crop, a random horizontal flip
 and a colour jitter, drawn from a generator seeded by (the image's relative path, the view's
 index, the seed), so the same view comes out of every run, resumed or repeated, and view v of
-K = 4 is view v of K = 16. The policy sets the ranges (`POLICIES`, documented in the README).
+K = 4 is view v of K = 16. The policy sets the ranges (`POLICIES`, documented in docs/augmentation.md).
 Pillow and NumPy only; the backbone then reads a view like any image.
 """
 

@@ -1,6 +1,6 @@
 """The feature cache: one HDF5 file per (dataset, backbone, extraction settings).
 
-Layout (documented in the README so anyone with h5py can read it):
+Layout (documented in docs/cache.md so anyone with h5py can read it):
 
     /                 attributes: format, format_version, feature_key, source_fingerprint,
                       backbone, weights, image_size, pooling, preprocessing, feature_shape,
