@@ -248,7 +248,7 @@ def calibrate_threshold(X: np.ndarray, members: np.ndarray | None = None, *,
     say nothing. The threshold is 1 - (1 - q) / 2 for the higher q, clipped to
     [THRESHOLD_FLOOR, THRESHOLD_CEILING]: in a random-weight space it rises above the
     alike but distinct images, and re-encoded or resized copies, far closer to 1, stay
-    above it (benchmarks/duplicates.py --calibrate)."""
+    above it (the calibration run of benchmarks/duplicates.py)."""
     if len(X) < 2:  # nothing to compare, nothing to find
         return Calibration(THRESHOLD_FLOOR, "random pairs", 0, REFERENCE_PERCENTILE, -1.0, len(X), -1.0)
     similarities, cross = _reference_similarities(X, members, seed)

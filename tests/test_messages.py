@@ -78,7 +78,7 @@ def test_every_suggested_command_and_option_exists():
 
 
 def test_every_option_named_in_a_message_exists_somewhere():
-    known = set().union(*(options(c) for c in commands().values()))
+    known = set().union(options(main), *(options(c) for c in commands().values()))
     wrong = [f"{where}: {opt}" for where, text in texts() for opt in OPTION.findall(text)
              if opt not in known]
     assert not wrong, wrong
