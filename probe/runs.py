@@ -190,9 +190,10 @@ def validation_temperature(model: Any, cache: FeatureCache, roles: SplitRoles, t
                            stream: bool = False, views: bool = True) -> calibration.Temperature:
     """The temperature of a fitted single-label head (`calibration.choose_temperature`).
     It is fitted on the validation predictions of a head that never trained on val:
-    `model` itself when it was fit on train only, otherwise (refit on train + val) a
-    clone of it fit on train only, selecting on val exactly as `model` did before its
-    refit. T = 1 with a note for multi-label runs and without val.
+    `model` itself when it was fit on train only, otherwise (refit on train + val) those
+    its selection made with the train-only model (`validation_proba_`), or, for a head
+    that made none (a C given, no selection), a clone of it fit on train only. T = 1 with
+    a note for multi-label runs and without val.
 
     `fit` applies it to every probability the run reports (test_predictions.csv, the
     metrics), and records it in config.json (`temperature`, which `probe.predict` and
@@ -201,14 +202,18 @@ def validation_temperature(model: Any, cache: FeatureCache, roles: SplitRoles, t
     if task.multilabel or roles.select is None:
         return task_temperature(task, None, None)
     val = read_split(cache, roles.select, stream)
-    source, where = model, "the validation predictions of the scored head (fit on train only)"
-    if model.get_params().get("refit"):
-        from sklearn.base import clone
+    if not model.get_params().get("refit"):
+        return task_temperature(task, val.labels, lambda: model.predict_proba(val.features),
+                                "the validation predictions of the scored head (fit on train only)")
+    where = ("the validation predictions of the head fit on train only (the scored head was "
+             "refit on train + val)")
+    kept = getattr(model, "validation_proba_", None)
+    if kept is not None and len(kept) == len(val.labels):  # selection computed them already
+        return task_temperature(task, val.labels, lambda: kept, where)
+    from sklearn.base import clone
 
-        source = clone(model).set_params(refit=False)
-        train_head(source, cache, roles, stream, views)
-        where = ("the validation predictions of the head fit on train only (the scored head "
-                 "was refit on train + val)")
+    source = clone(model).set_params(refit=False)
+    train_head(source, cache, roles, stream, views)
     return task_temperature(task, val.labels, lambda: source.predict_proba(val.features), where)
 
 

@@ -345,3 +345,23 @@ def test_dense_head_standardises_tiny_scale_features():
     assert head.score(X[150:], y[150:]) > 0.9
     standardised = head.model_.get_layer("standardize")(X[:150].astype("float32"))
     np.testing.assert_allclose(np.asarray(standardised).mean(axis=0), 0, atol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["logreg", "knn", "dense"])
+def test_validation_proba_is_the_train_only_models_on_val(name):
+    """`validation_proba_` of a head refit on train + val holds what its train-only model,
+    chosen on val, predicts for val: the temperature of a run is fitted on it."""
+    from probe.heads import make_head
+
+    rng = np.random.default_rng(0)
+    X, X_val = rng.normal(size=(60, 12)), rng.normal(size=(30, 12))
+    y, y_val = rng.integers(0, 3, 60), rng.integers(0, 3, 30)
+    X[:, 0] += 1.5 * y  # some signal, far from separable, so the settings matter
+    X_val[:, 0] += 1.5 * y_val
+    params = {"epochs": 5} if name == "dense" else {}
+    refit = make_head(name, **params).fit(X, y, X_val=X_val, y_val=y_val)
+    train_only = make_head(name, refit=False, **params).fit(X, y, X_val=X_val, y_val=y_val)
+    tolerance = 2e-2 if name == "logreg" else 1e-6  # logreg: the sweep's looser tolerance
+    np.testing.assert_allclose(refit.validation_proba_, train_only.predict_proba(X_val), atol=tolerance)
+    assert np.abs(refit.predict_proba(X_val) - refit.validation_proba_).max() > 1e-3
+    assert make_head(name, **params).fit(X, y).validation_proba_ is None

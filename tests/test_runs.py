@@ -243,3 +243,39 @@ def test_a_temperature_other_than_one_is_a_note_with_the_ece_before_and_after():
         "probabilities temperature-scaled (T = 1.7, fitted on validation): expected calibration "
         "error 0.2000 before, 0.0410 after; predict and export apply it too"]
     assert temperature_notes({**metrics, "temperature": 1.0}) == []
+
+
+@pytest.mark.parametrize("head", ["logreg", "knn", "dense"])
+def test_the_temperature_of_a_refit_head_takes_its_selections_validation_predictions(
+        separable_cache, monkeypatch, head):
+    """A head that selected on val already predicted val with its train-only model: the
+    temperature is fitted on those (no second fit), which a train-only head reproduces."""
+    from probe import calibration
+    from probe.heads import make_head
+    from probe.heads.estimator import Head
+
+    seen, fits = {}, []
+    choose, real_fit = calibration.choose_temperature, Head.fit
+
+    def spy(y, proba, where="validation"):
+        seen["proba"] = np.asarray(proba)
+        return choose(y, proba, where)
+
+    def counted(self, *args, **kwargs):
+        fits.append(type(self).__name__)
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(calibration, "choose_temperature", spy)
+    monkeypatch.setattr(Head, "fit", counted)
+    params = {"epochs": 5} if head == "dense" else {}
+    run = probe.fit(head=head, html_report=False, **params)
+    assert len(fits) == 1, fits  # the scored head only
+    assert run.config["head_params"]["refit"] is True
+    train, val = separable_cache.split("train"), separable_cache.split("val")
+    train_only = make_head(head, **{**run.config["head_params"], "refit": False})
+    real_fit(train_only, train.features, train.labels, X_val=val.features, y_val=val.labels,
+             classes=separable_cache.classes)
+    # logreg: the sweep's solution (tolerance 1e-3); knn and dense: the same bank, the same
+    # seeded early-stopped network
+    tolerance = 2e-2 if head == "logreg" else 1e-6
+    np.testing.assert_allclose(seen["proba"], train_only.predict_proba(val.features), atol=tolerance)

@@ -166,8 +166,8 @@ class DenseHead(Head):
         with threadpool_limits(1, user_api="blas"):
             return network.train(start, source, self._schedule(epochs, y, n_classes), rng, validation)
 
-    def _fit(self, data: FitData) -> None:
-        self._fit_network(data)
+    def _fit(self, data: FitData) -> np.ndarray | None:
+        return self._fit_network(data)
 
     def _fit_multilabel(self, data: FitData) -> np.ndarray | None:
         """Sigmoid outputs and binary cross-entropy; the validation probabilities of the

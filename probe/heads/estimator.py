@@ -56,8 +56,11 @@ class Head(ClassifierMixin, BaseEstimator):
         """Raise ProbeError for a parameter out of range."""
         raise NotImplementedError
 
-    def _fit(self, data: FitData) -> None:
-        """Learn from validated data (sets the head's own learned attributes)."""
+    def _fit(self, data: FitData) -> np.ndarray | None:
+        """Learn from validated data (sets the head's own learned attributes). With
+        validation data, return the validation probabilities of the model chosen on val
+        and fit on train only, where selection computed them (kept as
+        ``validation_proba_``); else None."""
         raise NotImplementedError
 
     def _predict_flat(self, X: np.ndarray) -> np.ndarray:
@@ -113,7 +116,10 @@ class Head(ClassifierMixin, BaseEstimator):
         if data.multilabel:
             self._fit_with_thresholds(data)
         else:
-            self._fit(data)
+            # the validation probabilities of the model fit on train only with the chosen
+            # settings, which selection computed anyway (None: no val, or a head without
+            # them); runs fit the temperature on them without a second fit
+            self.validation_proba_ = self._fit(data)
             self.multilabel_ = False
         self.classes_ = data.labels
         self.class_names_ = data.classes
@@ -126,7 +132,7 @@ class Head(ClassifierMixin, BaseEstimator):
         the model that never trained on val (0.5 without validation data)."""
         from probe.evaluate import best_f1_thresholds
 
-        val_proba = self._fit_multilabel(data)
+        val_proba = self.validation_proba_ = self._fit_multilabel(data)
         self.multilabel_ = True
         if val_proba is None:
             self.thresholds_ = np.full(data.n_classes, 0.5)

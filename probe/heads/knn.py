@@ -242,22 +242,23 @@ class KNNHead(Head):
         return sorted({min(k, bank_size) for k in ks}), sorted(set(Ts))
 
     def _select(self, bank: np.ndarray, labels: np.ndarray, queries: np.ndarray,
-                data: FitData) -> list[dict]:
+                data: FitData) -> tuple[list[dict], dict[tuple[int, float], np.ndarray]]:
         """Score every (k, T) on validation with the train bank: one pass over the bank
-        for the top max(k), then every vote from that same list."""
+        for the top max(k), then every vote from that same list; the records and each
+        (k, T)'s val probabilities."""
         ks, Ts = self._grid(bank.shape[0])
         sims, index = self._neighbours(queries, bank, max(ks))
         neighbour_labels = labels[index]
         rows = np.arange(data.y_val.size)
-        records = []
+        records, probabilities = [], {}
         for k in ks:
             for T in Ts:
-                proba = vote(sims, neighbour_labels, k, T, data.n_classes)
+                proba = probabilities[int(k), float(T)] = vote(sims, neighbour_labels, k, T, data.n_classes)
                 true = np.clip(proba[rows, data.y_val], 1e-15, 1.0)
                 records.append({"k": int(k), "T": float(T),
                                 "val_accuracy": float(np.mean(proba.argmax(axis=1) == data.y_val)),
                                 "val_log_loss": float(-np.mean(np.log(true)))})
-        return records
+        return records, probabilities
 
     @staticmethod
     def _neighbours(queries: np.ndarray, bank: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -269,17 +270,18 @@ class KNNHead(Head):
                  for start in range(0, queries.shape[0], group)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
-    def _fit(self, data: FitData) -> None:
+    def _fit(self, data: FitData) -> np.ndarray | None:
         """The bank is allocated once (train, then val when it joins) and normalised in
         place; the val rows of the bank are the selection's queries, so nothing is copied
-        or computed twice. Streamed features go to a memory-mapped bank."""
+        or computed twice. Streamed features go to a memory-mapped bank. Returns the val
+        probabilities of the train bank at the chosen (k, T) (None without val)."""
         n, n_features = data.X.shape
         streamed = isinstance(data.X, FeatureStream)
         with_val = data.X_val is not None
         joins = with_val and self.refit
         bank = _bank_storage(n + (data.X_val.shape[0] if joins else 0), n_features, not streamed)
         _fill(bank, 0, data.X)
-        labels, selection = data.y, []
+        labels, selection, val_proba = data.y, [], None
         if with_val:
             if joins:
                 _fill(bank, n, data.X_val)
@@ -288,14 +290,16 @@ class KNNHead(Head):
                 queries = _bank_storage(data.X_val.shape[0], n_features,
                                         not isinstance(data.X_val, FeatureStream))
                 _fill(queries, 0, data.X_val)
-            selection = self._select(bank[:n], labels, queries, data)
+            selection, probabilities = self._select(bank[:n], labels, queries, data)
             best = min(selection, key=lambda r: (-r["val_accuracy"], r["val_log_loss"], r["k"], r["T"]))
             k, T = best["k"], best["T"]
+            val_proba = probabilities[k, T]
             if joins:
                 labels = np.concatenate([labels, data.y_val])
         else:
             k, T = self._unvalidated()
         self._keep(bank, labels, k, T, selection)
+        return val_proba
 
     def _predict_flat(self, X: np.ndarray | FeatureStream) -> np.ndarray:
         if not isinstance(X, FeatureStream) and not isinstance(self.bank_, np.memmap):

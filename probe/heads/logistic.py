@@ -192,19 +192,21 @@ class LogisticHead(Head):
         coef, intercept, n_iter = self._fit_model(self._model(C), Z if Q is None else Z @ Q, y, start)
         return scaler, (coef if Q is None else coef @ Q.T, intercept, n_iter)
 
-    def _fit(self, data: FitData) -> None:
+    def _fit(self, data: FitData) -> np.ndarray | None:
         from threadpoolctl import threadpool_limits
 
         # lbfgs makes many small matrix products: BLAS threads spinning for them cost far
         # more than they give (a fit on 420 x 2,048 features took 17x longer with two
         # OpenBLAS threads than with one on a busy 2-core machine)
         with threadpool_limits(1, user_api="blas"):
-            self._fit_single_threaded(data)
+            return self._fit_single_threaded(data)
 
-    def _fit_single_threaded(self, data: FitData) -> None:
+    def _fit_single_threaded(self, data: FitData) -> np.ndarray | None:
+        """Sweep C on val (when C is not given), then the final fit; the val probabilities
+        of the sweep's train-only solution at the chosen C (None without a sweep)."""
         from sklearn.preprocessing import StandardScaler
 
-        start, sweep = None, []
+        start, sweep, val_proba = None, [], None
         if self.C is None and data.X_val is not None:
             scaler = StandardScaler().fit(data.X)
             Z, Zv = scaler.transform(data.X), scaler.transform(data.X_val)
@@ -214,6 +216,7 @@ class LogisticHead(Head):
             sweep, solutions = self._run_sweep(Z, data.y, Zv, data.y_val, data.n_classes)
             C_ = min(sweep, key=self._rank)["C"]
             coef, intercept, _ = solutions[C_]
+            val_proba = _class_probabilities(Zv @ coef.T + intercept)
             start = (coef if Q is None else coef @ Q.T, intercept)
         else:
             C_ = 1.0 if self.C is None else float(self.C)
@@ -229,6 +232,7 @@ class LogisticHead(Head):
         self.n_iter_ = int(n_iter)
         self.converged_ = self.n_iter_ < int(self.max_iter)
         self.coef_ = np.asarray(coef, dtype=np.float64)
+        return val_proba
 
     # -- prediction ------------------------------------------------------ #
     def _predict_flat(self, X: np.ndarray) -> np.ndarray:
@@ -236,9 +240,7 @@ class LogisticHead(Head):
         raw = z @ self.coef_.T + self.intercept_
         if getattr(self, "multilabel_", False):  # one independent probability per class
             return sigmoid(raw)
-        if self.coef_.shape[0] == 1:  # binary: scikit-learn models P(class 1) = sigmoid(raw)
-            raw = np.concatenate([np.zeros_like(raw), raw], axis=1)
-        return softmax(raw)
+        return _class_probabilities(raw)
 
     def dense_weights(self) -> tuple[np.ndarray, np.ndarray]:
         """Fold standardisation and the logistic model into one Dense layer.
@@ -402,6 +404,13 @@ class LogisticHead(Head):
 
 
 _ML_SWEEP_KEYS = ("C", "val_map", "val_log_loss")
+
+
+def _class_probabilities(raw: np.ndarray) -> np.ndarray:
+    """Single-label probabilities of a linear model's scores, as scikit-learn's."""
+    if raw.shape[1] == 1:  # binary: scikit-learn models P(class 1) = sigmoid(raw)
+        raw = np.concatenate([np.zeros_like(raw), raw], axis=1)
+    return softmax(raw)
 
 
 def _ml_rank(record: dict) -> tuple:
