@@ -8,7 +8,9 @@ and `image_converter.save_to_preset(DIR)` write it).
   first layer of the built model: extraction, prediction and the exported model all run
   it (the exported model loads with `keras.saving.load_model` after `import keras_hub`).
   The image size is the converter's.
-- Features: the backbone's output as KerasHub returns it. A token output (N, tokens, D)
+- Features: the backbone's output as KerasHub returns it; for an image-text preset (CLIP,
+  SigLIP) its vision tower's output (before the projection into the shared space). A
+  one-vector output (SigLIP's attention pooling) is kept as it is. A token output (N, tokens, D)
   of a vision transformer is pooled with `--pooling cls|mean|cls+mean` (avg is mean, the
   mean of the patch tokens; the class and register tokens are left out of it); a
   feature-map output with avg / max / none as any backbone.
@@ -181,6 +183,7 @@ class HubBackbone:
         try:
             backbone = hub.models.Backbone.from_preset(directory, load_weights=weights)
             converter = hub.layers.ImageConverter.from_preset(directory)
+            backbone = _vision_tower(backbone)
         except Exception as error:  # KerasHub raises many types for a bad preset
             reason = " ".join(str(error).split())[:200]
             raise BackboneError(f"could not load the KerasHub preset {display(directory)}: "
@@ -222,6 +225,12 @@ class HubBackbone:
         """The pooling these settings record: avg on tokens is mean (see the module)."""
         if pooling not in (*backbones.POOLINGS, *TOKEN_POOLINGS):
             backbones.check_pooling(pooling)  # the one-line message of an unknown name
+        if self._layout[1] == 2:  # one pooled vector (SigLIP's attention pooling head)
+            if pooling not in ("avg", "none"):
+                raise BackboneError(
+                    f"{self.name} outputs one pooled vector per image: expected --pooling avg "
+                    f"(the vector as it is). Received: pooling='{pooling}'")
+            return "avg"
         if not self.tokens:
             return backbones.check_pooling(pooling)
         pooling = "mean" if pooling == "avg" else pooling
@@ -265,7 +274,7 @@ class HubBackbone:
 
     def _pool(self, keras, tensor, pooling: str, index: int):
         """One output pooled with built-in layers (the exported model loads safely)."""
-        if pooling == "none":
+        if pooling == "none" or len(tensor.shape) == 2:
             return tensor
         if not self.tokens:
             pool = (keras.layers.GlobalAveragePooling2D if pooling == "avg"
@@ -294,6 +303,13 @@ class HubBackbone:
 
     def unfreeze(self, model: "keras.Model", n: int) -> list[str]:
         return [self.check_unfreeze(n)]  # always raises
+
+
+def _vision_tower(backbone: "keras.Model") -> "keras.Model":
+    """The image half of an image-text backbone (CLIP, SigLIP: `vision_encoder`, whose
+    output is what their image embedding pools and projects); any other backbone as it is."""
+    tower = getattr(backbone, "vision_encoder", None)
+    return tower if tower is not None and hasattr(tower, "output_shape") else backbone
 
 
 def _prefix_tokens(backbone, shape: tuple, size: int) -> int:

@@ -149,3 +149,52 @@ def test_fit_predict_export_and_a_changed_preset_is_refused(tmp_path):
     with pytest.raises(WeightsError, match="KerasHub preset has changed") as error:
         probe.predict(run.path, images)
     assert "\n" not in str(error.value)
+
+
+def save_image_text_preset(directory, family="CLIP", seed=0):
+    """A tiny random CLIP or SigLIP (a 2-block vision tower, hidden 16, and a 1-block text
+    tower, as the real presets hold both) and its image converter, saved as a preset."""
+    import keras
+    import keras_hub
+
+    models = keras_hub.models
+    keras.utils.set_random_seed(seed)
+    vision = getattr(models, f"{family}VisionEncoder")(
+        patch_size=14, hidden_dim=16, num_layers=2, num_heads=2, intermediate_dim=32,
+        image_shape=(SIZE, SIZE, 3))
+    text_sizes = dict(vocabulary_size=10, embedding_dim=8, hidden_dim=8, num_layers=1,
+                      num_heads=2, intermediate_dim=16, max_sequence_length=4)
+    if family == "CLIP":
+        backbone = models.CLIPBackbone(vision, models.CLIPTextEncoder(**text_sizes),
+                                       projection_dim=8)
+    else:
+        text_sizes["embedding_dim"] = 16  # SigLIP's logits compare the two towers' outputs
+        text_sizes["hidden_dim"] = 16
+        backbone = models.SigLIPBackbone(vision, models.SigLIPTextEncoder(**text_sizes))
+    converter = getattr(keras_hub.layers, f"{family}ImageConverter")(
+        image_size=(SIZE, SIZE), scale=1 / 127.5, offset=-1.0)
+    backbone.save_to_preset(str(directory))
+    converter.save_to_preset(str(directory))
+    return vision, converter
+
+
+def test_clip_features_are_its_vision_towers_tokens(tmp_path):
+    vision, converter = save_image_text_preset(tmp_path / "clip")
+    root = small_tree(tmp_path / "ds")
+    caches = {pooling: probe.extract(root, tmp_path / "clip", pooling=pooling, val_fraction=0)
+              for pooling in ("cls", "mean")}
+    tokens = tokens_of(root, caches["cls"], vision, converter)
+    assert tokens.shape[1:] == (1 + 4, 16)  # [class, 4 patches]: CLIP has no registers
+    relative_close(caches["cls"].split("train").features, tokens[:, 0])
+    relative_close(caches["mean"].split("train").features, tokens[:, 1:].mean(axis=1))
+
+
+def test_siglip_features_are_its_vision_towers_pooled_vector(tmp_path):
+    vision, converter = save_image_text_preset(tmp_path / "siglip", family="SigLIP")
+    root = small_tree(tmp_path / "ds")
+    cache = probe.extract(root, tmp_path / "siglip", val_fraction=0)
+    expected = tokens_of(root, cache, vision, converter)
+    assert expected.shape[1:] == (16,) and cache.attrs["pooling"] == "avg"
+    relative_close(cache.split("train").features, expected)
+    with pytest.raises(BackboneError, match="one pooled vector per image"):
+        probe.extract(root, tmp_path / "siglip", pooling="cls", val_fraction=0)
