@@ -26,7 +26,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import (model_backbones, backbones as backbones_mod, data, device, evaluate, files, heads as heads_mod, html,
+from . import (hub_backbones, model_backbones, backbones as backbones_mod, data, device, evaluate, files, heads as heads_mod, html,
                report, run_files)
 from .features import cache as cache_mod
 from .features.engines.ray import RayOptions
@@ -264,7 +264,8 @@ def _plan(dataset, backbones, heads, image_size, head_params, seed: int, *, weig
 
     views = ViewSettings.create(augment, augment_policy, seed)
     names = parse_names(backbones, DEFAULT_BACKBONES, backbones_mod.list_backbones(),
-                        keep_case=model_backbones.is_model_path)
+                        keep_case=lambda name: model_backbones.is_model_path(name)
+                        or hub_backbones.is_hub_value(name))
     head_names = parse_names(heads, DEFAULT_HEADS)
     if not names:
         raise ProbeError(f"expected at least one backbone. Received: backbones={backbones!r}")
@@ -337,7 +338,7 @@ def _write_outputs(result: Comparison, plan: _Plan, curves: dict[str, Any]) -> N
 
 
 def _is_model_file(spec) -> bool:
-    return model_backbones.is_model_path(model_backbones.argument(spec))
+    return model_backbones.holds_weights(spec)  # a .keras file or a KerasHub preset
 
 
 def _extraction_of(plan: _Plan, spec, size: int) -> ExtractionSettings:

@@ -217,9 +217,20 @@ class CustomBackbone:
 
 
 def argument(spec) -> str:
-    """What `--backbone` takes to name `spec` again: a model file's path, else its name."""
+    """What `--backbone` takes to name `spec` again: a model file's path, a KerasHub
+    preset's source (hub:NAME or its directory), else its name."""
     model_file = getattr(spec, "model_file", None)
-    return str(model_file.path) if model_file is not None else spec.name
+    if model_file is not None:
+        return str(model_file.path)
+    preset = getattr(spec, "preset", None)
+    return preset.source if preset is not None else spec.name
+
+
+def holds_weights(spec) -> bool:
+    """True where the backbone's files hold its weights (a model file, a KerasHub preset),
+    so --weights (imagenet, none, a file) is not for it."""
+    return getattr(spec, "model_file", None) is not None \
+        or getattr(spec, "preset", None) is not None
 
 
 def load_model_file(path: Path) -> "keras.Model":

@@ -198,3 +198,25 @@ def test_siglip_features_are_its_vision_towers_pooled_vector(tmp_path):
     relative_close(cache.split("train").features, expected)
     with pytest.raises(BackboneError, match="one pooled vector per image"):
         probe.extract(root, tmp_path / "siglip", pooling="cls", val_fraction=0)
+
+
+def test_compare_mixes_a_registry_name_a_preset_and_a_model_file(tmp_path):
+    import keras
+    import keras_hub
+
+    from test_own_backbone import tiny_model
+
+    keras.utils.set_random_seed(0)  # a 32-pixel DINOv2 (2x2 patches of 16): one --image-size
+    keras_hub.models.DINOV2Backbone(
+        patch_size=16, num_layers=1, hidden_dim=16, num_heads=2, intermediate_dim=32,
+        layer_scale_init_value=1.0, image_shape=(32, 32, 3),
+        position_embedding_shape=(32, 32, 3)).save_to_preset(str(tmp_path / "Tiny"))
+    keras_hub.layers.DINOV2ImageConverter(image_size=(32, 32), scale=1 / 255).save_to_preset(
+        str(tmp_path / "Tiny"))
+    tiny_model(tmp_path / "Mine.keras")
+    root = make_separable_tree(tmp_path / "colours", classes=("blue", "red"), per_class=6)
+    result = probe.compare(root, f"vgg16,{tmp_path / 'Tiny'},{tmp_path / 'Mine.keras'}",
+                           "logreg", weights="none", image_size=32, runs_dir=tmp_path / "cmp")
+    assert [r["backbone"] for r in result] == ["vgg16", "Tiny", "Mine.keras"]
+    assert all(r["status"] == "ok" for r in result), [r.get("error") for r in result]
+    assert [r["feature_size"] for r in result] == [512, 16, 16]
