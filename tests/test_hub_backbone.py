@@ -248,3 +248,40 @@ def ray_cluster():
     from test_engine_ray import local_ray
 
     yield from local_ray.__wrapped__()
+
+
+@pytest.mark.openvino
+def test_openvino_runs_a_preset_and_a_model_file_or_says_it_fell_back(tmp_path, preset,
+                                                                       monkeypatch):
+    """Both convert (traced: the graph writer knows no KerasHub layer) and agree with
+    TensorFlow; a conversion that fails runs on TensorFlow and says so in one line."""
+    pytest.importorskip("openvino")
+    from probe.features import runtime
+    from probe.progress import RuntimeNote
+    from test_own_backbone import tiny_model
+
+    tiny_model(tmp_path / "mine.keras")
+    root = small_tree(tmp_path / "ds")
+    for backbone in (preset[0], tmp_path / "mine.keras"):
+        on_tf = probe.extract(root, backbone, cache_dir=tmp_path / "tf", runtime="tensorflow",
+                              val_fraction=0)
+        on_ov, report = probe.extract_with_report(root, backbone, cache_dir=tmp_path / "ov",
+                                                  runtime="openvino", val_fraction=0)
+        assert report.runtime == "openvino" and on_ov.attrs["extract_runtime"] == "openvino"
+        relative_close(on_ov.split("train").features, on_tf.split("train").features)
+
+    def fails(*args):
+        raise RuntimeError("Cannot convert\nthis operation")
+
+    monkeypatch.setattr(runtime, "convert_traced", fails)
+    notes = []
+    fell_back, report = probe.extract_with_report(
+        root, preset[0], cache_dir=tmp_path / "fell", runtime="openvino", val_fraction=0,
+        progress=lambda event: notes.append(event) if isinstance(event, RuntimeNote) else None)
+    assert report.runtime == "tensorflow" and fell_back.attrs["extract_runtime"] == "tensorflow"
+    assert [n.message for n in notes] == [
+        f"OpenVINO could not convert {preset[0].name} (Cannot convert this operation): the "
+        "backbone ran on TensorFlow"]
+    relative_close(fell_back.split("train").features,
+                   probe.extract(root, preset[0], cache_dir=tmp_path / "tf",
+                                 val_fraction=0).split("train").features)
