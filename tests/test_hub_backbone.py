@@ -141,8 +141,8 @@ def test_fit_predict_export_and_a_changed_preset_is_refused(tmp_path):
                                        safe_mode=True)
     pixels = probe.load_images(images, run.path)
     np.testing.assert_allclose(exported.predict(pixels, verbose=0), proba, atol=1e-5)
-    with pytest.raises(BackboneError, match="fine-tuning a KerasHub backbone"):
-        probe.finetune(run.path, unfreeze=1)
+    with pytest.raises(BackboneError, match=r"has 2 transformer blocks .* between 1 and 2"):
+        probe.finetune(run.path, unfreeze=0)
     layer = backbone.layers[-1]
     layer.set_weights([w + 1 for w in layer.get_weights()])
     backbone.save_to_preset(str(tmp_path / "preset"))
@@ -285,3 +285,71 @@ def test_openvino_runs_a_preset_and_a_model_file_or_says_it_fell_back(tmp_path, 
     relative_close(fell_back.split("train").features,
                    probe.extract(root, preset[0], cache_dir=tmp_path / "tf",
                                  val_fraction=0).split("train").features)
+
+
+def finetuned_and_exported(tmp_path, backbone, **extract):
+    """A dense run on `backbone`, fine-tuned 1 epoch with the last block unfrozen (a trained
+    epoch is kept: epoch 0's loss is made unbeatable); (run, its model.keras loaded, the
+    run's test images, their probabilities by predict, by the exported model)."""
+    import importlib
+
+    import keras
+
+    finetune_module = importlib.import_module("probe.finetune")  # probe.finetune: the function
+    root = make_separable_tree(tmp_path / "colours", per_class=8,
+                               classes=("blue", "green", "red"))
+    probe.extract(root, backbone, **extract)
+    source = probe.fit(head="dense", epochs=1, hidden_units=16, learning_rate=1e-6)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(finetune_module, "_baseline_loss", lambda job: float("inf"))
+        run = probe.finetune(source, unfreeze=1, epochs=1, learning_rate=1e-3, batch_size=8,
+                             augment=False)
+    assert run.metrics["best_epoch"] == 1
+    images = [str(p) for p in sorted((root / "red").iterdir())[:3]]
+    proba = np.array([[r.probabilities[c] for c in run.classes]
+                      for r in probe.predict(run.path, images)])
+    exported = keras.saving.load_model(probe.export(run.path, tmp_path / "out.keras"),
+                                       safe_mode=True)
+    exported_proba = exported.predict(probe.load_images(images, run.path), verbose=0)
+    tuned = keras.saving.load_model(run.path / "model.keras", safe_mode=True)
+    return run, tuned, proba, exported_proba
+
+
+def changed_weights(model, original) -> set[str]:
+    """The paths of `original`'s weights whose values differ in its copy inside `model`
+    (the layer of the same class and name; weights in the same order, as Keras saves them)."""
+    (copy,) = [layer for layer in model._flatten_layers()
+               if type(layer) is type(original) and layer.name == original.name]
+    return {weight.path for weight, tuned in zip(original.weights, copy.weights, strict=True)
+            if not np.array_equal(np.asarray(tuned), np.asarray(weight))}
+
+
+@pytest.mark.slow
+def test_finetune_a_preset_trains_its_last_block_and_final_norm_only(tmp_path):
+    import keras_hub  # noqa: F401  (the fine-tuned and exported models hold its layers)
+
+    backbone, _ = save_preset(tmp_path / "preset")
+    run, tuned, proba, exported_proba = finetuned_and_exported(
+        tmp_path, tmp_path / "preset", pooling="cls")
+    assert run.config["finetune"]["blocks"] == ["layers_1"]
+    changed = changed_weights(tuned, backbone)
+    encoder = backbone.get_layer("encoder")
+    last_block = {w.path for w in encoder.layers[1].weights}
+    final_norm = {w.path for w in backbone.get_layer("layernorm").weights}
+    assert changed & last_block and changed <= last_block | final_norm
+    np.testing.assert_allclose(exported_proba, proba, atol=1e-5)
+    with pytest.raises(BackboneError, match=r"2 transformer blocks .* Received: unfreeze=3"):
+        probe.finetune(probe.Run.open(run.config["finetune"]["source_run"]), unfreeze=3)
+
+
+@pytest.mark.slow
+def test_finetune_a_model_file_trains_its_last_weighted_layer_only(tmp_path):
+    from test_own_backbone import tiny_model
+
+    model = tiny_model(tmp_path / "mine.keras")
+    run, tuned, proba, exported_proba = finetuned_and_exported(
+        tmp_path, tmp_path / "mine.keras", preprocess="tf")
+    assert run.config["finetune"]["blocks"] == ["c2"]  # c1, c2 read; the classifier is not
+    assert changed_weights(tuned, model.get_layer("c2")) == {"c2/kernel", "c2/bias"}
+    assert not changed_weights(tuned, model.get_layer("c1"))
+    np.testing.assert_allclose(exported_proba, proba, atol=1e-5)
