@@ -15,10 +15,14 @@ by probe as `--backbone DIR`), `convnext_tiny` and `efficientnetv2b0` (keras.app
   `keras_hub.models.Backbone.from_preset`; for the applications `model.predict(
   preprocess_input(pixels), batch_size=32)` with `include_top=False, pooling="avg"`.
 
+- probe_model: the backbone as probe's extraction runs it (`runtime.load_backbone`: on
+  OpenVINO or TensorFlow) on the same in-memory pixels, batch by batch: the model-level
+  comparison with keras, without decoding.
+
 Every figure on its own line, `<scope> <figure> <value>`: the rates (images/s, median of
-the rounds), probe's runtime, and probe_over_keras, the ratio of the two rates. The keras
-figure leaves out decoding, which probe's includes: a ratio of 1 means probe's whole
-extraction runs as fast as the plain recipe's model calls alone.
+the rounds), probe's runtime, and the ratios probe_over_keras and probe_model_over_keras.
+The keras figure leaves out decoding, which probe's includes: a probe_over_keras of 1 means
+probe's whole extraction runs as fast as the plain recipe's model calls alone.
 
     python benchmarks/backbones.py --n 64 --rounds 3
     python benchmarks/backbones.py --tiny --n 4 --rounds 1      # a smoke run: tiny sizes
@@ -104,7 +108,9 @@ def measure(name: str, root: Path, workdir: Path, rounds: int, tiny: bool,
     pixels = pixels.astype("float32")
     model, inputs = plain_recipe(name, preset, size)
     model.predict(inputs(pixels[:BATCH_SIZE]), batch_size=BATCH_SIZE, verbose=0)  # warm-up
-    probe_rates, keras_rates = [], []
+    backbone, batches = probe_model(options, pixels, cache_dir)
+    backbone.predict_on_batch(batches[0])  # warm-up
+    probe_rates, model_rates, keras_rates = [], [], []
     for _ in range(rounds):
         for cache in cache_dir.glob("*.h5"):  # a fresh cache: every image extracted again
             cache.unlink()
@@ -112,10 +118,28 @@ def measure(name: str, root: Path, workdir: Path, rounds: int, tiny: bool,
         probe.extract(root, **options)
         probe_rates.append(len(pixels) / (time.perf_counter() - start))
         start = time.perf_counter()
+        for batch in batches:
+            backbone.predict_on_batch(batch)
+        model_rates.append(len(pixels) / (time.perf_counter() - start))
+        start = time.perf_counter()
         model.predict(inputs(pixels), batch_size=BATCH_SIZE, verbose=0)
         keras_rates.append(len(pixels) / (time.perf_counter() - start))
     return {"probe": statistics.median(probe_rates), "keras": statistics.median(keras_rates),
-            "runtime": report.runtime, "image_size": size}
+            "model": statistics.median(model_rates), "runtime": report.runtime,
+            "image_size": size}
+
+
+def probe_model(options: dict, pixels: np.ndarray, cache_dir: Path) -> tuple:
+    """The backbone as probe's extraction runs it (its runtime; the converted model read
+    from `cache_dir`) and the pixels in batches, preprocessed for it."""
+    from probe.features import runtime as runtime_mod
+    from probe.settings import ExtractionSettings
+
+    keys = ("backbone", "weights", "image_size", "batch_size", "runtime")
+    extraction = ExtractionSettings.create(**{k: options[k] for k in keys if k in options})
+    backbone = runtime_mod.load_backbone(extraction, cache_dir)
+    inputs = np.asarray(extraction.spec.preprocess_input(pixels), np.float32)
+    return backbone, [inputs[i:i + BATCH_SIZE] for i in range(0, len(inputs), BATCH_SIZE)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,8 +161,10 @@ def main(argv: list[str] | None = None) -> None:
             bench.emit(name, "image_size", rates["image_size"])
             bench.emit(name, "probe_runtime", rates["runtime"])
             bench.emit(name, "probe_img_per_s", float(rates["probe"]))
+            bench.emit(name, "probe_model_img_per_s", float(rates["model"]))
             bench.emit(name, "keras_img_per_s", float(rates["keras"]))
             bench.emit(name, "probe_over_keras", float(rates["probe"] / rates["keras"]))
+            bench.emit(name, "probe_model_over_keras", float(rates["model"] / rates["keras"]))
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

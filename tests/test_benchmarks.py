@@ -171,6 +171,8 @@ def test_backbones_benchmark_prints_both_rates_and_their_ratio(tmp_path):
     for scope, size in (("dinov2_vits14", "28"), ("efficientnetv2b0", "32")):
         assert figures[f"{scope} image_size"] == size
         assert figures[f"{scope} probe_runtime"] == "tensorflow"
-        rates = [number(figures, f"{scope} {kind}_img_per_s") for kind in ("probe", "keras")]
+        rates = [number(figures, f"{scope} {kind}_img_per_s")
+                 for kind in ("probe", "probe_model", "keras")]
         assert all(rate > 0 for rate in rates)
-        assert close(number(figures, f"{scope} probe_over_keras"), rates[0] / rates[1])
+        assert close(number(figures, f"{scope} probe_over_keras"), rates[0] / rates[2])
+        assert close(number(figures, f"{scope} probe_model_over_keras"), rates[1] / rates[2])
