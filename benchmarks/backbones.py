@@ -103,6 +103,8 @@ def measure(name: str, root: Path, workdir: Path, rounds: int, tiny: bool,
     cache_dir = workdir / f"{name}-caches"
     options.update(cache_dir=cache_dir, batch_size=BATCH_SIZE, val_fraction=0,
                    test_fraction=0, runtime=runtime)
+    for cache in cache_dir.glob("*.h5"):  # left by an earlier run in the same --workdir
+        cache.unlink()
     _, report = probe.extract_with_report(root, **options)  # warm-up: converts the model
     pixels = np.stack([data.load_image(path, size) for path in bench.samples_in_order(root)])
     pixels = pixels.astype("float32")
