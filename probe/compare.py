@@ -26,7 +26,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import (hub_backbones, model_backbones, backbones as backbones_mod, data, device, evaluate, files, heads as heads_mod, html,
+from . import (model_backbones, backbones as backbones_mod, data, device, evaluate, files, heads as heads_mod, html,
                report, run_files)
 from .features import cache as cache_mod
 from .features.engines.ray import RayOptions
@@ -259,6 +259,7 @@ def _plan(dataset, backbones, heads, image_size, head_params, seed: int, *, weig
     backbone's minimum, a bad pooling, weights, batch size or runtime, head parameters, the
     augmented views, the dataset, an engine that can not run. The settings are typed once
     here (a weights file hashed once, label files resolved once) and the dataset found once."""
+    from . import hub_backbones
     from .features.augment import ViewSettings
     from .features.extract import discover, resolve_engine
 
