@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np  # noqa: F401
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
