@@ -177,4 +177,3 @@ def test_ceiling_benchmark_counts_the_convolutions_work_and_what_the_goal_needs(
     assert close(value["resnet50 needed_over_openvino_plain"], 1.3 * recipe / plain)
     assert close(value["resnet50 needed_over_matmul"],
                  1.3 * recipe * gflop / value["machine matmul_gflop_per_s"])
-
