@@ -344,6 +344,26 @@ class BackboneSpec:
         return list(self.top_blocks[count - n:])
 
 
+def train_only(model: "keras.Model", layers: list) -> None:
+    """Make the weights of `layers` (sublayers of `model`, at any depth) the only trainable
+    weights of `model`; BatchNormalization layers stay frozen everywhere (a frozen one runs
+    in inference mode and keeps its statistics, scale and offset).
+
+    Per weight, not per layer: a KerasHub backbone holds its transformer blocks inside
+    layers of its own (DINOv2's encoder), and Keras' `trainable` on a layer sets every
+    sublayer, so only the weights' own flags can train a block inside a frozen container."""
+    keras = _keras()
+    model.trainable = True  # every container on the way to a chosen layer stays trainable
+    norms = [layer for layer in model._flatten_layers(include_self=False)
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    frozen = {id(weight) for layer in norms for weight in layer.weights}
+    chosen = {id(weight) for layer in layers for weight in layer.trainable_weights} - frozen
+    for weight in model.weights:
+        weight.trainable = id(weight) in chosen
+    for layer in norms:
+        layer.trainable = False
+
+
 @functools.lru_cache(maxsize=None)
 def _renamer(block_names: tuple[str, str]):
     """`re.sub` of one compiled (pattern, replacement) pair, on one name."""

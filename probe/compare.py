@@ -300,12 +300,14 @@ def _plan(dataset, backbones, heads, image_size, head_params, seed: int, *, weig
     backbone's minimum, a bad pooling, weights, batch size or runtime, head parameters, the
     augmented views, the dataset, an engine that can not run. The settings are typed once
     here (a weights file hashed once, label files resolved once) and the dataset found once."""
+    from . import hub_backbones
     from .features.augment import ViewSettings
     from .features.extract import discover, resolve_engine
 
     views = ViewSettings.create(augment, augment_policy, seed)
     names = parse_names(backbones, DEFAULT_BACKBONES, backbones_mod.list_backbones(),
-                        keep_case=model_backbones.is_model_path)
+                        keep_case=lambda name: model_backbones.is_model_path(name)
+                        or hub_backbones.is_hub_value(name))
     head_names = parse_names(heads, DEFAULT_HEADS)
     if not names:
         raise ProbeError(f"expected at least one backbone. Received: backbones={backbones!r}")
@@ -378,7 +380,7 @@ def _write_outputs(result: Comparison, plan: _Plan, curves: dict[str, Any]) -> N
 
 
 def _is_model_file(spec) -> bool:
-    return model_backbones.is_model_path(model_backbones.argument(spec))
+    return model_backbones.holds_weights(spec)  # a .keras file or a KerasHub preset
 
 
 def _extraction_of(plan: _Plan, spec, size: int) -> ExtractionSettings:

@@ -162,17 +162,18 @@ def _check_settings(source: Run, unfreeze, epochs, learning_rate, batch_size, au
 
 
 def _run_spec(config: dict):
-    """The run's backbone spec; a .keras file or a layer cut refuses fine-tuning
-    (`CustomBackbone.check_unfreeze`), before its file is read."""
-    if config.get("hub_sha256"):  # refuses fine-tuning before its files are read
-        source = str(config.get("hub_source"))
-        return hub_backbones.HubBackbone(
-            hub_backbones.HubPreset(source, Path(source), str(config["hub_sha256"])))
+    """The run's backbone spec; a .keras file or a KerasHub preset is found again at its
+    recorded path with its recorded sha256 (else an error saying how to get it back), as
+    its blocks are read from it (`check_unfreeze`)."""
+    if config.get("hub_sha256"):
+        preset = hub_backbones.HubPreset.recorded(str(config.get("hub_source") or ""),
+                                                  str(config["hub_sha256"]))
+        return hub_backbones.resolve(preset, int(config.get("blocks") or 0))
     layers = model_backbones.parse_layers(config.get("layers") or None)
     model_file = None
     if config.get("backbone_sha256"):
-        model_file = model_backbones.ModelFile(Path(str(config.get("backbone_source"))),
-                                               str(config["backbone_sha256"]))
+        model_file = model_backbones.ModelFile.recorded(str(config.get("backbone_source") or ""),
+                                                        str(config["backbone_sha256"]))
     return model_backbones.resolve(str(config["backbone"]), model_file, layers,
                                    str(config.get("preprocessing") or "") if model_file else "")
 

@@ -8,14 +8,18 @@ and `image_converter.save_to_preset(DIR)` write it).
   first layer of the built model: extraction, prediction and the exported model all run
   it (the exported model loads with `keras.saving.load_model` after `import keras_hub`).
   The image size is the converter's.
-- Features: the backbone's output as KerasHub returns it. A token output (N, tokens, D)
+- Features: the backbone's output as KerasHub returns it; for an image-text preset (CLIP,
+  SigLIP) its vision tower's output (before the projection into the shared space). A
+  one-vector output (SigLIP's attention pooling) is kept as it is. A token output (N, tokens, D)
   of a vision transformer is pooled with `--pooling cls|mean|cls+mean` (avg is mean, the
   mean of the patch tokens; the class and register tokens are left out of it); a
   feature-map output with avg / max / none as any backbone.
 - `--blocks N`: the pooled tokens of the last N transformer blocks, concatenated (DINOv2's
   linear evaluation uses 4), each block normalised by the backbone's final layer norm
   where its output has it; read from KerasHub's `pyramid_outputs` ("stage1"...).
-- keras_hub is imported only when such a backbone is used. Fine-tuning is refused.
+- Fine-tuning (`--unfreeze N`) trains the last N transformer blocks and what follows them
+  in the backbone (its final norm; SigLIP's pooling head); everything else stays frozen.
+- keras_hub is imported only when such a backbone is used.
 """
 
 from __future__ import annotations
@@ -153,7 +157,6 @@ class HubBackbone:
     preset: HubPreset
     blocks: int = 0
     preprocessing: str = "none"  # the converter, inside the model, preprocesses
-    top_blocks: tuple[str, ...] = ()  # fine-tuning is refused: see check_unfreeze
 
     @property
     def name(self) -> str:
@@ -181,6 +184,7 @@ class HubBackbone:
         try:
             backbone = hub.models.Backbone.from_preset(directory, load_weights=weights)
             converter = hub.layers.ImageConverter.from_preset(directory)
+            backbone = _vision_tower(backbone)
         except Exception as error:  # KerasHub raises many types for a bad preset
             reason = " ".join(str(error).split())[:200]
             raise BackboneError(f"could not load the KerasHub preset {display(directory)}: "
@@ -222,6 +226,12 @@ class HubBackbone:
         """The pooling these settings record: avg on tokens is mean (see the module)."""
         if pooling not in (*backbones.POOLINGS, *TOKEN_POOLINGS):
             backbones.check_pooling(pooling)  # the one-line message of an unknown name
+        if self._layout[1] == 2:  # one pooled vector (SigLIP's attention pooling head)
+            if pooling not in ("avg", "none"):
+                raise BackboneError(
+                    f"{self.name} outputs one pooled vector per image: expected --pooling avg "
+                    f"(the vector as it is). Received: pooling='{pooling}'")
+            return "avg"
         if not self.tokens:
             return backbones.check_pooling(pooling)
         pooling = "mean" if pooling == "avg" else pooling
@@ -265,7 +275,7 @@ class HubBackbone:
 
     def _pool(self, keras, tensor, pooling: str, index: int):
         """One output pooled with built-in layers (the exported model loads safely)."""
-        if pooling == "none":
+        if pooling == "none" or len(tensor.shape) == 2:
             return tensor
         if not self.tokens:
             pool = (keras.layers.GlobalAveragePooling2D if pooling == "avg"
@@ -287,13 +297,87 @@ class HubBackbone:
                           pooling: str = "avg", seed: int | None = 0) -> Iterator["keras.Model"]:
         yield self.build(weights=weights, image_size=image_size, pooling=pooling, seed=seed)
 
+    @functools.cached_property
+    def top_blocks(self) -> tuple[str, ...]:
+        """The names of the transformer blocks fine-tuning can unfreeze, input to output
+        (none: a backbone whose blocks probe does not find, see `transformer_blocks`)."""
+        backbone, _ = self.load(weights=False)
+        return tuple(layer.name for layer in transformer_blocks(backbone)[0])
+
     def check_unfreeze(self, n: int) -> int:
-        raise BackboneError(
-            f"fine-tuning a KerasHub backbone ({self.name}) is not supported; fit a head on "
-            f"its features (`probe fit`) instead. Received: unfreeze={n!r}")
+        """`n` if the backbone has that many transformer blocks, else a clear error."""
+        count = len(self.top_blocks)
+        if not count:
+            raise BackboneError(
+                f"fine-tuning needs the transformer blocks of {self.name}, which probe does "
+                f"not find in it (a KerasHub backbone keeps them in encoder_layers, "
+                f"transformer_layers or its encoder's layers); fit a head on its features "
+                f"(`probe fit`) instead. Received: unfreeze={n!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= count:
+            raise BackboneError(
+                f"{self.name} has {count} transformer blocks that can be unfrozen (1 = the "
+                f"last, {self.top_blocks[-1]}, with the final norm); expected unfreeze between "
+                f"1 and {count}. Received: unfreeze={n!r}")
+        return n
 
     def unfreeze(self, model: "keras.Model", n: int) -> list[str]:
-        return [self.check_unfreeze(n)]  # always raises
+        """Make the last `n` transformer blocks of `model` (built by `build`) and what comes
+        after them in the backbone (its final norm; SigLIP's pooling head) trainable,
+        everything else frozen (`backbones.train_only`). Returns the blocks' names."""
+        self.check_unfreeze(n)
+        blocks, after = transformer_blocks(model)
+        backbones.train_only(model, [*blocks[-n:], *after])
+        return [layer.name for layer in blocks[-n:]]
+
+
+BLOCK_LISTS = ("encoder_layers", "transformer_layers", "layers")  # KerasHub's names for them
+
+
+def transformer_blocks(model: "keras.Model") -> tuple[list, list]:
+    """(the transformer blocks of the KerasHub backbone in `model`, input to output; the
+    layers with weights that follow them in the backbone: its final norm, a pooling head).
+    CLIP and SigLIP keep the blocks in the backbone's `encoder_layers`; DINOv2 in its
+    encoder layer's `layers`, ViT in its encoder's `encoder_layers` (with the final norm
+    inside the encoder). ([], []) where no list of blocks is found."""
+    keras = backbones._keras()
+    for container in [model, *(layer for layer in model._flatten_layers(include_self=False)
+                               if isinstance(layer, keras.Model))]:
+        layers = container.layers
+        # a nested Model is a container of its own, later in the loop
+        for owner in [container, *(layer for layer in layers
+                                   if not isinstance(layer, keras.Model))]:
+            blocks = _block_list(keras, owner)
+            if not blocks:
+                continue
+            inside = [] if owner is container else [
+                layer for layer in owner._flatten_layers(include_self=False, recursive=False)
+                if isinstance(layer, keras.layers.LayerNormalization)
+                and all(layer is not block for block in blocks)]
+            last = max((i for i, layer in enumerate(layers)
+                        if layer is blocks[-1] or layer is owner), default=len(layers))
+            return blocks, inside + [layer for layer in layers[last + 1:] if layer.weights]
+    return [], []
+
+
+def _block_list(keras, owner) -> list:
+    """The list of layers `owner` keeps its transformer blocks in (a Model's own `layers`
+    is every layer of it, not its blocks), or []."""
+    for attribute in BLOCK_LISTS:
+        if attribute == "layers" and isinstance(owner, keras.Model):
+            continue
+        blocks = getattr(owner, attribute, None)
+        if isinstance(blocks, list) and blocks \
+                and all(isinstance(block, keras.layers.Layer) and block.weights
+                        for block in blocks):
+            return blocks
+    return []
+
+
+def _vision_tower(backbone: "keras.Model") -> "keras.Model":
+    """The image half of an image-text backbone (CLIP, SigLIP: `vision_encoder`, whose
+    output is what their image embedding pools and projects); any other backbone as it is."""
+    tower = getattr(backbone, "vision_encoder", None)
+    return tower if tower is not None and hasattr(tower, "output_shape") else backbone
 
 
 def _prefix_tokens(backbone, shape: tuple, size: int) -> int:

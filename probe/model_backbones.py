@@ -12,7 +12,8 @@ typed settings (registry name or `ModelFile`, layers, preprocessing) into a spec
   read), or its output where it has no Dense layer. Its input size is the model's.
 - Chosen layers are pooled one by one (avg / max over the spatial axes; a vector is kept
   as it is) and concatenated in the order given.
-- Fine-tuning is refused for both: their blocks are not known (`check_unfreeze`).
+- Fine-tuning (`--unfreeze N`) trains the last N layers with weights up to the chosen
+  layer(s) (BatchNormalization layers are not counted and stay frozen).
 """
 
 from __future__ import annotations
@@ -117,7 +118,6 @@ class CustomBackbone:
     model_file: ModelFile | None
     layers: tuple[str, ...]
     preprocessing: str
-    top_blocks: tuple[str, ...] = ()  # fine-tuning is refused: see check_unfreeze
 
     @property
     def name(self) -> str:
@@ -205,21 +205,60 @@ class CustomBackbone:
         """`build`'s model (no stateless shortcut: the cut adds layers of its own)."""
         yield self.build(weights=weights, image_size=image_size, pooling=pooling, seed=seed)
 
+    @functools.cached_property
+    def top_blocks(self) -> tuple[str, ...]:
+        """The layers fine-tuning can unfreeze, input to output: the layers with trainable
+        weights (BatchNormalization's left out: they stay frozen) from the input up to the
+        chosen layer(s), read from the model built once without its weights."""
+        model = self.build(weights="none", image_size=self.native_size, pooling="avg", seed=0)
+        return tuple(layer.name for layer in weighted_layers(model))
+
     def check_unfreeze(self, n: int) -> int:
-        cut = f"--layer {','.join(self.layers)}" if self.layers else "a model file"
-        raise BackboneError(
-            f"fine-tuning needs a registry backbone without --layer: the blocks of {self.name} "
-            f"({cut}) are not known. Fit a head on its features (`probe fit`) instead, or "
-            f"extract with a registry backbone. Received: unfreeze={n!r}")
+        """`n` if the model has that many weighted layers up to the chosen layer(s)."""
+        count = len(self.top_blocks)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= count:
+            cut = f"--layer {','.join(self.layers)}" if self.layers else "its default layer"
+            raise BackboneError(
+                f"{self.name} has {count} layers with weights up to {cut} that can be unfrozen "
+                f"(1 = the last, {self.top_blocks[-1] if count else 'none'}); expected "
+                f"unfreeze between 1 and {count}. Received: unfreeze={n!r}")
+        return n
 
     def unfreeze(self, model: "keras.Model", n: int) -> list[str]:
-        return [self.check_unfreeze(n)]  # always raises
+        """Make the last `n` weighted layers of `model` (built by `build`) trainable,
+        everything else frozen, BatchNormalization included (`backbones.train_only`).
+        Returns their names, lowest first."""
+        self.check_unfreeze(n)
+        chosen = weighted_layers(model)[-n:]
+        backbones.train_only(model, chosen)
+        return [layer.name for layer in chosen]
+
+
+def weighted_layers(model: "keras.Model") -> list:
+    """The layers of `model` (at any depth, in order) with trainable weights, without
+    BatchNormalization; makes `model` trainable to read them (the caller freezes again)."""
+    keras = backbones._keras()
+    model.trainable = True  # a frozen layer lists no trainable weights
+    return [layer for layer in model._flatten_layers(include_self=False)
+            if not isinstance(layer, (keras.Model, keras.layers.BatchNormalization))
+            and layer.trainable_weights]
 
 
 def argument(spec) -> str:
-    """What `--backbone` takes to name `spec` again: a model file's path, else its name."""
+    """What `--backbone` takes to name `spec` again: a model file's path, a KerasHub
+    preset's source (hub:NAME or its directory), else its name."""
     model_file = getattr(spec, "model_file", None)
-    return str(model_file.path) if model_file is not None else spec.name
+    if model_file is not None:
+        return str(model_file.path)
+    preset = getattr(spec, "preset", None)
+    return preset.source if preset is not None else spec.name
+
+
+def holds_weights(spec) -> bool:
+    """True where the backbone's files hold its weights (a model file, a KerasHub preset),
+    so --weights (imagenet, none, a file) is not for it."""
+    return getattr(spec, "model_file", None) is not None \
+        or getattr(spec, "preset", None) is not None
 
 
 def load_model_file(path: Path) -> "keras.Model":

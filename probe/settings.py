@@ -409,7 +409,10 @@ def parse_backbone(backbone: "str | os.PathLike",
 
 
 def backbone_spec(backbone: "str | os.PathLike", preprocess: str | None = None):
-    """The spec of a --backbone value (a registry name or a .keras model file)."""
+    """The spec of a --backbone value (a registry name, a .keras model file or a KerasHub
+    preset)."""
+    if hub_backbones.is_hub_value(backbone):
+        return hub_backbones.resolve(HubPreset.parse(backbone))
     source, name, mode = parse_backbone(backbone, preprocess)
     return model_backbones.resolve(name, source, (), mode)
 

@@ -46,6 +46,31 @@ def close(a: float, b: float, rel: float = 0.01) -> bool:
     return abs(a - b) <= rel * max(abs(a), abs(b))
 
 
+@pytest.mark.slow
+def test_backbones_benchmark_prints_both_rates_and_their_ratio(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "backbones.py"), "--tiny", "--n", "4",
+         "--rounds", "1", "--backbones", "dinov2_vits14,efficientnetv2b0", "--runtime",
+         "tensorflow", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = {}
+    for line in result.stdout.splitlines():
+        match = LINE.match(line)
+        assert match, f"not a '<scope> <figure> <value>' line: {line!r}"
+        figures[f"{match[1]} {match[2]}"] = match[3]
+    assert list(figures)[0] == "machine cpu"
+    for scope, size in (("dinov2_vits14", "28"), ("efficientnetv2b0", "32")):
+        assert figures[f"{scope} image_size"] == size
+        assert figures[f"{scope} probe_runtime"] == "tensorflow"
+        rates = [number(figures, f"{scope} {kind}_img_per_s")
+                 for kind in ("probe", "probe_model", "keras")]
+        assert all(rate > 0 for rate in rates)
+        assert close(number(figures, f"{scope} probe_over_keras"), rates[0] / rates[2])
+        assert close(number(figures, f"{scope} probe_model_over_keras"), rates[1] / rates[2])
+
+
 def test_extract_benchmark_prints_consistent_figures(tmp_path):
     figures = run_benchmark(tmp_path)
     scope = "resnet50"

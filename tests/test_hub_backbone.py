@@ -141,11 +141,215 @@ def test_fit_predict_export_and_a_changed_preset_is_refused(tmp_path):
                                        safe_mode=True)
     pixels = probe.load_images(images, run.path)
     np.testing.assert_allclose(exported.predict(pixels, verbose=0), proba, atol=1e-5)
-    with pytest.raises(BackboneError, match="fine-tuning a KerasHub backbone"):
-        probe.finetune(run.path, unfreeze=1)
+    with pytest.raises(BackboneError, match=r"has 2 transformer blocks .* between 1 and 2"):
+        probe.finetune(run.path, unfreeze=0)
     layer = backbone.layers[-1]
     layer.set_weights([w + 1 for w in layer.get_weights()])
     backbone.save_to_preset(str(tmp_path / "preset"))
     with pytest.raises(WeightsError, match="KerasHub preset has changed") as error:
         probe.predict(run.path, images)
     assert "\n" not in str(error.value)
+
+
+def save_image_text_preset(directory, family="CLIP", seed=0):
+    """A tiny random CLIP or SigLIP (a 2-block vision tower, hidden 16, and a 1-block text
+    tower, as the real presets hold both) and its image converter, saved as a preset."""
+    import keras
+    import keras_hub
+
+    models = keras_hub.models
+    keras.utils.set_random_seed(seed)
+    vision = getattr(models, f"{family}VisionEncoder")(
+        patch_size=14, hidden_dim=16, num_layers=2, num_heads=2, intermediate_dim=32,
+        image_shape=(SIZE, SIZE, 3))
+    text_sizes = dict(vocabulary_size=10, embedding_dim=8, hidden_dim=8, num_layers=1,
+                      num_heads=2, intermediate_dim=16, max_sequence_length=4)
+    if family == "CLIP":
+        backbone = models.CLIPBackbone(vision, models.CLIPTextEncoder(**text_sizes),
+                                       projection_dim=8)
+    else:
+        text_sizes["embedding_dim"] = 16  # SigLIP's logits compare the two towers' outputs
+        text_sizes["hidden_dim"] = 16
+        backbone = models.SigLIPBackbone(vision, models.SigLIPTextEncoder(**text_sizes))
+    converter = getattr(keras_hub.layers, f"{family}ImageConverter")(
+        image_size=(SIZE, SIZE), scale=1 / 127.5, offset=-1.0)
+    backbone.save_to_preset(str(directory))
+    converter.save_to_preset(str(directory))
+    return vision, converter
+
+
+def test_clip_features_are_its_vision_towers_tokens(tmp_path):
+    vision, converter = save_image_text_preset(tmp_path / "clip")
+    root = small_tree(tmp_path / "ds")
+    caches = {pooling: probe.extract(root, tmp_path / "clip", pooling=pooling, val_fraction=0)
+              for pooling in ("cls", "mean")}
+    tokens = tokens_of(root, caches["cls"], vision, converter)
+    assert tokens.shape[1:] == (1 + 4, 16)  # [class, 4 patches]: CLIP has no registers
+    relative_close(caches["cls"].split("train").features, tokens[:, 0])
+    relative_close(caches["mean"].split("train").features, tokens[:, 1:].mean(axis=1))
+
+
+def test_siglip_features_are_its_vision_towers_pooled_vector(tmp_path):
+    vision, converter = save_image_text_preset(tmp_path / "siglip", family="SigLIP")
+    root = small_tree(tmp_path / "ds")
+    cache = probe.extract(root, tmp_path / "siglip", val_fraction=0)
+    expected = tokens_of(root, cache, vision, converter)
+    assert expected.shape[1:] == (16,) and cache.attrs["pooling"] == "avg"
+    relative_close(cache.split("train").features, expected)
+    with pytest.raises(BackboneError, match="one pooled vector per image"):
+        probe.extract(root, tmp_path / "siglip", pooling="cls", val_fraction=0)
+
+
+def test_compare_mixes_a_registry_name_a_preset_and_a_model_file(tmp_path):
+    import keras
+    import keras_hub
+
+    from test_own_backbone import tiny_model
+
+    keras.utils.set_random_seed(0)  # a 32-pixel DINOv2 (2x2 patches of 16): one --image-size
+    keras_hub.models.DINOV2Backbone(
+        patch_size=16, num_layers=1, hidden_dim=16, num_heads=2, intermediate_dim=32,
+        layer_scale_init_value=1.0, image_shape=(32, 32, 3),
+        position_embedding_shape=(32, 32, 3)).save_to_preset(str(tmp_path / "Tiny"))
+    keras_hub.layers.DINOV2ImageConverter(image_size=(32, 32), scale=1 / 255).save_to_preset(
+        str(tmp_path / "Tiny"))
+    tiny_model(tmp_path / "Mine.keras")
+    root = make_separable_tree(tmp_path / "colours", classes=("blue", "red"), per_class=6)
+    result = probe.compare(root, f"vgg16,{tmp_path / 'Tiny'},{tmp_path / 'Mine.keras'}",
+                           "logreg", weights="none", image_size=32, runs_dir=tmp_path / "cmp")
+    assert [r["backbone"] for r in result] == ["vgg16", "Tiny", "Mine.keras"]
+    assert all(r["status"] == "ok" for r in result), [r.get("error") for r in result]
+    assert [r["feature_size"] for r in result] == [512, 16, 16]
+
+
+@pytest.mark.slow
+def test_ray_workers_load_a_preset_and_a_model_file_from_their_paths(tmp_path, ray_cluster):
+    from conftest import make_tree
+    from probe.features.engines.ray import RayOptions
+    from test_engine_ray import same_cache
+    from test_own_backbone import tiny_model
+
+    save_preset(tmp_path / "preset")
+    tiny_model(tmp_path / "mine.keras")
+    root = make_tree(tmp_path / "ds")
+    for backbone in (tmp_path / "preset", tmp_path / "mine.keras"):
+        local = probe.extract(root, backbone, cache_dir=tmp_path / "local", batch_size=4)
+        distributed, report = probe.extract_with_report(
+            root, backbone, cache_dir=tmp_path / "ray", batch_size=4, engine="ray",
+            ray=RayOptions(workers=2, shard_size=5))
+        assert report.extracted == 18 and distributed.path.name == local.path.name
+        same_cache(local, distributed)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """test_engine_ray's local Ray (2 CPUs, bound to 127.0.0.1), for this module."""
+    pytest.importorskip("ray")
+    from test_engine_ray import local_ray
+
+    yield from local_ray.__wrapped__()
+
+
+@pytest.mark.openvino
+def test_openvino_runs_a_preset_and_a_model_file_or_says_it_fell_back(tmp_path, preset,
+                                                                       monkeypatch):
+    """Both convert (traced: the graph writer knows no KerasHub layer) and agree with
+    TensorFlow; a conversion that fails runs on TensorFlow and says so in one line."""
+    pytest.importorskip("openvino")
+    from probe.features import runtime
+    from probe.progress import RuntimeNote
+    from test_own_backbone import tiny_model
+
+    tiny_model(tmp_path / "mine.keras")
+    root = small_tree(tmp_path / "ds")
+    for backbone in (preset[0], tmp_path / "mine.keras"):
+        on_tf = probe.extract(root, backbone, cache_dir=tmp_path / "tf", runtime="tensorflow",
+                              val_fraction=0)
+        on_ov, report = probe.extract_with_report(root, backbone, cache_dir=tmp_path / "ov",
+                                                  runtime="openvino", val_fraction=0)
+        assert report.runtime == "openvino" and on_ov.attrs["extract_runtime"] == "openvino"
+        relative_close(on_ov.split("train").features, on_tf.split("train").features)
+
+    def fails(*args):
+        raise RuntimeError("Cannot convert\nthis operation")
+
+    monkeypatch.setattr(runtime, "convert_traced", fails)
+    notes = []
+    fell_back, report = probe.extract_with_report(
+        root, preset[0], cache_dir=tmp_path / "fell", runtime="openvino", val_fraction=0,
+        progress=lambda event: notes.append(event) if isinstance(event, RuntimeNote) else None)
+    assert report.runtime == "tensorflow" and fell_back.attrs["extract_runtime"] == "tensorflow"
+    assert [n.message for n in notes] == [
+        f"OpenVINO could not convert {preset[0].name} (Cannot convert this operation): the "
+        "backbone ran on TensorFlow"]
+    relative_close(fell_back.split("train").features,
+                   probe.extract(root, preset[0], cache_dir=tmp_path / "tf",
+                                 val_fraction=0).split("train").features)
+
+
+def finetuned_and_exported(tmp_path, backbone, **extract):
+    """A dense run on `backbone`, fine-tuned 1 epoch with the last block unfrozen (a trained
+    epoch is kept: epoch 0's loss is made unbeatable); (run, its model.keras loaded, the
+    run's test images, their probabilities by predict, by the exported model)."""
+    import importlib
+
+    import keras
+
+    finetune_module = importlib.import_module("probe.finetune")  # probe.finetune: the function
+    root = make_separable_tree(tmp_path / "colours", per_class=8,
+                               classes=("blue", "green", "red"))
+    probe.extract(root, backbone, **extract)
+    source = probe.fit(head="dense", epochs=1, hidden_units=16, learning_rate=1e-6)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(finetune_module, "_baseline_loss", lambda job: float("inf"))
+        run = probe.finetune(source, unfreeze=1, epochs=1, learning_rate=1e-3, batch_size=8,
+                             augment=False)
+    assert run.metrics["best_epoch"] == 1
+    images = [str(p) for p in sorted((root / "red").iterdir())[:3]]
+    proba = np.array([[r.probabilities[c] for c in run.classes]
+                      for r in probe.predict(run.path, images)])
+    exported = keras.saving.load_model(probe.export(run.path, tmp_path / "out.keras"),
+                                       safe_mode=True)
+    exported_proba = exported.predict(probe.load_images(images, run.path), verbose=0)
+    tuned = keras.saving.load_model(run.path / "model.keras", safe_mode=True)
+    return run, tuned, proba, exported_proba
+
+
+def changed_weights(model, original) -> set[str]:
+    """The paths of `original`'s weights whose values differ in its copy inside `model`
+    (the layer of the same class and name; weights in the same order, as Keras saves them)."""
+    (copy,) = [layer for layer in model._flatten_layers()
+               if type(layer) is type(original) and layer.name == original.name]
+    return {weight.path for weight, tuned in zip(original.weights, copy.weights, strict=True)
+            if not np.array_equal(np.asarray(tuned), np.asarray(weight))}
+
+
+@pytest.mark.slow
+def test_finetune_a_preset_trains_its_last_block_and_final_norm_only(tmp_path):
+    import keras_hub  # noqa: F401  (the fine-tuned and exported models hold its layers)
+
+    backbone, _ = save_preset(tmp_path / "preset")
+    run, tuned, proba, exported_proba = finetuned_and_exported(
+        tmp_path, tmp_path / "preset", pooling="cls")
+    assert run.config["finetune"]["blocks"] == ["layers_1"]
+    changed = changed_weights(tuned, backbone)
+    encoder = backbone.get_layer("encoder")
+    last_block = {w.path for w in encoder.layers[1].weights}
+    final_norm = {w.path for w in backbone.get_layer("layernorm").weights}
+    assert changed & last_block and changed <= last_block | final_norm
+    np.testing.assert_allclose(exported_proba, proba, atol=1e-5)
+    with pytest.raises(BackboneError, match=r"2 transformer blocks .* Received: unfreeze=3"):
+        probe.finetune(probe.Run.open(run.config["finetune"]["source_run"]), unfreeze=3)
+
+
+@pytest.mark.slow
+def test_finetune_a_model_file_trains_its_last_weighted_layer_only(tmp_path):
+    from test_own_backbone import tiny_model
+
+    model = tiny_model(tmp_path / "mine.keras")
+    run, tuned, proba, exported_proba = finetuned_and_exported(
+        tmp_path, tmp_path / "mine.keras", preprocess="tf")
+    assert run.config["finetune"]["blocks"] == ["c2"]  # c1, c2 read; the classifier is not
+    assert changed_weights(tuned, model.get_layer("c2")) == {"c2/kernel", "c2/bias"}
+    assert not changed_weights(tuned, model.get_layer("c1"))
+    np.testing.assert_allclose(exported_proba, proba, atol=1e-5)

@@ -161,12 +161,16 @@ def load_backbone(extraction: "ExtractionSettings", cache_dir: Path,
         _tell(notify, f"Converted the OpenVINO model of {extraction.backbone} again: the copy "
                       f"in '{display(directory)}' {problem}")
     converted = convert_checked(extraction)
-    if not converted.agrees:
+    if converted.failure:
+        _tell(notify, f"OpenVINO could not convert {extraction.backbone} "
+                      f"({converted.failure}): the backbone ran on TensorFlow")
+    elif not converted.agrees:
         _tell(notify, f"The OpenVINO model converted from {extraction.backbone} computed "
                       f"features {converted.difference:.1e} away from the Keras model's "
                       f"(relative; at most {converted.tolerance:g} expected) on a check "
                       "batch: it "
                       "was neither used nor kept, the backbone ran on TensorFlow")
+    if not converted.agrees:
         if converted.keras_model is not None:
             return converted.keras_model
         return build_model(extraction.spec, weights.source, extraction.image_size,
@@ -180,10 +184,11 @@ class Converted:
     """A converted backbone, compiled, and how it compares with the Keras model."""
 
     model: Any  # the OpenVINO model (what is saved)
-    backbone: OpenVINOBackbone  # compiled for the CPU
+    backbone: OpenVINOBackbone | None  # compiled for the CPU (None: the conversion failed)
     difference: float  # largest difference on the check batch, relative (inf: not comparable)
     keras_model: Any = None  # the folded Keras model, where converting built one (traced)
     tolerance: float = SAME_FEATURES  # the largest difference that agrees (its precision's)
+    failure: str = ""  # why tracing and converting failed (then nothing was converted)
 
     @property
     def agrees(self) -> bool:
@@ -205,7 +210,11 @@ def convert_checked(extraction: "ExtractionSettings") -> Converted:
             expected = np.asarray(reading(inputs, training=False))
     except openvino_graph.UnsupportedLayer:
         keras_model = for_inference(spec.build(**options))
-        model = convert_traced(keras_model, extraction.image_size)
+        try:  # a KerasHub or user model may hold an operation OpenVINO does not convert
+            model = convert_traced(keras_model, extraction.image_size)
+        except Exception as error:  # noqa: BLE001 - OpenVINO and TensorFlow raise many types
+            return Converted(None, None, float("inf"), keras_model,
+                             failure=_reason(error))
         expected = np.asarray(keras_model.predict_on_batch(inputs))
     backbone = OpenVINOBackbone(compile_for_cpu(model, extraction.precision))
     difference = relative_difference(backbone.predict_on_batch(inputs), expected)
