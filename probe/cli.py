@@ -648,7 +648,8 @@ def _stop_on_sigterm() -> None:
 @main.command("finetune")
 @click.argument("run", type=click.Path())
 @click.option("--unfreeze", type=int, default=1, show_default=True,
-              help="How many top blocks of the backbone train (1 = the last block).")
+              help="How many top blocks train (1 = the last): stages for keras.applications, "
+                   "transformer blocks for a KerasHub preset, layers with weights for a .keras file.")
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--learning-rate", type=float, default=1e-5, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
