@@ -69,8 +69,11 @@ def test_ray_engine_writes_the_local_engines_cache(tmp_path, local_ray, monkeypa
                 if any(mark in line for mark in ("core_worker", "WARNING", "INFO", "Deprecat"))]
     # the pace of the shards: no estimate while each worker runs its first (start-up) shard
     advanced = [e for e in events if type(e) is Advanced]
-    assert [e.done for e in advanced] == [5, 10, 15, 18]
-    assert [e.remaining is None for e in advanced] == [True, True, False, False]
+    # (shards finish in any order: the counts grow by the shard sizes 5, 5, 5 and 3)
+    done = [e.done for e in advanced]
+    assert sorted(np.diff([0] + done).tolist()) == [3, 5, 5, 5] and done[-1] == 18
+    unknown = [e.remaining is None for e in advanced]
+    assert unknown[0] and 1 <= sum(unknown) <= options.workers
     assert advanced[-1].remaining == 0 and advanced[-1].elapsed > 0
     # a worker that dies during its shard is restarted and the shard retried
     monkeypatch.setenv(FAIL_ONCE_VARIABLE, str(tmp_path / "failed-once"))
