@@ -51,7 +51,7 @@ def test_backbones_benchmark_prints_both_rates_and_their_ratio(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "backbones.py"), "--tiny", "--n", "4",
-         "--rounds", "1", "--backbones", "dinov2_vits14,efficientnetv2b0", "--runtime",
+         "--rounds", "1", "--backbones", "dinov2_vits14", "--runtime",
          "tensorflow", "--workdir", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -61,7 +61,7 @@ def test_backbones_benchmark_prints_both_rates_and_their_ratio(tmp_path):
         assert match, f"not a '<scope> <figure> <value>' line: {line!r}"
         figures[f"{match[1]} {match[2]}"] = match[3]
     assert list(figures)[0] == "machine cpu"
-    for scope, size in (("dinov2_vits14", "28"), ("efficientnetv2b0", "32")):
+    for scope, size in (("dinov2_vits14", "28"),):
         assert figures[f"{scope} image_size"] == size
         assert figures[f"{scope} probe_runtime"] == "tensorflow"
         rates = [number(figures, f"{scope} {kind}_img_per_s")

@@ -95,6 +95,22 @@ def test_a_shard_is_attempted_at_most_max_restarts_plus_one_times(tmp_path):
     assert sorted(p.name for p in parts.iterdir()) == [".attempts-shard-a"]
 
 
+def test_ray_workers_load_a_preset_from_its_path(tmp_path, local_ray):
+    """Workers load a KerasHub preset directory (or a model file: the same path) by its
+    path and write the local engine's cache."""
+    pytest.importorskip("keras_hub")
+    from test_hub_backbone import save_preset
+
+    save_preset(tmp_path / "preset")
+    root = make_tree(tmp_path / "ds")
+    local = probe.extract(root, tmp_path / "preset", cache_dir=tmp_path / "local", batch_size=4)
+    distributed, report = probe.extract_with_report(
+        root, tmp_path / "preset", cache_dir=tmp_path / "ray", batch_size=4, engine="ray",
+        ray=RayOptions(workers=2, shard_size=5))
+    assert report.extracted == 18 and distributed.path.name == local.path.name
+    same_cache(local, distributed)
+
+
 def test_a_missing_shard_is_the_only_work_of_the_next_run(tmp_path, local_ray, monkeypatch):
     from probe.features import store
 

@@ -222,34 +222,6 @@ def test_compare_mixes_a_registry_name_a_preset_and_a_model_file(tmp_path):
     assert [r["feature_size"] for r in result] == [512, 16, 16]
 
 
-@pytest.mark.slow
-def test_ray_workers_load_a_preset_and_a_model_file_from_their_paths(tmp_path, ray_cluster):
-    from conftest import make_tree
-    from probe.features.engines.ray import RayOptions
-    from test_engine_ray import same_cache
-    from test_own_backbone import tiny_model
-
-    save_preset(tmp_path / "preset")
-    tiny_model(tmp_path / "mine.keras")
-    root = make_tree(tmp_path / "ds")
-    for backbone in (tmp_path / "preset", tmp_path / "mine.keras"):
-        local = probe.extract(root, backbone, cache_dir=tmp_path / "local", batch_size=4)
-        distributed, report = probe.extract_with_report(
-            root, backbone, cache_dir=tmp_path / "ray", batch_size=4, engine="ray",
-            ray=RayOptions(workers=2, shard_size=5))
-        assert report.extracted == 18 and distributed.path.name == local.path.name
-        same_cache(local, distributed)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """test_engine_ray's local Ray (2 CPUs, bound to 127.0.0.1), for this module."""
-    pytest.importorskip("ray")
-    from test_engine_ray import local_ray
-
-    yield from local_ray.__wrapped__()
-
-
 @pytest.mark.openvino
 def test_openvino_runs_a_preset_and_a_model_file_or_says_it_fell_back(tmp_path, preset,
                                                                        monkeypatch):
