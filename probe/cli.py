@@ -559,7 +559,7 @@ def curve_command(cache_path, backbone, cache_dir, shots, repeats, heads, seed) 
     for note in result.notes:
         _echo(note, err=True)
     _echo(format_table(*_curve_rows(result)), lines=True)
-    _echo(_chance_line(result))
+    _echo(_chance_line(result.chance))
     short = max((r["short_classes"] for r in result.summary), default=0)
     if short:
         _echo(f"short classes: classes with fewer training images than the shot count "
@@ -579,11 +579,11 @@ def _curve_rows(result) -> tuple[list[dict], list[str]]:
     return rows, list(rows[0])
 
 
-def _chance_line(result) -> str:
-    """What the curve's scores are without learning, e.g. "chance: accuracy 0.3333 (most
-    frequent class), balanced accuracy 0.3333 (1 / classes)"."""
+def _chance_line(chance: dict[str, float]) -> str:
+    """What the scores are without learning, e.g. "chance: accuracy 0.3333 (most frequent
+    class), balanced accuracy 0.3333 (1 / classes)"."""
     return "chance: " + ", ".join(f"{SCORE_NAMES[s]} {v:.4f} ({CHANCE_MEANING[s]})"
-                                  for s, v in result.chance.items())
+                                  for s, v in chance.items())
 
 
 @main.command("predict")
@@ -865,6 +865,8 @@ class _Events:
 
 def _show_comparison(result) -> None:
     _echo(result.table(), lines=True)
+    if result.chance:
+        _echo(_chance_line(result.chance))
     note = score_note(result)
     if note:
         _echo(note)
@@ -877,6 +879,7 @@ def _show_comparison(result) -> None:
     _echo(f"Wrote {result.path}/compare.csv, compare.md, compare.png{report}")
     if result.curve is not None:
         _echo(format_table(*_curve_rows(result.curve)), lines=True)
+        _echo(_chance_line(result.curve.chance))
         _echo(f"Wrote {result.path}/curve.csv, curve.png")
     best = result.best
     if best is None:

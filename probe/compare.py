@@ -654,22 +654,13 @@ def _with_ignore(row: RowPredictions, cache_path: str | None) -> RowPredictions:
 
 
 def chance_levels(predictions: RowPredictions | None, task: Task) -> dict[str, float]:
-    """What a predictor that knows nothing scores on the reported images: accuracy, the
-    share of the most frequent class (always answering it); balanced accuracy, 1/K over the
-    K classes present; mean average precision, the mean over the classes with a positive of
-    their positive rate (the average precision of a random ranking). {} without
-    predictions."""
+    """What a predictor that knows nothing scores on the reported images
+    (`Task.chance_levels`, as the curves draw it: the most frequent class's share for
+    accuracy, 1/K over the classes present for balanced accuracy, a random ranking's
+    expected average precision for mAP). {} without predictions."""
     if predictions is None or not len(predictions.paths):
         return {}
-    truth = predictions.truth
-    if not task.multilabel:
-        counts = np.bincount(truth, minlength=len(predictions.classes))
-        return {"accuracy": float(counts.max() / counts.sum()),
-                "balanced_accuracy": float(1 / np.count_nonzero(counts))}
-    keep = np.ones_like(truth, dtype=bool) if predictions.ignore is None else ~predictions.ignore
-    positives, entries = (truth.astype(bool) & keep).sum(axis=0), keep.sum(axis=0)
-    rates = positives[positives > 0] / entries[positives > 0]
-    return {"mean_average_precision": float(rates.mean())} if rates.size else {}
+    return task.chance_levels(predictions.truth, predictions.ignore)
 
 
 def score_note(result: "Comparison") -> str | None:
@@ -769,8 +760,8 @@ def chance_text(result: Comparison) -> str:
     """One line: what a predictor that knows nothing scores on the reported images."""
     what = {"accuracy": "accuracy {:.4f} (always the most frequent class)",
             "balanced_accuracy": "balanced accuracy {:.4f} (1/K)",
-            "mean_average_precision": "mean average precision {:.4f} (each class's "
-                                      "positive rate)"}
+            "mean_average_precision": "mean average precision {:.4f} (a random "
+                                      "ranking)"}
     parts = [what[key].format(value) for key, value in result.chance.items() if key in what]
     return f"Chance level on these images: {'; '.join(parts)}." if parts else ""
 

@@ -145,6 +145,8 @@ def test_a_broken_backbone_gives_failed_rows_not_a_crash(colours, cache_dir, bro
     assert "resnet50 + logreg, resnet50 + dense failed: extraction failed: could not load" in result.output
     assert result.output.count("extraction failed: could not load") == 1  # once per reason
     assert any(line.startswith("Best: vgg16 + ") for line in lines)
+    # what the scores are without learning, under the table
+    assert lines[6].startswith("chance: accuracy 0.") and "(most frequent class)" in lines[6]
 
 
 def _found_once_and_told_in_typed_events(spied: dict, events: list) -> None:

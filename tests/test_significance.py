@@ -225,9 +225,11 @@ def test_chance_levels_of_the_reported_images():
     ignore = np.array([[False, False], [False, True], [False, False], [False, False]])
     multi = RowPredictions("test", ("x", "y"), ("1", "2", "3", "4"), labels, np.full(4, -1),
                            labels * 0.5, ignore)
-    # x: 2 positives of 4 entries; y: 1 of 3 (one ignored)
-    assert chance_levels(multi, MULTI_LABEL) == {
-        "mean_average_precision": pytest.approx((2 / 4 + 1 / 3) / 2)}
+    # x: 2 positives of 4 entries; y: 1 of 3 (one ignored). A random ranking's expected
+    # average precision: x, positives at ranks (1,2) (1,3) (1,4) (2,3) (2,4) (3,4): AP 1,
+    # 5/6, 3/4, 7/12, 1/2, 5/12; y, the positive at rank 1, 2 or 3: AP 1, 1/2 or 1/3
+    x, y = (1 + 5 / 6 + 3 / 4 + 7 / 12 + 1 / 2 + 5 / 12) / 6, (1 + 1 / 2 + 1 / 3) / 3
+    assert chance_levels(multi, MULTI_LABEL) == {"mean_average_precision": pytest.approx((x + y) / 2)}
     assert chance_levels(None, SINGLE_LABEL) == {}
 
 
