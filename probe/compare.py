@@ -338,7 +338,6 @@ def _with_curves(plan: _Plan, shots, repeats: int) -> _Plan:
         return plan
     from .curve import check_settings
 
-    Task.of_flag(plan.found.multilabel).check_curve(f"dataset '{plan.found.root}'")
     shot_counts, _, repeats, _ = check_settings(shots, repeats, plan.heads, plan.seed, plan.params)
     return dataclasses.replace(plan, shots=shot_counts, repeats=repeats)
 

@@ -195,9 +195,6 @@ class Task:
 
     curve_scores: tuple[str, ...]  # the scores of a label-efficiency curve; the first is plotted
 
-    def check_curve(self, where: str) -> None:
-        """A hook to refuse a label-efficiency curve; both tasks have curves today."""
-
     def curve_strata(self, labels: np.ndarray) -> np.ndarray:
         """Each training image's stratum for a curve's subsets (shots per stratum): its
         class index; multi-label: its rarest class (see `MultiLabel`)."""

@@ -113,3 +113,21 @@ def assert_relative_close(got, expected, tolerance: float) -> None:
     scale = max(float(np.max(np.abs(expected))), 1e-12)
     assert got.shape == expected.shape
     assert float(np.max(np.abs(got - expected))) / scale <= tolerance
+
+
+def fit_and_check_export(root: Path, out: Path):
+    """`probe fit` (logreg) on the newest cache; the exported `.keras`, loaded in safe mode,
+    gives `probe predict`'s probabilities on three images of `root/red`. The run and those
+    images."""
+    import keras
+
+    import probe
+
+    run = probe.fit(head="logreg")
+    images = [str(p) for p in sorted((root / "red").iterdir())[:3]]
+    proba = np.array([[r.probabilities[c] for c in run.classes]
+                      for r in probe.predict(run.path, images)])
+    exported = keras.saving.load_model(probe.export(run.path, out), safe_mode=True)
+    pixels = probe.load_images(images, run.path)
+    np.testing.assert_allclose(exported.predict(pixels, verbose=0), proba, atol=1e-5)
+    return run, images

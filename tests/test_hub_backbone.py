@@ -127,20 +127,13 @@ def test_refusals_are_one_line(tmp_path, preset, monkeypatch):
 
 
 def test_fit_predict_export_and_a_changed_preset_is_refused(tmp_path):
-    import keras
     import keras_hub  # noqa: F401  (the exported model holds its layers)
+    from conftest import fit_and_check_export
 
     backbone, _ = save_preset(tmp_path / "preset")
     root = make_separable_tree(tmp_path / "colours", classes=("blue", "red"))
     probe.extract(root, tmp_path / "preset", pooling="cls+mean")
-    run = probe.fit(head="logreg")
-    images = [str(p) for p in sorted((root / "red").iterdir())[:3]]
-    proba = np.array([[r.probabilities[c] for c in run.classes]
-                      for r in probe.predict(run.path, images)])
-    exported = keras.saving.load_model(probe.export(run.path, tmp_path / "out.keras"),
-                                       safe_mode=True)
-    pixels = probe.load_images(images, run.path)
-    np.testing.assert_allclose(exported.predict(pixels, verbose=0), proba, atol=1e-5)
+    run, images = fit_and_check_export(root, tmp_path / "out.keras")
     with pytest.raises(BackboneError, match=r"has 2 transformer blocks .* between 1 and 2"):
         probe.finetune(run.path, unfreeze=0)
     layer = backbone.layers[-1]

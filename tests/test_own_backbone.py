@@ -107,19 +107,12 @@ def test_refusals_are_one_line(tmp_path):
 
 
 def test_fit_predict_export_on_a_model_file_and_a_changed_file_is_refused(tmp_path):
-    import keras
+    from conftest import fit_and_check_export
 
     model = tiny_model(tmp_path / "mine.keras")
     root = make_separable_tree(tmp_path / "colours", classes=("blue", "red"))
     probe.extract(root, tmp_path / "mine.keras")
-    run = probe.fit(head="logreg")
-    images = [str(p) for p in sorted((root / "red").iterdir())[:3]]
-    proba = np.array([[r.probabilities[c] for c in run.classes]
-                      for r in probe.predict(run.path, images)])
-    exported = keras.saving.load_model(probe.export(run.path, tmp_path / "out.keras"),
-                                       safe_mode=True)
-    pixels = probe.load_images(images, run.path)
-    np.testing.assert_allclose(exported.predict(pixels, verbose=0), proba, atol=1e-5)
+    run, images = fit_and_check_export(root, tmp_path / "out.keras")
     with pytest.raises(BackboneError, match=r"2 layers with weights up to its default layer"
                                             r" .*\(1 = the last, c2\)"):
         probe.finetune(run.path, unfreeze=3)
