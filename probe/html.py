@@ -148,6 +148,20 @@ class RunInputs:
                 self.thumbnails[path] = thumbnail_uri(self.root / path, size)
         return self.thumbnails[path]
 
+    def prefetch(self, paths: list[str], size: int) -> None:
+        """Decode the thumbnails of `paths` on a few threads (Pillow decodes and encodes
+        without holding the interpreter lock): a report shows hundreds, and one thread
+        decoding them was a sixth of a logistic fit's time."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = [path for path in dict.fromkeys(paths) if path not in self.thumbnails]
+        if self.root is None or len(todo) < 2:
+            return
+        root = self.root
+        with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+            for path, result in zip(todo, pool.map(lambda p: thumbnail_uri(root / p, size), todo)):
+                self.thumbnails[path] = result
+
 
 def load_run_inputs(directory: Path) -> RunInputs:
     """What a run's report reads, once the run's files match its manifest and its JSON
@@ -202,7 +216,11 @@ def thumbnail_uri(path: Path, size: int = 96) -> tuple[str | None, str]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as image:
-                image.draft("RGB", (size, size))
+                # a JPEG decodes at 1/2, 1/4 or 1/8 scale when that is still at least the
+                # thumbnail's own size (not size x size, which a wide image seldom allows)
+                scale = size / max(max(image.size), 1)
+                image.draft("RGB", (max(1, round(image.width * scale)),
+                                    max(1, round(image.height * scale))))
                 image.thumbnail((size, size))
                 picture = _rgb(image)
         buffer = io.BytesIO()
@@ -296,12 +314,15 @@ def render_run(directory: Path, caps: Caps = Caps(), progress: ProgressCallback 
     """The HTML page of a run directory."""
     inputs = load_run_inputs(directory)
     embedding = _embedding_inputs(inputs, caps)
+    chosen = _map_selection(inputs, embedding, caps) if embedding else None
+    neighbours = _neighbour_rows(inputs, embedding, caps) if embedding else []
+    inputs.prefetch(_wanted_thumbnails(inputs, embedding, chosen, neighbours, caps), caps.thumbnail_px)
     sections = [
         f'<div class="row">{_settings_section(inputs)}{_metrics_section(inputs)}</div>',
         _plots_section(inputs),
         _mistakes_section(inputs, caps),
-        _map_section(inputs, embedding, caps),
-        _neighbours_section(inputs, embedding, caps),
+        _map_section(inputs, embedding, chosen, caps),
+        _neighbours_section(inputs, embedding, neighbours, caps),
         _duplicates_section(inputs, caps),
         _skipped_section(inputs, caps),
     ]
@@ -501,10 +522,10 @@ def _map_selection(inputs: RunInputs, embedding: Embedding, caps: Caps) -> np.nd
     return np.array(sorted(set(wanted) | set(sample.tolist())), dtype=np.int64)
 
 
-def _map_section(inputs: RunInputs, embedding: Embedding | None, caps: Caps) -> str:
-    if embedding is None:
+def _map_section(inputs: RunInputs, embedding: Embedding | None, chosen: np.ndarray | None,
+                 caps: Caps) -> str:
+    if embedding is None or chosen is None:
         return _section("map", "Embedding map", f"<p>Unavailable: {esc(inputs.cache_problem)}</p>")
-    chosen = _map_selection(inputs, embedding, caps)
     coords, method = map_coordinates(embedding.features[chosen])
     split = inputs.metrics.get("split", "test")
     wrong = {p.path: p.predicted for p in inputs.predictions if p.true != p.predicted}
@@ -547,29 +568,67 @@ def _colour(k: int) -> str:
     return f"hsl({(k * 137) % 360}, 60%, 45%)"
 
 
-def _neighbours_section(inputs: RunInputs, embedding: Embedding | None, caps: Caps) -> str:
+@dataclass
+class NeighbourRow:
+    """One evaluated image (an index into the embedding) and its most similar training
+    images, with their cosine similarities."""
+
+    query: int
+    neighbours: list[tuple[int, float]]
+
+
+def _neighbour_rows(inputs: RunInputs, embedding: Embedding, caps: Caps) -> list[NeighbourRow]:
+    """For the queried images of the evaluated split, their `caps.neighbours` most similar
+    training images (none without training images)."""
+    split = inputs.metrics.get("split", "test")
+    train = np.nonzero(np.array(embedding.splits) == "train")[0]
+    if not len(train):
+        return []
+    rows = []
+    for q in _neighbour_queries(inputs, embedding, split, caps):
+        sims = embedding.features[train] @ embedding.features[q]
+        order = np.argsort(-sims, kind="stable")[:caps.neighbours]
+        rows.append(NeighbourRow(q, [(int(train[j]), float(sims[j])) for j in order]))
+    return rows
+
+
+def _neighbours_section(inputs: RunInputs, embedding: Embedding | None,
+                        rows: list[NeighbourRow], caps: Caps) -> str:
     title = "Nearest training images"
     if embedding is None:
         return _section("neighbours", title, f"<p>Unavailable: {esc(inputs.cache_problem)}</p>")
-    split = inputs.metrics.get("split", "test")
-    splits = np.array(embedding.splits)
-    train = np.nonzero(splits == "train")[0]
-    queries = _neighbour_queries(inputs, embedding, split, caps)
-    if not len(train) or not queries:
+    if not rows:
         return _section("neighbours", title, "<p>No train or evaluated images in the cache.</p>")
+    split = inputs.metrics.get("split", "test")
     wrong = {p.path: p.predicted for p in inputs.predictions if p.true != p.predicted}
-    rows = []
-    for q in queries:
-        sims = embedding.features[train] @ embedding.features[q]
-        order = np.argsort(-sims, kind="stable")[:caps.neighbours]
-        cells = [_neighbour_card(inputs, embedding, q, caps, "query", wrong.get(embedding.paths[q]))]
-        cells += [_neighbour_card(inputs, embedding, int(train[j]), caps, f"{sims[j]:.3f}")
-                  for j in order]
-        rows.append(f'<div class="nrow">{"".join(cells)}</div>')
-    text = (f"<p>For {len(queries)} {esc(split)} images (the most confident mistakes, then a "
+    html_rows = []
+    for row in rows:
+        cells = [_neighbour_card(inputs, embedding, row.query, caps, "query",
+                                 wrong.get(embedding.paths[row.query]))]
+        cells += [_neighbour_card(inputs, embedding, j, caps, f"{similarity:.3f}")
+                  for j, similarity in row.neighbours]
+        html_rows.append(f'<div class="nrow">{"".join(cells)}</div>')
+    text = (f"<p>For {len(rows)} {esc(split)} images (the most confident mistakes, then a "
             f"seeded sample), the {caps.neighbours} most similar training images by cosine "
             "similarity of the centred cached features.</p>")
-    return _section("neighbours", title, text + "".join(rows))
+    return _section("neighbours", title, text + "".join(html_rows))
+
+
+def _wanted_thumbnails(inputs: RunInputs, embedding: Embedding | None, chosen: np.ndarray | None,
+                       rows: list[NeighbourRow], caps: Caps) -> list[str]:
+    """The images whose thumbnails the sections will show (the mistakes, the map's first
+    points and its misclassified ones, the neighbour rows), for `RunInputs.prefetch`; a
+    thumbnail missed here is still decoded when its section asks for it."""
+    wanted = [p.path for p in mistakes(inputs.predictions)[:caps.mistakes]]
+    if embedding is not None and chosen is not None:
+        wanted += [embedding.paths[i] for i in chosen[:caps.map_thumbnails].tolist()]
+        split = inputs.metrics.get("split", "test")
+        wrong = {p.path for p in inputs.predictions if p.true != p.predicted}
+        wanted += [embedding.paths[i] for i in chosen.tolist()  # every wrong point has one
+                   if embedding.splits[i] == split and embedding.paths[i] in wrong]
+        wanted += [embedding.paths[i] for row in rows
+                   for i in [row.query, *(j for j, _ in row.neighbours)]]
+    return wanted
 
 
 def _neighbour_queries(inputs: RunInputs, embedding: Embedding, split: str, caps: Caps) -> list[int]:
@@ -621,8 +680,11 @@ def _duplicates_body(inputs: RunInputs, found: dict, caps: Caps) -> str:
                f"images (cosine similarity of centred features &ge; {_fmt(found['threshold'], 2)}), "
                f"{_fmt(counts['cross_split_pairs'])} of them across splits. Run "
                f"<code>probe duplicates {esc(inputs.cache.path)}</code> to hash every file too.</p>")
+    shown = list(pairs)[:caps.duplicate_pairs]
+    inputs.prefetch([_display(pair[side]["path"]) for pair in shown for side in ("first", "second")],
+                    caps.thumbnail_px)
     rows = []
-    for pair in list(pairs)[:caps.duplicate_pairs]:
+    for pair in shown:
         a, b = pair["first"], pair["second"]
         cells = []
         for image in (a, b):

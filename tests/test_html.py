@@ -118,6 +118,21 @@ def test_size_is_bounded_by_the_caps(hostile_run, tmp_path):
     assert small.stat().st_size < 0.5 * full.stat().st_size
 
 
+def test_thumbnails_decoded_on_threads_equal_those_decoded_one_by_one(hostile_run, tmp_path):
+    from probe.html import load_run_inputs, thumbnail_uri
+
+    inputs = load_run_inputs(hostile_run.path)
+    root = Path(inputs.config["dataset_root"])
+    paths = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    paths.append("test/fox/fox_5.JPEG")  # deleted by the fixture
+    inputs.prefetch(paths + paths[:3], 64)
+    assert list(inputs.thumbnails) == list(dict.fromkeys(paths))
+    for path in paths:
+        assert inputs.thumbnails[path] == thumbnail_uri(root / path, 64)
+    assert inputs.thumbnails["test/fox/fox_5.JPEG"] == (None, "file not found")
+    assert inputs.thumbnails["train/fox/broken.jpg"][0] is None
+
+
 def test_script_json_can_not_close_its_script_element():
     text = script_json({"p": "</script><script>alert(1)</script>", "q": "<!--<script>"})
     assert "<" not in text and json.loads(text)["p"].startswith("</script>")
