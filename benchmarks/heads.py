@@ -39,6 +39,10 @@ run; then where the time of one in-process `probe.fit` goes (`stage_*` CPU secon
 
     PYTHONPATH=. python benchmarks/heads.py --only fit_vs_extract --photos 1200 \
         --baseline /path/to/main --workdir /tmp/fit-vs-extract
+
+The `probe` processes run on this Python (`sys.executable`): run the script with the Python
+of a default install (`pip install .` in a fresh virtual environment) to time what a user
+gets; the `pandas_installed` line says whether scikit-learn's import of pandas is paid.
 """
 
 from __future__ import annotations
@@ -232,6 +236,12 @@ def fit_vs_extract(photos: int, baseline: Path | None, workdir: Path | None, rep
     from probe.device import cpu_name
 
     print(f"machine cpu {cpu_name()}, {os.cpu_count()} cores")
+    # scikit-learn imports pandas whenever it is installed (the ray extra brings it): half
+    # a second of every fit process that a default install does not pay
+    import importlib.util
+
+    pandas = "yes" if importlib.util.find_spec("pandas") else "no"
+    print(f"fit_vs_extract pandas_installed {pandas}")
     print(f"fit_vs_extract load_average_1min_before {os.getloadavg()[0]:.2f}")
     import shutil
 
