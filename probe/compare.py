@@ -475,7 +475,8 @@ def _record(base: dict, head: str, run) -> dict:
     return {
         **base, "head": head, "status": "ok", "error": None,
         **Task.of_record(metrics).row_scores(metrics),
-        **{key: metrics.get(key) for key in ("fit_seconds", "split", "n_samples")},
+        **{key: metrics.get(key) for key in ("fit_seconds", "split", "n_samples",
+                                             "expected_calibration_error", "temperature")},
         "split_role": metrics.get("split_role") or evaluate.split_role(metrics.get("split", "test")),
         "run": str(run.path),
     }

@@ -39,8 +39,8 @@ PR_FIGURE = "precision_recall.png"
 # The columns of a comparison after the scores: what every row has, whatever the task.
 _TAIL_COLUMNS = [("feature_size", "features"), ("images_per_second", "extract_img/s"),
                  ("fit_seconds", "fit_s"), ("status", "status")]
-_CSV_TAIL = ["split", "split_role", "n_samples", "extraction", "image_size", "weights", "run",
-             "cache", "error"]
+_CSV_TAIL = ["expected_calibration_error", "temperature", "split", "split_role", "n_samples",
+             "extraction", "image_size", "weights", "run", "cache", "error"]
 
 # (record key, table header) of a ranked single-label comparison, in order.
 TABLE_COLUMNS = [

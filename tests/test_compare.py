@@ -76,6 +76,11 @@ def test_compare_two_backbones_both_heads(colours, cache_dir):
     assert list(rows[0]) == CSV_COLUMNS and len(rows) == 4
     assert [row["backbone"] for row in rows] == [r["backbone"] for r in table]
     assert rows[0]["p_value_vs_best"] == "" and 0 < float(rows[1]["p_value_vs_best"]) <= 1
+    for row, record in zip(rows, table):  # each row's calibration, as its run recorded it
+        metrics = Run.load(record["run"]).metrics
+        ece = metrics["expected_calibration_error"]
+        assert float(row["expected_calibration_error"]) == pytest.approx(ece, rel=1e-5)
+        assert float(row["temperature"]) == pytest.approx(metrics["temperature"], rel=1e-5)
     md = (table.path / "compare.md").read_text()
     assert "| rank | backbone | head | accuracy | accuracy_95% | tied | p_vs_best |" in md
     assert "McNemar" in md and "Chance level on these images: accuracy 0.3333" in md
