@@ -115,7 +115,21 @@ def ray_init_options() -> dict[str, Any]:
         return {"log_to_driver": True, "logging_level": logging.INFO}
     # read by the driver's core worker at ray.init
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", NATIVE_LOG_LEVELS["RAY_BACKEND_LOG_LEVEL"])
+    _no_raylet_messages()
     return {"log_to_driver": False, "logging_level": logging.ERROR}
+
+
+def _no_raylet_messages() -> None:
+    """Keep the driver from printing the raylet's messages about dead workers (a traceback
+    each, on stdout, whatever `log_to_driver` says): the run reports a failure as its
+    own one line. Ray starts a thread with `listen_error_messages` at `ray.init`; where Ray
+    has no such function (another version) nothing changes."""
+    try:
+        from ray._private import worker
+    except ImportError:
+        return
+    if hasattr(worker, "listen_error_messages"):
+        worker.listen_error_messages = lambda *args, **kwargs: None
 
 
 class _QuietTensorFlowImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):

@@ -95,6 +95,23 @@ def test_a_shard_is_attempted_at_most_max_restarts_plus_one_times(tmp_path):
     assert sorted(p.name for p in parts.iterdir()) == [".attempts-shard-a"]
 
 
+def test_workers_dying_as_they_start_stop_the_run(tmp_path):
+    """Ray restarts an actor that dies in its constructor without limit; the start marks
+    left behind stop the run once MAX_RESTARTS + 1 deaths are certain (at most `workers`
+    actors start at once). By hand, with PROBE_RAY_FAIL_AT_START set, `probe extract
+    --engine ray` stops with the one-line error after the fifth start instead of hanging."""
+    parts, workers = tmp_path / "parts", 2
+    for marker in [ray_engine._count_start(parts, workers) for _ in range(workers)]:
+        marker.unlink()  # two actors started together and built their backbones
+    for _ in range(workers + ray_engine.MAX_RESTARTS):  # actors that died while starting
+        ray_engine._count_start(parts, workers)
+    with pytest.raises(RuntimeError, match=ray_engine.STARTS_DIED):
+        ray_engine._count_start(parts, workers)
+    ray_engine._forget_attempts(parts)  # a new run counts afresh
+    ray_engine._count_start(parts, workers)
+    assert len(list(parts.glob(f"{ray_engine.STARTS_PREFIX}*"))) == 1
+
+
 def test_ray_workers_load_a_preset_from_its_path(tmp_path, local_ray):
     """Workers load a KerasHub preset directory (or a model file: the same path) by its
     path and write the local engine's cache."""

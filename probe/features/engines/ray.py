@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -34,6 +35,9 @@ MAX_RESTARTS = 3
 
 # Set to a file path: the first actor to start a shard exits once (to test restarts).
 FAIL_ONCE_VARIABLE = "PROBE_RAY_FAIL_ONCE"
+# Set to anything: every actor exits while it starts, before building the backbone (to test
+# that a worker dying as it loads, e.g. a crash in a native library, stops the run).
+FAIL_AT_START_VARIABLE = "PROBE_RAY_FAIL_AT_START"
 
 
 @dataclass(frozen=True)
@@ -83,11 +87,14 @@ class ShardWorker:
     cache's settings and a weights file path, run over shard after shard."""
 
     def __init__(self, attrs: dict[str, Any], batch_size: int, root: str, parts_dir: str,
-                 weights_file: str | None = None):
+                 weights_file: str | None = None, workers: int = 1):
         from .. import store
         from ...settings import ExtractionSettings
         from .local import build_model
 
+        starting = _count_start(Path(parts_dir), workers)
+        if os.environ.get(FAIL_AT_START_VARIABLE):
+            os._exit(1)
         _gpu_memory_growth()
         self.extraction = ExtractionSettings.from_attrs(attrs, batch_size)
         weights = self.extraction.weights
@@ -95,6 +102,7 @@ class ShardWorker:
                                  self.extraction.image_size, self.extraction.pooling,
                                  weights.seed, self.extraction.precision)
         self.root, self.parts = Path(root), store.PartStore(Path(parts_dir))
+        starting.unlink(missing_ok=True)
 
     def __call__(self, batch: dict) -> dict:
         """Ray Data's entry: a batch of shards (`name`, `rows` as JSON) in, only their names
@@ -163,17 +171,24 @@ def _run_dataset(ray, attrs: dict[str, Any], batch_size: int, root: Path, parts_
     items = [{"name": name, "rows": json.dumps(rows)} for name, rows in work]
     # Ray Data restarts a dead actor and retries its shard (its defaults); ShardWorker.run
     # bounds the attempts at a shard (`_count_attempt`)
+    workers = min(options.workers, len(work))
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         ShardWorker, batch_size=1, batch_format="numpy",
-        fn_constructor_args=(attrs, batch_size, str(root), str(parts_dir), weights_file),
-        compute=ray.data.ActorPoolStrategy(size=min(options.workers, len(work))), num_cpus=1,
+        fn_constructor_args=(attrs, batch_size, str(root), str(parts_dir), weights_file, workers),
+        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
         num_gpus=options.gpus_per_worker or None,
         runtime_env={"env_vars": _env()} if _env() else None)
     try:
         for row in dataset.iter_rows():
             yield int(row["count"])
     except ray.exceptions.RayError as error:
-        reason = " ".join(str(error).split())
+        reason = " ".join(ANSI_CODE.sub("", str(error)).split())
+        if STARTS_DIED in reason:
+            raise ProbeError(
+                f"expected the Ray workers to load the backbone; {MAX_RESTARTS + 1} of them "
+                "died while loading it, without a Python error (a crash in native code, or "
+                "out of memory). Run the same command with --engine local to see the failure "
+                "in this process, or give the workers more memory.") from None
         raise ProbeError(
             f"a Ray worker failed {MAX_RESTARTS + 1} times on a shard "
             f"({reason[:300]}{' ...' if len(reason) > 300 else ''}). Finished shards are "
@@ -182,9 +197,9 @@ def _run_dataset(ray, attrs: dict[str, Any], batch_size: int, root: Path, parts_
 
 
 def _env() -> dict[str, str]:
-    """The fault-injection variable, passed on to the actors where it is set."""
-    return {FAIL_ONCE_VARIABLE: os.environ[FAIL_ONCE_VARIABLE]} \
-        if os.environ.get(FAIL_ONCE_VARIABLE) else {}
+    """The fault-injection variables, passed on to the actors where they are set."""
+    return {name: os.environ[name] for name in (FAIL_ONCE_VARIABLE, FAIL_AT_START_VARIABLE)
+            if os.environ.get(name)}
 
 
 def _weights_file(attrs: dict[str, Any]) -> str | None:
@@ -285,11 +300,33 @@ def _count_attempt(parts_dir: Path, name: str) -> None:
     files.write_text(marker, str(attempts))
 
 
+STARTS_PREFIX = ".starting-"
+STARTS_DIED = "Ray workers died while loading the backbone"
+ANSI_CODE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Ray colours the actor names in its errors
+
+
+def _count_start(parts_dir: Path, workers: int) -> Path:
+    """Mark an actor's start with a file that it removes once its backbone is built; return
+    the file. Ray restarts an actor that dies as it starts (a crash in a native library
+    while loading the model) without limit, so the marks left behind count those deaths:
+    at most `workers` actors start at once, so `workers + MAX_RESTARTS` marks already there
+    mean at least MAX_RESTARTS + 1 deaths, and an error, which Ray Data does not retry in a
+    constructor, stops the run."""
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    left = sum(1 for _ in parts_dir.glob(f"{STARTS_PREFIX}*"))
+    if left >= workers + MAX_RESTARTS:
+        raise RuntimeError(f"{STARTS_DIED}: at least {left - workers + 1}")
+    marker = parts_dir / f"{STARTS_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
+    files.write_text(marker, "")
+    return marker
+
+
 def _forget_attempts(parts_dir: Path) -> None:
-    """A new run counts the attempts at its shards afresh."""
+    """A new run counts the attempts at its shards, and the deaths of its workers, afresh."""
     if parts_dir.is_dir():
-        for marker in parts_dir.glob(f"{ATTEMPTS_PREFIX}*"):
-            marker.unlink(missing_ok=True)
+        for prefix in (ATTEMPTS_PREFIX, STARTS_PREFIX):
+            for marker in parts_dir.glob(f"{prefix}*"):
+                marker.unlink(missing_ok=True)
 
 
 def _maybe_fail_once() -> None:
