@@ -292,7 +292,9 @@ def _save_palette(fig, path: str | os.PathLike, colours: int = 24) -> Path:
     fig.savefig(buffer, format="png", dpi=80)
     buffer.seek(0)
     with Image.open(buffer) as image:
-        small = image.convert("RGB").quantize(colours, dither=Image.Dither.NONE)
+        # octree keeps a rare colour (a legend swatch) that median cut merges into a grey
+        small = image.convert("RGB").quantize(colours, method=Image.Quantize.FASTOCTREE,
+                                              dither=Image.Dither.NONE)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with files.atomic_write(path, "wb") as handle:
