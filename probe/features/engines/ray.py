@@ -185,10 +185,10 @@ def _run_dataset(ray, attrs: dict[str, Any], batch_size: int, root: Path, parts_
         reason = " ".join(ANSI_CODE.sub("", str(error)).split())
         if STARTS_DIED in reason:
             raise ProbeError(
-                f"expected the Ray workers to load the backbone; {MAX_RESTARTS + 1} of them "
-                "died while loading it, without a Python error (a crash in native code, or "
-                "out of memory). Run the same command with --engine local to see the failure "
-                "in this process, or give the workers more memory.") from None
+                f"expected the Ray workers to load the backbone; at least {MAX_RESTARTS + 1} "
+                "of them died while loading it, without a Python error (a crash in native "
+                "code, or out of memory). Run the same command with --engine local to see the "
+                "failure in this process, or give the workers more memory.") from None
         raise ProbeError(
             f"a Ray worker failed {MAX_RESTARTS + 1} times on a shard "
             f"({reason[:300]}{' ...' if len(reason) > 300 else ''}). Finished shards are "
