@@ -160,8 +160,9 @@ def plot_curves(curves: Any, path: str | os.PathLike) -> Path:
         )
     fig = _new_figure(4.8 * len(curves.panels), 3.6)
     width, height = fig.get_size_inches()
+    # margins in inches; the gap between panels is a fraction of a panel's width (0.7 in)
     fig.subplots_adjust(left=0.65 / width, right=1 - 0.2 / width, bottom=0.55 / height,
-                        top=1 - 0.3 / height, wspace=0.8 * len(curves.panels) / width)
+                        top=1 - 0.3 / height, wspace=0.17)
     for index, (title, series) in enumerate(curves.panels.items(), start=1):
         ax = fig.add_subplot(1, len(curves.panels), index)
         for key, label in series:
