@@ -149,6 +149,15 @@ def test_percentile_interval_widens_to_its_point_and_skips_undefined_resamples()
     assert percentile_interval(np.full(5, np.nan), 0.0) == [0.0, 0.0]
 
 
+def assert_same_ece_and_interval(fast: dict, point: float, slow: list[float]) -> None:
+    """The vectorised ECE and its interval equal the point value and the percentiles of
+    the same resamples scored one at a time (the interval widened to hold its score)."""
+    low, high = np.percentile(slow, [2.5, 97.5])
+    assert fast["expected_calibration_error"] == pytest.approx(point, abs=1e-12)
+    assert fast["expected_calibration_error_ci"] == pytest.approx([min(low, point), max(high, point)],
+                                                                  abs=1e-12)
+
+
 def test_ece_bootstrap_equals_a_plain_loop_over_the_same_resamples():
     from probe.calibration import expected_calibration_error
     from probe.evaluate import calibration_error, multilabel_calibration_error
@@ -160,10 +169,7 @@ def test_ece_bootstrap_equals_a_plain_loop_over_the_same_resamples():
     rows = np.random.default_rng(3).integers(0, y.size, size=(resamples, y.size))
     slow = [expected_calibration_error(y[r], proba[r]) for r in rows]
     point = expected_calibration_error(y, proba)
-    low, high = np.percentile(slow, [2.5, 97.5])
-    assert fast["expected_calibration_error"] == pytest.approx(point, abs=1e-12)
-    assert fast["expected_calibration_error_ci"] == pytest.approx([min(low, point), max(high, point)],
-                                                                  abs=1e-12)
+    assert_same_ece_and_interval(fast, point, slow)
     # multi-label: the resampled images bring all their (image, class) entries
     Y = (np.random.default_rng(4).random((40, 3)) < 0.4).astype(int)
     P = np.random.default_rng(5).random((40, 3))
@@ -177,7 +183,4 @@ def test_ece_bootstrap_equals_a_plain_loop_over_the_same_resamples():
 
     slow = [entries_ece(Y[r], P[r]) for r in rows]
     point = entries_ece(Y, P)
-    low, high = np.percentile(slow, [2.5, 97.5])
-    assert fast["expected_calibration_error"] == pytest.approx(point, abs=1e-12)
-    assert fast["expected_calibration_error_ci"] == pytest.approx([min(low, point), max(high, point)],
-                                                                  abs=1e-12)
+    assert_same_ece_and_interval(fast, point, slow)
